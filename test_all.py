@@ -1,0 +1,1931 @@
+"""The one test file: every stage in stage order, on CPU, offline, seeded.
+
+Run: python -m pytest -q test_all.py (the README's test command; .ci/run calls it).
+Reads the shared corpora in ../shared/data; writes only to pytest's temporary folders.
+"""
+
+import contextlib
+import functools
+import importlib.util
+import io
+import json
+import math
+import os
+import random
+import socket
+import tracemalloc
+import urllib.error
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import regex
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import model as M
+import train
+from model import ModelConfig, TransformerLM
+from tokenizer import (ByteTokenizer, CharTokenizer, Tokenizer, WordTokenizer, _chunk_bounds,
+                       compression_ratio, encode_file, main, token_dtype, train_bpe)
+from train import (SOAP, AdamW, Muon, _power_iteration, _rotate_second_moment,
+                   adamw_update_foreach, adamw_update_reference, decay_param_groups,
+                   param_groups_for_muon, zeropower_via_newtonschulz)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Every tensor here is tiny: one thread beats two (OpenMP's barriers cost more than the work),
+    and two threads spin-wait badly when another process holds a core."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# =================================================================================================
+# tokenizer.py
+# =================================================================================================
+
+_DATA = Path(__file__).resolve().parent.parent / "shared" / "data"
+
+
+_EOT = "<|endoftext|>"
+
+
+_GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+
+
+_HARD_TEXTS = [
+    "Hello, world! This is a test.",
+    "emoji 👋🏽 family 👨‍👩‍👧‍👦 flags 🇫🇷🇯🇵 and ✨sparkles✨",
+    "日本語のテキスト、中文文本。한국어 텍스트 ไทย العربية हिन्दी",
+    "a   b\t\t\n\n\n  c   \n \n\t x",
+    "line one\r\nline two\r\n\r\nline four\r\n",
+    "trailing spaces   ",
+    "   leading spaces",
+    "numbers 12345 3.14159 1,000,000 0x1F 2024-01-01 ١٢٣",
+    "I'm you'll they've she'd it's we're DON'T 'tis ''quoted'' ' s",
+    f"before{_EOT}after {_EOT} {_EOT}{_EOT}\n{_EOT}",
+    "<|endoftext|",  # almost a special token: ordinary text
+    "control \x00\x01\x1c\x1d\x7f and odd spaces \u00a0\u2009\u3000\u2028\u200b end",
+    "combining e\u0301 vs \u00e9, ligature \ufb01, math 𝔘𝔫𝔦𝔠𝔬𝔡𝔢",
+    "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa " * 3,
+    "",
+    " ",
+    "\n",
+]
+
+
+@functools.lru_cache(maxsize=None)
+def _gpt2() -> Tokenizer:
+    return Tokenizer.from_files(_DATA / "gpt2_vocab.json", _DATA / "gpt2_merges.txt", [_EOT])
+
+
+@functools.lru_cache(maxsize=None)
+def _tiktoken_gpt2(tmp_dir: str):
+    """tiktoken's GPT-2, loaded by tiktoken's own reader of GPT-2's files (offline)."""
+    tiktoken = pytest.importorskip("tiktoken")
+    from tiktoken.load import data_gym_to_mergeable_bpe_ranks
+
+    # tiktoken's reader skips the first line of vocab.bpe, the "#version" header ours lacks
+    merges = Path(tmp_dir) / "vocab.bpe"
+    merges.write_text("#version: 0.2\n" + (_DATA / "gpt2_merges.txt").read_text("utf-8"), "utf-8")
+    ranks = data_gym_to_mergeable_bpe_ranks(str(merges), str(_DATA / "gpt2_vocab.json"))
+    return tiktoken.Encoding(name="gpt2_test", pat_str=_GPT2_PATTERN, mergeable_ranks=ranks,
+                             special_tokens={_EOT: 50256})
+
+
+def _tiktoken(tmp_path_factory):
+    return _tiktoken_gpt2(str(tmp_path_factory.getbasetemp()))
+
+
+def _random_text(rng: random.Random, n: int, specials: list[str] = ()) -> str:
+    """Text built to stress cuts: whitespace runs, contractions, digits, CJK, specials."""
+    pieces = ["a", "b", "the", "The", " ", "  ", "\n", "\n\n", "\t", "\r\n", "'s", "'ll", "'",
+              "0", "42", "!", "?!", ".", "é", "日本", "👋", "\u00a0", "\u3000", "x y"]
+    pieces += specials
+    return "".join(rng.choice(pieces) for _ in range(n))
+
+
+def _naive_bpe(text: str, vocab_size: int, specials: list[str]):
+    """The brute-force trainer: recount every pair of every word before each merge."""
+    segments = regex.split("|".join(regex.escape(s) for s in specials), text) if specials else [
+        text]
+    words = Counter()
+    for segment in segments:
+        for pretoken in regex.findall(_GPT2_PATTERN, segment):
+            words[tuple(bytes([b]) for b in pretoken.encode("utf-8"))] += 1
+    vocab = {i: bytes([i]) for i in range(256)}
+    merges = []
+    while len(vocab) < vocab_size - len(specials):
+        pairs = Counter()
+        for word, count in words.items():
+            for pair in zip(word, word[1:]):
+                pairs[pair] += count
+        if not pairs:
+            break
+        best = max(pairs, key=lambda pair: (pairs[pair], pair))  # ties: the greater bytes
+        merges.append(best)
+        vocab[len(vocab)] = best[0] + best[1]
+        merged = Counter()
+        for word, count in words.items():
+            out, i = [], 0
+            while i < len(word):
+                if i + 1 < len(word) and (word[i], word[i + 1]) == best:
+                    out.append(best[0] + best[1])
+                    i += 2
+                else:
+                    out.append(word[i])
+                    i += 1
+            merged[tuple(out)] += count
+        words = merged
+    for s in specials:
+        vocab[len(vocab)] = s.encode("utf-8")
+    return vocab, merges
+
+
+def test_baselines_round_trip_and_compress():
+    text = "the cat sat on the mat, 日本 👋 "
+    assert CharTokenizer().decode(CharTokenizer().encode(text)) == text
+    assert ByteTokenizer().decode(ByteTokenizer().encode(text)) == text
+    assert compression_ratio(text, ByteTokenizer()) == 1.0
+    assert compression_ratio(text, CharTokenizer()) == len(text.encode("utf-8")) / len(text)
+    words = WordTokenizer("the cat sat on the mat")
+    assert words.decode(words.encode(" the cat")) == " the cat"
+    assert words.encode(" the dog") == [words.word_to_id[" the"], 0]  # unseen word -> <unk>
+    assert words.decode(words.encode(" the dog")) == " the<unk>"
+
+
+def test_gpt2_ids_equal_tiktoken_on_hard_text(tmp_path_factory):
+    encoding = _tiktoken(tmp_path_factory)
+    tokenizer = _gpt2()
+    shakespeare = (_DATA / "tinyshakespeare.txt").read_text("utf-8")[:50_000]
+    rng = random.Random(0)
+    blocks = [(0, 0x20), (0x20, 0x800), (0x3000, 0xA000), (0x1F300, 0x1FAFF)]  # no surrogates
+    unicode_soup = "".join(chr(rng.randrange(*rng.choice(blocks))) for _ in range(3000))
+    for text in [*_HARD_TEXTS, shakespeare, unicode_soup, _random_text(rng, 3000, [_EOT])]:
+        ids = tokenizer.encode(text)
+        assert ids == encoding.encode(text, allowed_special="all"), text[:80]
+        assert tokenizer.decode(ids) == text
+    assert tokenizer.vocab_size == 50257 and tokenizer.token_id(_EOT) == 50256
+
+
+def test_fast_bpe_equals_reference():
+    shakespeare = (_DATA / "tinyshakespeare.txt").read_text("utf-8")[:30_000]
+    vocab, merges = train_bpe(_DATA / "tinystories_sample.txt", 600, [_EOT], progress=False)
+    for tokenizer in (_gpt2(), Tokenizer(vocab, merges, [_EOT])):
+        for pretoken in set(regex.findall(_GPT2_PATTERN, shakespeare + "".join(_HARD_TEXTS))):
+            assert tokenizer._bpe(pretoken) == tokenizer._bpe_reference(pretoken), pretoken
+
+
+def test_trained_tokenizer_round_trips_hard_text():
+    vocab, merges = train_bpe(_DATA / "tinystories_sample.txt", 400, [_EOT], progress=False)
+    tokenizer = Tokenizer(vocab, merges, [_EOT])
+    assert tokenizer.vocab_size == 400 and tokenizer.token_id(_EOT) == 399
+    for text in _HARD_TEXTS:
+        assert tokenizer.decode(tokenizer.encode(text)) == text
+    story = (_DATA / "tinystories_sample.txt").read_text("utf-8")
+    assert compression_ratio(story, tokenizer) > 2.0  # merges were learned from this text
+
+
+def test_overlapping_special_tokens_longest_wins():
+    double = _EOT + _EOT
+    for specials in ([_EOT, double], [double, _EOT]):
+        tokenizer = Tokenizer(_gpt2().vocab, _gpt2().merges, specials)
+        single_id, double_id = tokenizer.token_id(_EOT), tokenizer.token_id(double)
+        assert single_id == 50256 and double_id == 50257  # a new special gets the next id
+        hello = tokenizer.encode("hello")
+        assert tokenizer.encode(f"hello{double}hello") == hello + [double_id] + hello
+        assert tokenizer.encode(_EOT * 3) == [double_id, single_id]
+        assert tokenizer.encode(f"{_EOT} {_EOT}") == [single_id, 220, single_id]
+        text = f"a{_EOT * 5}b{_EOT}"
+        assert tokenizer.decode(tokenizer.encode(text)) == text
+
+
+def test_decode_unknown_id_and_invalid_utf8_give_replacement():
+    tokenizer = _gpt2()
+    assert tokenizer.decode([31373, 10 ** 9, -1, 995]) == "hello\ufffd\ufffd world"
+    byte_id = {token: i for i, token in tokenizer.vocab.items() if len(token) == 1}
+    assert tokenizer.decode([byte_id[b"\x80"]]) == "\ufffd"  # a lone continuation byte
+    assert tokenizer.decode([byte_id[b"\xc3"], 31373]) == "\ufffdhello"  # a cut-off character
+    assert tokenizer.decode(np.array([31373, 995], dtype=np.uint16)) == "hello world"
+
+
+@pytest.mark.parametrize("text, vocab_size, specials", [
+    ("low low low low low lower lower newest newest newest newest newest newest widest widest "
+     "widest", 270, []),
+    ("ab ab cd cd ef ef gh gh ba ba dc dc", 280, []),  # every pair ties
+    ("aaaaaaa aaaa aa a bbbbbb abababab", 300, []),  # overlapping pairs inside a word
+    (f"hello{_EOT}world{_EOT} hello world{_EOT}{_EOT}x<|end", 290, [_EOT]),
+    ("héllo wörld 日本語 日本 👋👋 café café", 300, ["<|a|>", "<|a|><|a|>"]),
+])
+def test_train_bpe_equals_naive(tmp_path, text, vocab_size, specials):
+    path = tmp_path / "corpus.txt"
+    path.write_text(text, encoding="utf-8")
+    expected = _naive_bpe(text, vocab_size, specials)
+    assert train_bpe(path, vocab_size, specials, num_workers=1, progress=False) == expected
+
+
+def test_train_bpe_equals_naive_on_real_text_with_workers(tmp_path):
+    text = (_DATA / "corpus.en").read_text("utf-8")[:6000]
+    text = text.replace("\n", f"\n{_EOT}", 20)
+    path = tmp_path / "corpus.txt"
+    path.write_text(text, encoding="utf-8")
+    expected = _naive_bpe(text, 360, [_EOT])
+    assert train_bpe(path, 360, [_EOT], num_workers=2, progress=False) == expected
+
+
+def test_train_ties_and_id_layout(tmp_path):
+    path = tmp_path / "tie.txt"
+    path.write_text("aa bb", encoding="utf-8")  # pairs (a,a), (' ',b), (b,b): one each
+    vocab, merges = train_bpe(path, 258, [_EOT], progress=False)
+    assert merges == [(b"b", b"b")]  # the greatest of the tied pairs
+    assert vocab == {**{i: bytes([i]) for i in range(256)}, 256: b"bb", 257: _EOT.encode()}
+
+
+def test_no_merge_spans_or_contains_a_special_token(tmp_path):
+    path = tmp_path / "corpus.txt"
+    path.write_text(f"x{_EOT}y " * 200 + f"{_EOT}{_EOT}xy", encoding="utf-8")
+    vocab, merges = train_bpe(path, 300, [_EOT], progress=False)
+    merged_tokens = [a + b for a, b in merges]
+    assert merged_tokens, "the corpus has pairs to merge"
+    for token in merged_tokens:  # only the text around the special tokens is ever merged
+        assert set(token) <= set(b"xy "), token
+    assert list(vocab.values()).count(_EOT.encode()) == 1
+
+
+def test_save_load_round_trip_both_formats(tmp_path):
+    vocab, merges = train_bpe(_DATA / "tinystories_sample.txt", 350, [_EOT, "<|pad|>"],
+                              progress=False)
+    tokenizer = Tokenizer(vocab, merges, [_EOT, "<|pad|>"])
+    text = "Once upon a time 日本 <|pad|> there was" + _EOT
+    for gpt2_format in (False, True):
+        out = tmp_path / f"tok_{gpt2_format}"
+        tokenizer.save_dir(out, gpt2_format=gpt2_format)
+        loaded = Tokenizer.from_dir(out)
+        assert loaded.vocab == tokenizer.vocab and loaded.merges == tokenizer.merges
+        assert loaded.special_tokens == [_EOT, "<|pad|>"]
+        assert loaded.fingerprint() == tokenizer.fingerprint()
+        assert loaded.encode(text) == tokenizer.encode(text)
+        assert sorted(p.name for p in out.iterdir()) == [
+            "merges.txt", "special_tokens.json", "vocab.json"]  # no temporary files left
+    assert Tokenizer(vocab, merges[:-1], [_EOT]).fingerprint() != tokenizer.fingerprint()
+
+
+def test_gpt2_files_written_back_identically(tmp_path):
+    _gpt2().save(tmp_path / "vocab.json", tmp_path / "merges.txt", gpt2_format=True)
+    original = json.loads((_DATA / "gpt2_vocab.json").read_text("utf-8"))
+    assert json.loads((tmp_path / "vocab.json").read_text("utf-8")) == original
+    written = (tmp_path / "merges.txt").read_text("utf-8").splitlines()
+    assert written[0] == "#version: 0.2"
+    assert written[1:] == (_DATA / "gpt2_merges.txt").read_text("utf-8").splitlines()
+    _gpt2().save(tmp_path / "ours.json", tmp_path / "ours.txt")  # our format, read back
+    ours = Tokenizer.from_files(tmp_path / "ours.json", tmp_path / "ours.txt", [_EOT])
+    assert ours.vocab == _gpt2().vocab and ours.encode("Hi there!") == [17250, 612, 0]
+
+
+def test_token_dtype():
+    assert token_dtype(50257) == np.uint16 and token_dtype(65536) == np.uint16
+    assert token_dtype(65537) == np.uint32
+
+
+def test_encode_iterable_equals_encode():
+    rng = random.Random(1)
+    specials = [_EOT, _EOT + _EOT, "<|x y|>"]
+    tokenizer = Tokenizer(_gpt2().vocab, _gpt2().merges, specials)
+    for _ in range(6):
+        text = _random_text(rng, 4000, specials)
+        cuts = sorted(rng.sample(range(len(text)), 300))
+        pieces = [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)])]
+        expected = tokenizer.encode(text)
+        for buffer_chars in (1, 16, 500):
+            assert list(tokenizer.encode_iterable(iter(pieces), buffer_chars)) == expected
+    with open(_DATA / "tinyshakespeare.txt", encoding="utf-8") as f:
+        streamed = list(_gpt2().encode_iterable(f, buffer_chars=10_000))
+    assert streamed == _gpt2().encode((_DATA / "tinyshakespeare.txt").read_text("utf-8"))
+
+
+def test_file_cuts_never_change_ids(tmp_path):
+    rng = random.Random(2)
+    specials = [_EOT, _EOT + _EOT, "<|x y|>"]
+    tokenizer = Tokenizer(_gpt2().vocab, _gpt2().merges, specials)
+    text = _random_text(rng, 20_000, specials)
+    path = tmp_path / "tricky.txt"
+    path.write_text(text, encoding="utf-8")
+    data = path.read_bytes()
+    bounds = _chunk_bounds(path, 200, [s.encode() for s in specials])
+    assert len(bounds) > 100  # the rule finds cuts in text without special tokens too
+    ids = [i for a, b in zip(bounds, bounds[1:]) for i in tokenizer.encode(data[a:b].decode())]
+    assert ids == tokenizer.encode(text)
+
+
+def test_encode_file_two_workers_equal_one_process(tmp_path):
+    tokenizer = _gpt2()
+    text = (_DATA / "tinyshakespeare.txt").read_text("utf-8")[:200_000] + _HARD_TEXTS[2] * 50
+    path = tmp_path / "input.txt"
+    path.write_text(text.replace("\n\n", f"\n{_EOT}\n", 50), encoding="utf-8")
+    expected = np.array(tokenizer.encode(path.read_text("utf-8")), dtype=np.uint16)
+    for workers in (1, 2):
+        out = tmp_path / f"out{workers}.bin"
+        assert encode_file(tokenizer, path, out, num_workers=workers, progress=False) == len(
+            expected)
+        assert np.array_equal(np.fromfile(out, dtype=np.uint16), expected)
+        assert json.loads(Path(f"{out}.json").read_text()) == {
+            "dtype": "uint16", "vocab_size": 50257, "num_tokens": len(expected),
+            "tokenizer": tokenizer.fingerprint()}
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "input.txt", "out1.bin", "out1.bin.json", "out2.bin", "out2.bin.json"]
+
+
+def test_encode_iterable_memory_stays_flat():
+    tokenizer = _gpt2()
+    lines = (_DATA / "tinyshakespeare.txt").read_text("utf-8").splitlines(keepends=True)[:2000]
+    total_chars = 4_000_000
+
+    def stream():
+        emitted = 0
+        while emitted < total_chars:
+            for line in lines:
+                emitted += len(line)
+                yield line
+
+    tokenizer.encode("".join(lines))  # fill the cache first: it is bounded separately
+    tracemalloc.start()
+    num_tokens = sum(1 for _ in tokenizer.encode_iterable(stream(), buffer_chars=1 << 16))
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert num_tokens > 900_000  # a list of these ids alone would take over 7 MB
+    assert peak < 3_000_000, f"peak {peak:,} bytes while streaming {total_chars:,} chars"
+
+
+def test_train_bad_input(tmp_path):
+    good = tmp_path / "good.txt"
+    good.write_text("hello world", encoding="utf-8")
+    with pytest.raises(ValueError, match="vocab_size=256 is smaller"):
+        train_bpe(good, 256, [_EOT], progress=False)
+    with pytest.raises(FileNotFoundError, match="missing.txt"):
+        train_bpe(tmp_path / "missing.txt", 300, [], progress=False)
+    (tmp_path / "empty.txt").write_bytes(b"")
+    with pytest.raises(ValueError, match="empty"):
+        train_bpe(tmp_path / "empty.txt", 300, [], progress=False)
+    with pytest.raises(ValueError, match="non-empty strings"):
+        train_bpe(good, 300, [""], progress=False)
+    bad = tmp_path / "bad.txt"
+    prefix = ("hello world " * 5000).encode()
+    bad.write_bytes(prefix + b"\xff\xfe tail words " * 10)
+    for workers in (1, 2):
+        with pytest.raises(ValueError, match=f"bad.txt: not valid UTF-8 at byte offset "
+                                             f"{len(prefix)}"):
+            train_bpe(bad, 300, [], num_workers=workers, progress=False)
+
+
+def test_encode_file_bad_input_keeps_existing_output(tmp_path):
+    tokenizer = _gpt2()
+    out = tmp_path / "out.bin"
+    out.write_bytes(b"precious")
+    bad = tmp_path / "bad.txt"
+    prefix = ("some text\n" * 20_000).encode()
+    bad.write_bytes(prefix + b"caf\xe9 " * 10)
+    with pytest.raises(ValueError, match=f"offset {len(prefix) + 3}"):
+        encode_file(tokenizer, bad, out, num_workers=2, progress=False)
+    with pytest.raises(FileNotFoundError):
+        encode_file(tokenizer, tmp_path / "missing.txt", out, progress=False)
+    assert out.read_bytes() == b"precious"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.txt", "out.bin"]
+
+
+def test_malformed_tokenizer_files(tmp_path):
+    merges = tmp_path / "merges.txt"
+    merges.write_text("#version: 0.2\nĠ t\n", encoding="utf-8")
+    byte_vocab = {str(b): _to_char(b) for b in range(256)}
+    cases = {
+        "not json {": "not valid JSON",
+        "[1, 2]": "non-empty JSON object",
+        json.dumps({"a": 0, "b": "x"}): "token -> id",
+        json.dumps({"0": "a\u4e00"}): "not in GPT-2's byte-to-unicode table",
+        json.dumps({**byte_vocab, "300": "Ġt"}): "ids must be 0..",
+        json.dumps({k: v for k, v in byte_vocab.items() if k != "65"}): "ids must be 0..",
+    }
+    vocab = tmp_path / "vocab.json"
+    for content, message in cases.items():
+        vocab.write_text(content, encoding="utf-8")
+        with pytest.raises(ValueError, match=message):
+            Tokenizer.from_files(vocab, merges)
+    vocab.write_text(json.dumps(byte_vocab), encoding="utf-8")
+    with pytest.raises(ValueError, match="uses a token not in the vocabulary"):
+        Tokenizer.from_files(vocab, merges)  # "Ġt" is not in a bytes-only vocabulary
+    merges.write_text("#version: 0.2\nĠ t x\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="line 2: expected two tokens"):
+        Tokenizer.from_files(vocab, merges)
+    with pytest.raises(FileNotFoundError):
+        Tokenizer.from_dir(tmp_path / "nowhere")
+    with pytest.raises(ValueError, match="not a special token"):
+        _gpt2().token_id("<|pad|>")
+
+
+def _to_char(b: int) -> str:
+    """GPT-2's byte-to-unicode table, written again: printable Latin-1 stays, the rest shifts."""
+    printable = [c for c in range(256) if chr(c).isprintable() and chr(c) != " "]
+    if b in printable:
+        return chr(b)
+    return chr(256 + [c for c in range(256) if c not in printable].index(b))
+
+
+def test_cli_train_encode_compare(tmp_path, capsys):
+    corpus = _DATA / "tinystories_sample.txt"
+    out = tmp_path / "tok"
+    main(["train", "--input", str(corpus), "--vocab-size", "300", "--special-token", _EOT,
+          "--out", str(out)])
+    tokenizer = Tokenizer.from_dir(out)
+    assert tokenizer.vocab_size == 300 and tokenizer.special_tokens == [_EOT]
+    main(["encode", "--tokenizer", str(out), "--input", str(corpus), "--out",
+          str(tmp_path / "tok.bin")])
+    ids = np.fromfile(tmp_path / "tok.bin", dtype=np.uint16)
+    assert ids.tolist() == tokenizer.encode(corpus.read_text("utf-8"))
+    main(["compare", str(corpus), "--vocab-size", "300"])
+    printed = capsys.readouterr().out
+    for name in ("characters", "bytes", "words", "BPE trained here", "BPE GPT-2"):
+        assert name in printed
+
+# =================================================================================================
+# model.py
+# =================================================================================================
+
+_TINY = dict(vocab_size=64, context_length=32, d_model=32, num_layers=2, num_heads=4, d_ff=64)
+
+
+_VARIANTS = {
+    "default": {},
+    "layernorm": dict(norm="layernorm"),
+    "no_norm": dict(norm="none"),
+    "post_norm": dict(norm_position="post"),
+    "gelu": dict(ffn="gelu"),
+    "relu": dict(ffn="relu"),
+    "sinusoidal": dict(positions="sinusoidal"),
+    "learned": dict(positions="learned"),
+    "nope": dict(positions="none"),
+    "sliding_window": dict(sliding_window=4),
+    "linear_attention": dict(mixer="linear_attention"),
+    "gqa": dict(n_kv_heads=2),
+    "mqa": dict(n_kv_heads=1),
+    "mla": dict(kv_latent_dim=16),
+    "moe": dict(num_experts=4, experts_top_k=2, shared_expert=True),
+    "tied": dict(tie_weights=True),
+    "hyena": dict(mixer="hyena"),
+    "manual_attention": dict(attn_impl="manual"),
+}
+
+
+_CACHED = [name for name in _VARIANTS if name != "hyena"]
+
+
+def _model(seed: int = 0, **overrides) -> M.TransformerLM:
+    torch.manual_seed(seed)
+    return M.TransformerLM(M.ModelConfig(**{**_TINY, **overrides}))
+
+
+def _tokens(shape: tuple, seed: int = 1, vocab: int = 64) -> torch.Tensor:
+    return torch.randint(0, vocab, shape, generator=torch.Generator().manual_seed(seed))
+
+
+def test_linear_embedding_match_torch_and_init():
+    torch.manual_seed(0)
+    linear, x = M.Linear(300, 200), torch.randn(2, 5, 300)
+    assert linear.weight.shape == (200, 300)
+    torch.testing.assert_close(linear(x), F.linear(x, linear.weight))
+    std = math.sqrt(2 / 500)
+    assert linear.weight.abs().max() <= 3 * std + 1e-6
+    assert abs(linear.weight.std().item() - std * 0.9866) < 0.05 * std  # truncation shrinks std
+    embedding, ids = M.Embedding(100, 16), _tokens((3, 7), vocab=100)
+    torch.testing.assert_close(embedding(ids), F.embedding(ids, embedding.weight))
+    assert embedding.weight.abs().max() <= 3.0 + 1e-6
+
+
+def test_norms_match_torch_and_keep_dtype():
+    torch.manual_seed(0)
+    x = torch.randn(4, 6, 32) * 3 + 1
+    rms = M.RMSNorm(32)
+    rms.weight.data = torch.randn(32)
+    expected = x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5) * rms.weight
+    torch.testing.assert_close(rms(x), expected)
+    if hasattr(F, "rms_norm"):
+        torch.testing.assert_close(rms(x), F.rms_norm(x, (32,), rms.weight, eps=1e-5))
+    assert rms(x.bfloat16()).dtype == torch.bfloat16
+    ln = M.LayerNorm(32)
+    ln.weight.data, ln.bias.data = torch.randn(32), torch.randn(32)
+    torch.testing.assert_close(ln(x), F.layer_norm(x, (32,), ln.weight, ln.bias, eps=1e-5))
+
+
+def test_activations_and_ffns_match_torch():
+    torch.manual_seed(0)
+    x = torch.randn(3, 5, 16)
+    big = torch.tensor([[1000.0, 0.0, -1000.0], [1e4, 1e4, 1e4]])
+    torch.testing.assert_close(M.softmax(big, dim=-1), torch.softmax(big, dim=-1))
+    torch.testing.assert_close(M.softmax(x, dim=1), torch.softmax(x, dim=1))
+    torch.testing.assert_close(M.silu(x), F.silu(x))
+    torch.testing.assert_close(M.gelu(x), F.gelu(x))
+    swiglu = M.SwiGLU(16, 24)
+    expected = F.linear(F.silu(F.linear(x, swiglu.w1.weight)) * F.linear(x, swiglu.w3.weight),
+                        swiglu.w2.weight)
+    torch.testing.assert_close(swiglu(x), expected)
+    for name, act in (("relu", F.relu), ("gelu", F.gelu)):
+        ffn = M.FeedForward(16, 24, name)
+        torch.testing.assert_close(ffn(x), F.linear(act(F.linear(x, ffn.w1.weight)),
+                                                    ffn.w2.weight))
+
+
+def test_scaled_dot_product_attention_matches_torch():
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 3, 5, 8), torch.randn(2, 3, 7, 8), torch.randn(2, 3, 7, 6)
+    torch.testing.assert_close(M.scaled_dot_product_attention(q, k, v),
+                               F.scaled_dot_product_attention(q, k, v))
+    mask = torch.rand(5, 7) > 0.3
+    mask[:, 0] = True  # every query sees something
+    torch.testing.assert_close(M.scaled_dot_product_attention(q, k, v, mask),
+                               F.scaled_dot_product_attention(q, k, v, attn_mask=mask))
+    q3 = torch.randn(4, 5, 8)  # any leading dims
+    torch.testing.assert_close(M.scaled_dot_product_attention(q3, q3, q3),
+                               F.scaled_dot_product_attention(q3, q3, q3))
+
+
+def test_rope_matches_rotation_matrices_and_is_relative():
+    torch.manual_seed(0)
+    d_k, theta, seq_len = 8, 100.0, 6
+    rope = M.RotaryEmbedding(theta, d_k, max_seq_len=16)
+    x, positions = torch.randn(2, seq_len, d_k), torch.tensor([[0, 1, 2, 3, 4, 5],
+                                                               [9, 3, 15, 0, 7, 7]])
+    expected = torch.empty_like(x)
+    for b in range(2):
+        for t in range(seq_len):
+            rotation = torch.zeros(d_k, d_k)
+            for i in range(d_k // 2):
+                angle = positions[b, t].item() * theta ** (-2 * i / d_k)
+                c, s = math.cos(angle), math.sin(angle)
+                rotation[2 * i: 2 * i + 2, 2 * i: 2 * i + 2] = torch.tensor([[c, -s], [s, c]])
+            expected[b, t] = rotation @ x[b, t]
+    torch.testing.assert_close(rope(x, positions), expected)
+    torch.testing.assert_close(rope(x), rope(x, torch.arange(seq_len)))
+    q, k = torch.randn(d_k), torch.randn(d_k)
+
+    def score(i: int, j: int) -> torch.Tensor:
+        return rope(q[None], torch.tensor([i]))[0] @ rope(k[None], torch.tensor([j]))[0]
+
+    torch.testing.assert_close(score(3, 1), score(12, 10))
+    torch.testing.assert_close(score(7, 7), q @ k)
+    assert not torch.allclose(score(3, 1), score(3, 2))
+
+
+def test_sinusoidal_table_known_values():
+    table = M.sinusoidal_table(10, 6)
+    assert table[0].tolist() == [0, 1, 0, 1, 0, 1]
+    assert table[3, 2].item() == pytest.approx(math.sin(3 / 10000 ** (2 / 6)), abs=1e-6)
+    assert table[3, 5].item() == pytest.approx(math.cos(3 / 10000 ** (4 / 6)), abs=1e-6)
+
+
+@pytest.mark.parametrize("overrides", [{}, dict(n_kv_heads=2), dict(sliding_window=3),
+                                       dict(kv_latent_dim=16)])
+def test_manual_attention_equals_sdpa(overrides):
+    ids = _tokens((2, 20))
+    reference = _model(attn_impl="manual", **overrides)
+    fast = M.TransformerLM(M.ModelConfig(**{**_TINY, **overrides}))
+    fast.load_state_dict(reference.state_dict())
+    torch.testing.assert_close(fast(ids), reference(ids), atol=1e-5, rtol=1e-5)
+
+
+def test_attention_module_matches_brute_force():
+    """MultiHeadSelfAttention without RoPE against torch's MultiheadAttention-style maths."""
+    torch.manual_seed(0)
+    attn, x = M.MultiHeadSelfAttention(16, 4, use_rope=False), torch.randn(2, 9, 16)
+    q, k, v = (F.linear(x, p.weight).view(2, 9, 4, 4).transpose(1, 2)
+               for p in (attn.q_proj, attn.k_proj, attn.v_proj))
+    out = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(2, 9, 16)
+    torch.testing.assert_close(attn(x), F.linear(out, attn.output_proj.weight))
+
+
+@pytest.mark.parametrize("name", list(_VARIANTS))
+def test_causality(name):
+    """Changing a future token never changes an earlier output."""
+    model = _model(**_VARIANTS[name])
+    ids = _tokens((2, 16))
+    changed = ids.clone()
+    changed[:, 10] = (changed[:, 10] + 1) % 64
+    before, after = model(ids), model(changed)
+    torch.testing.assert_close(before[:, :10], after[:, :10], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(before[:, 10:], after[:, 10:])
+
+
+def test_gqa_equals_mha():
+    ids = _tokens((2, 12))
+    mha = _model()
+    same = M.TransformerLM(M.ModelConfig(**_TINY, n_kv_heads=4))
+    same.load_state_dict(mha.state_dict())
+    torch.testing.assert_close(same(ids), mha(ids))
+    # Grouped: 2 kv heads shared by 2 query heads each == MHA whose k/v heads are copies.
+    gqa = _model(n_kv_heads=2)
+    state = gqa.state_dict()
+    for i in range(2):
+        for name in ("k_proj", "v_proj"):
+            w = state[f"layers.{i}.attn.{name}.weight"].view(2, 8, 32)
+            state[f"layers.{i}.attn.{name}.weight"] = w.repeat_interleave(2, dim=0).reshape(32, 32)
+    mha.load_state_dict(state)
+    torch.testing.assert_close(mha(ids), gqa(ids), atol=1e-5, rtol=1e-5)
+    assert gqa.layers[0].attn.k_proj.weight.shape == (16, 32)
+
+
+def test_moe_with_identical_experts_equals_dense_ffn():
+    torch.manual_seed(0)
+    config = M.ModelConfig(**_TINY, num_experts=4, experts_top_k=2)
+    moe, dense = M.MixtureOfExperts(config), M.SwiGLU(32, 64)
+    for expert in moe.experts:
+        expert.load_state_dict(dense.state_dict())
+    x = torch.randn(3, 7, 32)
+    torch.testing.assert_close(moe(x), dense(x), atol=1e-5, rtol=1e-5)
+    probs = torch.softmax(x.reshape(-1, 32) @ moe.router.weight.T, dim=-1)
+    share = F.one_hot(probs.topk(2).indices, 4).float().sum((0, 1)) / (21 * 2)
+    expected = config.moe_aux_loss_coef * 4 * (share * probs.mean(0)).sum()
+    torch.testing.assert_close(moe.aux_loss, expected)
+    moe.router.weight.data.zero_()  # uniform router probabilities: E * sum_e f_e / E = 1
+    moe(x)
+    assert moe.aux_loss.item() == pytest.approx(config.moe_aux_loss_coef)
+
+
+def test_moe_routes_to_top_k_only():
+    torch.manual_seed(0)
+    config = M.ModelConfig(**_TINY, num_experts=4, experts_top_k=1)
+    moe, x = M.MixtureOfExperts(config), torch.randn(10, 32)
+    choice = (x @ moe.router.weight.T).argmax(-1)
+    expected = torch.stack([moe.experts[int(e)](row) for e, row in zip(choice, x)])
+    torch.testing.assert_close(moe(x), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_sliding_window_at_least_sequence_equals_full():
+    ids = _tokens((2, 16))
+    full = _model()
+    windowed = M.TransformerLM(M.ModelConfig(**_TINY, sliding_window=16))
+    windowed.load_state_dict(full.state_dict())
+    torch.testing.assert_close(windowed(ids), full(ids), atol=1e-5, rtol=1e-5)
+    short = M.TransformerLM(M.ModelConfig(**_TINY, sliding_window=4))
+    short.load_state_dict(full.state_dict())
+    out = short(ids)
+    torch.testing.assert_close(out[:, :4], full(ids)[:, :4], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(out[:, 4:], full(ids)[:, 4:])
+
+
+def test_sliding_window_mask_brute_force():
+    mask = M.attention_mask(5, 8, start=3, window=3)
+    expected = torch.tensor([[3 + i - 3 < j <= 3 + i for j in range(8)] for i in range(5)])
+    assert torch.equal(mask, expected)
+
+
+def test_linear_attention_recurrent_equals_quadratic():
+    torch.manual_seed(0)
+    q, k, v = (M.linear_attention_feature_map(torch.randn(2, 3, 10, 4)) for _ in range(3))
+    quadratic, _, _ = M.causal_linear_attention(q, k, v)
+    torch.testing.assert_close(quadratic, M.causal_linear_attention_recurrent(q, k, v))
+    # continuing from a state equals one pass over the whole sequence
+    state, normalizer = torch.zeros(2, 3, 4, 4), torch.zeros(2, 3, 4)
+    first, state, normalizer = M.causal_linear_attention(q[..., :6, :], k[..., :6, :],
+                                                         v[..., :6, :], state, normalizer)
+    second, _, _ = M.causal_linear_attention(q[..., 6:, :], k[..., 6:, :], v[..., 6:, :],
+                                             state, normalizer)
+    torch.testing.assert_close(torch.cat((first, second), -2), quadratic)
+
+
+def test_fft_convolution_equals_direct():
+    torch.manual_seed(0)
+    u, h = torch.randn(2, 3, 17), torch.randn(3, 17)
+    torch.testing.assert_close(M.fft_causal_conv(u, h), M.causal_conv_direct(u, h),
+                               atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", _CACHED)
+def test_incremental_decoding_matches_full_forward(name):
+    model = _model(**_VARIANTS[name])
+    ids = _tokens((3, 20))
+    full = model(ids)
+    cache = model.make_kv_cache(3)
+    steps = [model(ids[:, :8], kv_cache=cache)]
+    steps += [model(ids[:, t: t + 1], positions=torch.tensor([t]), kv_cache=cache)
+              for t in range(8, 20)]
+    assert cache.seq_len == 20
+    torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-4, rtol=1e-4)
+    cache.reset()
+    torch.testing.assert_close(model(ids[:, :5], kv_cache=cache), full[:, :5], atol=1e-4,
+                               rtol=1e-4)
+
+
+def test_incremental_decoding_with_per_row_positions():
+    """Positions (B, T) shift RoPE per row; the cache must agree with the full forward."""
+    model = _model()
+    ids, offsets = _tokens((2, 10)), torch.tensor([[0], [5]])
+    positions = torch.arange(10) + offsets
+    full = model(ids, positions=positions)
+    cache = model.make_kv_cache(2, max_seq_len=10)
+    out = [model(ids[:, :4], positions=positions[:, :4], kv_cache=cache)]
+    out += [model(ids[:, t:t + 1], positions=positions[:, t:t + 1], kv_cache=cache)
+            for t in range(4, 10)]
+    torch.testing.assert_close(torch.cat(out, 1), full, atol=1e-4, rtol=1e-4)
+
+
+def test_hyena_cache_not_implemented():
+    with pytest.raises(NotImplementedError, match="hyena"):
+        _model(mixer="hyena").make_kv_cache(1)
+
+
+def test_generate_greedy_matches_naive_loop():
+    model = _model()
+    prompt = _tokens((2, 5))
+    out = M.generate(model, prompt, max_new_tokens=8, temperature=0)
+    expected = prompt
+    for _ in range(8):
+        next_id = model(expected)[:, -1].argmax(-1, keepdim=True)
+        expected = torch.cat((expected, next_id), 1)
+    assert torch.equal(out, expected)
+
+
+def test_generate_sampling_eos_and_long_outputs():
+    model = _model()
+    prompt = _tokens((2, 4))
+    torch.manual_seed(0)
+    sampled = M.generate(model, prompt, max_new_tokens=40, temperature=1.0, top_k=5)
+    assert sampled.shape == (2, 44) and torch.equal(sampled[:, :4], prompt)  # > context 32
+    logits = model(sampled[:, :10])[:, -1]  # every sample is among the top 5 at its step
+    assert all(sampled[b, 10] in logits[b].topk(5).indices for b in range(2))
+    first = M.generate(model, prompt, 1, temperature=0)[:, -1]
+    stopped = M.generate(model, prompt, 10, temperature=0, eos_id=int(first[0]))
+    assert (stopped[0, 4:] == first[0]).all()
+    hyena = M.generate(_model(mixer="hyena"), prompt, 6, temperature=0)
+    assert hyena.shape == (2, 10)
+
+
+@pytest.mark.parametrize("name", list(_VARIANTS))
+def test_each_variant_trains(name):
+    model = _model(**_VARIANTS[name])
+    batch = _tokens((4, 17))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(30):
+        logits = model(batch[:, :-1])
+        loss = F.cross_entropy(logits.reshape(-1, 64), batch[:, 1:].reshape(-1))
+        losses.append(loss.item())
+        optimizer.zero_grad()
+        (loss + model.aux_loss).backward()
+        optimizer.step()
+    assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_moe_aux_loss_is_left_on_model():
+    model = _model(num_experts=4)
+    model(_tokens((2, 8)))
+    assert model.aux_loss.requires_grad and model.aux_loss.item() > 0
+    dense = _model()
+    dense(_tokens((2, 8)))
+    assert dense.aux_loss.item() == 0
+
+
+def test_compile_fullgraph_default():
+    if not hasattr(torch, "compile"):
+        pytest.skip("torch.compile unavailable")
+    model = _model()
+    ids = _tokens((2, 16))
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")  # traces fwd + bwd
+    out = compiled(ids)
+    out.float().pow(2).mean().backward()
+    torch.testing.assert_close(out, model(ids))
+    assert model.lm_head.weight.grad is not None
+    restored = _model(seed=5)
+    restored.load_state_dict(compiled.state_dict())  # keys carry the _orig_mod. prefix
+    torch.testing.assert_close(restored(ids), model(ids))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("kernels") is not None, reason="kernels.py exists")
+def test_triton_without_kernels_is_clear_error():
+    with pytest.raises(ImportError, match="kernels.py"):
+        _model(attn_impl="triton")
+
+
+@pytest.mark.parametrize("name", list(_VARIANTS))
+def test_count_params_equals_module(name):
+    model = _model(**_VARIANTS[name])
+    counts = M.count_params(model.config)
+    assert counts["total"] == sum(p.numel() for p in model.parameters())
+    assert counts["total"] == sum(v for k, v in counts.items() if k != "total")
+
+
+def test_count_params_known_answers():
+    # course TinyStories model: 2 * 10000 * 512 + 4 * (4 * 512^2 + 3 * 512 * 1344 + 2 * 512) + 512
+    assert M.count_params(M.ModelConfig())["total"] == 22_696_448
+    # GPT-2 XL shape from the course's accounting exercise
+    assert M.count_params(M.ModelConfig.preset("gpt2-xl"))["total"] == 2_127_057_600
+    # the benchmark shape: GPT-2 small, tied head, padded vocab, SwiGLU d_ff 2048
+    tied = M.ModelConfig.preset("gpt2-small", vocab_size=50304, tie_weights=True, d_ff=2048)
+    expected = 50304 * 768 + 12 * (4 * 768 ** 2 + 3 * 768 * 2048 + 2 * 768) + 768
+    assert M.count_params(tied)["total"] == expected
+
+
+def test_flops_match_palm_formula_for_default():
+    for config in (M.ModelConfig(), M.ModelConfig.preset("gpt2-small", tie_weights=True,
+                                                         vocab_size=50304, d_ff=2048)):
+        seq_len = config.context_length
+        d, layers = config.d_model, config.num_layers
+        n_matmul = layers * (4 * d * d + 3 * d * config.d_ff) + config.vocab_size * d
+        flops = M.flops_per_token(config, seq_len)
+        assert flops["train"] == 6 * n_matmul + 12 * layers * d * seq_len
+        assert flops["train"] == 3 * flops["forward"]
+        assert M.mfu_flops_per_token(config, seq_len) == flops["train"]
+    xl = M.ModelConfig.preset("gpt2-xl")
+    assert M.flops_per_token(xl, 1024)["forward"] * 1024 == pytest.approx(4.513e12, rel=1e-3)
+
+
+def test_flops_variants():
+    base = M.ModelConfig(**_TINY)
+    window = M.ModelConfig(**_TINY, sliding_window=4)
+    assert (M.flops_per_token(window, 32)["attention_scores"]
+            == M.flops_per_token(base, 32)["attention_scores"] / 8)
+    moe = M.ModelConfig(**_TINY, num_experts=8, experts_top_k=1)
+    assert M.flops_per_token(moe, 32)["ffn"] == pytest.approx(
+        M.flops_per_token(base, 32)["ffn"] + 2 * 2 * 32 * 8)
+    assert M.flops_per_token(M.ModelConfig(**_TINY, mixer="hyena"), 32)["long_conv"] > 0
+
+
+def test_memory_estimate():
+    config = M.ModelConfig()
+    memory = M.memory_estimate(config, batch_size=2, seq_len=256)
+    n = M.count_params(config)["total"]
+    assert memory["params"] == memory["grads"] == 4 * n and memory["adamw_state"] == 8 * n
+    assert memory["total"] == sum(v for k, v in memory.items() if k != "total")
+    bigger = M.memory_estimate(config, batch_size=4, seq_len=256)
+    assert bigger["activations"] == 2 * memory["activations"]
+    flash = M.memory_estimate(config, 2, 256, stores_attention_matrix=False)
+    assert memory["activations"] - flash["activations"] == 4 * 4 * 2 * 16 * 2 * 256 * 256
+
+
+def test_cli_parsing_and_main(capsys):
+    config = M.parse_config(["--num_layers=3", "--rope_theta=500", "--tie_weights=False",
+                             "--n_kv_heads=None", "--sliding_window=8"], preset="gpt2-small")
+    assert (config.num_layers, config.rope_theta, config.d_model) == (3, 500.0, 768)
+    assert isinstance(config.rope_theta, float) and config.sliding_window == 8
+    with pytest.raises(ValueError, match="num_layers"):
+        M.parse_config(["--num_layer=3"])
+    with pytest.raises(ValueError, match="d_model"):
+        M.parse_config(["--d_model=big"])
+    M.main(M.ModelConfig(), batch_size=1, seq_len=256)
+    printed = capsys.readouterr().out
+    assert "22,696,448" in printed and "GiB" in printed
+
+
+def test_state_dict_reference_layout_and_errors():
+    model = _model()
+    expected = {"token_embeddings.weight", "ln_final.weight", "lm_head.weight"}
+    for i in range(2):
+        expected |= {f"layers.{i}.attn.{p}.weight"
+                     for p in ("q_proj", "k_proj", "v_proj", "output_proj")}
+        expected |= {f"layers.{i}.ffn.{w}.weight" for w in ("w1", "w2", "w3")}
+        expected |= {f"layers.{i}.ln1.weight", f"layers.{i}.ln2.weight"}
+    state = model.state_dict()
+    assert set(state) == expected
+    other = _model(seed=3)
+    other.load_state_dict(state)
+    ids = _tokens((1, 8))
+    torch.testing.assert_close(other(ids), model(ids))
+    broken = dict(state)
+    del broken["layers.1.ln2.weight"]
+    broken["layers.1.extra.weight"] = torch.zeros(1)
+    broken["lm_head.weight"] = torch.zeros(10, 32)
+    with pytest.raises(ValueError) as error:
+        other.load_state_dict(broken)
+    for name in ("layers.1.ln2.weight", "layers.1.extra.weight", "lm_head.weight", "(10, 32)"):
+        assert name in str(error.value)
+
+
+@pytest.mark.parametrize("overrides,field", [
+    (dict(d_model=30, num_heads=4), "num_heads"),
+    (dict(d_model=36, num_heads=4), "head dim"),
+    (dict(n_kv_heads=3), "n_kv_heads"),
+    (dict(n_kv_heads=8), "n_kv_heads"),
+    (dict(norm="batchnorm"), "norm"),
+    (dict(mixer="rnn"), "mixer"),
+    (dict(attn_impl="cuda"), "attn_impl"),
+    (dict(num_layers=0), "num_layers"),
+    (dict(d_model=32.0), "d_model"),
+    (dict(sliding_window=0), "sliding_window"),
+    (dict(num_experts=2, experts_top_k=3), "experts_top_k"),
+    (dict(kv_latent_dim=8, positions="learned"), "positions"),
+    (dict(mixer="hyena", sliding_window=4), "sliding_window"),
+    (dict(rope_theta=0.0), "rope_theta"),
+])
+def test_config_errors_name_the_field(overrides, field):
+    with pytest.raises(ValueError, match=field):
+        M.ModelConfig(**{**_TINY, **overrides})
+
+
+def test_bad_inputs():
+    model = _model()
+    with pytest.raises(ValueError, match="context_length"):
+        model(_tokens((1, 33)))
+    with pytest.raises(ValueError, match="vocab_size"):
+        model(torch.tensor([[1, 64]]))
+    with pytest.raises(ValueError, match="vocab_size"):
+        model(torch.tensor([[-1, 3]]))
+    with pytest.raises(ValueError, match="integer"):
+        model(torch.zeros(1, 4))
+    with pytest.raises(ValueError, match="positions"):
+        model(_tokens((1, 4)), positions=torch.tensor([0, 1, 2, 40]))
+    cache = model.make_kv_cache(1, max_seq_len=8)
+    model(_tokens((1, 6)), kv_cache=cache)
+    with pytest.raises(ValueError, match="kv_cache"):
+        model(_tokens((1, 3)), kv_cache=cache)
+    with pytest.raises(ValueError, match="max_seq_len"):
+        model.make_kv_cache(1, max_seq_len=64)
+    with pytest.raises(ValueError, match="prompt_ids"):
+        M.generate(model, torch.zeros(3, dtype=torch.long), 2)
+
+# =================================================================================================
+# train.py: optimizers
+# =================================================================================================
+
+class _RMSNorm(nn.Module):
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(d))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5) * self.weight
+
+
+class _Block(nn.Module):
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.ln1 = _RMSNorm(d)
+        self.ffn = nn.ModuleDict(dict(w1=nn.Linear(d, 2 * d), w2=nn.Linear(2 * d, d, bias=False)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.ffn["w2"](torch.relu(self.ffn["w1"](self.ln1(x))))
+
+
+class _TinyLM(nn.Module):
+    """Named like model.py's TransformerLM: token_embeddings, layers.i..., ln_final, lm_head."""
+
+    def __init__(self, vocab_size: int = 32, d_model: int = 32, num_layers: int = 2,
+                 tie: bool = False) -> None:
+        super().__init__()
+        self.token_embeddings = nn.Embedding(vocab_size, d_model)
+        self.layers = nn.ModuleList(_Block(d_model) for _ in range(num_layers))
+        self.ln_final = _RMSNorm(d_model)
+        self.lm_head = nn.Linear(d_model, vocab_size, bias=False)
+        if tie:
+            self.lm_head.weight = self.token_embeddings.weight
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        x = self.token_embeddings(ids)
+        for block in self.layers:
+            x = block(x)
+        return self.lm_head(self.ln_final(x))
+
+
+def _tiny_batch(vocab_size: int = 32, n: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(123)
+    ids = torch.randint(vocab_size, (n,), generator=g)
+    targets = torch.randint(vocab_size, (vocab_size,), generator=g)[ids]  # a fixed token map
+    return ids, targets
+
+
+def _loss(model: nn.Module, ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return nn.functional.cross_entropy(model(ids), targets)
+
+
+def _make_optimizer(name: str, model: nn.Module) -> torch.optim.Optimizer:
+    if name == "adamw":
+        return AdamW(decay_param_groups(model, 0.01), lr=1e-2)
+    if name == "adamw_foreach":
+        return AdamW(decay_param_groups(model, 0.01), lr=1e-2, foreach=True)
+    if name == "muon":
+        return Muon(param_groups_for_muon(model, lr=2e-2, adam_lr=1e-2, weight_decay=0.01))
+    return SOAP(decay_param_groups(model, 0.01), lr=1e-2, precondition_frequency=2)
+
+
+OPTIMIZERS = ["adamw", "adamw_foreach", "muon", "soap"]
+
+
+def _two_group_mlp() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(),
+                         nn.Linear(16, 4))
+
+
+@pytest.mark.parametrize("foreach", [False, True])
+def test_adamw_matches_torch_adamw(foreach: bool) -> None:
+    """150 steps, two groups with their own lr and weight decay, a cosine schedule changing lr
+    every step, and one parameter whose grad is None every third step."""
+    ours_model, torch_model = _two_group_mlp(), _two_group_mlp()
+
+    def groups(m: nn.Sequential) -> list[dict]:
+        return [dict(params=m[0].parameters(), lr=1e-2, weight_decay=0.1),
+                dict(params=list(m[2].parameters()) + list(m[4].parameters()))]
+
+    ours = AdamW(groups(ours_model), lr=3e-3, betas=(0.9, 0.95), weight_decay=0.01,
+                 foreach=foreach)
+    reference = torch.optim.AdamW(groups(torch_model), lr=3e-3, betas=(0.9, 0.95),
+                                  weight_decay=0.01)
+    base_lrs = [1e-2, 3e-3]
+    gen = torch.Generator().manual_seed(1)
+    steps = 150
+    for t in range(steps):
+        x, y = torch.randn(32, 8, generator=gen), torch.randn(32, 4, generator=gen)
+        factor = 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t / steps))
+        for model, opt in ((ours_model, ours), (torch_model, reference)):
+            for group, base_lr in zip(opt.param_groups, base_lrs):
+                group["lr"] = base_lr * factor
+            opt.zero_grad()
+            ((model(x) - y) ** 2).mean().backward()
+            if t % 3 == 0:
+                model[4].bias.grad = None
+            opt.step()
+    for p, q in zip(ours_model.parameters(), torch_model.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-6)
+    steps_ours = [ours.state[p]["step"] for p in ours_model.parameters()]
+    steps_torch = [int(reference.state[p]["step"]) for p in torch_model.parameters()]
+    assert steps_ours == steps_torch and steps_ours[-1] == steps - steps // 3
+
+
+def test_adamw_foreach_equals_reference_loop() -> None:
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(5, 3), (7,), (2, 3, 4)]
+    params = {k: [torch.randn(s, generator=gen) for s in shapes] for k in ("loop", "foreach")}
+    params["foreach"] = [p.clone() for p in params["loop"]]
+    moments = {k: ([torch.zeros(s) for s in shapes], [torch.zeros(s) for s in shapes])
+               for k in params}
+    for t in range(1, 21):
+        grads = [torch.randn(s, generator=gen) for s in shapes]
+        steps = [t, t, max(1, t - 3)]  # per-parameter step counts may differ
+        for key, update in (("loop", adamw_update_reference), ("foreach", adamw_update_foreach)):
+            update(params[key], grads, *moments[key], steps, lr=1e-2 / t, beta1=0.9, beta2=0.99,
+                   eps=1e-8, weight_decay=0.1)
+    for p, q in zip(params["loop"], params["foreach"]):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+
+
+def test_adamw_rejects_sparse_grads_and_skips_missing_grads() -> None:
+    embedding = nn.Embedding(10, 4, sparse=True)
+    unused = nn.Parameter(torch.ones(3))
+    opt = AdamW([embedding.weight, unused])
+    embedding(torch.tensor([1, 2])).sum().backward()
+    with pytest.raises(ValueError, match="sparse"):
+        opt.step()
+    embedding.weight.grad = None
+    opt.step()  # no gradients at all: nothing happens
+    assert torch.equal(unused, torch.ones(3)) and len(opt.state) == 0
+
+
+@pytest.mark.parametrize("shape", [(64, 16), (16, 64), (96, 96), (300, 40)])
+def test_newtonschulz_singular_values_near_one(shape: tuple[int, int]) -> None:
+    G = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    X = zeropower_via_newtonschulz(G)
+    assert X.shape == G.shape and X.dtype == G.dtype
+    if shape[0] != shape[1]:  # random rectangular matrices are well conditioned
+        singular_values = torch.linalg.svdvals(X)
+        assert singular_values.min() > 0.6 and singular_values.max() < 1.3
+    # A square random matrix has singular values near 0, which 5 steps cannot lift: check the
+    # map singular value by singular value through G's own SVD. This also checks that the
+    # singular vectors are kept (U^T X V is diagonal).
+    U, S, Vh = torch.linalg.svd(G, full_matrices=False)
+    D = U.T @ X @ Vh.T
+    diagonal = D.diagonal()
+    assert (D - torch.diag(diagonal)).abs().max() < 1e-3
+    lifted = diagonal[S / G.norm() > 2e-3]
+    assert len(lifted) >= len(S) - 2
+    assert lifted.min() > 0.6 and lifted.max() < 1.3
+
+
+def test_newtonschulz_square_matrix_with_bounded_condition() -> None:
+    gen = torch.Generator().manual_seed(0)
+    U, _ = torch.linalg.qr(torch.randn(64, 64, generator=gen))
+    V, _ = torch.linalg.qr(torch.randn(64, 64, generator=gen))
+    G = U @ torch.diag(torch.logspace(-2, 0, 64)) @ V.T  # condition number 100
+    singular_values = torch.linalg.svdvals(zeropower_via_newtonschulz(G))
+    assert singular_values.min() > 0.6 and singular_values.max() < 1.3
+
+
+def test_newtonschulz_zero_matrix_stays_zero() -> None:
+    assert torch.equal(zeropower_via_newtonschulz(torch.zeros(4, 6)), torch.zeros(4, 6))
+
+
+@pytest.mark.parametrize("nesterov", [True, False])
+def test_muon_update_is_scaled_near_orthogonal(nesterov: bool) -> None:
+    torch.manual_seed(0)
+    weight = nn.Parameter(torch.randn(48, 16))
+    before = weight.detach().clone()
+    lr = 0.01
+    opt = Muon([weight], lr=lr, weight_decay=0.0, nesterov=nesterov)
+    weight.grad = torch.randn(48, 16)
+    opt.step()
+    update = (before - weight.detach()) / (lr * 0.2 * 48**0.5)
+    singular_values = torch.linalg.svdvals(update)
+    assert singular_values.min() > 0.6 and singular_values.max() < 1.3
+    # the direction is the gradient's polar factor U V^T (an SVD, independent of Newton-Schulz)
+    U, _, Vh = torch.linalg.svd(weight.grad, full_matrices=False)
+    cosine = (update * (U @ Vh)).sum() / (update.norm() * (U @ Vh).norm())
+    assert cosine > 0.95
+    # the RMS of the step is 0.2 * lr, as for a typical AdamW step (Moonshot's scaling)
+    rms = (before - weight.detach()).pow(2).mean().sqrt()
+    assert 0.6 * 0.2 * lr < rms < 1.3 * 0.2 * lr
+    assert torch.equal(weight.grad, weight.grad.clone())  # the gradient is not modified
+    assert "momentum_buffer" in opt.state[weight]
+
+
+@pytest.mark.parametrize("nesterov", [True, False])
+def test_muon_momentum_and_weight_decay_follow_the_formulas(nesterov: bool) -> None:
+    gen = torch.Generator().manual_seed(0)
+    start, g1, g2 = (torch.randn(6, 10, generator=gen) for _ in range(3))
+    weight = nn.Parameter(start.clone())
+    lr, mu, wd = 0.01, 0.9, 0.1
+    opt = Muon([weight], lr=lr, momentum=mu, nesterov=nesterov, weight_decay=wd)
+    expected, buf = start.clone(), torch.zeros(6, 10)
+    for g in (g1, g2):
+        weight.grad = g
+        opt.step()
+        buf = mu * buf + (1 - mu) * g
+        u = (1 - mu) * g + mu * buf if nesterov else buf
+        expected = expected * (1 - lr * wd) - lr * 0.2 * 10**0.5 * zeropower_via_newtonschulz(u)
+    torch.testing.assert_close(weight.detach(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_muon_flattens_tensors_with_more_than_two_dims() -> None:
+    weight = nn.Parameter(torch.randn(8, 2, 3))  # a convolution-like weight: (8, 6) when flat
+    before = weight.detach().clone()
+    opt = Muon([weight], lr=0.01, weight_decay=0.0)
+    weight.grad = torch.randn(8, 2, 3)
+    opt.step()
+    update = (before - weight.detach()).reshape(8, 6) / (0.01 * 0.2 * 8**0.5)
+    singular_values = torch.linalg.svdvals(update)
+    assert singular_values.min() > 0.6 and singular_values.max() < 1.3
+
+
+def test_param_groups_for_muon_split() -> None:
+    model = _TinyLM()
+    groups = param_groups_for_muon(model, lr=0.02, adam_lr=0.003, weight_decay=0.1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    by_kind = {(g["use_muon"], g["weight_decay"]): sorted(names[id(p)] for p in g["params"])
+               for g in groups}
+    assert by_kind == {
+        (True, 0.1): [f"layers.{i}.ffn.{w}.weight" for i in range(2) for w in ("w1", "w2")],
+        (False, 0.1): ["lm_head.weight"],
+        (False, 0.0): sorted(["token_embeddings.weight", "ln_final.weight"]
+                             + [f"layers.{i}.{n}" for i in range(2)
+                                for n in ("ln1.weight", "ffn.w1.bias")]),
+    }
+    assert [g["lr"] for g in groups] == [0.02, 0.003, 0.003]
+    tied = _TinyLM(tie=True)
+    tied_groups = param_groups_for_muon(tied, lr=0.02)
+    assert sum(len(g["params"]) for g in tied_groups) == len(list(tied.parameters()))
+    assert all(g["lr"] == 0.02 for g in tied_groups)
+
+
+def test_decay_param_groups_split() -> None:
+    model = _TinyLM(tie=True)
+    decay, no_decay = decay_param_groups(model, 0.1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert sorted(names[id(p)] for p in decay["params"]) == sorted(
+        f"layers.{i}.ffn.{w}.weight" for i in range(2) for w in ("w1", "w2"))
+    assert "token_embeddings.weight" in {names[id(p)] for p in no_decay["params"]}
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+def _regression(make_optimizer, output_rotation: torch.Tensor | None = None, steps: int = 300,
+                outputs: int = 8) -> tuple[list[float], torch.Tensor]:
+    """Noisy linear regression y = W* x + noise, x with a rotated, ill-conditioned covariance:
+    a quadratic whose curvature Adam's per-coordinate scaling cannot undo. Returns the
+    population loss tr(E Sigma E^T), E = W - W*, before each step, and the final W."""
+    gen = torch.Generator().manual_seed(0)
+    m, n, batch, condition = outputs, 16, 16, 1000.0
+    Q, _ = torch.linalg.qr(torch.randn(n, n, generator=gen))
+    # x = mix @ z, z ~ N(0, I), has covariance mix mix^T = Q diag(std devs^2) Q^T
+    mix = Q * torch.logspace(0, math.log10(condition) / 2, n)
+    sigma = mix @ mix.T
+    W_star = torch.randn(m, n, generator=gen) @ Q.T
+    P = torch.eye(m) if output_rotation is None else output_rotation
+    W = nn.Parameter(torch.zeros(m, n))
+    opt = make_optimizer([W])
+    losses = []
+    for _ in range(steps):
+        error = P.T @ W.detach() - W_star
+        losses.append(torch.trace(error @ sigma @ error.T).item())
+        x = torch.randn(batch, n, generator=gen) @ mix.T
+        y = (x @ W_star.T + torch.randn(batch, m, generator=gen)) @ P.T
+        opt.zero_grad()
+        ((x @ W.T - y) ** 2).sum(-1).mean().backward()
+        opt.step()
+    return losses, W.detach()
+
+
+def test_soap_beats_adam_on_rotated_quadratic() -> None:
+    def final(losses: list[float]) -> float:
+        return sum(losses[-20:]) / 20
+
+    lrs = (0.01, 0.03, 0.1, 0.3)  # each optimizer at its best learning rate
+    adam = min(final(_regression(lambda p: AdamW(p, lr=lr, betas=(0.9, 0.95),
+                                                 weight_decay=0.0))[0]) for lr in lrs)
+    soap = min(final(_regression(lambda p: SOAP(p, lr=lr, betas=(0.9, 0.95), weight_decay=0.0,
+                                                precondition_frequency=1))[0]) for lr in lrs)
+    initial = _regression(lambda p: AdamW(p), steps=1)[0][0]
+    assert soap < initial / 1000, "SOAP did not reach the target"
+    assert soap < adam / 2, (soap, adam)
+
+
+def test_soap_is_rotation_equivariant_and_adam_is_not() -> None:
+    """Rotating the outputs (W -> P W, y -> P y) leaves the problem the same, and SOAP's run with
+    it (its left eigenbasis turns with P): the same losses up to float32 rounding, which the
+    eigendecomposition of an ill-conditioned statistic amplifies. Adam's coordinates are fixed,
+    so its run changes."""
+    # 16 outputs, so that L and R both have full rank from the first batch: the eigenvectors of a
+    # zero eigenvalue are arbitrary, and the rotated run would pick others.
+    P, _ = torch.linalg.qr(torch.randn(16, 16, generator=torch.Generator().manual_seed(1)))
+
+    def max_relative_change(make_optimizer) -> float:
+        losses, _ = _regression(make_optimizer, steps=60, outputs=16)
+        rotated_losses, _ = _regression(make_optimizer, output_rotation=P, steps=60, outputs=16)
+        return max(abs(a - b) / a for a, b in zip(losses, rotated_losses))
+
+    assert max_relative_change(lambda p: SOAP(p, lr=0.03, precondition_frequency=3)) < 1e-3
+    assert max_relative_change(lambda p: AdamW(p, lr=0.03)) > 3e-2
+
+
+def test_soap_equals_adamw_without_preconditioning() -> None:
+    """With both sides above max_precond_dim the bases stay the identity: SOAP is AdamW."""
+    ours_model, torch_model = _two_group_mlp(), _two_group_mlp()
+    ours = SOAP(ours_model.parameters(), lr=1e-2, weight_decay=0.1, max_precond_dim=0)
+    reference = torch.optim.AdamW(torch_model.parameters(), lr=1e-2, betas=(0.95, 0.95),
+                                  weight_decay=0.1)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(50):
+        x, y = torch.randn(32, 8, generator=gen), torch.randn(32, 4, generator=gen)
+        for model, opt in ((ours_model, ours), (torch_model, reference)):
+            opt.zero_grad()
+            ((model(x) - y) ** 2).mean().backward()
+            opt.step()
+    for p, q in zip(ours_model.parameters(), torch_model.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+def test_soap_equals_adamw_when_gradients_are_diagonal() -> None:
+    """Diagonal gradients make L and R diagonal, so the eigenbases are signed permutations of the
+    identity, reordered whenever the gradient sizes change order; Adam in a permuted basis is
+    Adam, provided the second moment is permuted along (_rotate_second_moment). SOAP's first
+    gradient only seeds the bases, so AdamW sees the same gradients from the second on."""
+    gen = torch.Generator().manual_seed(0)
+    gradients = [torch.diag(torch.randn(6, generator=gen) * torch.rand(6, generator=gen) * 3)
+                 for _ in range(31)]
+    start = torch.randn(6, 6, generator=gen)
+    ours, theirs = nn.Parameter(start.clone()), nn.Parameter(start.clone())
+    soap = SOAP([ours], lr=0.05, betas=(0.9, 0.99), weight_decay=0.1, precondition_frequency=1)
+    adamw = torch.optim.AdamW([theirs], lr=0.05, betas=(0.9, 0.99), weight_decay=0.1)
+    ours.grad = gradients[0]
+    soap.step()
+    for g in gradients[1:]:
+        ours.grad, theirs.grad = g.clone(), g.clone()
+        soap.step()
+        adamw.step()
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+
+
+def test_soap_first_gradient_only_seeds_the_eigenbases() -> None:
+    weight = nn.Parameter(torch.randn(12, 7))
+    before = weight.detach().clone()
+    opt = SOAP([weight])
+    weight.grad = torch.randn(12, 7)
+    opt.step()
+    assert torch.equal(weight.detach(), before)
+    state = opt.state[weight]
+    # Q_L, Q_R are eigenvectors of L, R: the statistics are diagonal in them
+    for Q, statistic in ((state["Q_L"], state["L"]), (state["Q_R"], state["R"])):
+        rotated = Q.T @ statistic @ Q
+        off_diagonal = rotated - torch.diag(rotated.diagonal())
+        assert off_diagonal.abs().max() < 1e-4 * statistic.abs().max()
+    opt.step()
+    assert not torch.equal(weight.detach(), before) and state["step"] == 1
+
+
+def test_power_iteration_converges_to_the_eigenbasis() -> None:
+    gen = torch.Generator().manual_seed(0)
+    Q_true, _ = torch.linalg.qr(torch.randn(10, 10, generator=gen))
+    eigenvalues = torch.linspace(1.0, 10.0, 10)
+    statistic = Q_true @ torch.diag(eigenvalues) @ Q_true.T
+    Q, _ = torch.linalg.qr(torch.randn(10, 10, generator=gen))
+    for _ in range(300):
+        Q = _power_iteration(statistic, Q)
+    torch.testing.assert_close((Q.T @ statistic @ Q).diagonal(), eigenvalues.flip(0),
+                               rtol=1e-4, atol=1e-4)
+
+
+def test_second_moment_rotation_is_exact_for_permutations_and_sign_flips() -> None:
+    gen = torch.Generator().manual_seed(0)
+    v = torch.rand(4, 3, generator=gen)
+    rows, cols = torch.tensor([2, 0, 3, 1]), torch.tensor([1, 2, 0])
+    left = torch.eye(4)[rows] * torch.tensor([1.0, -1.0, 1.0, -1.0])[:, None]
+    right = torch.eye(3)[cols]
+    # the variances of X_new = left X right^T are v's entries, moved with the coordinates
+    assert torch.equal(_rotate_second_moment(v, left, right), v[rows][:, cols])
+    assert torch.equal(_rotate_second_moment(v, None, None), v)
+
+
+def test_soap_identity_side_above_max_precond_dim() -> None:
+    weight = nn.Parameter(torch.randn(40, 6))
+    opt = SOAP([weight], max_precond_dim=10)
+    weight.grad = torch.randn(40, 6)
+    opt.step()
+    state = opt.state[weight]
+    assert state["L"] is None and state["Q_L"] is None and state["Q_R"].shape == (6, 6)
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_tiny_model_overfits_a_tiny_batch(name: str) -> None:
+    torch.manual_seed(0)
+    model = _TinyLM()
+    opt = _make_optimizer(name, model)
+    ids, targets = _tiny_batch()
+    initial = _loss(model, ids, targets).item()
+    for _ in range(150):
+        opt.zero_grad()
+        _loss(model, ids, targets).backward()
+        opt.step()
+    final = _loss(model, ids, targets).item()
+    assert final < initial / 20, (name, initial, final)
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_state_dict_resume_is_bit_identical(name: str) -> None:
+    ids, targets = _tiny_batch()
+
+    def train(model: nn.Module, opt: torch.optim.Optimizer, steps: range) -> None:
+        for t in steps:
+            for group in opt.param_groups:  # a schedule: the lr changes every step
+                group["lr"] = 1e-2 / (1 + t)
+            opt.zero_grad()
+            _loss(model, ids, targets).backward()
+            opt.step()
+
+    torch.manual_seed(0)
+    model = _TinyLM()
+    opt = _make_optimizer(name, model)
+    train(model, opt, range(5))
+    checkpoint = io.BytesIO()
+    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict()}, checkpoint)
+    train(model, opt, range(5, 10))
+
+    checkpoint.seek(0)
+    saved = torch.load(checkpoint)
+    resumed_model = _TinyLM()
+    resumed_model.load_state_dict(saved["model"])
+    resumed_opt = _make_optimizer(name, resumed_model)
+    resumed_opt.load_state_dict(saved["optimizer"])
+    train(resumed_model, resumed_opt, range(5, 10))
+    for p, q in zip(model.parameters(), resumed_model.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_soap_keeps_float32_statistics_for_bfloat16_params_on_resume() -> None:
+    weight = nn.Parameter(torch.randn(8, 4, dtype=torch.bfloat16))
+    opt = SOAP([weight])
+    weight.grad = torch.randn(8, 4, dtype=torch.bfloat16)
+    opt.step()
+    resumed = SOAP([weight])
+    resumed.load_state_dict(opt.state_dict())
+    assert resumed.state[weight]["Q_L"].dtype == torch.float32
+    assert torch.equal(resumed.state[weight]["Q_L"], opt.state[weight]["Q_L"])
+
+
+@pytest.mark.parametrize("cls, kwargs, field", [
+    (AdamW, dict(lr=-1.0), "lr"),
+    (AdamW, dict(lr=float("nan")), "lr"),
+    (AdamW, dict(betas=(1.0, 0.999)), r"betas\[0\]"),
+    (AdamW, dict(betas=(0.9, -0.1)), r"betas\[1\]"),
+    (AdamW, dict(betas=(0.9,)), "betas"),
+    (AdamW, dict(eps=-1e-8), "eps"),
+    (AdamW, dict(weight_decay=-0.1), "weight_decay"),
+    (Muon, dict(momentum=1.0), "momentum"),
+    (Muon, dict(ns_steps=0), "ns_steps"),
+    (Muon, dict(lr="0.02"), "lr"),
+    (SOAP, dict(precondition_frequency=0), "precondition_frequency"),
+    (SOAP, dict(max_precond_dim=-1), "max_precond_dim"),
+    (SOAP, dict(shampoo_beta=1.5), "shampoo_beta"),
+])
+def test_bad_hyperparameters_name_the_field(cls: type, kwargs: dict, field: str) -> None:
+    with pytest.raises(ValueError, match=field):
+        cls([nn.Parameter(torch.ones(2, 2))], **kwargs)
+
+
+def test_bad_group_values_and_muon_vectors_are_rejected() -> None:
+    with pytest.raises(ValueError, match="weight_decay"):
+        AdamW([dict(params=[nn.Parameter(torch.ones(2))], weight_decay=-1.0)])
+    opt = AdamW([nn.Parameter(torch.ones(2))])
+    with pytest.raises(ValueError, match="lr"):
+        opt.add_param_group(dict(params=[nn.Parameter(torch.ones(2))], lr=-1.0))
+    assert len(opt.param_groups) == 1
+    with pytest.raises(ValueError, match="param_groups_for_muon"):
+        Muon([nn.Parameter(torch.ones(3))])
+    with pytest.raises(ValueError, match="complex"):
+        AdamW([nn.Parameter(torch.ones(3, dtype=torch.complex64))])
+
+# =================================================================================================
+# train.py
+# =================================================================================================
+
+_TINY_MODEL = dict(context_length=16, d_model=32, num_layers=1, num_heads=2, d_ff=64)
+
+
+def _cfg(cache_dir: Path, out_dir: Path, **overrides) -> train.TrainConfig:
+    cfg = train.TrainConfig(dataset="pydoc", cache_dir=str(cache_dir), out_dir=str(out_dir),
+                            max_text_mb=0.1, vocab_size=300, batch_size=4, max_iters=6,
+                            warmup_iters=2, eval_interval=3, eval_iters=2, log_interval=1,
+                            checkpoint_interval=0, num_samples=1, sample_tokens=8, device="cpu")
+    cfg.model = dict(_TINY_MODEL)
+    for key, value in overrides.items():
+        train.apply_override(cfg, key, value)
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def _cache(tmp_path_factory) -> Path:
+    """Tokenizer and .bin files for the pydoc corpus, built once for the whole module."""
+    cache = tmp_path_factory.mktemp("cache")
+    train.prepare_data(_cfg(cache, cache / "unused"))
+    return cache
+
+
+def _rows(path: Path, key: str) -> dict[int, float]:
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    return {r["iter"]: r[key] for r in rows if key in r}
+
+
+_LOSSES = pytest.mark.parametrize("loss_fn", ["cross_entropy", "fused_cross_entropy"])
+
+
+@_LOSSES
+def test_cross_entropy_matches_torch_including_huge_logits_and_ignore_index(loss_fn):
+    cross_entropy = getattr(train, loss_fn)
+    torch.manual_seed(0)
+    for scale in (1.0, 1e4):  # 1e4: exp would overflow without subtracting the max
+        logits = torch.randn(3, 5, 11, dtype=torch.float64) * scale
+        targets = torch.randint(11, (3, 5))
+        targets[0, :2] = -100
+        expected = F.cross_entropy(logits.view(-1, 11), targets.view(-1), ignore_index=-100)
+        got = cross_entropy(logits.float(), targets)
+        assert torch.isfinite(got)
+        torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-4 * scale)
+    # any leading dims, including none; a custom ignore index
+    logits, targets = torch.randn(7, 13), torch.randint(13, (7,))
+    targets[3] = 5
+    torch.testing.assert_close(cross_entropy(logits, targets, ignore_index=5),
+                               F.cross_entropy(logits, targets, ignore_index=5))
+    # bf16 logits are scored in float32
+    logits = torch.randn(2, 4, 9).bfloat16()
+    targets = torch.randint(9, (2, 4))
+    torch.testing.assert_close(cross_entropy(logits, targets),
+                               F.cross_entropy(logits.float().view(-1, 9), targets.view(-1)))
+    # every target ignored: zero, not NaN
+    assert cross_entropy(torch.randn(2, 3), torch.full((2,), -100)).item() == 0.0
+
+
+@_LOSSES
+def test_cross_entropy_gradient_matches_torch(loss_fn):
+    torch.manual_seed(1)
+    a = (torch.randn(4, 6, 10) * 30).requires_grad_(True)
+    b = a.detach().clone().requires_grad_(True)
+    targets = torch.randint(10, (4, 6))
+    targets[1, 2:] = -100
+    (getattr(train, loss_fn)(a, targets) * 3.0).backward()  # a non-unit upstream gradient
+    (F.cross_entropy(b.view(-1, 10), targets.view(-1)) * 3.0).backward()
+    torch.testing.assert_close(a.grad, b.grad)
+
+
+def test_fused_cross_entropy_compiles_and_keeps_the_logits_dtype():
+    torch.manual_seed(2)
+    logits = torch.randn(3, 8, 17).bfloat16().requires_grad_(True)
+    targets = torch.randint(17, (3, 8))
+    compiled = torch.compile(train.fused_cross_entropy, fullgraph=True, backend="aot_eager")
+    loss = compiled(logits, targets)
+    loss.backward()
+    assert logits.grad.dtype == torch.bfloat16
+    reference = logits.detach().float().requires_grad_(True)
+    expected = F.cross_entropy(reference.view(-1, 17), targets.view(-1))
+    expected.backward()
+    torch.testing.assert_close(loss, expected)
+    torch.testing.assert_close(logits.grad.float(), reference.grad, atol=2e-3, rtol=2e-2)
+
+
+def test_perplexity_and_unigram_entropy():
+    assert train.perplexity(math.log(7.0)) == pytest.approx(7.0)
+    assert train.perplexity(1e6) == math.inf
+    # four equally frequent tokens: log 4 nats; a single token: 0
+    assert train.unigram_entropy(np.array([0, 1, 2, 3] * 5), 10) == pytest.approx(math.log(4))
+    assert train.unigram_entropy(np.zeros(9, dtype=np.uint16), 4) == 0.0
+
+
+def test_lr_cosine_known_values_and_boundaries():
+    # The course's reference schedule: lr_max 1, lr_min 0.1, warm-up 7, cycle 21.
+    expected = [0, 1 / 7, 2 / 7, 3 / 7, 4 / 7, 5 / 7, 6 / 7, 1.0, 0.9887175604818206,
+                0.9554359905560885, 0.9018241671106134, 0.8305704108364301, 0.7452476826029011,
+                0.6501344202803414, 0.55, 0.44986557971965857, 0.3547523173970989,
+                0.26942958916356996, 0.19817583288938662, 0.14456400944391146,
+                0.11128243951817937, 0.1, 0.1, 0.1, 0.1]
+    got = [train.lr_cosine(t, 1.0, 0.1, 7, 21) for t in range(25)]
+    assert got == pytest.approx(expected)
+    assert train.lr_cosine(0, 3.0, 0.3, 0, 0) == 3.0  # no warm-up, no cycle: no division by 0
+
+
+def test_lr_wsd_boundaries():
+    lr = [train.lr_wsd(t, 1.0, 0.1, 4, 20, 5) for t in range(22)]
+    assert lr[0] == 0 and lr[2] == 0.5 and lr[4] == 1.0
+    assert lr[4:15] == [1.0] * 11  # stable until the decay starts at 20 - 5
+    assert lr[15] == 1.0 and lr[17] == pytest.approx(1.0 - 2 / 5 * 0.9)
+    assert lr[20] == lr[21] == 0.1
+    assert all(a >= b for a, b in zip(lr[4:], lr[5:]))
+
+
+def test_clip_grad_norm_matches_torch():
+    torch.manual_seed(2)
+    shapes = [(5, 3), (7,), (2, 2, 2)]
+    for max_norm in (0.5, 1e3):  # clipped, untouched
+        ours = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
+        ref = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+        for p, q in zip(ours, ref):
+            p.grad = torch.randn(p.shape)
+            q.grad = p.grad.clone()
+        ours.append(torch.nn.Parameter(torch.randn(3)))  # no gradient: ignored
+        norm = train.clip_grad_norm(ours, max_norm)
+        ref_norm = torch.nn.utils.clip_grad_norm_(ref, max_norm)
+        torch.testing.assert_close(norm, ref_norm)
+        for p, q in zip(ours, ref):
+            torch.testing.assert_close(p.grad, q.grad)
+        if max_norm < 1:
+            total = torch.linalg.vector_norm(torch.cat([p.grad.flatten() for p in ours[:3]]))
+            assert total.item() == pytest.approx(max_norm, rel=1e-5)
+
+
+def test_get_batch_windows_are_consecutive_slices(tmp_path):
+    path = tmp_path / "tokens.bin"
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, 60000, size=500, dtype=np.uint16)
+    tokens.tofile(path)
+    memmap = np.memmap(path, dtype=np.uint16, mode="r")
+    gen = torch.Generator().manual_seed(3)
+    x, y = train.get_batch(memmap, 8, 16, "cpu", gen)
+    assert x.shape == y.shape == (8, 16) and x.dtype == y.dtype == torch.int64
+    starts = set()
+    for row_x, row_y in zip(x.numpy(), y.numpy()):
+        # brute force: the window must occur in the array with its target one token later
+        hits = [s for s in range(len(tokens) - 16) if (tokens[s:s + 16] == row_x).all()]
+        assert hits and any((tokens[s + 1:s + 17] == row_y).all() for s in hits)
+        starts.update(hits)
+    assert len(starts) > 1  # random windows, not one window repeated
+    x2, _ = train.get_batch(memmap, 8, 16, "cpu", torch.Generator().manual_seed(3))
+    assert torch.equal(x, x2)  # the generator fixes the batch
+    with pytest.raises(ValueError, match="context_length"):
+        train.get_batch(memmap[:16], 2, 16, "cpu")
+
+
+def test_load_tokens_rejects_mismatched_truncated_and_missing_files(_cache, tmp_path):
+    tok_dir, train_bin, _ = train.prepare_data(_cfg(_cache, tmp_path))
+    tok = Tokenizer.from_dir(tok_dir)
+    tokens = train.load_tokens(train_bin, tok)
+    assert tokens.dtype == np.uint16 and tokens.max() < tok.vocab_size
+    meta = json.loads(Path(train_bin + ".json").read_text())
+    for key, bad in (("vocab_size", 50257), ("dtype", "uint32"), ("tokenizer", "0123abcd")):
+        bad_bin = tmp_path / f"bad_{key}.bin"
+        bad_bin.write_bytes(Path(train_bin).read_bytes())
+        Path(str(bad_bin) + ".json").write_text(json.dumps({**meta, key: bad}))
+        with pytest.raises(ValueError, match=key):
+            train.load_tokens(bad_bin, tok)
+    short = tmp_path / "short.bin"
+    short.write_bytes(Path(train_bin).read_bytes()[:-2])
+    Path(str(short) + ".json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="truncated"):
+        train.load_tokens(short, tok)
+    with pytest.raises(FileNotFoundError):
+        train.load_tokens(tmp_path / "missing.bin", tok)
+    with pytest.raises(FileNotFoundError, match="no_such.txt"):
+        train.prepare_data(_cfg(_cache, tmp_path, data=str(tmp_path / "no_such.txt")))
+
+
+def test_stale_cached_bin_is_re_encoded_not_reused(_cache, tmp_path, capsys):
+    cfg = _cfg(tmp_path / "cache", tmp_path)
+    _, train_bin, _ = train.prepare_data(cfg)
+    meta_path = Path(train_bin + ".json")
+    meta = json.loads(meta_path.read_text())
+    meta_path.write_text(json.dumps({**meta, "tokenizer": "stale"}))
+    train.prepare_data(cfg)
+    assert "re-encoding" in capsys.readouterr().out
+    assert json.loads(meta_path.read_text()) == meta
+
+
+class _FakeResponse(io.BytesIO):
+    def __init__(self, body: bytes, status: int, fail_after: int | None = None):
+        super().__init__(body)
+        self.status, self.fail_after = status, fail_after
+        self.headers = {"Content-Length": str(len(body))}
+
+    def read(self, n: int = -1) -> bytes:
+        if self.fail_after is not None and self.tell() >= self.fail_after:
+            raise ConnectionResetError("connection dropped (test)")
+        return super().read(n if self.fail_after is None else min(n, self.fail_after))
+
+
+def test_download_resumes_with_range_and_checks_length(tmp_path, monkeypatch):
+    body = bytes(range(256)) * 10_000
+    requests = []
+
+    def urlopen(request, timeout):
+        requests.append(request.get_header("Range"))
+        start = int(request.get_header("Range")[6:-1]) if request.get_header("Range") else 0
+        fail = 100_000 if len(requests) == 1 else None  # the first attempt is cut off
+        return _FakeResponse(body[start:], 206 if start else 200, fail)
+
+    monkeypatch.setattr(train.urllib.request, "urlopen", urlopen)
+    dest = tmp_path / "corpus.txt"
+    with pytest.raises(ConnectionResetError):
+        train.download("https://example.invalid/corpus.txt", dest)
+    assert not dest.exists() and (tmp_path / "corpus.txt.part").stat().st_size == 100_000
+    train.download("https://example.invalid/corpus.txt", dest)
+    assert requests == [None, "bytes=100000-"]
+    assert dest.read_bytes() == body and not (tmp_path / "corpus.txt.part").exists()
+
+    # A body shorter than Content-Length promises: an error, and no file under the real name.
+    def short(request, timeout):
+        response = _FakeResponse(body[:1000], 200)
+        response.headers = {"Content-Length": "5000"}
+        return response
+
+    monkeypatch.setattr(train.urllib.request, "urlopen", short)
+    with pytest.raises(OSError, match="1000 of 5000"):
+        train.download("https://example.invalid/other.txt", tmp_path / "other.txt")
+    assert not (tmp_path / "other.txt").exists()
+
+
+def test_overrides_are_typed_from_defaults_and_unknown_keys_suggest():
+    cfg = train.parse_config(["--lr=1", "--compile=False", "--max_iters=1e3", "--tie_weights=True",
+                              "--n_kv_heads=2", "--d_model=64", "--data", "notes.txt",
+                              "--resume"], train.TrainConfig())
+    assert cfg.lr == 1.0 and isinstance(cfg.lr, float)
+    assert cfg.compile is False and cfg.max_iters == 1000 and cfg.resume is True
+    assert cfg.data == "notes.txt"
+    assert cfg.model["tie_weights"] is True and cfg.model["n_kv_heads"] == 2
+    assert cfg.model["d_model"] == 64 and cfg.model["num_layers"] == 4  # others keep defaults
+    assert train.TrainConfig().model["d_model"] == 128  # defaults are not shared and mutated
+    with pytest.raises(ValueError, match="'max_iters'"):
+        train.parse_config(["--max_iter=5"], train.TrainConfig())
+    with pytest.raises(ValueError, match="'d_model'"):
+        train.parse_config(["--d_modle=5"], train.TrainConfig())
+    with pytest.raises(ValueError, match="batch_size"):
+        train.parse_config(["--batch_size=big"], train.TrainConfig())
+    with pytest.raises(ValueError, match="resume"):
+        train.parse_config(["--resume=maybe"], train.TrainConfig())
+
+
+def test_config_files_json_and_literal_lines(tmp_path):
+    js = tmp_path / "run.json"
+    js.write_text(json.dumps({"lr": 3, "optimizer": "muon", "num_layers": 2}))
+    py = tmp_path / "run.cfg"
+    py.write_text("# a comment\nbatch_size = 8  # per process\nsample_prompt = 'a # b'\n"
+                  "compile = False\n")
+    cfg = train.parse_config([str(js), str(py), "--lr=5e-4"], train.TrainConfig())
+    assert cfg.lr == 5e-4 and cfg.optimizer == "muon" and cfg.model["num_layers"] == 2
+    assert cfg.batch_size == 8 and cfg.sample_prompt == "a # b" and cfg.compile is False
+    bad = tmp_path / "bad.cfg"
+    bad.write_text("lr = __import__('os').getcwd()\n")  # literals only: nothing runs
+    with pytest.raises(ValueError, match="literal"):
+        train.parse_config([str(bad)], train.TrainConfig())
+    typo = tmp_path / "typo.json"
+    typo.write_text(json.dumps({"warmup": 3}))
+    with pytest.raises(ValueError, match="warmup_iters"):
+        train.parse_config([str(typo)], train.TrainConfig())
+    with pytest.raises(FileNotFoundError):
+        train.parse_config([str(tmp_path / "none.json")], train.TrainConfig())
+
+
+def test_default_config_builds_a_valid_model():
+    cfg = train.TrainConfig()
+    config = train.build_model_config(cfg.model, cfg.vocab_size)
+    assert config.d_model == 128 and config.vocab_size == 2048
+    for name in ("adamw", "muon", "soap"):
+        cfg.optimizer = name
+        opt = train.build_optimizer(TransformerLM(ModelConfig(**{**_TINY_MODEL,
+                                                               "vocab_size": 300})),
+                                    cfg, torch.device("cpu"))
+        assert type(opt).__name__.lower() == name
+    with pytest.raises(ValueError, match="optimizer"):
+        cfg.optimizer = "sgd"
+        train.build_optimizer(TransformerLM(ModelConfig(**{**_TINY_MODEL, "vocab_size": 300})),
+                              cfg, torch.device("cpu"))
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # raised inside torch.compile's import
+def test_checkpoint_round_trip_and_atomic_save(tmp_path, monkeypatch):
+    torch.manual_seed(4)
+    config = ModelConfig(**{**_TINY_MODEL, "vocab_size": 50})
+    model = TransformerLM(config)
+    opt = train.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(2):
+        train.cross_entropy(model(torch.randint(50, (2, 8))), torch.randint(50, (2, 8))).backward()
+        opt.step()
+        opt.zero_grad()
+    path = tmp_path / "ckpt.pt"
+    # saving the compiled wrapper stores the plain model's keys
+    train.save_checkpoint(torch.compile(model), opt, 2, path, note="hello")
+    model2 = TransformerLM(config)
+    opt2 = train.AdamW(model2.parameters(), lr=1e-2)
+    assert train.load_checkpoint(path, model2, opt2) == 2
+    for (k, a), (k2, b) in zip(model.state_dict().items(), model2.state_dict().items()):
+        assert k == k2 and torch.equal(a, b)
+    assert str(opt.state_dict()) == str(opt2.state_dict())
+    assert train.read_checkpoint(path)["note"] == "hello"
+
+    # a crash in the middle of a save leaves the previous checkpoint whole
+    before = path.read_bytes()
+
+    def crash(obj, f):
+        f.write(b"half a checkpoint")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train.torch, "save", crash)
+    with pytest.raises(KeyboardInterrupt):
+        train.save_checkpoint(model, opt, 3, path)
+    assert path.read_bytes() == before
+    with pytest.raises(FileNotFoundError):
+        train.load_checkpoint(tmp_path / "none.pt", model2)
+
+
+def test_killed_and_resumed_run_reproduces_the_losses_bit_for_bit(_cache, tmp_path, monkeypatch):
+    kw = dict(max_iters=8, checkpoint_interval=4, eval_interval=4, grad_accum_steps=2)
+    whole = train.train(_cfg(_cache, tmp_path / "whole", **kw))
+
+    calls = {"n": 0}
+    real_step = train.train_step
+
+    def killed_at_step_7(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 7:
+            raise KeyboardInterrupt  # the job is killed after 6 steps, 2 after the checkpoint
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(train, "train_step", killed_at_step_7)
+    with pytest.raises(KeyboardInterrupt):
+        train.train(_cfg(_cache, tmp_path / "resumed", **kw))
+    monkeypatch.setattr(train, "train_step", real_step)
+    assert train.read_checkpoint(tmp_path / "resumed" / "ckpt.pt")["iteration"] == 4
+    resumed = train.train(_cfg(_cache, tmp_path / "resumed", resume=True, **kw))
+
+    for key in ("loss", "grad_norm", "lr", "val_loss"):
+        a = _rows(tmp_path / "whole" / "metrics.jsonl", key)
+        b = _rows(tmp_path / "resumed" / "metrics.jsonl", key)
+        assert a == b and len(a) >= 2  # exact float equality, every logged step
+    assert len(_rows(tmp_path / "resumed" / "metrics.jsonl", "loss")) == 8  # no stale rows
+    for a, b in zip(whole["model"].parameters(), resumed["model"].parameters()):
+        assert torch.equal(a, b)
+    assert resumed["val_loss"] == whole["val_loss"]
+
+
+def test_resume_refuses_a_changed_model_or_missing_checkpoint(_cache, tmp_path):
+    train.train(_cfg(_cache, tmp_path, max_iters=2, eval_interval=0))
+    with pytest.raises(ValueError, match="d_model=32 in the checkpoint but 64"):
+        train.train(_cfg(_cache, tmp_path, max_iters=4, resume=True, d_model=64))
+    with pytest.raises(FileNotFoundError):
+        train.train(_cfg(_cache, tmp_path / "empty", resume=True))
+
+
+def test_nan_loss_stops_with_message_and_keeps_last_good_checkpoint(_cache, tmp_path, monkeypatch):
+    calls = {"n": 0}
+    real_loss = train.fused_cross_entropy  # the training loss LossModel calls
+
+    def nan_from_step_5(logits, targets, ignore_index=-100):
+        calls["n"] += 1
+        loss = real_loss(logits, targets, ignore_index)
+        return loss * math.nan if calls["n"] >= 5 else loss
+
+    monkeypatch.setattr(train, "fused_cross_entropy", nan_from_step_5)
+    cfg = _cfg(_cache, tmp_path, max_iters=8, checkpoint_interval=2, eval_interval=0)
+    with pytest.raises(FloatingPointError, match="iteration 5.*last good checkpoint"):
+        train.train(cfg)
+    state = train.read_checkpoint(tmp_path / "ckpt.pt")
+    assert state["iteration"] == 4
+    assert all(torch.isfinite(v).all() for v in state["model"].values())
+
+
+def test_train_step_backpropagates_the_moe_aux_loss_and_accumulates_micro_batches():
+    torch.manual_seed(5)
+    config = ModelConfig(**{**_TINY_MODEL, "vocab_size": 40, "num_experts": 4,
+                            "experts_top_k": 1})
+    model = TransformerLM(config)
+    reference = TransformerLM(config)
+    reference.load_state_dict(model.state_dict())
+    batches = [(torch.randint(40, (2, 8)), torch.randint(40, (2, 8))) for _ in range(2)]
+    seen = {}
+
+    class _Record(torch.optim.SGD):  # keeps the gradients the step was given
+        def step(self, closure=None):
+            seen.update({n: p.grad.clone() for n, p in model.named_parameters()})
+
+    params = list(model.parameters())
+    it = iter(batches)
+    loss, norm = train.train_step(train.LossModel(model), _Record(params, lr=0.0), params,
+                                  lambda: next(it), 2, 0.0, contextlib.nullcontext())
+    assert all(p.grad is None for p in params)  # zero_grad(set_to_none=True) after the step
+    ce_sum = 0.0
+    for x, y in batches:
+        ce = F.cross_entropy(reference(x).view(-1, 40), y.view(-1))
+        assert reference.aux_loss.item() > 0
+        ((ce + reference.aux_loss) / 2).backward()
+        ce_sum += ce.item()
+    assert loss.item() == pytest.approx(ce_sum / 2, rel=1e-5)  # the logged loss is the CE alone
+    for name, p in reference.named_parameters():
+        torch.testing.assert_close(seen[name], p.grad, rtol=1e-4, atol=1e-6)
+    total = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in reference.parameters()]))
+    torch.testing.assert_close(norm, total, rtol=1e-4, atol=1e-6)
+
+
+def test_default_main_job_shortened_runs_offline_end_to_end(tmp_path, monkeypatch, capsys):
+    def no_network(*args, **kwargs):
+        raise urllib.error.URLError("no network in tests")
+
+    monkeypatch.setattr(train.urllib.request, "urlopen", no_network)
+    # The default job (dataset tinystories), shortened: tiny model, a few steps, little text.
+    train.main([f"--cache_dir={tmp_path / 'cache'}", f"--out_dir={tmp_path / 'out'}",
+                "--max_text_mb=0.1", "--vocab_size=300", "--max_iters=4", "--eval_interval=2",
+                "--eval_iters=2", "--batch_size=4", "--num_samples=2", "--sample_tokens=8",
+                "--context_length=16", "--d_model=32", "--num_layers=1", "--num_heads=2",
+                "--d_ff=64"])
+    out = capsys.readouterr().out
+    offline = [line for line in out.splitlines() if "offline" in line]
+    assert len(offline) == 1 and "pydoc" in offline[0]
+    assert "unigram baseline" in out and "--- sample 2 ---" in out
+    assert (tmp_path / "cache" / "pydoc_topics.txt").exists()
+    val = _rows(tmp_path / "out" / "metrics.jsonl", "val_loss")
+    assert sorted(val) == [2, 4] and all(math.isfinite(v) for v in val.values())
+    assert train.read_checkpoint(tmp_path / "out" / "ckpt.pt")["iteration"] == 4
+    assert (tmp_path / "out" / "samples.txt").read_text().count("--- sample") == 2
+
+
+@pytest.mark.parametrize("optimizer,lr", [("adamw", 1e-2), ("muon", 2e-2), ("soap", 1e-2)])
+def test_tiny_model_overfits_a_tiny_corpus_with_each_optimizer(tmp_path, optimizer, lr):
+    cfg = _cfg(tmp_path / "cache", tmp_path / "out", data=str(_DATA / "tinystories_sample.txt"),
+               val_fraction=0.2, optimizer=optimizer, lr=lr, min_lr=lr, max_iters=100,
+               warmup_iters=10, eval_interval=0, log_interval=10, batch_size=16,
+               context_length=32, d_model=64, num_layers=2, num_heads=4, d_ff=128,
+               weight_decay=0.0, num_samples=0)
+    result = train.train(cfg)
+    losses = _rows(tmp_path / "out" / "metrics.jsonl", "loss")
+    # ~2,000 training tokens, learnt by heart: far below the best loss that ignores context
+    assert losses[10] > 3.0 and losses[100] < result["unigram_entropy"] / 4, losses
+    assert result["iteration"] == 100
+
+
+def test_bench_runs_the_training_step_on_cpu():
+    cfg = train.parse_config(["--shape=tinystories", "--batch_size=2", "--steps=2",
+                              "--warmup_steps=1", "--vocab_size=64", "--context_length=16",
+                              "--d_model=32", "--num_layers=1", "--num_heads=2", "--d_ff=64",
+                              "--device=cpu"], train.BenchConfig())
+    (row,) = train.bench(cfg)
+    assert row["shape"] == "tinystories" and row["tok_per_s"] > 0 and row["mfu"] is None
+    assert row["minutes_for_327M_tokens"] == pytest.approx(327_680_000 / row["tok_per_s"] / 60)
+    assert row["context_length"] == 16 and row["batch_size"] == 2
+    with pytest.raises(ValueError, match="shape"):
+        train.bench(train.BenchConfig(shape="gpt3"))
+
+
+def _ddp_worker(rank: int, world_size: int, port: int, cache: str, out: str) -> None:
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    seen = []
+    real_get_batch = train.get_batch
+
+    def recording_get_batch(tokens, *args, **kwargs):
+        x, y = real_get_batch(tokens, *args, **kwargs)
+        seen.append(x.tolist())
+        return x, y
+
+    train.get_batch = recording_get_batch
+    cfg = _cfg(Path(cache), Path(out), max_iters=3, grad_accum_steps=2, eval_interval=3,
+               checkpoint_interval=3, num_samples=1)
+    result = train.train(cfg)
+    params = [p.detach().double().sum().item() for p in result["model"].parameters()]
+    Path(out, f"rank{rank}.json").write_text(json.dumps({"batches": seen, "params": params,
+                                                         "val_loss": result["val_loss"]}))
+
+
+def test_two_process_gloo_run_gives_ranks_different_batches_and_equal_models(_cache, tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.multiprocessing.spawn(_ddp_worker, args=(2, port, str(_cache), str(tmp_path)),
+                                nprocs=2, join=True)
+    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2))
+    assert len(r0["batches"]) == len(r1["batches"]) == 3 * 2 + 2  # 3 steps x 2, 2 eval batches
+    assert all(a != b for a, b in zip(r0["batches"], r1["batches"]))
+    assert r0["params"] == r1["params"]  # DDP kept the replicas identical
+    assert r0["val_loss"] == r1["val_loss"]  # averaged over both ranks
+    assert train.read_checkpoint(tmp_path / "ckpt.pt")["iteration"] == 3
+    assert len(train.read_checkpoint(tmp_path / "ckpt.pt")["data_generators"]) == 2
