@@ -419,7 +419,37 @@ def _adamw_group_step(optimizer: torch.optim.Optimizer, group: dict,
            beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"])
 
 
-class AdamW(torch.optim.Optimizer):
+class _Optimizer(torch.optim.Optimizer):
+    """What the three optimizers share: every parameter group is validated as it is added (a bad
+    one is removed again and the error names the field), and step() runs the optional closure,
+    then _update() with no autograd."""
+
+    def _check_group(self, group: dict) -> None:
+        raise NotImplementedError
+
+    def _update(self) -> None:
+        raise NotImplementedError
+
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        try:  # validated after torch fills in the defaults, so per-group values are checked too
+            self._check_group(self.param_groups[-1])
+            _check_params(self.param_groups[-1])
+        except ValueError:
+            self.param_groups.pop()
+            raise
+
+    def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        with torch.no_grad():
+            self._update()
+        return loss
+
+
+class AdamW(_Optimizer):
     """Adam with decoupled weight decay (Loshchilov & Hutter 2019): torch.optim.AdamW's math.
 
     Per parameter: m and v are running averages of g and g^2; the update is
@@ -434,24 +464,12 @@ class AdamW(torch.optim.Optimizer):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, foreach=foreach)
         super().__init__(params, defaults)
 
-    def add_param_group(self, param_group: dict) -> None:
-        super().add_param_group(param_group)
-        try:  # validated after torch fills in the defaults, so per-group values are checked too
-            _check_adamw_hyperparameters(self.param_groups[-1])
-            _check_params(self.param_groups[-1])
-        except ValueError:
-            self.param_groups.pop()
-            raise
+    def _check_group(self, group: dict) -> None:
+        _check_adamw_hyperparameters(group)
 
-    @torch.no_grad()
-    def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+    def _update(self) -> None:
         for group, params in _params_with_grads(self):
             _adamw_group_step(self, group, params)
-        return loss
 
 
 # --- Muon ---------------------------------------------------------------------
@@ -504,7 +522,7 @@ def _check_muon_group(group: dict) -> None:
                     "(param_groups_for_muon(model, ...) does the split)")
 
 
-class Muon(torch.optim.Optimizer):
+class Muon(_Optimizer):
     """Muon (Jordan et al. 2024): momentum, then orthogonalise the update, for hidden matrices.
 
     For a weight matrix W in a use_muon=True group:
@@ -536,21 +554,10 @@ class Muon(torch.optim.Optimizer):
                         foreach=foreach)
         super().__init__(params, defaults)
 
-    def add_param_group(self, param_group: dict) -> None:
-        super().add_param_group(param_group)
-        try:
-            _check_muon_group(self.param_groups[-1])
-            _check_params(self.param_groups[-1])
-        except ValueError:
-            self.param_groups.pop()
-            raise
+    def _check_group(self, group: dict) -> None:
+        _check_muon_group(group)
 
-    @torch.no_grad()
-    def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+    def _update(self) -> None:
         for group, params in _params_with_grads(self):
             if not group["use_muon"]:
                 _adamw_group_step(self, group, params)
@@ -571,7 +578,6 @@ class Muon(torch.optim.Optimizer):
                 update = zeropower_via_newtonschulz(matrix, group["ns_steps"]).reshape(p.shape)
                 p.mul_(1 - lr * group["weight_decay"])
                 p.add_(update, alpha=-lr * scale)
-        return loss
 
 
 # --- SOAP ---------------------------------------------------------------------
@@ -617,7 +623,7 @@ def _refresh_basis(state: dict, key: str, statistic: torch.Tensor | None) -> tor
     return None if old is None else state[key].T @ old
 
 
-class SOAP(torch.optim.Optimizer):
+class SOAP(_Optimizer):
     """SOAP (Vyas et al. 2024): Adam run in the eigenbasis of Shampoo's preconditioner.
 
     For a weight matrix with gradient G (rows, cols), Shampoo keeps L = EMA(G G^T) (rows, rows)
@@ -650,19 +656,12 @@ class SOAP(torch.optim.Optimizer):
                         max_precond_dim=max_precond_dim, foreach=foreach)
         super().__init__(params, defaults)
 
-    def add_param_group(self, param_group: dict) -> None:
-        super().add_param_group(param_group)
-        group = self.param_groups[-1]
-        try:
-            _check_adamw_hyperparameters(group)
-            if group["shampoo_beta"] is not None:
-                _check_range(group, "shampoo_beta", 0.0, 1.0, include_high=False)
-            _check_int(group, "precondition_frequency", 1)
-            _check_int(group, "max_precond_dim", 0)
-            _check_params(group)
-        except ValueError:
-            self.param_groups.pop()
-            raise
+    def _check_group(self, group: dict) -> None:
+        _check_adamw_hyperparameters(group)
+        if group["shampoo_beta"] is not None:
+            _check_range(group, "shampoo_beta", 0.0, 1.0, include_high=False)
+        _check_int(group, "precondition_frequency", 1)
+        _check_int(group, "max_precond_dim", 0)
 
     def load_state_dict(self, state_dict: dict) -> None:
         super().load_state_dict(state_dict)
@@ -688,18 +687,12 @@ class SOAP(torch.optim.Optimizer):
         state["R"] = torch.zeros(cols, cols, **zeros) if cols <= max_precond_dim else None
         state["Q_L"] = state["Q_R"] = None
 
-    @torch.no_grad()
-    def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+    def _update(self) -> None:
         for group, params in _params_with_grads(self):
             _adamw_group_step(self, group, [p for p in params if p.ndim < 2])
             for p in params:
                 if p.ndim >= 2:
                     self._matrix_step(p, group)
-        return loss
 
     def _matrix_step(self, p: torch.Tensor, group: dict) -> None:
         beta1, beta2 = group["betas"]
