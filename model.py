@@ -1060,9 +1060,8 @@ def parse_config(args: list[str], preset: str | None = None) -> ModelConfig:
         if not arg.startswith("--") or not sep:
             raise ValueError(f"expected --key=value, got {arg!r}")
         if key not in hints:
-            close = difflib.get_close_matches(key, list(hints), n=1)
-            hint = f"; did you mean --{close[0]}?" if close else ""
-            raise ValueError(f"unknown config key {key!r}{hint}")
+            close = difflib.get_close_matches(key, list(hints), n=1, cutoff=0.0)
+            raise ValueError(f"unknown config key {key!r}; the closest valid key is --{close[0]}")
         overrides[key] = _parse_value(key, hints[key], text)
     return ModelConfig.preset(preset, **overrides) if preset else ModelConfig(**overrides)
 

@@ -1679,6 +1679,8 @@ def test_overrides_are_typed_from_defaults_and_unknown_keys_suggest():
         train.parse_config(["--max_iter=5"], train.TrainConfig())
     with pytest.raises(ValueError, match="'d_model'"):
         train.parse_config(["--d_modle=5"], train.TrainConfig())
+    with pytest.raises(ValueError, match="'learning_rate'; valid keys: .*, lr, "):
+        train.parse_config(["--learning_rate=5"], train.TrainConfig())  # far off: list them all
     with pytest.raises(ValueError, match="batch_size"):
         train.parse_config(["--batch_size=big"], train.TrainConfig())
     with pytest.raises(ValueError, match="resume"):

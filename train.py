@@ -1638,9 +1638,11 @@ def apply_override(cfg: TrainConfig, key: str, value) -> None:
     elif key in model:
         cfg.model[key] = _typed(key, value, model[key])
     else:
-        close = difflib.get_close_matches(key, [*own, *model], n=1)
-        raise ValueError(f"unknown config key {key!r}" + (f"; did you mean {close[0]!r}?"
-                                                           if close else ""))
+        names = [*own, *model]
+        close = difflib.get_close_matches(key, names, n=1)
+        if close:
+            raise ValueError(f"unknown config key {key!r}; did you mean {close[0]!r}?")
+        raise ValueError(f"unknown config key {key!r}; valid keys: {', '.join(names)}")
 
 
 def read_config_file(path: str) -> dict:
