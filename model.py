@@ -581,6 +581,7 @@ class LinearAttention(nn.Module):
 HYENA_FREQS = 8  # sine/cosine frequencies in the filter MLP's positional features
 HYENA_SHORT_KERNEL = 3  # width of the short depthwise convolution on each stream
 
+
 def fft_causal_conv(u: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
     """y[..., c, t] = sum_{s<=t} h[c, s] u[..., c, t-s] in O(T log T): zero-padding to 2T turns the
     FFT's circular convolution into a linear one, so no future sample wraps around into the past."""

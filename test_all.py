@@ -13,6 +13,8 @@ import math
 import os
 import random
 import socket
+import subprocess
+import sys
 import tracemalloc
 import urllib.error
 from collections import Counter
@@ -359,6 +361,47 @@ def test_encode_iterable_memory_stays_flat():
     tracemalloc.stop()
     assert num_tokens > 900_000  # a list of these ids alone would take over 7 MB
     assert peak < 3_000_000, f"peak {peak:,} bytes while streaming {total_chars:,} chars"
+
+
+_MEMORY_CAPPED_STREAM = """
+import resource, sys
+sys.path.insert(0, sys.argv[1])
+from pathlib import Path
+import tokenizer
+data, copies = Path(sys.argv[2]), int(sys.argv[3])
+tok = tokenizer.gpt2_tokenizer(data)
+lines = (data / "tinyshakespeare.txt").read_text("utf-8").splitlines(keepends=True)
+tok.encode("".join(lines[:5000]))  # warm the pre-token cache before the cap
+def stream():
+    for _ in range(copies):
+        yield from lines
+status = open("/proc/self/status").read()
+vm = int(status.split("VmSize:")[1].split()[0]) * 1024
+resource.setrlimit(resource.RLIMIT_AS, (vm + (64 << 20), resource.RLIM_INFINITY))
+print(sum(1 for _ in tok.encode_iterable(stream())))
+try:
+    tok.encode("".join(stream()))
+    print("whole text fits")
+except MemoryError:
+    print("whole text: MemoryError")
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux's /proc")
+def test_encode_iterable_runs_under_an_os_memory_limit(tmp_path):
+    """30 copies of tinyshakespeare (33 MB, 10M tokens) stream through encode_iterable with the
+    address space capped 64 MB above its size at the start; the same text encoded at once does
+    not fit under that cap, so the cap is real."""
+    script = tmp_path / "capped.py"
+    script.write_text(_MEMORY_CAPPED_STREAM)
+    root = Path(__file__).resolve().parent
+    result = subprocess.run([sys.executable, str(script), str(root), str(_DATA), "30"],
+                            capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    count, whole = result.stdout.split("\n")[:2]
+    assert int(count) > 10_000_000  # as Python ints in a list, these alone would need 80+ MB
+    assert whole == "whole text: MemoryError"
 
 
 def test_train_bad_input(tmp_path):
