@@ -15,6 +15,7 @@ import random
 import socket
 import subprocess
 import sys
+import time
 import tracemalloc
 import urllib.error
 from collections import Counter
@@ -1959,6 +1960,12 @@ def _ddp_worker(rank: int, world_size: int, port: int, cache: str, out: str) -> 
     params = [p.detach().double().sum().item() for p in result["model"].parameters()]
     Path(out, f"rank{rank}.json").write_text(json.dumps({"batches": seen, "params": params,
                                                          "val_loss": result["val_loss"]}))
+    # Rank 0 hosts the rendezvous store (torchrun's agent does that in real runs): it must not
+    # exit while rank 1 may still be tearing its process group down, or rank 1 can abort.
+    deadline = time.monotonic() + 60
+    while not all(Path(out, f"rank{r}.json").exists() for r in range(world_size)):
+        assert time.monotonic() < deadline, "the other rank never finished"
+        time.sleep(0.05)
 
 
 def test_two_process_gloo_run_gives_ranks_different_batches_and_equal_models(_cache, tmp_path):

@@ -1325,7 +1325,12 @@ def train(cfg: TrainConfig,
     rank, _, world_size, device = setup_distributed(cfg.device)
     master = rank == 0
     try:
-        return _train(cfg, rank, world_size, device, master, wrap_model)
+        result = _train(cfg, rank, world_size, device, master, wrap_model)
+        if dist.is_initialized():
+            # Rank 0 is still writing samples: leave together, or a rank that tears its
+            # connections down early can abort the other's (seen with gloo).
+            dist.barrier()
+        return result
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
