@@ -96,9 +96,12 @@ class ModelConfig:
             raise ValueError(f"d_model ({self.d_model}) must be divisible by num_heads "
                              f"({self.num_heads})")
         attention = self.mixer == "attention"
-        if self.positions == "rope" and self.mixer != "hyena" and self.head_dim % 2:
-            raise ValueError(f"RoPE rotates pairs of dimensions, so the head dim d_model/num_heads "
-                             f"= {self.head_dim} must be even (change d_model or num_heads)")
+        if self.positions == "rope" and self.mixer != "hyena" and self.rope_dim % 2:
+            source = ("mla_rope_dim" if self.mla_rope_dim is not None else
+                      "the head dim d_model/num_heads" + (" // 2 (MLA's default mla_rope_dim)"
+                                                          if self.kv_latent_dim else ""))
+            raise ValueError(f"RoPE rotates pairs of dimensions, so {source} = {self.rope_dim} "
+                             f"must be even")
         if self.n_kv_heads is not None:
             if not attention or self.kv_latent_dim is not None:
                 raise ValueError("n_kv_heads applies to softmax attention without MLA "
@@ -114,8 +117,8 @@ class ModelConfig:
             if self.positions != "rope":
                 raise ValueError("kv_latent_dim (MLA) uses a decoupled RoPE part: "
                                  "set positions='rope'")
-            if self.rope_dim % 2:
-                raise ValueError(f"mla_rope_dim ({self.rope_dim}) must be even")
+            if self.sliding_window is not None:
+                raise ValueError("sliding_window is not implemented for MLA (kv_latent_dim)")
         elif self.mla_rope_dim is not None:
             raise ValueError("mla_rope_dim is only used with kv_latent_dim (MLA)")
         if self.num_experts and self.experts_top_k > self.num_experts:
@@ -476,15 +479,18 @@ class MultiHeadLatentAttention(nn.Module):
     def forward(self, x: torch.Tensor, rope: tuple | None = None, cache: dict | None = None,
                 start: int = 0) -> torch.Tensor:
         latent = self.kv_down_proj(x)  # (B, T, latent)
-        k_rope = apply_rotary(self.k_rope_proj(x), *rope)  # (B, T, rope_dim), shared by heads
+        # One RoPE key shared by the heads: a head axis of size 1, so per-sequence RoPE tables
+        # (B, 1, T, rope_dim/2) apply to it as they do to the queries.
+        k_rope = apply_rotary(self.k_rope_proj(x).unsqueeze(-3), *rope)  # (B, 1, T, rope_dim)
         if cache is not None:
-            latent = _write_cache(cache["latent"], latent, start, dim=1).to(x.dtype)
-            k_rope = _write_cache(cache["k_rope"], k_rope, start, dim=1).to(x.dtype)
+            dtype = latent.dtype
+            latent = _write_cache(cache["latent"], latent, start, dim=1).to(dtype)  # (B, S, .)
+            k_rope = _write_cache(cache["k_rope"], k_rope, start, dim=2).to(dtype)
         q = torch.cat((_split_heads(self.q_proj(x), self.num_heads),
                        apply_rotary(_split_heads(self.q_rope_proj(x), self.num_heads), *rope)),
                       dim=-1)  # (B, H, T, d + rope_dim)
         k_content = _split_heads(self.k_up_proj(latent), self.num_heads)  # (B, H, S, d)
-        k_rope = k_rope.unsqueeze(-3).expand(*k_content.shape[:-1], self.rope_dim)
+        k_rope = k_rope.expand(*k_content.shape[:-1], self.rope_dim)
         k = torch.cat((k_content, k_rope), dim=-1)  # (B, H, S, d + rope_dim)
         v = _split_heads(self.v_up_proj(latent), self.num_heads)  # (B, H, S, d)
         out = attend(q, k, v, start, None, self.attn_impl)
@@ -494,7 +500,7 @@ class MultiHeadLatentAttention(nn.Module):
         latent_dim = self.kv_down_proj.weight.shape[0]
         return {"latent": torch.zeros(batch_size, max_seq_len, latent_dim, device=device,
                                       dtype=dtype),
-                "k_rope": torch.zeros(batch_size, max_seq_len, self.rope_dim, device=device,
+                "k_rope": torch.zeros(batch_size, 1, max_seq_len, self.rope_dim, device=device,
                                       dtype=dtype)}
 
 
@@ -812,8 +818,8 @@ class TransformerLM(nn.Module):
         """Shape checks are free; value checks need the data on the host, so they only run on CPU
         tensors in eager mode (never a GPU sync, never a graph break under torch.compile)."""
         config, seq_len = self.config, token_ids.shape[-1]
-        if token_ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
-            raise ValueError(f"token_ids must be an integer tensor, got {token_ids.dtype}")
+        if token_ids.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"token_ids must be an int64 or int32 tensor, got {token_ids.dtype}")
         if seq_len > config.context_length:
             raise ValueError(f"sequence length {seq_len} exceeds context_length "
                              f"{config.context_length}")
@@ -840,13 +846,17 @@ class TransformerLM(nn.Module):
                       device: torch.device | str | None = None,
                       dtype: torch.dtype | None = None) -> KVCache:
         """Static per-layer buffers for up to max_seq_len (default context_length) tokens.
+        dtype defaults to the autocast dtype when called under autocast, else the weights'.
         Raises NotImplementedError for mixers without a cache (hyena)."""
         max_seq_len = max_seq_len or self.config.context_length
         if not 1 <= max_seq_len <= self.config.context_length:
             raise ValueError(f"max_seq_len must lie in [1, context_length="
                              f"{self.config.context_length}], got {max_seq_len}")
         weight = self.lm_head.weight
-        device, dtype = device or weight.device, dtype or weight.dtype
+        device = torch.device(device) if device is not None else weight.device
+        if dtype is None:  # the dtype keys and values are computed in, so no cast per step
+            autocast = torch.is_autocast_enabled(device.type)
+            dtype = torch.get_autocast_dtype(device.type) if autocast else weight.dtype
         layers = [layer.attn.make_cache(batch_size, max_seq_len, device, dtype)
                   for layer in self.layers]
         return KVCache(layers, batch_size, max_seq_len)
@@ -856,8 +866,8 @@ class TransformerLM(nn.Module):
         prefixes, and names every missing, unexpected or mis-shaped key in one clear error."""
         cleaned = {}
         for key, value in state_dict.items():
-            for prefix in ("_orig_mod.", "module."):
-                key = key.removeprefix(prefix)
+            while key.startswith(("_orig_mod.", "module.")):  # DDP around compile, or reverse
+                key = key.split(".", 1)[1]
             cleaned[key] = value
         expected = self.state_dict()
         missing = sorted(expected.keys() - cleaned.keys()) if strict else []

@@ -5,6 +5,7 @@ Reads the shared corpora in ../shared/data; writes only to pytest's temporary fo
 """
 
 import contextlib
+import dataclasses
 import functools
 import importlib.util
 import io
@@ -215,6 +216,31 @@ def test_decode_unknown_id_and_invalid_utf8_give_replacement():
     assert tokenizer.decode([byte_id[b"\x80"]]) == "\ufffd"  # a lone continuation byte
     assert tokenizer.decode([byte_id[b"\xc3"], 31373]) == "\ufffdhello"  # a cut-off character
     assert tokenizer.decode(np.array([31373, 995], dtype=np.uint16)) == "hello world"
+    assert tokenizer.decode(torch.tensor([31373, 995])) == "hello world"
+    with pytest.raises(TypeError):
+        tokenizer.decode("hello")  # text, not ids: an error, not two U+FFFD
+
+
+def test_long_pretokens_encode_fast_and_exactly(tmp_path_factory):
+    """A pre-token of 20,000 '=' or digits: the per-merge scan would be quadratic."""
+    tokenizer, oracle = _gpt2(), _tiktoken(tmp_path_factory)
+    for text in ("=" * 20_000, "ab" * 10_000, "1" * 20_000):
+        start = time.perf_counter()
+        assert tokenizer.encode(text) == oracle.encode(text)
+        assert time.perf_counter() - start < 2.0
+
+
+def test_special_tokens_must_be_a_list():
+    with pytest.raises(TypeError, match="list of strings"):
+        Tokenizer(_gpt2().vocab, _gpt2().merges, _EOT)
+
+
+def test_encode_iterable_buffer_shorter_than_a_special_token():
+    specials = [_EOT, "<|im start here|>"]
+    tokenizer = Tokenizer(_gpt2().vocab, _gpt2().merges, specials)
+    pieces = ["x", "y<|im", " start", " here|>", " z"]
+    assert (list(tokenizer.encode_iterable(pieces, buffer_chars=8))
+            == tokenizer.encode("".join(pieces)))
 
 
 @pytest.mark.parametrize("text, vocab_size, specials", [
@@ -761,9 +787,10 @@ def test_incremental_decoding_matches_full_forward(name):
                                rtol=1e-4)
 
 
-def test_incremental_decoding_with_per_row_positions():
+@pytest.mark.parametrize("name", ["default", "mla"])
+def test_incremental_decoding_with_per_row_positions(name):
     """Positions (B, T) shift RoPE per row; the cache must agree with the full forward."""
-    model = _model()
+    model = _model(**_VARIANTS[name])
     ids, offsets = _tokens((2, 10)), torch.tensor([[0], [5]])
     positions = torch.arange(10) + offsets
     full = model(ids, positions=positions)
@@ -943,6 +970,9 @@ def test_state_dict_reference_layout_and_errors():
         other.load_state_dict(broken)
     for name in ("layers.1.ln2.weight", "layers.1.extra.weight", "lm_head.weight", "(10, 32)"):
         assert name in str(error.value)
+    # keys saved from DDP around a compiled model (or the reverse) load too
+    for prefix in ("module._orig_mod.", "_orig_mod.module."):
+        other.load_state_dict({prefix + k: v for k, v in state.items()})
 
 
 @pytest.mark.parametrize("overrides,field", [
@@ -959,6 +989,8 @@ def test_state_dict_reference_layout_and_errors():
     (dict(num_experts=2, experts_top_k=3), "experts_top_k"),
     (dict(kv_latent_dim=8, positions="learned"), "positions"),
     (dict(mixer="hyena", sliding_window=4), "sliding_window"),
+    (dict(kv_latent_dim=8, sliding_window=4), "sliding_window"),
+    (dict(kv_latent_dim=8, mla_rope_dim=3), "mla_rope_dim"),
     (dict(rope_theta=0.0), "rope_theta"),
 ])
 def test_config_errors_name_the_field(overrides, field):
@@ -974,8 +1006,9 @@ def test_bad_inputs():
         model(torch.tensor([[1, 64]]))
     with pytest.raises(ValueError, match="vocab_size"):
         model(torch.tensor([[-1, 3]]))
-    with pytest.raises(ValueError, match="integer"):
-        model(torch.zeros(1, 4))
+    for dtype in (torch.float32, torch.uint8, torch.int16):  # uint8 would index as a mask
+        with pytest.raises(ValueError, match="int64 or int32"):
+            model(torch.zeros(1, 4, dtype=dtype))
     with pytest.raises(ValueError, match="positions"):
         model(_tokens((1, 4)), positions=torch.tensor([0, 1, 2, 40]))
     cache = model.make_kv_cache(1, max_seq_len=8)
@@ -1744,6 +1777,13 @@ def test_config_files_json_and_literal_lines(tmp_path):
     bad.write_text("lr = __import__('os').getcwd()\n")  # literals only: nothing runs
     with pytest.raises(ValueError, match="literal"):
         train.parse_config([str(bad)], train.TrainConfig())
+    # the config a checkpoint saves (and --help prints), model dict included, loads back
+    saved = tmp_path / "saved.json"
+    saved.write_text(json.dumps(dataclasses.asdict(train.TrainConfig(lr=0.5))))
+    cfg = train.parse_config([str(saved)], train.TrainConfig())
+    assert cfg.lr == 0.5 and cfg.model == train.TrainConfig().model
+    cfg = train.parse_config([str(saved), "--resume", str(js)], train.TrainConfig())
+    assert cfg.resume is True and cfg.lr == 3.0  # a bool flag never swallows the next file
     typo = tmp_path / "typo.json"
     typo.write_text(json.dumps({"warmup": 3}))
     with pytest.raises(ValueError, match="warmup_iters"):
@@ -1838,6 +1878,10 @@ def test_resume_refuses_a_changed_model_or_missing_checkpoint(_cache, tmp_path):
     train.train(_cfg(_cache, tmp_path, max_iters=2, eval_interval=0))
     with pytest.raises(ValueError, match="d_model=32 in the checkpoint but 64"):
         train.train(_cfg(_cache, tmp_path, max_iters=4, resume=True, d_model=64))
+    with pytest.raises(ValueError, match="optimizer='adamw' in the checkpoint but 'muon'"):
+        train.train(_cfg(_cache, tmp_path, max_iters=4, resume=True, optimizer="muon"))
+    with pytest.raises(ValueError, match="batch_size=4 in the checkpoint but 8"):
+        train.train(_cfg(_cache, tmp_path, max_iters=4, resume=True, batch_size=8))
     with pytest.raises(FileNotFoundError):
         train.train(_cfg(_cache, tmp_path / "empty", resume=True))
 
@@ -1858,6 +1902,15 @@ def test_nan_loss_stops_with_message_and_keeps_last_good_checkpoint(_cache, tmp_
     state = train.read_checkpoint(tmp_path / "ckpt.pt")
     assert state["iteration"] == 4
     assert all(torch.isfinite(v).all() for v in state["model"].values())
+
+
+def test_tokenizer_without_endoftext_fails_before_training(tmp_path):
+    tok_dir = tmp_path / "tok"
+    Tokenizer({i: bytes([i]) for i in range(256)}, []).save_dir(str(tok_dir))
+    cfg = _cfg(tmp_path, tmp_path / "out", tokenizer_dir=str(tok_dir),
+               train_bin=str(tmp_path / "train.bin"), val_bin=str(tmp_path / "val.bin"))
+    with pytest.raises(ValueError, match="no <\\|endoftext\\|> special token"):
+        train.train(cfg)
 
 
 def test_train_step_backpropagates_the_moe_aux_loss_and_accumulates_micro_batches():

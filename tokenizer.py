@@ -6,7 +6,8 @@ the CS336 lecture teaches it:
   2. train_bpe: byte-pair encoding learned from a file, pre-tokenized in parallel, merged with
      incremental pair counts;
   3. Tokenizer: encode / encode_iterable / decode with a vocabulary, its merges and special tokens;
-  4. GPT-2 compatibility: GPT-2's own vocab.json and merges.txt give exactly tiktoken's ids;
+  4. GPT-2 compatibility: GPT-2's own vocab.json and merges.txt give tiktoken's ids (exactly,
+     up to characters that Unicode assigned after tiktoken's regex tables were built);
   5. encode_file: a whole corpus to a flat token array (.bin) that train.py memory-maps.
 
 Commands (CPU only; nothing here uses a GPU):
@@ -38,6 +39,7 @@ import heapq
 import json
 import math
 import multiprocessing
+import operator
 import os
 import sys
 import tempfile
@@ -166,8 +168,9 @@ def _chunk_bounds(path: Path, num_chunks: int, specials: Sequence[bytes]) -> lis
     with open(path, "rb") as f:
         for i in range(1, num_chunks):
             cut = _next_cut(f, max(size * i // num_chunks, bounds[-1] + 1), size, specials)
-            if cut < size:
-                bounds.append(cut)
+            if cut >= size:  # no safe cut left: later scans would only re-read the same tail
+                break
+            bounds.append(cut)
     return bounds + [size]
 
 
@@ -221,6 +224,8 @@ def _special_re(special_tokens: Sequence[str]) -> regex.Pattern | None:
 
 
 def _check_specials(special_tokens: Iterable[str] | None) -> list[str]:
+    if isinstance(special_tokens, (str, bytes)):  # list("<|endoftext|>") would be its characters
+        raise TypeError(f"special_tokens must be a list of strings, e.g. [{special_tokens!r}]")
     specials = list(dict.fromkeys(special_tokens or []))  # drop repeats, keep the order
     for s in specials:
         if not isinstance(s, str) or not s:
@@ -393,6 +398,9 @@ _REPLACEMENT = "\N{REPLACEMENT CHARACTER}".encode("utf-8")  # what decode gives 
 _NO_MERGE = 1 << 62  # the rank of a pair that has no merge: after every real rank
 
 
+LONG_PRETOKEN = 64  # characters; longer pre-tokens take _bpe_reference's linear-per-merge path
+
+
 class _PretokenCache(dict):
     """pre-token -> ids; a missing pre-token is encoded once. Cleared when full: bounded memory."""
 
@@ -484,11 +492,16 @@ class Tokenizer:
         return ids
 
     def _bpe(self, pretoken: str) -> list[int]:
-        """_bpe_reference, twice as fast: merges one pair at a time, updating only its neighbours.
+        """_bpe_reference, about twice as fast on words: merges one pair at a time, updating only
+        its neighbours. Each merge scans the pair ranks, so it is quadratic in the length: long
+        pre-tokens (a run of '=' or digits of base64) go to the reference, which merges all
+        occurrences of a pair in one pass.
 
         Same ids as long as no merge creates a pair that ranks before it, which holds for merges
         that training produced (a token exists before any merge that uses it) and for GPT-2's.
         """
+        if len(pretoken) > LONG_PRETOKEN:
+            return self._bpe_reference(pretoken)
         ids = list(map(self._byte_ids.__getitem__, pretoken.encode("utf-8")))
         rank_of, merged_id = self._ranks.get, self._merged_id
         # ranks[i] is the rank of the pair (ids[i], ids[i + 1]); map(...) runs in C
@@ -530,6 +543,8 @@ class Tokenizer:
         that none spans c. Returns 0 when there is no such position.
         """
         longest = self._longest_special
+        if len(text) < longest:  # a negative endpos would count from the end
+            return 0
         for match in _LAST_CUT.finditer(text, 0, len(text) - longest + 1):
             cut = match.start() + 1
             if self._special_re is None or not self._special_re.search(
@@ -560,9 +575,11 @@ class Tokenizer:
 
     def decode(self, ids: Iterable[int]) -> str:
         """Ids back to text; bytes that are not valid UTF-8 and unknown ids become U+FFFD."""
-        if isinstance(ids, np.ndarray):
+        if hasattr(ids, "tolist"):  # numpy arrays, torch tensors
             ids = ids.tolist()
-        data = b"".join(self.vocab.get(i, _REPLACEMENT) for i in ids)
+        if isinstance(ids, (str, bytes)):
+            raise TypeError(f"decode takes token ids, got {type(ids).__name__}")
+        data = b"".join(self.vocab.get(operator.index(i), _REPLACEMENT) for i in ids)
         return data.decode("utf-8", errors="replace")
 
     # ------------------------------------------------------------------------------------------
@@ -660,10 +677,9 @@ def _read_vocab(path: str | os.PathLike, special_tokens: list[str]) -> dict[int,
     if not isinstance(raw, dict) or not raw:
         raise ValueError(f"{path}: expected a non-empty JSON object")
     if all(type(v) is int for v in raw.values()):  # GPT-2's: token -> id
-        vocab = {i: _from_text(token, f"{path}") for token, i in raw.items()}
-        for s in special_tokens:  # HF writes added tokens as they are, not byte-encoded
-            if s in raw:
-                vocab[raw[s]] = s.encode("utf-8")
+        # HF writes added (special) tokens as they are, not byte-encoded
+        vocab = {i: token.encode("utf-8") if token in special_tokens
+                 else _from_text(token, f"{path}") for token, i in raw.items()}
         if len(vocab) != len(raw):
             raise ValueError(f"{path}: two tokens have the same id")
         return vocab

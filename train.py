@@ -32,6 +32,7 @@ Papers  Kingma & Ba 2015 (Adam); Loshchilov & Hutter 2019 (AdamW, cosine schedul
 import ast
 import contextlib
 import dataclasses
+import datetime
 import difflib
 import gzip
 import hashlib
@@ -124,6 +125,7 @@ class BenchConfig(TrainConfig):
     vocab_size: int = 0  # the model's vocabulary; 0 = the shape's own (50304, 10000)
     steps: int = 20  # timed optimizer steps
     warmup_steps: int = 5  # untimed steps first: compilation, allocator and autotuning settle
+    profile: int = 0  # > 0: profile this many more steps and print the kernels that take the time
     # empty: the shapes below set the model; fields given here (e.g. --num_layers=2) override them
     model: dict = field(default_factory=dict)
 
@@ -195,10 +197,11 @@ class _FusedCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss: Tensor) -> tuple[Tensor, None, None]:
         logits, safe_targets, keep, log_sum_exp, count = ctx.saved_tensors
-        probs = torch.exp(logits.float() - log_sum_exp.unsqueeze(-1))  # softmax, (..., V)
-        one_hot = nn.functional.one_hot(safe_targets, logits.shape[-1])
-        scale = (keep * grad_loss / count).unsqueeze(-1)  # ignored rows get no gradient
-        return ((probs - one_hot) * scale).to(logits.dtype), None, None
+        grad = torch.exp(logits.float() - log_sum_exp.unsqueeze(-1))  # softmax, (..., V)
+        index = safe_targets.unsqueeze(-1)
+        grad.scatter_add_(-1, index, torch.full(index.shape, -1.0, device=grad.device))  # - 1
+        grad.mul_((keep * grad_loss / count).unsqueeze(-1))  # ignored rows get no gradient
+        return grad.to(logits.dtype), None, None
 
 
 def fused_cross_entropy(logits: Tensor, targets: Tensor, ignore_index: int = -100) -> Tensor:
@@ -1144,16 +1147,26 @@ def load_checkpoint(path: str | Path, model: nn.Module,
     return restore_checkpoint(read_checkpoint(path), model, optimizer)
 
 
-def check_resumable(state: dict, model_config: dict, tokenizer_fingerprint: str) -> None:
-    """Refuse to resume into a different model: name each field that changed.
+def check_resumable(state: dict, model_config: dict, tokenizer_fingerprint: str,
+                    cfg: "TrainConfig", world_size: int) -> None:
+    """Refuse to resume into a different run: name each field that changed.
 
-    attn_impl only picks a kernel for the same math, so it may change between runs.
+    attn_impl only picks a kernel for the same math, so it may change between runs. The
+    optimizer (its state), the batch shape and the number of processes (one batch stream each)
+    must stay, or the resumed run is not the one that was interrupted.
     """
     saved = state.get("model_config", {})
     changed = [f"{k}={saved.get(k)!r} in the checkpoint but {v!r} now"
                for k, v in model_config.items() if saved.get(k) != v and k != "attn_impl"]
+    saved_run = state.get("config", {})
+    changed += [f"{k}={saved_run.get(k)!r} in the checkpoint but {getattr(cfg, k)!r} now"
+                for k in ("optimizer", "batch_size", "grad_accum_steps")
+                if k in saved_run and saved_run[k] != getattr(cfg, k)]
+    saved_ranks = len(state.get("data_generators", [None]))
+    if saved_ranks != world_size:
+        changed.append(f"{saved_ranks} process(es) in the checkpoint but {world_size} now")
     if changed:
-        raise ValueError("cannot resume: the model changed: " + "; ".join(changed)
+        raise ValueError("cannot resume: the run changed: " + "; ".join(changed)
                          + ". Pass the checkpoint's values, or a new --out_dir")
     if state.get("tokenizer") != tokenizer_fingerprint:
         raise ValueError("cannot resume: the checkpoint was trained with another tokenizer "
@@ -1283,7 +1296,9 @@ def setup_distributed(device_name: str = "auto") -> tuple[int, int, int, torch.d
 def wrap_ddp(module: nn.Module, device: torch.device) -> nn.Module:
     """Replicate module on every process; backward averages the gradients across them."""
     device_ids = [device.index] if device.type == "cuda" else None
-    return nn.parallel.DistributedDataParallel(module, device_ids=device_ids)
+    # The only buffers (RoPE and position tables) are constants: no need to broadcast them.
+    return nn.parallel.DistributedDataParallel(module, device_ids=device_ids,
+                                               broadcast_buffers=False)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1359,11 +1374,18 @@ def _train(cfg: TrainConfig, rank: int, world_size: int, device: torch.device, m
     torch.set_float32_matmul_precision("high")  # TF32 for float32 matmuls on Ampere and later
 
     # Data: rank 0 prepares (downloads, tokenizer, encoding) and tells the others where it is.
+    # Downloading and tokenizing a big corpus can take hours, far past NCCL's default timeout:
+    # the other ranks wait for it on a CPU (gloo) group created with a patient timeout.
+    patient = (dist.new_group(backend="gloo", timeout=datetime.timedelta(days=1))
+               if world_size > 1 else None)
     paths = [prepare_data(cfg) if master else None]
-    if world_size > 1:
-        dist.broadcast_object_list(paths, src=0)
+    if patient is not None:
+        dist.broadcast_object_list(paths, src=0, group=patient)
     tok_dir, train_bin, val_bin = paths[0]
     tok = Tokenizer.from_dir(tok_dir)
+    if EOT not in tok.special_tokens:  # fail now, not when sampling after the whole run
+        raise ValueError(f"the tokenizer in {tok_dir} has no {EOT} special token; samples start "
+                         f"from it (train one with --special-token '{EOT}')")
     train_tokens, val_tokens = load_tokens(train_bin, tok), load_tokens(val_bin, tok)
     baseline = unigram_entropy(train_tokens[:10_000_000], tok.vocab_size)
 
@@ -1384,7 +1406,7 @@ def _train(cfg: TrainConfig, rank: int, world_size: int, device: torch.device, m
     start_iter = 0
     if cfg.resume:
         state = read_checkpoint(ckpt_path)
-        check_resumable(state, model_fields, tok.fingerprint())
+        check_resumable(state, model_fields, tok.fingerprint(), cfg, world_size)
         start_iter = restore_checkpoint(state, model, optimizer)
         generator.set_state(state["data_generators"][rank])
         log(f"resuming {ckpt_path} at iteration {start_iter}")
@@ -1467,6 +1489,10 @@ def _train(cfg: TrainConfig, rank: int, world_size: int, device: torch.device, m
                                      cfg.grad_accum_steps, cfg.grad_clip, autocast, no_sync)
         done = it + 1
         if done % cfg.log_interval == 0 or done == cfg.max_iters:
+            if world_size > 1:  # log the mean over ranks; every rank then sees the same NaN
+                loss = loss.detach().clone()
+                dist.all_reduce(loss)
+                loss /= world_size
             check_finite(loss, grad_norm, done)
             now = time.perf_counter()
             tok_per_s = tokens_per_step * (done - last_iter) / (now - last_time)
@@ -1481,11 +1507,13 @@ def _train(cfg: TrainConfig, rank: int, world_size: int, device: torch.device, m
                 postfix["mfu"] = f"{mfu:.1%}"
             bar.set_postfix(postfix, refresh=False)
         bar.update(1)
+        pause = time.perf_counter()
         if cfg.eval_interval and (done % cfg.eval_interval == 0 or done == cfg.max_iters):
             val_loss = evaluate(done)
         if done == cfg.max_iters or (cfg.checkpoint_interval
                                      and done % cfg.checkpoint_interval == 0):
             checkpoint(done, loss, grad_norm)
+        last_time += time.perf_counter() - pause  # tokens/s counts training time only
     bar.close()
 
     samples = write_samples(model, tok, cfg, device, autocast, out_dir) if master else []
@@ -1530,6 +1558,24 @@ def write_samples(model: TransformerLM, tok: Tokenizer, cfg: TrainConfig, device
 
 # ----------------------------------------------------------------------------------------------
 # Benchmark: the training step on random tokens, timed with the GPU synchronised.
+
+
+def print_profile(run: Callable[[], None], steps: int, device: torch.device) -> None:
+    """Where a step's time goes: torch.profiler's table of the ops/kernels with the most self
+    time, per step. On a GPU these are kernels (matmuls, attention, fused elementwise code)."""
+    from torch.profiler import ProfilerActivity, profile
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        run()
+        if cuda:
+            torch.cuda.synchronize()
+    events = prof.key_averages()
+    key = "self_device_time_total" if cuda else "self_cpu_time_total"
+    total_ms = sum(getattr(e, key) for e in events) / 1e3 / steps
+    print(f"  profile of {steps} steps: {total_ms:.1f} ms of {'GPU' if cuda else 'CPU'} time "
+          f"per step; the top entries (times summed over the {steps} steps):")
+    print(events.table(sort_by=key, row_limit=20, max_name_column_width=70))
 
 
 def bench(cfg: BenchConfig) -> list[dict]:
@@ -1600,6 +1646,8 @@ def bench(cfg: BenchConfig) -> list[dict]:
                   f"{row['minutes_for_327M_tokens']:.1f} min at this speed")
         if shape == "gpt2":
             print("  nanoGPT on one H200 at this shape: ~503,000 tok/s (~43% MFU)")
+        if cfg.profile:
+            print_profile(lambda: run(cfg.profile), cfg.profile, device)
         del model, optimizer, step_model, batches
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -1638,7 +1686,10 @@ def apply_override(cfg: TrainConfig, key: str, value) -> None:
     own = {f.name: f.default for f in dataclasses.fields(cfg) if f.name != "model"}
     model = {f.name: None if f.default is dataclasses.MISSING else f.default
              for f in dataclasses.fields(ModelConfig)}
-    if key in own:
+    if key == "model" and isinstance(value, dict):  # e.g. a checkpoint's saved config
+        for model_key, model_value in value.items():
+            apply_override(cfg, model_key, model_value)
+    elif key in own:
         setattr(cfg, key, _typed(key, value, own[key]))
     elif key in model:
         cfg.model[key] = _typed(key, value, model[key])
@@ -1681,7 +1732,7 @@ def read_config_file(path: str) -> dict:
 
 
 def parse_config(argv: list[str], cfg: TrainConfig) -> TrainConfig:
-    """Config file(s) first, then --key=value overrides, in the order given."""
+    """Config files and --key=value overrides, applied in the order given (later wins)."""
     i = 0
     while i < len(argv):
         arg = argv[i]
@@ -1690,7 +1741,8 @@ def parse_config(argv: list[str], cfg: TrainConfig) -> TrainConfig:
                 apply_override(cfg, key, value)
         elif "=" in arg:
             apply_override(cfg, *arg[2:].split("=", 1))
-        elif i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+        elif (i + 1 < len(argv) and not argv[i + 1].startswith("--")
+              and not isinstance(getattr(cfg, arg[2:], None), bool)):
             apply_override(cfg, arg[2:], argv[i + 1])  # --data notes.txt
             i += 1
         else:
