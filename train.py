@@ -198,8 +198,10 @@ class _FusedCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_loss: Tensor) -> tuple[Tensor, None, None]:
         logits, safe_targets, keep, log_sum_exp, count = ctx.saved_tensors
         grad = torch.exp(logits.float() - log_sum_exp.unsqueeze(-1))  # softmax, (..., V)
-        index = safe_targets.unsqueeze(-1)
-        grad.scatter_add_(-1, index, torch.full(index.shape, -1.0, device=grad.device))  # - 1
+        # - one_hot, as a comparison with the vocabulary index: elementwise, so torch.compile
+        # fuses the whole backward into one pass (a scatter would split it in two)
+        vocab = torch.arange(logits.shape[-1], device=logits.device)
+        grad.sub_((vocab == safe_targets.unsqueeze(-1)).to(grad.dtype))
         grad.mul_((keep * grad_loss / count).unsqueeze(-1))  # ignored rows get no gradient
         return grad.to(logits.dtype), None, None
 
@@ -1572,7 +1574,11 @@ def print_profile(run: Callable[[], None], steps: int, device: torch.device) -> 
             torch.cuda.synchronize()
     events = prof.key_averages()
     key = "self_device_time_total" if cuda else "self_cpu_time_total"
-    total_ms = sum(getattr(e, key) for e in events) / 1e3 / steps
+    # Only the kernels themselves: an operator row repeats the time of the kernels it launched,
+    # and an annotation (Optimizer.step#AdamW.step) spans kernels already counted.
+    kernels = [e for e in events if not cuda or (e.device_type == torch.autograd.DeviceType.CUDA
+                                                 and not e.is_user_annotation)]
+    total_ms = sum(getattr(e, key) for e in kernels) / 1e3 / steps
     print(f"  profile of {steps} steps: {total_ms:.1f} ms of {'GPU' if cuda else 'CPU'} time "
           f"per step; the top entries (times summed over the {steps} steps):")
     print(events.table(sort_by=key, row_limit=20, max_name_column_width=70))
