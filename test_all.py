@@ -1093,10 +1093,12 @@ def _two_group_mlp() -> nn.Sequential:
                          nn.Linear(16, 4))
 
 
-@pytest.mark.parametrize("foreach", [False, True])
-def test_adamw_matches_torch_adamw(foreach: bool) -> None:
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.compile's import
+@pytest.mark.parametrize("path", ["loop", "foreach", "fused"])
+def test_adamw_matches_torch_adamw(path: str) -> None:
     """150 steps, two groups with their own lr and weight decay, a cosine schedule changing lr
-    every step, and one parameter whose grad is None every third step."""
+    every step, and one parameter whose grad is None every third step (so its step count lags
+    and the fused path runs it in a bucket of its own)."""
     ours_model, torch_model = _two_group_mlp(), _two_group_mlp()
 
     def groups(m: nn.Sequential) -> list[dict]:
@@ -1104,7 +1106,7 @@ def test_adamw_matches_torch_adamw(foreach: bool) -> None:
                 dict(params=list(m[2].parameters()) + list(m[4].parameters()))]
 
     ours = AdamW(groups(ours_model), lr=3e-3, betas=(0.9, 0.95), weight_decay=0.01,
-                 foreach=foreach)
+                 foreach=path == "foreach", fused=path == "fused")
     reference = torch.optim.AdamW(groups(torch_model), lr=3e-3, betas=(0.9, 0.95),
                                   weight_decay=0.01)
     base_lrs = [1e-2, 3e-3]
@@ -1143,6 +1145,62 @@ def test_adamw_foreach_equals_reference_loop() -> None:
                    eps=1e-8, weight_decay=0.1)
     for p, q in zip(params["loop"], params["foreach"]):
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.compile's import
+def test_adamw_fused_compiles_once_for_all_steps() -> None:
+    """The changing lr and bias corrections reach the compiled update as a tensor: after the
+    first step no step compiles again (Python floats would be baked in, one compile per step)."""
+    from torch._dynamo.utils import counters
+    params = [nn.Parameter(torch.randn(6, 5)), nn.Parameter(torch.randn(5))]
+    opt = AdamW(params, lr=1e-2, weight_decay=0.1, fused=True)
+    for t in range(6):
+        for p in params:
+            p.grad = torch.randn_like(p)
+        opt.param_groups[0]["lr"] = 1e-2 / (t + 1)
+        opt.step()
+        if t == 0:
+            graphs = counters["stats"]["unique_graphs"]
+    assert counters["stats"]["unique_graphs"] == graphs
+    assert all(opt.state[p]["step"] == 6 for p in params)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.compile's import
+def test_muon_and_soap_adamw_groups_take_the_fused_path() -> None:
+    """Muon's AdamW groups and SOAP's vectors run the same fused update when asked."""
+    for make in (lambda m, fused: Muon(param_groups_for_muon(m, lr=2e-2, weight_decay=0.01),
+                                       fused=fused),
+                 lambda m, fused: SOAP(decay_param_groups(m, 0.01), lr=1e-2, fused=fused)):
+        models = [_two_group_mlp(), _two_group_mlp()]
+        optimizers = [make(models[0], False), make(models[1], True)]
+        gen = torch.Generator().manual_seed(0)
+        for _ in range(3):
+            x, y = torch.randn(16, 8, generator=gen), torch.randn(16, 4, generator=gen)
+            for model, opt in zip(models, optimizers):
+                opt.zero_grad()
+                ((model(x) - y) ** 2).mean().backward()
+                opt.step()
+        for p, q in zip(*(m.parameters() for m in models)):
+            torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+def test_optimizer_load_keeps_runtime_choices() -> None:
+    """foreach/fused say how to compute a step, not which step: a checkpoint of a fused (GPU) run
+    loads into a loop (CPU) optimizer as a loop optimizer, and a state_dict saved before the
+    fused option existed still loads."""
+    param = nn.Parameter(torch.ones(3))
+    param.grad = torch.ones(3)
+    fused = AdamW([param], lr=0.1, fused=True, foreach=True)
+    state = fused.state_dict()
+    plain = AdamW([param], lr=0.5)
+    plain.load_state_dict(state)
+    group = plain.param_groups[0]
+    assert group["lr"] == 0.1 and group["fused"] is False and group["foreach"] is None
+    del state["param_groups"][0]["fused"]
+    plain.load_state_dict(state)
+    plain.step()  # runs the loop path
+    with pytest.raises(ValueError, match="fused"):
+        AdamW([param], fused="yes")
 
 
 def test_adamw_rejects_sparse_grads_and_skips_missing_grads() -> None:

@@ -403,6 +403,51 @@ def adamw_update_foreach(params: list[torch.Tensor], grads: list[torch.Tensor],
     torch._foreach_addcdiv_(params, exp_avgs, denoms, [-lr / (1 - beta1**t) for t in steps])
 
 
+def _adamw_fused_math(params: list[torch.Tensor], grads: list[torch.Tensor],
+                      exp_avgs: list[torch.Tensor], exp_avg_sqs: list[torch.Tensor],
+                      h: torch.Tensor) -> None:
+    """adamw_update_reference's lines with the step's numbers read from the float32 tensor
+    h = [1 - lr*wd, 1 - beta1, beta2, 1 - beta2, sqrt(1 - beta2^t), eps, lr / (1 - beta1^t)]."""
+    for p, g, m, v in zip(params, grads, exp_avgs, exp_avg_sqs):
+        p.mul_(h[0])
+        m.lerp_(g, h[1])
+        v.mul_(h[2]).addcmul_(g, g * h[3])
+        p.sub_(m / (v.sqrt() / h[4] + h[5]) * h[6])
+
+
+_fused_adamw_kernels = None  # torch.compile(_adamw_fused_math), made at the first fused step
+
+
+def adamw_update_fused(params: list[torch.Tensor], grads: list[torch.Tensor],
+                       exp_avgs: list[torch.Tensor], exp_avg_sqs: list[torch.Tensor],
+                       steps: list[int], *, lr: float, beta1: float, beta2: float,
+                       eps: float, weight_decay: float) -> None:
+    """adamw_update_reference compiled by torch.compile into one kernel per parameter.
+
+    The foreach path is ~8 passes over memory (each line reads and writes whole lists): 2.8 ms per
+    GPT-2-small step on an H200. Compiled, each parameter's update is one fused kernel that reads
+    p, g, m, v once and writes p, m, v once: 1.8 ms, and about 1.6 ms less per training step
+    (numbers in the README). The numbers that change every step (lr, the bias corrections) travel
+    in one small tensor: passed as Python floats they would be baked into the compiled code and
+    recompile it at every step. Parameters are bucketed by step count (normally one bucket).
+    """
+    global _fused_adamw_kernels
+    if _fused_adamw_kernels is None:
+        # dynamic=False: shapes are fixed, so every kernel is specialised to its tensor's size
+        _fused_adamw_kernels = torch.compile(_adamw_fused_math, dynamic=False)
+    buckets: dict[int, list[int]] = {}
+    for i, t in enumerate(steps):
+        buckets.setdefault(t, []).append(i)
+    for t, idx in buckets.items():
+        h = torch.tensor([1 - lr * weight_decay, 1 - beta1, beta2, 1 - beta2,
+                          math.sqrt(1 - beta2**t), eps, lr / (1 - beta1**t)], dtype=torch.float32)
+        device = params[idx[0]].device
+        # pinned memory lets the copy run behind the queued GPU work instead of waiting for it
+        h = h.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else h.to(device)
+        _fused_adamw_kernels(*([lst[i] for i in idx] for lst in
+                               (params, grads, exp_avgs, exp_avg_sqs)), h)
+
+
 def _adamw_group_step(optimizer: torch.optim.Optimizer, group: dict,
                       params: list[torch.Tensor]) -> None:
     """The AdamW step for `params` (all with a gradient) of one group; shared by all three."""
@@ -417,8 +462,12 @@ def _adamw_group_step(optimizer: torch.optim.Optimizer, group: dict,
         exp_avgs.append(state["exp_avg"])
         exp_avg_sqs.append(state["exp_avg_sq"])
         steps.append(state["step"])
-    update = (adamw_update_foreach if _use_foreach(group["foreach"], params)
-              else adamw_update_reference)
+    if group["fused"]:
+        update = adamw_update_fused
+    elif _use_foreach(group["foreach"], params):
+        update = adamw_update_foreach
+    else:
+        update = adamw_update_reference
     beta1, beta2 = group["betas"]
     update(params, grads, exp_avgs, exp_avg_sqs, steps, lr=group["lr"], beta1=beta1,
            beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"])
@@ -435,14 +484,27 @@ class _Optimizer(torch.optim.Optimizer):
     def _update(self) -> None:
         raise NotImplementedError
 
+    # How a step is computed, not which step: a loaded state_dict keeps the current choices, so a
+    # checkpoint written on a GPU (fused) resumes on a CPU (loop) and the other way round.
+    RUNTIME_KEYS = ("foreach", "fused")
+
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
         try:  # validated after torch fills in the defaults, so per-group values are checked too
             self._check_group(self.param_groups[-1])
             _check_params(self.param_groups[-1])
+            if not isinstance(self.param_groups[-1]["fused"], bool):
+                raise ValueError(f"fused must be True or False, got "
+                                 f"{self.param_groups[-1]['fused']!r}")
         except ValueError:
             self.param_groups.pop()
             raise
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        runtime = [{k: g[k] for k in self.RUNTIME_KEYS} for g in self.param_groups]
+        super().load_state_dict(state_dict)
+        for group, keys in zip(self.param_groups, runtime):
+            group.update(keys)
 
     def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:
         loss = None
@@ -460,13 +522,17 @@ class AdamW(_Optimizer):
     Per parameter: m and v are running averages of g and g^2; the update is
     -lr * m_hat / (sqrt(v_hat) + eps) with bias-corrected m_hat, v_hat, and the weights are first
     shrunk by (1 - lr * weight_decay). foreach=None uses the foreach fast path when every parameter
-    of a group is on CUDA, the per-parameter loop otherwise; True/False force one.
+    of a group is on CUDA, the per-parameter loop otherwise; True/False force one. fused=True
+    runs the update compiled by torch.compile (adamw_update_fused), the fastest on a GPU; its first
+    step spends seconds compiling.
     """
 
     def __init__(self, params: Params, lr: float = 1e-3,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 0.01, foreach: bool | None = None) -> None:
-        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, foreach=foreach)
+                 weight_decay: float = 0.01, foreach: bool | None = None,
+                 fused: bool = False) -> None:
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, foreach=foreach,
+                        fused=fused)
         super().__init__(params, defaults)
 
     def _check_group(self, group: dict) -> None:
@@ -553,10 +619,11 @@ class Muon(_Optimizer):
     def __init__(self, params: Params, lr: float = 1e-3, momentum: float = 0.95,
                  nesterov: bool = True, ns_steps: int = 5, weight_decay: float = 0.01,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 use_muon: bool = True, foreach: bool | None = None) -> None:
+                 use_muon: bool = True, foreach: bool | None = None,
+                 fused: bool = False) -> None:
         defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps,
                         weight_decay=weight_decay, betas=betas, eps=eps, use_muon=use_muon,
-                        foreach=foreach)
+                        foreach=foreach, fused=fused)
         super().__init__(params, defaults)
 
     def _check_group(self, group: dict) -> None:
@@ -655,10 +722,11 @@ class SOAP(_Optimizer):
     def __init__(self, params: Params, lr: float = 3e-3,
                  betas: tuple[float, float] = (0.95, 0.95), shampoo_beta: float | None = None,
                  eps: float = 1e-8, weight_decay: float = 0.01, precondition_frequency: int = 10,
-                 max_precond_dim: int = 4096, foreach: bool | None = None) -> None:
+                 max_precond_dim: int = 4096, foreach: bool | None = None,
+                 fused: bool = False) -> None:
         defaults = dict(lr=lr, betas=betas, shampoo_beta=shampoo_beta, eps=eps,
                         weight_decay=weight_decay, precondition_frequency=precondition_frequency,
-                        max_precond_dim=max_precond_dim, foreach=foreach)
+                        max_precond_dim=max_precond_dim, foreach=foreach, fused=fused)
         super().__init__(params, defaults)
 
     def _check_group(self, group: dict) -> None:
@@ -820,19 +888,21 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig,
                     device: torch.device) -> torch.optim.Optimizer:
     """The optimizer named by cfg.optimizer; weight decay on matrices, not gains or embeddings."""
     betas = (cfg.beta1, cfg.beta2)
-    # foreach: one kernel launch per step for all tensors of a group instead of one per tensor.
+    # foreach: one kernel launch per step for all tensors of a group instead of one per tensor;
+    # fused: the AdamW update compiled, one kernel per tensor, whenever the model is compiled.
     foreach = device.type == "cuda"
+    runtime = dict(foreach=foreach, fused=use_compile(cfg.compile, device))
     if cfg.optimizer == "adamw":
         return AdamW(decay_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=betas,
-                     eps=cfg.eps, weight_decay=cfg.weight_decay, foreach=foreach)
+                     eps=cfg.eps, weight_decay=cfg.weight_decay, **runtime)
     if cfg.optimizer == "muon":
         # Muon scales its updates to AdamW's size, so both kinds of group share lr and schedule.
         groups = param_groups_for_muon(model, lr=cfg.lr, weight_decay=cfg.weight_decay,
                                        adam_betas=betas, adam_eps=cfg.eps)
-        return Muon(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=foreach)
+        return Muon(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, **runtime)
     if cfg.optimizer == "soap":
         return SOAP(decay_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=betas,
-                    eps=cfg.eps, weight_decay=cfg.weight_decay, foreach=foreach)
+                    eps=cfg.eps, weight_decay=cfg.weight_decay, **runtime)
     raise ValueError(f"optimizer={cfg.optimizer!r}: expected 'adamw', 'muon' or 'soap'")
 
 
