@@ -478,15 +478,15 @@ class _Optimizer(torch.optim.Optimizer):
     one is removed again and the error names the field), and step() runs the optional closure,
     then _update() with no autograd."""
 
+    # How a step is computed, not which step: a loaded state_dict keeps the current choices, so a
+    # checkpoint written on a GPU (fused) resumes on a CPU (loop) and the other way round.
+    RUNTIME_KEYS = ("foreach", "fused")
+
     def _check_group(self, group: dict) -> None:
         raise NotImplementedError
 
     def _update(self) -> None:
         raise NotImplementedError
-
-    # How a step is computed, not which step: a loaded state_dict keeps the current choices, so a
-    # checkpoint written on a GPU (fused) resumes on a CPU (loop) and the other way round.
-    RUNTIME_KEYS = ("foreach", "fused")
 
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
