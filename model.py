@@ -157,13 +157,30 @@ _CHOICES = {
     "attn_impl": ("manual", "sdpa", "triton"),
 }
 
-# The GPT-2 sizes (Radford et al. 2019) with the course's d_ff = 4 d_model SwiGLU, untied head,
-# vocab 50257 (pass vocab_size=50304 for the GPU-friendly padded size).
+# Every model shape in the repository, by name: `--preset=NAME` in any stage that builds a model,
+# with `--field=value` overriding single fields. train.py sets vocab_size from its tokenizer.
 PRESETS = {
-    name: dict(vocab_size=50257, context_length=1024, d_model=d, num_layers=n, num_heads=h,
-               d_ff=4 * d)
-    for name, (n, d, h) in {"gpt2-small": (12, 768, 12), "gpt2-medium": (24, 1024, 16),
-                            "gpt2-large": (36, 1280, 20), "gpt2-xl": (48, 1600, 25)}.items()
+    # the main job's CPU model: small enough for ~10k tokens/s on 2 CPU cores
+    "tiny": dict(context_length=128, d_model=128, num_layers=4, num_heads=4, d_ff=384),
+    # CS336 assignment 1's TinyStories model (the ModelConfig defaults)
+    "tinystories": dict(vocab_size=10000, context_length=256, d_model=512, num_layers=4,
+                        num_heads=16, d_ff=1344),
+    # GPT-2 small as nanoGPT trains it: vocab 50257 padded to a multiple of 64, tied embeddings,
+    # SwiGLU at ~8/3 d_model (the throughput benchmark's shape)
+    "nanogpt": dict(vocab_size=50304, context_length=1024, d_model=768, num_layers=12,
+                    num_heads=12, d_ff=2048, tie_weights=True),
+    # The GPT-2 sizes (Radford et al. 2019) with the course's architecture, d_ff = 4 d_model,
+    # untied head, vocab 50257: the lecture's accounting exercise.
+    **{name: dict(vocab_size=50257, context_length=1024, d_model=d, num_layers=n, num_heads=h,
+                  d_ff=4 * d)
+       for name, (n, d, h) in {"gpt2-small": (12, 768, 12), "gpt2-medium": (24, 1024, 16),
+                               "gpt2-large": (36, 1280, 20), "gpt2-xl": (48, 1600, 25)}.items()},
+    # CS336 assignment 2's benchmark sizes (its Table 1), vocab 10,000
+    **{name: dict(vocab_size=10000, context_length=512, d_model=d, d_ff=f, num_layers=n,
+                  num_heads=h)
+       for name, (d, f, n, h) in {"small": (768, 3072, 12, 12), "medium": (1024, 4096, 24, 16),
+                                  "large": (1280, 5120, 36, 20), "xl": (1600, 6400, 48, 25),
+                                  "2.7B": (2560, 10240, 32, 32)}.items()},
 }
 
 

@@ -33,7 +33,9 @@ Learners" (GPT-2: byte-level BPE and its pre-tokenization regex).
 """
 
 import argparse
+import ast
 import contextlib
+import difflib
 import hashlib
 import heapq
 import json
@@ -917,6 +919,112 @@ def bench(data_dir: Path = DATA_DIR, repeat: int = 3, file_copies: int = 8) -> N
         same = np.array_equal(*(np.fromfile(Path(tmp) / f"{w}.bin", np.uint16) for w in (1, 2)))
         print(f"encode_file {size:.1f} MB: 1 process {size / one:.2f} MB/s, 2 processes "
               f"{size / two:.2f} MB/s, speedup {one / two:.2f}x | ids identical: {same}")
+
+
+# ----------------------------------------------------------------------------------------------
+# The command line, shared by every stage: one style, `--key=value` (and `--flag` for True),
+# typed from the defaults; config files; one-line errors. Later stages import these from here.
+
+class UsageError(ValueError):
+    """Bad command-line input: reported as one `error:` line with exit code 2."""
+
+
+def typed(key: str, value, default):
+    """A command-line string or config-file value as the type of the default: `--lr=1` is a
+    float, `--compile=False` a bool, `--max_iters=1e4` an int; literals only, never exec."""
+    if isinstance(value, str) and value.lower() in ("true", "false") and (
+            default is None or isinstance(default, bool) or default == "auto"):
+        return value.lower() == "true"
+    if isinstance(value, str) and not isinstance(default, str):
+        try:
+            value = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            if isinstance(default, (list, tuple)):
+                value = value.split(",")  # --special_tokens=a,b
+            elif default is not None:
+                raise UsageError(f"--{key} expects a {type(default).__name__}, got {value!r}")
+    if default is None or (default == "auto" and isinstance(value, bool)):
+        return value
+    if isinstance(default, float) and type(value) is int or type(default) is int and \
+            isinstance(value, float) and value.is_integer():
+        return type(default)(value)
+    if isinstance(default, (list, tuple)) and isinstance(value, (list, tuple)):
+        return type(default)(value)
+    if type(value) is not type(default):
+        raise UsageError(f"--{key} expects a {type(default).__name__}, got {value!r}")
+    return value
+
+
+def read_config_file(path: str | os.PathLike) -> dict:
+    """A JSON object, or `key = value` lines holding Python literals (# comments allowed)."""
+    p = Path(path)
+    if not p.is_file():
+        raise UsageError(f"config file {path} does not exist")
+    text = p.read_text(encoding="utf-8")
+    if p.suffix == ".json":
+        try:
+            values = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise UsageError(f"{path}: not valid JSON ({e})") from None
+        if not isinstance(values, dict):
+            raise UsageError(f"{path}: expected a JSON object of settings")
+        return values
+    values = {}
+    for n, line in enumerate(text.splitlines(), 1):
+        key, sep, value = line.partition("=")
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        for candidate in (value, value.split("#", 1)[0]) if sep else ():  # "#" may be in a string
+            with contextlib.suppress(ValueError, SyntaxError):
+                values[key.strip()] = ast.literal_eval(candidate.strip())
+                break
+        else:
+            raise UsageError(f"{path}:{n}: expected `key = <Python literal>`, got {line!r}")
+    return values
+
+
+def parse_args(argv: Sequence[str], defaults: dict, config_files: bool = False
+               ) -> tuple[list[str], dict]:
+    """Split argv into positional arguments and {key: value} overrides typed from `defaults`.
+    With config_files=True each positional argument is a config file, applied in order with
+    the flags (later wins). An unknown key names a valid key only when it is really close."""
+    positional, overrides = [], {}
+    for arg in argv:
+        if not arg.startswith("--"):
+            items = read_config_file(arg).items() if config_files else ()
+            positional += [] if config_files else [arg]
+        else:
+            key, sep, value = arg[2:].partition("=")
+            items = [(key, value if sep else "True")]
+        for key, value in items:
+            if key not in defaults:
+                close = [k for k in defaults if k.startswith(key) or key.startswith(k)]
+                close = close or difflib.get_close_matches(key, list(defaults), 1, cutoff=0.75)
+                hint = (f"did you mean --{close[0]}?" if close else
+                        "valid keys: " + ", ".join(defaults))
+                raise UsageError(f"unknown option --{key}; {hint}")
+            overrides[key] = typed(key, value, defaults[key])
+    return positional, overrides
+
+
+def run_cli(main: Callable[[list[str]], object], argv: Sequence[str] | None = None) -> None:
+    """Run a stage's main(argv): an error prints one line `error: ...` and exits 2 for bad
+    usage, 1 otherwise; Ctrl-C exits 130. `--debug` (or CS336_DEBUG=1) shows the traceback."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get("CS336_DEBUG", "0") != "0"
+    try:
+        main([a for a in argv if a != "--debug"])
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        sys.exit(130)
+    except Exception as e:
+        if debug:
+            raise
+        message = str(e) or type(e).__name__
+        if isinstance(e, OSError) and e.strerror and e.filename:  # "no space left on device: X"
+            message = f"{e.strerror[0].lower()}{e.strerror[1:]}: {e.filename}"
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2 if isinstance(e, UsageError) else 1)
 
 
 def main(argv: list[str] | None = None) -> None:
