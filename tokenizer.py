@@ -611,8 +611,8 @@ class Tokenizer:
         else:
             vocab_json = {str(i): _to_text(token) for i, token in sorted(self.vocab.items())}
         merges_txt = "".join(f"{_to_text(a)} {_to_text(b)}\n" for a, b in self.merges)
-        _write_atomic(vocab_path, json.dumps(vocab_json, ensure_ascii=False, indent=0))
-        _write_atomic(merges_path, "#version: 0.2\n" + merges_txt)
+        write_atomic(vocab_path, json.dumps(vocab_json, ensure_ascii=False, indent=0))
+        write_atomic(merges_path, "#version: 0.2\n" + merges_txt)
 
     @classmethod
     def from_dir(cls, path: str | os.PathLike) -> "Tokenizer":
@@ -633,7 +633,7 @@ class Tokenizer:
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         self.save(path / "vocab.json", path / "merges.txt", gpt2_format)
-        _write_atomic(path / "special_tokens.json", json.dumps(self.special_tokens))
+        write_atomic(path / "special_tokens.json", json.dumps(self.special_tokens))
 
 
 def bytes_to_unicode() -> dict[int, str]:
@@ -708,15 +708,24 @@ def _read_merges(path: str | os.PathLike) -> list[tuple[bytes, bytes]]:
     return merges
 
 
-def _write_atomic(path: str | os.PathLike, text: str) -> None:
-    """Write to a temporary name, then rename: a crash never leaves half a file behind."""
+@contextlib.contextmanager
+def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; on success it replaces `path` in one rename, on any
+    error (Ctrl-C too) it is deleted. The name is fixed, so a temp file that a killed process
+    (kill -9) left behind is simply overwritten by the next write of the same file."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp = path.with_name(f"{path.name}.tmp")
     try:
-        tmp.write_text(text, encoding="utf-8")
+        yield tmp
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def write_atomic(path: str | os.PathLike, data: str | bytes) -> None:
+    """Write a whole file so that a crash leaves the old file or the new one, never half."""
+    with atomic_output(path) as tmp:
+        tmp.write_bytes(data.encode("utf-8") if isinstance(data, str) else data)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -788,7 +797,7 @@ def encode_file(tokenizer: Tokenizer, input_path: str | os.PathLike, out_path: s
         tmp.unlink(missing_ok=True)
     meta = {"dtype": dtype.name, "vocab_size": tokenizer.vocab_size, "num_tokens": num_tokens,
             "tokenizer": tokenizer.fingerprint()}
-    _write_atomic(f"{out_path}.json", json.dumps(meta))
+    write_atomic(f"{out_path}.json", json.dumps(meta))
     return num_tokens
 
 
