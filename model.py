@@ -1,52 +1,37 @@
-"""model.py: the Transformer LM, built from its parts, with every variant the course compares.
+"""Stage 2: the Transformer language model from its parts, and the variants the course compares.
 
-Read top to bottom: the config, then the parts bottom-up (Linear, Embedding, norms, activations,
-feed-forward nets, rotary positions, attention), then the sequence mixers the lecture compares
-(softmax attention with GQA/MQA and sliding windows, multi-head latent attention, causal linear
-attention, a Hyena-style long convolution), the mixture of experts, the block, the language model,
-generation with a KV cache, and finally the accounting of parameters, FLOPs and memory.
+The course's model first: the config (`ModelConfig`, and `PRESETS`, every model shape by name);
+the parts, hand-written (Linear, Embedding, RMSNorm, softmax, SwiGLU); RoPE; attention, the
+readable reference and right after it the fast dispatch; the block, `TransformerLM` (the course's
+state_dict names) and `generate` with a KV cache; accounting of parameters, FLOPs and memory from
+the config alone. Then the variants the lecture compares, each in its own section. train.py
+trains the model; `TransformerLM(ModelConfig())` is the course's TinyStories model.
 
-The default `TransformerLM(ModelConfig())` is the course's TinyStories model: pre-norm RMSNorm
-blocks, SwiGLU, RoPE, untied head, final norm; its state_dict uses the course's reference names.
-Every hand-written part has a readable reference; where speed matters (attention) the fast path
-sits right after it and the tests check that both agree.
+Commands (CPU, no files read or written; any ModelConfig field as --key=value):
+    python model.py                                    # accounting of the TinyStories model
+    python model.py --preset=gpt2-xl                   # the lecture's transformer accounting
+    python model.py --preset=gpt2-small --tie_weights=True --d_ff=2048 --batch_size=16
+    python model.py --num_experts=8 --experts_top_k=2 --num_kv_heads=4 --seq_len=128
 
-Commands:
-    python model.py                          # accounting for the default (course TinyStories) model
-    python model.py --preset gpt2-xl         # the lecture's "transformer accounting" exercise
-    python model.py --preset gpt2-small --tie_weights=True --d_ff=2048 --batch_size=16
-    python model.py --num_experts=8 --experts_top_k=2 --mixer=attention --n_kv_heads=4
-Reads and writes no files.
-
-Papers:
-    Vaswani et al. 2017, Attention Is All You Need (the Transformer, sinusoidal positions)
-    Zhang & Sennrich 2019, Root Mean Square Layer Normalization
-    Shazeer 2020, GLU Variants Improve Transformer (SwiGLU)
-    Su et al. 2021, RoFormer: Enhanced Transformer with Rotary Position Embedding
-    Katharopoulos et al. 2020, Transformers are RNNs (causal linear attention)
-    Beltagy et al. 2020, Longformer (sliding-window attention)
-    Shazeer 2019, Fast Transformer Decoding (multi-query attention); Ainslie et al. 2023 (GQA)
-    DeepSeek-AI 2024, DeepSeek-V2 (multi-head latent attention)
-    Shazeer et al. 2017; Fedus et al. 2021, Switch Transformers (mixture of experts, balancing loss)
-    Poli et al. 2023, Hyena Hierarchy (implicit long convolutions)
-    Dao et al. 2022, FlashAttention; Chowdhery et al. 2022, PaLM (the 6N + 12LHQT FLOP count)
-    Kaplan et al. 2020; Hoffmann et al. 2022 (parameter and FLOP accounting)
+Papers: Vaswani et al. 2017 (Transformer); Zhang & Sennrich 2019 (RMSNorm); Shazeer 2020
+(SwiGLU); Su et al. 2021 (RoPE); Dao et al. 2022 (FlashAttention); Chowdhery et al. 2022, PaLM
+(6N + 12LHQT); Kaplan et al. 2020, Hoffmann et al. 2022 (accounting); Shazeer 2019 (MQA);
+Ainslie et al. 2023 (GQA); Beltagy et al. 2020 (sliding windows); DeepSeek-AI 2024, DeepSeek-V2
+(MLA); Katharopoulos et al. 2020 (linear attention); Poli et al. 2023 (Hyena); Shazeer et al.
+2017, Fedus et al. 2021 (mixture of experts, Switch load balancing).
 """
 
-import argparse
-import difflib
 import math
-import typing
 from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from tokenizer import UsageError, parse_args, run_cli
 
-# ----------------------------------------------------------------------------------------------
-# Config: every architectural choice lives here, with the course's names for the course's fields.
 
+# Config: every architectural choice, with the course's names for the course's fields --------------
 @dataclass
 class ModelConfig:
     vocab_size: int = 10000  # course TinyStories tokenizer size
@@ -64,7 +49,7 @@ class ModelConfig:
     positions: str = "rope"  # "rope" | "sinusoidal" | "learned" | "none" (hyena ignores "rope")
     mixer: str = "attention"  # "attention" (softmax) | "linear_attention" | "hyena"
     sliding_window: int | None = None  # None: full causal; W: each token sees its last W tokens
-    n_kv_heads: int | None = None  # None: = num_heads (MHA); 1 < g < num_heads: GQA; 1: MQA
+    num_kv_heads: int | None = None  # None: = num_heads (MHA); 1 < g < num_heads: GQA; 1: MQA
     kv_latent_dim: int | None = None  # None: plain attention; an int: MLA with this KV latent width
     mla_rope_dim: int | None = None  # MLA's decoupled RoPE width per head; None: head_dim // 2
     num_experts: int = 0  # 0: dense FFN; E > 0: mixture of E experts in every block
@@ -77,85 +62,65 @@ class ModelConfig:
     attn_impl: str = "sdpa"  # "manual" (hand-written) | "sdpa" (torch, flash) | "triton" (kernels)
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "context_length", "d_model", "num_layers", "num_heads", "d_ff",
-                     "experts_top_k", "hyena_order", "hyena_filter_hidden"):
-            _require_int(name, getattr(self, name), minimum=1)
-        _require_int("num_experts", self.num_experts, minimum=0)
-        for name in ("sliding_window", "n_kv_heads", "kv_latent_dim", "mla_rope_dim"):
-            if getattr(self, name) is not None:
-                _require_int(name, getattr(self, name), minimum=1)
-        for name in ("rope_theta", "norm_eps"):
-            if not float(getattr(self, name)) > 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
-        if not self.moe_aux_loss_coef >= 0:
-            raise ValueError(f"moe_aux_loss_coef must be >= 0, got {self.moe_aux_loss_coef!r}")
-        for name, allowed in _CHOICES.items():
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
-        if self.d_model % self.num_heads:
-            raise ValueError(f"d_model ({self.d_model}) must be divisible by num_heads "
-                             f"({self.num_heads})")
-        attention = self.mixer == "attention"
-        if self.positions == "rope" and self.mixer != "hyena" and self.rope_dim % 2:
-            source = ("mla_rope_dim" if self.mla_rope_dim is not None else
-                      "the head dim d_model/num_heads" + (" // 2 (MLA's default mla_rope_dim)"
-                                                          if self.kv_latent_dim else ""))
-            raise ValueError(f"RoPE rotates pairs of dimensions, so {source} = {self.rope_dim} "
-                             f"must be even")
-        if self.n_kv_heads is not None:
-            if not attention or self.kv_latent_dim is not None:
-                raise ValueError("n_kv_heads applies to softmax attention without MLA "
-                                 "(mixer='attention', kv_latent_dim=None)")
-            if self.n_kv_heads > self.num_heads or self.num_heads % self.n_kv_heads:
-                raise ValueError(f"num_heads ({self.num_heads}) must be a multiple of n_kv_heads "
-                                 f"({self.n_kv_heads})")
-        if self.sliding_window is not None and not attention:
-            raise ValueError("sliding_window applies to softmax attention (mixer='attention')")
-        if self.kv_latent_dim is not None:
-            if not attention:
-                raise ValueError("kv_latent_dim (MLA) applies to mixer='attention'")
-            if self.positions != "rope":
-                raise ValueError("kv_latent_dim (MLA) uses a decoupled RoPE part: "
-                                 "set positions='rope'")
-            if self.sliding_window is not None:
-                raise ValueError("sliding_window is not implemented for MLA (kv_latent_dim)")
-        elif self.mla_rope_dim is not None:
-            raise ValueError("mla_rope_dim is only used with kv_latent_dim (MLA)")
-        if self.num_experts and self.experts_top_k > self.num_experts:
-            raise ValueError(f"experts_top_k ({self.experts_top_k}) must be <= num_experts "
-                             f"({self.num_experts})")
+        """Fail at construction, naming the field: types first, then the rules between fields."""
+        for name, minimum in _MINIMUM.items():
+            value, optional = getattr(self, name), getattr(ModelConfig, name) is None
+            if not (value is None and optional) and (
+                    isinstance(value, bool) or not isinstance(value, int) or value < minimum):
+                raise ValueError(f"{name} must be an integer >= {minimum}"
+                                 f"{' or None' if optional else ''}, got {value!r}")
+        attention, mla = self.mixer == "attention", self.kv_latent_dim is not None
+        rope = self.positions == "rope" and self.mixer != "hyena"
+        width = "mla_rope_dim (or head dim // 2)" if mla else "the head dim d_model / num_heads"
+        rules = [  # (field, rule holds, what the field must do), checked in order
+            *((name, getattr(self, name) in allowed, f"be one of {allowed}")
+              for name, allowed in _CHOICES.items()),
+            ("rope_theta", self.rope_theta > 0, "be > 0"),
+            ("norm_eps", self.norm_eps > 0, "be > 0"),
+            ("moe_aux_loss_coef", self.moe_aux_loss_coef >= 0, "be >= 0"),
+            ("num_heads", self.d_model % self.num_heads == 0, f"divide d_model ({self.d_model})"),
+            ("num_kv_heads", self.num_kv_heads is None or self.num_heads % self.num_kv_heads == 0,
+             f"divide num_heads ({self.num_heads})"),
+            *((name, getattr(self, name) is None or attention and not mla,
+               "be None unless mixer='attention' without MLA (kv_latent_dim)")
+              for name in ("num_kv_heads", "sliding_window")),
+            ("kv_latent_dim", not mla or attention, "be None unless mixer='attention'"),
+            ("positions", not mla or self.positions == "rope", "be 'rope' with kv_latent_dim"),
+            ("mla_rope_dim", mla or self.mla_rope_dim is None, "be None without kv_latent_dim"),
+            ("mla_rope_dim" if mla else "num_heads", not rope or self.rope_dim % 2 == 0,
+             f"make {width} even, as RoPE rotates pairs (it is {self.rope_dim})"),
+            ("experts_top_k", not self.num_experts or self.experts_top_k <= self.num_experts,
+             f"be <= num_experts ({self.num_experts})"),
+        ]
+        for name, holds, requirement in rules:
+            if not holds:
+                raise ValueError(f"{name} must {requirement}, got {getattr(self, name)!r}")
 
     @property
     def head_dim(self) -> int:
         return self.d_model // self.num_heads
 
     @property
-    def kv_heads(self) -> int:
-        return self.n_kv_heads or self.num_heads
-
-    @property
     def rope_dim(self) -> int:
-        """Width that RoPE rotates per head: the head dim, or MLA's decoupled part."""
-        if self.kv_latent_dim is None:
-            return self.head_dim
-        return self.mla_rope_dim or self.head_dim // 2
+        """The width RoPE rotates per head: the head dim, or MLA's decoupled part."""
+        return (self.mla_rope_dim or self.head_dim // 2) if self.kv_latent_dim else self.head_dim
 
     @classmethod
     def preset(cls, name: str, **overrides) -> "ModelConfig":
-        """GPT-2 shapes with the course's architecture (as in its accounting exercise)."""
+        """A named shape from PRESETS, with any fields overridden."""
         if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
         return cls(**{**PRESETS[name], **overrides})
 
 
-_CHOICES = {
-    "norm": ("rmsnorm", "layernorm", "none"),
-    "norm_position": ("pre", "post"),
-    "ffn": ("swiglu", "gelu", "relu"),
-    "positions": ("rope", "sinusoidal", "learned", "none"),
-    "mixer": ("attention", "linear_attention", "hyena"),
-    "attn_impl": ("manual", "sdpa", "triton"),
-}
+_MINIMUM = dict(vocab_size=1, context_length=1, d_model=1, num_layers=1, num_heads=1, d_ff=1,
+                num_experts=0, experts_top_k=1, hyena_order=1, hyena_filter_hidden=1,
+                sliding_window=1, num_kv_heads=1, kv_latent_dim=1, mla_rope_dim=1)
+_CHOICES = {"norm": ("rmsnorm", "layernorm", "none"), "norm_position": ("pre", "post"),
+            "ffn": ("swiglu", "gelu", "relu"), "mixer": ("attention", "linear_attention", "hyena"),
+            "positions": ("rope", "sinusoidal", "learned", "none"),
+            "attn_impl": ("manual", "sdpa", "triton")}
+
 
 # Every model shape in the repository, by name: `--preset=NAME` in any stage that builds a model,
 # with `--field=value` overriding single fields. train.py sets vocab_size from its tokenizer.
@@ -165,12 +130,10 @@ PRESETS = {
     # CS336 assignment 1's TinyStories model (the ModelConfig defaults)
     "tinystories": dict(vocab_size=10000, context_length=256, d_model=512, num_layers=4,
                         num_heads=16, d_ff=1344),
-    # GPT-2 small as nanoGPT trains it: vocab 50257 padded to a multiple of 64, tied embeddings,
-    # SwiGLU at ~8/3 d_model (the throughput benchmark's shape)
+    # the throughput benchmark: GPT-2 small as nanoGPT trains it (vocab padded to 50304, tied)
     "nanogpt": dict(vocab_size=50304, context_length=1024, d_model=768, num_layers=12,
                     num_heads=12, d_ff=2048, tie_weights=True),
-    # The GPT-2 sizes (Radford et al. 2019) with the course's architecture, d_ff = 4 d_model,
-    # untied head, vocab 50257: the lecture's accounting exercise.
+    # GPT-2's sizes with the course's architecture, d_ff = 4 d_model: the accounting exercise
     **{name: dict(vocab_size=50257, context_length=1024, d_model=d, num_layers=n, num_heads=h,
                   d_ff=4 * d)
        for name, (n, d, h) in {"gpt2-small": (12, 768, 12), "gpt2-medium": (24, 1024, 16),
@@ -184,22 +147,13 @@ PRESETS = {
 }
 
 
-def _require_int(name: str, value, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-
-
-# ----------------------------------------------------------------------------------------------
-# Basic parts. Hand-written on purpose: no nn.Linear / nn.Embedding / nn.LayerNorm.
-
+# The parts, hand-written on purpose: no nn.Linear, nn.Embedding or nn.LayerNorm -------------------
 class Linear(nn.Module):
     """y = x W^T without bias; W is (d_out, d_in) like the course and torch."""
-
     def __init__(self, d_in: int, d_out: int) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.empty(d_out, d_in))
-        # Xavier-like variance keeps activations O(1) through the stack; the cut at 3 std avoids
-        # rare huge weights.
+        # Xavier-like variance keeps activations O(1) through the stack; cut at 3 std: no outliers
         std = math.sqrt(2.0 / (d_in + d_out))
         nn.init.trunc_normal_(self.weight, std=std, a=-3 * std, b=3 * std)
 
@@ -209,7 +163,6 @@ class Linear(nn.Module):
 
 class Embedding(nn.Module):
     """A lookup table: row i of weight is the vector of token i."""
-
     def __init__(self, num_embeddings: int, embedding_dim: int, std: float = 1.0) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.empty(num_embeddings, embedding_dim))
@@ -222,7 +175,6 @@ class Embedding(nn.Module):
 class RMSNorm(nn.Module):
     """x / sqrt(mean(x^2) + eps) * g. Computed in float32 (squares overflow/underflow in bf16),
     returned in the input dtype so the next matmul stays in the autocast dtype."""
-
     def __init__(self, d_model: int, eps: float = 1e-5) -> None:
         super().__init__()
         self.eps = eps
@@ -236,7 +188,6 @@ class RMSNorm(nn.Module):
 
 class LayerNorm(nn.Module):
     """(x - mean) / sqrt(var + eps) * g + b, in float32 like RMSNorm."""
-
     def __init__(self, d_model: int, eps: float = 1e-5) -> None:
         super().__init__()
         self.eps = eps
@@ -269,7 +220,6 @@ def gelu(x: torch.Tensor) -> torch.Tensor:
 class SwiGLU(nn.Module):
     """w2(silu(w1 x) * w3 x): a gated FFN; three matrices, so d_ff ~ 8/3 d_model matches the
     parameters of a 4 d_model two-matrix FFN."""
-
     def __init__(self, d_model: int, d_ff: int) -> None:
         super().__init__()
         self.w1 = Linear(d_model, d_ff)
@@ -282,7 +232,6 @@ class SwiGLU(nn.Module):
 
 class FeedForward(nn.Module):
     """The original non-gated FFN, w2(act(w1 x)), with ReLU (Vaswani) or GELU (GPT-2)."""
-
     def __init__(self, d_model: int, d_ff: int, activation: str) -> None:
         super().__init__()
         self.w1 = Linear(d_model, d_ff)
@@ -307,15 +256,11 @@ def make_norm(config: ModelConfig) -> nn.Module:
     return nn.Identity()
 
 
-# ----------------------------------------------------------------------------------------------
-# Positions.
-
+# Rotary positions (RoPE) --------------------------------------------------------------------------
 class RotaryEmbedding(nn.Module):
-    """RoPE: rotate each pair (x[2i], x[2i+1]) of a query/key by the angle pos * theta^(-2i/d_k).
-    A rotation by angle a on q and b on k leaves q.k depending only on a - b, so attention sees
-    relative positions. cos/sin are precomputed once; non-persistent buffers keep them out of the
-    state_dict (the course's checkpoint layout has no RoPE keys)."""
-
+    """Rotate each pair (x[2i], x[2i+1]) of a query or key by the angle pos * theta^(-2i/d_k): q.k
+    then depends only on the difference of positions. cos/sin are precomputed, in non-persistent
+    buffers (the course's checkpoints have no RoPE keys)."""
     def __init__(self, theta: float, d_k: int, max_seq_len: int) -> None:
         super().__init__()
         inv_freq = theta ** (-torch.arange(0, d_k, 2, dtype=torch.float64) / d_k)  # (d_k/2,)
@@ -343,19 +288,7 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return rotated.flatten(-2).to(x.dtype)
 
 
-def sinusoidal_table(max_seq_len: int, d_model: int) -> torch.Tensor:
-    """Vaswani et al.'s fixed positions: PE[p, 2i] = sin(p / 10000^(2i/d)), PE[p, 2i+1] = cos."""
-    inv_freq = 10000.0 ** (-torch.arange(0, d_model, 2, dtype=torch.float64) / d_model)
-    angles = torch.arange(max_seq_len, dtype=torch.float64)[:, None] * inv_freq
-    table = torch.zeros(max_seq_len, d_model, dtype=torch.float64)
-    table[:, 0::2] = angles.sin()
-    table[:, 1::2] = angles.cos()[:, : d_model // 2]
-    return table.float()
-
-
-# ----------------------------------------------------------------------------------------------
-# Attention: the hand-written reference, then the dispatcher that picks the fast kernel.
-
+# Attention: the hand-written reference, then the dispatch to the fast kernels ---------------------
 def scaled_dot_product_attention(Q: torch.Tensor, K: torch.Tensor, V: torch.Tensor,
                                  mask: torch.Tensor | None = None) -> torch.Tensor:
     """softmax(Q K^T / sqrt(d_k)) V. Q: (..., T, d_k), K: (..., S, d_k), V: (..., S, d_v);
@@ -380,13 +313,10 @@ def attention_mask(seq_len: int, kv_len: int, start: int, window: int | None,
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int = 0,
            window: int | None = None, impl: str = "sdpa") -> torch.Tensor:
-    """Causal attention of q (..., H, T, d) over k, v (..., H_kv, S, d), with H a multiple of H_kv
-    (grouped-query: query head h reads key-value head h // (H / H_kv)).
-
-    impl="manual" is the reference above; "sdpa" uses torch's fused kernels: with no cache and no
-    window, is_causal=True and no mask lets torch pick FlashAttention; "triton" calls kernels.py's
-    FlashAttention for that same plain causal case and torch's kernel for the rest (cache, window).
-    """
+    """Causal attention of q (..., H, T, d) over k, v (..., H_kv, S, d); with H_kv < H (GQA)
+    query head h reads key-value head h // (H / H_kv). impl="manual" is the reference above;
+    "sdpa" is torch's fused kernels (no cache and no window: is_causal=True without a mask lets
+    torch pick FlashAttention); "triton" is kernels.py's FlashAttention for that same case."""
     num_heads, num_kv_heads = q.shape[-3], k.shape[-3]
     if num_kv_heads != num_heads:
         k = k.repeat_interleave(num_heads // num_kv_heads, dim=-3)
@@ -406,45 +336,39 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int = 0,
 
 
 def _triton_flash_attention():
-    """kernels.py (a later stage) provides flash_attention(q, k, v, is_causal) on (..., T, d)."""
+    """kernels.py, a later stage, is imported only when asked for: flash_attention(q, k, v, ...)."""
     try:
         from kernels import flash_attention
     except ImportError as error:
-        raise ImportError(
-            "attn_impl='triton' needs kernels.py with flash_attention(q, k, v, is_causal) "
-            f"(the kernels stage); it could not be imported ({error}). "
-            "Use attn_impl='sdpa' or 'manual'.") from error
+        raise ImportError(f"attn_impl='triton' needs kernels.py's flash_attention (the kernels "
+                          f"stage): {error}; use attn_impl='sdpa' or 'manual'") from error
     return flash_attention
 
 
-def _split_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
-    """(..., T, H*d) -> (..., H, T, d): a view and a transpose, no copy."""
+# Multi-head self-attention, with GQA/MQA and sliding windows inline -------------------------------
+def _split_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:  # (.., T, H*d) -> (.., H, T, d)
     return x.unflatten(-1, (num_heads, -1)).transpose(-3, -2)
 
 
-def _merge_heads(x: torch.Tensor) -> torch.Tensor:
-    """(..., H, T, d) -> (..., T, H*d)."""
+def _merge_heads(x: torch.Tensor) -> torch.Tensor:  # (..., H, T, d) -> (..., T, H*d)
     return x.transpose(-3, -2).flatten(-2)
 
 
 def _write_cache(buffer: torch.Tensor, new: torch.Tensor, start: int, dim: int) -> torch.Tensor:
     """Store `new` at slots start.. of a preallocated buffer; return the filled prefix."""
-    end = start + new.shape[dim]
     buffer.narrow(dim, start, new.shape[dim]).copy_(new)
-    return buffer.narrow(dim, 0, end)
+    return buffer.narrow(dim, 0, start + new.shape[dim])
 
 
 class MultiHeadSelfAttention(nn.Module):
-    """Causal multi-head self-attention with optional RoPE, grouped/multi-query key-value heads
-    (n_kv_heads < num_heads shrinks k_proj, v_proj and the KV cache) and an optional sliding
-    window. Names follow the course: q_proj, k_proj, v_proj, output_proj. (With a window the KV
-    cache still keeps every token; a rolling buffer of W slots would bound its memory.)"""
-
-    def __init__(self, d_model: int, num_heads: int, n_kv_heads: int | None = None,
+    """Causal multi-head self-attention (q_proj, k_proj, v_proj, output_proj) with RoPE. Grouped or
+    multi-query attention (num_kv_heads < num_heads) shrinks k_proj, v_proj and the KV cache; a
+    sliding window shows each query only its last `window` keys (the cache still keeps all)."""
+    def __init__(self, d_model: int, num_heads: int, num_kv_heads: int | None = None,
                  use_rope: bool = True, window: int | None = None,
                  attn_impl: str = "sdpa") -> None:
         super().__init__()
-        self.num_heads, self.num_kv_heads = num_heads, n_kv_heads or num_heads
+        self.num_heads, self.num_kv_heads = num_heads, num_kv_heads or num_heads
         self.head_dim = d_model // num_heads
         self.use_rope, self.window, self.attn_impl = use_rope, window, attn_impl
         self.q_proj = Linear(d_model, num_heads * self.head_dim)
@@ -452,13 +376,18 @@ class MultiHeadSelfAttention(nn.Module):
         self.v_proj = Linear(d_model, self.num_kv_heads * self.head_dim)
         self.output_proj = Linear(num_heads * self.head_dim, d_model)
 
-    def forward(self, x: torch.Tensor, rope: tuple | None = None, cache: dict | None = None,
-                start: int = 0) -> torch.Tensor:
+    def project(self, x: torch.Tensor, rope: tuple | None) -> tuple[torch.Tensor, ...]:
+        """q, k, v split into heads, RoPE applied (LinearAttention shares this step)."""
         q = _split_heads(self.q_proj(x), self.num_heads)  # (B, H, T, d)
         k = _split_heads(self.k_proj(x), self.num_kv_heads)  # (B, H_kv, T, d)
         v = _split_heads(self.v_proj(x), self.num_kv_heads)
         if self.use_rope and rope is not None:
             q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        return q, k, v
+
+    def forward(self, x: torch.Tensor, rope: tuple | None = None, cache: dict | None = None,
+                start: int = 0) -> torch.Tensor:
+        q, k, v = self.project(x, rope)
         if cache is not None:
             k = _write_cache(cache["k"], k, start, dim=2).to(q.dtype)  # (B, H_kv, start+T, d)
             v = _write_cache(cache["v"], v, start, dim=2).to(q.dtype)
@@ -467,265 +396,13 @@ class MultiHeadSelfAttention(nn.Module):
 
     def make_cache(self, batch_size: int, max_seq_len: int, device, dtype) -> dict:
         shape = (batch_size, self.num_kv_heads, max_seq_len, self.head_dim)
-        return {"k": torch.zeros(shape, device=device, dtype=dtype),
-                "v": torch.zeros(shape, device=device, dtype=dtype)}
+        return {name: torch.zeros(shape, device=device, dtype=dtype) for name in ("k", "v")}
 
 
-class MultiHeadLatentAttention(nn.Module):
-    """DeepSeek-V2's MLA. Keys and values are up-projected from one small latent c = W_dkv x
-    (width kv_latent_dim), so the KV cache stores c plus a single shared RoPE key of width
-    rope_dim per token instead of 2 * H * d. RoPE does not commute with the up-projection, so
-    position goes in a separate ("decoupled") part: q = [q_C ; RoPE(q_R)], k = [k_C ; RoPE(k_R)]
-    with k_R shared by all heads. (We skip the paper's query compression, as DeepSeek-V2-Lite
-    does, and recompute K, V from the cached latent instead of absorbing W_uk into W_q.)"""
-
-    def __init__(self, d_model: int, num_heads: int, latent_dim: int, rope_dim: int,
-                 attn_impl: str = "sdpa") -> None:
-        super().__init__()
-        self.num_heads, self.head_dim = num_heads, d_model // num_heads
-        self.rope_dim, self.attn_impl = rope_dim, attn_impl
-        inner = num_heads * self.head_dim
-        self.q_proj = Linear(d_model, inner)
-        self.q_rope_proj = Linear(d_model, num_heads * rope_dim)
-        self.kv_down_proj = Linear(d_model, latent_dim)
-        self.k_up_proj = Linear(latent_dim, inner)
-        self.v_up_proj = Linear(latent_dim, inner)
-        self.k_rope_proj = Linear(d_model, rope_dim)
-        self.output_proj = Linear(inner, d_model)
-
-    def forward(self, x: torch.Tensor, rope: tuple | None = None, cache: dict | None = None,
-                start: int = 0) -> torch.Tensor:
-        latent = self.kv_down_proj(x)  # (B, T, latent)
-        # One RoPE key shared by the heads: a head axis of size 1, so per-sequence RoPE tables
-        # (B, 1, T, rope_dim/2) apply to it as they do to the queries.
-        k_rope = apply_rotary(self.k_rope_proj(x).unsqueeze(-3), *rope)  # (B, 1, T, rope_dim)
-        if cache is not None:
-            dtype = latent.dtype
-            latent = _write_cache(cache["latent"], latent, start, dim=1).to(dtype)  # (B, S, .)
-            k_rope = _write_cache(cache["k_rope"], k_rope, start, dim=2).to(dtype)
-        q = torch.cat((_split_heads(self.q_proj(x), self.num_heads),
-                       apply_rotary(_split_heads(self.q_rope_proj(x), self.num_heads), *rope)),
-                      dim=-1)  # (B, H, T, d + rope_dim)
-        k_content = _split_heads(self.k_up_proj(latent), self.num_heads)  # (B, H, S, d)
-        k_rope = k_rope.expand(*k_content.shape[:-1], self.rope_dim)
-        k = torch.cat((k_content, k_rope), dim=-1)  # (B, H, S, d + rope_dim)
-        v = _split_heads(self.v_up_proj(latent), self.num_heads)  # (B, H, S, d)
-        out = attend(q, k, v, start, None, self.attn_impl)
-        return self.output_proj(_merge_heads(out))
-
-    def make_cache(self, batch_size: int, max_seq_len: int, device, dtype) -> dict:
-        latent_dim = self.kv_down_proj.weight.shape[0]
-        return {"latent": torch.zeros(batch_size, max_seq_len, latent_dim, device=device,
-                                      dtype=dtype),
-                "k_rope": torch.zeros(batch_size, 1, max_seq_len, self.rope_dim, device=device,
-                                      dtype=dtype)}
-
-
-# ----------------------------------------------------------------------------------------------
-# Causal linear attention (Katharopoulos et al. 2020): replace exp(q.k) by phi(q).phi(k) with
-# phi = elu + 1 > 0. Then out_i = phi(q_i) S_i / phi(q_i) z_i with S_i = sum_{j<=i} phi(k_j) v_j^T
-# and z_i = sum_{j<=i} phi(k_j): an RNN with a (d x d) state, O(1) memory per generated token.
-
-def linear_attention_feature_map(x: torch.Tensor) -> torch.Tensor:
-    return F.elu(x) + 1.0
-
-
-def causal_linear_attention_recurrent(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                                      eps: float = 1e-6) -> torch.Tensor:
-    """The RNN form, one token at a time (the reference). q, k, v: (..., T, d) features."""
-    state = q.new_zeros(*q.shape[:-2], q.shape[-1], v.shape[-1])  # S: (..., d, d_v)
-    normalizer = q.new_zeros(*q.shape[:-2], q.shape[-1])  # z: (..., d)
-    outputs = []
-    for t in range(q.shape[-2]):
-        state = state + k[..., t, :, None] * v[..., t, None, :]
-        normalizer = normalizer + k[..., t, :]
-        numerator = (q[..., t, :, None] * state).sum(-2)
-        outputs.append(numerator / ((q[..., t, :] * normalizer).sum(-1, keepdim=True) + eps))
-    return torch.stack(outputs, dim=-2)
-
-
-def causal_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                            state: torch.Tensor | None = None,
-                            normalizer: torch.Tensor | None = None, eps: float = 1e-6):
-    """The parallel (quadratic) form used for training: (phi(Q) phi(K)^T masked causally) V,
-    plus the contribution of an earlier state when continuing from a cache.
-    Returns (output, new_state, new_normalizer)."""
-    scores = (q @ k.transpose(-2, -1)).tril()  # (..., T, T): phi(q_i).phi(k_j) for j <= i
-    numerator, denominator = scores @ v, scores.sum(-1, keepdim=True)
-    if state is not None:
-        numerator = numerator + q @ state
-        denominator = denominator + (q @ normalizer.unsqueeze(-1))
-        state = state + k.transpose(-2, -1) @ v
-        normalizer = normalizer + k.sum(-2)
-    return numerator / (denominator + eps), state, normalizer
-
-
-class LinearAttention(nn.Module):
-    """Multi-head causal linear attention with the same projections as softmax attention."""
-
-    def __init__(self, d_model: int, num_heads: int, use_rope: bool = True) -> None:
-        super().__init__()
-        self.num_heads, self.head_dim, self.use_rope = num_heads, d_model // num_heads, use_rope
-        self.q_proj = Linear(d_model, d_model)
-        self.k_proj = Linear(d_model, d_model)
-        self.v_proj = Linear(d_model, d_model)
-        self.output_proj = Linear(d_model, d_model)
-
-    def forward(self, x: torch.Tensor, rope: tuple | None = None, cache: dict | None = None,
-                start: int = 0) -> torch.Tensor:
-        q = _split_heads(self.q_proj(x), self.num_heads)  # (B, H, T, d)
-        k = _split_heads(self.k_proj(x), self.num_heads)
-        v = _split_heads(self.v_proj(x), self.num_heads)
-        if self.use_rope and rope is not None:  # positions before the positive feature map
-            q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
-        # float32: the running sums lose precision in bf16.
-        q, k = linear_attention_feature_map(q.float()), linear_attention_feature_map(k.float())
-        if cache is None:
-            out, _, _ = causal_linear_attention(q, k, v.float())
-        else:
-            out, state, normalizer = causal_linear_attention(q, k, v.float(), cache["state"],
-                                                             cache["normalizer"])
-            cache["state"].copy_(state)
-            cache["normalizer"].copy_(normalizer)
-        return self.output_proj(_merge_heads(out.to(x.dtype)))
-
-    def make_cache(self, batch_size: int, max_seq_len: int, device, dtype) -> dict:
-        """The whole past fits in a fixed-size state, whatever max_seq_len is."""
-        shape = (batch_size, self.num_heads, self.head_dim)
-        return {"state": torch.zeros(*shape, self.head_dim, device=device),
-                "normalizer": torch.zeros(shape, device=device)}
-
-
-# ----------------------------------------------------------------------------------------------
-# A Hyena-style long-convolution mixer (Poli et al. 2023): no attention at all. Project x to
-# (v, x_1 .. x_N), then repeat v <- x_i * (h_i conv v) with long causal filters h_i computed
-# by a small MLP of the position (implicit: parameters do not grow with length), via FFT.
-
-HYENA_FREQS = 8  # sine/cosine frequencies in the filter MLP's positional features
-HYENA_SHORT_KERNEL = 3  # width of the short depthwise convolution on each stream
-
-
-def fft_causal_conv(u: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-    """y[..., c, t] = sum_{s<=t} h[c, s] u[..., c, t-s] in O(T log T): zero-padding to 2T turns the
-    FFT's circular convolution into a linear one, so no future sample wraps around into the past."""
-    seq_len = u.shape[-1]
-    u_freq = torch.fft.rfft(u.float(), n=2 * seq_len)
-    h_freq = torch.fft.rfft(h.float(), n=2 * seq_len)
-    return torch.fft.irfft(u_freq * h_freq, n=2 * seq_len)[..., :seq_len].to(u.dtype)
-
-
-def causal_conv_direct(u: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-    """The O(T^2) definition of the same convolution (the test's reference)."""
-    seq_len = u.shape[-1]
-    y = torch.zeros_like(u)
-    for t in range(seq_len):
-        y[..., t] = (h[..., : t + 1].flip(-1) * u[..., : t + 1]).sum(-1)
-    return y
-
-
-class HyenaFilter(nn.Module):
-    """Implicit filters: h(t) = MLP(features(t)) * exp(-decay_c * t), t in [0, 1). The features
-    are t and sines/cosines of t; the decays, fixed and spread across channels, give a mix of
-    short and long memories."""
-
-    def __init__(self, channels: int, max_seq_len: int, hidden: int,
-                 num_freqs: int = HYENA_FREQS) -> None:
-        super().__init__()
-        t = torch.arange(max_seq_len, dtype=torch.float32)[:, None] / max_seq_len  # (L, 1)
-        angles = 2 * math.pi * torch.arange(1, num_freqs + 1) * t  # (L, F)
-        self.register_buffer("features", torch.cat((t, angles.sin(), angles.cos()), -1),
-                             persistent=False)
-        # Decay from 1e-2 over 30% of the context (fast) to over 150% (slow), as in the paper.
-        decay = torch.linspace(math.log(1e-2) / 1.5, math.log(1e-2) / 0.3, channels).abs()
-        self.register_buffer("decay", decay[:, None], persistent=False)  # (C, 1)
-        self.mlp_in = Linear(1 + 2 * num_freqs, hidden)
-        self.mlp_hidden = Linear(hidden, hidden)
-        self.mlp_out = Linear(hidden, channels)
-
-    def forward(self, seq_len: int) -> torch.Tensor:
-        z = self.features[:seq_len]
-        h = self.mlp_out(torch.sin(self.mlp_hidden(torch.sin(self.mlp_in(z)))))  # (T, C)
-        return h.T * torch.exp(-self.decay * self.features[:seq_len, 0])  # (C, T)
-
-
-class HyenaMixer(nn.Module):
-    """Order-N Hyena operator: in_proj to N+1 streams, a short causal depthwise conv (kernel 3) on
-    each, then N rounds of (long FFT convolution + skip, elementwise gate), then output_proj."""
-
-    def __init__(self, d_model: int, max_seq_len: int, order: int = 2, filter_hidden: int = 64,
-                 short_kernel: int = HYENA_SHORT_KERNEL) -> None:
-        super().__init__()
-        self.d_model, self.order = d_model, order
-        self.in_proj = Linear(d_model, (order + 1) * d_model)
-        self.short_filter = nn.Parameter(torch.randn((order + 1) * d_model, 1, short_kernel)
-                                         / math.sqrt(short_kernel))
-        self.long_filter = HyenaFilter(order * d_model, max_seq_len, filter_hidden)
-        self.skip = nn.Parameter(torch.zeros(order * d_model))  # y = h * u + skip * u
-        self.output_proj = Linear(d_model, d_model)
-
-    def forward(self, x: torch.Tensor, rope: tuple | None = None, cache: dict | None = None,
-                start: int = 0) -> torch.Tensor:
-        seq_len = x.shape[-2]
-        u = self.in_proj(x).transpose(-2, -1)  # (B, (N+1) D, T)
-        lead = u.shape[:-2]
-        u = u.reshape(-1, *u.shape[-2:])
-        kernel = self.short_filter.shape[-1]
-        u = F.conv1d(F.pad(u, (kernel - 1, 0)), self.short_filter.to(u.dtype), groups=u.shape[1])
-        v, *gates = u.split(self.d_model, dim=1)  # each (B, D, T)
-        filters = self.long_filter(seq_len).view(self.order, self.d_model, seq_len)
-        skips = self.skip.view(self.order, self.d_model, 1)
-        for gate, h, skip in zip(gates, filters, skips):
-            v = gate * (fft_causal_conv(v, h) + skip.to(v.dtype) * v)
-        return self.output_proj(v.reshape(*lead, self.d_model, seq_len).transpose(-2, -1))
-
-    def make_cache(self, batch_size: int, max_seq_len: int, device, dtype) -> dict:
-        raise NotImplementedError("mixer='hyena' has no KV cache: its long convolution sees the "
-                                  "whole sequence; decode by re-running the full forward")
-
-
-# ----------------------------------------------------------------------------------------------
-# Mixture of experts.
-
-class MixtureOfExperts(nn.Module):
-    """Top-k routing: a router scores the E experts per token; each token goes through its k best
-    and the outputs are summed with the router probabilities renormalised over those k (so k
-    identical experts reproduce one dense FFN). Only the chosen experts run: the compute per token
-    is that of k FFNs while the parameters are those of E. The Switch load-balancing loss
-    E * sum_e f_e P_e (f_e: share of assignments to e, P_e: mean router probability) is smallest
-    when tokens spread evenly; it is left in self.aux_loss, already weighted."""
-
-    def __init__(self, config: ModelConfig) -> None:
-        super().__init__()
-        self.top_k, self.aux_loss_coef = config.experts_top_k, config.moe_aux_loss_coef
-        self.router = Linear(config.d_model, config.num_experts)
-        self.experts = nn.ModuleList(make_ffn(config) for _ in range(config.num_experts))
-        self.shared_expert = make_ffn(config) if config.shared_expert else None
-        self.aux_loss = torch.zeros(())
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        tokens = x.reshape(-1, x.shape[-1])  # (N, D)
-        probs = softmax(self.router(tokens).float(), dim=-1)  # (N, E)
-        top_probs, top_experts = probs.topk(self.top_k, dim=-1)  # (N, k)
-        gates = (top_probs / top_probs.sum(-1, keepdim=True)).to(x.dtype)
-        out = torch.zeros_like(tokens)
-        for e, expert in enumerate(self.experts):
-            token_idx, slot = torch.where(top_experts == e)  # tokens routed to expert e
-            out.index_add_(0, token_idx, expert(tokens[token_idx]) * gates[token_idx, slot, None])
-        if self.shared_expert is not None:
-            out = out + self.shared_expert(tokens)
-        num_experts = probs.shape[-1]
-        assigned = F.one_hot(top_experts, num_experts).float().sum((0, 1)) / top_experts.numel()
-        self.aux_loss = self.aux_loss_coef * num_experts * (assigned * probs.mean(0)).sum()
-        return out.view_as(x)
-
-
-# ----------------------------------------------------------------------------------------------
-# The block and the language model.
-
+# The block and the language model -----------------------------------------------------------------
 class TransformerBlock(nn.Module):
     """Pre-norm: x + mixer(ln1(x)), then + ffn(ln2(x)) (the residual stream is never normalised,
     which keeps deep stacks trainable). Post-norm (original Transformer): ln1(x + mixer(x)), ..."""
-
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.pre_norm = config.norm_position == "pre"
@@ -744,24 +421,23 @@ class TransformerBlock(nn.Module):
 
 
 def make_mixer(config: ModelConfig) -> nn.Module:
+    """The sequence mixer of a block: softmax attention, or a variant defined further down."""
     use_rope = config.positions == "rope"
     if config.mixer == "linear_attention":
-        return LinearAttention(config.d_model, config.num_heads, use_rope)
+        return LinearAttention(config.d_model, config.num_heads, use_rope=use_rope)
     if config.mixer == "hyena":
         return HyenaMixer(config.d_model, config.context_length, config.hyena_order,
                           config.hyena_filter_hidden)
     if config.kv_latent_dim is not None:
         return MultiHeadLatentAttention(config.d_model, config.num_heads, config.kv_latent_dim,
                                         config.rope_dim, config.attn_impl)
-    return MultiHeadSelfAttention(config.d_model, config.num_heads, config.n_kv_heads, use_rope,
-                                  config.sliding_window, config.attn_impl)
+    return MultiHeadSelfAttention(config.d_model, config.num_heads, config.num_kv_heads,
+                                  use_rope, config.sliding_window, config.attn_impl)
 
 
 class KVCache:
-    """Preallocated per-layer tensors for incremental decoding (made by model.make_kv_cache).
-    Token number n of the sequence lives in slot n; seq_len counts the slots filled so far and
-    advances with every forward that is given this cache."""
-
+    """Per-layer buffers for incremental decoding, from model.make_kv_cache. Token n lives in slot
+    n; seq_len counts the slots filled and advances with every forward given this cache."""
     def __init__(self, layers: list[dict], batch_size: int, max_seq_len: int) -> None:
         self.layers, self.batch_size, self.max_seq_len = layers, batch_size, max_seq_len
         self.seq_len = 0
@@ -776,12 +452,10 @@ class KVCache:
 class TransformerLM(nn.Module):
     """token ids (..., T) -> logits (..., T, vocab_size). After each forward, self.aux_loss holds
     the weighted MoE load-balancing loss (a zero tensor without MoE) for train.py to add."""
-
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
-        # A tied matrix also produces the logits, so it gets the head's small init: the course's
-        # std-1 embedding would start with logits of size sqrt(d_model).
+        # A tied matrix gets the head's small init: std 1 would start with logits ~ sqrt(d_model).
         embed_std = math.sqrt(2.0 / (config.vocab_size + config.d_model))
         self.token_embeddings = Embedding(config.vocab_size, config.d_model,
                                           std=embed_std if config.tie_weights else 1.0)
@@ -838,15 +512,13 @@ class TransformerLM(nn.Module):
         if token_ids.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"token_ids must be an int64 or int32 tensor, got {token_ids.dtype}")
         if seq_len > config.context_length:
-            raise ValueError(f"sequence length {seq_len} exceeds context_length "
-                             f"{config.context_length}")
-        if kv_cache is not None:
-            if token_ids.dim() != 2 or token_ids.shape[0] != kv_cache.batch_size:
-                raise ValueError(f"with a kv_cache token_ids must be (batch={kv_cache.batch_size},"
-                                 f" T), got shape {tuple(token_ids.shape)}")
-            if start + seq_len > kv_cache.max_seq_len:
-                raise ValueError(f"kv_cache holds {kv_cache.max_seq_len} tokens; {start} are "
-                                 f"cached and {seq_len} more do not fit")
+            raise ValueError(f"sequence length {seq_len} > context_length={config.context_length}")
+        if kv_cache is not None and token_ids.shape[:-1] != (kv_cache.batch_size,):
+            raise ValueError(f"with a kv_cache token_ids must be (batch={kv_cache.batch_size}, T), "
+                             f"got shape {tuple(token_ids.shape)}")
+        if kv_cache is not None and start + seq_len > kv_cache.max_seq_len:
+            raise ValueError(f"kv_cache holds {kv_cache.max_seq_len} tokens; {start} are cached "
+                             f"and {seq_len} more do not fit")
         if positions is not None and positions.shape[-1] != seq_len:
             raise ValueError(f"positions must end in the sequence length {seq_len}, "
                              f"got shape {tuple(positions.shape)}")
@@ -862,9 +534,8 @@ class TransformerLM(nn.Module):
     def make_kv_cache(self, batch_size: int, max_seq_len: int | None = None,
                       device: torch.device | str | None = None,
                       dtype: torch.dtype | None = None) -> KVCache:
-        """Static per-layer buffers for up to max_seq_len (default context_length) tokens.
-        dtype defaults to the autocast dtype when called under autocast, else the weights'.
-        Raises NotImplementedError for mixers without a cache (hyena)."""
+        """Static buffers for up to max_seq_len (default context_length) tokens, in the autocast
+        dtype if called under autocast, else the weights'. NotImplementedError for hyena."""
         max_seq_len = max_seq_len or self.config.context_length
         if not 1 <= max_seq_len <= self.config.context_length:
             raise ValueError(f"max_seq_len must lie in [1, context_length="
@@ -887,23 +558,18 @@ class TransformerLM(nn.Module):
                 key = key.split(".", 1)[1]
             cleaned[key] = value
         expected = self.state_dict()
-        missing = sorted(expected.keys() - cleaned.keys()) if strict else []
-        unexpected = sorted(cleaned.keys() - expected.keys()) if strict else []
-        mis_shaped = [f"{k} (checkpoint {tuple(v.shape)}, model {tuple(expected[k].shape)})"
-                      for k, v in cleaned.items()
-                      if k in expected and tuple(v.shape) != tuple(expected[k].shape)]
-        problems = [f"{label}: {', '.join(keys)}" for label, keys in
-                    (("missing keys", missing), ("unexpected keys", unexpected),
-                     ("mis-shaped keys", mis_shaped)) if keys]
-        if problems:
-            raise ValueError("state dict does not fit this TransformerLM config; "
-                             + "; ".join(problems))
+        problems = {"missing keys": sorted(expected.keys() - cleaned.keys()) if strict else [],
+                    "unexpected keys": sorted(cleaned.keys() - expected.keys()) if strict else [],
+                    "mis-shaped keys": [f"{k} (checkpoint {tuple(v.shape)}, model "
+                                        f"{tuple(expected[k].shape)})" for k, v in cleaned.items()
+                                        if k in expected and v.shape != expected[k].shape]}
+        if any(problems.values()):
+            raise ValueError("state dict does not fit this TransformerLM config; " + "; ".join(
+                f"{label}: {', '.join(keys)}" for label, keys in problems.items() if keys))
         return super().load_state_dict(cleaned, strict=strict, assign=assign)
 
 
-# ----------------------------------------------------------------------------------------------
-# Generation with the KV cache.
-
+# Generation with the KV cache ---------------------------------------------------------------------
 def sample_next(logits: torch.Tensor, temperature: float = 1.0,
                 top_k: int | None = None) -> torch.Tensor:
     """One token per row of logits (B, V): greedy at temperature 0, else softmax(logits / T)
@@ -921,11 +587,10 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0,
 def generate(model: TransformerLM, prompt_ids: torch.Tensor, max_new_tokens: int,
              temperature: float = 1.0, top_k: int | None = None,
              eos_id: int | None = None) -> torch.Tensor:
-    """Continue prompt_ids (B, T) by up to max_new_tokens; returns (B, T + generated). The prompt
-    goes through once, then each new token costs one forward of length 1 against the KV cache.
-    A row that produced eos_id is padded with eos_id; generation stops when every row did.
-    When the context fills up, the cache restarts from the last half-context of tokens (like
-    nanoGPT's cropping, but amortised); mixers without a cache re-run the cropped sequence."""
+    """Continue prompt_ids (B, T) by up to max_new_tokens: the prompt goes through once, then each
+    token costs one forward of length 1 against the KV cache. A row that produced eos_id is padded
+    with it; generation stops when every row did. A full context restarts the cache from the last
+    half-context (nanoGPT's cropping, amortised); mixers without a cache re-run the crop."""
     if prompt_ids.dim() != 2 or prompt_ids.shape[1] == 0:
         raise ValueError(f"prompt_ids must be (batch, T >= 1), got {tuple(prompt_ids.shape)}")
     if max_new_tokens < 0 or temperature < 0 or (top_k is not None and top_k < 1):
@@ -956,12 +621,15 @@ def generate(model: TransformerLM, prompt_ids: torch.Tensor, max_new_tokens: int
     return out
 
 
-# ----------------------------------------------------------------------------------------------
-# Accounting: parameters, FLOPs and memory, computed from the config alone (the tests check the
-# parameter counts against the built module).
-
-def _ffn_params(config: ModelConfig) -> int:
-    return (3 if config.ffn == "swiglu" else 2) * config.d_model * config.d_ff
+# Accounting: parameters, FLOPs and memory, from the config alone ----------------------------------
+def _ffn_params(config: ModelConfig, active: bool = False) -> int:
+    """FFN parameters of a block, or with active=True those one token multiplies: for MoE the
+    k experts it is routed to (not all E), the shared expert and the router."""
+    ffn = (3 if config.ffn == "swiglu" else 2) * config.d_model * config.d_ff
+    if not config.num_experts:
+        return ffn
+    experts = config.experts_top_k if active else config.num_experts
+    return (experts + config.shared_expert) * ffn + config.d_model * config.num_experts
 
 
 def _mixer_params(config: ModelConfig) -> int:
@@ -975,64 +643,45 @@ def _mixer_params(config: ModelConfig) -> int:
         latent, rope = config.kv_latent_dim, config.rope_dim
         return (d * heads * head_dim + d * heads * rope + d * latent + 2 * latent * heads * head_dim
                 + d * rope + heads * head_dim * d)
-    kv_width = config.kv_heads * head_dim
+    kv_width = (config.num_kv_heads or heads) * head_dim
     return 2 * d * heads * head_dim + 2 * d * kv_width
 
 
 def count_params(config: ModelConfig) -> dict[str, int]:
-    """Parameters by component; "total" equals sum(p.numel()) of TransformerLM(config), tied
-    weights counted once (in token_embeddings)."""
+    """Parameters by component; "total" equals TransformerLM(config)'s (a tied matrix once)."""
     d, layers = config.d_model, config.num_layers
     norm = {"rmsnorm": d, "layernorm": 2 * d, "none": 0}[config.norm]
-    ffn = _ffn_params(config)
-    if config.num_experts:
-        ffn = (config.num_experts * ffn + d * config.num_experts
-               + (ffn if config.shared_expert else 0))
-    counts = {
-        "token_embeddings": config.vocab_size * d,
-        "position_embeddings": config.context_length * d if config.positions == "learned" else 0,
-        "attention": layers * _mixer_params(config),
-        "ffn": layers * ffn,
-        "norms": 2 * layers * norm + (norm if config.norm_position == "pre" else 0),
-        "lm_head": 0 if config.tie_weights else config.vocab_size * d,
-    }
+    counts = {"token_embeddings": config.vocab_size * d,
+              "position_embeddings": (config.positions == "learned") * config.context_length * d,
+              "attention": layers * _mixer_params(config),
+              "ffn": layers * _ffn_params(config),
+              "norms": 2 * layers * norm + (norm if config.norm_position == "pre" else 0),
+              "lm_head": 0 if config.tie_weights else config.vocab_size * d}
     counts["total"] = sum(counts.values())
     return counts
 
 
-def _active_ffn_params(config: ModelConfig) -> int:
-    """FFN parameters a token actually multiplies: k experts (+ shared) and the router."""
-    ffn = _ffn_params(config)
-    if not config.num_experts:
-        return ffn
-    return ((config.experts_top_k + config.shared_expert) * ffn
-            + config.d_model * config.num_experts)
-
-
 def flops_per_token(config: ModelConfig, seq_len: int) -> dict[str, float]:
-    """Forward FLOPs per token by component (2 per multiply-add, matmuls only; norms, softmax and
-    activations are a few percent and left out), plus "forward" and "train" (= 3 x forward: the
-    backward pass costs two matmuls per forward matmul). Attention scores and values count the
-    full T x T (not halved for causality), as in PaLM's 6N + 12 L H Q T; a sliding window counts
-    min(T, W) keys. Linear attention is counted in the quadratic form that trains it."""
+    """Forward FLOPs per token by component (2 per multiply-add, matmuls only: norms, softmax and
+    activations are a few percent), "forward", and "train" = 3 x forward (backward does two matmuls
+    per forward one). Attention counts the full T x T, not halved for causality, as PaLM's 6N +
+    12LHQT does; a sliding window min(T, W) keys; linear attention its quadratic training form."""
     d, layers, heads = config.d_model, config.num_layers, config.num_heads
-    head_dim = config.head_dim
     keys = min(seq_len, config.sliding_window or seq_len)
     flops = {"attention_proj": 2.0 * layers * _mixer_params(config), "attention_scores": 0.0,
              "attention_values": 0.0, "long_conv": 0.0}
     if config.mixer == "hyena":
-        # attention_proj counts 2 FLOPs per mixer parameter: the projections, and the filter MLP,
-        # which runs once per position (so once per token) to make the filters. Each
-        # long convolution is two real FFTs of length 2T (~ 2.5 n log2 n each) per channel,
-        # amortised over the T tokens, plus the spectral product (6 FLOPs per complex bin).
+        # attention_proj: 2 per mixer parameter, the filter MLP's too (it runs once per position).
+        # Each long convolution: two real FFTs of length n = 2T (~2.5 n log2 n each) per channel,
+        # plus the spectral product (6 per complex bin), shared by the T tokens.
         n_fft = 2 * seq_len
         per_channel = (2 * 2.5 * n_fft * math.log2(n_fft) + 6 * (n_fft // 2 + 1)) / seq_len
         flops["long_conv"] = layers * config.hyena_order * d * per_channel
     else:
-        qk_dim = head_dim + (config.rope_dim if config.kv_latent_dim is not None else 0)
+        qk_dim = config.head_dim + (config.rope_dim if config.kv_latent_dim is not None else 0)
         flops["attention_scores"] = 2.0 * layers * keys * heads * qk_dim
-        flops["attention_values"] = 2.0 * layers * keys * heads * head_dim
-    flops["ffn"] = 2.0 * layers * _active_ffn_params(config)
+        flops["attention_values"] = 2.0 * layers * keys * heads * config.head_dim
+    flops["ffn"] = 2.0 * layers * _ffn_params(config, active=True)
     flops["lm_head"] = 2.0 * d * config.vocab_size
     flops["forward"] = sum(flops.values())
     flops["train"] = 3 * flops["forward"]
@@ -1044,19 +693,17 @@ def mfu_flops_per_token(config: ModelConfig, seq_len: int) -> float:
     in matmuls (everything but the input embedding and the norm gains; a tied matrix counts once
     as the head; for MoE the active ones). MFU = tokens/s * this / peak FLOP/s."""
     counts = count_params(config)
-    matmul_params = (counts["attention"] + config.num_layers * _active_ffn_params(config)
+    matmul_params = (counts["attention"] + config.num_layers * _ffn_params(config, active=True)
                      + config.vocab_size * config.d_model)
     return 6.0 * matmul_params + 12.0 * config.num_layers * config.d_model * seq_len
 
 
 def memory_estimate(config: ModelConfig, batch_size: int, seq_len: int, param_bytes: int = 4,
                     activation_bytes: int = 4, stores_attention_matrix: bool = True) -> dict:
-    """Bytes to train with AdamW (the course's accounting): parameters, gradients (same dtype),
-    AdamW's two moments (fp32), and the activations saved for backward. Per block the saved
-    activations are the norm inputs, Q/K/V, the attention scores and probabilities
-    (H x T x T each, unless a fused kernel recomputes them: stores_attention_matrix=False), the
-    attention output and projection, and the FFN's hidden tensors; then the final norm, the
-    logits and their softmax for the cross-entropy."""
+    """Bytes to train with AdamW (the course's accounting): parameters, gradients, AdamW's two fp32
+    moments, and the activations saved for backward: per block the norm inputs, Q/K/V, attention
+    scores and probabilities (H x T x T each, unless a fused kernel recomputes them), attention
+    output and projection, the FFN's hidden tensors; then the final norm, logits and softmax."""
     counts = count_params(config)
     d, tokens = config.d_model, batch_size * seq_len
     ffn_hidden = 4 * config.d_ff if config.ffn == "swiglu" else 2 * config.d_ff
@@ -1066,87 +713,287 @@ def memory_estimate(config: ModelConfig, batch_size: int, seq_len: int, param_by
     attention_matrix = 2 * config.num_heads * seq_len * batch_size * seq_len
     per_layer = tokens * per_token + (attention_matrix if stores_attention_matrix else 0)
     activation_elements = config.num_layers * per_layer + tokens * (d + 2 * config.vocab_size)
-    memory = {
-        "params": counts["total"] * param_bytes,
-        "grads": counts["total"] * param_bytes,
-        "adamw_state": counts["total"] * 2 * 4,
-        "activations": activation_elements * activation_bytes,
-    }
+    memory = {"params": counts["total"] * param_bytes, "grads": counts["total"] * param_bytes,
+              "adamw_state": counts["total"] * 2 * 4,
+              "activations": activation_elements * activation_bytes}
     memory["total"] = sum(memory.values())
     return memory
 
 
-# ----------------------------------------------------------------------------------------------
-# Command line: the lecture's transformer-accounting exercise for any config.
-
-def parse_config(args: list[str], preset: str | None = None) -> ModelConfig:
-    """--key=value overrides of ModelConfig fields, typed from the field's annotation."""
-    hints = typing.get_type_hints(ModelConfig)
-    overrides = {}
-    for arg in args:
-        key, sep, text = arg.removeprefix("--").partition("=")
-        if not arg.startswith("--") or not sep:
-            raise ValueError(f"expected --key=value, got {arg!r}")
-        if key not in hints:
-            close = difflib.get_close_matches(key, list(hints), n=1, cutoff=0.0)
-            raise ValueError(f"unknown config key {key!r}; the closest valid key is --{close[0]}")
-        overrides[key] = _parse_value(key, hints[key], text)
-    return ModelConfig.preset(preset, **overrides) if preset else ModelConfig(**overrides)
+# Variant: fixed (sinusoidal) and learned positions ------------------------------------------------
+# Learned positions are an Embedding of context_length rows; TransformerLM.forward adds either
+# to the token embeddings, instead of rotating queries and keys.
+def sinusoidal_table(max_seq_len: int, d_model: int) -> torch.Tensor:
+    """Vaswani et al.'s fixed positions: PE[p, 2i] = sin(p / 10000^(2i/d)), PE[p, 2i+1] = cos."""
+    inv_freq = 10000.0 ** (-torch.arange(0, d_model, 2, dtype=torch.float64) / d_model)
+    angles = torch.arange(max_seq_len, dtype=torch.float64)[:, None] * inv_freq
+    table = torch.zeros(max_seq_len, d_model, dtype=torch.float64)
+    table[:, 0::2] = angles.sin()
+    table[:, 1::2] = angles.cos()[:, : d_model // 2]
+    return table.float()
 
 
-def _parse_value(key: str, annotation, text: str):
-    kinds = typing.get_args(annotation) or (annotation,)
-    if type(None) in kinds and text.lower() == "none":
-        return None
-    kind = next(k for k in kinds if k is not type(None))
-    if kind is bool:
-        if text.lower() not in ("true", "false", "1", "0"):
-            raise ValueError(f"{key} expects True or False, got {text!r}")
-        return text.lower() in ("true", "1")
-    try:
-        return kind(text)
-    except ValueError:
-        raise ValueError(f"{key} expects {kind.__name__}, got {text!r}") from None
+# Variant: multi-head latent attention (DeepSeek-V2), a smaller KV cache than GQA's ----------------
+class MultiHeadLatentAttention(nn.Module):
+    """Keys and values are up-projected from one small latent c = W_dkv x (width kv_latent_dim),
+    so the cache keeps c and one shared RoPE key of width rope_dim per token instead of 2 H d.
+    RoPE does not commute with the up-projection, so position goes in a decoupled part:
+    q = [q_C ; RoPE(q_R)], k = [k_C ; RoPE(k_R)], k_R shared by all heads. (Like DeepSeek-V2-Lite
+    we skip query compression; K, V are recomputed from the latent, W_uk is not absorbed.)"""
+    def __init__(self, d_model: int, num_heads: int, latent_dim: int, rope_dim: int,
+                 attn_impl: str = "sdpa") -> None:
+        super().__init__()
+        self.num_heads, self.head_dim = num_heads, d_model // num_heads
+        self.rope_dim, self.attn_impl = rope_dim, attn_impl
+        inner = num_heads * self.head_dim
+        self.q_proj = Linear(d_model, inner)
+        self.q_rope_proj = Linear(d_model, num_heads * rope_dim)
+        self.kv_down_proj = Linear(d_model, latent_dim)
+        self.k_up_proj = Linear(latent_dim, inner)
+        self.v_up_proj = Linear(latent_dim, inner)
+        self.k_rope_proj = Linear(d_model, rope_dim)
+        self.output_proj = Linear(inner, d_model)
+
+    def forward(self, x: torch.Tensor, rope: tuple | None = None, cache: dict | None = None,
+                start: int = 0) -> torch.Tensor:
+        latent = self.kv_down_proj(x)  # (B, T, latent)
+        # One RoPE key shared by the heads: a head axis of size 1, so per-sequence RoPE tables
+        # (B, 1, T, rope_dim/2) apply to it as they do to the queries.
+        k_rope = apply_rotary(self.k_rope_proj(x).unsqueeze(-3), *rope)  # (B, 1, T, rope_dim)
+        if cache is not None:
+            latent = _write_cache(cache["latent"], latent, start, dim=1).to(latent.dtype)
+            k_rope = _write_cache(cache["k_rope"], k_rope, start, dim=2).to(latent.dtype)
+        q = torch.cat((_split_heads(self.q_proj(x), self.num_heads),
+                       apply_rotary(_split_heads(self.q_rope_proj(x), self.num_heads), *rope)),
+                      dim=-1)  # (B, H, T, d + rope_dim)
+        k_content = _split_heads(self.k_up_proj(latent), self.num_heads)  # (B, H, S, d)
+        k_rope = k_rope.expand(*k_content.shape[:-1], self.rope_dim)
+        k = torch.cat((k_content, k_rope), dim=-1)  # (B, H, S, d + rope_dim)
+        v = _split_heads(self.v_up_proj(latent), self.num_heads)  # (B, H, S, d)
+        out = attend(q, k, v, start, None, self.attn_impl)
+        return self.output_proj(_merge_heads(out))
+
+    def make_cache(self, batch_size: int, max_seq_len: int, device, dtype) -> dict:
+        latent_dim, kind = self.kv_down_proj.weight.shape[0], dict(device=device, dtype=dtype)
+        return {"latent": torch.zeros(batch_size, max_seq_len, latent_dim, **kind),
+                "k_rope": torch.zeros(batch_size, 1, max_seq_len, self.rope_dim, **kind)}
 
 
-def _print_table(title: str, rows: dict, total: float, fmt) -> None:
-    print(f"\n{title}")
-    for name, value in rows.items():
-        share = f"{100 * value / total:6.2f}%" if total else ""
-        print(f"  {name:<22}{fmt(value):>16}  {share}")
+# Variant: causal linear attention (Katharopoulos et al. 2020) -------------------------------------
+# Replace exp(q.k) by phi(q).phi(k) with phi = elu + 1 > 0. Then out_i = phi(q_i) S_i / phi(q_i) z_i
+# with S_i = sum_{j<=i} phi(k_j) v_j^T and z_i = sum_{j<=i} phi(k_j): an RNN with a (d x d) state,
+# O(1) memory per generated token. The recurrent form is the reference; the parallel form trains.
+def linear_attention_feature_map(x: torch.Tensor) -> torch.Tensor:
+    return F.elu(x) + 1.0
 
 
-def main(config: ModelConfig, batch_size: int, seq_len: int) -> None:
+def causal_linear_attention_recurrent(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                                      eps: float = 1e-6) -> torch.Tensor:
+    """The RNN form, one token at a time. q, k, v: (..., T, d) features."""
+    state = q.new_zeros(*q.shape[:-2], q.shape[-1], v.shape[-1])  # S: (..., d, d_v)
+    normalizer = q.new_zeros(*q.shape[:-2], q.shape[-1])  # z: (..., d)
+    outputs = []
+    for t in range(q.shape[-2]):
+        state = state + k[..., t, :, None] * v[..., t, None, :]
+        normalizer = normalizer + k[..., t, :]
+        numerator = (q[..., t, :, None] * state).sum(-2)
+        outputs.append(numerator / ((q[..., t, :] * normalizer).sum(-1, keepdim=True) + eps))
+    return torch.stack(outputs, dim=-2)
+
+
+def causal_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                            state: torch.Tensor | None = None,
+                            normalizer: torch.Tensor | None = None, eps: float = 1e-6):
+    """The parallel (quadratic) form: (phi(Q) phi(K)^T masked causally) V, plus the contribution
+    of an earlier state when continuing from a cache. Returns (output, state, normalizer)."""
+    scores = (q @ k.transpose(-2, -1)).tril()  # (..., T, T): phi(q_i).phi(k_j) for j <= i
+    numerator, denominator = scores @ v, scores.sum(-1, keepdim=True)
+    if state is not None:
+        numerator = numerator + q @ state
+        denominator = denominator + (q @ normalizer.unsqueeze(-1))
+        state = state + k.transpose(-2, -1) @ v
+        normalizer = normalizer + k.sum(-2)
+    return numerator / (denominator + eps), state, normalizer
+
+
+class LinearAttention(MultiHeadSelfAttention):
+    """Multi-head causal linear attention, with the projections of softmax attention."""
+    def forward(self, x: torch.Tensor, rope: tuple | None = None, cache: dict | None = None,
+                start: int = 0) -> torch.Tensor:
+        q, k, v = self.project(x, rope)  # RoPE goes before the positive feature map
+        # float32: the running sums lose precision in bf16.
+        q, k = linear_attention_feature_map(q.float()), linear_attention_feature_map(k.float())
+        state, normalizer = (None, None) if cache is None else (cache["state"], cache["normalizer"])
+        out, state, normalizer = causal_linear_attention(q, k, v.float(), state, normalizer)
+        if cache is not None:
+            cache["state"].copy_(state)
+            cache["normalizer"].copy_(normalizer)
+        return self.output_proj(_merge_heads(out.to(x.dtype)))
+
+    def make_cache(self, batch_size: int, max_seq_len: int, device, dtype) -> dict:
+        """The whole past fits in a fixed-size state, whatever max_seq_len is."""
+        shape = (batch_size, self.num_heads, self.head_dim)
+        return {"state": torch.zeros(*shape, self.head_dim, device=device),
+                "normalizer": torch.zeros(shape, device=device)}
+
+
+# Variant: Hyena, a long-convolution mixer (Poli et al. 2023), no attention at all -----------------
+# Project x to (v, x_1 .. x_N), then repeat v <- x_i * (h_i conv v) with long causal filters h_i
+# made by a small MLP of the position (implicit: parameters do not grow with length).
+HYENA_FREQS = 8  # sine/cosine frequencies in the filter MLP's positional features
+HYENA_SHORT_KERNEL = 3  # width of the short depthwise convolution on each stream
+
+
+def causal_conv_direct(u: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """y[..., c, t] = sum_{s<=t} h[c, s] u[..., c, t-s], by its definition in O(T^2)."""
+    seq_len = u.shape[-1]
+    y = torch.zeros_like(u)
+    for t in range(seq_len):
+        y[..., t] = (h[..., : t + 1].flip(-1) * u[..., : t + 1]).sum(-1)
+    return y
+
+
+def fft_causal_conv(u: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """The same convolution in O(T log T): zero-padding to 2T turns the FFT's circular convolution
+    into a linear one, so no future sample wraps around into the past."""
+    seq_len = u.shape[-1]
+    u_freq = torch.fft.rfft(u.float(), n=2 * seq_len)
+    h_freq = torch.fft.rfft(h.float(), n=2 * seq_len)
+    return torch.fft.irfft(u_freq * h_freq, n=2 * seq_len)[..., :seq_len].to(u.dtype)
+
+
+class HyenaFilter(nn.Module):
+    """Implicit filters h(t) = MLP(t, sin/cos of t) * exp(-decay_c * t), t in [0, 1); the decays,
+    fixed and spread across channels, mix short and long memories."""
+    def __init__(self, channels: int, max_seq_len: int, hidden: int,
+                 num_freqs: int = HYENA_FREQS) -> None:
+        super().__init__()
+        t = torch.arange(max_seq_len, dtype=torch.float32)[:, None] / max_seq_len  # (L, 1)
+        angles = 2 * math.pi * torch.arange(1, num_freqs + 1) * t  # (L, F)
+        self.register_buffer("features", torch.cat((t, angles.sin(), angles.cos()), -1),
+                             persistent=False)
+        # Decay from 1e-2 over 30% of the context (fast) to over 150% (slow), as in the paper.
+        decay = torch.linspace(math.log(1e-2) / 1.5, math.log(1e-2) / 0.3, channels).abs()
+        self.register_buffer("decay", decay[:, None], persistent=False)  # (C, 1)
+        self.mlp_in = Linear(1 + 2 * num_freqs, hidden)
+        self.mlp_hidden = Linear(hidden, hidden)
+        self.mlp_out = Linear(hidden, channels)
+
+    def forward(self, seq_len: int) -> torch.Tensor:
+        z = self.features[:seq_len]
+        h = self.mlp_out(torch.sin(self.mlp_hidden(torch.sin(self.mlp_in(z)))))  # (T, C)
+        return h.T * torch.exp(-self.decay * self.features[:seq_len, 0])  # (C, T)
+
+
+class HyenaMixer(nn.Module):
+    """Order-N Hyena operator: in_proj to N+1 streams, a short causal depthwise conv (kernel 3) on
+    each, then N rounds of (long FFT convolution + skip, elementwise gate), then output_proj."""
+    def __init__(self, d_model: int, max_seq_len: int, order: int = 2, filter_hidden: int = 64,
+                 short_kernel: int = HYENA_SHORT_KERNEL) -> None:
+        super().__init__()
+        self.d_model, self.order = d_model, order
+        self.in_proj = Linear(d_model, (order + 1) * d_model)
+        self.short_filter = nn.Parameter(torch.randn((order + 1) * d_model, 1, short_kernel)
+                                         / math.sqrt(short_kernel))
+        self.long_filter = HyenaFilter(order * d_model, max_seq_len, filter_hidden)
+        self.skip = nn.Parameter(torch.zeros(order * d_model))  # y = h * u + skip * u
+        self.output_proj = Linear(d_model, d_model)
+
+    def forward(self, x: torch.Tensor, rope: tuple | None = None, cache: dict | None = None,
+                start: int = 0) -> torch.Tensor:
+        seq_len = x.shape[-2]
+        u = self.in_proj(x).transpose(-2, -1)  # (B, (N+1) D, T)
+        lead = u.shape[:-2]
+        u = u.reshape(-1, *u.shape[-2:])
+        kernel = self.short_filter.shape[-1]
+        u = F.conv1d(F.pad(u, (kernel - 1, 0)), self.short_filter.to(u.dtype), groups=u.shape[1])
+        v, *gates = u.split(self.d_model, dim=1)  # each (B, D, T)
+        filters = self.long_filter(seq_len).view(self.order, self.d_model, seq_len)
+        skips = self.skip.view(self.order, self.d_model, 1)
+        for gate, h, skip in zip(gates, filters, skips):
+            v = gate * (fft_causal_conv(v, h) + skip.to(v.dtype) * v)
+        return self.output_proj(v.reshape(*lead, self.d_model, seq_len).transpose(-2, -1))
+
+    def make_cache(self, batch_size: int, max_seq_len: int, device, dtype) -> dict:
+        raise NotImplementedError("mixer='hyena' has no KV cache: its long convolution sees the "
+                                  "whole sequence; decode by re-running the full forward")
+
+
+# Variant: mixture of experts, in place of each block's FFN ----------------------------------------
+class MixtureOfExperts(nn.Module):
+    """Top-k routing: a router scores the E experts per token; each token goes through its k best,
+    summed with the router probabilities renormalised over those k (k identical experts give one
+    dense FFN). A token costs k FFNs while the parameters are E. The Switch load-balancing loss
+    E * sum_e f_e P_e (f_e: share of assignments to e, P_e: mean router probability), smallest
+    when tokens spread evenly, is left in self.aux_loss, already weighted."""
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.top_k, self.aux_loss_coef = config.experts_top_k, config.moe_aux_loss_coef
+        self.router = Linear(config.d_model, config.num_experts)
+        self.experts = nn.ModuleList(make_ffn(config) for _ in range(config.num_experts))
+        self.shared_expert = make_ffn(config) if config.shared_expert else None
+        self.aux_loss = torch.zeros(())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = x.reshape(-1, x.shape[-1])  # (N, D)
+        probs = softmax(self.router(tokens).float(), dim=-1)  # (N, E)
+        top_probs, top_experts = probs.topk(self.top_k, dim=-1)  # (N, k)
+        gates = (top_probs / top_probs.sum(-1, keepdim=True)).to(x.dtype)
+        out = torch.zeros_like(tokens)
+        for e, expert in enumerate(self.experts):
+            token_idx, slot = torch.where(top_experts == e)  # tokens routed to expert e
+            out.index_add_(0, token_idx, expert(tokens[token_idx]) * gates[token_idx, slot, None])
+        if self.shared_expert is not None:
+            out = out + self.shared_expert(tokens)
+        num_experts = probs.shape[-1]
+        assigned = F.one_hot(top_experts, num_experts).float().sum((0, 1)) / top_experts.numel()
+        self.aux_loss = self.aux_loss_coef * num_experts * (assigned * probs.mean(0)).sum()
+        return out.view_as(x)
+
+
+# Command line: the lecture's transformer accounting, parsed like every stage's --------------------
+CLI_DEFAULTS = {"preset": None,  # a PRESETS name; the --field=value options override its fields
+                "batch_size": 1,  # sequences per step, for the memory estimate
+                "seq_len": 0,  # tokens per sequence for FLOPs and memory; 0: the context length
+                **asdict(ModelConfig())}
+
+
+def print_accounting(config: ModelConfig, batch_size: int, seq_len: int) -> None:
+    """The lecture's transformer accounting: parameters, FLOPs per token, training memory."""
+    flops, memory = flops_per_token(config, seq_len), memory_estimate(config, batch_size, seq_len)
     print("config:", ", ".join(f"{k}={v}" for k, v in asdict(config).items()))
-    counts = count_params(config)
-    _print_table("parameters", {k: v for k, v in counts.items() if k != "total"},
-                 counts["total"], lambda v: f"{v:,}")
-    print(f"  {'total':<22}{counts['total']:>16,}  ({counts['total'] / 1e6:.1f}M)")
-    flops = flops_per_token(config, seq_len)
-    parts = {k: v for k, v in flops.items() if k not in ("forward", "train")}
-    _print_table(f"forward FLOPs per token at seq_len={seq_len}", parts, flops["forward"],
-                 lambda v: f"{v / 1e9:.4f} G")
-    print(f"  {'forward':<22}{flops['forward'] / 1e9:>14.4f} G")
-    print(f"  {'train (3x)':<22}{flops['train'] / 1e9:>14.4f} G   6N+12LHQT (MFU): "
-          f"{mfu_flops_per_token(config, seq_len) / 1e9:.4f} G")
-    print(f"  forward of one sequence of {seq_len} tokens: "
-          f"{flops['forward'] * seq_len / 1e12:.3f} TFLOPs")
-    memory = memory_estimate(config, batch_size, seq_len)
-    _print_table(f"training memory with AdamW, fp32, batch {batch_size} x {seq_len}",
-                 {k: v for k, v in memory.items() if k != "total"}, memory["total"],
-                 lambda v: f"{v / 2**30:.2f} GiB")
-    print(f"  {'total':<22}{memory['total'] / 2**30:>12.2f} GiB")
+    for title, rows, total, unit in (
+            ("parameters", count_params(config), "total", "{:,}".format),
+            (f"forward FLOPs per token at seq_len={seq_len}", flops, "forward",
+             lambda v: f"{v / 1e9:.4f} G"),
+            (f"training memory with AdamW, fp32, batch {batch_size} x {seq_len}", memory, "total",
+             lambda v: f"{v / 2**30:.2f} GiB")):
+        print(f"\n{title}")
+        for name, value in rows.items():
+            share = f"{100 * value / rows[total]:6.2f}%" if name not in (total, "train") else ""
+            print(f"  {name:<22}{unit(value):>16}  {share}".rstrip())
+    print(f"\ntrain = 3 x forward; PaLM's 6N + 12LHQT for MFU: "
+          f"{mfu_flops_per_token(config, seq_len) / 1e9:.4f} G per token; "
+          f"the forward of one sequence: {flops['forward'] * seq_len / 1e12:.3f} TFLOPs")
+
+
+def main(argv: list[str]) -> None:
+    if argv[:1] in (["-h"], ["--help"]):
+        print(__doc__)
+        return
+    positional, options = parse_args(argv, CLI_DEFAULTS)
+    if positional:
+        raise UsageError(f"unexpected argument {positional[0]!r}; write options as --key=value")
+    preset, batch_size, seq_len = (options.pop(key, CLI_DEFAULTS[key])
+                                   for key in ("preset", "batch_size", "seq_len"))
+    if batch_size < 1 or seq_len < 0:
+        raise UsageError(f"need --batch_size >= 1 and --seq_len >= 0, got {batch_size}, {seq_len}")
+    try:
+        config = ModelConfig.preset(preset, **options) if preset else ModelConfig(**options)
+    except ValueError as error:  # a bad field value is bad usage: one line naming the field
+        raise UsageError(str(error)) from None
+    print_accounting(config, batch_size, seq_len or config.context_length)
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                     epilog="any ModelConfig field as --key=value")
-    parser.add_argument("--preset", choices=sorted(PRESETS), default=None)
-    parser.add_argument("--batch_size", type=int, default=1, help="for the memory estimate")
-    parser.add_argument("--seq_len", type=int, default=None, help="default: context_length")
-    known, rest = parser.parse_known_args()
-    try:
-        model_config = parse_config(rest, known.preset)
-    except ValueError as error:
-        parser.error(str(error))
-    main(model_config, known.batch_size, known.seq_len or model_config.context_length)
+    run_cli(main)
