@@ -1,47 +1,48 @@
-"""Training: from raw text to a language model that writes stories, in one command.
+"""Stage 3: training, from raw text to a language model that writes stories, in one command.
 
-The training half of CS336 assignment 1, written from scratch: the cross-entropy loss, learning-rate
-schedules (cosine with warm-up, warm-up-stable-decay), gradient clipping, random batches from a
-token array, checkpoints that resume bit for bit, and the training loop with bf16 autocast,
-torch.compile, gradient accumulation, an MoE auxiliary loss and data-parallel training (torchrun).
+The training half of CS336 assignment 1, in teaching order: the cross-entropy loss, AdamW
+(reference, foreach, fused), learning-rate schedules and gradient clipping, random batches,
+checkpoints that resume exactly, the training step and the loop (bf16 autocast, torch.compile,
+gradient accumulation, data parallelism under torchrun); then Muon and SOAP, the pre-run checks,
+the data preparation and the command line. kernels.py benchmarks the training step.
 
 Commands
     python train.py                        # CPU, ~5 min: download, tokenizer, encode, train, sample
-    python train.py --data=notes.txt       # any text file
-    python train.py --dataset=owt --max_text_mb=0 --vocab_size=32000 --d_model=768 ...   # one GPU
-    torchrun --standalone --nproc_per_node=8 train.py --dataset=owt ...                   # 8 GPUs
+    python train.py --data=notes.txt       # any UTF-8 text file
+    python train.py --preset=nanogpt --dataset=pycode --max_text_mb=0 --vocab_size=32000  # 1 GPU
+    torchrun --standalone --nproc_per_node=8 train.py --preset=nanogpt ...                # 8 GPUs
     python train.py run.json --lr=3e-4     # a config file (JSON or `key = value` lines), then flags
-    python train.py --resume               # continue out_dir/ckpt.pt where it stopped
-    python train.py bench                  # GPU throughput, GPT-2-small and TinyStories shapes
-    python train.py bench --shape=gpt2 --batch_size=32 --compile=False   # one variant
-Every knob lives in TrainConfig below; `--key=value` sets any of them or any ModelConfig field.
+    python train.py --resume               # continue out_dir/ckpt.pt with the run's own config
+    python train.py plot [out_dir]         # loss and learning rate against tokens -> loss.png
+`--key=value` sets any TrainConfig field or any ModelConfig field over the preset. Errors print
+one line (`--debug`: the traceback); Ctrl-C saves a checkpoint and exits with 130.
 
-Reads   data_cache/ (made on first use: downloaded text, the BPE tokenizer, token .bin arrays),
-        or --train_bin/--val_bin/--tokenizer_dir written by `python tokenizer.py encode`.
-Writes  out_dir/ckpt.pt (model, optimizer, config, RNG and data state), out_dir/metrics.jsonl
-        (one JSON object per log line: plot loss against tokens), out_dir/samples.txt.
+Reads   data_cache/ (made on first use: text, BPE tokenizer, token .bin arrays), or the
+        --train_bin/--val_bin/--tokenizer_dir written by `python tokenizer.py encode`.
+Writes  out_dir/ckpt.pt (model, optimizer, config, RNG and data state), metrics.jsonl, samples.txt,
+        loss.png (`plot`); another run's results are replaced only with --overwrite. Resuming
+        repeats the uninterrupted run bit for bit on one CPU thread (tested); on a GPU, reduction
+        order varies and two uninterrupted runs already differ by ~1e-6.
 
-Papers  Kingma & Ba 2015 (Adam); Loshchilov & Hutter 2019 (AdamW, cosine schedules);
-        Hu et al. 2024 (MiniCPM: warm-up-stable-decay); Pascanu et al. 2013 (gradient clipping);
-        Jordan et al. 2024 (Muon, blog); Liu et al. 2025 (Muon is Scalable for LLM Training);
-        Vyas et al. 2024 (SOAP: Improving and Stabilizing Shampoo using Adam);
-        Micikevicius et al. 2018 (mixed precision); Li et al. 2020 (PyTorch DDP);
-        Chowdhery et al. 2022 (PaLM: model FLOPs utilisation); Eldan & Li 2023 (TinyStories).
+Papers  Kingma & Ba 2015 (Adam); Loshchilov & Hutter 2019 (AdamW, cosine); Hu et al. 2024 (MiniCPM:
+        WSD); Pascanu et al. 2013 (clipping); Jordan et al. 2024 (Muon); Liu et al. 2025 (Muon is
+        Scalable); Vyas et al. 2024 (SOAP); Micikevicius et al. 2018 (mixed precision); Li et al.
+        2020 (PyTorch DDP); Chowdhery et al. 2022 (PaLM: MFU); Eldan & Li 2023 (TinyStories).
 """
 
-import ast
 import contextlib
 import dataclasses
 import datetime
-import difflib
-import gzip
+import functools
 import hashlib
 import json
 import math
 import os
 import random
-import shutil
+import signal
 import sys
+import sysconfig
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -55,19 +56,17 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from model import ModelConfig, TransformerLM, count_params, generate, mfu_flops_per_token
-from tokenizer import Tokenizer, encode_file, token_dtype, train_bpe
+from model import PRESETS, ModelConfig, TransformerLM, count_params, generate, mfu_flops_per_token
+from tokenizer import (Tokenizer, UsageError, atomic_output, encode_file, parse_args, run_cli,
+                       token_dtype, train_bpe, write_atomic)
 
-# ----------------------------------------------------------------------------------------------
-# Config: every knob of a run, in one place. `--key=value` overrides any of them (typed from the
-# default, so `--lr=1` is a float and `--compile=False` a bool), and so does a config file.
-
-
+# Config: every knob of a run, in one place --------------------------------------------------------
+# Overridden by `--key=value` (typed from the default: `--lr=1` is a float) or a config file.
 @dataclass
 class TrainConfig:
     # data
-    dataset: str = "tinystories"  # "tinystories" (offline: pydoc), "owt" (OpenWebText), "pydoc"
-    data: str = ""  # a text file to train on instead of `dataset`
+    dataset: str = "tinystories"  # "tinystories" (offline: "pycode"), "pycode", "pydoc"
+    data: str = ""  # a UTF-8 text file to train on instead of `dataset`
     train_bin: str = ""  # token arrays from `tokenizer.py encode` instead of text...
     val_bin: str = ""  # ...with their validation split...
     tokenizer_dir: str = ""  # ...and the tokenizer that wrote them
@@ -75,15 +74,9 @@ class TrainConfig:
     max_text_mb: float = 8.0  # train on at most this much text (0 = all): keeps CPU runs short
     val_fraction: float = 0.05  # share of a single text file held out for validation
     vocab_size: int = 2048  # BPE vocabulary, special tokens included
-    # model: any ModelConfig field (model.py) may be set, e.g. --d_model=512 --tie_weights=True
-    model: dict = field(default_factory=lambda: dict(
-        context_length=128,  # tokens per training window
-        d_model=128,  # residual stream width: small enough for ~10k tokens/s on 2 CPU cores
-        num_layers=4,  # transformer blocks
-        num_heads=4,  # attention heads (head dim 32)
-        d_ff=384,  # SwiGLU hidden width, ~8/3 d_model rounded up to a multiple of 64
-        rope_theta=10000.0,  # RoPE base
-    ))
+    # model: a shape from model.py's PRESETS, and any ModelConfig field over it (--d_model=256)
+    preset: str = "tiny"  # 128 wide, 4 layers, context 128: ~10k tokens/s on 2 CPU cores
+    model: dict = field(default_factory=dict)  # the ModelConfig fields set by flags
     # optimisation
     optimizer: str = "adamw"  # "adamw", "muon" (AdamW for non-matrix weights), "soap"
     lr: float = 2e-3  # peak learning rate (Muon scales its updates to match, so one knob)
@@ -100,12 +93,13 @@ class TrainConfig:
     grad_accum_steps: int = 1  # micro-batches per optimizer step
     max_iters: int = 600  # optimizer steps: 2.5M tokens, about 4 minutes on 2 CPU cores
     # evaluation, logging, checkpoints, samples
-    eval_interval: int = 100  # steps between validation losses
+    eval_interval: int = 100  # steps between validation losses (0 = never)
     eval_iters: int = 20  # batches per validation loss
     log_interval: int = 10  # steps between progress-bar updates (each costs one GPU sync)
     checkpoint_interval: int = 200  # steps between checkpoints (0 = only at the end)
     out_dir: str = "out"  # checkpoint, metrics and samples go here
-    resume: bool = False  # continue from out_dir/ckpt.pt
+    resume: bool = False  # continue out_dir/ckpt.pt, with the configuration saved in it
+    overwrite: bool = False  # let a new run replace the results of another one in out_dir
     num_samples: int = 3  # texts generated at the end
     sample_tokens: int = 160  # new tokens per sample
     sample_prompt: str = ""  # "" starts each sample at <|endoftext|>, i.e. a fresh document
@@ -115,52 +109,28 @@ class TrainConfig:
     device: str = "auto"  # "auto" = CUDA, then MPS, then CPU
     dtype: str = "auto"  # "auto" = bf16 autocast on GPUs that have it, else "float32"
     compile: str = "auto"  # "auto" = torch.compile on CUDA only; or True / False
-    seed: int = 1337  # model init, batches (offset by rank) and samples
+    seed: int = 1337  # model init, batches and samples
 
 
-@dataclass
-class BenchConfig(TrainConfig):
-    shape: str = "both"  # "gpt2" (GPT-2 small), "tinystories" (the course's shape), or "both"
-    batch_size: int = 0  # micro-batch; 0 = the shape's own (16 for gpt2, 128 for tinystories)
-    vocab_size: int = 0  # the model's vocabulary; 0 = the shape's own (50304, 10000)
-    steps: int = 20  # timed optimizer steps
-    warmup_steps: int = 5  # untimed steps first: compilation, allocator and autotuning settle
-    profile: int = 0  # > 0: profile this many more steps and print the kernels that take the time
-    # empty: the shapes below set the model; fields given here (e.g. --num_layers=2) override them
-    model: dict = field(default_factory=dict)
-
-
-BENCH_SHAPES = {
-    # nanoGPT's GPT-2 small: vocab 50257 padded to a multiple of 64, SwiGLU at ~8/3 d_model.
-    "gpt2": dict(vocab_size=50304, context_length=1024, d_model=768, num_layers=12, num_heads=12,
-                 d_ff=2048, rope_theta=10000.0, tie_weights=True),
-    # CS336 assignment 1's TinyStories model.
-    "tinystories": dict(vocab_size=10000, context_length=256, d_model=512, num_layers=4,
-                        num_heads=16, d_ff=1344, rope_theta=10000.0),
-}
-BENCH_BATCH = {"gpt2": 16, "tinystories": 128}
-TINYSTORIES_TOKENS = 327_680_000  # the course's TinyStories budget: 5000 steps x 256 x 256
-
-TINYSTORIES_URL = ("https://huggingface.co/datasets/roneneldan/TinyStories/resolve/main/"
-                   "TinyStories-valid.txt")
-OWT_URL = "https://huggingface.co/datasets/stanford-cs336/owt-sample/resolve/main/owt_{}.txt.gz"
+# What --resume may change: how long the run goes on, what it reports, where and how it runs.
+# Anything else (model, optimizer, data, batch shape, schedule shape) would make it another run.
+RESUMABLE = {"max_iters", "eval_interval", "eval_iters", "log_interval", "checkpoint_interval",
+             "num_samples", "sample_tokens", "sample_prompt", "temperature", "top_k", "out_dir",
+             "resume", "overwrite", "device", "dtype", "compile", "cache_dir", "train_bin",
+             "val_bin", "tokenizer_dir"}
 EOT = "<|endoftext|>"
 
-# Dense bf16 tensor-core peaks (FLOP/s) from the vendors' data sheets, for MFU. Unknown GPU -> None.
-PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "B200": 2250e12, "A100": 312e12,
-                   "L40S": 362e12, "L4": 121e12, "RTX 4090": 165e12}
 
-# ----------------------------------------------------------------------------------------------
-# Loss
+def build_model_config(cfg: TrainConfig, vocab_size: int) -> ModelConfig:
+    return ModelConfig.preset(cfg.preset, **{**cfg.model, "vocab_size": vocab_size})
 
 
+# Loss: the reference, then the fused training loss ------------------------------------------------
 def cross_entropy(logits: Tensor, targets: Tensor, ignore_index: int = -100) -> Tensor:
     """Mean of -log softmax(logits)[target] over every position whose target is not ignored.
-
     logits (..., V) in any float dtype, targets (...) integer ids. Computed in float32: bf16 keeps
     only 8 bits of mantissa, too few to tell a loss of 3.01 from 3.02. Under torch.compile the cast,
-    max, exp and sum fuse into one pass over the logits, so no float32 copy of them is made.
-    """
+    max, exp and sum fuse into one pass over the logits, so no float32 copy of them is made."""
     logits = logits.float()
     # log softmax_i = x_i - log sum_j exp(x_j). Subtracting the max first keeps exp from
     # overflowing (logits of 1e4 would give inf) without changing the result.
@@ -175,14 +145,11 @@ def cross_entropy(logits: Tensor, targets: Tensor, ignore_index: int = -100) -> 
 
 class _FusedCrossEntropy(torch.autograd.Function):
     """cross_entropy with a hand-written backward: d loss / d logits = softmax - one_hot.
-
     Autograd through the reference saves float32 log-probabilities for backward: for GPT-2 small
     (16 x 1024 tokens x 50304) that is 3.3 GB written and read again each step. Here backward
     recomputes the softmax from the saved (bf16) logits and one float per row, log-sum-exp, so
     the logits are read twice and never copied; under torch.compile each direction is one fused
-    kernel (1.1 ms less per GPT-2-small step on an H200).
-    """
-
+    kernel (1.1 ms less per GPT-2-small step on an H200)."""
     @staticmethod
     def forward(ctx, logits: Tensor, targets: Tensor, ignore_index: int) -> Tensor:
         keep = targets != ignore_index
@@ -211,151 +178,25 @@ def fused_cross_entropy(logits: Tensor, targets: Tensor, ignore_index: int = -10
     return _FusedCrossEntropy.apply(logits, targets, ignore_index)
 
 
-def perplexity(mean_loss: float) -> float:
-    """exp(mean cross-entropy in nats): the branching factor the model is left with per token."""
+def perplexity(mean_loss: float) -> float:  # the branching factor left per token
     return math.exp(mean_loss) if mean_loss < 700 else math.inf  # exp(710) overflows a double
 
 
 def unigram_entropy(tokens: np.ndarray, vocab_size: int) -> float:
-    """Entropy in nats/token of the token frequencies: the loss of a model that ignores context.
-
-    A language model that has learnt anything beyond word counts must go well below this.
-    """
+    """Entropy in nats/token of the token frequencies: the loss of a model that ignores context,
+    which a model that learnt anything beyond word counts must go well below."""
     counts = np.bincount(np.asarray(tokens), minlength=vocab_size).astype(np.float64)
     p = counts[counts > 0] / counts.sum()
     return float(-(p * np.log(p)).sum())
 
 
-# ----------------------------------------------------------------------------------------------
-# Learning-rate schedules
-
-
-def lr_cosine(t: int, lr_max: float, lr_min: float, warmup_iters: int,
-              cosine_cycle_iters: int) -> float:
-    """Linear warm-up to lr_max, cosine down to lr_min at cosine_cycle_iters, then lr_min."""
-    if t < warmup_iters:
-        return t / warmup_iters * lr_max
-    if t <= cosine_cycle_iters:
-        progress = (t - warmup_iters) / max(1, cosine_cycle_iters - warmup_iters)
-        return lr_min + 0.5 * (1 + math.cos(math.pi * progress)) * (lr_max - lr_min)
-    return lr_min
-
-
-def lr_wsd(t: int, lr_max: float, lr_min: float, warmup_iters: int, total_iters: int,
-           decay_iters: int) -> float:
-    """Warm-up-stable-decay: linear warm-up, lr_max for most of the run, a short linear decay.
-
-    The stable phase does not depend on the run length, so one run can be branched into decays at
-    several lengths (MiniCPM; Hagele et al. 2024), which the cosine schedule cannot.
-    """
-    if t < warmup_iters:
-        return t / warmup_iters * lr_max
-    decay_start = total_iters - decay_iters
-    if t < decay_start:
-        return lr_max
-    if t < total_iters:
-        return lr_max + (t - decay_start) / decay_iters * (lr_min - lr_max)
-    return lr_min
-
-
-# ----------------------------------------------------------------------------------------------
-# Gradient clipping
-
-
-def clip_grad_norm(params: Iterable[nn.Parameter], max_norm: float) -> Tensor:
-    """Scale all gradients in place so their global L2 norm is at most max_norm; return the norm.
-
-    The norm is taken over all parameters together, so clipping changes the step's length, never
-    its direction. It stays a tensor (no `if norm > max_norm` on the host) so the GPU never waits.
-    """
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
-        return torch.zeros(())
-    # The norm of the per-tensor norms is the norm of everything, without concatenating.
-    total = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
-    scale = (max_norm / (total + 1e-6)).clamp(max=1.0)
-    torch._foreach_mul_(grads, scale)
-    return total
-
-
-# ----------------------------------------------------------------------------------------------
-# Optimizers: AdamW, Muon and SOAP, each a torch.optim.Optimizer.
-#
-# An optimizer turns the gradient g of each parameter into an update. SGD takes a step along -g;
-# everything below takes a step along a *better-shaped* direction built from g:
-#   AdamW divides each coordinate by a running RMS of its own gradient (a diagonal preconditioner),
-#         so every weight moves at about the same speed whatever the scale of its gradient.
-#   Muon  treats a weight matrix as a matrix: it replaces the (momentum-averaged) gradient U S V^T
-#         by U V^T, the nearest orthogonal matrix, so every direction of the matrix moves equally.
-#   SOAP  learns a rotation per weight matrix (Shampoo's Kronecker factors) and runs Adam in it,
-#         a full-matrix-like preconditioner at the cost of two small eigenbases per matrix.
-# All three decay the weights *decoupled* from the gradient (w <- w * (1 - lr * wd)), keep their
-# step count per parameter (so a checkpoint resumes exactly), and do no host-device syncs in a
-# step beyond SOAP's one eigendecomposition at its first step; nothing is rank-specific, so they
-# work unchanged on DDP's averaged gradients.
-
+# AdamW: the reference, a foreach version, a compiled (fused) one, and the optimizer class ---------
+# An optimizer turns the gradient g of each parameter into an update. SGD steps along -g; AdamW
+# divides each coordinate by a running RMS of its own gradient (a diagonal preconditioner), so
+# every weight moves at about the same speed whatever the scale of its gradient, and it decays
+# the weights *decoupled* from the gradient (w <- w * (1 - lr * wd)). Muon and SOAP, which shape
+# the step of a whole matrix, come after the training loop.
 Params = Iterable[torch.Tensor] | Iterable[dict]
-
-
-def _check_range(group: dict, key: str, low: float, high: float, include_high: bool) -> None:
-    """Raise a ValueError naming `key` unless low <= group[key] < high (or <= high)."""
-    value = group[key]
-    is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
-    # `not (a <= b)` rather than `a > b`, so that NaN is rejected too.
-    if not is_number or not (low <= value and (value <= high if include_high else value < high)):
-        closing = "]" if include_high else ")"
-        raise ValueError(f"{key} must be a number in [{low}, {high}{closing}, got {value!r}")
-
-
-def _check_int(group: dict, key: str, low: int) -> None:
-    value = group[key]
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{key} must be an integer >= {low}, got {value!r}")
-
-
-def _check_adamw_hyperparameters(group: dict) -> None:
-    _check_range(group, "lr", 0.0, math.inf, include_high=False)
-    _check_range(group, "eps", 0.0, math.inf, include_high=False)
-    _check_range(group, "weight_decay", 0.0, math.inf, include_high=False)
-    betas = group["betas"]
-    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
-        raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
-    _check_range({"betas[0]": betas[0]}, "betas[0]", 0.0, 1.0, include_high=False)
-    _check_range({"betas[1]": betas[1]}, "betas[1]", 0.0, 1.0, include_high=False)
-
-
-def _check_params(group: dict) -> None:
-    for p in group["params"]:
-        if p.is_complex():
-            raise ValueError(f"complex parameters are not supported (shape {tuple(p.shape)})")
-
-
-def _params_with_grads(optimizer: torch.optim.Optimizer) -> list[tuple[dict, list]]:
-    """(group, its parameters that have a gradient) for every group, checked before any update.
-
-    A parameter without a gradient (unused this step, or frozen) is left alone and its step count
-    does not advance: torch.optim.AdamW's convention. Sparse gradients are refused up front, so a
-    step that fails has changed nothing.
-    """
-    groups = [(g, [p for p in g["params"] if p.grad is not None]) for g in optimizer.param_groups]
-    if any(p.grad.is_sparse for _, params in groups for p in params):
-        raise ValueError("sparse gradients are not supported (e.g. nn.Embedding(sparse=True)); "
-                         "use dense gradients")
-    return groups
-
-
-def _use_foreach(foreach: bool | None, params: list[torch.Tensor]) -> bool:
-    # The foreach kernels launch one CUDA kernel per *list* instead of one per tensor, which is
-    # what pays on a GPU; on CPU they fall back to a loop, so there the plain loop is the default.
-    return all(p.is_cuda for p in params) if foreach is None else foreach
-
-
-def _adamw_state(state: dict, p: torch.Tensor) -> None:
-    if "step" not in state:
-        # A Python int: it travels through state_dict() as is and reading it needs no host sync.
-        state["step"] = 0
-        state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
 
 def adamw_update_reference(params: list[torch.Tensor], grads: list[torch.Tensor],
@@ -363,10 +204,8 @@ def adamw_update_reference(params: list[torch.Tensor], grads: list[torch.Tensor]
                            steps: list[int], *, lr: float, beta1: float, beta2: float,
                            eps: float, weight_decay: float) -> None:
     """One AdamW step, parameter by parameter, in place. `steps` are already incremented.
-
     The order of operations is torch.optim.AdamW's, so the two agree to float rounding (bit for
-    bit on CPU, in our tests).
-    """
+    bit on CPU, in our tests)."""
     for p, g, m, v, t in zip(params, grads, exp_avgs, exp_avg_sqs, steps):
         # Decoupled weight decay: shrink the weights directly instead of adding wd * w to the
         # gradient, where Adam's division by sqrt(v) would weaken the decay of weights with large
@@ -388,10 +227,8 @@ def adamw_update_foreach(params: list[torch.Tensor], grads: list[torch.Tensor],
                          steps: list[int], *, lr: float, beta1: float, beta2: float,
                          eps: float, weight_decay: float) -> None:
     """adamw_update_reference with each line applied to the whole list by one torch._foreach_* op.
-
     Same math, same order (tested equal); lists mixing devices or dtypes still work (torch falls
-    back to a loop for them), they are just not faster.
-    """
+    back to a loop for them), they are just not faster."""
     if weight_decay != 0:
         torch._foreach_mul_(params, 1 - lr * weight_decay)
     torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
@@ -403,19 +240,32 @@ def adamw_update_foreach(params: list[torch.Tensor], grads: list[torch.Tensor],
     torch._foreach_addcdiv_(params, exp_avgs, denoms, [-lr / (1 - beta1**t) for t in steps])
 
 
+def _adamw_step_numbers(t: int, lr: float, beta1: float, beta2: float, eps: float,
+                        weight_decay: float) -> dict[str, float]:
+    """The numbers of step t that the compiled update reads, in _adamw_fused_math's order."""
+    return dict(decay=1 - lr * weight_decay, one_minus_beta1=1 - beta1, beta2=beta2,
+                one_minus_beta2=1 - beta2, sqrt_bias_correction2=math.sqrt(1 - beta2**t),
+                eps=eps, step_size=lr / (1 - beta1**t))
+
+
 def _adamw_fused_math(params: list[torch.Tensor], grads: list[torch.Tensor],
                       exp_avgs: list[torch.Tensor], exp_avg_sqs: list[torch.Tensor],
-                      h: torch.Tensor) -> None:
-    """adamw_update_reference's lines with the step's numbers read from the float32 tensor
-    h = [1 - lr*wd, 1 - beta1, beta2, 1 - beta2, sqrt(1 - beta2^t), eps, lr / (1 - beta1^t)]."""
+                      numbers: torch.Tensor) -> None:
+    """adamw_update_reference's lines, with the step's numbers read from one float32 tensor."""
+    (decay, one_minus_beta1, beta2, one_minus_beta2, sqrt_bias_correction2, eps,
+     step_size) = (numbers[i] for i in range(7))
     for p, g, m, v in zip(params, grads, exp_avgs, exp_avg_sqs):
-        p.mul_(h[0])
-        m.lerp_(g, h[1])
-        v.mul_(h[2]).addcmul_(g, g * h[3])
-        p.sub_(m / (v.sqrt() / h[4] + h[5]) * h[6])
+        p.mul_(decay)
+        m.lerp_(g, one_minus_beta1)
+        v.mul_(beta2).addcmul_(g, g * one_minus_beta2)
+        p.sub_(m / (v.sqrt() / sqrt_bias_correction2 + eps) * step_size)
 
 
-_fused_adamw_kernels = None  # torch.compile(_adamw_fused_math), made at the first fused step
+@functools.cache
+def _compiled_adamw_math() -> Callable:
+    # Compiled at the first fused step, once per process. dynamic=False: the shapes never change,
+    # so every kernel is specialised to its tensor's size.
+    return torch.compile(_adamw_fused_math, dynamic=False)
 
 
 def adamw_update_fused(params: list[torch.Tensor], grads: list[torch.Tensor],
@@ -423,79 +273,70 @@ def adamw_update_fused(params: list[torch.Tensor], grads: list[torch.Tensor],
                        steps: list[int], *, lr: float, beta1: float, beta2: float,
                        eps: float, weight_decay: float) -> None:
     """adamw_update_reference compiled by torch.compile into one kernel per parameter.
-
-    The foreach path is ~8 passes over memory (each line reads and writes whole lists): 2.8 ms per
-    GPT-2-small step on an H200. Compiled, each parameter's update is one fused kernel that reads
-    p, g, m, v once and writes p, m, v once: 1.8 ms, and about 1.6 ms less per training step
-    (numbers in the README). The numbers that change every step (lr, the bias corrections) travel
-    in one small tensor: passed as Python floats they would be baked into the compiled code and
-    recompile it at every step. Parameters are bucketed by step count (normally one bucket).
-    """
-    global _fused_adamw_kernels
-    if _fused_adamw_kernels is None:
-        # dynamic=False: shapes are fixed, so every kernel is specialised to its tensor's size
-        _fused_adamw_kernels = torch.compile(_adamw_fused_math, dynamic=False)
+    The foreach path makes ~8 passes over memory (2.8 ms per GPT-2-small step on an H200); one
+    fused kernel per parameter reads p, g, m, v once and writes p, m, v once (1.8 ms). The numbers
+    that change every step travel in one small tensor: as Python floats they would be baked into
+    the compiled code, one recompile per step. Parameters are bucketed by step count."""
     buckets: dict[int, list[int]] = {}
     for i, t in enumerate(steps):
         buckets.setdefault(t, []).append(i)
     for t, idx in buckets.items():
-        h = torch.tensor([1 - lr * weight_decay, 1 - beta1, beta2, 1 - beta2,
-                          math.sqrt(1 - beta2**t), eps, lr / (1 - beta1**t)], dtype=torch.float32)
+        numbers = _adamw_step_numbers(t, lr, beta1, beta2, eps, weight_decay)
+        numbers = torch.tensor(list(numbers.values()), dtype=torch.float32)
         device = params[idx[0]].device
         # pinned memory lets the copy run behind the queued GPU work instead of waiting for it
-        h = h.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else h.to(device)
-        _fused_adamw_kernels(*([lst[i] for i in idx] for lst in
-                               (params, grads, exp_avgs, exp_avg_sqs)), h)
+        numbers = (numbers.pin_memory().to(device, non_blocking=True) if device.type == "cuda"
+                   else numbers.to(device))
+        _compiled_adamw_math()(*([lst[i] for i in idx] for lst in
+                                 (params, grads, exp_avgs, exp_avg_sqs)), numbers)
 
 
-def _adamw_group_step(optimizer: torch.optim.Optimizer, group: dict,
-                      params: list[torch.Tensor]) -> None:
-    """The AdamW step for `params` (all with a gradient) of one group; shared by all three."""
-    if not params:
-        return
-    grads, exp_avgs, exp_avg_sqs, steps = [], [], [], []
-    for p in params:
-        state = optimizer.state[p]
-        _adamw_state(state, p)
-        state["step"] += 1
-        grads.append(p.grad)
-        exp_avgs.append(state["exp_avg"])
-        exp_avg_sqs.append(state["exp_avg_sq"])
-        steps.append(state["step"])
-    if group["fused"]:
-        update = adamw_update_fused
-    elif _use_foreach(group["foreach"], params):
-        update = adamw_update_foreach
-    else:
-        update = adamw_update_reference
-    beta1, beta2 = group["betas"]
-    update(params, grads, exp_avgs, exp_avg_sqs, steps, lr=group["lr"], beta1=beta1,
-           beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"])
+def check_hyperparameters(group: dict, rules: dict[str, tuple]) -> None:
+    """Raise a ValueError naming the first value of a parameter group that breaks its rule:
+    (low, high) for a number in [low, high) (NaN fails it), plus None if a third entry is None;
+    (int, low) for an integer >= low; (bool,) for True or False. betas[i] names betas' entries."""
+    betas = group.get("betas", (0.0, 0.0))
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
+    values = {**group, "betas[0]": betas[0], "betas[1]": betas[1]}
+    for key, rule in rules.items():
+        value = values[key]
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if rule[0] is bool:
+            ok, expected = isinstance(value, bool), "True or False"
+        elif rule[0] is int:
+            ok = number and isinstance(value, int) and value >= rule[1]
+            expected = f"an integer >= {rule[1]}"
+        else:
+            ok = (value is None and rule[-1] is None) or (number and rule[0] <= value < rule[1])
+            expected = f"a number in [{rule[0]}, {rule[1]})"
+        if not ok:
+            raise ValueError(f"{key} must be {expected}, got {value!r}")
+
+
+ADAMW_RULES = {"lr": (0.0, math.inf), "eps": (0.0, math.inf), "weight_decay": (0.0, math.inf),
+               "betas[0]": (0.0, 1.0), "betas[1]": (0.0, 1.0), "fused": (bool,)}
 
 
 class _Optimizer(torch.optim.Optimizer):
-    """What the three optimizers share: every parameter group is validated as it is added (a bad
-    one is removed again and the error names the field), and step() runs the optional closure,
-    then _update() with no autograd."""
-
+    """What AdamW, Muon and SOAP share: every parameter group is checked against RULES as it is
+    added (a bad one is removed again), and step() runs the closure, then _update() without
+    autograd. Each keeps its step count per parameter, so a checkpoint resumes exactly."""
+    RULES = ADAMW_RULES
     # How a step is computed, not which step: a loaded state_dict keeps the current choices, so a
     # checkpoint written on a GPU (fused) resumes on a CPU (loop) and the other way round.
     RUNTIME_KEYS = ("foreach", "fused")
 
-    def _check_group(self, group: dict) -> None:
-        raise NotImplementedError
-
-    def _update(self) -> None:
-        raise NotImplementedError
+    def _check_params(self, group: dict) -> None:
+        for p in group["params"]:
+            if p.is_complex():
+                raise ValueError(f"complex parameters are not supported (shape {tuple(p.shape)})")
 
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
-        try:  # validated after torch fills in the defaults, so per-group values are checked too
-            self._check_group(self.param_groups[-1])
-            _check_params(self.param_groups[-1])
-            if not isinstance(self.param_groups[-1]["fused"], bool):
-                raise ValueError(f"fused must be True or False, got "
-                                 f"{self.param_groups[-1]['fused']!r}")
+        try:  # checked after torch fills in the defaults, so per-group values are checked too
+            check_hyperparameters(self.param_groups[-1], self.RULES)
+            self._check_params(self.param_groups[-1])
         except ValueError:
             self.param_groups.pop()
             raise
@@ -506,647 +347,136 @@ class _Optimizer(torch.optim.Optimizer):
         for group, keys in zip(self.param_groups, runtime):
             group.update(keys)
 
+    @torch.no_grad()
     def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        with torch.no_grad():
-            self._update()
+        with torch.enable_grad():
+            loss = closure() if closure is not None else None
+        self._update()
         return loss
+
+    def _groups_with_grads(self) -> list[tuple[dict, list]]:
+        """(group, its parameters with a gradient): the others (unused, frozen) keep their step
+        count, as in torch.optim.AdamW. Sparse gradients are refused before any update."""
+        groups = [(g, [p for p in g["params"] if p.grad is not None]) for g in self.param_groups]
+        if any(p.grad.is_sparse for _, params in groups for p in params):
+            raise ValueError("sparse gradients are not supported (e.g. nn.Embedding(sparse=True)); "
+                             "use dense gradients")
+        return groups
+
+    def _adamw_step(self, group: dict, params: list[torch.Tensor]) -> None:
+        """The AdamW step of `params` (all with a gradient) of one group; Muon and SOAP use it for
+        their non-matrix parameters."""
+        if not params:
+            return
+        states = [self.state[p] for p in params]
+        for state, p in zip(states, params):
+            if "step" not in state:  # a Python int: it needs no host sync and saves as is
+                state.update(step=0, exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
+            state["step"] += 1
+        # foreach launches one kernel per *list* instead of one per tensor, which pays on a GPU;
+        # on a CPU it falls back to a loop, so there the plain loop is the default.
+        if group["fused"]:
+            update = adamw_update_fused
+        elif all(p.is_cuda for p in params) if group["foreach"] is None else group["foreach"]:
+            update = adamw_update_foreach
+        else:
+            update = adamw_update_reference
+        beta1, beta2 = group["betas"]
+        update(params, [p.grad for p in params], [s["exp_avg"] for s in states],
+               [s["exp_avg_sq"] for s in states], [s["step"] for s in states], lr=group["lr"],
+               beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"])
 
 
 class AdamW(_Optimizer):
     """Adam with decoupled weight decay (Loshchilov & Hutter 2019): torch.optim.AdamW's math.
-
-    Per parameter: m and v are running averages of g and g^2; the update is
-    -lr * m_hat / (sqrt(v_hat) + eps) with bias-corrected m_hat, v_hat, and the weights are first
-    shrunk by (1 - lr * weight_decay). foreach=None uses the foreach fast path when every parameter
-    of a group is on CUDA, the per-parameter loop otherwise; True/False force one. fused=True
-    runs the update compiled by torch.compile (adamw_update_fused), the fastest on a GPU; its first
-    step spends seconds compiling.
-    """
-
+    foreach=None takes the foreach path when every parameter of a group is on CUDA, the loop
+    otherwise; True/False force one. fused=True runs adamw_update_fused, the fastest on a GPU
+    (its first step spends seconds compiling)."""
     def __init__(self, params: Params, lr: float = 1e-3,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.01, foreach: bool | None = None,
                  fused: bool = False) -> None:
-        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, foreach=foreach,
-                        fused=fused)
-        super().__init__(params, defaults)
-
-    def _check_group(self, group: dict) -> None:
-        _check_adamw_hyperparameters(group)
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                                      foreach=foreach, fused=fused))
 
     def _update(self) -> None:
-        for group, params in _params_with_grads(self):
-            _adamw_group_step(self, group, params)
+        for group, params in self._groups_with_grads():
+            self._adamw_step(group, params)
 
 
-# --- Muon ---------------------------------------------------------------------
-
-def zeropower_via_newtonschulz(G: torch.Tensor, steps: int = 5) -> torch.Tensor:
-    """Approximately orthogonalise G: U S V^T -> U S' V^T with every S' near 1 (about 0.7 to 1.2).
-
-    The exact answer U V^T needs an SVD, which is slow on a GPU. The iteration
-        X <- a X + b (X X^T) X + c (X X^T)^2 X
-    only needs matmuls, and acts on each singular value s of X separately: s <- a s + b s^3 + c s^5.
-    Dividing G by its Frobenius norm first puts every s in [0, 1] (the spectral norm is at most the
-    Frobenius norm). Jordan et al. tuned (a, b, c) = (3.4445, -4.7750, 2.0315) to make the slope
-    at 0 as large as possible (a: small singular values grow ~3.4x per step, so 5 steps lift
-    anything above ~1e-3 of the norm into the band; smaller ones stay small) while keeping every
-    s inside a band around 1 instead of converging exactly (p(1) = a + b + c = 0.70: 1 is not a
-    fixed point): training does not need exact orthogonality, it needs it fast.
-    Runs in bfloat16 on CUDA (the iteration tolerates it; tensor cores make it cheap) and float32
-    elsewhere (bfloat16 matmuls are slow on CPUs). Returns G's dtype and shape.
-    """
-    if G.ndim != 2:
-        raise ValueError(f"expected a matrix, got shape {tuple(G.shape)}")
-    a, b, c = 3.4445, -4.7750, 2.0315
-    X = G.to(torch.bfloat16 if G.is_cuda else torch.float32)
-    tall = X.size(0) > X.size(1)
-    if tall:  # work with the smaller Gram matrix X X^T: (min, min) instead of (max, max)
-        X = X.T
-    X = X / (X.norm() + 1e-7)  # the eps keeps a zero gradient at zero instead of NaN
-    for _ in range(steps):
-        A = X @ X.T
-        B = b * A + c * A @ A
-        X = a * X + B @ X
-    if tall:
-        X = X.T
-    return X.to(G.dtype)
+# Learning-rate schedules and gradient clipping ----------------------------------------------------
+def lr_cosine(t: int, lr_max: float, lr_min: float, warmup_iters: int,
+              cosine_cycle_iters: int) -> float:
+    """Linear warm-up to lr_max, cosine down to lr_min at cosine_cycle_iters, then lr_min."""
+    if t < warmup_iters:
+        return t / warmup_iters * lr_max
+    if t <= cosine_cycle_iters:
+        progress = (t - warmup_iters) / max(1, cosine_cycle_iters - warmup_iters)
+        return lr_min + 0.5 * (1 + math.cos(math.pi * progress)) * (lr_max - lr_min)
+    return lr_min
 
 
-def _check_muon_group(group: dict) -> None:
-    _check_adamw_hyperparameters(group)
-    _check_range(group, "momentum", 0.0, 1.0, include_high=False)
-    _check_int(group, "ns_steps", 1)
-    if not isinstance(group["use_muon"], bool) or not isinstance(group["nesterov"], bool):
-        raise ValueError("use_muon and nesterov must be booleans, got "
-                         f"{group['use_muon']!r} and {group['nesterov']!r}")
-    if group["use_muon"]:
-        for p in group["params"]:
-            if p.ndim < 2:
-                raise ValueError(
-                    f"a use_muon=True group holds a parameter of shape {tuple(p.shape)}; Muon "
-                    "only orthogonalises matrices: put vectors in a use_muon=False group "
-                    "(param_groups_for_muon(model, ...) does the split)")
+def lr_wsd(t: int, lr_max: float, lr_min: float, warmup_iters: int, total_iters: int,
+           decay_iters: int) -> float:
+    """Warm-up-stable-decay: linear warm-up, lr_max for most of the run, a short linear decay.
+    The stable phase does not depend on the run length, so one run can be branched into decays at
+    several lengths (MiniCPM; Hagele et al. 2024), which the cosine schedule cannot."""
+    if t < warmup_iters:
+        return t / warmup_iters * lr_max
+    decay_start = total_iters - decay_iters
+    if t < decay_start:
+        return lr_max
+    if t < total_iters:
+        return lr_max + (t - decay_start) / decay_iters * (lr_min - lr_max)
+    return lr_min
 
 
-class Muon(_Optimizer):
-    """Muon (Jordan et al. 2024): momentum, then orthogonalise the update, for hidden matrices.
-
-    For a weight matrix W in a use_muon=True group:
-        buf <- momentum * buf + (1 - momentum) * g                 (an EMA, like Adam's m)
-        u   <- (1 - momentum) * g + momentum * buf  if nesterov else buf
-        W   <- W * (1 - lr * weight_decay) - lr * 0.2 * sqrt(max(rows, cols)) * NS(u)
-    NS(u) (zeropower_via_newtonschulz) keeps u's singular vectors and sets its singular values near
-    1, so rare directions of the gradient get as large a step as the dominant one. Parameters with
-    more than 2 dims are flattened to (size(0), -1), the convention for convolutions.
-
-    The scale is Moonshot's (Liu et al. 2025): an orthogonal (rows, cols) matrix has RMS entry
-    1/sqrt(max(rows, cols)), so the factor makes every update's RMS 0.2, the size of a typical
-    AdamW update. That lets Muon share AdamW's learning rate and weight decay (one lr knob and
-    one schedule in train.py), and keeps step sizes comparable across shapes. (Keller Jordan's
-    max(1, rows/cols)**0.5 gives an update RMS of about lr/sqrt(cols), so it needs its own,
-    larger lr: 0.02 to 0.05 in modded-nanogpt.)
-
-    Groups with use_muon=False (embeddings, the output head, gains, biases: not hidden matrices,
-    or not matrices at all) get a plain AdamW step with the group's lr, betas, eps and
-    weight_decay. param_groups_for_muon(model, ...) builds both kinds of group.
-    """
-
-    def __init__(self, params: Params, lr: float = 1e-3, momentum: float = 0.95,
-                 nesterov: bool = True, ns_steps: int = 5, weight_decay: float = 0.01,
-                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 use_muon: bool = True, foreach: bool | None = None,
-                 fused: bool = False) -> None:
-        defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps,
-                        weight_decay=weight_decay, betas=betas, eps=eps, use_muon=use_muon,
-                        foreach=foreach, fused=fused)
-        super().__init__(params, defaults)
-
-    def _check_group(self, group: dict) -> None:
-        _check_muon_group(group)
-
-    def _update(self) -> None:
-        for group, params in _params_with_grads(self):
-            if not group["use_muon"]:
-                _adamw_group_step(self, group, params)
-                continue
-            lr, momentum = group["lr"], group["momentum"]
-            for p in params:
-                g = p.grad
-                state = self.state[p]
-                if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = torch.zeros_like(p)
-                buf = state["momentum_buffer"]
-                buf.lerp_(g, 1 - momentum)
-                # Nesterov: look one step ahead by mixing the fresh gradient back in; u is a new
-                # tensor, so p.grad is left as the caller's (e.g. for logging its norm).
-                u = g.lerp(buf, momentum) if group["nesterov"] else buf
-                matrix = u.reshape(u.size(0), -1)  # (rows, cols)
-                scale = 0.2 * max(matrix.shape) ** 0.5
-                update = zeropower_via_newtonschulz(matrix, group["ns_steps"]).reshape(p.shape)
-                p.mul_(1 - lr * group["weight_decay"])
-                p.add_(update, alpha=-lr * scale)
+def lr_at(cfg: TrainConfig, t: int) -> float:
+    if cfg.schedule == "wsd":
+        return lr_wsd(t, cfg.lr, cfg.min_lr, cfg.warmup_iters, cfg.max_iters,
+                      max(1, int(cfg.decay_frac * cfg.max_iters)))
+    return lr_cosine(t, cfg.lr, cfg.min_lr, cfg.warmup_iters, cfg.max_iters)
 
 
-# --- SOAP ---------------------------------------------------------------------
-
-def _rotate_second_moment(v: torch.Tensor, rotation_left: torch.Tensor | None,
-                          rotation_right: torch.Tensor | None) -> torch.Tensor:
-    """Re-express Adam's diagonal second moment v after a change of basis X_new = Rl X Rr^T.
-
-    Only v's diagonal (per-coordinate) part is kept, so it cannot be rotated exactly; treating the
-    coordinates as independent, var(X_new[i, k]) = sum_jl Rl[i, j]^2 Rr[k, l]^2 v[j, l].
-    Exact when the new basis is a permutation or sign flip of the old one (eigh's ordering).
-    """
-    if rotation_left is not None:
-        v = rotation_left.square() @ v
-    if rotation_right is not None:
-        v = v @ rotation_right.square().T
-    return v
+def clip_grad_norm(params: Iterable[nn.Parameter], max_norm: float) -> Tensor:
+    """Scale all gradients in place so their global L2 norm is at most max_norm; return the norm.
+    The norm is taken over all parameters together, so clipping changes the step's length, never
+    its direction. It stays a tensor (no `if norm > max_norm` on the host): the GPU never waits."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    # The norm of the per-tensor norms is the norm of everything, without concatenating.
+    total = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+    scale = (max_norm / (total + 1e-6)).clamp(max=1.0)
+    torch._foreach_mul_(grads, scale)
+    return total
 
 
-def _sorted_eigenbasis(statistic: torch.Tensor) -> torch.Tensor:
-    # eigh returns ascending eigenvalues; largest first is the order power iteration keeps.
-    return torch.linalg.eigh(statistic).eigenvectors.flip(-1)
-
-
-def _power_iteration(statistic: torch.Tensor, Q: torch.Tensor) -> torch.Tensor:
-    """One step of subspace iteration: refresh the eigenbasis Q of a slowly changing statistic.
-
-    Much cheaper than a new eigh, and Q is already nearly right (the statistic is an EMA). The QR
-    orthonormalises columns in order, so they are first sorted by estimated eigenvalue, largest
-    first, letting the dominant directions claim their place before the small ones.
-    """
-    estimated_eigenvalues = (Q.T @ statistic @ Q).diagonal()
-    Q = Q[:, torch.argsort(estimated_eigenvalues, descending=True)]
-    return torch.linalg.qr(statistic @ Q).Q
-
-
-def _refresh_basis(state: dict, key: str, statistic: torch.Tensor | None) -> torch.Tensor | None:
-    """Recompute state[key], the eigenbasis of `statistic`; return new^T @ old (None: no change)."""
-    if statistic is None:
-        return None
-    old = state[key]
-    state[key] = _sorted_eigenbasis(statistic) if old is None else _power_iteration(statistic, old)
-    return None if old is None else state[key].T @ old
-
-
-class SOAP(_Optimizer):
-    """SOAP (Vyas et al. 2024): Adam run in the eigenbasis of Shampoo's preconditioner.
-
-    For a weight matrix with gradient G (rows, cols), Shampoo keeps L = EMA(G G^T) (rows, rows)
-    and R = EMA(G^T G) (cols, cols); their eigenvectors Q_L, Q_R are the directions in which G
-    varies most. SOAP rotates into that basis, G' = Q_L^T G Q_R, where the curvature is close to
-    diagonal, and runs ordinary Adam (with bias correction and decoupled weight decay) on G',
-    rotating the update back with Q_L (.) Q_R^T. The bases are computed with eigh from the first
-    gradient, which only seeds them (that step does not move the weights: in a basis built from
-    G itself, G' is diagonal up to rounding, and Adam's per-coordinate normalisation would blow
-    that rounding noise up into full-sized steps), and are refreshed every
-    `precondition_frequency` steps by one power-iteration step, after the Adam step, so each
-    update uses a basis built from earlier gradients only.
-
-    The first moment is kept in the parameter's own coordinates and projected each step, which is
-    the exact rotation when the basis changes; the second moment lives in the basis and is rotated
-    approximately (_rotate_second_moment). A side longer than max_precond_dim keeps the identity
-    as its basis: 4096 covers the hidden sizes of GPT-2-sized models and leaves out vocabularies
-    (the paper's code uses 10000, which would precondition the course's 10K vocabulary with a
-    10000 x 10000 eigendecomposition). Vectors (gains, biases) get plain AdamW. Tensors
-    with more than 2 dims are flattened to (size(0), -1). Preconditioner state is kept in float32
-    whatever the parameter dtype. shampoo_beta (the EMA factor of L and R) defaults to betas[1].
-    """
-
-    def __init__(self, params: Params, lr: float = 3e-3,
-                 betas: tuple[float, float] = (0.95, 0.95), shampoo_beta: float | None = None,
-                 eps: float = 1e-8, weight_decay: float = 0.01, precondition_frequency: int = 10,
-                 max_precond_dim: int = 4096, foreach: bool | None = None,
-                 fused: bool = False) -> None:
-        defaults = dict(lr=lr, betas=betas, shampoo_beta=shampoo_beta, eps=eps,
-                        weight_decay=weight_decay, precondition_frequency=precondition_frequency,
-                        max_precond_dim=max_precond_dim, foreach=foreach, fused=fused)
-        super().__init__(params, defaults)
-
-    def _check_group(self, group: dict) -> None:
-        _check_adamw_hyperparameters(group)
-        if group["shampoo_beta"] is not None:
-            _check_range(group, "shampoo_beta", 0.0, 1.0, include_high=False)
-        _check_int(group, "precondition_frequency", 1)
-        _check_int(group, "max_precond_dim", 0)
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        super().load_state_dict(state_dict)
-        # torch casts every floating-point state tensor to its parameter's dtype; SOAP keeps its
-        # statistics in float32 whatever the parameter dtype (bfloat16 eigenvectors would be
-        # noise), so take those tensors again from the saved copy, only moved to the device.
-        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
-        params = [p for g in self.param_groups for p in g["params"]]
-        for saved_id, p in zip(saved_ids, params):
-            if p.ndim >= 2:
-                for key, value in state_dict["state"].get(saved_id, {}).items():
-                    if isinstance(value, torch.Tensor):
-                        self.state[p][key] = value.to(p.device)
-
-    def _init_matrix_state(self, state: dict, rows: int, cols: int, device: torch.device,
-                           max_precond_dim: int) -> None:
-        state["step"] = 0
-        zeros = dict(device=device, dtype=torch.float32)
-        state["exp_avg"] = torch.zeros(rows, cols, **zeros)     # in the parameter's coordinates
-        state["exp_avg_sq"] = torch.zeros(rows, cols, **zeros)  # in the eigenbasis
-        # None = this side is not preconditioned (identity basis)
-        state["L"] = torch.zeros(rows, rows, **zeros) if rows <= max_precond_dim else None
-        state["R"] = torch.zeros(cols, cols, **zeros) if cols <= max_precond_dim else None
-        state["Q_L"] = state["Q_R"] = None
-
-    def _update(self) -> None:
-        for group, params in _params_with_grads(self):
-            _adamw_group_step(self, group, [p for p in params if p.ndim < 2])
-            for p in params:
-                if p.ndim >= 2:
-                    self._matrix_step(p, group)
-
-    def _matrix_step(self, p: torch.Tensor, group: dict) -> None:
-        beta1, beta2 = group["betas"]
-        shampoo_beta = beta2 if group["shampoo_beta"] is None else group["shampoo_beta"]
-        G = p.grad.reshape(p.size(0), -1).float()  # (rows, cols)
-        state = self.state[p]
-        if "step" not in state:
-            self._init_matrix_state(state, *G.shape, G.device, group["max_precond_dim"])
-            if state["L"] is not None or state["R"] is not None:
-                self._update_preconditioner(state, G, shampoo_beta, refresh=True)
-                return  # the first gradient only seeds the bases (see the class docstring)
-        state["step"] += 1
-        t = state["step"]
-        Q_L, Q_R = state["Q_L"], state["Q_R"]
-
-        def rotate(X: torch.Tensor) -> torch.Tensor:  # into the eigenbasis: Q_L^T X Q_R
-            X = X if Q_L is None else Q_L.T @ X
-            return X if Q_R is None else X @ Q_R
-
-        def rotate_back(X: torch.Tensor) -> torch.Tensor:  # out of it: Q_L X Q_R^T
-            X = X if Q_L is None else Q_L @ X
-            return X if Q_R is None else X @ Q_R.T
-
-        # Adam, with its moments measured in the eigenbasis (exactly AdamW when both Q are None).
-        G_rotated = rotate(G)
-        exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
-        exp_avg.lerp_(G, 1 - beta1)
-        exp_avg_sq.mul_(beta2).addcmul_(G_rotated, G_rotated, value=1 - beta2)
-        bias_correction1 = 1 - beta1**t
-        bias_correction2 = 1 - beta2**t
-        denom = (exp_avg_sq.sqrt() / bias_correction2**0.5).add_(group["eps"])
-        update = rotate_back(rotate(exp_avg) / denom)
-        p.mul_(1 - group["lr"] * group["weight_decay"])
-        p.add_(update.reshape(p.shape).to(p.dtype), alpha=-group["lr"] / bias_correction1)
-
-        refresh = t % group["precondition_frequency"] == 0
-        self._update_preconditioner(state, G, shampoo_beta, refresh)
-
-    @staticmethod
-    def _update_preconditioner(state: dict, G: torch.Tensor, shampoo_beta: float,
-                               refresh: bool) -> None:
-        """Shampoo's statistics L, R; when `refresh`, new bases and the second moment moved in."""
-        if state["L"] is not None:
-            state["L"].lerp_(G @ G.T, 1 - shampoo_beta)
-        if state["R"] is not None:
-            state["R"].lerp_(G.T @ G, 1 - shampoo_beta)
-        if refresh:
-            rotation_left = _refresh_basis(state, "Q_L", state["L"])
-            rotation_right = _refresh_basis(state, "Q_R", state["R"])
-            state["exp_avg_sq"] = _rotate_second_moment(state["exp_avg_sq"], rotation_left,
-                                                        rotation_right)
-
-
-# --- Parameter groups -----------------------------------------------------------
-
-def _named_parameters_with_modules(model: nn.Module) -> list[tuple[str, nn.Parameter, nn.Module]]:
-    """(name, parameter, owning module) for each trainable parameter, tied ones listed once."""
-    seen, result = set(), []
-    for module_name, module in model.named_modules():
-        for name, p in module.named_parameters(recurse=False):
-            if p.requires_grad and id(p) not in seen:
-                seen.add(id(p))
-                result.append((f"{module_name}.{name}" if module_name else name, p, module))
-    return result
-
-
-def _is_embedding(name: str, module: nn.Module) -> bool:
-    return isinstance(module, nn.Embedding) or "embed" in name
-
-
-def decay_param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Two groups for AdamW or SOAP: matrices decay, vectors and embedding tables do not.
-
-    Weight decay is there to keep the matrices that mix features small. A gain (RMSNorm weight)
-    or bias is a per-feature scale or offset whose natural value is 1 or 0, not a mixer: pulling
-    it to 0 only fights the normalisation. An embedding table is a lookup, and decoupled decay
-    shrinks *every* row every step while only the rows of tokens in the batch get a gradient, so
-    rare tokens would fade away. Embeddings are recognised by type (nn.Embedding) or by "embed"
-    in the name (model.py's token_embeddings); an output head tied to the embedding is the same
-    tensor and is not decayed either. Empty groups are left out.
-    """
-    decay, no_decay = [], []
-    for name, p, module in _named_parameters_with_modules(model):
-        (decay if p.ndim >= 2 and not _is_embedding(name, module) else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
-    return [g for g in groups if g["params"]]
-
-
-def param_groups_for_muon(model: nn.Module, lr: float, adam_lr: float | None = None,
-                          weight_decay: float = 0.0, adam_betas: tuple[float, float] = (0.9, 0.999),
-                          adam_eps: float = 1e-8) -> list[dict]:
-    """Split a model's parameters into Muon groups (use_muon=True) and AdamW groups (False).
-
-    Muon: the 2-D hidden weight matrices (attention projections, FFN weights, in any nn.Module).
-    AdamW: embeddings (nn.Embedding, or "embed" in the name) and the output head ("lm_head" in the
-    name), whose rows are per-token vectors rather than a linear map between hidden features, so
-    orthogonalising them has no meaning; and everything that is not 2-D (gains, biases, scalars,
-    and tensors with more than 2 dims, e.g. stacked experts, which Muon would flatten wrongly).
-    Weight decay follows decay_param_groups: matrices (the head included) decay, embeddings and
-    vectors do not. adam_lr defaults to lr (Muon's update RMS is scaled to match AdamW's).
-    """
-    adam_lr = lr if adam_lr is None else adam_lr
-    muon, adam_decay, adam_no_decay = [], [], []
-    for name, p, module in _named_parameters_with_modules(model):
-        if _is_embedding(name, module) or p.ndim < 2:
-            adam_no_decay.append(p)
-        elif "lm_head" in name or p.ndim > 2:
-            adam_decay.append(p)
-        else:
-            muon.append(p)
-    adam = dict(use_muon=False, lr=adam_lr, betas=adam_betas, eps=adam_eps)
-    groups = [dict(params=muon, use_muon=True, lr=lr, weight_decay=weight_decay),
-              dict(params=adam_decay, weight_decay=weight_decay, **adam),
-              dict(params=adam_no_decay, weight_decay=0.0, **adam)]
-    return [g for g in groups if g["params"]]
-
-
-def build_optimizer(model: nn.Module, cfg: TrainConfig,
-                    device: torch.device) -> torch.optim.Optimizer:
-    """The optimizer named by cfg.optimizer; weight decay on matrices, not gains or embeddings."""
-    betas = (cfg.beta1, cfg.beta2)
-    # foreach: one kernel launch per step for all tensors of a group instead of one per tensor;
-    # fused: the AdamW update compiled, one kernel per tensor, whenever the model is compiled.
-    foreach = device.type == "cuda"
-    runtime = dict(foreach=foreach, fused=use_compile(cfg.compile, device))
-    if cfg.optimizer == "adamw":
-        return AdamW(decay_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=betas,
-                     eps=cfg.eps, weight_decay=cfg.weight_decay, **runtime)
-    if cfg.optimizer == "muon":
-        # Muon scales its updates to AdamW's size, so both kinds of group share lr and schedule.
-        groups = param_groups_for_muon(model, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                       adam_betas=betas, adam_eps=cfg.eps)
-        return Muon(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, **runtime)
-    if cfg.optimizer == "soap":
-        return SOAP(decay_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=betas,
-                    eps=cfg.eps, weight_decay=cfg.weight_decay, **runtime)
-    raise ValueError(f"optimizer={cfg.optimizer!r}: expected 'adamw', 'muon' or 'soap'")
-
-
-# ----------------------------------------------------------------------------------------------
-# Data: batches, token arrays, and the text they come from
-
-
+# Batches: random windows of a token array ---------------------------------------------------------
 def get_batch(tokens: np.ndarray, batch_size: int, context_length: int, device: torch.device | str,
-              generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+              generator: torch.Generator | None = None, rank: int = 0,
+              world_size: int = 1) -> tuple[Tensor, Tensor]:
     """batch_size random windows of the token array: inputs (B, T) and next-token targets (B, T).
-
     Targets are the inputs shifted by one token, so every position is a training example.
     `generator` fixes which windows are drawn; saving its state is what makes resuming exact.
-    """
+    With several processes every one draws the same global batch of batch_size * world_size
+    windows from the same generator and keeps its own slice: the run then sees exactly the
+    windows one process would see with the whole batch."""
     if len(tokens) <= context_length:
         raise ValueError(f"{len(tokens)} tokens cannot fill one window of context_length="
                          f"{context_length}: use more text or a shorter context_length")
-    starts = torch.randint(len(tokens) - context_length, (batch_size,), generator=generator)
+    starts = torch.randint(len(tokens) - context_length, (batch_size * world_size,),
+                           generator=generator)[rank * batch_size:(rank + 1) * batch_size]
     windows = np.stack([tokens[s:s + context_length + 1] for s in starts.tolist()])
     windows = torch.from_numpy(windows.astype(np.int64))  # (B, T + 1)
     x, y = windows[:, :-1].contiguous(), windows[:, 1:].contiguous()
     device = torch.device(device)
-    if device.type == "cuda":
-        # Page-locked memory lets the copy run asynchronously while the GPU still computes.
-        return (x.pin_memory().to(device, non_blocking=True),
-                y.pin_memory().to(device, non_blocking=True))
-    return x.to(device), y.to(device)
+    if pin := device.type == "cuda":  # page-locked memory: the copy runs while the GPU computes
+        x, y = x.pin_memory(), y.pin_memory()
+    return x.to(device, non_blocking=pin), y.to(device, non_blocking=pin)
 
 
-def load_tokens(path: str | Path, tokenizer: Tokenizer) -> np.ndarray:
-    """Memory-map a .bin written by tokenizer.py, after checking its sidecar matches `tokenizer`.
-
-    Ids from another tokenizer would train without any error and learn nonsense, so every field
-    of the sidecar is checked.
-    """
-    path = Path(path)
-    meta_path = Path(str(path) + ".json")
-    if not path.exists():
-        raise FileNotFoundError(f"token file {path} does not exist")
-    if not meta_path.exists():
-        raise ValueError(f"{path} has no sidecar {meta_path.name}: re-encode it with tokenizer.py")
-    meta = json.loads(meta_path.read_text())
-    expected = {"vocab_size": tokenizer.vocab_size, "tokenizer": tokenizer.fingerprint(),
-                "dtype": np.dtype(token_dtype(tokenizer.vocab_size)).name}
-    for key, want in expected.items():
-        if meta.get(key) != want:
-            raise ValueError(f"{path} was encoded with {key}={meta.get(key)!r} but the tokenizer "
-                             f"has {key}={want!r}: re-encode it with this tokenizer")
-    dtype = np.dtype(meta["dtype"])
-    if path.stat().st_size != meta["num_tokens"] * dtype.itemsize:
-        raise ValueError(f"{path} holds {path.stat().st_size} bytes, but its sidecar promises "
-                         f"{meta['num_tokens']} {dtype.name} tokens: the file is truncated")
-    if meta["num_tokens"] == 0:
-        raise ValueError(f"{path} holds no tokens: its text was empty")
-    return np.memmap(path, dtype=dtype, mode="r")
-
-
-def download(url: str, dest: Path, timeout: float = 10.0) -> Path:
-    """Fetch url to dest with a progress bar; an interrupted download resumes where it stopped.
-
-    Bytes go to dest.part (HTTP Range asks only for the missing tail); dest appears only once the
-    length matches Content-Length, so a half-downloaded corpus is never mistaken for a whole one.
-    """
-    if dest.exists():
-        return dest
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    part = dest.with_name(dest.name + ".part")
-    have = part.stat().st_size if part.exists() else 0
-    request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
-    try:
-        response = urllib.request.urlopen(request, timeout=timeout)
-    except urllib.error.HTTPError as e:
-        if e.code == 416 and have:  # the range starts at or past the end: begin again
-            part.unlink()
-            return download(url, dest, timeout)
-        raise
-    with response:
-        if have and response.status != 206:  # the server ignored the range: start over
-            have = 0
-        length = response.headers.get("Content-Length")
-        total = have + int(length) if length is not None else None
-        with open(part, "ab" if have else "wb") as f, \
-                tqdm(total=total, initial=have, unit="B", unit_scale=True, desc=dest.name) as bar:
-            while chunk := response.read(1 << 20):
-                f.write(chunk)
-                bar.update(len(chunk))
-    if total is not None and part.stat().st_size != total:
-        raise OSError(f"download of {url} stopped at {part.stat().st_size} of {total} bytes; "
-                      f"run again to resume it")
-    os.replace(part, dest)
-    return dest
-
-
-def gunzip(src: Path, dest: Path) -> Path:
-    """Decompress src to dest (via a temporary name, so dest is always complete)."""
-    if not dest.exists():
-        part = dest.with_name(dest.name + ".part")
-        with gzip.open(src, "rb") as fin, open(part, "wb") as fout, \
-                tqdm(desc=f"gunzip {src.name}", unit="B", unit_scale=True) as bar:
-            while chunk := fin.read(1 << 22):
-                fout.write(chunk)
-                bar.update(len(chunk))
-        os.replace(part, dest)
-    return dest
-
-
-def pydoc_text(dest: Path, seed: int = 0) -> Path:
-    """Python's own documentation topics (pydoc_data.topics, ~465 KB), one document each.
-
-    It ships with every Python, so the main job runs without a network. The topics are shuffled
-    so the validation tail is a random sample of them, not the alphabet's end.
-    """
-    if not dest.exists():
-        from pydoc_data.topics import topics
-        docs = [topics[k].strip() for k in sorted(topics)]
-        random.Random(seed).shuffle(docs)
-        _write_atomic(dest, f"\n{EOT}\n".join(docs) + "\n")
-    return dest
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def _file_key(path: Path) -> str:
-    """A short content hash (size, first and last MB) naming what was built from this file."""
-    h = hashlib.sha256(str(path.stat().st_size).encode())
-    with open(path, "rb") as f:
-        h.update(f.read(1 << 20))
-        f.seek(max(0, path.stat().st_size - (1 << 20)))
-        h.update(f.read())
-    return h.hexdigest()[:10]
-
-
-def _line_start(path: Path, offset: int) -> int:
-    """The first line start at or after offset (the file size if there is none)."""
-    if offset <= 0 or offset >= path.stat().st_size:
-        return min(max(offset, 0), path.stat().st_size)
-    with open(path, "rb") as f:
-        f.seek(offset - 1)
-        f.readline()
-        return f.tell()
-
-
-def _copy_range(src: Path, dest: Path, start: int, end: int) -> Path:
-    if not dest.exists():
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dest.with_name(dest.name + ".tmp")
-        with open(src, "rb") as fin, open(tmp, "wb") as fout:
-            fin.seek(start)
-            while (left := end - fin.tell()) > 0:
-                fout.write(fin.read(min(left, 1 << 22)))
-        os.replace(tmp, dest)
-    return dest
-
-
-def split_text(src: Path, out_dir: Path, val_fraction: float, max_bytes: int,
-               val_src: Path | None = None) -> tuple[Path, Path]:
-    """Write out_dir/train.txt and val.txt, cut at line starts, from at most max_bytes of text.
-
-    One file is split into its head (train) and tail (validation); a ready split (val_src) keeps
-    the first max_bytes of train and the first val_fraction of that of validation.
-    """
-    end = _line_start(src, max_bytes) if max_bytes > 0 else src.stat().st_size
-    if val_src is not None:
-        val_end = _line_start(val_src, int(max_bytes * val_fraction)) if max_bytes > 0 else None
-        return (_copy_range(src, out_dir / "train.txt", 0, end),
-                _copy_range(val_src, out_dir / "val.txt", 0, val_end or val_src.stat().st_size))
-    cut = _line_start(src, int(end * (1 - val_fraction)))
-    if not 0 < cut < end:
-        raise ValueError(f"{src} is too small to split into train and validation text "
-                         f"(val_fraction={val_fraction}): it needs several lines")
-    return (_copy_range(src, out_dir / "train.txt", 0, cut),
-            _copy_range(src, out_dir / "val.txt", cut, end))
-
-
-def source_text(cfg: TrainConfig) -> tuple[Path, Path | None]:
-    """The text to train on: (file, None) for one file to split, (train, val) for a ready split."""
-    cache = Path(cfg.cache_dir)
-    if cfg.data:
-        if not Path(cfg.data).is_file():
-            raise FileNotFoundError(f"--data={cfg.data}: no such file")
-        return Path(cfg.data), None
-    if cfg.dataset == "pydoc":
-        return pydoc_text(cache / "pydoc_topics.txt"), None
-    if cfg.dataset == "tinystories":
-        try:
-            return download(TINYSTORIES_URL, cache / "TinyStories-valid.txt"), None
-        except (OSError, urllib.error.URLError) as e:  # DNS, refused, timeout, cut off
-            reason = getattr(e, "reason", e)
-            print(f"offline ({reason}): training on Python's documentation (pydoc_data.topics) "
-                  f"instead of TinyStories")
-            return pydoc_text(cache / "pydoc_topics.txt"), None
-    if cfg.dataset == "owt":
-        train, val = (gunzip(download(OWT_URL.format(s), cache / f"owt_{s}.txt.gz"),
-                             cache / f"owt_{s}.txt") for s in ("train", "valid"))
-        return train, val
-    raise ValueError(f"dataset={cfg.dataset!r}: expected 'tinystories', 'owt' or 'pydoc'")
-
-
-def prepare_data(cfg: TrainConfig) -> tuple[str, str, str]:
-    """Text -> BPE tokenizer -> train/val .bin arrays, each step cached in cfg.cache_dir.
-
-    Returns (tokenizer_dir, train_bin, val_bin). Cached results are named after a hash of the text
-    and the vocabulary size, so a changed corpus or vocab_size never reuses stale files.
-    """
-    if cfg.train_bin or cfg.val_bin or cfg.tokenizer_dir:
-        if not (cfg.train_bin and cfg.val_bin and cfg.tokenizer_dir):
-            raise ValueError("--train_bin, --val_bin and --tokenizer_dir go together")
-        return cfg.tokenizer_dir, cfg.train_bin, cfg.val_bin
-    text, val_text = source_text(cfg)
-    max_bytes = int(cfg.max_text_mb * 2**20)
-    work = Path(cfg.cache_dir) / f"{text.stem}-{_file_key(text)}-{max_bytes}-{cfg.val_fraction}"
-    text, val_text = split_text(text, work, cfg.val_fraction, max_bytes, val_text)
-    tok_dir = work / f"bpe{cfg.vocab_size}"
-    if not tok_dir.exists():  # written under a temporary name, so it exists only when complete
-        print(f"training a {cfg.vocab_size}-token BPE tokenizer on {text}")
-        vocab, merges = train_bpe(str(text), cfg.vocab_size, [EOT])
-        tmp = tok_dir.with_name(tok_dir.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        Tokenizer(vocab, merges, [EOT]).save_dir(str(tmp))
-        os.replace(tmp, tok_dir)
-    tok = Tokenizer.from_dir(str(tok_dir))
-    bins = []
-    for split, path in (("train", text), ("val", val_text)):
-        out = tok_dir / f"{split}.bin"
-        try:
-            load_tokens(out, tok)
-        except FileNotFoundError:
-            encode_file(tok, str(path), str(out))
-        except ValueError as e:  # written by another version of the tokenizer: never reuse it
-            print(f"{e}; re-encoding")
-            encode_file(tok, str(path), str(out))
-        bins.append(str(out))
-    return str(tok_dir), bins[0], bins[1]
-
-
-# ----------------------------------------------------------------------------------------------
-# Checkpoints
-
-
+# Checkpoints --------------------------------------------------------------------------------------
 def unwrap(model: nn.Module) -> nn.Module:
     """The plain model inside torch.compile's and DDP's wrappers: what checkpoints store."""
     while True:
@@ -1180,27 +510,25 @@ def set_rng_state(state: dict) -> None:
 def save_checkpoint(model: nn.Module, optimizer: torch.optim.Optimizer, iteration: int,
                     path: str | Path, **extra) -> None:
     """Write model, optimizer, iteration, RNG states and `extra` (config, data state) to path.
-
-    Written to a temporary file and renamed over path: the rename is atomic, so a crash mid-save
-    leaves the previous checkpoint intact, never a truncated one.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    Written to path.tmp and renamed over path: the rename is atomic, so a crash mid-save leaves
+    the previous checkpoint intact, never a truncated one."""
     state = {"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
              "iteration": iteration, "rng": rng_state(), **extra}
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with atomic_output(path) as tmp, open(tmp, "wb") as f:
         torch.save(state, f)
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
-def read_checkpoint(path: str | Path) -> dict:
+def read_checkpoint(path: str | Path, mmap: bool = False) -> dict:
     if not Path(path).exists():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
-    # weights_only: loading a checkpoint never runs code from it.
-    return torch.load(path, map_location="cpu", weights_only=True)
+    try:  # weights_only: loading a checkpoint never runs code from it
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except Exception as e:  # torch raises several kinds for a cut-off or foreign file
+        raise ValueError(f"checkpoint {path} cannot be read (truncated or not a checkpoint): "
+                         f"{e}") from e
 
 
 def restore_checkpoint(state: dict, model: nn.Module,
@@ -1219,43 +547,11 @@ def load_checkpoint(path: str | Path, model: nn.Module,
     return restore_checkpoint(read_checkpoint(path), model, optimizer)
 
 
-def check_resumable(state: dict, model_config: dict, tokenizer_fingerprint: str,
-                    cfg: "TrainConfig", world_size: int) -> None:
-    """Refuse to resume into a different run: name each field that changed.
-
-    attn_impl only picks a kernel for the same math, so it may change between runs. The
-    optimizer (its state), the batch shape and the number of processes (one batch stream each)
-    must stay, or the resumed run is not the one that was interrupted.
-    """
-    saved = state.get("model_config", {})
-    changed = [f"{k}={saved.get(k)!r} in the checkpoint but {v!r} now"
-               for k, v in model_config.items() if saved.get(k) != v and k != "attn_impl"]
-    saved_run = state.get("config", {})
-    changed += [f"{k}={saved_run.get(k)!r} in the checkpoint but {getattr(cfg, k)!r} now"
-                for k in ("optimizer", "batch_size", "grad_accum_steps")
-                if k in saved_run and saved_run[k] != getattr(cfg, k)]
-    saved_ranks = len(state.get("data_generators", [None]))
-    if saved_ranks != world_size:
-        changed.append(f"{saved_ranks} process(es) in the checkpoint but {world_size} now")
-    if changed:
-        raise ValueError("cannot resume: the run changed: " + "; ".join(changed)
-                         + ". Pass the checkpoint's values, or a new --out_dir")
-    if state.get("tokenizer") != tokenizer_fingerprint:
-        raise ValueError("cannot resume: the checkpoint was trained with another tokenizer "
-                         f"({state.get('tokenizer')!r}, now {tokenizer_fingerprint!r})")
-
-
-# ----------------------------------------------------------------------------------------------
-# The training step: the same function runs in the loop and in `bench`.
-
-
+# The training step: the same function runs in the loop and in kernels.py's bench ------------------
 class LossModel(nn.Module):
     """The language model and its loss as one module.
-
     torch.compile then sees the last matmul and the loss together and fuses them, and DDP wraps one
-    module whose forward returns what backward needs: (cross-entropy, auxiliary loss).
-    """
-
+    module whose forward returns what backward needs: (cross-entropy, auxiliary loss)."""
     def __init__(self, model: TransformerLM):
         super().__init__()
         self.model = model
@@ -1270,10 +566,8 @@ def train_step(step_model: nn.Module, optimizer: torch.optim.Optimizer, params: 
                grad_clip: float, autocast: contextlib.AbstractContextManager,
                no_sync: Callable | None = None) -> tuple[Tensor, Tensor]:
     """One optimizer step over accum_steps micro-batches: returns (mean loss, gradient norm).
-
     Both stay on the device; reading them (.item()) makes the CPU wait for the GPU, so the loop
-    does it only every log_interval steps.
-    """
+    does it only every log_interval steps."""
     loss_sum = 0.0
     for micro in range(accum_steps):
         x, y = next_batch()
@@ -1291,319 +585,271 @@ def train_step(step_model: nn.Module, optimizer: torch.optim.Optimizer, params: 
     return loss_sum / accum_steps, grad_norm
 
 
-def set_lr(optimizer: torch.optim.Optimizer, base_lrs: list[float], factor: float) -> None:
-    """Scale every parameter group's peak rate by the schedule's factor (Muon's groups differ)."""
-    for group, base in zip(optimizer.param_groups, base_lrs):
-        group["lr"] = base * factor
-
-
-# ----------------------------------------------------------------------------------------------
-# Runtime: device, precision, processes
-
-
-def resolve_device(name: str) -> torch.device:
-    if name != "auto":
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        # bf16 has float32's range, so unlike fp16 it needs no loss scaling. CPUs and MPS run it
-        # slower than float32 in practice, so "auto" uses it on CUDA only.
-        use_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
-        return torch.bfloat16 if use_bf16 else torch.float32
-    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-    if name not in dtypes:
-        raise ValueError(f"dtype={name!r}: expected 'auto', 'float32' or 'bfloat16'")
-    return dtypes[name]
-
-
-def autocast_for(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractContextManager:
-    """Matmuls in dtype, reductions and the loss in float32; parameters stay float32."""
-    if dtype == torch.float32:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
-def use_compile(setting: str | bool, device: torch.device) -> bool:
-    if isinstance(setting, bool):
-        return setting
-    if setting != "auto":
-        raise ValueError(f"compile={setting!r}: expected 'auto', True or False")
-    # Compilation pays back in minutes on a GPU; on a CPU it costs more than a short run saves.
-    return device.type == "cuda"
-
-
-def peak_flops(device: torch.device) -> float | None:
-    """Dense bf16 peak FLOP/s of this GPU, or None where it is not known (CPU, MPS, others)."""
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
-
-
-def setup_distributed(device_name: str = "auto") -> tuple[int, int, int, torch.device]:
-    """(rank, local_rank, world_size, device); joins the process group when run by torchrun.
-
-    torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; plain `python` does not and gets one process.
-    """
-    device = resolve_device(device_name)
-    if "RANK" not in os.environ:
-        return 0, 0, 1, device
-    rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
-    world_size = int(os.environ["WORLD_SIZE"])
-    if device.type == "cuda":
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-    # NCCL moves CUDA tensors over NVLink; gloo is the CPU backend.
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return rank, local_rank, world_size, device
-
-
-def wrap_ddp(module: nn.Module, device: torch.device) -> nn.Module:
-    """Replicate module on every process; backward averages the gradients across them."""
-    device_ids = [device.index] if device.type == "cuda" else None
-    # The only buffers (RoPE and position tables) are constants: no need to broadcast them.
-    return nn.parallel.DistributedDataParallel(module, device_ids=device_ids,
-                                               broadcast_buffers=False)
-
-
-# ----------------------------------------------------------------------------------------------
-# The training loop
-
-
-@torch.no_grad()
-def estimate_loss(step_model: nn.Module, tokens: np.ndarray, cfg: TrainConfig, context: int,
-                  device: torch.device, autocast: contextlib.AbstractContextManager,
-                  seed: int) -> float:
-    """Mean validation loss over cfg.eval_iters batches, averaged over processes.
-
-    The batches come from their own generator, seeded the same at every evaluation: each eval sees
-    the same windows (comparable numbers) and the training batches are not disturbed.
-    """
-    generator = torch.Generator().manual_seed(seed)
-    total = torch.zeros((), device=device)
-    for _ in range(cfg.eval_iters):
-        x, y = get_batch(tokens, cfg.batch_size, context, device, generator)
-        with autocast:
-            loss, _ = step_model(x, y)
-        total += loss.float()
-    if dist.is_initialized():
-        dist.all_reduce(total)
-        total /= dist.get_world_size()
-    return total.item() / cfg.eval_iters
-
-
-def build_model_config(overrides: dict, vocab_size: int) -> ModelConfig:
-    return ModelConfig(**{"vocab_size": vocab_size, **overrides})
+# The training loop --------------------------------------------------------------------------------
+# setup() readies the run (output folder, resumed checkpoint, data, model, optimizer);
+# log_progress, evaluate and save report and keep it.
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C during training, raised after the final checkpoint was saved."""
 
 
 def train(cfg: TrainConfig,
-          wrap_model: Callable[[nn.Module, torch.device], nn.Module] = wrap_ddp) -> dict:
+          wrap_model: Callable[[nn.Module, torch.device], nn.Module] | None = None) -> dict:
     """Run one training job; return {"model", "tokenizer", "iteration", "val_loss", ...}.
-
-    wrap_model is the data-parallel hook (torch's DDP here; ddp.py passes its own).
-    """
+    wrap_model is the data-parallel hook (torch's DDP by default; ddp.py passes its own)."""
+    check_config(cfg)  # every knob, before any work
     rank, _, world_size, device = setup_distributed(cfg.device)
-    master = rank == 0
     try:
-        result = _train(cfg, rank, world_size, device, master, wrap_model)
+        run = setup(cfg, rank, world_size, device, wrap_model or wrap_ddp)
+        bar = tqdm(total=cfg.max_iters, initial=run.start_iter, disable=rank != 0, desc="train",
+                   dynamic_ncols=True)
+        val_loss, loss, grad_norm = math.nan, torch.zeros(()), torch.zeros(())
+        with CtrlC() as ctrl_c:
+            for it in range(run.start_iter, cfg.max_iters):
+                lr = lr_at(cfg, it)  # each group's peak rate (Muon's differ) scaled alike
+                for group, base in zip(run.optimizer.param_groups, run.base_lrs):
+                    group["lr"] = base * (lr / cfg.lr if cfg.lr else 0.0)
+                loss, grad_norm = train_step(run.step_model, run.optimizer, run.params,
+                                             run.next_batch, cfg.grad_accum_steps,
+                                             cfg.grad_clip, run.autocast, run.no_sync)
+                done, last = it + 1, it + 1 == cfg.max_iters
+                if done % cfg.log_interval == 0 or last:
+                    log_progress(run, bar, done, loss, grad_norm, lr)
+                bar.update(1)
+                stop = ctrl_c.pressed(run, done)
+                if cfg.eval_interval and (done % cfg.eval_interval == 0 or last):
+                    val_loss = evaluate(run, bar, done)
+                if last or stop or (cfg.checkpoint_interval
+                                    and done % cfg.checkpoint_interval == 0):
+                    save(run, done, loss, grad_norm)
+                if stop:
+                    bar.close()
+                    raise TrainingInterrupted(f"interrupted: iteration {done} saved to "
+                                              f"{run.ckpt_path}; continue it with --resume")
+        bar.close()
+        samples = (write_samples(run.model, run.tok, cfg, device, run.autocast, run.out_dir)
+                   if rank == 0 else [])
         if dist.is_initialized():
-            # Rank 0 is still writing samples: leave together, or a rank that tears its
+            # Rank 0 was writing samples: leave together, or a rank that tears its
             # connections down early can abort the other's (seen with gloo).
             dist.barrier()
-        return result
+        return {"model": run.model, "tokenizer": run.tok, "val_loss": val_loss,
+                "iteration": max(run.start_iter, cfg.max_iters),
+                "unigram_entropy": run.baseline, "samples": samples}
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
 
 
-def check_config(cfg: TrainConfig) -> None:
-    """Fail before any data is prepared, naming the knob."""
-    choices = {"optimizer": ("adamw", "muon", "soap"), "schedule": ("cosine", "wsd"),
-               "dataset": ("tinystories", "owt", "pydoc")}
-    for key, allowed in choices.items():
-        if getattr(cfg, key) not in allowed:
-            raise ValueError(f"{key}={getattr(cfg, key)!r}: expected one of {allowed}")
-    for key in ("batch_size", "grad_accum_steps", "log_interval", "eval_iters", "vocab_size"):
-        if getattr(cfg, key) < 1:
-            raise ValueError(f"{key} must be at least 1, got {getattr(cfg, key)}")
-    if not 0 < cfg.val_fraction < 1:
-        raise ValueError(f"val_fraction must lie in (0, 1), got {cfg.val_fraction}")
+@dataclass
+class Run:
+    """What the loop and its helpers share; made by setup()."""
+    cfg: TrainConfig
+    rank: int
+    world_size: int
+    device: torch.device
+    out_dir: Path
+    tok: Tokenizer
+    train_tokens: np.ndarray
+    val_tokens: np.ndarray
+    model_config: ModelConfig
+    model: TransformerLM
+    optimizer: torch.optim.Optimizer
+    step_model: nn.Module  # LossModel, compiled, wrapped for data parallelism
+    no_sync: Callable | None  # DDP's "do not average gradients yet", for gradient accumulation
+    autocast: contextlib.AbstractContextManager
+    generator: torch.Generator  # draws the training batches; the same on every rank
+    start_iter: int
+    base_lrs: list[float]  # each parameter group's peak rate, which the schedule scales
+    cpu_group: object  # a gloo group: ranks agree on CPU-side things without touching the GPU
+
+    def __post_init__(self) -> None:
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.ckpt_path = self.out_dir / "ckpt.pt"
+        self.tokens_per_step = (self.cfg.batch_size * self.model_config.context_length
+                                * self.cfg.grad_accum_steps * self.world_size)
+        self.baseline = unigram_entropy(self.train_tokens[:10_000_000], self.tok.vocab_size)
+        self.metrics = MetricsLog(self.out_dir / "metrics.jsonl", self.start_iter, self.rank)
+        self.clock = (time.perf_counter(), self.start_iter)  # where tokens/s is measured from
+
+    def next_batch(self) -> tuple[Tensor, Tensor]:
+        return get_batch(self.train_tokens, self.cfg.batch_size, self.model_config.context_length,
+                         self.device, self.generator, self.rank, self.world_size)
 
 
-def _train(cfg: TrainConfig, rank: int, world_size: int, device: torch.device, master: bool,
-           wrap_model: Callable[[nn.Module, torch.device], nn.Module]) -> dict:
-    check_config(cfg)
-    log = print if master else (lambda *a, **k: None)
-    dtype = resolve_dtype(cfg.dtype, device)
-    compile_model = use_compile(cfg.compile, device)
+def setup(cfg: TrainConfig, rank: int, world_size: int, device: torch.device,
+          wrap_model: Callable[[nn.Module, torch.device], nn.Module]) -> Run:
+    """Everything the loop needs, checked cheapest first: the output folder, the checkpoint to
+    resume, then the data (hours, for a big corpus), the model and the optimizer."""
+    log = print if rank == 0 else (lambda *a, **k: None)
+    dtype, compile_model = resolve_dtype(cfg.dtype, device), use_compile(cfg.compile, device)
     torch.set_float32_matmul_precision("high")  # TF32 for float32 matmuls on Ampere and later
+    out_dir = prepare_out_dir(cfg, rank == 0)
+    state = read_checkpoint(out_dir / "ckpt.pt") if cfg.resume else None
+    if state is not None:
+        check_resumable(state, cfg, world_size)
+    # Preparing a big corpus can take hours, far past NCCL's default timeout: the other ranks
+    # wait for rank 0 on a CPU (gloo) group created with a patient timeout.
+    cpu_group = (dist.new_group(backend="gloo", timeout=datetime.timedelta(days=1))
+                 if world_size > 1 else None)
+    tok, train_tokens, val_tokens = load_data(cfg, rank == 0, cpu_group)
+    if state is not None and state.get("tokenizer") != tok.fingerprint():
+        raise ValueError("cannot resume: the checkpoint was trained with another tokenizer "
+                         f"({state.get('tokenizer')!r}, now {tok.fingerprint()!r})")
+    model_config = build_model_config(cfg, tok.vocab_size)
+    for split, tokens in (("training", train_tokens), ("validation", val_tokens)):
+        if len(tokens) <= model_config.context_length:
+            raise ValueError(f"the {split} split has {len(tokens):,} tokens, too few for one "
+                             f"window of context_length={model_config.context_length}: use more "
+                             "text (--max_text_mb, --val_fraction) or a shorter context_length")
 
-    # Data: rank 0 prepares (downloads, tokenizer, encoding) and tells the others where it is.
-    # Downloading and tokenizing a big corpus can take hours, far past NCCL's default timeout:
-    # the other ranks wait for it on a CPU (gloo) group created with a patient timeout.
-    patient = (dist.new_group(backend="gloo", timeout=datetime.timedelta(days=1))
-               if world_size > 1 else None)
-    paths = [prepare_data(cfg) if master else None]
-    if patient is not None:
-        dist.broadcast_object_list(paths, src=0, group=patient)
-    tok_dir, train_bin, val_bin = paths[0]
-    tok = Tokenizer.from_dir(tok_dir)
-    if EOT not in tok.special_tokens:  # fail now, not when sampling after the whole run
-        raise ValueError(f"the tokenizer in {tok_dir} has no {EOT} special token; samples start "
-                         f"from it (train one with --special-token '{EOT}')")
-    train_tokens, val_tokens = load_tokens(train_bin, tok), load_tokens(val_bin, tok)
-    baseline = unigram_entropy(train_tokens[:10_000_000], tok.vocab_size)
-
-    # Model: same seed on every rank, so all replicas start equal.
-    torch.manual_seed(cfg.seed)
-    model_config = build_model_config(cfg.model, tok.vocab_size)
-    context = model_config.context_length
+    torch.manual_seed(cfg.seed)  # the same on every rank, so all replicas start equal
     model = TransformerLM(model_config).to(device)
     optimizer = build_optimizer(model, cfg, device)
-    base_lrs = [g["lr"] for g in optimizer.param_groups]
-    params = [p for p in model.parameters() if p.requires_grad]
-    # Each rank draws its own windows: same stream of seeds, offset by rank.
-    generator = torch.Generator().manual_seed(cfg.seed + 1000 * rank)
-
-    out_dir = Path(cfg.out_dir)
-    ckpt_path, metrics_path = out_dir / "ckpt.pt", out_dir / "metrics.jsonl"
-    model_fields = dataclasses.asdict(model_config)
+    base_lrs = [g["lr"] for g in optimizer.param_groups]  # before a checkpoint sets others
+    generator = torch.Generator().manual_seed(cfg.seed)
     start_iter = 0
-    if cfg.resume:
-        state = read_checkpoint(ckpt_path)
-        check_resumable(state, model_fields, tok.fingerprint(), cfg, world_size)
+    if state is not None:
         start_iter = restore_checkpoint(state, model, optimizer)
-        generator.set_state(state["data_generators"][rank])
-        log(f"resuming {ckpt_path} at iteration {start_iter}")
-    elif ckpt_path.exists():
-        log(f"note: {ckpt_path} exists and will be replaced (pass --resume to continue it)")
-    if master:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        _truncate_metrics(metrics_path, start_iter)
-
+        generator.set_state(state["data_generator"])
+        log(f"resuming {out_dir / 'ckpt.pt'} at iteration {start_iter}")
     # Compile inside DDP (as nanoGPT does): DDP's gradient hooks stay outside the compiled graph.
-    step_model = LossModel(model)
-    if compile_model:
-        step_model = torch.compile(step_model)
-    no_sync = None
+    step_model = torch.compile(LossModel(model)) if compile_model else LossModel(model)
     if world_size > 1:
         step_model = wrap_model(step_model, device)
-        no_sync = getattr(step_model, "no_sync", None)
-    autocast = autocast_for(device, dtype)
-
-    tokens_per_step = cfg.batch_size * context * cfg.grad_accum_steps * world_size
-    flops_per_token = mfu_flops_per_token(model_config, context)
-    peak = peak_flops(device)
+    run = Run(cfg, rank, world_size, device, out_dir, tok, train_tokens, val_tokens,
+              model_config, model, optimizer, step_model, getattr(step_model, "no_sync", None),
+              autocast_for(device, dtype), generator, start_iter, base_lrs, cpu_group)
+    model.train()
     log(f"model: {count_params(model_config)['total'] / 1e6:.2f}M parameters | "
         f"{train_tokens.size:,} train / {val_tokens.size:,} val tokens | device {device}, "
         f"{str(dtype).removeprefix('torch.')}, compile={compile_model}, {world_size} process(es)")
-    log(f"unigram baseline: {baseline:.3f} nats/token (a model that ignores context)")
-
-    def schedule(t: int) -> float:
-        if cfg.schedule == "wsd":
-            return lr_wsd(t, cfg.lr, cfg.min_lr, cfg.warmup_iters, cfg.max_iters,
-                          max(1, int(cfg.decay_frac * cfg.max_iters)))
-        return lr_cosine(t, cfg.lr, cfg.min_lr, cfg.warmup_iters, cfg.max_iters)
-
-    def next_batch() -> tuple[Tensor, Tensor]:
-        return get_batch(train_tokens, cfg.batch_size, context, device, generator)
-
-    def evaluate(iteration: int) -> float:
-        model.eval()
-        val_loss = estimate_loss(step_model, val_tokens, cfg, context, device, autocast,
-                                 cfg.seed + 7 + rank)
-        model.train()
-        if master:
-            bar.write(f"iter {iteration}: val loss {val_loss:.3f} (perplexity "
-                      f"{perplexity(val_loss):.1f}) | unigram baseline {baseline:.3f}")
-        _append_jsonl(metrics_path, {"iter": iteration, "val_loss": val_loss,
-                                     "val_ppl": perplexity(val_loss),
-                                     "unigram_entropy": baseline}, master)
-        return val_loss
-
-    def checkpoint(iteration: int, loss: Tensor, grad_norm: Tensor) -> None:
-        # Never save weights a non-finite step may have spoilt: keep the last good checkpoint.
-        check_finite(loss, grad_norm, iteration)
-        generators = [generator.get_state()]
-        if world_size > 1:
-            generators = [None] * world_size
-            dist.all_gather_object(generators, generator.get_state())
-        if master:
-            save_checkpoint(model, optimizer, iteration, ckpt_path,
-                            config=dataclasses.asdict(cfg), model_config=model_fields,
-                            tokenizer=tok.fingerprint(), data_generators=generators)
-
-    def check_finite(loss: Tensor, grad_norm: Tensor, iteration: int) -> None:
-        if not (math.isfinite(loss.item()) and math.isfinite(grad_norm.item())):
-            kept = (f"the last good checkpoint {ckpt_path} is kept" if ckpt_path.exists()
-                    else "no checkpoint was written")
-            raise FloatingPointError(
-                f"loss {loss.item()} / gradient norm {grad_norm.item()} at iteration {iteration}:"
-                f" training diverged; {kept}. Try a lower --lr or a longer --warmup_iters")
-
-    model.train()
-    val_loss = math.nan
-    bar = tqdm(total=cfg.max_iters, initial=start_iter, disable=not master, desc="train",
-               dynamic_ncols=True)
-    last_time, last_iter = time.perf_counter(), start_iter
-    loss = grad_norm = torch.zeros(())
-    for it in range(start_iter, cfg.max_iters):
-        lr = schedule(it)
-        set_lr(optimizer, base_lrs, lr / cfg.lr if cfg.lr else 0.0)
-        loss, grad_norm = train_step(step_model, optimizer, params, next_batch,
-                                     cfg.grad_accum_steps, cfg.grad_clip, autocast, no_sync)
-        done = it + 1
-        if done % cfg.log_interval == 0 or done == cfg.max_iters:
-            if world_size > 1:  # log the mean over ranks; every rank then sees the same NaN
-                loss = loss.detach().clone()
-                dist.all_reduce(loss)
-                loss /= world_size
-            check_finite(loss, grad_norm, done)
-            now = time.perf_counter()
-            tok_per_s = tokens_per_step * (done - last_iter) / (now - last_time)
-            last_time, last_iter = now, done
-            mfu = (flops_per_token * tok_per_s / (peak * world_size)) if peak else None
-            row = {"iter": done, "tokens": done * tokens_per_step, "loss": loss.item(), "lr": lr,
-                   "grad_norm": grad_norm.item(), "tok_per_s": tok_per_s, "mfu": mfu}
-            _append_jsonl(metrics_path, row, master)
-            postfix = {"loss": f"{row['loss']:.3f}", "lr": f"{lr:.2e}",
-                       "tok/s": f"{tok_per_s:,.0f}"}
-            if mfu is not None:
-                postfix["mfu"] = f"{mfu:.1%}"
-            bar.set_postfix(postfix, refresh=False)
-        bar.update(1)
-        pause = time.perf_counter()
-        if cfg.eval_interval and (done % cfg.eval_interval == 0 or done == cfg.max_iters):
-            val_loss = evaluate(done)
-        if done == cfg.max_iters or (cfg.checkpoint_interval
-                                     and done % cfg.checkpoint_interval == 0):
-            checkpoint(done, loss, grad_norm)
-        last_time += time.perf_counter() - pause  # tokens/s counts training time only
-    bar.close()
-
-    samples = write_samples(model, tok, cfg, device, autocast, out_dir) if master else []
-    return {"model": model, "tokenizer": tok, "iteration": max(start_iter, cfg.max_iters),
-            "val_loss": val_loss, "unigram_entropy": baseline, "samples": samples}
+    log(f"unigram baseline: {run.baseline:.3f} nats/token (a model that ignores context)")
+    return run
 
 
-def _append_jsonl(path: Path, row: dict, master: bool) -> None:
-    if master:
-        with open(path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+def log_progress(run: Run, bar: tqdm, iteration: int, loss: Tensor, grad_norm: Tensor,
+                 lr: float) -> None:
+    """A metrics row and the progress bar's numbers; .item() here is the loop's only GPU sync."""
+    if run.world_size > 1:  # the mean over ranks; every rank then sees the same NaN
+        loss = loss.detach().clone()
+        dist.all_reduce(loss)
+        loss /= run.world_size
+    check_finite(run, loss, grad_norm, iteration)
+    (start, start_iter), now = run.clock, time.perf_counter()
+    tok_per_s = run.tokens_per_step * (iteration - start_iter) / max(now - start, 1e-9)
+    run.clock = (now, iteration)
+    peak = peak_flops(run.device)
+    flops = mfu_flops_per_token(run.model_config, run.model_config.context_length) * tok_per_s
+    row = {"iter": iteration, "tokens": iteration * run.tokens_per_step, "loss": loss.item(),
+           "lr": lr, "grad_norm": grad_norm.item(), "tok_per_s": tok_per_s,
+           "mfu": flops / (peak * run.world_size) if peak else None}
+    run.metrics.append(row)
+    postfix = {"loss": f"{row['loss']:.3f}", "lr": f"{lr:.2e}", "tok/s": f"{tok_per_s:,.0f}"}
+    if peak:
+        postfix["mfu"] = f"{row['mfu']:.1%}"
+    bar.set_postfix(postfix, refresh=False)
 
 
-def _truncate_metrics(path: Path, keep_through: int) -> None:
-    """Drop metric rows past keep_through: a resumed run redoes the steps after its checkpoint."""
-    rows = path.read_text().splitlines() if path.exists() and keep_through else []
-    rows = [r for r in rows if json.loads(r)["iter"] <= keep_through]
-    _write_atomic(path, "".join(r + "\n" for r in rows))
+def check_finite(run: Run, loss: Tensor, grad_norm: Tensor, iteration: int) -> None:
+    if not (math.isfinite(loss.item()) and math.isfinite(grad_norm.item())):
+        kept = (f"the last good checkpoint {run.ckpt_path} is kept" if run.ckpt_path.exists()
+                else "no checkpoint was written")
+        raise FloatingPointError(
+            f"loss {loss.item()} / gradient norm {grad_norm.item()} at iteration {iteration}: "
+            f"training diverged; {kept}. Try a lower --lr or a longer --warmup_iters")
+
+
+@torch.no_grad()
+def evaluate(run: Run, bar: tqdm, iteration: int) -> float:
+    """Mean validation loss over eval_iters global batches, averaged over processes.
+    The batches come from their own generator, seeded the same at every evaluation: each eval sees
+    the same windows (comparable numbers) and the training batches are not disturbed."""
+    run.model.eval()
+    generator = torch.Generator().manual_seed(run.cfg.seed + 7)
+    total = torch.zeros((), device=run.device)
+    for _ in range(run.cfg.eval_iters):
+        x, y = get_batch(run.val_tokens, run.cfg.batch_size, run.model_config.context_length,
+                         run.device, generator, run.rank, run.world_size)
+        with run.autocast:
+            total += run.step_model(x, y)[0].float()
+    if run.world_size > 1:
+        dist.all_reduce(total)
+        total /= run.world_size
+    val_loss = total.item() / run.cfg.eval_iters
+    run.model.train()
+    if run.rank == 0:
+        bar.write(f"iter {iteration}: val loss {val_loss:.3f} (perplexity "
+                  f"{perplexity(val_loss):.1f}) | unigram baseline {run.baseline:.3f}")
+    run.metrics.append({"iter": iteration, "tokens": iteration * run.tokens_per_step,
+                        "val_loss": val_loss, "val_ppl": perplexity(val_loss),
+                        "unigram_entropy": run.baseline})
+    run.metrics.flush()
+    run.clock = (time.perf_counter(), iteration)  # tokens/s counts training time only
+    return val_loss
+
+
+def save(run: Run, iteration: int, loss: Tensor, grad_norm: Tensor) -> None:
+    """Checkpoint and metrics; never weights that a non-finite step may have spoilt."""
+    check_finite(run, loss, grad_norm, iteration)
+    if run.rank == 0:
+        save_checkpoint(run.model, run.optimizer, iteration, run.ckpt_path,
+                        config=dataclasses.asdict(run.cfg),
+                        model_config=dataclasses.asdict(run.model_config),
+                        tokenizer=run.tok.fingerprint(), data_generator=run.generator.get_state(),
+                        world_size=run.world_size)
+        run.metrics.flush()
+    run.clock = (time.perf_counter(), iteration)
+
+
+class MetricsLog:
+    """out_dir/metrics.jsonl, written at each evaluation and checkpoint. The first write replaces
+    the file in one atomic rename by the resumed run's rows up to its checkpoint (none for a new
+    run) and the new rows; later writes append. An earlier run's file stays whole till then."""
+    def __init__(self, path: Path, resume_from: int, rank: int) -> None:
+        self.path, self.master, self.pending = path, rank == 0, []
+        old = path.read_text().splitlines() if resume_from and path.exists() else []
+        self.kept = [r + "\n" for r in old if json.loads(r)["iter"] <= resume_from]
+
+    def append(self, row: dict) -> None:
+        self.pending += [json.dumps(row) + "\n"] if self.master else []
+
+    def flush(self) -> None:
+        if self.kept is not None and self.master:
+            write_atomic(self.path, "".join(self.kept + self.pending))
+            self.kept = None
+        elif self.pending:
+            with open(self.path, "a") as f:
+                f.write("".join(self.pending))
+        self.pending = []
+
+
+class CtrlC:
+    """Within `with CtrlC()`, the first Ctrl-C (SIGINT) only sets a flag that the loop reads after
+    the step, so the final checkpoint holds whole steps; a second one interrupts at once."""
+    def __enter__(self) -> "CtrlC":
+        self.flag, self.previous = False, None
+        if threading.current_thread() is threading.main_thread():  # where signals are handled
+            self.previous = signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+
+    def _handler(self, signum: int, frame: object) -> None:
+        self.flag = True
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    def pressed(self, run: Run, iteration: int) -> bool:
+        """Whether to stop after this step. All ranks must stop at the same step, so several
+        processes agree at log steps, over the CPU group (no wait for the GPU)."""
+        if run.world_size == 1:
+            return self.flag
+        if iteration % run.cfg.log_interval:
+            return False
+        flag = torch.tensor([int(self.flag)])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=run.cpu_group)
+        return bool(flag.item())
 
 
 @torch.no_grad()
@@ -1613,8 +859,7 @@ def write_samples(model: TransformerLM, tok: Tokenizer, cfg: TrainConfig, device
     model.eval()
     prompt = tok.encode(cfg.sample_prompt) if cfg.sample_prompt else [tok.token_id(EOT)]
     torch.manual_seed(cfg.seed)
-    samples = []
-    eot = tok.token_id(EOT)
+    samples, eot = [], tok.token_id(EOT)
     for _ in range(cfg.num_samples):
         with autocast:
             ids = generate(model, torch.tensor([prompt], device=device), cfg.sample_tokens,
@@ -1624,221 +869,752 @@ def write_samples(model: TransformerLM, tok: Tokenizer, cfg: TrainConfig, device
         samples.append(cfg.sample_prompt + tok.decode(new))
     text = "".join(f"--- sample {i + 1} ---\n{s.strip()}\n" for i, s in enumerate(samples))
     print(text, end="")
-    _write_atomic(out_dir / "samples.txt", text)
+    write_atomic(out_dir / "samples.txt", text)
     return samples
 
 
-# ----------------------------------------------------------------------------------------------
-# Benchmark: the training step on random tokens, timed with the GPU synchronised.
+# Beyond AdamW: optimizers that shape the step of a whole weight matrix ----------------------------
+#   Muon replaces the (momentum-averaged) gradient U S V^T by U V^T, the nearest orthogonal
+#        matrix, so every direction of the matrix moves equally.
+#   SOAP learns a rotation per weight matrix (Shampoo's Kronecker factors) and runs Adam in it,
+#        a full-matrix-like preconditioner at the cost of two small eigenbases per matrix.
+# Both give non-matrix parameters (and, for Muon, embeddings and the head) a plain AdamW step,
+# and do no host-device syncs in a step beyond SOAP's one eigendecomposition at its first step.
+def zeropower_via_newtonschulz(G: torch.Tensor, steps: int = 5) -> torch.Tensor:
+    """Approximately orthogonalise G: U S V^T -> U S' V^T with every S' near 1 (about 0.7 to 1.2).
+    The exact U V^T needs an SVD, slow on a GPU. X <- a X + b (X X^T) X + c (X X^T)^2 X needs
+    only matmuls and maps each singular value s <- a s + b s^3 + c s^5, after G / ||G||_F put them
+    in [0, 1]. Jordan et al. tuned (a, b, c) for the steepest slope at 0 (small values grow ~3.4x
+    per step) while keeping every s in a band around 1: training needs it fast, not exact.
+    bfloat16 on CUDA (tensor cores), float32 elsewhere. Returns G's dtype and shape."""
+    if G.ndim != 2:
+        raise ValueError(f"expected a matrix, got shape {tuple(G.shape)}")
+    a, b, c = 3.4445, -4.7750, 2.0315
+    X = G.to(torch.bfloat16 if G.is_cuda else torch.float32)
+    tall = X.size(0) > X.size(1)
+    if tall:  # work with the smaller Gram matrix X X^T: (min, min) instead of (max, max)
+        X = X.T
+    X = X / (X.norm() + 1e-7)  # the eps keeps a zero gradient at zero instead of NaN
+    for _ in range(steps):
+        A = X @ X.T
+        B = b * A + c * A @ A
+        X = a * X + B @ X
+    if tall:
+        X = X.T
+    return X.to(G.dtype)
 
 
-def print_profile(run: Callable[[], None], steps: int, device: torch.device) -> None:
-    """Where a step's time goes: torch.profiler's table of the ops/kernels with the most self
-    time, per step. On a GPU these are kernels (matmuls, attention, fused elementwise code)."""
-    from torch.profiler import ProfilerActivity, profile
-    cuda = device.type == "cuda"
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    with profile(activities=activities) as prof:
-        run()
-        if cuda:
-            torch.cuda.synchronize()
-    events = prof.key_averages()
-    key = "self_device_time_total" if cuda else "self_cpu_time_total"
-    # Only the kernels themselves: an operator row repeats the time of the kernels it launched,
-    # and an annotation (Optimizer.step#AdamW.step) spans kernels already counted.
-    kernels = [e for e in events if not cuda or (e.device_type == torch.autograd.DeviceType.CUDA
-                                                 and not e.is_user_annotation)]
-    total_ms = sum(getattr(e, key) for e in kernels) / 1e3 / steps
-    print(f"  profile of {steps} steps: {total_ms:.1f} ms of {'GPU' if cuda else 'CPU'} time "
-          f"per step; the top entries (times summed over the {steps} steps):")
-    print(events.table(sort_by=key, row_limit=20, max_name_column_width=70))
+class Muon(_Optimizer):
+    """Muon (Jordan et al. 2024): momentum, then orthogonalise the update, for hidden matrices.
+    For a weight matrix W in a use_muon=True group (more than 2 dims: flattened to (size(0), -1)):
+        buf <- momentum * buf + (1 - momentum) * g                 (an EMA, like Adam's m)
+        u   <- (1 - momentum) * g + momentum * buf  if nesterov else buf
+        W   <- W * (1 - lr * weight_decay) - lr * 0.2 * sqrt(max(rows, cols)) * NS(u)
+    NS keeps u's singular vectors and sets its singular values near 1, so rare directions of the
+    gradient get as large a step as the dominant one. The scale is Moonshot's (Liu et al. 2025):
+    it makes the update's RMS 0.2 * lr, a typical AdamW update, so Muon shares AdamW's lr and
+    schedule. Groups with use_muon=False get a plain AdamW step (param_groups_for_muon)."""
+    RULES = {**ADAMW_RULES, "momentum": (0.0, 1.0), "ns_steps": (int, 1), "use_muon": (bool,),
+             "nesterov": (bool,)}
 
+    def __init__(self, params: Params, lr: float = 1e-3, momentum: float = 0.95,
+                 nesterov: bool = True, ns_steps: int = 5, weight_decay: float = 0.01,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 use_muon: bool = True, foreach: bool | None = None,
+                 fused: bool = False) -> None:
+        super().__init__(params, dict(lr=lr, momentum=momentum, nesterov=nesterov,
+                                      ns_steps=ns_steps, weight_decay=weight_decay, betas=betas,
+                                      eps=eps, use_muon=use_muon, foreach=foreach, fused=fused))
 
-def bench(cfg: BenchConfig) -> list[dict]:
-    """Tokens/s, ms/step and MFU of train_step for each shape in cfg.shape; returns the rows."""
-    device = resolve_device(cfg.device)
-    dtype = resolve_dtype(cfg.dtype, device)
-    compile_model = use_compile(cfg.compile, device)
-    autocast = autocast_for(device, dtype)
-    torch.set_float32_matmul_precision("high")
-    shapes = list(BENCH_SHAPES) if cfg.shape == "both" else [cfg.shape]
-    if any(s not in BENCH_SHAPES for s in shapes):
-        raise ValueError(f"shape={cfg.shape!r}: expected one of {[*BENCH_SHAPES, 'both']}")
-    peak = peak_flops(device)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    rows = []
-    for shape in shapes:
-        torch.manual_seed(cfg.seed)
-        vocab = {"vocab_size": cfg.vocab_size} if cfg.vocab_size else {}
-        model_config = ModelConfig(**{**BENCH_SHAPES[shape], **vocab, **cfg.model})
-        batch_size = cfg.batch_size or BENCH_BATCH[shape]
-        model = TransformerLM(model_config).to(device)
-        optimizer = build_optimizer(model, cfg, device)
-        params = list(model.parameters())
-        step_model = LossModel(model)
-        if compile_model:
-            step_model = torch.compile(step_model)
-        T, V = model_config.context_length, model_config.vocab_size
-        # A fixed set of random batches already on the device: measures the step, not the loader.
-        batches = [(torch.randint(V, (batch_size, T), device=device),
-                    torch.randint(V, (batch_size, T), device=device)) for _ in range(4)]
-        counter = iter(range(10**9))
+    def _check_params(self, group: dict) -> None:
+        super()._check_params(group)
+        for p in group["params"] if group["use_muon"] else []:
+            if p.ndim < 2:
+                raise ValueError(
+                    f"a use_muon=True group holds a parameter of shape {tuple(p.shape)}; Muon "
+                    "only orthogonalises matrices: put vectors in a use_muon=False group "
+                    "(param_groups_for_muon(model, ...) does the split)")
 
-        def next_batch() -> tuple[Tensor, Tensor]:
-            return batches[next(counter) % len(batches)]
-
-        def run(steps: int) -> None:
-            for _ in range(steps):
-                train_step(step_model, optimizer, params, next_batch, cfg.grad_accum_steps,
-                           cfg.grad_clip, autocast)
-
-        start = time.perf_counter()
-        run(cfg.warmup_steps)
-        sync()
-        warmup_s = time.perf_counter() - start
-        start = time.perf_counter()
-        run(cfg.steps)
-        sync()
-        step_s = (time.perf_counter() - start) / cfg.steps
-        tok_per_s = batch_size * T * cfg.grad_accum_steps / step_s
-        flops = mfu_flops_per_token(model_config, T)
-        row = {"shape": shape, "params": count_params(model_config)["total"],
-               "batch_size": batch_size, "context_length": T, "ms_per_step": step_s * 1e3,
-               "tok_per_s": tok_per_s, "tflops": flops * tok_per_s / 1e12,
-               "mfu": flops * tok_per_s / peak if peak else None, "warmup_s": warmup_s,
-               "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-               "dtype": str(dtype).removeprefix("torch."), "compile": compile_model,
-               "optimizer": cfg.optimizer}
-        if shape == "tinystories":
-            row["minutes_for_327M_tokens"] = TINYSTORIES_TOKENS / tok_per_s / 60
-        rows.append(row)
-        mfu = f"{row['mfu']:.1%}" if row["mfu"] is not None else "n/a (unknown peak)"
-        print(f"{shape}: {row['params'] / 1e6:.1f}M params, batch {batch_size}x{T} | "
-              f"{row['ms_per_step']:.1f} ms/step | {tok_per_s:,.0f} tok/s | "
-              f"{row['tflops']:.1f} TFLOP/s | MFU {mfu} | {row['device']}, {row['dtype']}, "
-              f"compile={compile_model}, {cfg.optimizer} (warm-up {warmup_s:.1f} s)")
-        if shape == "tinystories":
-            print(f"  {TINYSTORIES_TOKENS:,} tokens (the course's TinyStories run) take "
-                  f"{row['minutes_for_327M_tokens']:.1f} min at this speed")
-        if shape == "gpt2":
-            print("  nanoGPT on one H200 at this shape: ~503,000 tok/s (~43% MFU)")
-        if cfg.profile:
-            print_profile(lambda: run(cfg.profile), cfg.profile, device)
-        del model, optimizer, step_model, batches
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-    return rows
-
-
-# ----------------------------------------------------------------------------------------------
-# Command line: `python train.py [train|bench] [CONFIG_FILE] [--key=value | --key value | --flag]`
-
-
-def _typed(key: str, value, default):
-    """value (a command-line string or a config-file value) as the type of the field's default."""
-    if isinstance(value, str) and value.lower() in ("true", "false") and (
-            default is None or isinstance(default, bool) or default == "auto"):
-        return value.lower() == "true"  # --compile=False
-    if isinstance(value, str) and not isinstance(default, str):
-        try:
-            value = ast.literal_eval(value)  # "1" -> 1, "3e-4" -> 0.0003, "(0.9, 0.95)" -> tuple
-        except (ValueError, SyntaxError):
-            if default is None:
-                return value  # a string for a field without a typed default
-            raise ValueError(f"{key} expects a {type(default).__name__}, got {value!r}") from None
-    if default is None or (default == "auto" and isinstance(value, bool)):
-        return value
-    if isinstance(default, float) and type(value) is int:
-        return float(value)  # --lr=1
-    if type(default) is int and isinstance(value, float) and value.is_integer():
-        return int(value)  # --max_iters=1e4
-    if type(value) is not type(default):
-        raise ValueError(f"{key} expects a {type(default).__name__}, got {value!r}")
-    return value
-
-
-def apply_override(cfg: TrainConfig, key: str, value) -> None:
-    """Set cfg.key, or the ModelConfig field cfg.model[key], typed from its default."""
-    own = {f.name: f.default for f in dataclasses.fields(cfg) if f.name != "model"}
-    model = {f.name: None if f.default is dataclasses.MISSING else f.default
-             for f in dataclasses.fields(ModelConfig)}
-    if key == "model" and isinstance(value, dict):  # e.g. a checkpoint's saved config
-        for model_key, model_value in value.items():
-            apply_override(cfg, model_key, model_value)
-    elif key in own:
-        setattr(cfg, key, _typed(key, value, own[key]))
-    elif key in model:
-        cfg.model[key] = _typed(key, value, model[key])
-    else:
-        names = [*own, *model]
-        close = difflib.get_close_matches(key, names, n=1)
-        if close:
-            raise ValueError(f"unknown config key {key!r}; did you mean {close[0]!r}?")
-        raise ValueError(f"unknown config key {key!r}; valid keys: {', '.join(names)}")
-
-
-def read_config_file(path: str) -> dict:
-    """A JSON object, or `key = value` lines with Python literal values (# comments allowed).
-
-    Values go through ast.literal_eval, never exec: a config file cannot run code.
-    """
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"config file {path} does not exist")
-    text = p.read_text()
-    if p.suffix == ".json":
-        return json.loads(text)
-    values = {}
-    for n, line in enumerate(text.splitlines(), 1):
-        if not line.strip() or line.lstrip().startswith("#"):
-            continue
-        key, sep, value = line.partition("=")
-        if not sep:
-            raise ValueError(f"{path}:{n}: expected `key = value`, got {line!r}")
-        # Try the whole value first, so a "#" inside a string is not taken for a comment.
-        for candidate in (value, value.split("#", 1)[0]):
-            try:
-                values[key.strip()] = ast.literal_eval(candidate.strip())
-                break
-            except (ValueError, SyntaxError):
+    def _update(self) -> None:
+        for group, params in self._groups_with_grads():
+            if not group["use_muon"]:
+                self._adamw_step(group, params)
                 continue
-        else:
-            raise ValueError(f"{path}:{n}: {value.strip()!r} is not a Python literal")
-    return values
+            lr, momentum = group["lr"], group["momentum"]
+            for p in params:
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(p)
+                buf = state["momentum_buffer"]
+                buf.lerp_(p.grad, 1 - momentum)
+                # Nesterov: look one step ahead by mixing the fresh gradient back in; u is a new
+                # tensor, so p.grad is left as the caller's (e.g. for logging its norm).
+                u = p.grad.lerp(buf, momentum) if group["nesterov"] else buf
+                matrix = u.reshape(u.size(0), -1)  # (rows, cols)
+                update = zeropower_via_newtonschulz(matrix, group["ns_steps"]).reshape(p.shape)
+                p.mul_(1 - lr * group["weight_decay"])
+                p.add_(update, alpha=-lr * 0.2 * max(matrix.shape) ** 0.5)
 
 
-def parse_config(argv: list[str], cfg: TrainConfig) -> TrainConfig:
-    """Config files and --key=value overrides, applied in the order given (later wins)."""
-    i = 0
-    while i < len(argv):
-        arg = argv[i]
-        if not arg.startswith("--"):
-            for key, value in read_config_file(arg).items():
-                apply_override(cfg, key, value)
-        elif "=" in arg:
-            apply_override(cfg, *arg[2:].split("=", 1))
-        elif (i + 1 < len(argv) and not argv[i + 1].startswith("--")
-              and not isinstance(getattr(cfg, arg[2:], None), bool)):
-            apply_override(cfg, arg[2:], argv[i + 1])  # --data notes.txt
-            i += 1
+def _rotate_second_moment(v: torch.Tensor, rotation_left: torch.Tensor | None,
+                          rotation_right: torch.Tensor | None) -> torch.Tensor:
+    """Re-express Adam's diagonal second moment v after a change of basis X_new = Rl X Rr^T.
+    Only v's diagonal (per-coordinate) part is kept, so it cannot be rotated exactly; treating the
+    coordinates as independent, var(X_new[i, k]) = sum_jl Rl[i, j]^2 Rr[k, l]^2 v[j, l].
+    Exact when the new basis is a permutation or sign flip of the old one (eigh's ordering)."""
+    if rotation_left is not None:
+        v = rotation_left.square() @ v
+    if rotation_right is not None:
+        v = v @ rotation_right.square().T
+    return v
+
+
+def _power_iteration(statistic: torch.Tensor, Q: torch.Tensor) -> torch.Tensor:
+    """One step of subspace iteration: refresh the eigenbasis Q of a slowly changing statistic.
+    Much cheaper than a new eigh, and Q is already nearly right (the statistic is an EMA). The QR
+    orthonormalises columns in order, so they are first sorted by estimated eigenvalue, largest
+    first, letting the dominant directions claim their place before the small ones."""
+    estimated_eigenvalues = (Q.T @ statistic @ Q).diagonal()
+    Q = Q[:, torch.argsort(estimated_eigenvalues, descending=True)]
+    return torch.linalg.qr(statistic @ Q).Q
+
+
+def _refresh_basis(state: dict, key: str, statistic: torch.Tensor | None) -> torch.Tensor | None:
+    """Recompute state[key], the eigenbasis of `statistic`; return new^T @ old (None: no change)."""
+    if statistic is None:
+        return None
+    old = state[key]
+    # eigh returns ascending eigenvalues; largest first is the order power iteration keeps
+    new = (torch.linalg.eigh(statistic).eigenvectors.flip(-1) if old is None
+           else _power_iteration(statistic, old))
+    state[key] = new
+    return None if old is None else new.T @ old
+
+
+class SOAP(_Optimizer):
+    """SOAP (Vyas et al. 2024): Adam run in the eigenbasis of Shampoo's preconditioner.
+    For a gradient G (rows, cols), Shampoo keeps L = EMA(G G^T) and R = EMA(G^T G), whose
+    eigenvectors Q_L, Q_R are the directions in which G varies most. SOAP runs ordinary Adam on
+    G' = Q_L^T G Q_R, where the curvature is close to diagonal, and rotates the update back. The
+    first gradient only seeds the bases (in a basis built from G itself, Adam would blow rounding
+    noise up into full steps); every `precondition_frequency` steps one power-iteration step
+    refreshes them. The second moment lives in the basis and is rotated approximately. A side
+    longer than max_precond_dim keeps the identity (4096 leaves out vocabularies); vectors get
+    AdamW; statistics stay float32; shampoo_beta defaults to betas[1]."""
+    RULES = {**ADAMW_RULES, "shampoo_beta": (0.0, 1.0, None),
+             "precondition_frequency": (int, 1), "max_precond_dim": (int, 0)}
+
+    def __init__(self, params: Params, lr: float = 3e-3,
+                 betas: tuple[float, float] = (0.95, 0.95), shampoo_beta: float | None = None,
+                 eps: float = 1e-8, weight_decay: float = 0.01, precondition_frequency: int = 10,
+                 max_precond_dim: int = 4096, foreach: bool | None = None,
+                 fused: bool = False) -> None:
+        super().__init__(params, dict(lr=lr, betas=betas, shampoo_beta=shampoo_beta, eps=eps,
+                                      weight_decay=weight_decay, foreach=foreach, fused=fused,
+                                      precondition_frequency=precondition_frequency,
+                                      max_precond_dim=max_precond_dim))
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        # torch casts every floating-point state tensor to its parameter's dtype; SOAP keeps its
+        # statistics in float32 whatever the parameter dtype (bfloat16 eigenvectors would be
+        # noise), so take those tensors again from the saved copy, only moved to the device.
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        for saved_id, p in zip(saved_ids, params):
+            for key, value in state_dict["state"].get(saved_id, {}).items():
+                if p.ndim >= 2 and isinstance(value, torch.Tensor):
+                    self.state[p][key] = value.to(p.device)
+
+    def _update(self) -> None:
+        for group, params in self._groups_with_grads():
+            self._adamw_step(group, [p for p in params if p.ndim < 2])
+            for p in params:
+                if p.ndim >= 2:
+                    self._matrix_step(p, group)
+
+    def _matrix_step(self, p: torch.Tensor, group: dict) -> None:
+        beta1, beta2 = group["betas"]
+        shampoo_beta = beta2 if group["shampoo_beta"] is None else group["shampoo_beta"]
+        G = p.grad.reshape(p.size(0), -1).float()  # (rows, cols)
+        state = self.state[p]
+        if "step" not in state:
+            rows, cols, limit = *G.shape, group["max_precond_dim"]
+            zeros = dict(device=G.device, dtype=torch.float32)
+            state.update(step=0, exp_avg=torch.zeros_like(G), exp_avg_sq=torch.zeros_like(G),
+                         Q_L=None, Q_R=None,  # None: this side keeps the identity basis
+                         L=torch.zeros(rows, rows, **zeros) if rows <= limit else None,
+                         R=torch.zeros(cols, cols, **zeros) if cols <= limit else None)
+            if state["L"] is not None or state["R"] is not None:
+                self._update_preconditioner(state, G, shampoo_beta, refresh=True)
+                return  # the first gradient only seeds the bases (see the class docstring)
+        state["step"] += 1
+        t = state["step"]
+        Q_L, Q_R = state["Q_L"], state["Q_R"]
+
+        def rotate(X: torch.Tensor) -> torch.Tensor:  # into the eigenbasis: Q_L^T X Q_R
+            X = X if Q_L is None else Q_L.T @ X
+            return X if Q_R is None else X @ Q_R
+
+        def rotate_back(X: torch.Tensor) -> torch.Tensor:  # out of it: Q_L X Q_R^T
+            X = X if Q_L is None else Q_L @ X
+            return X if Q_R is None else X @ Q_R.T
+
+        # Adam, with its moments measured in the eigenbasis (exactly AdamW when both Q are None).
+        G_rotated = rotate(G)
+        exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+        exp_avg.lerp_(G, 1 - beta1)
+        exp_avg_sq.mul_(beta2).addcmul_(G_rotated, G_rotated, value=1 - beta2)
+        denom = (exp_avg_sq.sqrt() / (1 - beta2**t) ** 0.5).add_(group["eps"])
+        update = rotate_back(rotate(exp_avg) / denom)
+        p.mul_(1 - group["lr"] * group["weight_decay"])
+        p.add_(update.reshape(p.shape).to(p.dtype), alpha=-group["lr"] / (1 - beta1**t))
+        self._update_preconditioner(state, G, shampoo_beta,
+                                    refresh=t % group["precondition_frequency"] == 0)
+
+    @staticmethod
+    def _update_preconditioner(state: dict, G: torch.Tensor, shampoo_beta: float,
+                               refresh: bool) -> None:
+        """Shampoo's statistics L, R; when `refresh`, new bases and the second moment moved in."""
+        if state["L"] is not None:
+            state["L"].lerp_(G @ G.T, 1 - shampoo_beta)
+        if state["R"] is not None:
+            state["R"].lerp_(G.T @ G, 1 - shampoo_beta)
+        if refresh:
+            rotation_left = _refresh_basis(state, "Q_L", state["L"])
+            rotation_right = _refresh_basis(state, "Q_R", state["R"])
+            state["exp_avg_sq"] = _rotate_second_moment(state["exp_avg_sq"], rotation_left,
+                                                        rotation_right)
+
+
+# Parameter groups: which weights decay, which Muon orthogonalises ---------------------------------
+def _trainable_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter, bool]]:
+    """(name, parameter, whether it is an embedding table: an nn.Embedding's, or "embed" in the
+    name) for each trainable parameter, tied ones listed once."""
+    seen, result = set(), []
+    for module_name, module in model.named_modules():
+        for name, p in module.named_parameters(recurse=False):
+            if p.requires_grad and id(p) not in seen:
+                seen.add(id(p))
+                name = f"{module_name}.{name}" if module_name else name
+                result.append((name, p, isinstance(module, nn.Embedding) or "embed" in name))
+    return result
+
+
+def decay_param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Two groups for AdamW or SOAP: matrices decay, vectors and embedding tables do not.
+    Weight decay keeps the matrices that mix features small. A gain or bias has a natural value of
+    1 or 0: pulling it to 0 only fights the normalisation. Decoupled decay shrinks *every* row of
+    an embedding table (nn.Embedding, or "embed" in the name; a tied head too) every step while
+    only the rows of tokens in the batch get a gradient, so rare tokens would fade away."""
+    decay, no_decay = [], []
+    for _, p, embedding in _trainable_parameters(model):
+        (decay if p.ndim >= 2 and not embedding else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+def param_groups_for_muon(model: nn.Module, lr: float, adam_lr: float | None = None,
+                          weight_decay: float = 0.0, adam_betas: tuple[float, float] = (0.9, 0.999),
+                          adam_eps: float = 1e-8) -> list[dict]:
+    """Muon groups (use_muon=True: the 2-D hidden matrices) and AdamW groups: embeddings and the
+    head ("lm_head"), whose rows are per-token vectors, not maps between hidden features, and all
+    that is not 2-D. Weight decay follows decay_param_groups; adam_lr defaults to lr."""
+    adam_lr = lr if adam_lr is None else adam_lr
+    muon, adam_decay, adam_no_decay = [], [], []
+    for name, p, embedding in _trainable_parameters(model):
+        if embedding or p.ndim < 2:
+            adam_no_decay.append(p)
+        elif "lm_head" in name or p.ndim > 2:
+            adam_decay.append(p)
         else:
-            apply_override(cfg, arg[2:], "True")  # --resume
-        i += 1
+            muon.append(p)
+    adam = dict(use_muon=False, lr=adam_lr, betas=adam_betas, eps=adam_eps)
+    groups = [dict(params=muon, use_muon=True, lr=lr, weight_decay=weight_decay),
+              dict(params=adam_decay, weight_decay=weight_decay, **adam),
+              dict(params=adam_no_decay, weight_decay=0.0, **adam)]
+    return [g for g in groups if g["params"]]
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig,
+                    device: torch.device) -> torch.optim.Optimizer:
+    """The optimizer named by cfg.optimizer; weight decay on matrices, not gains or embeddings."""
+    # foreach: one kernel launch per step for all tensors of a group instead of one per tensor;
+    # fused: the AdamW update compiled, one kernel per tensor, whenever the model is compiled.
+    common = dict(lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=device.type == "cuda",
+                  fused=use_compile(cfg.compile, device))
+    betas = (cfg.beta1, cfg.beta2)
+    if cfg.optimizer == "muon":
+        # Muon scales its updates to AdamW's size, so both kinds of group share lr and schedule.
+        return Muon(param_groups_for_muon(model, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                          adam_betas=betas, adam_eps=cfg.eps), **common)
+    if cfg.optimizer not in ("adamw", "soap"):
+        raise ValueError(f"optimizer={cfg.optimizer!r}: expected 'adamw', 'muon' or 'soap'")
+    optimizer = AdamW if cfg.optimizer == "adamw" else SOAP
+    return optimizer(decay_param_groups(model, cfg.weight_decay), betas=betas, eps=cfg.eps,
+                     **common)
+
+
+# Before a run: the checks, the output folder, the data's arrival, devices and processes -----------
+def check_config(cfg: TrainConfig) -> ModelConfig:
+    """Check every knob before any work, naming it; return the model's config (built with the
+    BPE vocabulary size for the tokenizer's, so a bad shape fails now, not after the data)."""
+    choices = {"optimizer": ("adamw", "muon", "soap"), "schedule": ("cosine", "wsd"),
+               "dataset": ("tinystories", "pycode", "pydoc"),
+               "dtype": ("auto", "float32", "bfloat16"), "preset": tuple(PRESETS),
+               "compile": ("auto", True, False)}
+    at_least = {"max_iters": 1, "batch_size": 1, "grad_accum_steps": 1, "log_interval": 1,
+                "eval_iters": 1, "vocab_size": 257, "warmup_iters": 0, "eval_interval": 0,
+                "checkpoint_interval": 0, "num_samples": 0, "sample_tokens": 0, "top_k": 0,
+                "lr": 0, "min_lr": 0, "weight_decay": 0, "grad_clip": 0, "max_text_mb": 0}
+    problems = [f"--{k}={getattr(cfg, k)!r}: expected one of {v}" for k, v in choices.items()
+                if getattr(cfg, k) not in v]
+    problems += [f"--{k} must be at least {low}, got {getattr(cfg, k)}"
+                 for k, low in at_least.items() if not getattr(cfg, k) >= low]  # NaN too
+    problems += [f"--{k} must be {expected}, got {getattr(cfg, k)}" for k, ok, expected in (
+        ("val_fraction", 0 < cfg.val_fraction < 1, "in (0, 1)"),
+        ("beta1", 0 <= cfg.beta1 < 1, "in [0, 1)"), ("beta2", 0 <= cfg.beta2 < 1, "in [0, 1)"),
+        ("decay_frac", 0 < cfg.decay_frac <= 1, "in (0, 1]"), ("eps", cfg.eps > 0, "> 0"),
+        ("temperature", cfg.temperature > 0, "> 0")) if not ok]
+    if problems:
+        raise UsageError("; ".join(problems))
+    try:
+        resolve_device(cfg.device)
+    except RuntimeError as e:
+        raise UsageError(f"--device={cfg.device}: {e}") from None
+    try:
+        return build_model_config(cfg, cfg.vocab_size)
+    except (ValueError, TypeError) as e:
+        raise UsageError(f"--preset={cfg.preset} with {cfg.model or 'no changes'}: {e}") from None
+
+
+def prepare_out_dir(cfg: TrainConfig, master: bool) -> Path:
+    """A new run does not take over another run's results unless told to (--overwrite), and even
+    then replaces them only as it writes its own. Temporary files a killed run left are removed."""
+    out_dir = Path(cfg.out_dir)
+    if cfg.resume and not (out_dir / "ckpt.pt").exists():
+        raise FileNotFoundError(f"--resume: {out_dir / 'ckpt.pt'} does not exist")
+    found = [n for n in ("ckpt.pt", "metrics.jsonl", "samples.txt") if (out_dir / n).exists()]
+    if found and not (cfg.resume or cfg.overwrite):
+        raise UsageError(f"--out_dir={out_dir} holds another run's results ({', '.join(found)}):"
+                         " pass --resume to continue it, --overwrite to replace it, or choose "
+                         "another --out_dir")
+    if master:
+        require_writable(out_dir, "out_dir")
+        for stale in out_dir.glob("*.tmp"):
+            stale.unlink()
+    return out_dir
+
+
+def require_writable(folder: Path, flag: str) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        write_atomic(folder / ".write_test", "")
+        (folder / ".write_test").unlink()
+    except OSError as e:
+        raise UsageError(f"--{flag}={folder} is not a writable folder ({e.strerror or e})") \
+            from None
+
+
+def check_resumable(state: dict, cfg: TrainConfig, world_size: int) -> None:
+    """Refuse to resume into a different run, naming each field that changed: only RESUMABLE
+    fields may, and attn_impl (a kernel for the same math). The number of processes must stay:
+    the batch size is per process."""
+    saved_model, saved_run = state.get("model_config", {}), state.get("config", {})
+    now = dataclasses.asdict(build_model_config(cfg, saved_model.get("vocab_size", 1)))
+    changed = [f"{k}={saved_model.get(k)!r} in the checkpoint but {v!r} now"
+               for k, v in now.items() if saved_model.get(k) != v and k != "attn_impl"]
+    changed += [f"{k}={v!r} in the checkpoint but {getattr(cfg, k)!r} now"
+                for k, v in saved_run.items() if hasattr(cfg, k) and v != getattr(cfg, k)
+                and k not in RESUMABLE | {"model", "preset"}]
+    if state.get("world_size", 1) != world_size:
+        changed.append(f"{state.get('world_size', 1)} process(es) in the checkpoint but "
+                       f"{world_size} now")
+    if changed:
+        raise UsageError("cannot resume: the run changed: " + "; ".join(changed)
+                         + ". Pass the checkpoint's values, or a new --out_dir")
+
+
+def load_data(cfg: TrainConfig, master: bool,
+              cpu_group: object) -> tuple[Tokenizer, np.ndarray, np.ndarray]:
+    """Rank 0 prepares the data (download, tokenizer, encoding) and tells the other ranks where
+    it is, or that it failed; then every rank loads the tokenizer and maps the token arrays."""
+    paths, error = [None], None
+    if master:
+        try:
+            paths = [prepare_data(cfg)]
+        except Exception as e:
+            error, paths = e, [f"rank 0 could not prepare the data: {e}"]
+    if cpu_group is not None:
+        dist.broadcast_object_list(paths, src=0, group=cpu_group)
+    if error is not None or isinstance(paths[0], str):
+        raise error or RuntimeError(paths[0])
+    tok_dir, train_bin, val_bin = paths[0]
+    tok = Tokenizer.from_dir(tok_dir)
+    if EOT not in tok.special_tokens:  # fail now, not when sampling after the whole run
+        raise ValueError(f"the tokenizer in {tok_dir} has no {EOT} special token; samples start "
+                         f"from it (train one with --special-token '{EOT}')")
+    return tok, load_tokens(train_bin, tok), load_tokens(val_bin, tok)
+
+
+# Dense bf16 tensor-core peaks (FLOP/s) from the vendors' data sheets, for MFU. Unknown GPU -> None.
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "B200": 2250e12, "A100": 312e12,
+                   "L40S": 362e12, "L4": 121e12, "RTX 4090": 165e12}
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        name = ("cuda" if torch.cuda.is_available() else
+                "mps" if torch.backends.mps.is_available() else "cpu")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    # bf16 has float32's range, so unlike fp16 it needs no loss scaling. CPUs and MPS run it
+    # slower than float32 in practice, so "auto" uses it on CUDA only.
+    if name == "auto":
+        name = "bfloat16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
+
+
+def autocast_for(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractContextManager:
+    """Matmuls in dtype, reductions and the loss in float32; parameters stay float32."""
+    return (contextlib.nullcontext() if dtype == torch.float32
+            else torch.autocast(device_type=device.type, dtype=dtype))
+
+
+def use_compile(setting: str | bool, device: torch.device) -> bool:
+    # Compilation pays back in minutes on a GPU; on a CPU it costs more than a short run saves.
+    return setting if isinstance(setting, bool) else device.type == "cuda"
+
+
+@functools.cache
+def peak_flops(device: torch.device) -> float | None:
+    """Dense bf16 peak FLOP/s of this GPU, or None where it is not known (CPU, MPS, others)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+
+
+def setup_distributed(device_name: str = "auto") -> tuple[int, int, int, torch.device]:
+    """(rank, local_rank, world_size, device); joins the process group when run by torchrun,
+    which sets RANK, LOCAL_RANK and WORLD_SIZE; plain `python` gets one process."""
+    device = resolve_device(device_name)
+    if "RANK" not in os.environ:
+        return 0, 0, 1, device
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    # NCCL moves CUDA tensors over NVLink; gloo is the CPU backend.
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, local_rank, int(os.environ["WORLD_SIZE"]), device
+
+
+def wrap_ddp(module: nn.Module, device: torch.device) -> nn.Module:
+    """Replicate module on every process; backward averages the gradients across them."""
+    # The only buffers (RoPE and position tables) are constants: no need to broadcast them.
+    return nn.parallel.DistributedDataParallel(
+        module, device_ids=[device.index] if device.type == "cuda" else None,
+        broadcast_buffers=False)
+
+
+# Data preparation: text -> BPE tokenizer -> token arrays, cached ----------------------------------
+TINYSTORIES_URL = ("https://huggingface.co/datasets/roneneldan/TinyStories/resolve/main/"
+                   "TinyStories-valid.txt")
+
+
+def load_tokens(path: str | Path, tokenizer: Tokenizer) -> np.ndarray:
+    """Memory-map a .bin written by tokenizer.py, after checking it belongs to `tokenizer`: ids
+    from another tokenizer would train without error and learn nonsense, and an id past the
+    vocabulary would fail only at the step that first samples it (one vectorised max finds it)."""
+    path = Path(path)
+    meta_path = Path(str(path) + ".json")
+    if not path.exists():
+        raise FileNotFoundError(f"token file {path} does not exist")
+    if not meta_path.exists():
+        raise ValueError(f"{path} has no sidecar {meta_path.name}: re-encode it with tokenizer.py")
+    meta = json.loads(meta_path.read_text())
+    expected = {"vocab_size": tokenizer.vocab_size, "tokenizer": tokenizer.fingerprint(),
+                "dtype": np.dtype(token_dtype(tokenizer.vocab_size)).name}
+    for key, want in expected.items():
+        if meta.get(key) != want:
+            raise ValueError(f"{path} was encoded with {key}={meta.get(key)!r} but the tokenizer "
+                             f"has {key}={want!r}: re-encode it with this tokenizer")
+    dtype = np.dtype(meta["dtype"])
+    if path.stat().st_size != meta["num_tokens"] * dtype.itemsize:
+        raise ValueError(f"{path} holds {path.stat().st_size} bytes, but its sidecar promises "
+                         f"{meta['num_tokens']} {dtype.name} tokens: the file is truncated")
+    if meta["num_tokens"] == 0:
+        raise ValueError(f"{path} holds no tokens: its text was empty")
+    tokens = np.memmap(path, dtype=dtype, mode="r")
+    if (top := int(tokens.max())) >= tokenizer.vocab_size:
+        raise ValueError(f"{path} holds token id {top}, but the tokenizer has only "
+                         f"{tokenizer.vocab_size} ids: re-encode it with this tokenizer")
+    return tokens
+
+
+def download(url: str, dest: Path, timeout: float = 10.0) -> Path:
+    """Fetch url to dest.part, resuming an interrupted download with an HTTP Range request; dest
+    appears only once the length matches Content-Length, never as a half-downloaded corpus."""
+    if dest.exists():
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    part = dest.with_name(dest.name + ".part")
+    have = part.stat().st_size if part.exists() else 0
+    request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
+    try:
+        response = urllib.request.urlopen(request, timeout=timeout)
+    except urllib.error.HTTPError as e:
+        if e.code == 416 and have:  # the range starts at or past the end: begin again
+            part.unlink()
+            return download(url, dest, timeout)
+        raise
+    with response:
+        if have and response.status != 206:  # the server ignored the range: start over
+            have = 0
+        length = response.headers.get("Content-Length")
+        total = have + int(length) if length is not None else None
+        with open(part, "ab" if have else "wb") as f, \
+                tqdm(total=total, initial=have, unit="B", unit_scale=True, desc=dest.name) as bar:
+            while chunk := response.read(1 << 20):
+                f.write(chunk)
+                bar.update(len(chunk))
+    if total is not None and part.stat().st_size != total:
+        raise OSError(f"download of {url} stopped at {part.stat().st_size} of {total} bytes; "
+                      f"run again to resume it")
+    os.replace(part, dest)
+    return dest
+
+
+def pydoc_text(dest: Path, seed: int = 0) -> Path:
+    """Python's own documentation topics (pydoc_data.topics, ~465 KB), one document each,
+    shuffled so that the validation tail is a random sample of them, not the alphabet's end."""
+    if not dest.exists():
+        from pydoc_data.topics import topics
+        docs = [topics[k].strip() for k in sorted(topics)]
+        random.Random(seed).shuffle(docs)
+        write_atomic(dest, f"\n{EOT}\n".join(docs) + "\n")
+    return dest
+
+
+def pycode_text(dest: Path, max_bytes: int, seed: int = 0) -> Path:
+    """The .py files of the running Python (stdlib and site-packages), one document each, up to
+    max_bytes (0 = all, ~160 MB): offline, and more than a small model learns by heart. Sorted,
+    then shuffled with a fixed seed: the same installation gives the same text, and validation
+    samples every package. Non-UTF-8 files are skipped; a literal <|endoftext|> is removed."""
+    if dest.exists():
+        return dest
+    paths = sysconfig.get_paths()
+    roots = sorted({Path(paths[key]).resolve() for key in ("stdlib", "purelib", "platlib")})
+    files = sorted({str(f) for root in roots for f in root.rglob("*.py")})
+    random.Random(seed).shuffle(files)
+    docs, size = [], 0
+    for name in files:
+        try:
+            text = Path(name).read_text(encoding="utf-8").replace(EOT, "").strip()
+        except (OSError, UnicodeDecodeError):
+            continue
+        docs.append(text)
+        size += len(text.encode("utf-8"))
+        if max_bytes and size >= max_bytes:
+            break
+    write_atomic(dest, f"\n{EOT}\n".join(d for d in docs if d) + "\n")
+    return dest
+
+
+def _file_key(path: Path) -> str:
+    """A short content hash (size, first and last MB) naming what was built from this file."""
+    h = hashlib.sha256(str(path.stat().st_size).encode())
+    with open(path, "rb") as f:
+        h.update(f.read(1 << 20))
+        f.seek(max(0, path.stat().st_size - (1 << 20)))
+        h.update(f.read())
+    return h.hexdigest()[:10]
+
+
+def _line_start(path: Path, offset: int) -> int:
+    """The first line start at or after offset (the file size if there is none)."""
+    if offset <= 0 or offset >= path.stat().st_size:
+        return min(max(offset, 0), path.stat().st_size)
+    with open(path, "rb") as f:
+        f.seek(offset - 1)
+        f.readline()
+        return f.tell()
+
+
+def split_text(src: Path, out_dir: Path, val_fraction: float, max_bytes: int) -> tuple[Path, Path]:
+    """out_dir/train.txt and val.txt: the head and the tail of at most max_bytes of src, cut at
+    line starts, each copied once and atomically."""
+    end = _line_start(src, max_bytes) if max_bytes > 0 else src.stat().st_size
+    cut = _line_start(src, int(end * (1 - val_fraction)))
+    if not 0 < cut < end:
+        raise ValueError(f"{src} is too small to split into train and validation text "
+                         f"(val_fraction={val_fraction}): it needs several lines")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for dest, start, stop in ((out_dir / "train.txt", 0, cut), (out_dir / "val.txt", cut, end)):
+        if not dest.exists():
+            with open(src, "rb") as fin, atomic_output(dest) as tmp, open(tmp, "wb") as fout:
+                fin.seek(start)
+                while (left := stop - fin.tell()) > 0:
+                    fout.write(fin.read(min(left, 1 << 22)))
+    return out_dir / "train.txt", out_dir / "val.txt"
+
+
+def source_text(cfg: TrainConfig) -> Path:
+    """The text file to train on: --data, or the dataset's file (made or downloaded once)."""
+    cache, max_bytes = Path(cfg.cache_dir), int(cfg.max_text_mb * 2**20)
+    if cfg.data:  # must be UTF-8: say so about the user's file now, not about a copy later
+        path = Path(cfg.data)
+        if not path.is_file():
+            raise FileNotFoundError(f"--data={path}: no such file")
+        with open(path, "rb") as f:
+            head = f.read(1 << 20)
+        try:
+            head.decode("utf-8")
+        except UnicodeDecodeError as e:
+            if e.start < len(head) - 3:  # not just a character cut in two at the end of the read
+                hint = " (token arrays go in --train_bin, --val_bin and --tokenizer_dir)"
+                raise UsageError(f"--data={path} is not UTF-8 text (byte {e.start})"
+                                 f"{hint if path.suffix == '.bin' else ''}") from None
+        return path
+    if cfg.dataset == "pydoc":
+        return pydoc_text(cache / "pydoc_topics.txt")
+    if cfg.dataset == "tinystories":
+        try:
+            return download(TINYSTORIES_URL, cache / "TinyStories-valid.txt")
+        except (urllib.error.URLError, ConnectionError, TimeoutError) as e:  # not a disk error
+            print(f"offline ({getattr(e, 'reason', e)}): training on this Python's source code "
+                  f"(--dataset=pycode) instead of TinyStories")
+    return pycode_text(cache / f"pycode-{max_bytes or 'all'}.txt", max_bytes)
+
+
+def prepare_data(cfg: TrainConfig) -> tuple[str, str, str]:
+    """Text -> BPE tokenizer -> train/val .bin arrays: (tokenizer_dir, train_bin, val_bin). Each
+    step is cached under a name made of a hash of the text and the settings: never stale."""
+    if cfg.train_bin or cfg.val_bin or cfg.tokenizer_dir:
+        if not (cfg.train_bin and cfg.val_bin and cfg.tokenizer_dir):
+            raise UsageError("--train_bin, --val_bin and --tokenizer_dir go together")
+        return cfg.tokenizer_dir, cfg.train_bin, cfg.val_bin
+    require_writable(Path(cfg.cache_dir), "cache_dir")
+    text, max_bytes = source_text(cfg), int(cfg.max_text_mb * 2**20)
+    work = Path(cfg.cache_dir) / f"{text.stem}-{_file_key(text)}-{max_bytes}-{cfg.val_fraction}"
+    text, val_text = split_text(text, work, cfg.val_fraction, max_bytes)
+    tok_dir = work / f"bpe{cfg.vocab_size}"
+    if not tok_dir.exists():  # written under a temporary name, so it exists only when complete
+        print(f"training a {cfg.vocab_size}-token BPE tokenizer on {text}")
+        vocab, merges = train_bpe(str(text), cfg.vocab_size, [EOT])
+        tmp = tok_dir.with_name(tok_dir.name + ".tmp")
+        Tokenizer(vocab, merges, [EOT]).save_dir(str(tmp))  # a stale tmp is overwritten
+        os.replace(tmp, tok_dir)
+    tok = Tokenizer.from_dir(str(tok_dir))
+    bins = []
+    for split, path in (("train", text), ("val", val_text)):
+        out = tok_dir / f"{split}.bin"
+        try:
+            load_tokens(out, tok)
+        except FileNotFoundError:
+            encode_file(tok, str(path), str(out))
+        except ValueError as e:  # written by another version of the tokenizer: never reuse it
+            print(f"{e}; re-encoding")
+            encode_file(tok, str(path), str(out))
+        bins.append(str(out))
+    return str(tok_dir), bins[0], bins[1]
+
+
+# Reading a run: `python train.py plot [out_dir]` --------------------------------------------------
+def plot(out_dir: str | Path) -> Path:
+    """Train and validation loss against tokens, the learning rate below: out_dir/loss.png."""
+    path = Path(out_dir) / "metrics.jsonl"
+    if not path.is_file():
+        raise UsageError(f"{path} does not exist: plot reads the metrics of a training run")
+    try:
+        import matplotlib
+        matplotlib.use("Agg")  # files only, no window
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise UsageError("plot needs matplotlib: pip install matplotlib") from None
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    steps, evals = [r for r in rows if "loss" in r], [r for r in rows if "val_loss" in r]
+    fig, (top, bottom) = plt.subplots(2, 1, sharex=True, figsize=(8, 6),
+                                      gridspec_kw={"height_ratios": [3, 1]})
+    top.plot([r["tokens"] for r in steps], [r["loss"] for r in steps], label="train")
+    top.plot([r["tokens"] for r in evals], [r["val_loss"] for r in evals], "o-", label="validation")
+    if evals:
+        top.axhline(evals[-1]["unigram_entropy"], color="gray", linestyle=":",
+                    label="unigram baseline")
+    top.set(ylabel="loss (nats/token)", title=str(Path(out_dir)))
+    top.legend()
+    bottom.plot([r["tokens"] for r in steps], [r["lr"] for r in steps], color="tab:green")
+    bottom.set(xlabel="tokens", ylabel="learning rate")
+    out = Path(out_dir) / "loss.png"
+    with atomic_output(out) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+    print(f"wrote {out}")
+    return out
+
+
+# Command line: `python train.py [train|plot] [CONFIG_FILE ...] [--key=value]` ---------------------
+def option_defaults(cfg: TrainConfig) -> dict:
+    """Every --key and the value it is typed from; cfg's fields win (--vocab_size: tokenizer's)."""
+    model = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
+    return {**model, **{f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}}
+
+
+def with_overrides(cfg: TrainConfig, overrides: dict) -> TrainConfig:
+    """Set each key on cfg, or in cfg.model when it is a ModelConfig field."""
+    own = {f.name for f in dataclasses.fields(cfg)}
+    for key, value in overrides.items():
+        if key == "model":  # a saved config's dict of ModelConfig fields
+            cfg.model.update(value)
+        elif key in own:
+            setattr(cfg, key, value)
+        else:
+            cfg.model[key] = value
     return cfg
 
 
+def parse_config(argv: list[str], cfg: TrainConfig) -> TrainConfig:
+    """Config files and --key=value flags, applied over cfg in the order given (later wins)."""
+    return with_overrides(cfg, parse_args(argv, option_defaults(cfg), config_files=True)[1])
+
+
+def resume_config(overrides: dict) -> TrainConfig:
+    """`--resume`: the run's configuration from its checkpoint, then the flags (which train()
+    refuses, naming them, where they would change the run)."""
+    path = Path(overrides.get("out_dir", TrainConfig.out_dir)) / "ckpt.pt"
+    if not path.exists():
+        raise UsageError(f"--resume: {path} does not exist; pass the run's --out_dir")
+    saved = read_checkpoint(path, mmap=True)["config"]
+    own = {f.name for f in dataclasses.fields(TrainConfig)}
+    cfg = with_overrides(TrainConfig(), {k: v for k, v in saved.items() if k in own})
+    return with_overrides(cfg, overrides)
+
+
 def main(argv: list[str]) -> None:
-    if argv and argv[0] in ("-h", "--help"):
+    if argv[:1] == ["bench"]:
+        raise UsageError("moved: python kernels.py bench")
+    command = argv[0] if argv and argv[0] in ("train", "plot") else "train"
+    argv = argv[1:] if argv and argv[0] == command else argv
+    if "-h" in argv or "--help" in argv:
         print(__doc__)
         print("defaults:", json.dumps(dataclasses.asdict(TrainConfig()), indent=1))
-        return
-    command = argv[0] if argv and argv[0] in ("train", "bench") else "train"
-    argv = argv[1:] if argv and argv[0] == command else argv
-    if command == "bench":
-        bench(parse_config(argv, BenchConfig()))
+    elif command == "plot":
+        if len(argv) > 1 or any(a.startswith("--") for a in argv):
+            raise UsageError("usage: python train.py plot [OUT_DIR]")
+        plot(argv[0] if argv else TrainConfig.out_dir)
     else:
-        train(parse_config(argv, TrainConfig()))
+        _, overrides = parse_args(argv, option_defaults(TrainConfig()), config_files=True)
+        cfg = resume_config(overrides) if overrides.get("resume") else TrainConfig()
+        try:
+            train(with_overrides(cfg, overrides))
+        except TrainingInterrupted as e:
+            print(e, file=sys.stderr)
+            sys.exit(130)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_cli(main)
