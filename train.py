@@ -1254,7 +1254,7 @@ def load_data(cfg: TrainConfig, master: bool,
     tok = Tokenizer.from_dir(tok_dir)
     if EOT not in tok.special_tokens:  # fail now, not when sampling after the whole run
         raise ValueError(f"the tokenizer in {tok_dir} has no {EOT} special token; samples start "
-                         f"from it (train one with --special-token '{EOT}')")
+                         f"from it (python tokenizer.py train --special_tokens='{EOT}' ...)")
     return tok, load_tokens(train_bin, tok), load_tokens(val_bin, tok)
 
 
