@@ -7,7 +7,6 @@ Reads the shared corpora in ../shared/data; writes only to pytest's temporary fo
 import contextlib
 import dataclasses
 import functools
-import importlib.util
 import io
 import json
 import math
@@ -19,7 +18,6 @@ import sys
 import time
 import tracemalloc
 import urllib.error
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -54,7 +52,8 @@ def _one_thread():
 # tokenizer.py
 # =================================================================================================
 
-from tokenizer import UsageError, run_cli, tour, train_bpe_reference  # noqa: E402
+from tokenizer import (LONG_PRETOKEN, UsageError, run_cli, tour,  # noqa: E402
+                       train_bpe_reference)
 
 _DATA = Path(__file__).resolve().parent.parent / "shared" / "data"
 
@@ -187,13 +186,19 @@ def test_decode_unknown_id_and_invalid_utf8_give_replacement():
         tokenizer.decode("hello")  # text, not ids: an error, not two U+FFFD
 
 
-def test_long_pretokens_encode_fast_and_exactly(tmp_path_factory):
-    """A pre-token of 20,000 '=' or digits: the per-merge scan would be quadratic."""
+def test_long_pretokens_take_the_linear_path_and_encode_exactly(tmp_path_factory, monkeypatch):
+    """A pre-token of 20,000 '=' or digits: the per-merge re-ranking of _bpe would be quadratic,
+    so pre-tokens longer than LONG_PRETOKEN go to _bpe_reference, and short ones do not."""
     tokenizer, oracle = _gpt2(), _tiktoken(tmp_path_factory)
+    lengths, reference = [], tokenizer._bpe_reference
+    monkeypatch.setattr(tokenizer, "_bpe_reference",
+                        lambda pretoken: lengths.append(len(pretoken)) or reference(pretoken))
+    tokenizer._cache.clear()
     for text in ("=" * 20_000, "ab" * 10_000, "1" * 20_000):
-        start = time.perf_counter()
         assert tokenizer.encode(text) == oracle.encode(text)
-        assert time.perf_counter() - start < 2.0
+    assert lengths and all(n > LONG_PRETOKEN for n in lengths)
+    assert tokenizer.encode("hello world") == oracle.encode("hello world")
+    assert all(n > LONG_PRETOKEN for n in lengths)
 
 
 def test_special_tokens_must_be_a_list():
@@ -562,7 +567,7 @@ def test_tour_prints_the_lecture(capsys):
     (["encode", "--tokenizer=nowhere", "--input=x", "--out=y"], 1,
      "tokenizer directory not found: nowhere"),
 ])
-def test_cli_errors_are_one_line(tmp_path, monkeypatch, capsys, argv, code, message):
+def test_tokenizer_cli_errors_are_one_line(tmp_path, monkeypatch, capsys, argv, code, message):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit) as exit_info:
         run_cli(main, argv)
@@ -1064,7 +1069,7 @@ def test_compiled_model_equals_eager_on_cuda(dtype, bound):
         assert ((fast - eager).norm() / eager.norm()).item() < bound
 
 
-@pytest.mark.skipif(importlib.util.find_spec("kernels") is not None, reason="kernels.py exists")
+@pytest.mark.skipif(hasattr(kernels, "flash_attention"), reason="kernels.py has the kernel")
 def test_triton_without_kernels_is_clear_error():
     with pytest.raises(ImportError, match="kernels.py"):
         _model(attn_impl="triton")
@@ -1192,7 +1197,7 @@ def test_cli_prints_the_accounting(capsys):
     (["--batch_size=0"], "--batch_size"),
     (["--preset", "gpt2-xl"], "--key=value"),
 ])
-def test_cli_errors_are_one_line(capsys, monkeypatch, argv, message):
+def test_model_cli_errors_are_one_line(capsys, monkeypatch, argv, message):
     monkeypatch.delenv("CS336_DEBUG", raising=False)
     with pytest.raises(SystemExit) as exit_info:
         M.run_cli(M.main, argv)
