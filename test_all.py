@@ -2627,8 +2627,390 @@ def test_kernels_main_runs_bench_and_train_py_points_to_it(capsys):
 # ddp.py
 # =================================================================================================
 
+import ddp  # noqa: E402
+
+# One process group (2 gloo ranks, spawned once per session) runs every check below and saves what
+# it saw; the tests compare that with one process training on the whole batch.
+_DP_WRAPPERS = {"naive": ddp.DDPNaive, "flat": ddp.DDPFlat,
+                "individual": ddp.DDPIndividualParameters,
+                "bucket_smaller_than_one_param": lambda m: ddp.DDPBucketed(m, 1e-6),
+                "bucket_larger_than_all": lambda m: ddp.DDPBucketed(m, 100.0),
+                "bucket_some": lambda m: ddp.DDPBucketed(m, 0.004)}
+_DP_OPTIMIZERS = {"sgd": lambda params: torch.optim.SGD(params, lr=0.1, momentum=0.9),
+                  "adamw": lambda params: AdamW(params, lr=1e-2, weight_decay=0.1)}
+_DP_STEPS = 3
+
+
+def _dp_model(seed: int) -> TransformerLM:
+    """Tied embedding and head, and a frozen (and perturbed, so seeds differ) norm gain."""
+    torch.manual_seed(seed)
+    model = TransformerLM(ModelConfig(vocab_size=32, context_length=8, d_model=16, num_layers=2,
+                                      num_heads=2, d_ff=32, tie_weights=True))
+    frozen = model.layers[0].ln1.weight
+    with torch.no_grad():
+        frozen.add_(0.1 * torch.randn_like(frozen))
+    frozen.requires_grad_(False)
+    return model
+
+
+def _dp_batch() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(7)
+    return torch.randint(0, 32, (4, 8), generator=g), torch.randint(0, 32, (4, 8), generator=g)
+
+
+def _dp_train(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
+              sync=lambda: None) -> dict:
+    for _ in range(_DP_STEPS):
+        optimizer.zero_grad()
+        F.cross_entropy(model(x).flatten(0, 1), y.flatten()).backward()
+        sync()
+        optimizer.step()
+    return {k: v.clone() for k, v in getattr(model, "module", model).state_dict().items()}
+
+
+def _dp_groups(model: nn.Module) -> tuple[list, dict]:
+    params = [p for p in model.parameters() if p.requires_grad]
+    return params[:4], {"params": params[4:], "lr": 5e-3, "weight_decay": 0.0}
+
+
+def _dp_worker(rank: int, world_size: int, out: str) -> None:
+    x, y = _dp_batch()
+    half = slice(rank * len(x) // world_size, (rank + 1) * len(x) // world_size)
+    start = _dp_model(0).state_dict()
+    seen = {"collectives": ddp.show_collectives(rank, world_size)}
+    for wrapper_name, wrap in _DP_WRAPPERS.items():
+        for optimizer_name, make_optimizer in _DP_OPTIMIZERS.items():
+            model = wrap(_dp_model(seed=rank))  # rank 1 starts elsewhere: construction fixes it
+            seen[wrapper_name, optimizer_name, "start"] = all(
+                torch.equal(v, start[k]) for k, v in model.module.state_dict().items())
+            seen[wrapper_name, optimizer_name] = _dp_train(
+                model, make_optimizer(model.parameters()), x[half], y[half],
+                model.finish_gradient_synchronization)
+            if isinstance(model, ddp.DDPBucketed):
+                seen[wrapper_name, "buckets"] = [len(bucket) for bucket in model.buckets]
+    model = ddp.DDPFlat(_dp_model(seed=rank))
+    first, second = _dp_groups(model)
+    optimizer = ddp.ShardedOptimizer(first, AdamW, lr=1e-2, weight_decay=0.1)
+    optimizer.add_param_group(second)
+    seen["sharded_owned"] = [len(params) for params in optimizer.owned]
+    seen["sharded"] = _dp_train(model, optimizer, x[half], y[half],
+                                model.finish_gradient_synchronization)
+    try:
+        ddp.DDPNaive(_dp_model(0))(x[: 1 + rank])
+    except ValueError as e:
+        seen["batch_error"] = str(e)
+    ddp.bench_all_reduce(rank, world_size, [0.001], 1, "gloo")
+    torch.save(seen, Path(out, f"rank{rank}.pt"))
+
+
+@pytest.fixture(scope="session")
+def _dp_ranks(tmp_path_factory) -> list[dict]:
+    out = tmp_path_factory.mktemp("dp")
+    ddp.spawn(_dp_worker, 2, str(out))
+    return [torch.load(out / f"rank{r}.pt") for r in range(2)]
+
+
+def test_collectives_demo_all_reduce_is_reduce_scatter_then_all_gather(_dp_ranks):
+    lines = _dp_ranks[0]["collectives"]
+    assert lines[-1] == "all-reduce == reduce-scatter + all-gather: True"
+    at = lines.index("all-reduce     the sum on every rank")  # ranks hold [0, 1] and [10, 11]
+    assert lines[at + 1:at + 3] == ["  rank 0: [10, 12]", "  rank 1: [10, 12]"]
+    assert _dp_ranks[1]["collectives"] == []  # only rank 0 reports
+
+
+@pytest.mark.parametrize("optimizer_name", list(_DP_OPTIMIZERS))
+@pytest.mark.parametrize("wrapper_name", list(_DP_WRAPPERS))
+def test_data_parallel_equals_one_process_on_the_full_batch(_dp_ranks, wrapper_name,
+                                                            optimizer_name):
+    key = (wrapper_name, optimizer_name)
+    assert all(r[(*key, "start")] for r in _dp_ranks)  # both ranks begin from rank 0's weights
+    one = _dp_model(0)
+    expected = _dp_train(one, _DP_OPTIMIZERS[optimizer_name](one.parameters()), *_dp_batch())
+    r0, r1 = (r[key] for r in _dp_ranks)
+    for name, value in expected.items():
+        assert torch.equal(r0[name], r1[name]), name  # replicas stay identical
+        torch.testing.assert_close(r0[name], value, rtol=1e-5, atol=1e-6, msg=name)
+    assert torch.equal(r0["lm_head.weight"], r0["token_embeddings.weight"])  # still tied
+    frozen = "layers.0.ln1.weight"
+    assert torch.equal(r0[frozen], _dp_model(0).state_dict()[frozen])  # rank 0's, never moved
+    assert not torch.equal(r0[frozen], _dp_model(1).state_dict()[frozen])
+
+
+def test_buckets_hold_parameters_in_reverse_order_up_to_the_size(_dp_ranks):
+    trainable = sum(p.requires_grad for p in _dp_model(0).parameters())  # the tied matrix once
+    buckets = {name: _dp_ranks[0][name, "buckets"] for name in _DP_WRAPPERS if "bucket" in name}
+    assert buckets["bucket_smaller_than_one_param"] == [1] * trainable
+    assert buckets["bucket_larger_than_all"] == [trainable]
+    # 0.004 MB = 4,194 bytes, filled from the end: [ln_final 64, w3, w2 (2,048 each)], [w1, ln2,
+    # output_proj, v_proj (1,024 each)], [k, q, ln1, layer 0's w3], [w2, w1, ln2], [the four
+    # attention matrices], [token_embeddings]; layer 0's ln1 is frozen and absent
+    assert buckets["bucket_some"] == [3, 4, 4, 3, 4, 1] and trainable == 19
+
+
+def test_sharded_optimizer_with_adamw_equals_adamw(_dp_ranks):
+    one = _dp_model(0)
+    first, second = _dp_groups(one)
+    optimizer = AdamW(first, lr=1e-2, weight_decay=0.1)
+    optimizer.add_param_group(second)
+    expected = _dp_train(one, optimizer, *_dp_batch())
+    r0, r1 = (r["sharded"] for r in _dp_ranks)
+    for name, value in expected.items():
+        assert torch.equal(r0[name], r1[name]), name
+        torch.testing.assert_close(r0[name], value, rtol=1e-5, atol=1e-6, msg=name)
+    owned = _dp_ranks[0]["sharded_owned"]
+    assert sum(owned) == len(first) + len(second["params"]) and min(owned) > 0
+
+
+def test_data_parallel_bad_input_is_a_clear_error(_dp_ranks):
+    for r in _dp_ranks:  # every rank raises, so none is left waiting in a collective
+        assert r["batch_error"] == ("batch sizes differ across ranks (from 1 to 2): give every "
+                                    "rank the same batch size")
+    with pytest.raises(RuntimeError, match="DDPBucketed needs an initialised process group"):
+        ddp.DDPBucketed(nn.Linear(2, 2), 25)
+    with pytest.raises(RuntimeError, match="ShardedOptimizer needs an initialised process group"):
+        ddp.ShardedOptimizer(nn.Linear(2, 2).parameters(), AdamW)
+
+
+def test_accounting_known_answers(capsys):
+    # 1,000 parameters on 4 GPUs: 16 bytes each replicated = 16,000; ZeRO-1 keeps 8 + 8/4 = 10,
+    # ZeRO-2 4 + 12/4 = 7, ZeRO-3 16/4 = 4 bytes a parameter. A ring all-reduce of 4,000
+    # gradient bytes sends 2 * 3/4 * 4,000 = 6,000; FSDP's two all-gathers and a reduce-scatter
+    # 9,000. TP, 2 layers of 10 tokens x 8 wide: 2 * 4 * 2 * 3/4 * 10 * 8 * 4 = 3,840.
+    rows = ddp.accounting(1000, 4, tokens=10, d_model=8, num_layers=2)
+    assert {k: v["memory"] for k, v in rows.items()} == {
+        "DDP": 16000, "ZeRO-1": 10000, "ZeRO-2": 7000, "ZeRO-3/FSDP": 4000, "TP": 4000}
+    assert {k: v["traffic"] for k, v in rows.items()} == {
+        "DDP": 6000, "ZeRO-1": 6000, "ZeRO-2": 6000, "ZeRO-3/FSDP": 9000, "TP": 3840}
+    # The course's exercise: 126 blocks x 2 x 16,384 x 53,248 FFN weights = 219,848,638,464
+    # parameters, x 16 bytes = 3,517.6 GB: ceil(3,517.6 / 80) = 44 GPUs with FSDP; DDP never.
+    params = M.count_params(ModelConfig(**ddp.EXAMPLES["course"]))["ffn"]
+    assert params == 126 * 2 * 16384 * 53248 == 219_848_638_464
+    assert ddp.gpus_needed(params, "ZeRO-3/FSDP", 80e9) == 44
+    assert ddp.gpus_needed(params, "DDP", 80e9) is None
+    assert ddp.gpus_needed(1000, "ZeRO-1", 12_000) == 2  # 8,000 replicated + 8,000 / 2
+    ddp.main(["accounting", "--example=course"])
+    out = capsys.readouterr().out
+    assert "219,848,638,464 parameters" in out and "3,517.6 GB" in out
+    assert "FSDP: 44 GPUs of 80 GB hold the states, 79.9 GB each" in out
+    ddp.main(["accounting", "--preset=xl", "--num_gpus=2"])
+    assert "xl: 1,998,235,200 parameters" in capsys.readouterr().out
+    with pytest.raises(UsageError, match="unknown --example 'nope'"):
+        ddp.main(["accounting", "--example=nope"])
+    with pytest.raises(UsageError, match="did you mean --num_gpus"):
+        ddp.main(["accounting", "--num_gpu=3"])
 
 
 # =================================================================================================
 # scaling.py
 # =================================================================================================
+
+import scaling  # noqa: E402
+from scaling import CHINCHILLA, LossLaw, Runs  # noqa: E402
+
+
+def _write_runs(path: Path, rows: list) -> Path:
+    path.write_text(json.dumps(rows))
+    return path
+
+
+def _iso_rows(budget: float, sizes: list[float], losses: list[float]) -> list[dict]:
+    return [{"parameters": n, "compute_budget": budget, "final_loss": loss}
+            for n, loss in zip(sizes, losses)]
+
+
+def test_scaling_napkin_math_known_answers(capsys):
+    assert scaling.training_days(70e9, 15e12, 1024, 0.5) == pytest.approx(144.0, abs=0.1)
+    assert scaling.training_flops(70e9, 15e12) == pytest.approx(6.3e24)
+    config = ModelConfig.preset("nanogpt")  # SwiGLU with d_ff = 8/3 d: 12 L d^2 holds
+    approx = scaling.non_embedding_params_approx(config.num_layers, config.d_model)
+    norms = (2 * config.num_layers + 1) * config.d_model
+    assert scaling.non_embedding_params(config) == approx + norms
+    assert scaling.training_flops_exact(config, 10) == 10 * M.flops_per_token(config, 1024)["train"]
+    # serving: 2 N per token on top of 6 N D
+    assert scaling.lifetime_flops(1e9, 2e10, 1e11) == pytest.approx(6 * 1e9 * 2e10 + 2e20)
+    scaling.main(["napkin", "--params=70e9", "--tokens=15e12", "--gpus=1024", "--mfu=0.5"])
+    out = capsys.readouterr().out
+    assert "144.0 days" in out and "1.4e+12 tokens" in out and "214 per parameter" in out
+    with pytest.raises(UsageError, match="0 < --mfu <= 1"):
+        scaling.main(["napkin", "--mfu=1.5"])
+
+
+def test_scaling_shapes_for_a_budget_span_the_range_in_the_family():
+    family = scaling.ShapeFamily(aspect_ratio=64, head_dim=64, vocab_size=1000)
+    found = scaling.shapes_for_budget(1e18, 5e6, 2e8, family)
+    assert len(found) >= 5
+    for config, N, D in found:
+        assert 5e6 <= N <= 2e8 and N == M.count_params(config)["total"]
+        assert config.d_ff % 64 == 0 and abs(config.d_ff - 8 / 3 * config.d_model) <= 32
+        assert config.d_model == 64 * config.num_layers == 64 * config.num_heads
+        assert 6 * N * D == pytest.approx(1e18)
+    Ns = [N for _, N, _ in found]
+    assert Ns == sorted(Ns)
+    with pytest.raises(UsageError, match="min_params <= max_params"):
+        scaling.shapes_for_budget(1e18, 2e8, 5e6)
+
+
+def _relative_errors(fit: LossLaw, law: LossLaw) -> list[float]:
+    return [abs(getattr(fit, k) / getattr(law, k) - 1) for k in ("E", "A", "B", "alpha", "beta")]
+
+
+def test_scaling_approach3_recovers_the_law_with_and_without_noise():
+    exact = scaling.fit_approach3(scaling.synthetic_runs(noise=0.0))
+    assert max(_relative_errors(exact, CHINCHILLA)) < 1e-4
+    noisy_runs = scaling.synthetic_runs(noise=0.002, seed=1)
+    noisy = scaling.fit_approach3(noisy_runs)
+    assert max(_relative_errors(noisy, CHINCHILLA)) < 0.05
+    assert noisy == scaling.fit_approach3(noisy_runs)  # deterministic: no random starts
+    # the closed-form frontier is the minimum of L(N, C / 6N) over N
+    N = np.logspace(8, 12, 40001)
+    numeric = N[np.argmin(CHINCHILLA.loss(N, 1e23 / (6 * N)))]
+    frontier = CHINCHILLA.frontier(1e23)
+    assert frontier["N"] == pytest.approx(numeric, rel=1e-3)
+    assert frontier["loss"] == pytest.approx(CHINCHILLA.loss(numeric, 1e23 / (6 * numeric)))
+
+
+def test_scaling_approach2_exponent_matches_the_analytic_optimum():
+    law = CHINCHILLA
+    assert law.a == pytest.approx(0.28 / 0.62)
+    for noise, tolerance in ((0.0, 1e-3), (0.002, 0.01)):
+        runs = scaling.synthetic_runs(law, noise=noise, seed=2)
+        laws = scaling.fit_approach2(scaling.isoflops_points(runs))
+        assert abs(laws.a - law.a) < tolerance
+    first = scaling.bootstrap_approach2(runs, [1e23], samples=30, seed=3)
+    assert first == scaling.bootstrap_approach2(runs, [1e23], samples=30, seed=3)
+    assert first != scaling.bootstrap_approach2(runs, [1e23], samples=30, seed=4)
+    low, high = first[1e23]["N"]
+    assert low < laws.predict(1e23)["N"] < high
+
+
+def test_scaling_approach1_envelope_and_run_folders(tmp_path, capsys):
+    _, a = scaling.fit_approach1(scaling.synthetic_curves())
+    assert abs(a - CHINCHILLA.a) < 0.01
+    # train.py run folders: metrics.jsonl rows (evaluation rows have no "loss"), ckpt.pt's config
+    config = ModelConfig(vocab_size=64, context_length=16, d_model=32, num_layers=1, num_heads=2,
+                         d_ff=64)
+    folder = tmp_path / "run"
+    folder.mkdir()
+    rows = [{"iter": 0, "tokens": 0, "loss": 9.0}, {"iter": 10, "tokens": 320, "loss": 4.0},
+            {"iter": 10, "tokens": 320, "val_loss": 4.2}, {"iter": 20, "tokens": 640, "loss": 3.5}]
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    torch.save({"model_config": dataclasses.asdict(config)}, folder / "ckpt.pt")
+    N, flops, loss = scaling.load_curve(folder)
+    assert N == M.count_params(config)["total"] and list(loss) == [4.0, 3.5]
+    assert list(flops) == [M.flops_per_token(config, 16)["train"] * t for t in (320, 640)]
+    N, flops, _ = scaling.load_curve(folder, params=1000)
+    assert N == 1000 and list(flops) == [6 * 1000 * 320, 6 * 1000 * 640]
+    with pytest.raises(UsageError, match="no metrics.jsonl"):
+        scaling.load_curve(tmp_path)
+    with pytest.raises(UsageError, match="at least three model sizes"):
+        scaling.envelope([scaling.load_curve(folder)] * 3)
+    # the command on run folders whose curves follow the law, N given on the command line
+    folders = []
+    sizes = (1e7, 3e7, 1e8, 3e8, 1e9)
+    for i, (N, flops, loss) in enumerate(scaling.synthetic_curves(sizes=sizes)):
+        folders.append(tmp_path / f"size{i}")
+        folders[-1].mkdir()
+        tokens = flops / (6 * N)
+        (folders[-1] / "metrics.jsonl").write_text("".join(
+            json.dumps({"iter": j, "tokens": t, "loss": v}) + "\n"
+            for j, (t, v) in enumerate(zip(tokens, loss))))
+    scaling.main(["envelope", *(f"{f}:{N}" for f, N in zip(folders, sizes))])
+    out = capsys.readouterr().out
+    assert "best N        1e+08" in out and "best N        3e+08" in out
+    assert "approach 1: N_opt =" in out
+    with pytest.raises(UsageError, match="fewer than two inner model sizes"):
+        scaling.fit_approach1(scaling.synthetic_curves(sizes=(1e7, 1e8, 1e9)))
+    with pytest.raises(UsageError, match="write a run folder as DIR or DIR:N"):
+        scaling.main(["envelope", f"{folders[0]}:many"])
+
+
+def test_scaling_kaplan_fit_recovers_its_own_form_and_its_allocation():
+    law = scaling.KaplanLaw(N_c=8.8e13, D_c=5.4e13, alpha_N=0.076, alpha_D=0.095)  # Kaplan's
+    N, D = np.logspace(7, 10, 7).repeat(7), np.tile(np.logspace(8, 11, 7), 7)
+    fit = scaling.fit_kaplan(Runs(N, 6 * N * D, law.loss(N, D)))
+    for key in ("alpha_N", "alpha_D", "N_c", "D_c"):
+        assert getattr(fit, key) == pytest.approx(getattr(law, key), rel=1e-3)
+    # a = alpha_D / (alpha_N + alpha_D): the slope of the numeric optimum against C
+    grid = np.logspace(6, 14, 80001)
+    best = [grid[np.argmin(law.loss(grid, C / (6 * grid)))] for C in (1e20, 1e24)]
+    assert math.log(best[1] / best[0]) / math.log(1e4) == pytest.approx(law.a, abs=2e-3)
+
+
+def test_scaling_tour_on_the_course_runs_prints_the_fits(capsys):
+    scaling.main([])
+    out = capsys.readouterr().out
+    assert "144.0 days" in out and "shapes for C = 1e+19" in out
+    assert "72 runs, 9 budgets" in out
+    assert "3.00e+21     8    1.215e+10      1.5e+10    3.333e+10    2.2  3.7689" in out
+    assert "N_opt = 0.1332 C^0.5146   D_opt = C / 6 N_opt = 1.252 C^0.4854" in out
+    # the course's runs lie on one surface: approach 3 finds it exactly
+    assert "L(N, D) = 2.69 + 1606 / N^0.3400 + 3211 / D^0.3600   ->   N_opt ~ C^0.5143" in out
+    assert "C = 1e+23: N_opt 9.11e+10 [8.64e+10, 9.46e+10]  D_opt 1.83e+11" in out
+    assert "C = 1e+24: N_opt 2.98e+11 [2.79e+11, 3.14e+11]  D_opt 5.59e+11" in out
+    assert "approach 3: N_opt 3e+11  D_opt 5.55e+11  loss 3.081" in out
+    assert "Kaplan et al. put N_opt ~ C^0.73" in out and "= 0.56" in out
+
+
+def test_scaling_fit_reads_csv_and_writes_plots_or_says_why_not(tmp_path, capsys, monkeypatch):
+    rows = json.loads(scaling.COURSE_RUNS.read_text())
+    lines = ["parameters,compute_budget,final_loss"] + [
+        f"{r['parameters']},{r['compute_budget']},{r['final_loss']}" for r in rows]
+    (tmp_path / "runs.csv").write_text("\n".join(lines) + "\n")
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed
+    with pytest.raises(UsageError, match="--plot needs matplotlib"):
+        scaling.main(["fit", str(tmp_path / "runs.csv"), "--samples=5", "--budgets=1e22",
+                      f"--plot={tmp_path / 'plots'}"])
+    out = capsys.readouterr().out
+    assert "N_opt = 0.1332 C^0.5146" in out and "C = 1e+22: N_opt" in out
+
+
+def test_scaling_bad_runs_files_name_the_file_and_budget(tmp_path, capsys):
+    good = _iso_rows(1e18, [1e7, 3e7, 1e8, 3e8], [3.2, 3.0, 3.1, 3.4])
+    with pytest.raises(UsageError, match=r"budget 1e\+19 has 2 distinct model sizes"):
+        scaling.isoflops_points(scaling.load_runs(_write_runs(
+            tmp_path / "few.json", good + _iso_rows(1e19, [1e7, 3e7], [3.0, 2.9]))))
+    bad = good[:3] + [{"parameters": -5, "compute_budget": 1e18, "final_loss": 3.0}]
+    with pytest.raises(UsageError, match=r"neg\.json: run 4 needs positive finite values"):
+        scaling.load_runs(_write_runs(tmp_path / "neg.json", bad))
+    with pytest.raises(UsageError, match=r"keys\.json: run 1 needs parameters"):
+        scaling.load_runs(_write_runs(tmp_path / "keys.json", [{"parameters": 1}]))
+    (tmp_path / "broken.json").write_text("[{")
+    with pytest.raises(UsageError, match=r"broken\.json: not valid JSON"):
+        scaling.load_runs(tmp_path / "broken.json")
+    (tmp_path / "text.csv").write_text("parameters,compute_budget,final_loss\n1e7,1e18,abc\n")
+    with pytest.raises(UsageError, match=r"text\.csv: run 1 has a value that is not a number"):
+        scaling.load_runs(tmp_path / "text.csv")
+    with pytest.raises(UsageError, match="does not exist"):
+        scaling.load_runs(tmp_path / "none.json")
+    with pytest.raises(UsageError, match=r"budget 1e\+18: the loss has no minimum"):
+        scaling.isoflops_points(scaling.load_runs(_write_runs(
+            tmp_path / "hill.json", _iso_rows(1e18, [1e7, 3e7, 1e8], [3.0, 3.5, 3.0]))))
+    edge = _iso_rows(1e18, [1e7, 3e7, 1e8, 3e8], [3.6, 3.3, 3.1, 3.0])  # still falling at 3e8
+    points = scaling.isoflops_points(scaling.load_runs(_write_runs(tmp_path / "edge.json", edge)))
+    assert "budget 1e+18: the optimum is at the edge" in points[0].warning
+    assert "extrapolation" in points[0].warning and not scaling.isoflops_points(
+        scaling.load_runs(_write_runs(tmp_path / "ok.json", good)))[0].warning
+    scaling.print_isoflops(points)
+    assert "warning: budget 1e+18: the optimum is at the edge" in capsys.readouterr().err
+    with pytest.raises(UsageError, match="unknown command 'sweep'"):
+        scaling.main(["sweep"])
+    with pytest.raises(UsageError, match="fit needs a runs file"):
+        scaling.main(["fit"])
+    with pytest.raises(UsageError, match="--budgets must be positive"):
+        scaling.main(["fit", str(tmp_path / "ok.json"), "--budgets=-1,1e23"])
+
+
+def test_scaling_demo_shows_every_method_recovering_the_law(capsys):
+    result = scaling.main(["demo", "--noise=0.002"])
+    out = capsys.readouterr().out
+    assert result is None and "its optimum N_opt ~ C^0.4516" in out and "approach 1" in out
+    assert "approach 3     1.690" in out
+
+
+def test_scaling_plots_when_matplotlib_is_there(tmp_path):
+    pytest.importorskip("matplotlib")
+    runs = scaling.load_runs(scaling.COURSE_RUNS)
+    points = scaling.isoflops_points(runs)
+    paths = scaling.plot_fits(runs, points, scaling.fit_approach2(points), tmp_path / "plots")
+    assert [p.name for p in paths] == ["isoflops.png", "power_laws.png"]
+    assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in paths)

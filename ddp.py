@@ -1,0 +1,523 @@
+"""Stage 5: parallel training by hand on torch.distributed, first part: collectives, four
+data-parallel wrappers, optimizer-state sharding, and the memory and traffic accounting.
+
+CS336 lectures 7-8 and assignment 2 part 2. Data parallelism runs the same model on every process,
+each on its own slice of the batch; averaging the gradients makes the step the one a single
+process takes on the whole batch. What differs between the wrappers is only *when* and *how* the
+gradients travel: naive (one all-reduce per gradient after backward), flat (one all-reduce of all
+of them), individual parameters (each all-reduce launched from backward as soon as its gradient
+is ready, so communication overlaps computation) and bucketed (overlap with fewer, larger
+messages, as torch's DistributedDataParallel does). ShardedOptimizer then stops every process
+from keeping the whole AdamW state (ZeRO stage 1), and the accounting shows what each scheme costs
+in memory and bytes moved.
+
+Commands (CPU with gloo, or NCCL when CUDA is there; the demos spawn their own processes):
+    python ddp.py collectives                  # what each collective does, 4 ranks (~10 s)
+    python ddp.py bench_collectives --sizes_mb=1,16,64 --world_sizes=2,4   # all-reduce bandwidth
+    python ddp.py accounting --preset=xl --num_gpus=8 --bandwidth_gbps=450
+    python ddp.py accounting --example=course  # the course's 16,384-wide, 126-block model
+The wrappers are used from code run under torchrun (or any initialised process group):
+    model = DDPBucketed(model, bucket_size_mb=25); loss.backward()
+    model.finish_gradient_synchronization(); optimizer.step()
+No files are read or written.
+
+Comes next, in this file (issue 11): FSDP (sharded weights, all-gathered just in time), tensor,
+sequence and pipeline parallelism, train.py's --parallel=ddp|zero1|fsdp, and the GPU benchmark
+against torch's DistributedDataParallel.
+
+Papers  Li et al. 2020 (PyTorch DDP: buckets, overlap); Rajbhandari et al. 2020 (ZeRO); Zhao et al.
+        2023 (PyTorch FSDP); Shoeybi et al. 2019 (Megatron-LM: tensor parallelism); Patarasuk &
+        Yuan 2009 (bandwidth-optimal all-reduce: the ring); Thakur et al. 2005 (MPICH collectives).
+"""
+
+import math
+import os
+import socket
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import asdict
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import Tensor, nn
+
+from model import ModelConfig, count_params
+from tokenizer import UsageError, parse_args, run_cli
+
+
+# Processes: spawn a group from plain `python`, as torchrun would ---------------------------------
+def free_port() -> int:
+    """A TCP port nobody uses now: the OS picks one for a socket bound to port 0."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _process(rank: int, world_size: int, port: int, backend: str, fn: Callable,
+             args: tuple) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)  # N processes share the cores: more threads only spin
+    if backend == "nccl":
+        torch.cuda.set_device(rank)
+    # A rank that dies leaves the others waiting in a collective: the timeout turns the hang
+    # into an error (and spawn() then ends every process).
+    dist.init_process_group(backend, rank=rank, world_size=world_size,
+                            timeout=timedelta(seconds=120))
+    try:
+        fn(rank, world_size, *args)
+        dist.barrier()  # rank 0 hosts the rendezvous store: nobody leaves while others still work
+    finally:
+        dist.destroy_process_group()
+
+
+def spawn(fn: Callable, world_size: int, *args, backend: str = "gloo") -> None:
+    """Run fn(rank, world_size, *args) in world_size new processes joined in one process group;
+    fn must be importable (a module-level function). An exception in any rank is raised here."""
+    mp.spawn(_process, args=(world_size, free_port(), backend, fn, args), nprocs=world_size,
+             join=True)
+
+
+# Collectives: what each does, shown on small tensors ---------------------------------------------
+# A collective is one call that every rank of the group makes; the data each ends up with is
+# fixed by the call. With n ranks and a tensor of S bytes, the ring algorithms move per rank:
+# broadcast, all-gather and reduce-scatter (n-1)/n S each, all-reduce 2(n-1)/n S (it *is* a
+# reduce-scatter followed by an all-gather): the basis of every cost in the accounting below.
+def _show(values: list) -> str:
+    return "[" + ", ".join(f"{v:g}" for v in values) + "]"
+
+
+def show_collectives(rank: int, world_size: int) -> list[str]:
+    """Run each collective on rank r's tensor [10r, 10r+1, ..., 10r+n-1]; returns, on rank 0,
+    the lines that say what every rank held before and after. Checks that all-reduce equals
+    reduce-scatter followed by all-gather."""
+    n, lines = world_size, []
+
+    def record(name: str, what: str, result: Tensor | None) -> None:
+        results = [None] * n
+        dist.all_gather_object(results, None if result is None else result.tolist())
+        lines.append(f"{name:<15}{what}")
+        lines.extend(f"  rank {r}: {_show(x) if x is not None else '-'}"
+                     for r, x in enumerate(results))
+
+    def data() -> Tensor:
+        return torch.arange(n, dtype=torch.float32) + 10 * rank
+
+    record("inputs", "rank r holds [10r, ..., 10r+n-1]", data())
+    x = data()
+    dist.broadcast(x, src=0)
+    record("broadcast", "rank 0's tensor copied to every rank", x)
+    piece = torch.empty(1)
+    dist.scatter(piece, list(data().chunk(n)) if rank == 0 else None, src=0)
+    record("scatter", "rank 0's tensor cut into n pieces, piece r to rank r", piece)
+    pieces = [torch.empty(n) for _ in range(n)] if rank == 0 else None
+    dist.gather(data(), pieces, dst=0)
+    record("gather", "every rank's tensor collected on rank 0",
+           torch.cat(pieces) if pieces else None)
+    x = data()
+    dist.reduce(x, dst=0)
+    record("reduce", "the sum of all tensors on rank 0 (the others' are scratch)",
+           x if rank == 0 else None)
+    gathered = [torch.empty(n) for _ in range(n)]
+    dist.all_gather(gathered, data())
+    record("all-gather", "every rank's tensor on every rank", torch.cat(gathered))
+    reduced_piece = torch.empty(1)
+    dist.reduce_scatter(reduced_piece, list(data().chunk(n)))
+    record("reduce-scatter", "piece r of the sum on rank r", reduced_piece)
+    all_reduced = data()
+    dist.all_reduce(all_reduced)
+    record("all-reduce", "the sum on every rank", all_reduced)
+    pieces = [torch.empty(1) for _ in range(n)]
+    dist.all_gather(pieces, reduced_piece)
+    same = torch.equal(torch.cat(pieces), all_reduced)
+    lines.append(f"all-reduce == reduce-scatter + all-gather: {same}")
+    if not same:
+        raise RuntimeError("all-reduce differs from reduce-scatter followed by all-gather")
+    return lines if rank == 0 else []
+
+
+def _collectives_demo(rank: int, world_size: int) -> None:
+    for line in show_collectives(rank, world_size):
+        print(line, flush=True)
+
+
+# Benchmark: all-reduce time, algorithm and bus bandwidth -----------------------------------------
+# Algorithm bandwidth is size / time. A ring all-reduce sends 2(n-1)/n of the tensor out of every
+# rank, so bus bandwidth = algbw * 2(n-1)/n is what each link carried: comparable across n, and
+# against the hardware's figure (NCCL's nccl-tests report the same two numbers).
+def bench_all_reduce(rank: int, world_size: int, sizes_mb: list[float], repeats: int,
+                     backend: str) -> None:
+    device = torch.device("cuda", rank) if backend == "nccl" else torch.device("cpu")
+    sync = torch.cuda.synchronize if backend == "nccl" else (lambda: None)
+    for size_mb in sizes_mb:
+        x = torch.zeros(max(1, int(size_mb * 1e6 / 4)), device=device)  # fp32; sums stay 0
+        dist.all_reduce(x)  # warm-up: the first call sets up connections
+        sync()
+        dist.barrier()
+        start = time.perf_counter()
+        for _ in range(repeats):
+            dist.all_reduce(x)
+        sync()
+        seconds = torch.tensor((time.perf_counter() - start) / repeats)
+        dist.all_reduce(seconds, op=dist.ReduceOp.MAX)  # the slowest rank sets the pace
+        algbw = x.numel() * 4 / seconds.item() / 1e9
+        if rank == 0:
+            print(f"{backend:<5} {world_size} ranks {x.numel() * 4 / 1e6:9.1f} MB "
+                  f"{seconds.item() * 1e3:10.2f} ms  algbw {algbw:7.3f} GB/s  "
+                  f"busbw {algbw * 2 * (world_size - 1) / world_size:7.3f} GB/s", flush=True)
+
+
+# Data parallel: four wrappers with one interface --------------------------------------------------
+class _DataParallel(nn.Module):
+    """What the wrappers share: rank 0's parameters and buffers broadcast at construction, the
+    module as .module, forward unchanged, and a batch-size check on the first forward. Gradients
+    are averaged over ranks; parameters with requires_grad=False are left alone; a tied parameter
+    appears once in module.parameters(), so it is reduced once. Call
+    finish_gradient_synchronization() after each backward() and before optimizer.step()."""
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        if not (dist.is_available() and dist.is_initialized()):
+            raise RuntimeError(f"{type(self).__name__} needs an initialised process group: run "
+                               "under torchrun, or call torch.distributed.init_process_group()")
+        self.module, self.world_size = module, dist.get_world_size()
+        self.params = [p for p in module.parameters() if p.requires_grad]
+        self._batch_checked = False
+        with torch.no_grad():  # random init differs per rank: everyone starts from rank 0's
+            for tensor in [*module.parameters(), *module.buffers()]:
+                dist.broadcast(tensor, src=0)
+
+    def forward(self, *args, **kwargs):
+        if not self._batch_checked:
+            self._check_batch_size(next((a for a in args if isinstance(a, Tensor)), None))
+        return self.module(*args, **kwargs)
+
+    def _check_batch_size(self, batch: Tensor | None) -> None:
+        """Averaging assumes equal batches: ranks with different sizes would weigh examples
+        unequally. Checked once (a tiny blocking all-reduce); later batches are trusted."""
+        self._batch_checked = True
+        size = batch.shape[0] if batch is not None and batch.dim() else 0
+        sizes = torch.tensor([size, -size], device=batch.device if batch is not None else None)
+        dist.all_reduce(sizes, op=dist.ReduceOp.MAX)  # (largest, -smallest) on every rank
+        if sizes[0] != -sizes[1]:
+            raise ValueError(f"batch sizes differ across ranks (from {-sizes[1].item()} to "
+                             f"{sizes[0].item()}): give every rank the same batch size")
+
+    def finish_gradient_synchronization(self) -> None:
+        raise NotImplementedError
+
+
+class DDPNaive(_DataParallel):
+    """After backward, one blocking all-reduce per gradient: correct, and the slowest, since
+    the network waits for backward to end and each small message pays the full latency."""
+    def finish_gradient_synchronization(self) -> None:
+        for p in self.params:
+            if p.grad is not None:
+                dist.all_reduce(p.grad)
+                p.grad /= self.world_size
+
+
+def _flat_all_reduce(grads: list[Tensor], world_size: int, async_op: bool = False):
+    """All gradients in one buffer, averaged by one all-reduce: one latency instead of many.
+    Returns (work handle, buffer); unflatten with _copy_back once the work is done."""
+    flat = torch.cat([g.reshape(-1) for g in grads]) / world_size
+    return dist.all_reduce(flat, async_op=async_op), flat
+
+
+def _copy_back(flat: Tensor, grads: list[Tensor]) -> None:
+    for grad, part in zip(grads, flat.split([g.numel() for g in grads])):
+        grad.copy_(part.view_as(grad))
+
+
+class DDPFlat(_DataParallel):
+    """After backward, every gradient flattened into one buffer and one all-reduce."""
+    def finish_gradient_synchronization(self) -> None:
+        grads = [p.grad for p in self.params if p.grad is not None]
+        if grads:
+            _, flat = _flat_all_reduce(grads, self.world_size)
+            _copy_back(flat, grads)
+
+
+class DDPIndividualParameters(_DataParallel):
+    """Each gradient's all-reduce starts, asynchronously, the moment backward has finished
+    accumulating it (a post-accumulate-grad hook), so communication of the last layers overlaps
+    backward through the first. finish_gradient_synchronization() only waits."""
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__(module)
+        self._pending: list[dist.Work] = []
+        for p in self.params:
+            p.register_post_accumulate_grad_hook(self._launch)
+
+    def _launch(self, p: Tensor) -> None:
+        p.grad /= self.world_size  # averaged in place: the all-reduce then sums the averages
+        self._pending.append(dist.all_reduce(p.grad, async_op=True))
+
+    def finish_gradient_synchronization(self) -> None:
+        for work in self._pending:
+            work.wait()
+        self._pending.clear()
+
+
+class DDPBucketed(_DataParallel):
+    """Overlap and few messages: parameters in reverse order (about the order backward produces
+    their gradients) grouped into buckets of at most bucket_size_mb (a larger parameter gets a
+    bucket of its own); a bucket's flat all-reduce starts as soon as its last gradient is in.
+    Buckets start in order, so every rank issues the same collectives in the same order. Small
+    buckets approach DDPIndividualParameters, one bucket holding everything DDPFlat."""
+    def __init__(self, module: nn.Module, bucket_size_mb: float) -> None:
+        super().__init__(module)
+        if not bucket_size_mb > 0:
+            raise ValueError(f"bucket_size_mb must be > 0, got {bucket_size_mb}")
+        limit, self.buckets = bucket_size_mb * 2**20, [[]]
+        for p in reversed(self.params):
+            size = sum(q.numel() * q.element_size() for q in self.buckets[-1])
+            if self.buckets[-1] and size + p.numel() * p.element_size() > limit:
+                self.buckets.append([])
+            self.buckets[-1].append(p)
+        self.buckets = [b for b in self.buckets if b]
+        self._bucket_of = {id(p): i for i, bucket in enumerate(self.buckets) for p in bucket}
+        for p in self.params:
+            p.register_post_accumulate_grad_hook(self._mark_ready)
+        self._reset()
+
+    def _reset(self) -> None:
+        self._waiting = [len(bucket) for bucket in self.buckets]  # gradients still to arrive
+        self._next = 0  # the first bucket not yet launched
+        self._pending: list[tuple[dist.Work, Tensor, list[Tensor]]] = []
+
+    def _mark_ready(self, p: Tensor) -> None:
+        self._waiting[self._bucket_of[id(p)]] -= 1
+        while self._next < len(self.buckets) and self._waiting[self._next] == 0:
+            self._launch(self._next)
+
+    def _launch(self, index: int) -> None:
+        # A parameter backward did not reach (unused this step) contributes zeros.
+        for p in self.buckets[index]:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        grads = [p.grad for p in self.buckets[index]]
+        self._pending.append((*_flat_all_reduce(grads, self.world_size, async_op=True), grads))
+        self._next += 1
+
+    def finish_gradient_synchronization(self) -> None:
+        while self._next < len(self.buckets):  # buckets with a gradient backward never made
+            self._launch(self._next)
+        for work, flat, grads in self._pending:
+            work.wait()
+            _copy_back(flat, grads)
+        self._reset()
+
+
+# Optimizer-state sharding ------------------------------------------------------------------------
+class ShardedOptimizer(torch.optim.Optimizer):
+    """Any optimizer, its state split across ranks: each parameter has one owner (assigned
+    greedily, largest first, to the rank holding the fewest elements so far); each rank's inner
+    optimizer_cls(**kwargs) keeps state for and steps only its own parameters, then every rank
+    broadcasts the parameters it owns. Use it after a data-parallel wrapper has averaged the
+    gradients. For AdamW (16 bytes per parameter in fp32, 8 of them moments) this saves
+    8 (n-1)/n bytes per parameter on each of n ranks, at the cost of one broadcast of the
+    parameters per step.
+
+    ZeRO (Rajbhandari et al. 2020) names three stages. Stage 1 shards the optimizer state: this
+    class. Stage 2 also shards the gradients: each rank needs only the averaged gradient of its
+    own parameters, so a reduce-scatter replaces the all-reduce and the rest is freed at once.
+    Stage 3 (FSDP) also shards the parameters, all-gathering each layer's just before it runs.
+    Stage 1 and 2 move the same bytes as DDP (all-reduce = reduce-scatter + all-gather, and the
+    all-gather is our broadcast of updated parameters); stage 3 gathers the parameters twice
+    (forward and backward), 1.5x DDP's traffic. The state_dict is this rank's shard."""
+    def __init__(self, params: Iterable, optimizer_cls: type[torch.optim.Optimizer],
+                 **kwargs) -> None:
+        if not (dist.is_available() and dist.is_initialized()):
+            raise RuntimeError("ShardedOptimizer needs an initialised process group")
+        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        self.optimizer_cls, self.kwargs = optimizer_cls, kwargs
+        self.owned = [[] for _ in range(self.world_size)]  # per rank, the parameters it owns
+        self._load = [0] * self.world_size
+        self.local: torch.optim.Optimizer | None = None
+        super().__init__(params, kwargs)  # calls add_param_group for each group
+
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)  # fills in the defaults, checks for duplicates
+        group = self.param_groups[-1]
+        mine = []
+        for p in sorted(group["params"], key=lambda p: -p.numel()):  # stable: same on all ranks
+            owner = min(range(self.world_size), key=self._load.__getitem__)
+            self._load[owner] += p.numel()
+            self.owned[owner].append(p)
+            if owner == self.rank:
+                mine.append(p)
+        local_group = {**group, "params": mine}  # may be empty: the groups stay aligned
+        if self.local is None:
+            self.local = self.optimizer_cls([local_group], **self.kwargs)
+        else:
+            self.local.add_param_group(local_group)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
+        for group, local in zip(self.param_groups, self.local.param_groups):
+            local.update({k: v for k, v in group.items() if k != "params"})  # an lr schedule
+        loss = self.local.step(closure)
+        for owner, params in enumerate(self.owned):  # one broadcast per owner, flattened
+            if params:
+                flat = torch.cat([p.reshape(-1) for p in params])
+                dist.broadcast(flat, src=owner)
+                _copy_back(flat, params)
+        return loss
+
+    def state_dict(self) -> dict:
+        return self.local.state_dict()
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.local.load_state_dict(state_dict)
+
+
+# Accounting: memory per GPU and bytes moved per step ---------------------------------------------
+# fp32 training with AdamW: 4 bytes of weights, 4 of gradient, 8 of moments
+# per parameter (16 in all); activations are left out (they depend on batch and recomputation).
+# Traffic per GPU per step with ring collectives on n GPUs and P parameters of 4 bytes:
+#   DDP, ZeRO-1, ZeRO-2: one all-reduce of the gradients, 2 (n-1)/n * 4P
+#   ZeRO-3 / FSDP: all-gather weights in forward and again in backward, reduce-scatter
+#                  gradients, 3 (n-1)/n * 4P
+#   TP over n GPUs: the block weights split n ways; per block two all-reduces of the (B, T, D)
+#                  activations in forward and two in backward, 4 * 2 (n-1)/n * 4BTD
+EXAMPLES = {
+    # CS336 assignment 2's exercise: only the FFNs count (2 matrices a block, no attention,
+    # no embeddings): 126 x 2 x 16,384 x 53,248 = 219,848,638,464 parameters. At 16 bytes
+    # each that is 3,517.6 GB: more than any one 80 GB GPU, so DDP (and ZeRO-1, 8P = 1,759 GB
+    # replicated, and ZeRO-2, 4P = 879 GB) cannot hold it at any scale; FSDP shards all 16
+    # bytes, 3,517.6 / n GB each, and needs n >= 44 GPUs just for the states.
+    "course": dict(d_model=16384, d_ff=53248, num_layers=126, num_heads=128, ffn="gelu",
+                   vocab_size=10000, context_length=512),
+}
+STATE_BYTES = {"weights": 4, "grads": 4, "adamw": 8}
+
+
+def accounting(params: int, num_gpus: int, tokens: int = 0, d_model: int = 0,
+               num_layers: int = 0) -> dict[str, dict[str, float]]:
+    """{scheme: {"memory": bytes per GPU, "traffic": bytes sent per GPU per step}} for fp32
+    AdamW training of `params` parameters on num_gpus; TP's traffic needs the batch's tokens."""
+    n, w, g, a = num_gpus, *STATE_BYTES.values()
+    ring = (n - 1) / n
+    return {
+        "DDP": {"memory": params * (w + g + a), "traffic": 2 * ring * params * g},
+        "ZeRO-1": {"memory": params * (w + g + a / n), "traffic": 2 * ring * params * g},
+        "ZeRO-2": {"memory": params * (w + (g + a) / n), "traffic": 2 * ring * params * g},
+        "ZeRO-3/FSDP": {"memory": params * (w + g + a) / n, "traffic": 3 * ring * params * w},
+        "TP": {"memory": params * (w + g + a) / n,
+               "traffic": num_layers * 4 * 2 * ring * tokens * d_model * 4},
+    }
+
+
+def gpus_needed(params: int, scheme: str, gpu_bytes: float) -> int | None:
+    """The fewest GPUs whose memory holds the weights and AdamW states; None: no number does."""
+    w, g, a = STATE_BYTES.values()
+    replicated, sharded = {"DDP": (w + g + a, 0), "ZeRO-1": (w + g, a), "ZeRO-2": (w, g + a),
+                           "ZeRO-3/FSDP": (0, w + g + a), "TP": (0, w + g + a)}[scheme]
+    room = gpu_bytes - params * replicated
+    if room < 0 or (sharded and room <= 0):
+        return None
+    return max(1, math.ceil(params * sharded / room)) if sharded else 1
+
+
+def print_accounting(config: ModelConfig, params: int, what: str, num_gpus: int,
+                     gpu_memory_gb: float, bandwidth_gbps: float, tokens: int) -> None:
+    gpu_bytes = gpu_memory_gb * 1e9
+    print(f"{what}: {params:,} parameters\n{params * 16 / 1e9:,.1f} GB of fp32 weights, "
+          f"gradients and AdamW moments (16 bytes a parameter; no activations)\n"
+          f"{num_gpus} GPUs of {gpu_memory_gb:g} GB, each sending {bandwidth_gbps:g} GB/s; "
+          f"TP's traffic is the activations of {tokens:,} tokens")
+    print(f"  {'scheme':<12}{'GB per GPU':>12}{'fits':>6}{'GB sent/step':>14}{'comm s/step':>13}"
+          f"{'GPUs to hold':>14}")
+    rows = accounting(params, num_gpus, tokens, config.d_model, config.num_layers)
+    for scheme, row in rows.items():
+        needed = gpus_needed(params, scheme, gpu_bytes)
+        print(f"  {scheme:<12}{row['memory'] / 1e9:>12,.1f}"
+              f"{'yes' if row['memory'] <= gpu_bytes else 'no':>6}"
+              f"{row['traffic'] / 1e9:>14,.2f}{row['traffic'] / (bandwidth_gbps * 1e9):>13.3f}"
+              f"{needed if needed else 'never':>14}")
+    fsdp = gpus_needed(params, "ZeRO-3/FSDP", gpu_bytes)
+    print(f"FSDP: {fsdp} GPU{'s' if fsdp > 1 else ''} of {gpu_memory_gb:g} GB hold the states "
+          f"(fewer cannot), "
+          f"{params * 16 / fsdp / 1e9:,.1f} GB each")
+    if any(gpus_needed(params, scheme, gpu_bytes) is None for scheme in rows):
+        print("never: what that scheme keeps whole on every GPU is already too big for one")
+
+
+# Command line: `python ddp.py COMMAND [--key=value ...]` -----------------------------------------
+COMMANDS = {
+    "collectives": {"world_size": 4},
+    "bench_collectives": {"sizes_mb": "1,4,16,64", "world_sizes": "2,4", "repeats": 3},
+    "accounting": {"example": "",  # a name from EXAMPLES; else --preset and model fields
+                   "preset": "", "num_gpus": 8, "gpu_memory_gb": 80.0,
+                   "bandwidth_gbps": 450.0,  # GB/s each GPU sends (H100 NVLink: 450)
+                   "batch_size": 8, "seq_len": 0,  # tokens for TP's traffic; 0: context length
+                   **asdict(ModelConfig())},
+}
+
+
+def _numbers(key: str, text: str, kind: type) -> list:
+    try:
+        values = [kind(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        values = []
+    if not values or min(values) <= 0:
+        raise UsageError(f"--{key} expects positive numbers separated by commas, got {text!r}")
+    return values
+
+
+def _accounting(cfg: dict, overrides: dict) -> None:
+    overrides = {k: v for k, v in overrides.items() if k in ModelConfig.__dataclass_fields__}
+    if cfg["example"] and cfg["example"] not in EXAMPLES:
+        raise UsageError(f"unknown --example {cfg['example']!r}; choose from {list(EXAMPLES)}")
+    if cfg["num_gpus"] < 1 or cfg["gpu_memory_gb"] <= 0 or cfg["bandwidth_gbps"] <= 0:
+        raise UsageError("need --num_gpus >= 1, --gpu_memory_gb > 0 and --bandwidth_gbps > 0")
+    try:
+        if cfg["example"]:
+            config = ModelConfig(**{**EXAMPLES[cfg["example"]], **overrides})
+        else:
+            config = ModelConfig.preset(cfg["preset"], **overrides) if cfg["preset"] \
+                else ModelConfig(**overrides)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    counts = count_params(config)
+    params, what = counts["total"], cfg["preset"] or "ModelConfig"
+    if cfg["example"] == "course":
+        params, what = counts["ffn"], "the course's exercise (FFNs only, 126 x 2 x d_model x d_ff)"
+    tokens = cfg["batch_size"] * (cfg["seq_len"] or config.context_length)
+    print_accounting(config, params, what, cfg["num_gpus"], cfg["gpu_memory_gb"],
+                     cfg["bandwidth_gbps"], tokens)
+
+
+def main(argv: list[str]) -> None:
+    """`python ddp.py [COMMAND] [--key=value ...]`; no command shows the collectives."""
+    if "-h" in argv or "--help" in argv:
+        return print(__doc__)
+    command = argv.pop(0) if argv and not argv[0].startswith("-") else "collectives"
+    if command not in COMMANDS:
+        raise UsageError(f"unknown command {command!r}; the commands are {', '.join(COMMANDS)}")
+    positional, overrides = parse_args(argv, COMMANDS[command])
+    if positional:
+        raise UsageError(f"unexpected argument {positional[0]!r}; settings are --key=value")
+    cfg = {**COMMANDS[command], **overrides}
+    if command == "collectives":
+        if not 1 <= cfg["world_size"] <= 16:
+            raise UsageError(f"--world_size must be between 1 and 16, got {cfg['world_size']}")
+        spawn(_collectives_demo, cfg["world_size"])
+    elif command == "bench_collectives":
+        sizes = _numbers("sizes_mb", cfg["sizes_mb"], float)
+        world_sizes = _numbers("world_sizes", cfg["world_sizes"], int)
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl" and max(world_sizes) > torch.cuda.device_count():
+            raise UsageError(f"--world_sizes: only {torch.cuda.device_count()} GPUs here")
+        if cfg["repeats"] < 1:
+            raise UsageError(f"--repeats must be >= 1, got {cfg['repeats']}")
+        print(f"all-reduce of fp32 tensors, mean of {cfg['repeats']} calls; algbw = size / time, "
+              "busbw = algbw x 2(n-1)/n (what each link of a ring carries)")
+        for world_size in world_sizes:
+            spawn(bench_all_reduce, world_size, sizes, cfg["repeats"], backend, backend=backend)
+    else:
+        _accounting(cfg, overrides)
+
+
+if __name__ == "__main__":
+    run_cli(main)
