@@ -1,5 +1,6 @@
-"""Stage 5: parallel training by hand on torch.distributed, first part: collectives, four
-data-parallel wrappers, optimizer-state sharding, and the memory and traffic accounting.
+"""Stage 5: parallel training by hand on torch.distributed: collectives, four data-parallel
+wrappers, optimizer-state sharding, FSDP, tensor, sequence and pipeline parallelism, and the
+memory and traffic accounting.
 
 CS336 lectures 7-8 and assignment 2 part 2. Data parallelism runs the same model on every process,
 each on its own slice of the batch; averaging the gradients makes the step the one a single
@@ -8,8 +9,12 @@ gradients travel: naive (one all-reduce per gradient after backward), flat (one 
 of them), individual parameters (each all-reduce launched from backward as soon as its gradient
 is ready, so communication overlaps computation) and bucketed (overlap with fewer, larger
 messages, as torch's DistributedDataParallel does). ShardedOptimizer then stops every process
-from keeping the whole AdamW state (ZeRO stage 1), and the accounting shows what each scheme costs
-in memory and bytes moved.
+from keeping the whole AdamW state (ZeRO stage 1). FSDP (ZeRO stage 3) shards the weights too,
+all-gathering each layer's just before it runs. When one layer is too big for that, tensor
+parallelism splits the layers themselves (Megatron: attention heads and MLP units across ranks,
+one all-reduce per sub-block), sequence parallelism splits the activations between them, and
+pipeline parallelism gives each rank a run of blocks fed with micro-batches (GPipe). The
+accounting shows what each scheme costs in memory and bytes moved.
 
 Commands (CPU with gloo, or NCCL when CUDA is there; the demos spawn their own processes):
     python ddp.py collectives                  # what each collective does, 4 ranks (~10 s)
@@ -19,15 +24,19 @@ Commands (CPU with gloo, or NCCL when CUDA is there; the demos spawn their own p
 The wrappers are used from code run under torchrun (or any initialised process group):
     model = DDPBucketed(model, bucket_size_mb=25); loss.backward()
     model.finish_gradient_synchronization(); optimizer.step()
+    model = FSDP(model, compute_dtype=torch.bfloat16)  # the same; save model.gather_full_params()
+    model = tensor_parallel(model, sequence_parallel=True)  # then sync_norm_grads(model)
+    loss, idle = gpipe_step(PipelineStage(model), token_ids, targets, num_microbatches=8)
+Each is tested against one process on the whole model in test_all.py (2 gloo processes).
 No files are read or written.
 
-Comes next, in this file (issue 11): FSDP (sharded weights, all-gathered just in time), tensor,
-sequence and pipeline parallelism, train.py's --parallel=ddp|zero1|fsdp, and the GPU benchmark
-against torch's DistributedDataParallel.
+Comes next, in this file (issue 11): train.py's --parallel=ddp|zero1|fsdp (checkpoints from the
+full parameters), and `python ddp.py bench` on GPUs against torch's DistributedDataParallel.
 
 Papers  Li et al. 2020 (PyTorch DDP: buckets, overlap); Rajbhandari et al. 2020 (ZeRO); Zhao et al.
-        2023 (PyTorch FSDP); Shoeybi et al. 2019 (Megatron-LM: tensor parallelism); Patarasuk &
-        Yuan 2009 (bandwidth-optimal all-reduce: the ring); Thakur et al. 2005 (MPICH collectives).
+        2023 (PyTorch FSDP); Shoeybi et al. 2019 (Megatron-LM: tensor parallelism); Korthikanti
+        et al. 2022 (sequence parallelism); Huang et al. 2019 (GPipe); Patarasuk & Yuan 2009
+        (bandwidth-optimal all-reduce: the ring); Thakur et al. 2005 (MPICH collectives).
 """
 
 import math
@@ -43,7 +52,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import Tensor, nn
 
-from model import ModelConfig, count_params
+from model import Embedding, Linear, ModelConfig, count_params
 from tokenizer import UsageError, parse_args, run_cli
 
 
@@ -369,6 +378,394 @@ class ShardedOptimizer(torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.local.load_state_dict(state_dict)
+
+
+# FSDP: every rank keeps a shard of each weight, gathered just in time ----------------------------
+class _Unit:
+    """One sharded weight: this rank's fp32 master shard (a Parameter the optimizer steps) and,
+    while a layer that uses it runs, the full weight in the compute dtype."""
+    def __init__(self, weight: Tensor, dtype: torch.dtype) -> None:
+        rank, n = dist.get_rank(), dist.get_world_size()
+        self.shape, self.numel, self.dtype = weight.shape, weight.numel(), dtype
+        size = math.ceil(self.numel / n)  # the last shard is padded with zeros
+        flat = nn.functional.pad(weight.detach().reshape(-1), (0, size * n - self.numel))
+        self.shard = nn.Parameter(flat[rank * size:(rank + 1) * size].clone())
+        self.full: Tensor | None = None
+        self._pending: tuple[dist.Work, Tensor] | None = None
+
+    def start_gather(self) -> None:
+        """Launch the all-gather asynchronously: it runs while the current layer computes."""
+        if self.full is None and self._pending is None:
+            flat = torch.empty(self.shard.numel() * dist.get_world_size(), dtype=self.dtype)
+            work = dist.all_gather_single(flat, self.shard.detach().to(self.dtype),
+                                          async_op=True)
+            self._pending = (work, flat)
+
+    def gather(self) -> Tensor:
+        """The full weight, (shape) in the compute dtype: prefetched, or gathered now."""
+        self.start_gather()
+        if self._pending is not None:
+            work, flat = self._pending
+            work.wait()
+            self.full, self._pending = flat[:self.numel].view(self.shape), None
+        return self.full
+
+    def free(self) -> None:
+        """Drop the full weight, and any prefetch no layer used (it would be stale next step)."""
+        if self._pending is not None:
+            self._pending[0].wait()
+        self.full = self._pending = None
+
+
+class _GatheredWeight(torch.autograd.Function):
+    """Forward: the unit's full weight. Backward: its full gradient reduce-scattered, in fp32,
+    into the shard's gradient, averaged over ranks (each rank saw its own slice of the batch)."""
+    @staticmethod
+    def forward(ctx, shard: Tensor, unit: _Unit) -> Tensor:
+        ctx.unit = unit
+        return unit.gather()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
+        shard, n = ctx.unit.shard, dist.get_world_size()
+        flat = nn.functional.pad(grad.reshape(-1).float(), (0, shard.numel() * n - grad.numel()))
+        shard_grad = torch.empty_like(shard)
+        dist.reduce_scatter(shard_grad, list(flat.chunk(n)))
+        return shard_grad / n, None
+
+
+class FSDP(DDPFlat):
+    """Fully sharded data parallel (ZeRO stage 3) for model.py's models: the weight of every
+    Linear and Embedding is flattened, padded to a multiple of the world size, and cut into one
+    fp32 shard per rank; the shards (as .shards) and the replicated rest (norm gains) are what
+    the optimizer steps. A layer's forward pre-hook all-gathers its weight (in compute_dtype,
+    halving the bytes in bf16) and starts gathering the weight of the layer that ran next in the
+    previous forward, so communication overlaps computation; its post-hook frees the full weight.
+    Autograd would keep the full weight alive for backward, so a saved-tensor hook stores only
+    which unit it was and gathers it again when backward needs it. Gradients return through a
+    reduce-scatter into the shards; call finish_gradient_synchronization() (DDPFlat's) to average
+    the replicated ones' too.
+    Memory per rank: the shards plus the one or two full weights in flight."""
+    def __init__(self, module: nn.Module, compute_dtype: torch.dtype | None = None) -> None:
+        super().__init__(module)  # every rank starts from rank 0's weights, then shards them
+        self.compute_dtype = compute_dtype or torch.float32
+        units: dict[int, _Unit] = {}  # a tied weight is one unit used by two layers
+        self._layers: list[tuple[nn.Module, _Unit]] = []  # in the order they were registered
+        for layer in module.modules():
+            if isinstance(layer, (Linear, Embedding)) and layer.weight.requires_grad:
+                weight = layer.weight
+                units.setdefault(id(weight), _Unit(weight, self.compute_dtype))
+                self._layers.append((layer, units[id(weight)]))
+        for index, (layer, unit) in enumerate(self._layers):
+            del layer.weight  # no longer a Parameter: a plain attribute set by the pre-hook
+            layer.weight = None
+            layer.register_forward_pre_hook(self._gather_hook(index))
+            layer.register_forward_hook(self._free_hook(unit))
+        self.shards = nn.ParameterList(unit.shard for unit in units.values())
+        self.params = [p for p in module.parameters() if p.requires_grad]  # replicated ones
+        self._live: dict[int, _Unit] = {}  # storage address of a gathered weight -> its unit
+        self._next: dict[int, int] = {}  # layer index -> the index that ran after it
+        self._previous: int | None = None
+
+    def _gather_hook(self, index: int) -> Callable:
+        def hook(layer: nn.Module, args: tuple) -> None:
+            unit = self._layers[index][1]
+            layer.weight = _GatheredWeight.apply(unit.shard, unit)
+            self._live[layer.weight.untyped_storage().data_ptr()] = unit
+            # Layers run in an order of their own (SwiGLU: w1, w3, w2), so the previous forward
+            # taught us which comes next: prefetch it, its gather overlapping this layer's work.
+            if self._previous is not None:
+                self._next[self._previous] = index
+            self._previous = index
+            if index in self._next:
+                self._layers[self._next[index]][1].start_gather()
+        return hook
+
+    def _free_hook(self, unit: _Unit) -> Callable:
+        def hook(layer: nn.Module, args: tuple, output: Tensor) -> None:
+            # The memory may be reused at once: forget the address before it is.
+            self._live.pop(layer.weight.untyped_storage().data_ptr())
+            layer.weight = None
+            unit.free()  # the saved-tensor hook kept only a reference
+        return hook
+
+    def _pack(self, tensor: Tensor) -> Tensor | tuple:
+        unit = self._live.get(tensor.untyped_storage().data_ptr())
+        if unit is None:
+            return tensor
+        return unit, tensor.size(), tensor.stride(), tensor.storage_offset()
+
+    @staticmethod
+    def _unpack(packed: Tensor | tuple) -> Tensor:
+        if isinstance(packed, Tensor):
+            return packed
+        unit, size, stride, offset = packed
+        full = unit.gather()  # gathered again for backward, and dropped right after
+        unit.free()
+        return full.as_strided(size, stride, offset)
+
+    def forward(self, *args, **kwargs):
+        self._previous = None
+        with torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack):
+            out = super().forward(*args, **kwargs)
+        for _, unit in self._layers:  # a prefetch the forward did not use (the order changed)
+            unit.free()
+        return out
+
+    @torch.no_grad()
+    def gather_full_params(self) -> dict[str, Tensor]:
+        """The unsharded fp32 state_dict of the wrapped module (every rank gets it; save on 0)."""
+        state, unit_of = self.module.state_dict(), {id(m): u for m, u in self._layers}
+        for name, layer in self.module.named_modules():
+            unit = unit_of.get(id(layer))
+            if unit is not None:  # a tied weight is gathered under each of its names
+                flat = torch.empty(unit.shard.numel() * self.world_size)
+                dist.all_gather_single(flat, unit.shard.detach())
+                state[f"{name}.weight" if name else "weight"] = flat[:unit.numel].view(unit.shape)
+        return state
+
+
+# Tensor parallelism (Megatron): each rank holds a slice of every block ---------------------------
+# A column-parallel linear keeps rows r of W (output features r): from the full input it makes
+# its slice of the output. A row-parallel linear keeps columns r: from that slice it makes a
+# partial sum of the full output, and one all-reduce adds the partials. Attention heads and the
+# MLP's hidden units are independent, so column then row needs no communication in between:
+# one all-reduce per sub-block in forward, and (the conjugate) one in backward at its entry.
+class _copy_to_tp(torch.autograd.Function):
+    """Forward: identity (the input is already on every rank). Backward: each rank's slice of
+    the sub-block gives only part of the input's gradient, so the parts are summed."""
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        return x
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        return grad
+
+
+class _reduce_from_tp(torch.autograd.Function):
+    """Forward: sum the row-parallel partial outputs. Backward: identity (the gradient of a sum
+    is the same for every term)."""
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        x = x.contiguous()
+        dist.all_reduce(x)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        return grad
+
+
+def _all_gather_seq(x: Tensor) -> Tensor:  # (B, T/n, D) on each rank -> (B, T, D)
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts, dim=1)
+
+
+def _reduce_scatter_seq(x: Tensor) -> Tensor:  # (B, T, D) partial sums -> (B, T/n, D) of the sum
+    out = torch.empty_like(x.chunk(dist.get_world_size(), dim=1)[0])
+    dist.reduce_scatter(out, [c.contiguous() for c in x.chunk(dist.get_world_size(), dim=1)])
+    return out
+
+
+def _split_seq(x: Tensor) -> Tensor:  # (B, T, D), the same on every rank -> this rank's T/n
+    return x.chunk(dist.get_world_size(), dim=1)[dist.get_rank()].contiguous()
+
+
+class _Conjugate(torch.autograd.Function):
+    """Sequence parallelism's communication: forward runs one op, backward its conjugate
+    (all-gather <-> reduce-scatter, split <-> all-gather) along the sequence dimension."""
+    @staticmethod
+    def forward(ctx, x: Tensor, forward_op: Callable, backward_op: Callable) -> Tensor:
+        ctx.backward_op = backward_op
+        return forward_op(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:
+        return ctx.backward_op(grad), None, None
+
+
+def _shard_of(weight: Tensor, dim: int, what: str) -> nn.Parameter:
+    n = dist.get_world_size()
+    if weight.shape[dim] % n:
+        raise ValueError(f"{what}: {weight.shape[dim]} does not divide into {n} ranks")
+    return nn.Parameter(weight.detach().chunk(n, dim=dim)[dist.get_rank()].clone())
+
+
+class ColumnParallelLinear(nn.Module):
+    """Rows r of a Linear's W: x (..., d_in), the same on every rank -> (..., d_out / n). The
+    input must enter the sub-block through _copy_to_tp (TP) or an all-gather (SP), once, since
+    q, k and v share it."""
+    def __init__(self, full: nn.Module) -> None:
+        super().__init__()
+        self.weight = _shard_of(full.weight, 0, "output features")
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x @ self.weight.T
+
+
+class RowParallelLinear(nn.Module):
+    """Columns r of a Linear's W: x (..., d_in / n) -> (..., d_out), summed over ranks by one
+    all-reduce (TP), or by a reduce-scatter that leaves each rank its part of the sequence (SP)."""
+    def __init__(self, full: nn.Module, sequence_parallel: bool = False) -> None:
+        super().__init__()
+        self.weight = _shard_of(full.weight, 1, "input features")
+        self.sequence_parallel = sequence_parallel
+
+    def forward(self, x: Tensor) -> Tensor:
+        partial = x @ self.weight.T
+        if self.sequence_parallel:
+            return _Conjugate.apply(partial, _reduce_scatter_seq, _all_gather_seq)
+        return _reduce_from_tp.apply(partial)
+
+
+class TensorParallelBlock(nn.Module):
+    """A pre-norm TransformerBlock with its heads and hidden units split across ranks. With
+    sequence_parallel the residual stream between sub-blocks is cut along the sequence, so the
+    norms work on T/n tokens and no rank stores the whole (B, T, D) activation: the entry
+    all-gathers it (its backward reduce-scatters) and the exit reduce-scatters (the all-reduce's
+    two halves, so the traffic is unchanged). The first block splits the sequence, the last
+    gathers it back for the replicated head."""
+    def __init__(self, block: nn.Module, sequence_parallel: bool, first: bool,
+                 last: bool) -> None:
+        super().__init__()
+        attn, ffn, n = block.attn, block.ffn, dist.get_world_size()
+        if not block.pre_norm or not hasattr(attn, "q_proj") or not hasattr(ffn, "w1"):
+            raise ValueError("tensor parallelism needs pre-norm blocks of softmax attention "
+                             "and a dense FFN")
+        if attn.num_kv_heads % n:
+            raise ValueError(f"{attn.num_kv_heads} key-value heads do not divide into {n} ranks")
+        attn.num_heads, attn.num_kv_heads = attn.num_heads // n, attn.num_kv_heads // n
+        for name in ("q_proj", "k_proj", "v_proj"):
+            setattr(attn, name, ColumnParallelLinear(getattr(attn, name)))
+        attn.output_proj = RowParallelLinear(attn.output_proj, sequence_parallel)
+        for name in ("w1", "w3") if hasattr(ffn, "w3") else ("w1",):
+            setattr(ffn, name, ColumnParallelLinear(getattr(ffn, name)))
+        ffn.w2 = RowParallelLinear(ffn.w2, sequence_parallel)
+        self.block, self.sequence_parallel = block, sequence_parallel
+        self.first, self.last = first, last
+
+    def _enter(self, x: Tensor) -> Tensor:
+        if self.sequence_parallel:
+            return _Conjugate.apply(x, _all_gather_seq, _reduce_scatter_seq)
+        return _copy_to_tp.apply(x)
+
+    def forward(self, x: Tensor, rope: tuple | None = None, cache: dict | None = None,
+                start: int = 0) -> Tensor:
+        if cache is not None:
+            raise ValueError("TensorParallelBlock is for training: no KV cache")
+        block = self.block
+        if self.sequence_parallel and self.first:
+            x = _Conjugate.apply(x, _split_seq, _all_gather_seq)
+        x = x + block.attn(self._enter(block.ln1(x)), rope)
+        x = x + block.ffn(self._enter(block.ln2(x)))
+        if self.sequence_parallel and self.last:
+            x = _Conjugate.apply(x, _all_gather_seq, _split_seq)
+        return x
+
+
+def tensor_parallel(model: nn.Module, sequence_parallel: bool = False) -> nn.Module:
+    """Turn a model.py TransformerLM, the same on every rank, into a tensor-parallel one over
+    the process group, in place; embeddings, final norm and head stay replicated. With
+    sequence_parallel each rank's norm gains see only its tokens: call sync_norm_grads(model)
+    after backward, as a data-parallel wrapper would for a batch."""
+    layers = model.layers
+    for i, block in enumerate(layers):
+        layers[i] = TensorParallelBlock(block, sequence_parallel, i == 0, i == len(layers) - 1)
+    return model
+
+
+def sync_norm_grads(model: nn.Module) -> None:
+    """Sum the gradients of the parameters that sequence parallelism leaves replicated inside
+    the blocks (the norms), each rank having seen T/n of the tokens."""
+    for block in model.layers:
+        for norm in (block.block.ln1, block.block.ln2):
+            for p in norm.parameters():
+                if p.grad is not None:
+                    dist.all_reduce(p.grad)
+
+
+# Pipeline parallelism: each rank holds a run of consecutive blocks --------------------------------
+# GPipe (Huang et al. 2019): the batch is cut into m micro-batches; stage s runs the forward of
+# each as soon as stage s-1 sends its activations, then the backwards run in reverse, each stage
+# sending its input's gradient back. Stages wait at the start of the forwards and at the end of
+# the backwards: with p stages the bubble, the share of a step a stage idles, is (p-1)/(m+p-1).
+def bubble_fraction(num_stages: int, num_microbatches: int) -> float:
+    return (num_stages - 1) / (num_microbatches + num_stages - 1)
+
+
+class PipelineStage(nn.Module):
+    """This rank's part of a TransformerLM (untied, RoPE, same weights on every rank at
+    construction): the embedding on the first stage, an equal run of blocks, and the final norm
+    and head on the last. Other parts are dropped."""
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.rank, self.num_stages = dist.get_rank(), dist.get_world_size()
+        config, n = model.config, len(model.layers)
+        if config.tie_weights or model.rope is None or config.num_experts:
+            raise ValueError("PipelineStage needs untied weights, RoPE and no MoE")
+        if n % self.num_stages:
+            raise ValueError(f"{n} blocks do not divide into {self.num_stages} stages")
+        per_stage = n // self.num_stages
+        self.first, self.last = self.rank == 0, self.rank == self.num_stages - 1
+        self.layers = model.layers[self.rank * per_stage:(self.rank + 1) * per_stage]
+        self.rope, self.d_model = model.rope, config.d_model
+        self.token_embeddings = model.token_embeddings if self.first else None
+        self.ln_final, self.lm_head = (model.ln_final, model.lm_head) if self.last else (None, None)
+
+    def forward(self, x: Tensor, seq_len: int) -> Tensor:
+        """Token ids (B, T) on the first stage, else activations (B, T, D); returns activations,
+        or logits on the last stage."""
+        if self.first:
+            x = self.token_embeddings(x)
+        rope = self.rope.cos_sin(None, seq_len)
+        for layer in self.layers:
+            x = layer(x, rope)
+        return self.lm_head(self.ln_final(x)) if self.last else x
+
+
+def gpipe_step(stage: PipelineStage, token_ids: Tensor, targets: Tensor,
+               num_microbatches: int) -> tuple[float | None, float]:
+    """Forward and backward of one batch (every rank passes the same one; only the first stage
+    reads token_ids, only the last targets), gradients accumulated in stage's parameters as one
+    process would on the whole batch. Returns (the mean loss on the last stage, else None;
+    the measured share of the step this rank spent waiting for its neighbours)."""
+    start, waited = time.perf_counter(), 0.0
+    inputs, outputs, loss_sum = [], [], 0.0
+    micro_ids, micro_targets = token_ids.chunk(num_microbatches), targets.chunk(num_microbatches)
+    seq_len = token_ids.shape[-1]
+
+    def receive(shape: tuple, src: int) -> Tensor:
+        nonlocal waited
+        tensor, begin = torch.empty(shape), time.perf_counter()
+        dist.recv(tensor, src=src)
+        waited += time.perf_counter() - begin
+        return tensor
+
+    for ids, tgt in zip(micro_ids, micro_targets):  # all forwards
+        x = ids if stage.first else receive((*ids.shape, stage.d_model), stage.rank - 1)
+        x.requires_grad_(not stage.first)
+        out = stage(x, seq_len)
+        if stage.last:
+            loss = nn.functional.cross_entropy(out.flatten(0, 1), tgt.flatten())
+            loss_sum += loss.item()
+            out = loss / num_microbatches  # the mean over micro-batches is the batch mean
+        else:
+            dist.send(out.detach(), dst=stage.rank + 1)
+        inputs.append(x)
+        outputs.append(out)
+    for x, out in zip(reversed(inputs), reversed(outputs)):  # then all backwards
+        if stage.last:
+            out.backward()
+        else:
+            out.backward(receive(out.shape, stage.rank + 1))
+        if not stage.first:
+            dist.send(x.grad, dst=stage.rank - 1)
+    idle = waited / (time.perf_counter() - start)
+    return (loss_sum / num_microbatches if stage.last else None), idle
 
 
 # Accounting: memory per GPU and bytes moved per step ---------------------------------------------

@@ -5,8 +5,18 @@ parameters, days on a cluster, tokens per parameter); the model shapes that spen
 the three ways Hoffmann et al. find the compute-optimal model size N_opt and token count D_opt:
 approach 2 (IsoFLOPs: a parabola per budget, power laws through the minima), approach 3 (a
 parametric loss L(N, D) = E + A/N^a + B/D^b, fitted with a Huber loss and L-BFGS) and approach 1
-(the envelope of training curves from train.py's metrics.jsonl); last, Kaplan et al.'s forms
-fitted to the same runs, and why their allocation differs from Chinchilla's.
+(the envelope of training curves from train.py's metrics.jsonl); Kaplan et al.'s forms fitted to
+the same runs, and why their allocation differs from Chinchilla's; last, a sweep of our own model
+within a hard FLOPs budget, as assignment 3 frames it: IsoFLOP runs of train.py chosen and priced
+before any runs, resumable, then fitted, predicting the best shape, N, D and loss at --target.
+
+Learning rate and batch size decide whether a sweep means anything: a size trained at a rate that
+suits another size loses to its neighbours for the wrong reason and bends the parabola. Under the
+standard parametrisation the best AdamW rate falls as models widen (roughly as 1 / d_model for the
+hidden matrices), so it must be swept per scale (--lrs) or set from a rule fitted on small runs,
+and the batch size grows with the loss (the critical batch size). muP (Yang et al. 2022) scales
+each layer's initialisation and rate with width so that one rate, tuned on the smallest model, is
+the best at every width: the sweep then needs one --lr, and only depth and batch size still move.
 
 Commands (CPU, seconds; a runs file is a JSON list of {parameters, compute_budget, final_loss} or a
 CSV with those columns; settings as --key=value; --plot=DIR writes PNGs if matplotlib is there):
@@ -16,11 +26,17 @@ CSV with those columns; settings as --key=value; --plot=DIR writes PNGs if matpl
     python scaling.py napkin --params=70e9 --tokens=15e12 --gpus=1024 --mfu=0.5
     python scaling.py shapes --budget=1e19 --min_params=2e7 --max_params=5e8
     python scaling.py envelope out/a out/b out/c:1.2e7  # approach 1 from train.py's run folders
+    python scaling.py sweep --target=1e17 --budget=2e16 --runs=sweep/runs.json --lrs=1e-3,3e-3 \
+        --dataset=pycode [--budgets=... --sizes=5 --min_params=5e5 --max_params=2e7 --exact=True]
+        # any train.py setting passes through (--batch_size, --train_bin ...); on the GPU machine
+        # the same command, with bigger budgets, shapes (--aspect_ratio=64 --head_dim=64) and data
 Reads   a runs file (default ../shared/data/isoflops_curves.json), or run folders (metrics.jsonl,
         and ckpt.pt for the model's shape unless given as DIR:N, N the parameter count).
-Writes  only with --plot: DIR/isoflops.png, DIR/power_laws.png.
-Next    (not here yet) `sweep`: runs of train.py chosen within a hard FLOPs budget, resumable, with
-        learning rate and batch size per scale; and the README's real sweep on the GPU machine.
+        sweep: train.py's data (--dataset, --data or --train_bin/--val_bin/--tokenizer_dir).
+Writes  with --plot: DIR/isoflops.png, power_laws.png, loss_surface.png (envelope: envelope.png);
+        sweep: the runs file, a row per run as it finishes, and a train.py out_dir per run beside
+        it (sweep/runs/C...-L...-d...-lr.../metrics.jsonl, ckpt.pt).
+Next    the README's real sweep on the GPU machine (4 budgets x 5 sizes, checked at 10x).
 
 Papers  Kaplan et al. 2020 (Scaling Laws for Neural Language Models); Hoffmann et al. 2022
         (Chinchilla: Training Compute-Optimal Large Language Models); Besiroglu et al. 2024
@@ -40,8 +56,10 @@ import numpy as np
 import torch
 
 from model import ModelConfig, count_params, flops_per_token
-from tokenizer import DATA_DIR, UsageError, parse_args, run_cli
-from train import PEAK_BF16_FLOPS, read_checkpoint
+import train  # the sweep calls train.train (a test replaces it)
+from tokenizer import DATA_DIR, UsageError, parse_args, run_cli, write_atomic
+from train import (PEAK_BF16_FLOPS, TrainConfig, build_model_config, check_config, option_defaults,
+                   prepare_data, read_checkpoint, with_overrides)
 
 COURSE_RUNS = DATA_DIR / "isoflops_curves.json"  # CS336 assignment 3's 72 runs, 9 budgets
 TOKENS_PER_PARAM = 20  # Hoffmann et al.'s rule of thumb for the compute-optimal D / N
@@ -516,6 +534,7 @@ def fit_report(runs: Runs, budgets: list[float], samples: int = 200, seed: int =
     print(why_kaplan_differs(laws, kaplan, max(budgets)))
     if plot_dir:
         plot_fits(runs, points, laws, plot_dir, max(budgets))
+        plot_surface(runs, law3, plot_dir)
     return result
 
 
@@ -564,6 +583,57 @@ def plot_fits(runs: Runs, points: list[IsoFlopsPoint], laws: PowerLaws, out_dir:
     return paths
 
 
+def plot_surface(runs: Runs, law: LossLaw, out_dir: str | Path) -> Path:
+    """loss_surface.png: approach 3's L(N, D) as contours over the runs, the IsoFLOP lines
+    through them and the compute-optimal frontier the law puts across the lines."""
+    plt, out = _pyplot(), Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    log_N = np.linspace(np.log10(runs.N.min()) - 1, np.log10(runs.N.max()) + 1, 120)
+    log_D = np.linspace(np.log10(runs.D.min()) - 1, np.log10(runs.D.max()) + 1, 120)
+    grid_N, grid_D = np.meshgrid(10**log_N, 10**log_D)
+    fig, ax = plt.subplots(figsize=(7, 5))
+    levels = ax.contourf(grid_N, grid_D, law.loss(grid_N, grid_D), levels=30, cmap="viridis")
+    fig.colorbar(levels, label="L(N, D)")
+    for budget in np.unique(runs.C):
+        ax.plot(10**log_N, budget / (6 * 10**log_N), color="white", lw=0.5)
+    frontier = [law.frontier(c) for c in np.logspace(np.log10(runs.C.min()) - 1,
+                                                     np.log10(runs.C.max()) + 1, 30)]
+    ax.plot([f["N"] for f in frontier], [f["D"] for f in frontier], color="red",
+            label="compute-optimal (N, D)")
+    ax.scatter(runs.N, runs.D, c="black", s=10, label="runs")
+    ax.set(xscale="log", yscale="log", xlim=(10**log_N[0], 10**log_N[-1]),
+           ylim=(10**log_D[0], 10**log_D[-1]), xlabel="parameters N", ylabel="tokens D",
+           title="approach 3: the fitted loss surface")
+    ax.legend(fontsize=8)
+    fig.savefig(out / "loss_surface.png", dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    print(f"plot: {out / 'loss_surface.png'}")
+    return out / "loss_surface.png"
+
+
+def plot_envelope(curves: list[tuple[float, np.ndarray, np.ndarray]], out_dir: str | Path
+                  ) -> Path:
+    """envelope.png: every run's loss against FLOPs spent, and the envelope approach 1 fits."""
+    plt, out = _pyplot(), Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(7, 5))
+    sizes = sorted({N for N, _, _ in curves})
+    colors = dict(zip(sizes, plt.cm.viridis(np.linspace(0, 1, len(sizes)))))
+    for N, flops, loss in curves:
+        ax.plot(flops, loss, color=colors[N], lw=1, label=f"N {N:.3g}")
+    C, _, loss = envelope(curves)
+    ax.scatter(C, loss, color="red", s=12, zorder=3, label="envelope (inner sizes)")
+    handles, labels = ax.get_legend_handles_labels()
+    unique = dict(zip(labels, handles))
+    ax.legend(unique.values(), unique.keys(), fontsize=7)
+    ax.set(xscale="log", xlabel="compute C (FLOPs)", ylabel="training loss",
+           title="approach 1: the envelope of training curves")
+    fig.savefig(out / "envelope.png", dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    print(f"plot: {out / 'envelope.png'}")
+    return out / "envelope.png"
+
+
 # Synthetic runs from a known law: the check that every method recovers what it should ------------
 CHINCHILLA = LossLaw(E=1.69, A=406.4, B=410.7, alpha=0.34, beta=0.28)  # Hoffmann et al.'s fit
 
@@ -604,6 +674,165 @@ def demo(noise: float = 0.002, seed: int = 0) -> dict:
     print(f"{'approach 2':12}{'':42}{laws.a:8.4f}\n{'approach 1':12}{'':42}{a1:8.4f}  "
           f"(25 noise-free curves: the envelope steps between sizes)")
     return {"approach1_a": a1, "approach2": laws, "approach3": law3}
+
+
+# Sweeps with a hard budget: our own model's runs, chosen, trained, recorded and fitted -----------
+# Per compute budget C (a few, below the total) `sizes` shapes of the family spread over
+# [min_params, max_params], each trained by train.py on D = C / 6N tokens (or on the tokens
+# model.py's exact count affords) with one cosine schedule as long as the run, for every learning
+# rate in --lrs. The plan is priced before anything runs; each result lands in the runs file at
+# once, so a killed sweep resumes where it stopped and a repeated configuration costs nothing.
+SWEEP = {"target": 1e17, "budget": 2e16, "runs": "sweep/runs.json",
+         "budgets": "",  # FLOPs per IsoFLOP profile; "" = 4 budgets a factor 2 apart that fit
+         "sizes": 5, "min_params": 5e5, "max_params": 2e7,  # shapes per budget, and their range
+         "lrs": "",  # learning rates to try at every shape ("" = --lr); min_lr is a tenth of each
+         "warmup_frac": 0.1,  # warm-up as a share of each run (runs differ tenfold in length)
+         "exact": False,  # price tokens with model.py's FLOPs count, not 6N
+         "aspect_ratio": 32, "head_dim": 32,  # the family: d_model 32 x layers, 32-wide heads
+         "samples": 200, "plot": ""}  # bootstrap resamples; a folder for the PNGs
+SWEEP_TRAIN = {"eval_interval": 10**9, "checkpoint_interval": 0, "num_samples": 0,
+               "overwrite": True}  # validate once, at the end; a run not recorded starts over
+RUN_KEY = ("compute_budget", "d_model", "num_layers", "num_heads", "d_ff", "context_length",
+           "lr", "batch_size", "iterations")
+
+
+def _numbers(text: str, name: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",")] if text else []
+    except ValueError:
+        values = [0.0]
+    if not all(math.isfinite(v) and v > 0 for v in values):
+        raise UsageError(f"--{name} must be positive numbers like 1e15,2e15, got {text!r}")
+    return values
+
+
+def plan_sweep(cfg: dict, train_settings: dict) -> list[tuple[dict, TrainConfig]]:
+    """Every run of the sweep: its runs-file row (without the results) and its TrainConfig. Raises,
+    before any work, when a budget has too few shapes or the plan costs more than --budget."""
+    family = ShapeFamily(cfg["aspect_ratio"], cfg["head_dim"], cfg["vocab_size"],
+                         cfg["context_length"])
+    lrs = _numbers(cfg["lrs"], "lrs") or [cfg["lr"]]
+    per_budget = cfg["sizes"] * len(lrs)
+    budgets = _numbers(cfg["budgets"], "budgets") or [cfg["budget"] / (15 * per_budget) * 2**i
+                                                      for i in range(4)]
+    folder = Path(cfg["runs"]).with_suffix("")
+    plan = []
+    for budget in budgets:
+        found = shapes_for_budget(budget, cfg["min_params"], cfg["max_params"], family)
+        if len(found) < max(3, cfg["sizes"]):
+            raise UsageError(f"budget {budget:.3g}: {len(found)} shapes of the family have "
+                             f"{cfg['min_params']:g} <= N <= {cfg['max_params']:g}, the sweep "
+                             f"needs --sizes={cfg['sizes']} (at least 3): widen the range")
+        picks = np.unique(np.round(np.linspace(0, len(found) - 1, cfg["sizes"]))).astype(int)
+        for config, _, _ in (found[i] for i in picks):
+            for lr in lrs:
+                fields = {k: getattr(config, k) for k in ("d_model", "num_layers", "num_heads",
+                                                          "d_ff", "context_length")}
+                train_cfg = with_overrides(TrainConfig(), {**SWEEP_TRAIN, **train_settings,
+                                                           "lr": lr, "min_lr": lr / 10})
+                train_cfg.model.update(fields)
+                model_config = check_config(train_cfg)  # with --vocab_size, as the plan is
+                per_token = (flops_per_token(model_config, config.context_length)["train"]
+                             if cfg["exact"] else 6.0 * count_params(model_config)["total"])
+                step = train_cfg.batch_size * config.context_length * train_cfg.grad_accum_steps
+                iterations = max(1, int(budget / per_token / step))
+                train_cfg.max_iters = iterations
+                train_cfg.warmup_iters = round(cfg["warmup_frac"] * iterations)
+                train_cfg.out_dir = str(folder / f"C{budget:.3g}-L{config.num_layers}-"
+                                                 f"d{config.d_model}-lr{lr:g}")
+                plan.append(({"compute_budget": budget, **fields, "lr": lr,
+                              "batch_size": train_cfg.batch_size, "iterations": iterations,
+                              "tokens": iterations * step, "flops": iterations * step * per_token},
+                             train_cfg))
+    total = sum(row["flops"] for row, _ in plan)
+    if total > cfg["budget"]:
+        raise UsageError(f"the sweep's {len(plan)} runs need {total:.3g} FLOPs, over --budget="
+                         f"{cfg['budget']:.3g}: use fewer or smaller --budgets, fewer --sizes or "
+                         f"--lrs, or raise --budget")
+    return plan
+
+
+def read_sweep_rows(path: Path) -> list[dict]:
+    if path.suffix.lower() == ".csv":
+        raise UsageError(f"--runs={path}: the sweep writes its runs as JSON; name a .json file")
+    if not path.exists():
+        return []
+    load_runs(path)  # the same checks as any runs file: a broken one is named, not overwritten
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def run_sweep(plan: list[tuple[dict, TrainConfig]], runs_path: Path) -> list[dict]:
+    """Train each planned run not in the runs file yet; append its row (atomically) as it lands.
+    The data is prepared once, and every run reads the same token arrays."""
+    rows = read_sweep_rows(runs_path)
+    done = [p for p in plan if any(all(r.get(k) == p[0][k] for k in RUN_KEY) for r in rows)]
+    todo = [p for p in plan if p not in done]
+    print(f"sweep: {len(plan)} runs, {sum(r['flops'] for r, _ in plan):.3g} FLOPs; "
+          f"{len(done)} in {runs_path} already, {len(todo)} to train")
+    data = {}
+    for i, (row, train_cfg) in enumerate(todo, 1):
+        if not data:
+            tok_dir, train_bin, val_bin = prepare_data(train_cfg)
+            data = {"tokenizer_dir": tok_dir, "train_bin": train_bin, "val_bin": val_bin}
+        with_overrides(train_cfg, data)
+        print(f"[{i}/{len(todo)}] C {row['compute_budget']:.3g}: d_model {row['d_model']}, "
+              f"{row['num_layers']} layers, lr {row['lr']:g}, {row['iterations']} steps")
+        result = train.train(train_cfg)
+        model_config = build_model_config(train_cfg, result["tokenizer"].vocab_size)
+        rows.append({"parameters": count_params(model_config)["total"], **row,
+                     "final_loss": result["val_loss"], "out_dir": train_cfg.out_dir})
+        runs_path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(runs_path, json.dumps(rows, indent=1))
+    return rows
+
+
+def best_over_lrs(rows: list[dict], source: str) -> tuple[Runs, dict]:
+    """One point per (C, N) for the fits, its best learning rate's loss; and that lr per point."""
+    best = {}
+    for r in rows:
+        key = (r["compute_budget"], r["parameters"])
+        if key not in best or r["final_loss"] < best[key]["final_loss"]:
+            best[key] = r
+    N, C, L = np.array([[n, c, r["final_loss"]] for (c, n), r in best.items()], float).T
+    return Runs(N, C, L, source), best
+
+
+def sweep_report(rows: list[dict], cfg: dict, source: str) -> dict:
+    """The fits on the sweep's runs, and the shape, learning rate and loss they predict."""
+    runs, best = best_over_lrs(rows, source)
+    result = fit_report(runs, [cfg["target"]], cfg["samples"], cfg["seed"], cfg["plot"])
+    family = ShapeFamily(cfg["aspect_ratio"], cfg["head_dim"], cfg["vocab_size"],
+                         cfg["context_length"])
+    three = result["predictions"][cfg["target"]]["approach3"]  # from all runs, not the minima
+    N_opt = three["N"]
+    config = min((shape(n, family) for n in range(1, 257)),
+                 key=lambda c: abs(math.log(count_params(c)["total"] / N_opt)))
+    top = max(runs.C)
+    lr = min(((r["final_loss"], r["lr"]) for (c, _), r in best.items() if c == top))[1]
+    N = count_params(config)["total"]
+    if edges := [p for p in result["points"] if p.warning]:
+        low = [p.best_run_N == runs.N[runs.C == p.budget].min() for p in edges]
+        side = "smaller" if all(low) else "larger" if not any(low) else "more"
+        print(f"\nwarning: at {len(edges)} of {len(result['points'])} budgets the optimum is at "
+              f"the edge of the sizes tried, so the prediction is an extrapolation: sweep {side} "
+              "sizes (--min_params, --max_params)", file=sys.stderr)
+    print(f"\nbest shape at {cfg['target']:.3g} FLOPs (approach 3's N_opt {N_opt:.3g}): d_model "
+          f"{config.d_model}, {config.num_layers} layers, {config.num_heads} heads, d_ff "
+          f"{config.d_ff} (N {N:,}),\non {cfg['target'] / (6 * N):.3g} tokens, predicted loss "
+          f"{three['loss']:.3f};\nlearning rate {lr:g} (the best run's at "
+          f"{top:.3g} FLOPs), batch size "
+          f"{cfg['batch_size']} sequences of {cfg['context_length']} tokens")
+    if cfg["plot"]:
+        curves = [load_curve(r["out_dir"], r["parameters"]) for r in best.values()
+                  if Path(r.get("out_dir", ""), "metrics.jsonl").is_file()]
+        plot_envelope(curves, cfg["plot"])
+    return {**result, "shape": config, "lr": lr}
+
+
+def sweep(cfg: dict, train_settings: dict) -> dict:
+    plan = plan_sweep(cfg, train_settings)
+    rows = run_sweep(plan, Path(cfg["runs"]))
+    return sweep_report(rows, cfg, cfg["runs"])
 
 
 # Commands: the tour, fit, demo, napkin, shapes, envelope ------------------------------------------
@@ -659,7 +888,8 @@ COMMANDS = {
     "napkin": {"params": 70e9, "tokens": 15e12, "gpus": 1024, "mfu": 0.5,
                "peak_flops": PEAK_BF16_FLOPS["H100"]},
     "shapes": {"budget": 1e19, "min_params": 2e7, "max_params": 5e8, **vars(ShapeFamily())},
-    "envelope": {},  # run folders as DIR (N and FLOPs from its ckpt.pt) or DIR:N (6 N per token)
+    "envelope": {"plot": ""},  # run folders as DIR (N, FLOPs from its ckpt.pt) or DIR:N (6 N)
+    "sweep": {**option_defaults(TrainConfig()), "context_length": 64, **SWEEP},  # and train.py's
 }
 
 
@@ -687,7 +917,7 @@ def main(argv: list[str]) -> None:
     cfg = {**COMMANDS[command], **overrides}
     if cfg.get("runs", None) == "":
         raise UsageError("fit needs a runs file: python scaling.py fit RUNS")
-    if "budgets" in cfg:
+    if "budgets" in cfg and command != "sweep":
         try:
             cfg["budgets"] = [float(b) for b in cfg["budgets"].split(",")]
         except ValueError:
@@ -706,6 +936,13 @@ def main(argv: list[str]) -> None:
         demo(cfg["noise"], cfg["seed"])
     elif command == "napkin":
         napkin(**cfg)
+    elif command == "sweep":
+        if chosen := set(overrides) & {"d_model", "num_layers", "num_heads", "d_ff", "preset",
+                                       "max_iters", "warmup_iters", "min_lr", "out_dir", "resume"}:
+            raise UsageError(f"the sweep sets --{', --'.join(sorted(chosen))} per run: choose "
+                             "shapes with --aspect_ratio, --head_dim, --context_length, "
+                             "--min_params, --max_params; lengths with --budgets; --warmup_frac")
+        sweep(cfg, {k: v for k, v in overrides.items() if k not in SWEEP})
     elif command == "shapes":
         family = ShapeFamily(**{k: cfg[k] for k in vars(ShapeFamily())})
         print_shapes(cfg["budget"], cfg["min_params"], cfg["max_params"], family)
@@ -718,6 +955,8 @@ def main(argv: list[str]) -> None:
         for c, n, value in zip(C, N, loss):
             print(f"  C {c:10.3e}  best N {n:12.4g}  loss {value:.4f}")
         print(f"approach 1: N_opt = {k:.4g} C^{a:.4f}")
+        if cfg["plot"]:
+            plot_envelope(curves, cfg["plot"])
 
 
 if __name__ == "__main__":

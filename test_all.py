@@ -2662,9 +2662,11 @@ def _dp_train(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tenso
               sync=lambda: None) -> dict:
     for _ in range(_DP_STEPS):
         optimizer.zero_grad()
-        F.cross_entropy(model(x).flatten(0, 1), y.flatten()).backward()
+        F.cross_entropy(model(x).float().flatten(0, 1), y.flatten()).backward()
         sync()
         optimizer.step()
+    if isinstance(model, ddp.FSDP):
+        return model.gather_full_params()
     return {k: v.clone() for k, v in getattr(model, "module", model).state_dict().items()}
 
 
@@ -2699,8 +2701,74 @@ def _dp_worker(rank: int, world_size: int, out: str) -> None:
         ddp.DDPNaive(_dp_model(0))(x[: 1 + rank])
     except ValueError as e:
         seen["batch_error"] = str(e)
+    for dtype in (None, torch.bfloat16):
+        model = ddp.FSDP(_dp_model(seed=rank), compute_dtype=dtype)
+        seen["fsdp", dtype] = _dp_train(model, AdamW(model.parameters(), lr=1e-2,
+                                                     weight_decay=0.1), x[half], y[half],
+                                        model.finish_gradient_synchronization)
+        seen["fsdp_next"] = model._next  # the prefetch order the forwards taught it
+    torch.manual_seed(0)  # 15 weights: shards of 8, the last padded with a zero
+    model = ddp.FSDP(M.Linear(3, 5))
+    seen["fsdp_odd_shard"] = model.shards[0].numel()
+    seen["fsdp_odd"] = _dp_train(model, torch.optim.SGD(model.parameters(), lr=0.1),
+                                 *_fsdp_odd_batch(half))
+    seen.update(_tp_and_pp(x, y))
     ddp.bench_all_reduce(rank, world_size, [0.001], 1, "gloo")
     torch.save(seen, Path(out, f"rank{rank}.pt"))
+
+
+def _fsdp_odd_batch(rows: slice = slice(None)) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(4, 2, 3, generator=g)  # (B, T, d_in): cross-entropy over 5 classes
+    return x[rows], torch.randint(0, 5, (4, 2), generator=g)[rows]
+
+
+def _tp_grads(model: nn.Module) -> dict:
+    """Every gradient under the unsplit model's name, slices of split weights gathered."""
+    grads, seen = {}, set()
+    for name, module in model.named_modules():
+        for p_name, p in module.named_parameters(recurse=False):
+            if id(p) in seen:  # a tied weight is named once, as named_parameters() does
+                continue
+            seen.add(id(p))
+            grad = p.grad
+            if isinstance(module, (ddp.ColumnParallelLinear, ddp.RowParallelLinear)):
+                parts = [torch.empty_like(grad) for _ in range(2)]
+                torch.distributed.all_gather(parts, grad)
+                grad = torch.cat(parts, dim=int(isinstance(module, ddp.RowParallelLinear)))
+            if grad is not None:
+                grads[f"{name}.{p_name}".replace(".block.", ".")] = grad
+    return grads
+
+
+def _pp_model() -> TransformerLM:
+    torch.manual_seed(0)
+    return TransformerLM(ModelConfig(vocab_size=32, context_length=8, d_model=16, num_layers=4,
+                                     num_heads=2, d_ff=32))
+
+
+def _tp_and_pp(x: torch.Tensor, y: torch.Tensor) -> dict:
+    """Tensor and sequence parallel (both ranks see the whole batch), then a 2-stage GPipe
+    pipeline over 4 micro-batches."""
+    seen = {}
+    for sequence_parallel in (False, True):
+        model = ddp.tensor_parallel(_dp_model(0), sequence_parallel)
+        logits = model(x)
+        F.cross_entropy(logits.flatten(0, 1), y.flatten()).backward()
+        if sequence_parallel:
+            ddp.sync_norm_grads(model)
+        seen["tp", sequence_parallel] = logits.detach(), _tp_grads(model)
+    try:
+        ddp.tensor_parallel(TransformerLM(ModelConfig(vocab_size=32, d_model=16, num_heads=1)))
+    except ValueError as e:
+        seen["tp_error"] = str(e)
+    model = _pp_model()
+    stage = ddp.PipelineStage(model)
+    loss, idle = ddp.gpipe_step(stage, x, y, num_microbatches=4)
+    mine = {id(p) for p in stage.parameters()}
+    seen["pp"] = loss, idle, {name: p.grad for name, p in model.named_parameters()
+                              if id(p) in mine}
+    return seen
 
 
 @pytest.fixture(scope="session")
@@ -2761,6 +2829,71 @@ def test_sharded_optimizer_with_adamw_equals_adamw(_dp_ranks):
     assert sum(owned) == len(first) + len(second["params"]) and min(owned) > 0
 
 
+def test_fsdp_equals_one_process_and_gathers_the_full_state_dict(_dp_ranks):
+    one = _dp_model(0)
+    start = {k: v.clone() for k, v in one.state_dict().items()}
+    expected = _dp_train(one, AdamW(one.parameters(), lr=1e-2, weight_decay=0.1), *_dp_batch())
+    fp32, bf16 = (_dp_ranks[0]["fsdp", dtype] for dtype in (None, torch.bfloat16))
+    assert list(fp32) == list(bf16) and sorted(fp32) == sorted(expected)
+    for name, value in expected.items():
+        assert torch.equal(fp32[name], _dp_ranks[1]["fsdp", None][name]), name
+        torch.testing.assert_close(fp32[name], value, rtol=1e-5, atol=1e-6, msg=name)
+    assert torch.equal(fp32["lm_head.weight"], fp32["token_embeddings.weight"])  # still tied
+    # 16 sharded layers in forward order; in block 0, w1 (layer 5) is followed by w3 (7), then w2
+    assert len(_dp_ranks[0]["fsdp_next"]) == 15
+    assert _dp_ranks[0]["fsdp_next"][5] == 7 and _dp_ranks[0]["fsdp_next"][7] == 6
+    # bf16 compute, fp32 master weights: the update differs from fp32's by rounding only
+    for name, value in expected.items():
+        if not torch.equal(value, start[name]):
+            change, change_bf16 = value - start[name], bf16[name] - start[name]
+            assert (change_bf16 - change).norm() < 0.1 * change.norm(), name
+    torch.manual_seed(0)
+    linear = M.Linear(3, 5)
+    odd = _dp_train(linear, torch.optim.SGD(linear.parameters(), lr=0.1), *_fsdp_odd_batch())
+    assert _dp_ranks[0]["fsdp_odd_shard"] == 8
+    torch.testing.assert_close(_dp_ranks[1]["fsdp_odd"]["weight"], odd["weight"])
+
+
+def _tp_reference() -> tuple[torch.Tensor, dict]:
+    model = _dp_model(0)
+    x, y = _dp_batch()
+    logits = model(x)
+    F.cross_entropy(logits.flatten(0, 1), y.flatten()).backward()
+    return logits.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("sequence_parallel", [False, True])
+def test_tensor_parallel_forward_and_backward_equal_the_unsplit_model(_dp_ranks,
+                                                                      sequence_parallel):
+    logits, grads = _tp_reference()
+    for r in _dp_ranks:
+        tp_logits, tp_grads = r["tp", sequence_parallel]
+        torch.testing.assert_close(tp_logits, logits, rtol=1e-5, atol=1e-5)
+        assert sorted(tp_grads) == sorted(grads)
+        for name, grad in grads.items():
+            torch.testing.assert_close(tp_grads[name], grad, rtol=1e-5, atol=1e-6, msg=name)
+    # sequence parallelism moves the same numbers differently: TP's logits, bit for bit
+    assert torch.equal(_dp_ranks[0]["tp", True][0], _dp_ranks[0]["tp", False][0])
+    assert _dp_ranks[0]["tp_error"] == "1 key-value heads do not divide into 2 ranks"
+
+
+def test_pipeline_gpipe_equals_the_unsplit_model(_dp_ranks):
+    model = _pp_model()
+    x, y = _dp_batch()
+    loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
+    loss.backward()
+    (loss0, idle0, grads0), (loss1, idle1, grads1) = (r["pp"] for r in _dp_ranks)
+    assert loss0 is None and loss1 == pytest.approx(loss.item(), rel=1e-6)
+    assert "token_embeddings.weight" in grads0 and "lm_head.weight" in grads1
+    assert sorted({**grads0, **grads1}) == sorted(n for n, _ in model.named_parameters())
+    for name, grad in {**grads0, **grads1}.items():
+        torch.testing.assert_close(grad, dict(model.named_parameters())[name].grad,
+                                   rtol=1e-5, atol=1e-6, msg=name)
+    assert 0 <= idle0 <= 1 and 0 <= idle1 <= 1
+    assert ddp.bubble_fraction(2, 4) == 1 / 5 and ddp.bubble_fraction(4, 8) == 3 / 11
+    assert ddp.bubble_fraction(1, 8) == 0
+
+
 def test_data_parallel_bad_input_is_a_clear_error(_dp_ranks):
     for r in _dp_ranks:  # every rank raises, so none is left waiting in a collective
         assert r["batch_error"] == ("batch sizes differ across ranks (from 1 to 2): give every "
@@ -2791,7 +2924,7 @@ def test_accounting_known_answers(capsys):
     ddp.main(["accounting", "--example=course"])
     out = capsys.readouterr().out
     assert "219,848,638,464 parameters" in out and "3,517.6 GB" in out
-    assert "FSDP: 44 GPUs of 80 GB hold the states, 79.9 GB each" in out
+    assert "FSDP: 44 GPUs of 80 GB hold the states (fewer cannot), 79.9 GB each" in out
     ddp.main(["accounting", "--preset=xl", "--num_gpus=2"])
     assert "xl: 1,998,235,200 parameters" in capsys.readouterr().out
     with pytest.raises(UsageError, match="unknown --example 'nope'"):
@@ -2801,8 +2934,167 @@ def test_accounting_known_answers(capsys):
 
 
 # =================================================================================================
+# data.py
+# =================================================================================================
+
+import data  # noqa: E402
+
+
+def test_data_mask_emails_phones_ips_and_near_misses():
+    text, n = data.mask_emails("mail first.last+tag@mail.example.co.uk or a@b.com.")
+    assert (text, n) == ("mail |||EMAIL_ADDRESS||| or |||EMAIL_ADDRESS|||.", 2)
+    for miss in ("user@localhost", "@x.com", "a@b", "x@y.c"):
+        assert data.mask_emails(miss) == (miss, 0)
+    for phone in ("2831823829", "(283)-182-3829", "(283) 182 3829", "283-182-3829",
+                  "283.182.3829", "+1 283 182 3829", "+1-283-182-3829", "+44 20 7946 0958",
+                  "+33 1 23 45 67 89"):
+        assert data.mask_phone_numbers(f"call {phone}.") == ("call |||PHONE_NUMBER|||.", 1), phone
+    for miss in ("182-3829", "28318238", "283-182-38291", "id 123456789012345", "2024-01-15",
+                 "$12.99", "ISBN 978-3-16-148410-0"):
+        assert data.mask_phone_numbers(miss) == (miss, 0), miss
+    assert data.mask_ips("hosts 1.2.3.4, 192.168.0.255 and 0.0.0.0") == (
+        "hosts |||IP_ADDRESS|||, |||IP_ADDRESS||| and |||IP_ADDRESS|||", 3)
+    assert data.mask_ips("at 10.0.0.1.") == ("at |||IP_ADDRESS|||.", 1)
+    for miss in ("256.1.1.1", "1.2.3.4.5", "1.2.3", "300.1.1.1", "01.2.3.4", "v1.2.3.4"):
+        assert data.mask_ips(miss) == (miss, 0), miss
+    masked, counts = data.mask_pii("a@b.com 283-182-3829 8.8.8.8")
+    assert counts == {"emails": 1, "phones": 1, "ips": 1}
+    assert data.mask_pii(masked) == (masked, {"emails": 0, "phones": 0, "ips": 0})  # no recount
+
+
+def test_data_gopher_rules_each_at_its_boundary():
+    rules = list(data.gopher_rules("word " * 50))
+    words, length, ellipsis, alphabetic = rules
+
+    def failing(text: str) -> list[str]:
+        return [rule for rule, ok in data.gopher_rules(text).items() if not ok]
+
+    assert failing("word " * 50) == [] and data.gopher_quality_filter("word " * 50)
+    assert failing("word " * 49) == [words] and not data.gopher_quality_filter("word " * 49)
+    assert failing("word " * 100_000) == [] and failing("word " * 100_001) == [words]
+    assert failing("abc " * 60) == [] and failing("ab " * 60) == [length]  # mean 3 / 2
+    assert failing("abcdefghij " * 60) == [] and failing("abcdefghijk " * 60) == [length]
+    lines = ["some words here ..."] * 3 + ["some more words here"] * 7  # 30% pass, 40% fail
+    assert failing("\n".join(lines * 5)) == []
+    assert failing("\n".join((["end \u2026"] * 4 + ["some more words here"] * 6) * 5)) == [ellipsis]
+    assert failing("word " * 80 + "123 " * 20) == []
+    assert failing("word " * 79 + "123 " * 21) == [alphabetic]
+
+
+def test_data_exact_line_dedup_keeps_lines_seen_once(tmp_path):
+    (tmp_path / "in").mkdir()
+    a = tmp_path / "in" / "a.txt"
+    b = tmp_path / "in" / "b.txt"
+    a.write_text("cookie notice\nonly in a\nrepeated\nrepeated\n")
+    b.write_text("only in b\ncookie notice")  # the last line has no newline: still the same line
+    removed = data.exact_line_deduplication([a, b], tmp_path / "out")
+    assert removed == 4
+    assert (tmp_path / "out" / "a.txt").read_text() == "only in a\n"
+    assert (tmp_path / "out" / "b.txt").read_text() == "only in b\n"
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a.txt", "b.txt"]  # no .tmp
+
+
+def _near_duplicate_corpus() -> list[str]:
+    rng = random.Random(0)
+    docs = [" ".join(rng.choice(data.WORDS) + str(rng.randint(0, 9)) for _ in range(200))
+            for _ in range(6)]
+    words = docs[0].split()
+    edited = words[:100] + ["inserted"] + words[100:]  # Jaccard ~0.97 with docs[0]
+    half = words[:100] + docs[1].split()[:100]  # Jaccard ~0.33 with each of docs[0], docs[1]
+    punctuated = docs[2].upper().replace(" ", ", ", 20) + "!"  # normalises to docs[2] exactly
+    return docs + [" ".join(edited), " ".join(half), punctuated, docs[3]]
+
+
+def test_data_minhash_signature_equals_reference():
+    a, b = data.hash_functions(64, seed=3)
+    shingle_set = data.shingles("The quick brown fox jumps over the lazy dog again and again", 3)
+    fast = data.minhash_signature(shingle_set, a, b, chunk=4)  # several chunks
+    assert fast.tolist() == data.minhash_signature_reference(shingle_set, a, b)
+    assert data.normalize_text("  Café, DÉJÀ-vu!\n") == "cafe deja vu"
+
+
+def test_data_minhash_dedup_equals_brute_force_and_keeps_one_per_cluster(tmp_path):
+    texts = _near_duplicate_corpus()
+    sets = [data.shingles(t, 3) for t in texts]
+    assert data.jaccard(sets[0], sets[6]) > 0.9 and data.jaccard(sets[0], sets[7]) < 0.4
+    expected = [[0, 6], [1], [2, 8], [3, 9], [4], [5], [7]]
+    assert data.near_duplicate_clusters_reference(texts, 3, 0.8) == expected
+    assert data.minhash_clusters(texts, 100, 20, 3, 0.8) == expected
+    paths = []
+    for i, text in enumerate(texts):
+        paths.append(tmp_path / f"doc{i}.txt")
+        paths[-1].write_text(text)
+    kept = data.minhash_deduplication(paths, 100, 20, 3, 0.8, tmp_path / "out", seed=0)
+    kept_ids = sorted(int(p.stem[3:]) for p in kept)
+    assert len(kept_ids) == len(expected)
+    assert all(len(set(cluster) & set(kept_ids)) == 1 for cluster in expected)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(p.name for p in kept)
+    assert data.minhash_deduplication(paths, 100, 20, 3, 0.8, tmp_path / "again") == kept
+    with pytest.raises(UsageError, match="equal bands"):
+        data.minhash_clusters(texts, 100, 30, 3, 0.8)
+
+
+def test_data_warc_round_trip_gzip_and_plain(tmp_path, capsys):
+    records = data.synthetic_crawl()[:3]
+    info = data.WarcRecord({"WARC-Type": "warcinfo", "Content-Length": "9"}, b"software:")
+    for name in ("crawl.warc.gz", "crawl.warc"):
+        data.write_warc(tmp_path / name, [info, *records])
+        back = list(data.iter_warc_records(tmp_path / name))
+        assert back == [dataclasses.replace(info, body=info.payload), *records]
+    assert back[1].http_headers["content-type"] == "text/html"
+    assert back[1].body.startswith(b"<html>") and back[1].url.endswith("/0")
+    assert data.extract_record(back[0]) is None and data.extract_record(back[1]).startswith("Art")
+    wet = data.WarcRecord({"WARC-Type": "conversion"}, "plain caf\u00e9\n".encode(), body=b"")
+    data.write_warc(tmp_path / "crawl.wet", [wet])
+    [wet_back] = data.iter_warc_records(tmp_path / "crawl.wet")
+    assert data.extract_record(wet_back) == "plain caf\u00e9"
+    raw = (tmp_path / "crawl.warc.gz").read_bytes()
+    (tmp_path / "cut.warc.gz").write_bytes(raw[:len(raw) * 2 // 3])
+    assert 1 <= len(list(data.iter_warc_records(tmp_path / "cut.warc.gz"))) < 4
+    assert "ends early" in capsys.readouterr().err
+
+
+def test_data_extraction_drops_boilerplate_and_survives_bad_bytes():
+    page = (b"<html><head><title>T</title><style>p {color: red}</style></head><body>"
+            b"<nav><a>Home</a></nav><script>if (a < b) alert('x')</script>"
+            b"<h1>Heading</h1><p>First   paragraph\n with &amp; entity.</p>"
+            b"<ul><li>one</li><li>two</li></ul><footer>Copyright</footer></body></html>")
+    assert data.extract_text_from_html_bytes(page) == (
+        "Heading\nFirst paragraph with & entity.\none\ntwo")
+    assert data.extract_text_from_html_bytes(b"<script>x()</script>") is None
+    latin = "<meta charset='iso-8859-1'><p>caf\u00e9 \u00e0 la cr\u00e8me</p>".encode("latin-1")
+    assert data.extract_text_from_html_bytes(latin) == "caf\u00e9 \u00e0 la cr\u00e8me"
+    privet = "\u043f\u0440\u0438\u0432\u0435\u0442"  # declared only in the HTTP header
+    koi8 = f"<p>{privet}</p>".encode("koi8-r")
+    assert data.extract_text_from_html_bytes(koi8, "koi8-r") == privet
+    bad = b"<p>ok \xff\xfe\x81 bytes</p><meta charset='no-such-codec'>"
+    assert data.extract_text_from_html_bytes(bad).startswith("ok ")  # never raises
+
+
+def test_data_demo_and_commands(tmp_path, capsys):
+    counts = data.demo(str(tmp_path / "demo"))
+    assert counts == {"records": 12, "emails": 2, "phones": 2, "ips": 1, "gopher_dropped": 3,
+                      "kept": 7, "lines_removed": 9}
+    out = capsys.readouterr().out
+    assert "near-duplicates" in out and "|||EMAIL_ADDRESS|||" in out
+    crawl = tmp_path / "demo" / "crawl.warc.gz"
+    data.main(["extract", f"--input={crawl}", f"--out={tmp_path / 'text'}", "--mask",
+               "--quality"])
+    assert "wrote 9 documents" in capsys.readouterr().out
+    assert "|||PHONE_NUMBER|||" in (tmp_path / "text" / "000001.txt").read_text()
+    data.main(["dedup", f"--input={tmp_path / 'text'}", f"--out={tmp_path / 'dedup'}"])
+    assert "kept 7 of 9 documents" in capsys.readouterr().out
+    with pytest.raises(UsageError, match="did you mean --num_hashes"):
+        data.main(["dedup", "--input=x", "--out=y", "--num_hash=3"])
+    with pytest.raises(UsageError, match="extract needs --input"):
+        data.main(["extract", "--out=y"])
+
+
+# =================================================================================================
 # scaling.py
 # =================================================================================================
+
+from types import SimpleNamespace  # noqa: E402
 
 import scaling  # noqa: E402
 from scaling import CHINCHILLA, LossLaw, Runs  # noqa: E402
@@ -2992,8 +3284,8 @@ def test_scaling_bad_runs_files_name_the_file_and_budget(tmp_path, capsys):
         scaling.load_runs(_write_runs(tmp_path / "ok.json", good)))[0].warning
     scaling.print_isoflops(points)
     assert "warning: budget 1e+18: the optimum is at the edge" in capsys.readouterr().err
-    with pytest.raises(UsageError, match="unknown command 'sweep'"):
-        scaling.main(["sweep"])
+    with pytest.raises(UsageError, match="unknown command 'sweeps'"):
+        scaling.main(["sweeps"])
     with pytest.raises(UsageError, match="fit needs a runs file"):
         scaling.main(["fit"])
     with pytest.raises(UsageError, match="--budgets must be positive"):
@@ -3013,4 +3305,76 @@ def test_scaling_plots_when_matplotlib_is_there(tmp_path):
     points = scaling.isoflops_points(runs)
     paths = scaling.plot_fits(runs, points, scaling.fit_approach2(points), tmp_path / "plots")
     assert [p.name for p in paths] == ["isoflops.png", "power_laws.png"]
+    course_law = LossLaw(E=2.69, A=1606, B=3211, alpha=0.34, beta=0.36)  # the tour's fit
+    paths.append(scaling.plot_surface(runs, course_law, tmp_path / "plots"))
+    curves = scaling.synthetic_curves(sizes=(1e7, 3e7, 1e8, 3e8, 1e9))
+    paths.append(scaling.plot_envelope(curves, tmp_path / "plots"))
+    assert [p.name for p in paths[2:]] == ["loss_surface.png", "envelope.png"]
     assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in paths)
+
+
+def _sweep_args(cache: Path, runs: Path, *more: str) -> list[str]:
+    """Three budgets x three shapes (d_model 16, 32, 48) of 11 to 378 steps each, on pydoc."""
+    return ["sweep", "--target=1e11", "--budget=5e10", f"--runs={runs}", "--budgets=2e9,4e9,8e9",
+            "--sizes=3", "--min_params=1e4", "--max_params=1.2e5", "--context_length=32",
+            "--dataset=pydoc", "--max_text_mb=0.1", "--vocab_size=300", f"--cache_dir={cache}",
+            "--batch_size=8", "--eval_iters=2", "--lrs=3e-3", "--device=cpu", "--samples=20",
+            "--aspect_ratio=16", "--head_dim=16", *more]
+
+
+def _no_training(*args, **kwargs):
+    raise AssertionError("the sweep trained a run it should not have")
+
+
+def test_scaling_sweep_trains_within_budget_resumes_and_fits(tmp_path, _cache, capsys,
+                                                               monkeypatch):
+    runs = tmp_path / "sweep" / "runs.json"
+    scaling.main(_sweep_args(_cache, runs))
+    out = capsys.readouterr().out
+    rows = json.loads(runs.read_text())
+    assert len(rows) == 9 and "9 runs" in out and "0 in" in out and "9 to train" in out
+    assert {r["d_model"] for r in rows} == {16, 32, 48}
+    assert sorted({r["compute_budget"] for r in rows}) == [2e9, 4e9, 8e9]
+    assert sum(r["flops"] for r in rows) <= 5e10
+    for r in rows:  # tokens D = C / 6N, rounded down to whole steps of 8 x 32 tokens
+        assert r["flops"] == 6 * r["parameters"] * r["tokens"] <= r["compute_budget"]
+        assert r["tokens"] == r["iterations"] * 8 * 32 and r["lr"] == 3e-3
+        assert math.isfinite(r["final_loss"]) and Path(r["out_dir"], "metrics.jsonl").is_file()
+    assert "IsoFLOPs (approach 2) on" in out and "approach 3: L(N, D)" in out
+    assert "best shape at 1e+11 FLOPs (approach 3's N_opt" in out and "learning rate 0.003" in out
+    assert "predicted loss" in out
+    # a second invocation finds every run in the file: nothing is trained, the same rows are fitted
+    monkeypatch.setattr(train, "train", _no_training)
+    fitted = []
+    monkeypatch.setattr(scaling, "sweep_report", lambda rows, *args: fitted.append(rows))
+    scaling.main(_sweep_args(_cache, runs))
+    assert "9 in" in capsys.readouterr().out and fitted == [rows] == [json.loads(runs.read_text())]
+    # a sweep killed after 7 runs trains only the 2 missing ones, appending each to the file
+    runs.write_text(json.dumps(rows[:7]))
+    trained = []
+
+    def fake_train(cfg):
+        trained.append(cfg.out_dir)
+        return {"val_loss": 9.0, "tokenizer": SimpleNamespace(vocab_size=300)}
+    monkeypatch.setattr(train, "train", fake_train)
+    scaling.main(_sweep_args(_cache, runs))
+    assert trained == [r["out_dir"] for r in rows[7:]]
+    assert json.loads(runs.read_text()) == rows[:7] + [{**r, "final_loss": 9.0} for r in rows[7:]]
+
+
+def test_scaling_sweep_refuses_before_any_work(tmp_path, _cache, monkeypatch):
+    monkeypatch.setattr(train, "train", _no_training)
+    monkeypatch.setattr(scaling, "prepare_data", _no_training)
+    runs = tmp_path / "runs.json"
+    with pytest.raises(UsageError, match=r"the sweep's 9 runs need 4\.\d+e\+10 FLOPs, over "
+                                         r"--budget=2e\+10"):
+        scaling.main(_sweep_args(_cache, runs, "--budget=2e10"))
+    with pytest.raises(UsageError, match="the sweep's 18 runs need"):  # two rates: twice the runs
+        scaling.main(_sweep_args(_cache, runs, "--lrs=1e-3,3e-3"))
+    with pytest.raises(UsageError, match=r"budget 2e\+09: 2 shapes of the family"):
+        scaling.main(_sweep_args(_cache, runs, "--max_params=5e4"))
+    with pytest.raises(UsageError, match="the sweep sets --d_model, --max_iters per run"):
+        scaling.main(_sweep_args(_cache, runs, "--d_model=64", "--max_iters=5"))
+    with pytest.raises(UsageError, match="--lrs must be positive"):
+        scaling.main(_sweep_args(_cache, runs, "--lrs=fast"))
+    assert not runs.exists()
