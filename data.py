@@ -57,7 +57,7 @@ from pathlib import Path
 import numpy as np
 import regex
 
-from tokenizer import UsageError, atomic_output, parse_args, run_cli, write_atomic
+from tokenizer import UsageError, atomic_output, parse_command, run_cli, write_atomic
 
 
 # 1. Crawl files: WARC records, streamed -----------------------------------------------------------
@@ -612,13 +612,7 @@ def main(argv: list[str]) -> None:
     """`python data.py [COMMAND] [--key=value ...]`; no command runs the demo."""
     if "-h" in argv or "--help" in argv:
         return print(__doc__)
-    command = argv.pop(0) if argv and not argv[0].startswith("-") else "demo"
-    if command not in COMMANDS:
-        raise UsageError(f"unknown command {command!r}; the commands are {', '.join(COMMANDS)}")
-    positional, overrides = parse_args(argv, COMMANDS[command])
-    if positional:
-        raise UsageError(f"unexpected argument {positional[0]!r}; settings are --key=value")
-    cfg = {**COMMANDS[command], **overrides}
+    command, cfg, _, _ = parse_command(argv, COMMANDS, "demo")
     if missing := [key for key, value in cfg.items() if value == "" and key != "out" or
                    key == "out" and command != "demo" and not value]:
         raise UsageError(f"{command} needs --{missing[0]}=...")

@@ -53,7 +53,7 @@ import torch.multiprocessing as mp
 from torch import Tensor, nn
 
 from model import Embedding, Linear, ModelConfig, count_params
-from tokenizer import UsageError, parse_args, run_cli
+from tokenizer import UsageError, parse_command, run_cli
 
 
 # Processes: spawn a group from plain `python`, as torchrun would ---------------------------------
@@ -889,13 +889,7 @@ def main(argv: list[str]) -> None:
     """`python ddp.py [COMMAND] [--key=value ...]`; no command shows the collectives."""
     if "-h" in argv or "--help" in argv:
         return print(__doc__)
-    command = argv.pop(0) if argv and not argv[0].startswith("-") else "collectives"
-    if command not in COMMANDS:
-        raise UsageError(f"unknown command {command!r}; the commands are {', '.join(COMMANDS)}")
-    positional, overrides = parse_args(argv, COMMANDS[command])
-    if positional:
-        raise UsageError(f"unexpected argument {positional[0]!r}; settings are --key=value")
-    cfg = {**COMMANDS[command], **overrides}
+    command, cfg, overrides, _ = parse_command(argv, COMMANDS, "collectives")
     if command == "collectives":
         if not 1 <= cfg["world_size"] <= 16:
             raise UsageError(f"--world_size must be between 1 and 16, got {cfg['world_size']}")

@@ -57,7 +57,7 @@ import torch
 
 from model import ModelConfig, count_params, flops_per_token
 import train  # the sweep calls train.train (a test replaces it)
-from tokenizer import DATA_DIR, UsageError, parse_args, run_cli, write_atomic
+from tokenizer import DATA_DIR, UsageError, parse_command, run_cli, write_atomic
 from train import (PEAK_BF16_FLOPS, TrainConfig, build_model_config, check_config, option_defaults,
                    prepare_data, read_checkpoint, with_overrides)
 
@@ -905,16 +905,12 @@ def main(argv: list[str]) -> None:
     """`python scaling.py [COMMAND] [ARGS] [--key=value ...]`; no command runs the tour."""
     if "-h" in argv or "--help" in argv:
         return print(__doc__)
-    command = argv[0] if argv and not argv[0].startswith("-") else "tour"
-    argv = argv[1:] if argv and argv[0] == command else argv
-    if command not in COMMANDS:
-        raise UsageError(f"unknown command {command!r}; the commands are {', '.join(COMMANDS)}")
-    positional, overrides = parse_args(argv, COMMANDS[command])
+    command, cfg, overrides, positional = parse_command(argv, COMMANDS, "tour",
+                                                        positional=["fit", "envelope"])
     if command == "fit" and positional:
-        overrides.setdefault("runs", positional.pop(0))
+        cfg["runs"] = positional.pop(0)
     if positional and command != "envelope":
         raise UsageError(f"unexpected argument {positional[0]!r}; settings are --key=value")
-    cfg = {**COMMANDS[command], **overrides}
     if cfg.get("runs", None) == "":
         raise UsageError("fit needs a runs file: python scaling.py fit RUNS")
     if "budgets" in cfg and command != "sweep":

@@ -916,6 +916,21 @@ def parse_args(argv: Sequence[str], defaults: dict, config_files: bool = False
     return positional, overrides
 
 
+def parse_command(argv: Sequence[str], commands: dict[str, dict], default: str,
+                  positional: Sequence[str] = ()) -> tuple[str, dict, dict, list[str]]:
+    """`[COMMAND] [--key=value ...]` -> (command, its settings over its defaults, the settings
+    given, positional arguments). No command word runs `default`; only the commands in
+    `positional` take positional arguments (e.g. `compare FILE`), the others refuse them."""
+    argv = list(argv)
+    command = argv.pop(0) if argv and not argv[0].startswith("-") else default
+    if command not in commands:
+        raise UsageError(f"unknown command {command!r}; the commands are {', '.join(commands)}")
+    args, overrides = parse_args(argv, commands[command])
+    if args and command not in positional:
+        raise UsageError(f"unexpected argument {args[0]!r}; settings are --key=value")
+    return command, {**commands[command], **overrides}, overrides, args
+
+
 def run_cli(main: Callable[[list[str]], object], argv: Sequence[str] | None = None) -> None:
     """Run a stage's main(argv): an error prints one line `error: ...` and exits 2 for bad
     usage, 1 otherwise; Ctrl-C exits 130. `--debug` (or CS336_DEBUG=1) shows the traceback."""
@@ -955,15 +970,11 @@ def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if "-h" in argv or "--help" in argv:
         return print(__doc__)
-    command = argv.pop(0) if argv and not argv[0].startswith("-") else "tour"
-    if command not in COMMANDS:
-        raise UsageError(f"unknown command {command!r}; the commands are {', '.join(COMMANDS)}")
-    positional, overrides = parse_args(argv, COMMANDS[command])
-    if command == "compare" and positional:
-        overrides.setdefault("input", positional.pop(0))  # `compare FILE` reads naturally
-    if positional:
-        raise UsageError(f"unexpected argument {positional[0]!r}; settings are --key=value")
-    cfg = {**COMMANDS[command], **overrides}
+    command, cfg, _, files = parse_command(argv, COMMANDS, "tour", positional=["compare"])
+    if len(files) > 1:
+        raise UsageError(f"unexpected argument {files[1]!r}; settings are --key=value")
+    if files:
+        cfg["input"] = files[0]  # `compare FILE` reads naturally
     if missing := [key for key, value in cfg.items() if value == ""]:
         raise UsageError(f"{command} needs --{missing[0]}=...; see python tokenizer.py --help")
     if command == "tour":
