@@ -2524,11 +2524,12 @@ def test_pycode_corpus_is_sorted_deterministic_capped_and_clean(tmp_path, monkey
     (lib / "site-packages" / "pkg" / "b.py").write_text(f"s = '{_EOT}'\n")
     (lib / "c.py").write_bytes(b"y = '\xff'\n")  # not UTF-8: skipped
     (lib / "notes.txt").write_text("not Python")
+    (lib / "table.py").write_text("z = 0\n" * 20_000)  # 120 KB: over max_file_bytes, skipped
     paths = {"stdlib": str(lib), "purelib": str(lib / "site-packages"),
              "platlib": str(lib / "site-packages")}  # nested roots: each file still once
     monkeypatch.setattr(train.sysconfig, "get_paths", lambda: paths)
     text = train.pycode_text(tmp_path / "all.txt", 0).read_text()
-    assert sorted(text.split(f"\n{_EOT}\n")) == ["s = ''\n", "x = 1"]
+    assert sorted(doc.strip() for doc in text.split(f"\n{_EOT}\n")) == ["s = ''", "x = 1"]
     assert train.pycode_text(tmp_path / "again.txt", 0).read_text() == text
     assert _EOT not in train.pycode_text(tmp_path / "capped.txt", 3).read_text()  # one file
 

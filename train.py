@@ -1400,21 +1400,28 @@ def pydoc_text(dest: Path, seed: int = 0) -> Path:
     return dest
 
 
-def pycode_text(dest: Path, max_bytes: int, seed: int = 0) -> Path:
+def pycode_text(dest: Path, max_bytes: int, seed: int = 0, max_file_bytes: int = 100_000) -> Path:
     """The .py files of the running Python (stdlib and site-packages), one document each, up to
-    max_bytes (0 = all, ~160 MB): offline, and more than a small model learns by heart. Sorted,
-    then shuffled with a fixed seed: the same installation gives the same text, and validation
-    samples every package. Non-UTF-8 files are skipped; a literal <|endoftext|> is removed."""
+    max_bytes (0 = all, ~160 MB): offline, and more than a small model learns by heart. Sorted by
+    their path inside their root, then shuffled with a fixed seed: the same packages give the same
+    text wherever they are installed, and validation samples every package. Files over
+    max_file_bytes (generated tables, vendored test suites) are skipped: one of them could fill
+    half a validation split. Non-UTF-8 files too; a literal <|endoftext|> is removed."""
     if dest.exists():
         return dest
     paths = sysconfig.get_paths()
-    roots = sorted({Path(paths[key]).resolve() for key in ("stdlib", "purelib", "platlib")})
-    files = sorted({str(f) for root in roots for f in root.rglob("*.py")})
+    roots = {Path(paths[key]).resolve(): key for key in ("stdlib", "purelib", "platlib")}
+    names = {}  # file -> (root kind, path inside it); the deepest root names a file
+    for root in sorted(roots, key=lambda r: len(r.parts)):
+        names.update({f: (roots[root], f.relative_to(root).as_posix()) for f in root.rglob("*.py")})
+    files = sorted(names, key=names.get)
     random.Random(seed).shuffle(files)
     docs, size = [], 0
-    for name in files:
+    for path in files:
         try:
-            text = Path(name).read_text(encoding="utf-8").replace(EOT, "").strip()
+            if path.stat().st_size > max_file_bytes:
+                continue
+            text = path.read_text(encoding="utf-8").replace(EOT, "").strip()
         except (OSError, UnicodeDecodeError):
             continue
         docs.append(text)
