@@ -1,14 +1,9 @@
-"""Stage 8: data, from crawled web pages to clean training text (first part).
+"""Stage 8: data, from crawled web pages to clean training tokens for train.py.
 
-CS336 lectures 13-14 and assignment 4, in teaching order (`python data.py` shows every step on a
-synthetic crawl it writes as a real WARC file, offline, in about a second):
-  1. crawl files: WARC/WET records streamed one at a time from gzip, no third-party library;
-  2. extract_text_from_html_bytes: decode whatever the page's bytes are, drop scripts and
-     navigation boilerplate, keep paragraphs, headings and list items as lines;
-  3. PII masking: emails, phone numbers and IPv4 addresses replaced by |||EMAIL_ADDRESS||| etc.;
-  4. Gopher quality rules (Rae et al. 2021), each rule reported on its own;
-  5. deduplication: exact lines (two passes over line hashes), then near-duplicate documents by
-     MinHash and locality-sensitive hashing, checked against a brute-force all-pairs reference.
+CS336 lectures 13-14 and assignment 4, in teaching order: WARC/WET records; text from HTML;
+language id; PII masking; the Gopher rules; fastText-style classifiers; Kneser-Ney perplexity
+and DSIR importance filters; dedup (exact lines, MinHash + LSH, a Bloom filter); contamination;
+the parallel, sharded pipeline into train.py's .bin files; does filtering help (`compare`).
 
 Why LSH works: split num_hashes MinHash values into b bands of r rows. Two documents of Jaccard
 similarity s agree on one row with probability s, on a whole band with s^r, and become candidates
@@ -19,45 +14,55 @@ similarity s agree on one row with probability s, on a whole band with s^r, and 
 Candidates are then verified by their true Jaccard, so the curve trades work for recall only.
 
 Commands (CPU; settings are --key=value; an error is one line, --debug shows the traceback):
-    python data.py                                    # the demo; also `python data.py demo`
-    python data.py demo --out=DIR                     # ... keeping its crawl and outputs in DIR
-    python data.py extract --input=crawl.warc.gz --out=DIR   [--mask] [--quality]
-    python data.py dedup --input=DIR --out=DIR2 --method=exact|minhash   [--num_hashes=100
-        --num_bands=20 --ngrams=5 --jaccard_threshold=0.8]   (--input: a folder, glob or a,b,c)
-Reads   WARC or WET files, gzipped (one gzip member per record, as Common Crawl) or plain.
-Writes  extract: DIR/000000.txt ... one text file per page; dedup: the kept files, same names.
-        Every file is written whole or not at all.
-Next    (not here yet) language id, fastText-style classifiers (NSFW, toxic, quality), KenLM-style
-        perplexity and DSIR filters, a Bloom filter for paragraphs, contamination checks, the
-        parallel sharded pipeline that tokenizes for train.py, `compare` (does filtering help?),
-        `bench` next to resiliparse and datasketch, and counted skipping of every kind of bad input.
-
-Papers  Rae et al. 2021 (Gopher: quality rules); Broder 1997 (MinHash); Leskovec, Rajaraman &
-        Ullman, Mining of Massive Datasets ch. 3 (LSH bands); Lee et al. 2022 (Deduplicating
-        training data makes language models better); Penedo et al. 2023-24 (RefinedWeb, FineWeb);
-        Li et al. 2024 (DataComp-LM).
+    python data.py                                   # the demo; `demo --out=DIR` keeps its files
+    python data.py pipeline --input='crawl/*.warc.gz' --out=DIR --workers=4   [--languages=en,de
+        --quality=M.npz --nsfw=M.npz --toxic=M.npz --eval=FILE --tokenizer=DIR --line_dedup=bloom
+        --shard=i/n (0-based; then `pipeline --out=DIR --merge`)]   (see PIPELINE_OPTIONS)
+    python data.py compare    # the tiny model on unfiltered vs filtered text: held-out perplexity
+    python data.py bench      # documents/s: extraction, language id, MinHash (+ resiliparse,
+                              # datasketch when installed)
+    python train.py --train_bin=DIR/train.bin --val_bin=DIR/val.bin --tokenizer_dir=DIR/tokenizer
+A classifier: FastTextClassifier.train(open("lines.txt")).save("M.npz"), lines `__label__X text`.
+Reads   WARC/WET files, gzipped (a member per record, as Common Crawl) or plain; a folder, a glob.
+Writes  DIR/train.bin, val.bin (+ .json), tokenizer/, train.txt, val.txt, report.json, and a shard
+        DIR/shards/i-of-n.json.gz. Every file whole or not at all.
+Papers  Rae et al. 2021 (Gopher); Joulin et al. 2017 (fastText); Chen & Goodman 1998 (Kneser-
+        Ney); Wenzek et al. 2020 (CCNet); Xie et al. 2023 (DSIR); Broder 1997 (MinHash); Leskovec
+        et al., Mining of Massive Datasets ch. 3 (LSH); Bloom 1970; Brown et al. 2020 (13-gram
+        contamination); Lee et al. 2022 (dedup); Penedo et al. 2024 (FineWeb); Li et al. 2024.
 """
 
 import codecs
+import contextlib
+import functools
 import glob
 import gzip
 import hashlib
 import html.parser
 import io
+import json
+import math
+import multiprocessing
 import os
 import random
 import sys
 import tempfile
+import time
 import unicodedata
-from collections import Counter
+import zlib
+from collections import Counter, deque
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import regex
+from tqdm import tqdm
 
-from tokenizer import UsageError, atomic_output, parse_command, run_cli, write_atomic
+from tokenizer import (PRETOKEN_RE, Tokenizer, UsageError, atomic_output, encode_file,
+                       parse_command, run_cli, train_bpe, write_atomic)
+from train import EOT, TrainConfig, perplexity
+from train import train as train_model
 
 
 # 1. Crawl files: WARC records, streamed -----------------------------------------------------------
@@ -98,34 +103,44 @@ def _open_maybe_gzip(path: str | os.PathLike) -> io.BufferedIOBase:
     return gzip.open(path, "rb") if magic == b"\x1f\x8b" else open(path, "rb")
 
 
-def iter_warc_records(path: str | os.PathLike) -> Iterator[WarcRecord]:
+def iter_warc_records(path: str | os.PathLike,
+                      errors: Counter | None = None) -> Iterator[WarcRecord]:
     """Yield the records of a WARC/WET file one at a time: memory holds one record, never the file.
-    A file cut short (a truncated download) ends the iteration with a warning, not a crash."""
-    with _open_maybe_gzip(path) as f:
-        try:
-            while True:
-                line = f.readline()
-                if not line:
-                    return
-                if not line.strip():  # the blank lines between records
-                    continue
+    Bad input never raises: a record whose Content-Length is wrong, or bytes that are no record,
+    are skipped up to the next `WARC/` line, and a file cut short (a truncated download) ends the
+    iteration; each is logged to stderr and counted in `errors` by reason."""
+    def bad(reason: str, detail: str) -> None:
+        (Counter() if errors is None else errors)[reason] += 1
+        print(f"warning: {path}: {detail}", file=sys.stderr)
+
+    try:
+        with _open_maybe_gzip(path) as f:
+            in_sync = True  # False while skipping to the next record
+            while line := f.readline():
                 if not line.startswith(b"WARC/"):
-                    raise ValueError(f"{path}: expected a WARC/ version line, got {line[:40]!r}")
-                headers = {}
+                    if line.strip() and in_sync:
+                        bad("not a WARC record", f"skipped bytes that are no record: {line[:30]!r}")
+                    in_sync = in_sync and not line.strip()
+                    continue
+                in_sync, headers = True, {}
                 while (line := f.readline()).strip():
                     name, _, value = line.decode("utf-8", "replace").partition(":")
                     headers[name.strip()] = value.strip()
-                length = int(headers.get("Content-Length", "0"))
-                payload = f.read(length)
-                if len(payload) < length:
+                length = headers.get("Content-Length", "")
+                payload = f.read(int(length)) if length.isdigit() else b""
+                if length.isdigit() and len(payload) < int(length):
                     raise EOFError("record shorter than its Content-Length")
+                if not length.isdigit() or f.peek(2)[:2] not in (b"", b"\r\n", b"\n"):
+                    in_sync = False  # a record ends in a blank line: else its length is wrong
+                    bad("wrong Content-Length", f"record {headers.get('WARC-Target-URI', '')} has "
+                        f"Content-Length {length!r}, not its length: skipped")
+                    continue
                 record = WarcRecord(headers, payload, body=payload)
                 if record.type == "response":
                     record.http_headers, record.body = _split_http(payload)
                 yield record
-        except (EOFError, gzip.BadGzipFile) as e:
-            print(f"warning: {path} ends early ({e}); records before it were read",
-                  file=sys.stderr)
+    except (EOFError, OSError, zlib.error) as e:  # gzip.BadGzipFile is an OSError
+        bad("file cut short or unreadable", f"ends early ({e}); records before it were read")
 
 
 def make_response_record(url: str, html_bytes: bytes, content_type: str = "text/html",
@@ -134,8 +149,7 @@ def make_response_record(url: str, html_bytes: bytes, content_type: str = "text/
     http = (f"HTTP/1.1 200 OK\r\nContent-Type: {content_type}\r\n"
             f"Content-Length: {len(html_bytes)}\r\n\r\n").encode("latin-1")
     payload = http + html_bytes
-    headers = {"WARC-Type": "response", "WARC-Target-URI": url,
-               "WARC-Date": "2024-01-01T00:00:00Z",
+    headers = {"WARC-Type": "response", "WARC-Target-URI": url, "WARC-Date": "2024-01-01T00:00:00Z",
                "WARC-Record-ID": f"<urn:uuid:00000000-0000-4000-8000-{record_id:012d}>",
                "Content-Type": "application/http; msgtype=response",
                "Content-Length": str(len(payload))}
@@ -165,61 +179,60 @@ WHITESPACE = regex.compile(r"\s+")
 HEADER_CHARSET = regex.compile(r"charset\s*=\s*[\"']?([\w.:-]+)", regex.I)
 
 
-def decode_html_bytes(html_bytes: bytes, declared: str | None = None) -> str:
-    """UTF-8 if the bytes are valid UTF-8 (most of the web, and ASCII too); else the charset the
-    HTTP header or a <meta> tag declares; else Windows-1252, which maps almost every byte, with
-    the few undefined bytes replaced: decoding never fails."""
+def decode_html_bytes(html_bytes: bytes, declared: str | None = None,
+                      strict: bool = False) -> str:
+    """UTF-8 if the bytes are valid UTF-8 (most of the web, ASCII too); else the charset the HTTP
+    header or a <meta> tag declares; else Windows-1252 with undefined bytes replaced: never fails,
+    unless strict=True and every declared charset is unknown (ValueError: the pipeline skips it)."""
     try:
         return html_bytes.decode("utf-8")
     except UnicodeDecodeError:
         pass
     meta = META_CHARSET.search(html_bytes[:4096])
-    for name in (declared, meta and meta.group(1).decode("ascii", "replace")):
+    names = [n for n in (declared, meta and meta.group(1).decode("ascii", "replace")) if n]
+    for name in names:
         try:
-            if name:
-                return html_bytes.decode(codecs.lookup(name).name, errors="replace")
+            return html_bytes.decode(codecs.lookup(name).name, errors="replace")
         except LookupError:  # an unknown name: try the next guess
             continue
+    if strict and names:
+        raise ValueError(f"unknown charset {names[0]!r}")
     return html_bytes.decode("cp1252", errors="replace")
 
 
 class _TextParser(html.parser.HTMLParser):
     """Collect text outside SKIP_TAGS; a block tag ends the current line."""
-
     def __init__(self) -> None:
         super().__init__(convert_charrefs=True)  # &amp; -> & and &#233; -> é for us
         self.parts: list[str] = []
         self.skip_depth = 0  # > 0 inside <script>, <nav>, ...
 
-    def handle_starttag(self, tag: str, attrs) -> None:
-        if tag in SKIP_TAGS:
-            self.skip_depth += 1
-        elif tag in BLOCK_TAGS:
-            self.parts.append("\n")
+    def handle_starttag(self, tag: str, attrs) -> None:  # the two tag sets are disjoint
+        self.skip_depth += tag in SKIP_TAGS
+        self.parts += ["\n"] if tag in BLOCK_TAGS else []
 
-    def handle_endtag(self, tag: str) -> None:
-        if tag in SKIP_TAGS:
-            self.skip_depth = max(0, self.skip_depth - 1)  # a stray </nav> must not go negative
-        elif tag in BLOCK_TAGS:
-            self.parts.append("\n")
+    def handle_endtag(self, tag: str) -> None:  # a stray </nav> must not go negative
+        self.skip_depth = max(0, self.skip_depth - (tag in SKIP_TAGS))
+        self.parts += ["\n"] if tag in BLOCK_TAGS else []
 
     def handle_data(self, data: str) -> None:
         if not self.skip_depth:  # a newline in the source is a space; only blocks break lines
             self.parts.append(WHITESPACE.sub(" ", data))
 
 
-def extract_text_from_html_bytes(html_bytes: bytes, charset: str | None = None) -> str | None:
+def extract_text_from_html_bytes(html_bytes: bytes, charset: str | None = None,
+                                 strict: bool = False) -> str | None:
     """The visible text of a page, one line per paragraph, heading or list item; None when
     nothing is left. `charset` is the HTTP header's, if any (a <meta> tag is read here)."""
     parser = _TextParser()
-    parser.feed(decode_html_bytes(html_bytes, charset))
+    parser.feed(decode_html_bytes(html_bytes, charset, strict))
     parser.close()
     lines = (" ".join(line.split()) for line in "".join(parser.parts).splitlines())
     text = "\n".join(line for line in lines if line)
     return text or None
 
 
-def extract_record(record: WarcRecord) -> str | None:
+def extract_record(record: WarcRecord, strict: bool = False) -> str | None:
     """Text of a crawl record: HTML responses through the extractor, WET conversions as they are."""
     if record.type == "conversion":
         return record.body.decode("utf-8", errors="replace").strip() or None
@@ -227,10 +240,110 @@ def extract_record(record: WarcRecord) -> str | None:
     if record.type != "response" or (content_type and "html" not in content_type):
         return None  # warcinfo, request and metadata records, images, PDFs
     declared = HEADER_CHARSET.search(content_type)
-    return extract_text_from_html_bytes(record.body, declared and declared.group(1))
+    return extract_text_from_html_bytes(record.body, declared and declared.group(1), strict)
 
 
-# 3. PII: emails, phone numbers, IP addresses ------------------------------------------------------
+# 3. Language identification: the script, then character n-grams -----------------------------------
+# Most scripts name their language: kana is Japanese, hangul Korean, Han alone Chinese, Cyrillic
+# (here) Russian, Arabic script Arabic. Latin-script languages need statistics: naive Bayes over
+# hashed character n-grams, trained on their most frequent words below, or on a user's labels.
+SCRIPT_RUNS = regex.compile(r"(\p{Latin}+)|(\p{Han}+)|([\p{Hiragana}\p{Katakana}]+)|(\p{Hangul}+)|"
+                            r"(\p{Cyrillic}+)|(\p{Arabic}+)|(\p{L}+)")  # the last: other letters
+LID_CHARS = 2000  # the first characters decide: a page rarely changes language after them
+FREQUENT_WORDS = {
+    "en": "the of and to in is that it for was on with as are be this by at from have not or an "
+          "they which you his her he she we but all has their been were will would there what",
+    "de": "der die und das ist nicht ein eine zu den von mit sich des auf für im dem auch es an "
+          "als wie bei oder aus nach wird sind noch über nur werden hat war ich sie er wir uns",
+    "fr": "le la les de des et est un une du en que qui dans pour pas sur au avec ce il elle ne "
+          "se plus par sont nous vous mais ont été cette leur aux ou comme tout être très",
+    "es": "el la los las de del y que en un una es por con para no se su al lo como más pero "
+          "sus le ya o este sí porque esta entre cuando muy sin sobre también fue hay",
+    "pt": "o a os as de do da dos das e que em um uma é para com não por mais se na no ao como "
+          "mas foi ele ela são seu sua ou quando muito já também está nos isso pelo você",
+    "it": "il lo la i gli le di del della e che è un una per con non si da in sono come ma più "
+          "anche nel alla questo questa ha erano essere molto quando dei delle degli sul loro"}
+
+
+def hashed_ngrams(text: str, buckets: int, minn: int = 1, maxn: int = 3,
+                  word_ngrams: int = 1) -> np.ndarray:
+    """fastText's features as bucket ids: each word, each run of 2..word_ngrams words, each
+    minn..maxn-character n-gram of "<word>". Hashing bounds the table whatever the vocabulary."""
+    words = text.lower().split()
+    ids = [i for word in words for i in _word_ids(word, buckets, minn, maxn)]
+    ids += [zlib.crc32("\x00".join(words[i:i + n]).encode()) % buckets
+            for n in range(2, word_ngrams + 1) for i in range(len(words) - n + 1)]
+    return np.array(ids, np.int64)
+
+
+@functools.lru_cache(maxsize=1 << 16)  # words repeat (Zipf): most are hashed once
+def _word_ids(word: str, buckets: int, minn: int, maxn: int) -> tuple[int, ...]:
+    padded = f"<{word}>"  # and the word itself as "\x00word", never a character n-gram
+    grams = [padded[i:i + n] for n in range(minn, maxn + 1) for i in range(len(padded) - n + 1)]
+    return tuple(zlib.crc32(g.encode()) % buckets for g in ["\x00" + word, *grams])
+
+
+def read_labelled(lines: Iterable[str]) -> list[tuple[str, str]]:
+    """fastText's format, lines or an open file: `__label__en Some text` -> ("en", "Some text")."""
+    pairs = [line.strip().partition(" ")[::2] for line in lines if line.strip()]
+    if bad := [label for label, _ in pairs if not label.startswith("__label__") or len(label) < 10]:
+        raise ValueError(f"expected `__label__X text` lines, got one starting {bad[0][:30]!r}")
+    return [(label[9:], text) for label, text in pairs]
+
+
+def _softmax(x: np.ndarray) -> np.ndarray:
+    e = np.exp(x - x.max())
+    return e / e.sum()
+
+
+class NaiveBayesLanguageId:
+    """P(lang | text) proportional to prod_f P(f | lang) over the text's hashed n-grams (uniform
+    prior), each P(f | lang) a frequency smoothed by alpha; trained on `__label__xx text` lines."""
+    def __init__(self, lines: Iterable[str], buckets: int = 1 << 16, alpha: float = 0.1):
+        pairs = read_labelled(lines)
+        self.buckets, self.labels = buckets, sorted({label for label, _ in pairs})
+        counts = np.zeros((len(self.labels), buckets))
+        for label, text in pairs:
+            np.add.at(counts[self.labels.index(label)], hashed_ngrams(text, buckets), 1)
+        self.log_prob = np.log((counts + alpha) / (counts.sum(1, keepdims=True) + alpha * buckets))
+
+    def predict(self, text: str) -> tuple[str, float]:
+        ids = hashed_ngrams(text[:LID_CHARS], self.buckets)
+        if not len(ids):
+            return "unknown", 0.0
+        # n-grams are far from independent: log-likelihoods / sqrt(n) keep the score informative
+        p = _softmax(self.log_prob[:, ids].sum(1) / math.sqrt(len(ids)))
+        return self.labels[int(p.argmax())], float(p.max())
+
+
+_latin_model = functools.cache(lambda: NaiveBayesLanguageId(  # built at first use
+    f"__label__{lang} {words}" for lang, words in FREQUENT_WORDS.items()))
+
+
+def identify_language(text: str, model=None) -> tuple[str, float]:
+    """(ISO 639-1 code, score in [0, 1]): the script decides zh ja ko ru ar, naive Bayes en de fr
+    es pt it; other scripts' letters lower the score. A trained `model` replaces the default."""
+    text = text[:LID_CHARS]
+    if model is not None:
+        return model.predict(text)
+    n = [0] * 7  # letters in each group of SCRIPT_RUNS, in one pass
+    for run in SCRIPT_RUNS.finditer(text):
+        n[run.lastindex - 1] += run.end() - run.start()
+    latin, han, kana, hangul, cyrillic, arabic, _ = n
+    groups = {"latin": latin, "cjk": han + kana + hangul, "ru": cyrillic, "ar": arabic}
+    script = max(groups, key=groups.get)
+    if not groups[script]:
+        return "unknown", 0.0
+    share = groups[script] / sum(n)
+    if script == "latin":
+        lang, score = _latin_model().predict(text)
+        return lang, score * share
+    if script == "cjk":  # Japanese mixes kana into Han; Korean may mix in a few Han characters
+        script = "ko" if hangul >= max(kana, 1) else "ja" if 20 * kana >= groups["cjk"] else "zh"
+    return script, share
+
+
+# 4. PII: emails, phone numbers, IP addresses ------------------------------------------------------
 # The lookarounds stop a match inside a longer token: a phone number in a 14-digit id, an IP in a
 # version number 1.2.3.4.5. The masks hold no digits or @, so masking twice counts nothing new.
 EMAIL_RE = regex.compile(r"(?<![\w.+-])[A-Za-z0-9._%+-]+@(?:[A-Za-z0-9-]+\.)+[A-Za-z]{2,}\b")
@@ -267,7 +380,7 @@ def mask_pii(text: str) -> tuple[str, dict[str, int]]:
     return text, counts
 
 
-# 4. Gopher quality rules --------------------------------------------------------------------------
+# 5. Gopher quality rules --------------------------------------------------------------------------
 # Rae et al. 2021, appendix A: cheap rules that drop pages no human would call prose. Words here
 # are whitespace-separated tokens (the paper tokenizes; the thresholds hardly notice).
 def gopher_rules(text: str) -> dict[str, bool]:
@@ -287,7 +400,172 @@ def gopher_quality_filter(text: str) -> bool:
     return all(gopher_rules(text).values())
 
 
-# 5. Deduplication: exact lines, then MinHash and LSH ----------------------------------------------
+# 6. Classifiers: fastText's linear model, for NSFW, toxic speech and quality ----------------------
+class FastTextClassifier:
+    """fastText's supervised model (Joulin et al. 2017): a text is the mean of the embeddings of
+    its hashed word and character n-grams; a linear layer and a softmax give its label. Trained
+    like fastText: SGD on one example at a time, the rate decaying linearly to zero."""
+    FORMAT = "cs336-fasttext-1"
+
+    def __init__(self, labels: Sequence[str], dim: int = 16, buckets: int = 1 << 18,
+                 word_ngrams: int = 2, minn: int = 3, maxn: int = 5, seed: int = 0):
+        self.labels = list(labels)
+        self.config = dict(dim=dim, buckets=buckets, word_ngrams=word_ngrams, minn=minn, maxn=maxn)
+        rng = np.random.default_rng(seed)
+        self.embeddings = rng.uniform(-1 / dim, 1 / dim, (buckets, dim)).astype(np.float32)
+        self.output = np.zeros((len(self.labels), dim), np.float32)  # fastText starts it at 0
+
+    def features(self, text: str) -> np.ndarray:
+        return hashed_ngrams(text, **{k: v for k, v in self.config.items() if k != "dim"})
+
+    def predict(self, text: str) -> tuple[str, float]:
+        ids = self.features(text)
+        hidden = self.embeddings[ids].mean(0) if len(ids) else np.zeros(self.config["dim"])
+        p = _softmax(self.output @ hidden)  # (num_labels,)
+        return self.labels[int(p.argmax())], float(p.max())
+
+    @classmethod
+    def train(cls, lines: Iterable[str], epochs: int = 5, lr: float = 0.5,
+              seed: int = 0, **config) -> "FastTextClassifier":
+        """From `__label__X text` lines (or an open file); config: dim, buckets, word_ngrams..."""
+        pairs = read_labelled(lines)
+        if len(labels := sorted({label for label, _ in pairs})) < 2:
+            raise ValueError("a classifier needs training lines of at least two labels")
+        model = cls(labels, seed=seed, **config)
+        data = [(labels.index(label), model.features(text)) for label, text in pairs]
+        rng, steps = np.random.default_rng(seed), epochs * len(data)
+        for t in range(steps):
+            if t % len(data) == 0:
+                order = rng.permutation(len(data))  # a new shuffle each epoch
+            label, ids = data[order[t % len(data)]]
+            if len(ids):
+                rate, hidden = lr * (1 - t / steps), model.embeddings[ids].mean(0)  # (dim,)
+                grad = _softmax(model.output @ hidden)  # d loss / d logits = p - onehot(label)
+                grad[label] -= 1
+                grad_hidden = model.output.T @ grad
+                model.output -= rate * np.outer(grad, hidden)
+                np.add.at(model.embeddings, ids, -rate / len(ids) * grad_hidden)  # repeats add
+        return model
+
+    def save(self, path: str | os.PathLike) -> None:
+        with atomic_output(path) as tmp, open(tmp, "wb") as f:
+            np.savez(f, format=self.FORMAT, labels=json.dumps(self.labels),
+                     config=json.dumps(self.config), embeddings=self.embeddings, output=self.output)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "FastTextClassifier":
+        """What save wrote. Official fastText .bin files are not read (yet): a clear error."""
+        try:
+            with np.load(path) as z:
+                if str(z["format"]) != cls.FORMAT:
+                    raise ValueError(f"format {str(z['format'])!r}")
+                model = cls(json.loads(str(z["labels"])), **json.loads(str(z["config"])))
+                model.embeddings, model.output = z["embeddings"], z["output"]
+        except Exception as e:  # not a zip, no such array, pickled data...: all one answer
+            raise ValueError(f"{path} is not a classifier saved by data.py ({e})") from None
+        return model
+
+
+_load_classifier = functools.cache(FastTextClassifier.load)  # once per process, not per page
+
+
+def _classify(text: str, model: FastTextClassifier | str | os.PathLike,
+              labels: tuple[str, str]) -> tuple[str, float]:
+    model = _load_classifier(str(model)) if isinstance(model, (str, os.PathLike)) else model
+    if sorted(model.labels) != sorted(labels):
+        raise ValueError(f"the classifier's labels are {model.labels}, expected {list(labels)}")
+    return model.predict(text.replace("\n", " "))
+
+
+# The course's three classifiers: f(text, model or its path) -> (label, score). Quality means like
+# the pages Wikipedia cites ("wiki") or like random crawl ("cc"); toxic e.g. trained on Jigsaw's.
+classify_nsfw = functools.partial(_classify, labels=("nsfw", "non-nsfw"))
+classify_toxic_speech = functools.partial(_classify, labels=("toxic", "non-toxic"))
+classify_quality = functools.partial(_classify, labels=("wiki", "cc"))
+
+
+# 7. Perplexity and importance filters: a Kneser-Ney n-gram LM, DSIR -------------------------------
+class KneserNeyLM:
+    """Interpolated Kneser-Ney (Chen & Goodman 1998) on normalised words, a sentence per line:
+        P(w | h) = max(c(h w) - D, 0) / c(h.) + D N(h.) / c(h.) P(w | h without its first word)
+    with c(h.) = sum_w c(h w) and N(h.) the number of distinct w after h. Below the top order, c
+    counts distinct left neighbours instead: a word seen after many words is a likely novel
+    continuation; "Francisco", frequent but only after "San", is not. The bottom order backs off
+    to uniform over the vocabulary (<unk> included), so P sums to 1 over it for any context.
+    CCNet keeps the pages a Wikipedia-trained LM finds least perplexing."""
+    def __init__(self, texts: Iterable[str], order: int = 3, discount: float = 0.75):
+        self.order, self.discount = order, discount
+        self.counts = [Counter() for _ in range(order + 1)]  # [k]: k-gram -> (continuation) count
+        for text in texts:
+            for tokens in self._sentences(text):
+                self.counts[order].update(zip(*(tokens[i:] for i in range(order))))
+        for k in range(order - 1, 0, -1):
+            for gram in self.counts[k + 1]:
+                self.counts[k][gram[1:]] += 1
+        self.vocab = sorted({gram[0] for gram in self.counts[1]} | {"<unk>"})
+        self._known = set(self.vocab)
+        self.totals = [Counter() for _ in range(order + 1)]  # [k]: context -> c(h.)
+        self.types = [Counter() for _ in range(order + 1)]  # [k]: context -> N(h.)
+        for k in range(1, order + 1):
+            for gram, c in self.counts[k].items():
+                self.totals[k][gram[:-1]] += c
+                self.types[k][gram[:-1]] += 1
+
+    def _sentences(self, text: str) -> Iterator[list[str]]:
+        for line in text.splitlines():
+            if words := normalize_text(line).split():
+                yield ["<s>"] * (self.order - 1) + words + ["</s>"]
+
+    def prob(self, word: str, context: Sequence[str] = ()) -> float:
+        """P(word | the last order-1 words of context), padded with <s> at the start."""
+        context = tuple((["<s>"] * self.order + list(context))[len(context) + 1:])
+        word, p, d = word if word in self._known else "<unk>", 1 / len(self.vocab), self.discount
+        for k in range(1, self.order + 1):
+            h = context[len(context) - k + 1:]
+            if total := self.totals[k].get(h):  # an unseen context keeps the lower order's P
+                p = (max(self.counts[k].get(h + (word,), 0) - d, 0) + d * self.types[k][h] * p
+                     ) / total
+        return p
+
+    def perplexity(self, text: str) -> float:
+        log_p, n = 0.0, 0
+        for tokens in self._sentences(text):
+            for i in range(self.order - 1, len(tokens)):
+                log_p += math.log(self.prob(tokens[i], tokens[i - self.order + 1:i]))
+                n += 1
+        return math.exp(-log_p / n) if n else math.inf
+
+
+def _dsir_features(text: str, buckets: int) -> np.ndarray:  # hashed word uni- and bigrams
+    return hashed_ngrams(normalize_text(text), buckets, minn=1, maxn=0, word_ngrams=2)
+
+
+def dsir_log_weights(raw_texts: Sequence[str], target_texts: Sequence[str],
+                     buckets: int = 10_000) -> np.ndarray:
+    """log p_target(x) - log p_raw(x) per raw document, each p a bag of hashed word uni- and
+    bigrams fitted (add-one) to its corpus: how much likelier under the target (Xie et al. 2023)."""
+    raw = [_dsir_features(t, buckets) for t in raw_texts]
+
+    def log_frequencies(features: list[np.ndarray]) -> np.ndarray:
+        counts = np.bincount(np.concatenate([np.zeros(0, np.int64), *features]),
+                             minlength=buckets) + 1.0
+        return np.log(counts / counts.sum())
+
+    ratio = log_frequencies([_dsir_features(t, buckets) for t in target_texts])
+    ratio -= log_frequencies(raw)
+    return np.array([ratio[f].sum() for f in raw])
+
+
+def dsir_resample(raw_texts: Sequence[str], target_texts: Sequence[str], k: int,
+                  buckets: int = 10_000, seed: int = 0) -> list[int]:
+    """k raw documents drawn without replacement with probability proportional to their
+    importance weights, by the Gumbel top-k trick: the k largest log w + Gumbel noise."""
+    log_w = dsir_log_weights(raw_texts, target_texts, buckets)
+    keys = log_w + np.random.default_rng(seed).gumbel(size=len(log_w))
+    return sorted(np.argsort(-keys)[:k].tolist())
+
+
+# 8. Deduplication: exact lines, then MinHash and LSH ----------------------------------------------
 def _line_key(line: bytes) -> bytes:
     """8 bytes per distinct line in memory, whatever its length; the newline does not count."""
     return hashlib.blake2b(line.rstrip(b"\r\n"), digest_size=8).digest()
@@ -374,27 +652,24 @@ def near_duplicate_clusters_reference(texts: Sequence[str], ngrams: int,
     return _clusters(len(texts), pairs)
 
 
-PRIME = 4_294_967_311  # the smallest prime above 2^32: h(x) = (a x + b) mod PRIME
-
-
 def hash_functions(num_hashes: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """The seeded (a, b) of num_hashes universal hashes. a < 2^32 and x < 2^32 keep a x + b
-    below 2^64, so numpy's uint64 never wraps around."""
+    """Seeded (a, b) of multiply-shift hashes h(x) = ((a x + b) mod 2^64) >> 32 (Dietzfelbinger
+    1996): universal for 32-bit x; numpy's uint64 wraps by itself, so there is no division."""
     rng = np.random.default_rng(seed)
-    a = rng.integers(1, 1 << 32, num_hashes, dtype=np.uint64)
-    b = rng.integers(0, PRIME, num_hashes, dtype=np.uint64)
+    a = rng.integers(0, 1 << 63, num_hashes, dtype=np.uint64) * np.uint64(2) + np.uint64(1)  # odd
+    b = rng.integers(0, 1 << 63, num_hashes, dtype=np.uint64)
     return a, b
 
 
 def _shingle_hash(shingle: str) -> int:
-    return int.from_bytes(hashlib.blake2b(shingle.encode(), digest_size=4).digest(), "little")
+    return zlib.crc32(shingle.encode())  # fast C; the universal hashes above do the mixing
 
 
 def minhash_signature_reference(shingle_set: set[str], a: np.ndarray, b: np.ndarray) -> list[int]:
     """For each hash function, the smallest hash over the shingles: two sets agree on it with
     probability equal to their Jaccard similarity (the minimum is equally likely any element)."""
     xs = [_shingle_hash(s) for s in shingle_set]
-    return [min(((int(ai) * x + int(bi)) % PRIME for x in xs), default=2**64 - 1)
+    return [min((((int(ai) * x + int(bi)) % 2**64) >> 32 for x in xs), default=2**64 - 1)
             for ai, bi in zip(a, b)]
 
 
@@ -405,31 +680,35 @@ def minhash_signature(shingle_set: set[str], a: np.ndarray, b: np.ndarray,
     signature = np.full(len(a), np.iinfo(np.uint64).max, np.uint64)
     for start in range(0, len(xs), chunk):  # bounded memory on very long documents
         x = xs[start:start + chunk]
-        signature = np.minimum(signature, ((a[:, None] * x + b[:, None]) % PRIME).min(axis=1))
+        signature = np.minimum(signature, ((a[:, None] * x + b[:, None]) >> np.uint64(32)).min(1))
     return signature
 
 
-def minhash_clusters(texts: Sequence[str], num_hashes: int, num_bands: int, ngrams: int,
-                     jaccard_threshold: float, seed: int = 0) -> list[list[int]]:
-    """Near-duplicate clusters without all pairs: documents that share any band of their
-    signature are candidates, candidates are verified by true Jaccard, verified pairs joined."""
-    if num_bands < 1 or num_hashes % num_bands:
-        raise UsageError(f"num_hashes={num_hashes} must split into num_bands={num_bands} equal "
-                         f"bands")
-    rows = num_hashes // num_bands
-    a, b = hash_functions(num_hashes, seed)
-    sets = [shingles(t, ngrams) for t in texts]
+def lsh_clusters(signatures: np.ndarray, texts: Sequence[str], num_bands: int, ngrams: int,
+                 jaccard_threshold: float) -> list[list[int]]:
+    """Near-duplicate clusters without all pairs: documents whose signatures (num_docs,
+    num_hashes) share any band are candidates, verified by true Jaccard, verified pairs joined."""
+    if num_bands < 1 or (hashes := signatures.shape[1]) % num_bands:
+        raise UsageError(f"num_hashes={hashes} must split into num_bands={num_bands} equal bands")
+    rows = hashes // num_bands
     buckets: dict[tuple[int, bytes], list[int]] = {}
-    for doc, shingle_set in enumerate(sets):  # empty documents share one signature: all merged
-        signature = minhash_signature(shingle_set, a, b)
+    for doc, signature in enumerate(signatures):  # empty documents share one signature: merged
         for band in range(num_bands):
             key = (band, signature[band * rows:(band + 1) * rows].tobytes())
             buckets.setdefault(key, []).append(doc)
     candidates = {(docs[i], docs[j]) for docs in buckets.values() if len(docs) > 1
                   for i in range(len(docs)) for j in range(i + 1, len(docs))}
-    verified = [(i, j) for i, j in sorted(candidates)
-                if jaccard(sets[i], sets[j]) >= jaccard_threshold]
-    return _clusters(len(texts), verified)
+    sets = {i: shingles(texts[i], ngrams) for pair in candidates for i in pair}
+    return _clusters(len(texts), [(i, j) for i, j in sorted(candidates)
+                                  if jaccard(sets[i], sets[j]) >= jaccard_threshold])
+
+
+def minhash_clusters(texts: Sequence[str], num_hashes: int, num_bands: int, ngrams: int,
+                     jaccard_threshold: float, seed: int = 0) -> list[list[int]]:
+    a, b = hash_functions(num_hashes, seed)
+    signatures = np.array([minhash_signature(shingles(t, ngrams), a, b) for t in texts])
+    return lsh_clusters(signatures.reshape(len(texts), num_hashes), texts, num_bands, ngrams,
+                        jaccard_threshold)
 
 
 def choose_kept(clusters: list[list[int]], seed: int = 0) -> list[int]:
@@ -455,12 +734,249 @@ def minhash_deduplication(input_files: Sequence[str | os.PathLike], num_hashes: 
     return kept
 
 
-# 6. The demo: a synthetic crawl, every step on it -------------------------------------------------
+class BloomFilter:
+    """A set in m bits answering "seen before?" with no false negatives and false positives at
+    rate p: an item sets k bits; after n items an unseen one finds all k set with probability
+    (1 - e^(-k n / m))^k, least for m = -n ln p / (ln 2)^2 bits and k = (m / n) ln 2: 9.6 bits
+    and 7 hashes an item at p = 1% however long the item (exact dedup holds 8 bytes a line)."""
+    def __init__(self, expected_items: int, false_positive_rate: float):
+        n, p = expected_items, false_positive_rate
+        if n < 1 or not 0 < p < 1:
+            raise ValueError(f"need expected_items >= 1 and 0 < false_positive_rate < 1: {n}, {p}")
+        self.num_bits = math.ceil(-n * math.log(p) / math.log(2) ** 2)
+        self.num_hashes = max(1, round(self.num_bits / n * math.log(2)))
+        self.bits = bytearray((self.num_bits + 7) // 8)
+
+    def _positions(self, item: str) -> list[int]:
+        # Kirsch & Mitzenmacher 2006: h1 + i h2 for i < k is as good as k independent hashes
+        digest = hashlib.blake2b(item.encode(), digest_size=16).digest()
+        h1, h2 = int.from_bytes(digest[:8], "little"), int.from_bytes(digest[8:], "little") | 1
+        return [(h1 + i * h2) % self.num_bits for i in range(self.num_hashes)]
+
+    def __contains__(self, item: str) -> bool:
+        return all(self.bits[p >> 3] >> (p & 7) & 1 for p in self._positions(item))
+
+    def add(self, item: str) -> bool:
+        """Insert item; True if it was (probably) there already."""
+        positions = self._positions(item)
+        seen = all(self.bits[p >> 3] >> (p & 7) & 1 for p in positions)
+        for p in positions:
+            self.bits[p >> 3] |= 1 << (p & 7)
+        return seen
+
+
+def bloom_line_deduplication(texts: Iterable[str], bloom: BloomFilter) -> Iterator[str]:
+    """Streaming paragraph dedup: each line's first occurrence stays, later ones go (unlike the
+    two-pass exact dedup, which drops every copy); memory is the filter's, whatever the corpus."""
+    for text in texts:
+        yield "\n".join(line for line in text.splitlines() if not bloom.add(line))
+
+
+# 9. Contamination: training text that contains the test -------------------------------------------
+def contamination(train_texts: Sequence[str], eval_texts: Sequence[str],
+                  ngrams: int = 13) -> dict[int, set[int]]:
+    """{training document: the evaluation examples it shares a normalised word n-gram with}.
+    GPT-3 (Brown et al. 2020) used 13-grams, long enough that sharing one is rarely chance."""
+    index: dict[str, set[int]] = {}
+    for j, text in enumerate(eval_texts):
+        for shingle in shingles(text, ngrams):
+            index.setdefault(shingle, set()).add(j)
+    hits = [set().union(*(index[s] for s in shingles(t, ngrams) if s in index))
+            for t in train_texts]
+    return {i: found for i, found in enumerate(hits) if found}
+
+
+# 10. The pipeline: crawl files in, train.py's token files out -------------------------------------
+# Stage 1, a crawl file per worker task: extract, language, Gopher rules, classifiers, PII, MinHash.
+# Stage 2, once over all shards: near-duplicates, repeated lines, contamination, split, tokenizer.
+STEPS = ("bad input", "no text", "language", "gopher rules", "nsfw", "toxic", "quality",
+         "near-duplicates", "repeated lines", "contamination")  # the report's rows: documents
+# and tokens removed (GPT-2 pre-tokens: no tokenizer exists yet), with an example of each
+CLASSIFIERS = {"nsfw": (classify_nsfw, "nsfw"), "toxic": (classify_toxic_speech, "toxic"),
+               "quality": (classify_quality, "cc")}  # step -> (classifier, the label dropped)
+
+
+def _short(text: str, width: int = 92) -> str:
+    text = text.replace("\n", " / ")
+    return text if len(text) <= width else text[:width - 3] + "..."
+
+
+def _merge(total: dict, part: dict) -> dict:
+    """Add a report's documents and Counters (by step or reason) and keep the first examples."""
+    for key, value in part.items():
+        total[key] = ({**value, **total.get(key, {})} if key == "examples" else
+                      total.get(key, []) + value if key == "docs" else
+                      total.get(key, Counter()) + Counter(value))
+    return total
+
+
+def _drop(report: dict, step: str, text: str, note: str = "", tokens: int | None = None) -> None:
+    _merge(report, {"removed": {step: 1}, "examples": {step: note + _short(text, 70)},
+                    "tokens": {step: len(PRETOKEN_RE.findall(text)) if tokens is None else tokens}})
+
+
+def filter_file(path: str, opts: dict) -> dict:
+    """Stage 1 on one crawl file: the pages that pass every filter, masked, with their MinHash
+    signatures, and what each step removed. A bad page is counted, never fatal."""
+    report = _merge({}, dict.fromkeys(("removed", "tokens", "errors", "pii", "examples"), {}))
+    report["docs"], (a, b) = [], hash_functions(opts["num_hashes"], opts["seed"])
+    for record in iter_warc_records(path, report["errors"]):
+        try:
+            text = extract_record(record, strict=True)
+        except Exception as e:  # an unknown charset (ValueError), or a page that breaks a parser
+            report["errors"]["unknown charset" if isinstance(e, ValueError) else "bad page"] += 1
+            print(f"warning: {path}: {record.url}: {e!r}: skipped", file=sys.stderr)
+            continue
+        if text is None:
+            if record.type in ("response", "conversion"):
+                _drop(report, "no text", f"{record.url} (empty)", tokens=0)
+            continue
+        lang, score = identify_language(text)
+        if opts["languages"] and (lang not in opts["languages"]
+                                  or score < opts["min_language_score"]):
+            _drop(report, "language", text, f"{lang} {score:.2f}: ")
+            continue
+        if failed := [rule for rule, ok in gopher_rules(text).items() if not ok]:
+            _drop(report, "gopher rules", text, f"{failed[0]}: ")
+            continue
+        verdicts = [(step, *classify(text, opts[step])) for step, (classify, bad)
+                    in CLASSIFIERS.items() if opts[step]]
+        if bad := [v for v in verdicts if v[1] == CLASSIFIERS[v[0]][1]]:
+            _drop(report, bad[0][0], text, f"{bad[0][1]} {bad[0][2]:.2f}: ")
+            continue
+        text, found = mask_pii(text)
+        report["pii"].update(found)
+        signature = minhash_signature(shingles(text, opts["ngrams"]), a, b)
+        report["docs"].append((record.url, text, signature.tolist()))
+    return report
+
+
+def _shard_path(out: Path, shard: int, num_shards: int) -> Path:
+    return out / "shards" / f"{shard:05d}-of-{num_shards:05d}.json.gz"
+
+
+def finish(out: Path, opts: dict, num_shards: int, workers: int, progress: bool = True) -> dict:
+    """Stage 2 over every shard's output: dedup, contamination, split, tokenizer, .bin files."""
+    report = {}
+    for shard in range(num_shards):
+        if not (path := _shard_path(out, shard, num_shards)).exists():
+            raise UsageError(f"{path} is missing: run `pipeline --shard={shard}/{num_shards}`")
+        _merge(report, json.loads(gzip.decompress(path.read_bytes())))
+    urls, texts, signatures = zip(*report.pop("docs")) if report["docs"] else ((), (), ())
+    signatures = np.array(signatures, np.uint64).reshape(len(texts), opts["num_hashes"])
+    keep = choose_kept(lsh_clusters(signatures, texts, *(opts[k] for k in (
+        "num_bands", "ngrams", "jaccard_threshold"))), opts["seed"])
+    for i in sorted(set(range(len(texts))) - set(keep)):
+        _drop(report, "near-duplicates", texts[i], f"{urls[i]}: ")
+    urls, texts = [urls[i] for i in keep], [texts[i] for i in keep]
+    if opts["line_dedup"] == "exact":  # every copy of a repeated line goes, as in
+        counts = Counter(line for t in texts for line in t.splitlines())  # exact_line_dedup...
+        deduped = ["\n".join(ln for ln in t.splitlines() if counts[ln] == 1) for t in texts]
+    else:  # ... while the Bloom filter streams, keeping first copies, in bounded memory
+        bloom = BloomFilter(sum(t.count("\n") + 1 for t in texts), 1e-6)
+        deduped = list(bloom_line_deduplication(texts, bloom)) if opts["line_dedup"] == "bloom" \
+            else texts
+    for before, after in zip(texts, deduped):
+        if before != after:
+            gone = "\n".join(ln for ln in before.splitlines() if ln not in after.splitlines())
+            _drop(report, "repeated lines", gone)
+            report["removed"]["repeated lines"] -= bool(after)  # a document goes when emptied
+    urls, texts = [u for u, t in zip(urls, deduped) if t], [t for t in deduped if t]
+    if opts["eval"]:
+        examples = [t for t in Path(opts["eval"]).read_text(encoding="utf-8").splitlines() if t]
+        found = contamination(texts, examples, opts["eval_ngrams"])
+        for i in found:
+            _drop(report, "contamination", texts[i], f"{urls[i]}: ")
+        urls, texts = [u for i, u in enumerate(urls) if i not in found], [
+            t for i, t in enumerate(texts) if i not in found]
+    if len(texts) < 2:
+        raise ValueError(f"only {len(texts)} document(s) left after filtering: nothing to split")
+    # The split hashes the URL, so a page keeps its split as the crawl grows.
+    val = [hashlib.blake2b(u.encode()).digest()[0] < opts["val_fraction"] * 256 for u in urls]
+    if all(val) or not any(val):  # a small crawl still gets both splits
+        val = [i == len(texts) - 1 for i in range(len(texts))]
+    for split, flag in (("train", False), ("val", True)):
+        joined = "".join(t + EOT for t, v in zip(texts, val) if v == flag)
+        write_atomic(out / f"{split}.txt", joined)
+    tok_dir = Path(opts["tokenizer"] or out / "tokenizer")
+    if not opts["tokenizer"]:
+        vocab, merges = train_bpe(out / "train.txt", opts["vocab_size"], [EOT], workers, progress)
+        Tokenizer(vocab, merges, [EOT]).save_dir(tok_dir)
+    if EOT not in (tok := Tokenizer.from_dir(tok_dir)).special_tokens:
+        raise ValueError(f"the tokenizer in {tok_dir} has no {EOT} special token")
+    report.update(kept=len(texts), kept_tokens=sum(len(PRETOKEN_RE.findall(t)) for t in texts),
+                  val_docs=sum(val), tokenizer=str(tok_dir), bin_tokens={
+                      split: encode_file(tok, out / f"{split}.txt", out / f"{split}.bin", workers,
+                                         progress) for split in ("train", "val")})
+    report["removed"]["bad input"], report["examples"]["bad input"] = sum(
+        report["errors"].values()), ", ".join(f"{k} {n}" for k, n in report["errors"].items())
+    write_atomic(out / "report.json", json.dumps(report, indent=1))
+    return report
+
+
+def pipeline(input: str, out: str, workers: int = 1, shard: str = "0/1", merge: bool = False,
+             progress: bool = True, **opts) -> dict | None:
+    """The whole pipeline; with --shard=i/n only stage 1 on every n-th file (a Slurm array runs
+    i = 0..n-1 on n machines), and with --merge stage 2 over all n shards' outputs."""
+    match, out_dir = regex.fullmatch(r"(\d+)/(\d+)", shard), Path(out)
+    if not match or not int(match[1]) < int(match[2]):
+        raise UsageError(f"--shard expects i/n with 0 <= i < n, got {shard!r}")
+    index, num_shards = int(match[1]), int(match[2])
+    opts["languages"] = [lang for lang in opts["languages"] if lang]
+    if opts["line_dedup"] not in ("exact", "bloom", "none"):
+        raise UsageError(f"--line_dedup must be exact, bloom or none, got {opts['line_dedup']!r}")
+    for key in (*CLASSIFIERS, "tokenizer", "eval"):  # bad settings fail now, not mid-corpus
+        if opts[key] and not Path(opts[key]).exists():
+            raise UsageError(f"--{key}={opts[key]} does not exist")
+        if key in CLASSIFIERS and opts[key]:
+            CLASSIFIERS[key][0]("", opts[key])  # loads the file, checks its labels
+    if merge:
+        if not (found := sorted(out_dir.glob("shards/*-of-*.json.gz"))):
+            raise UsageError(f"no shard outputs in {out_dir / 'shards'}: run --shard=i/n first")
+        num_shards = int(found[0].name.split("-of-")[1][:5])
+    else:
+        files, report = _input_files(input)[index::num_shards], {}
+        job = functools.partial(filter_file, opts=opts)
+        with contextlib.ExitStack() as stack:
+            results = map(job, map(str, files))
+            if workers > 1 and len(files) > 1:  # fork: no re-import; workers run no threads
+                ctx = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
+                pool = stack.enter_context(ctx.Pool(min(workers, len(files))))
+                results = pool.imap(job, map(str, files))  # in the files' order
+            for part in tqdm(results, total=len(files), desc="filter", disable=not progress):
+                _merge(report, part)
+        (out_dir / "shards").mkdir(parents=True, exist_ok=True)
+        write_atomic(_shard_path(out_dir, index, num_shards),
+                     gzip.compress(json.dumps(report).encode(), mtime=0))
+        if num_shards > 1:
+            return print(f"shard {index}/{num_shards}: {len(report['docs'])} documents kept from "
+                         f"{len(files)} files; after every shard: pipeline --out={out} --merge")
+    report = finish(out_dir, opts, num_shards, workers, progress)
+    print(f"{'step':<16}{'docs removed':>13}{'tokens removed':>16}   example\n{'-' * 100}")
+    for step in (s for s in STEPS if report["removed"][s] or report["tokens"][s]):
+        print(f"{step:<16}{report['removed'][step]:>13,}{report['tokens'][step]:>16,}   "
+              f"{_short(report['examples'][step], 52)}")
+    print(f"{'kept':<16}{report['kept']:>13,}{report['kept_tokens']:>16,}\nPII masked: "
+          f"{dict(report['pii'])}\n{out_dir}/train.bin: {report['bin_tokens']['train']:,} tokens,"
+          f" val.bin: {report['bin_tokens']['val']:,} ({report['val_docs']} documents)")
+    return report
+
+
+# 11. A synthetic crawl, and the demo --------------------------------------------------------------
 WORDS = ("river valley farmers harvest grain autumn village market bread mill water wheel stone "
          "bridge travelers merchants wool cloth winter stories children school teacher lesson "
          "garden apples orchard season weather rain clouds mountain forest path evening lamp "
          "library books history council meeting festival music dance square church tower clock "
          "railway station engine carriage journey letters newspaper printer ink paper").split()
+GLUE = "the of and in with to from for was is by at on near".split()  # English's frequent words
+SPAM = ("buy cheap best price discount offer free shipping click here now deal sale limited "
+        "bonus casino win money fast online pills order today guaranteed").split()
+FOREIGN = {  # other languages, for the language filter
+    "de": "Im Herbst bringen die Bauern das Getreide zur Mühle, und der Markt verkauft Brot. ",
+    "fr": "Les voyageurs fatigués s'arrêtent au marché du village pour acheter du pain. ",
+    "es": "Los niños caminan por el valle hasta la escuela y el maestro les cuenta historias. ",
+    "ru": "Осенью крестьяне везут зерно на мельницу, а на рынке продают свежий хлеб. ",
+    "zh": "秋天的时候，农民把粮食送到磨坊，村里的市场上卖新鲜的面包。", "ja": "秋になると、農家の人たちは穀物を水車小屋に運び、村の市場でパンが売られます。"}
 BOILERPLATE = ("<header><a href='/'>Home</a> | <a href='/news'>News</a></header>"
                "<nav><ul><li>Login</li><li>Subscribe</li></ul></nav>"
                "<script>var tracker = {id: 42}; if (a < b) { track(); }</script>"
@@ -470,7 +986,8 @@ FOOTER = "<footer>&copy; 2024 Valley Gazette. All rights reserved.</footer>"
 
 def _article(rng: random.Random, sentences: int = 12) -> list[str]:
     """Paragraphs of plausible sentences: long enough, alphabetic, no ellipses (Gopher passes)."""
-    said = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(8, 14))).capitalize() + "."
+    said = [" ".join(f"{rng.choice(GLUE)} {rng.choice(WORDS)}" if rng.random() < 0.5 else
+                     rng.choice(WORDS) for _ in range(rng.randint(6, 10))).capitalize() + "."
             for _ in range(sentences)]
     return [" ".join(said[i:i + 4]) for i in range(0, sentences, 4)]
 
@@ -484,96 +1001,128 @@ def _page(title: str, paragraphs: list[str], charset: str = "utf-8") -> bytes:
 
 
 def synthetic_crawl(seed: int = 0) -> list[WarcRecord]:
-    """Pages a crawler might bring back: good articles (one in Windows-1252), PII, two near-
-    duplicates that change a word or two, and three pages the Gopher rules should drop."""
+    """Pages a crawler brings back: articles (PII in two), near-duplicates, one in Windows-1252,
+    pages in six other languages, pages the Gopher rules drop, fluent spam for a classifier."""
     rng = random.Random(seed)
-    articles = [_article(rng) for _ in range(6)]
-    articles[1][1] += (" Write to the editor at editor.desk@valley-gazette.org or call "
-                       "(283) 182-3829; our server is at 192.168.10.7, not 256.1.1.1.")
-    articles[2][0] += " Reach the council at +44 20 7946 0958 or council@town.gov.uk today."
-    near = [articles[0][:], articles[3][:]]
-    near[0][0] = near[0][0].replace(" ", " old ", 1)  # one inserted word
-    near[1][2] += " Updated in the evening."
-    pages = [_page(f"Article {i}", paras) for i, paras in enumerate(articles)]
-    pages += [_page("Article 0 (mirror)", near[0]), _page("Article 3 (syndicated)", near[1])]
-    pages.append(_page("Caf\u00e9 r\u00e9sum\u00e9", articles[4][:1] + [
+    texts = [_article(rng) for _ in range(6)]
+    texts[1][1] += (" Write to the editor at editor.desk@valley-gazette.org or call "
+                    "(283) 182-3829; our server is at 192.168.10.7, not 256.1.1.1.")
+    texts[2][0] += " Reach the council at +44 20 7946 0958 or council@town.gov.uk today."
+    pages = [_page(f"Article {i}", paras) for i, paras in enumerate(texts)]
+    for i in (0, 3):  # a word inserted, or a sentence added
+        near = texts[i][:-1] + [texts[i][-1] + " Updated in the evening."] if i % 2 else [
+            texts[i][0].replace(" ", " old ", 1), *texts[i][1:]]
+        pages.append(_page(f"Article {i} (mirror)", near))
+    pages.append(_page("Caf\u00e9 r\u00e9sum\u00e9", texts[4][:1] + [
         "Notre caf\u00e9 propose un menu d\u00e9j\u00e0 c\u00e9l\u00e8bre dans la vall\u00e9e, "
         "avec des cr\u00eapes et du th\u00e9 pour les voyageurs fatigu\u00e9s du march\u00e9."],
         charset="cp1252"))
-    pages.append(_page("Subscribe", ["Click here to subscribe now."]))
-    pages.append(_page("Teasers", [f"{' '.join(rng.sample(WORDS, 9))}..." for _ in range(8)]
-                       + ["Read more stories below today"]))
-    pages.append(_page("Prices", [" ".join(f"{rng.randint(1, 999)} | ${rng.randint(1, 99)}.99"
-                                           for _ in range(30))]))
+    pages += [_page("Subscribe", ["Click here to subscribe now."]),
+              _page("Teasers", [f"{' '.join(rng.sample(WORDS, 9))}..." for _ in range(8)]
+                    + ["Read more stories below today"]),
+              _page("Prices", [" ".join(f"{rng.randint(1, 999)} | ${rng.randint(1, 99)}.99"
+                                        for _ in range(30))]),
+              *(_page(lang, [text * 3] * 3) for lang, text in FOREIGN.items()),
+              _page("Deals", [" ".join(rng.choices(SPAM, k=20)) + "." for _ in range(4)])]
     return [make_response_record(f"https://valley-gazette.example/{i}", page, record_id=i)
             for i, page in enumerate(pages)]
 
 
-def _short(text: str, width: int = 92) -> str:
-    text = text.replace("\n", " / ")
-    return text if len(text) <= width else text[:width - 3] + "..."
-
-
-def demo(out: str = "") -> dict:
-    """Every step on the synthetic crawl, with what it removed; returns the counts."""
+def demo(out: str = "", workers: int = 2) -> dict:
+    """The synthetic crawl through the pipeline, with a quality classifier and an eval set."""
     with tempfile.TemporaryDirectory() as tmp:
-        root = Path(out or tmp)
-        root.mkdir(parents=True, exist_ok=True)
-        crawl = root / "crawl.warc.gz"
-        write_warc(crawl, synthetic_crawl())
-        records = list(iter_warc_records(crawl))
-        print(f"1. crawl: wrote and read back {len(records)} response records, "
-              f"{crawl.stat().st_size:,} bytes gzipped ({crawl})")
-        texts = {r.url.rsplit("/", 1)[1]: extract_record(r) for r in records}
-        html_chars = sum(len(r.body) for r in records)
-        text_chars = sum(map(len, texts.values()))
-        print(f"2. extract: {html_chars:,} bytes of HTML -> {text_chars:,} chars of text "
-              f"(scripts, styles, header, nav and footer dropped)\n"
-              f"   page 8, declared Windows-1252: {_short(texts['8'].splitlines()[2], 60)}")
-        counts = Counter()
-        for name, text in texts.items():
-            masked, found = mask_pii(text)
-            counts.update(found)
-            if found and sum(found.values()) >= 3:
-                line = next(ln for ln in masked.splitlines() if "|||" in ln)
-                print(f"   page {name} masked: ...{line[line.index('|||') - 20:][:72]}...")
-            texts[name] = masked
-        print(f"3. PII: masked {counts['emails']} emails, {counts['phones']} phone numbers, "
-              f"{counts['ips']} IPv4 address(es) (256.1.1.1 is not an IP and stays)")
-        failed = {name: [rule for rule, ok in gopher_rules(t).items() if not ok]
-                  for name, t in texts.items()}
-        for name, rules in failed.items():
-            if rules:
-                print(f"4. gopher drops page {name}: fails {'; '.join(rules)}: "
-                      f"{_short(texts[name], 50)}")
-        texts = {name: t for name, t in texts.items() if not failed[name]}
-        docs = root / "docs"
-        docs.mkdir(exist_ok=True)
-        files = []
-        for name, text in texts.items():
-            write_atomic(docs / f"page{int(name):02d}.txt", text + "\n")
-            files.append(docs / f"page{int(name):02d}.txt")
-        kept = minhash_deduplication(files, 100, 20, 5, 0.8, root / "minhash")
-        names = [p.stem for p in files]
-        for cluster in minhash_clusters(list(texts.values()), 100, 20, 5, 0.8):
-            if len(cluster) > 1:
-                sets = [shingles(list(texts.values())[i], 5) for i in cluster]
-                print(f"5. minhash: {' and '.join(names[i] for i in cluster)} are near-"
-                      f"duplicates (Jaccard {jaccard(*sets[:2]):.2f}); one kept")
-        removed = exact_line_deduplication(kept, root / "exact")
-        print(f"6. exact lines: removed {removed} lines seen in two or more documents (the\n"
-              f"   'Share this story' line, and the paragraph page 8 quotes from page 4)")
-        print(f"kept {len(kept)} of {len(records)} pages: {', '.join(p.stem for p in kept)}")
-        return {"records": len(records), **counts, "gopher_dropped": len(records) - len(texts),
-                "kept": len(kept), "lines_removed": removed}
+        root, rng, records = Path(out or tmp), random.Random(2), synthetic_crawl()
+        (root / "crawl").mkdir(parents=True, exist_ok=True)
+        write_warc(root / "crawl" / "part0.warc.gz", records[:9])
+        write_warc(root / "crawl" / "part1.warc.gz", records[9:])
+        lines = [f"__label__wiki {' '.join(_article(rng, 4))}" for _ in range(100)] + [
+            f"__label__cc {' '.join(rng.choices(SPAM + WORDS[:5], k=30))}" for _ in range(100)]
+        FastTextClassifier.train(lines, buckets=1 << 16).save(quality := root / "quality.npz")
+        write_atomic(evals := root / "eval.txt", extract_record(records[5]).splitlines()[2])
+        print(f"{len(records)} pages; a quality classifier of 200 made-up lines; eval: page 5")
+        return pipeline(str(root / "crawl"), str(root / "out"), workers, progress=False,
+                        **{**PIPELINE_OPTIONS, "quality": str(quality), "eval": str(evals)})
 
 
-# 7. Commands --------------------------------------------------------------------------------------
+def compare(out: str = "", crawls: int = 60, max_iters: int = 200,
+            batch_size: int = 16) -> dict[str, float]:
+    """Does filtering help? The tiny model trained on the synthetic crawl's text as extracted and
+    after the pipeline, for the same tokens; perplexity on fresh clean articles. Both use the
+    filtered run's tokenizer: perplexities per token compare only under one tokenizer."""
+    with tempfile.TemporaryDirectory() as tmp:
+        (root := Path(out or tmp)).mkdir(parents=True, exist_ok=True)
+        records = [r for seed in range(1, 1 + crawls) for r in synthetic_crawl(seed)]
+        write_warc(root / "crawl.warc.gz", records)
+        report = pipeline(str(root / "crawl.warc.gz"), str(root / "filtered"), 2, progress=False,
+                          **PIPELINE_OPTIONS)
+        rng, tok = random.Random(12345), Tokenizer.from_dir(report["tokenizer"])
+        for name, text in (("raw", "".join(t + EOT for r in records if (t := extract_record(r)))),
+                           ("heldout", "".join("\n".join(_article(rng)) + EOT for _ in range(50)))):
+            write_atomic(root / f"{name}.txt", text)
+            encode_file(tok, root / f"{name}.txt", root / f"{name}.bin", progress=False)
+        ppl = {name: perplexity(train_model(TrainConfig(
+            train_bin=str(path), val_bin=str(root / "heldout.bin"),
+            tokenizer_dir=report["tokenizer"],
+            max_iters=max_iters, batch_size=batch_size, eval_interval=max_iters, eval_iters=20,
+            checkpoint_interval=0, num_samples=0, out_dir=str(root / name), overwrite=True,
+            device="cpu"))["val_loss"]) for name, path in (
+                ("unfiltered", root / "raw.bin"), ("filtered", root / "filtered" / "train.bin"))}
+        print(f"the same {max_iters * batch_size * 128:,} training tokens; perplexity on held-out "
+              f"clean text: unfiltered ({len(records)} pages) {ppl['unfiltered']:.2f}, filtered "
+              f"({report['kept']} pages) {ppl['filtered']:.2f}")
+        return ppl
+
+
+def bench(crawls: int = 20, repeat: int = 3, num_hashes: int = 128) -> None:
+    """Documents/s for extraction, language id and MinHash, ours beside resiliparse and
+    datasketch when installed, on the same pages (best of `repeat` passes)."""
+    pages = [r.body for seed in range(crawls) for r in synthetic_crawl(seed)]
+    texts = [t for p in pages if (t := extract_text_from_html_bytes(p))]
+    sets, (a, b) = [shingles(t, 5) for t in texts], hash_functions(num_hashes)
+    tools: dict[str, tuple] = {
+        "extraction: data.py (html.parser)": (extract_text_from_html_bytes, pages),
+        "language id: data.py (script + naive Bayes)": (identify_language, texts),
+        f"MinHash x{num_hashes}: data.py (numpy)": (lambda s: minhash_signature(s, a, b), sets)}
+    try:
+        from resiliparse.extract.html2text import extract_plain_text
+        from resiliparse.parse.encoding import bytes_to_str, detect_encoding
+        tools["extraction: resiliparse"] = (lambda p: extract_plain_text(
+            bytes_to_str(p, detect_encoding(p)), main_content=True), pages)
+    except ImportError:
+        tools["extraction: resiliparse"] = None
+    try:
+        from datasketch import MinHash
+        first = MinHash(num_hashes)  # its permutations made once, as ours are
+        tools[f"MinHash x{num_hashes}: datasketch"] = (lambda s: MinHash(
+            num_hashes, permutations=first.permutations, scheme=first.scheme).update_batch(
+            [x.encode() for x in s]), sets)
+    except ImportError:
+        tools[f"MinHash x{num_hashes}: datasketch"] = None
+    print(f"{len(pages)} pages, {np.mean([len(t) for t in texts]):.0f} characters of text each")
+    for name, tool in sorted(tools.items()):
+        seconds = math.inf
+        for _ in range(repeat if tool else 0):
+            start = time.perf_counter()
+            deque(map(*tool), maxlen=0)  # run fn on every item, keep nothing
+            seconds = min(seconds, time.perf_counter() - start)
+        print(f"{name:<46}" + (f"{len(tool[1]) / seconds:>8,.0f} documents/s" if tool
+                               else "not installed"))
+
+
+# 12. Commands -------------------------------------------------------------------------------------
+PIPELINE_OPTIONS = {
+    "languages": ["en"], "min_language_score": 0.5,  # --languages= keeps every language
+    "nsfw": "", "toxic": "", "quality": "",  # FastTextClassifier files; "" = none
+    "num_hashes": 100, "num_bands": 20, "ngrams": 5, "jaccard_threshold": 0.8, "seed": 0,
+    "line_dedup": "exact",  # "exact" (two passes), "bloom" (streaming, first copy kept), "none"
+    "eval": "", "eval_ngrams": 13,  # an evaluation set, an example per line, to decontaminate
+    "tokenizer": "", "vocab_size": 2048, "val_fraction": 0.1}  # a tokenizer, or train one
 COMMANDS = {
-    "demo": {"out": ""},  # "" keeps nothing: a temporary folder
-    "extract": {"input": "", "out": "", "mask": False, "quality": False},  # PII, Gopher
-    "dedup": {"input": "", "out": "", "method": "minhash", "num_hashes": 100, "num_bands": 20,
-              "ngrams": 5, "jaccard_threshold": 0.8, "seed": 0},
+    "demo": {"out": "", "workers": 2},  # out="" keeps nothing: a temporary folder
+    "pipeline": {"input": "", "out": "", "workers": 0, "shard": "0/1", "merge": False,
+                 **PIPELINE_OPTIONS},  # workers=0: one per core
+    "compare": {"out": "", "crawls": 60, "max_iters": 200, "batch_size": 16},
+    "bench": {"crawls": 20, "repeat": 3, "num_hashes": 128},
 }
 
 
@@ -590,46 +1139,17 @@ def _input_files(spec: str) -> list[Path]:
     return paths
 
 
-def extract(input: str, out: str, mask: bool, quality: bool) -> None:
-    """Text files from crawl files, optionally PII-masked and Gopher-filtered."""
-    out_dir = Path(out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    written = dropped = 0
-    for path in _input_files(input):
-        for record in iter_warc_records(path):
-            text = extract_record(record)
-            if text and mask:
-                text = mask_pii(text)[0]
-            if text is None or quality and not gopher_quality_filter(text):
-                dropped += record.type in ("response", "conversion")
-                continue
-            write_atomic(out_dir / f"{written:06d}.txt", text + "\n")
-            written += 1
-    print(f"wrote {written} documents to {out_dir}, dropped {dropped}")
-
-
 def main(argv: list[str]) -> None:
     """`python data.py [COMMAND] [--key=value ...]`; no command runs the demo."""
     if "-h" in argv or "--help" in argv:
         return print(__doc__)
     command, cfg, _, _ = parse_command(argv, COMMANDS, "demo")
-    if missing := [key for key, value in cfg.items() if value == "" and key != "out" or
-                   key == "out" and command != "demo" and not value]:
+    needed = ["out", "input"][:2 - cfg["merge"]] if command == "pipeline" else []
+    if missing := [key for key in needed if not cfg[key]]:
         raise UsageError(f"{command} needs --{missing[0]}=...")
-    if command == "demo":
-        demo(cfg["out"])
-    elif command == "extract":
-        extract(**cfg)
-    elif cfg["method"] == "exact":
-        removed = exact_line_deduplication(_input_files(cfg["input"]), cfg["out"])
-        print(f"removed {removed} repeated lines; files written to {cfg['out']}")
-    elif cfg["method"] == "minhash":
-        paths = _input_files(cfg["input"])
-        kept = minhash_deduplication(paths, cfg["num_hashes"], cfg["num_bands"], cfg["ngrams"],
-                                     cfg["jaccard_threshold"], cfg["out"], cfg["seed"])
-        print(f"kept {len(kept)} of {len(paths)} documents in {cfg['out']}")
-    else:
-        raise UsageError(f"--method must be exact or minhash, got {cfg['method']!r}")
+    if "workers" in cfg:
+        cfg["workers"] = cfg["workers"] or os.cpu_count() or 1
+    {"demo": demo, "pipeline": pipeline, "compare": compare, "bench": bench}[command](**cfg)
 
 
 if __name__ == "__main__":

@@ -1,123 +1,1456 @@
-"""Stage 4: systems, part one: measure where the time of a training step goes, then beat it.
+"""Stage 4: systems, part one: measure where a training step's time goes, then beat PyTorch.
 
-This first version holds the training-step benchmark that train.py's loop runs on: train.py's
-`train_step` (compiled model and loss, fused AdamW, bf16 autocast) on random batches already on
-the device, warmed up, timed with the GPU synchronised, reported as ms/step, tokens/s, TFLOP/s and
-MFU. The profiler and our own Triton kernels (fused RMSNorm, FlashAttention-2, training fusions)
-come next (issue 10).
+CS336 lectures 5-6 and assignment 2, part 1, in teaching order:
+  1. Measure first. The CPU queues GPU work and moves on, so a timer must wait for the GPU
+     (CUDA events, synchronize), skip the first steps (they compile, autotune, fill the
+     allocator) and time each step on its own to show the spread. `bench` times the forward,
+     forward + backward and train.py's training step, eager or compiled, fp32 or bf16: ms,
+     tokens/s, TFLOP/s, MFU. `profile` shows where a step's time and memory go: the top kernels,
+     NVTX ranges, a memory snapshot, the peak with and without activation checkpointing.
+  2. The GPU, in code (`lesson`): arithmetic intensity and the roofline on this GPU's measured
+     bandwidth and matmul peak; GeLU five ways (eager, fused, compiled, Triton, its PTX); a fused
+     softmax; a tiled matmul with grouped tile order; floating-point formats and autocast.
+  3. Kernels that move fewer bytes: a fused RMSNorm (and residual add + RMSNorm), the SwiGLU
+     gate, a linear + cross-entropy that never holds the whole logits (`fused` times them), and
+     FlashAttention-2: a tiled PyTorch version to read, then Triton forward and backward kernels
+     (`attention` times them against PyTorch's). model.py uses them when asked:
+     `--kernels=triton` (norms, gate, loss) and `--attn_impl=triton` (attention).
+On a CPU the Triton kernels run in Triton's interpreter (TRITON_INTERPRET=1): right, but slow.
 
-Commands (meant for a GPU; on a CPU it says so and runs slowly)
-    python kernels.py bench                          # nanogpt and tinystories presets
-    python kernels.py bench --preset=nanogpt         # GPT-2 small, 16 x 1024, as nanoGPT times it
-    python kernels.py bench --preset=tinystories --optimizer=muon --compile=False
-Any TrainConfig or ModelConfig field is a --key=value option, as in train.py. Reads and writes no
-files.
-
-Papers  Chowdhery et al. 2022 (PaLM: model FLOPs utilisation); Micikevicius et al. 2018 (mixed
-        precision).
+Commands (CPU: add --device=cpu --preset=tiny to bench and profile, seconds; one GPU: as written)
+    python kernels.py bench --preset=nanogpt          # GPT-2 small, 16 x 1,024 (the README's)
+    python kernels.py bench --preset=nanogpt --kernels=triton --attn_impl=triton --mode=step
+    python kernels.py bench --preset=course --context_length=128,256,512,1024 --mode=fwd,fwd_bwd
+    python kernels.py bench --preset=small --compile=False,True --dtype=float32,bfloat16
+    python kernels.py bench --preset=nanogpt --warmup_steps=0 --steps=5    # why we warm up
+    nsys profile -o step python kernels.py profile    # nanogpt, NVTX ranges on a timeline
+    python kernels.py lesson                          # the roofline, GeLU, softmax, matmul, floats
+    python kernels.py fused                           # RMSNorm, add+RMSNorm, SwiGLU, linear+CE
+    python kernels.py attention                       # ours vs SDPA flash/cuDNN; --quick=False: all
+bench and profile take any TrainConfig or ModelConfig field as --key=value (e.g.
+--optimizer=muon); --preset, --mode, --context_length, --compile and --dtype take comma lists;
+--preset=course runs the course's small, medium, large, xl and 2.7B (vocab 10,000, batch 4; eager
+unless --compile=True).
+Writes  profile: memory_snapshot.pickle (CUDA only; --out=FILE), for https://pytorch.org/memory_viz
+Papers  Chowdhery et al. 2022 (MFU); Williams et al. 2009 (roofline); Micikevicius et al. 2018
+        (mixed precision); Chen et al. 2016 (checkpointing); Tillet et al. 2019 (Triton); Dao et
+        al. 2022, Dao 2023 (FlashAttention, -2); Zhang & Sennrich 2019 (RMSNorm); Shazeer 2020
+        (SwiGLU); Wijmans et al. 2025 (cut cross-entropy).
 """
 
+import contextlib
+import dataclasses
+import functools
+import itertools
+import math
+import os
+import statistics
 import time
-from dataclasses import dataclass
+import timeit
+from collections.abc import Callable, Iterable
+from types import SimpleNamespace
 
 import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
 
-from model import PRESETS, ModelConfig, TransformerLM, count_params, mfu_flops_per_token
-from tokenizer import UsageError, run_cli
-from train import (LossModel, TrainConfig, autocast_for, build_optimizer, parse_config,
-                   peak_flops, resolve_device, resolve_dtype, train_step, use_compile)
+if not torch.cuda.is_available():  # before the first @triton.jit: run the kernels on the CPU
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+from model import (PRESETS, ModelConfig, RMSNorm, SwiGLU, TransformerLM,  # noqa: E402
+                   attention_mask, count_params, mfu_flops_per_token,
+                   scaled_dot_product_attention, silu)
+from tokenizer import UsageError, atomic_output, parse_command, run_cli  # noqa: E402
+from train import (LossModel, TrainConfig, autocast_for, build_optimizer,  # noqa: E402
+                   clip_grad_norm, option_defaults, peak_flops, resolve_device, resolve_dtype,
+                   train_step, with_overrides)
 
 
-# The training-step benchmark ----------------------------------------------------------------------
-@dataclass
+# Measure first: time the forward, forward + backward and the whole training step ------------------
+@dataclasses.dataclass
 class BenchConfig(TrainConfig):
-    preset: str = "nanogpt,tinystories"  # model.py presets to time, comma-separated
-    batch_size: int = 0  # micro-batch; 0 = the preset's own (16 for nanogpt, 128 tinystories)
-    vocab_size: int = 0  # the model's vocabulary; 0 = the preset's own
-    steps: int = 20  # timed optimizer steps
+    preset: str = "nanogpt,tinystories"  # model.py presets, comma-separated; "course": five sizes
+    batch_size: int = 0  # 0 = the preset's own: 16 nanogpt, 128 tinystories, 4 course, else 8
+    vocab_size: int = 0  # 0 = the preset's own
+    context_length: str = ""  # one or more, e.g. 128,256,512,1024; "" = the preset's own
+    mode: str = "fwd,fwd_bwd,step"  # forward; forward + backward; the step with the optimizer
+    compile: str = "auto"  # "auto": on CUDA, the course sizes eager (as its table); or False,True
+    dtype: str = "auto"  # "auto": bf16 autocast on CUDA, else float32; or float32,bfloat16
+    steps: int = 20  # timed steps per row
     warmup_steps: int = 5  # untimed steps first: compilation, allocator and autotuning settle
 
 
-BENCH_BATCH = {"nanogpt": 16, "tinystories": 128}
+COURSE = ("small", "medium", "large", "xl", "2.7B")  # CS336 assignment 2's model sizes
+BENCH_BATCH = {"nanogpt": 16, "tinystories": 128, **{name: 4 for name in COURSE}}
 TINYSTORIES_TOKENS = 327_680_000  # the course's TinyStories budget: 5000 steps x 256 x 256
 
 
-def bench(cfg: BenchConfig) -> list[dict]:
-    """Tokens/s, ms/step and MFU of train_step for each preset in cfg.preset; returns the rows."""
-    device = resolve_device(cfg.device)
-    dtype = resolve_dtype(cfg.dtype, device)
-    compile_model = use_compile(cfg.compile, device)
-    autocast = autocast_for(device, dtype)
-    torch.set_float32_matmul_precision("high")
-    presets = cfg.preset.split(",")
-    if unknown := [p for p in presets if p not in PRESETS]:
-        raise UsageError(f"--preset={','.join(unknown)}: expected one of {', '.join(PRESETS)}")
+def bench_grid(cfg: BenchConfig, device: torch.device) -> tuple[list[tuple], list[str]]:
+    """Each row's (preset, context_length, compiled, dtype), and the modes: all checked first."""
+    def comma_list(key: str, allowed: Iterable[str]) -> list[str]:
+        value = str(getattr(cfg, key))  # --mode=fwd,step -> ["fwd", "step"]
+        items = [v.strip() for v in value.split(",") if v.strip()]
+        if not items or any(v not in allowed for v in items):
+            raise UsageError(f"--{key}={value}: expected one or more of {', '.join(allowed)}")
+        return items
+    presets = [p for name in comma_list("preset", ["course", *PRESETS])
+               for p in (COURSE if name == "course" else [name])]
+    contexts = [c.strip() for c in str(cfg.context_length).split(",") if c.strip()]
+    if not all(c.isdigit() and int(c) > 0 for c in contexts):
+        raise UsageError(f"--context_length={cfg.context_length}: expected positive integers")
+    if cfg.steps < 1 or cfg.warmup_steps < 0:
+        raise UsageError(f"--steps={cfg.steps} must be >= 1 and --warmup_steps >= 0")
+    dtypes = [resolve_dtype(d, device) for d in comma_list("dtype", ("auto", "float32",
+                                                                     "bfloat16"))]
+    grid = itertools.product(presets, [int(c) for c in contexts] or [0],
+                             comma_list("compile", ("auto", "True", "False")), dtypes)
+    return ([(p, T, c == "True" or c == "auto" and device.type == "cuda" and p not in COURSE, d)
+             for p, T, c, d in grid], comma_list("mode", ("fwd", "fwd_bwd", "step")))
+
+
+def prepare(cfg: BenchConfig, name: str, context_length: int, compiled: bool,
+            dtype: torch.dtype, device: torch.device) -> tuple:
+    """(model, batch_size, batch, step_model, optimizer, autocast) for a row, made on the device
+    (filling a 2.7B model on a CPU is slow), the batch too: we time the step, not the loader."""
+    shape = {"vocab_size": cfg.vocab_size, "context_length": context_length}
+    config = ModelConfig.preset(name, **{**cfg.model, **{k: v for k, v in shape.items() if v}})
+    batch_size = cfg.batch_size or BENCH_BATCH.get(name, 8)
+    torch.manual_seed(cfg.seed)
+    with torch.device(device):
+        model = TransformerLM(config)
+        batch = tuple(torch.randint(config.vocab_size, (batch_size, config.context_length))
+                      for _ in range(2))
+    return (model, batch_size, batch,
+            torch.compile(LossModel(model)) if compiled else LossModel(model),
+            build_optimizer(model, dataclasses.replace(cfg, compile=compiled), device),
+            autocast_for(device, dtype))
+
+
+def time_each(fn: Callable[[], object], n: int, device: torch.device) -> list[float]:
+    """Seconds of each of n calls of fn. The CPU only queues GPU work, so a host clock times the
+    queueing: CUDA events queued around each call record when the GPU gets there."""
     if device.type != "cuda":
-        print(f"bench times the training step and is meant for a GPU; on {device} each preset "
-              f"takes {cfg.warmup_steps} + {cfg.steps} slow steps")
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    rows = []
-    for name in presets:
-        torch.manual_seed(cfg.seed)
-        vocab = {"vocab_size": cfg.vocab_size} if cfg.vocab_size else {}
-        model_config = ModelConfig.preset(name, **{**cfg.model, **vocab})
-        batch_size, T = cfg.batch_size or BENCH_BATCH.get(name, 8), model_config.context_length
-        model = TransformerLM(model_config).to(device)
-        optimizer = build_optimizer(model, cfg, device)
-        step_model = torch.compile(LossModel(model)) if compile_model else LossModel(model)
-        # A fixed set of random batches already on the device: measures the step, not the loader.
-        batches = [tuple(torch.randint(model_config.vocab_size, (batch_size, T), device=device)
-                         for _ in range(2)) for _ in range(4)]
-        counter = iter(range(10**9))
-        params = list(model.parameters())
+        return [timeit.timeit(fn, number=1) for _ in range(n)]
+    events = [[torch.cuda.Event(enable_timing=True) for _ in range(2)] for _ in range(n)]
+    for start, end in events:
+        start.record()
+        fn()
+        end.record()
+    torch.cuda.synchronize(device)
+    return [start.elapsed_time(end) / 1e3 for start, end in events]
 
-        def run(steps: int) -> float:
-            start = time.perf_counter()
-            for _ in range(steps):
-                train_step(step_model, optimizer, params,
-                           lambda: batches[next(counter) % len(batches)],
-                           cfg.grad_accum_steps, cfg.grad_clip, autocast)
-            sync()
-            return time.perf_counter() - start
 
-        print(f"{name}: {count_params(model_config)['total'] / 1e6:.1f}M params, batch "
-              f"{batch_size}x{T}: {cfg.warmup_steps} warm-up steps, then {cfg.steps} timed")
-        warmup_s, step_s = run(cfg.warmup_steps), run(cfg.steps) / cfg.steps
-        tok_per_s = batch_size * T * cfg.grad_accum_steps / step_s
-        flops = mfu_flops_per_token(model_config, T) * tok_per_s
-        peak = peak_flops(device)
-        row = {"preset": name, "params": count_params(model_config)["total"],
-               "batch_size": batch_size, "context_length": T, "ms_per_step": step_s * 1e3,
-               "tok_per_s": tok_per_s, "tflops": flops / 1e12,
-               "mfu": flops / peak if peak else None,
-               "warmup_s": warmup_s, "dtype": str(dtype).removeprefix("torch."),
-               "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-               "compile": compile_model, "optimizer": cfg.optimizer}
-        mfu = f"{row['mfu']:.1%}" if peak else "n/a (unknown peak)"
-        print(f"  {row['ms_per_step']:.1f} ms/step | {tok_per_s:,.0f} tok/s | "
-              f"{row['tflops']:.1f} TFLOP/s | MFU {mfu} | {row['device']}, {row['dtype']}, "
-              f"compile={compile_model}, {cfg.optimizer} (warm-up {warmup_s:.1f} s)")
-        if name == "tinystories":
-            row["minutes_for_327M_tokens"] = TINYSTORIES_TOKENS / tok_per_s / 60
-            print(f"  {TINYSTORIES_TOKENS:,} tokens (the course's TinyStories run) take "
-                  f"{row['minutes_for_327M_tokens']:.1f} min at this speed")
-        if name == "nanogpt":
-            print("  nanoGPT on one H200 at this shape: 482,000-484,000 tok/s")
-        rows.append(row)
-        del model, optimizer, step_model, batches
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+def forward(step_model: nn.Module, batch: tuple[Tensor, Tensor],
+            autocast: contextlib.AbstractContextManager) -> Tensor:
+    with autocast:
+        loss, aux_loss = step_model(*batch)
+    return loss + aux_loss
+
+
+def bench(cfg: BenchConfig) -> list[dict]:
+    """Time each mode for each preset x context length x compile x dtype; returns the rows."""
+    device = resolve_device(cfg.device)
+    grid, modes = bench_grid(cfg, device)
+    cuda, peak = device.type == "cuda", peak_flops(device)
+    torch.set_float32_matmul_precision("high")
+    rows, shown = [], None
+    for name, T, compiled, dtype in grid:
+        model, batch_size, batch, step_model, optimizer, autocast = prepare(
+            cfg, name, T, compiled, dtype, device)
+        params, T = list(model.parameters()), model.config.context_length
+        if (name, T) != shown:  # a new model: its header
+            shown = (name, T)
+            print(f"{name}: {count_params(model.config)['total'] / 1e6:,.1f}M params, batch "
+                  f"{batch_size} x {T}, vocab {model.config.vocab_size:,}, "
+                  f"{torch.cuda.get_device_name(device) if cuda else device} | "
+                  f"{cfg.warmup_steps} warm-up + {cfg.steps} timed steps per row\n  {'mode':8}"
+                  f"{'compile':8}{'dtype':9}{'ms/step    std [min, max]':>33}{'tok/s':>12}"
+                  f"{'TFLOP/s':>9}{'MFU':>7}{'peak GB':>8}  first steps (ms)")
+        runs = {"fwd": lambda: forward(step_model, batch, autocast),  # fwd_bwd: no .grad kept
+                "fwd_bwd": lambda: torch.autograd.grad(forward(step_model, batch, autocast),
+                                                       params, allow_unused=True),
+                "step": lambda: train_step(step_model, optimizer, params, lambda: batch,
+                                           cfg.grad_accum_steps, cfg.grad_clip, autocast)}
+        for mode in modes:
+            if cuda:
+                torch.cuda.reset_peak_memory_stats(device)
+            times = time_each(runs[mode], cfg.warmup_steps + cfg.steps, device)
+            timed, mean = times[cfg.warmup_steps:], statistics.fmean(times[cfg.warmup_steps:])
+            tokens = batch_size * T * (cfg.grad_accum_steps if mode == "step" else 1)
+            # Training is 3x the forward's FLOPs: backward does two matmuls per forward one.
+            flops = mfu_flops_per_token(model.config, T) / (3 if mode == "fwd" else 1)
+            rows.append(report(cfg, dict(
+                preset=name, params=count_params(model.config)["total"], mode=mode,
+                batch_size=batch_size, context_length=T, compile=compiled, dtype=str(dtype)[6:],
+                optimizer=cfg.optimizer if mode == "step" else None, ms_per_step=mean * 1e3,
+                std_ms=statistics.pstdev(timed) * 1e3, min_ms=min(timed) * 1e3,
+                max_ms=max(timed) * 1e3, first_ms=[t * 1e3 for t in times[:3]],
+                tok_per_s=tokens / mean, tflops=flops * tokens / mean / 1e12,
+                mfu=flops * tokens / mean / peak if peak else None,
+                peak_gb=torch.cuda.max_memory_allocated(device) / 1e9 if cuda else None)))
     return rows
 
 
-# Command line: `python kernels.py bench [CONFIG_FILE ...] [--key=value]` -------------------------
-def main(argv: list[str]) -> None:
-    if not argv or argv[0] in ("-h", "--help"):
-        print(__doc__)
-    elif argv[0] != "bench":
-        raise UsageError(f"unknown command {argv[0]!r}; the command is: bench")
+def report(cfg: BenchConfig, row: dict) -> dict:
+    """Print a row of the table, and what to make of it."""
+    ms, first = row["ms_per_step"], row["first_ms"][0]
+    spread = f"{ms:.2f} {row['std_ms']:6.2f} [{row['min_ms']:.2f}, {row['max_ms']:.2f}]"
+    print(f"  {row['mode']:8}{str(row['compile']):8}{row['dtype']:9}{spread:>33}"
+          f"{row['tok_per_s']:12,.0f}{row['tflops']:9.1f}"
+          f"{'n/a' if row['mfu'] is None else format(row['mfu'], '.1%'):>7}"
+          f"{'n/a' if row['peak_gb'] is None else format(row['peak_gb'], '.1f'):>8}  "
+          + ", ".join(f"{t:,.1f}" for t in row["first_ms"]))
+    if cfg.warmup_steps == 0 and cfg.steps > 1:
+        row["mean_without_first_ms"] = rest = (ms * cfg.steps - first) / (cfg.steps - 1)
+        print(f"    no warm-up: the first step ({first:,.1f} ms) is {first / ms / cfg.steps:.0%}"
+              f" of the timed total; the others average {rest:,.2f} ms, not {ms:,.2f}")
+    if row["mode"] == "step" and row["preset"] == "tinystories":
+        row["minutes_for_327M_tokens"] = TINYSTORIES_TOKENS / row["tok_per_s"] / 60
+        print(f"    {TINYSTORIES_TOKENS:,} tokens (the course's TinyStories run) take "
+              f"{row['minutes_for_327M_tokens']:.1f} min at this speed")
+    return row
+
+
+# Measure first: where one step's time and memory go -----------------------------------------------
+@dataclasses.dataclass
+class ProfileConfig(BenchConfig):
+    preset: str = ""  # one preset; "" = nanogpt on a GPU, tiny elsewhere
+    compile: str = "False"  # eager: PyTorch's own kernels, seconds; True: the compiled step
+    steps: int = 3  # profiled steps, after --warmup_steps
+    out: str = "memory_snapshot.pickle"  # the memory snapshot of one step (CUDA only)
+
+
+def checkpoint_blocks(model: TransformerLM) -> TransformerLM:
+    """Activation checkpointing: a block keeps its input and reruns its forward in backward."""
+    for block in model.layers:
+        block.forward = functools.partial(torch.utils.checkpoint.checkpoint, block.forward,
+                                          use_reentrant=False)
+    return model
+
+
+def profile(cfg: ProfileConfig) -> dict:
+    """The profiler's top kernels, NVTX ranges, a memory snapshot and checkpointing's peak."""
+    device = resolve_device(cfg.device)
+    cuda = device.type == "cuda"
+    cfg.preset = cfg.preset or ("nanogpt" if cuda else "tiny")
+    grid, _ = bench_grid(cfg, device)
+    if len(grid) > 1:
+        raise UsageError("profile takes one preset, context_length, compile and dtype")
+    (name, T, compiled, dtype), = grid
+    model, batch_size, batch, step_model, optimizer, autocast = prepare(cfg, *grid[0], device)
+    nvtx = torch.cuda.nvtx.range if cuda else lambda label: contextlib.nullcontext()
+
+    def step(step_model: nn.Module) -> None:
+        """train_step's work in three named ranges: in the profiler's table, and in nsys (NVTX)."""
+        with torch.profiler.record_function("forward"), nvtx("forward"):
+            loss = forward(step_model, batch, autocast)
+        with torch.profiler.record_function("backward"), nvtx("backward"):
+            loss.backward()
+        with torch.profiler.record_function("optimizer"), nvtx("optimizer"):
+            clip_grad_norm(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+    print(f"profile {name}: batch {batch_size} x {model.config.context_length}, {device}, "
+          f"{str(dtype)[6:]}, compile={compiled}, {cfg.optimizer}, {cfg.steps} steps")
+    for _ in range(cfg.warmup_steps):
+        step(step_model)
+    with torch.profiler.profile() as prof:  # CPU, and CUDA where there is one
+        for _ in range(cfg.steps):
+            step(step_model)
+        if cuda:
+            torch.cuda.synchronize(device)
+    sort_by = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+    table = prof.key_averages().table(sort_by=sort_by, row_limit=15)
+    print(f"top operators and kernels of {cfg.steps} steps, by {sort_by}:\n{table}")
+    result = {"table": table, "peak_gb": {}}
+    if not cuda:
+        print("memory snapshot and peak memory: need CUDA (torch.cuda.memory), skipped")
+        return result
+    torch.cuda.memory._record_memory_history(stacks="python", max_entries=1_000_000)
+    step(step_model)
+    with atomic_output(cfg.out) as tmp:
+        torch.cuda.memory._dump_snapshot(str(tmp))
+    torch.cuda.memory._record_memory_history(enabled=None)
+    print(f"wrote {cfg.out}: memory over one step, open it at https://pytorch.org/memory_viz")
+    for kind in ("plain", "checkpointed"):  # eager: what the model itself keeps for backward
+        torch.cuda.reset_peak_memory_stats(device)
+        step(LossModel(checkpoint_blocks(model) if kind == "checkpointed" else model))
+        result["peak_gb"][kind] = torch.cuda.max_memory_allocated(device) / 1e9
+    print("peak memory of an eager step: " + ", ".join(
+        f"{kind} {gb:.2f} GB" for kind, gb in result["peak_gb"].items()))
+    return result
+
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def time_ms(fn: Callable[[], object], device: torch.device) -> float:
+    """ms per call: do_bench on CUDA (it syncs and clears L2 between calls), else the best of 5."""
+    if device.type == "cuda":
+        return triton.testing.do_bench(fn)
+    return min(timeit.repeat(fn, number=1, repeat=5)) * 1e3
+
+
+def check_input(x: torch.Tensor, name: str, contiguous: bool = True) -> None:
+    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"{name}: dtype {x.dtype}; expected float32, float16 or bfloat16")
+    if contiguous and not x.is_contiguous():
+        raise ValueError(f"{name}: the tensor must be contiguous (call .contiguous() first)")
+
+
+def compare(title: str, ways: dict, x: torch.Tensor, ref: torch.Tensor, tol: float) -> dict:
+    """Check every way gives ref, then print their GB/s, counting one read and one write of x."""
+    for name, fn in ways.items():
+        torch.testing.assert_close(fn(x).float(), ref, atol=tol, rtol=tol, msg=lambda m: name + m)
+    gbps = {k: 2 * x.nbytes / time_ms(lambda: fn(x), x.device) / 1e6 for k, fn in ways.items()}
+    print(title + "".join(f"\n  {name:15} {v:9,.2f} GB/s" for name, v in gbps.items()))
+    return gbps
+
+
+# The roofline: is an op waiting on memory or on arithmetic? ---------------------------------------
+def classify(flops: float, bytes_moved: float, bandwidth: float, peak: float) -> dict:
+    """An op does `flops` FLOPs on `bytes_moved` bytes; the device moves `bandwidth` bytes/s and
+    does `peak` FLOP/s. Below the ridge point, peak / bandwidth FLOPs/byte, it waits on memory."""
+    intensity, ridge = flops / bytes_moved, peak / bandwidth
+    return {"intensity": intensity, "bound": "memory" if intensity < ridge else "compute",
+            "predicted_s": max(flops / peak, bytes_moved / bandwidth)}
+
+
+def matmul_cost(m: int, k: int, n: int, e: int = 2) -> tuple[int, int]:
+    """(FLOPs, bytes) of (m, k) @ (k, n): a multiply-add per term; read A and B, write C once."""
+    return 2 * m * k * n, e * (m * k + k * n + m * n)
+
+
+def model_ops(tokens: int = 8192, d: int = 4096, e: int = 2) -> list[tuple[str, int, int]]:
+    """(name, FLOPs, bytes) of a model's ops on tokens x d activations of e-byte (bf16) numbers."""
+    n = tokens * d
+    return [("add x + y", n, 3 * n * e), ("GeLU, ~8 FLOPs + a tanh per element", 8 * n, 2 * n * e),
+            ("softmax over rows", 5 * n, 2 * n * e), ("RMSNorm", 4 * n, 2 * n * e),
+            ("decode matvec 1x4096 @ 4096x4096", *matmul_cost(1, d, d, e)),
+            ("decode batch 64x4096 @ 4096x4096", *matmul_cost(64, d, d, e)),
+            ("square 4096x4096 @ 4096x4096", *matmul_cost(d, d, d, e)),
+            (f"training FFN {tokens}x4096 @ 4096x16384", *matmul_cost(tokens, d, 4 * d, e)),
+            # one head's Q K^T, (T, 128) @ (128, T), with the T x T scores written to memory
+            *[(f"attention scores QK^T T={T}", *matmul_cost(T, 128, T, e)) for T in (1024, 4096)]]
+
+
+def roofline(device: torch.device | str | None = None) -> dict:
+    device = resolve_device(device or "auto")
+    cuda = device.type == "cuda"
+    src = torch.randn(2**28 if cuda else 2**22, device=device)
+    dst = torch.empty_like(src)
+    bandwidth = 2 * src.nbytes / time_ms(lambda: dst.copy_(src), device) * 1e3  # read + write
+    n, dtype = (8192, torch.bfloat16) if cuda else (512, torch.float32)
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    peak = 2 * n**3 / time_ms(lambda: a @ b, device) * 1e3
+    where = torch.cuda.get_device_name(device) if cuda else ("this CPU (fp32 matmul; Triton runs "
+                                                             "in its interpreter, a slow numpy)")
+    print(f"roofline of {where}: copy {bandwidth / 1e9:,.0f} GB/s, matmul {peak / 1e12:,.2f} "
+          f"TFLOP/s; ridge point {peak / bandwidth:,.0f} FLOPs/byte\n  {'op (bf16)':40} "
+          f"{'GFLOP':>9} {'MB':>9} {'FLOP/B':>7} {'bound':>8} {'predicted':>11}")
+    rows = [{"op": name, "flops": f, "bytes": b, **classify(f, b, bandwidth, peak)}
+            for name, f, b in model_ops()]
+    for r in rows:
+        print(f"  {r['op']:40} {r['flops'] / 1e9:9.2f} {r['bytes'] / 1e6:9.1f} "
+              f"{r['intensity']:7.1f} {r['bound']:>8} {r['predicted_s'] * 1e6:9,.1f} us")
+    # Below the ridge: every elementwise op and norm; decoding (each weight read for 2 FLOPs per
+    # token in the batch); and attention scores, which is why FlashAttention keeps them on chip.
+    return {"bandwidth": bandwidth, "peak": peak, "ridge": peak / bandwidth, "ops": rows}
+
+
+# One elementwise function five ways: GeLU, tanh approximation -------------------------------------
+def gelu_eager(x: torch.Tensor) -> torch.Tensor:
+    """GPT-2's tanh form, within 5e-4 of model.py's exact erf `gelu`. Written out, each operation
+    is a kernel of its own that reads and writes the whole tensor."""
+    return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)))
+
+
+@triton.jit
+def gelu_kernel(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n  # the last block runs past the end
+    x = tl.load(x_ptr + offs, mask=mask).to(tl.float32)
+    u = 0.7978845608028654 * (x + 0.044715 * x * x * x)  # sqrt(2 / pi) (x + 0.044715 x^3)
+    # 0.5 (1 + tanh(u)) = sigmoid(2u) = 1 / (1 + e^(-2u)), and e^z = 2^(z log2 e): exp2 is one
+    # instruction. Very negative x gives x / inf = -0, not NaN.
+    y = x / (1.0 + tl.exp2(-2.0 * 1.4426950408889634 * u))
+    tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+def gelu_triton(x: torch.Tensor) -> torch.Tensor:
+    check_input(x, "gelu_triton")
+    y = torch.empty_like(x)
+    gelu_kernel[(triton.cdiv(x.numel(), 1024),)](x, y, x.numel(), BLOCK=1024)
+    return y
+
+
+def gelu_five_ways(n: int = 2**26, device: torch.device | str | None = None) -> dict:
+    device = resolve_device(device or "auto")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    x = torch.randn(n, device=device, dtype=dtype)
+    ways = {"eager formula": gelu_eager, "F.gelu(tanh)": lambda x: F.gelu(x, approximate="tanh"),
+            "torch.compile": torch.compile(gelu_eager), "Triton": gelu_triton}
+    tol = 1e-5 if dtype == torch.float32 else 2e-2  # bf16 eager rounds every intermediate
+    gbps = compare(f"GeLU of {n:,} {str(dtype)[6:]} numbers on {device.type}:", ways, x,
+                   F.gelu(x.float(), approximate="tanh"), tol)
+    # The fifth way: the PTX (NVIDIA's virtual assembly) that Triton compiled gelu_kernel to. Its
+    # first ~30 lines are a header, so print the first instruction of each kind, in order.
+    head = x[:1024]  # same dtype and alignment: the cached compile of gelu_kernel comes back
+    kernel = gelu_kernel[(1,)](head, torch.empty_like(head), head.numel(), BLOCK=1024)
+    ptx = kernel.asm["ptx"] if kernel is not None else ""  # None: interpreted, never compiled
+    lines = [" ".join(ln.split()) for ln in ptx.splitlines()  # instructions, not directives
+             if ln[:1].isspace() and ln.strip()[:1] not in "/.${}"]
+    first = {}
+    for line in lines:
+        first.setdefault(line.split()[line.startswith("@")], line)  # opcode, after a predicate
+    print(f"  PTX of gelu_kernel, {len(lines)} instructions; the first of each kind:"
+          + "".join("\n    " + line for line in list(first.values())[:30]) if ptx else
+          "  no PTX of gelu_kernel: Triton interprets it on a CPU")
+    return {"gbps": gbps, "ptx": ptx}
+
+
+# Fused softmax: one program per row, the row held in registers ------------------------------------
+@triton.jit
+def softmax_kernel(x_ptr, y_ptr, n_cols, BLOCK: tl.constexpr):
+    row_start = tl.program_id(0).to(tl.int64) * n_cols
+    cols = tl.arange(0, BLOCK)
+    mask = cols < n_cols
+    x = tl.load(x_ptr + row_start + cols, mask=mask, other=-float("inf")).to(tl.float32)
+    e = tl.exp(x - tl.max(x, axis=0))  # the max first, so exp cannot overflow; padding gives 0
+    y = e / tl.sum(e, axis=0)
+    tl.store(y_ptr + row_start + cols, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+def softmax_triton(x: torch.Tensor) -> torch.Tensor:
+    """Softmax over the last dimension: reads x once and writes once, where eager reads it 4x."""
+    check_input(x, "softmax_triton")
+    if x.shape[-1] > 2**15:
+        raise ValueError(f"softmax_triton holds a row in registers: {x.shape[-1]} > 32768 columns")
+    y, block = torch.empty_like(x), triton.next_power_of_2(x.shape[-1])
+    warps = 4 if block <= 2048 else 8 if block <= 8192 else 16  # more threads share a long row
+    softmax_kernel[(x.numel() // x.shape[-1],)](x, y, x.shape[-1], BLOCK=block, num_warps=warps)
+    return y
+
+
+def softmax_bench(device: torch.device, rows: int = 16384, cols: int = 4096) -> dict:
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    x = torch.randn(rows, cols, device=device, dtype=dtype) * 10
+    ways = {"eager formula": lambda x: (e := (x - x.amax(-1, True)).exp()) / e.sum(-1, True),
+            "torch.softmax": lambda x: torch.softmax(x, -1), "Triton": softmax_triton}
+    return compare(f"softmax over the rows of a {rows} x {cols} {str(dtype)[6:]} tensor:", ways,
+                   x, torch.softmax(x.float(), -1), 2e-2)
+
+
+# Tiled matmul: each program computes one BLOCK_M x BLOCK_N tile of C ------------------------------
+MATMUL_CONFIGS = (  # one small tile under the interpreter; one config also skips the timing runs
+    [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4})] if INTERPRET else
+    [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": 64, "GROUP_M": 8}, num_stages=s,
+                   num_warps=w) for m, n, s, w in ((128, 256, 3, 8), (128, 128, 4, 4))])
+
+
+@triton.autotune(configs=MATMUL_CONFIGS, key=["M", "N", "K"])
+@triton.jit
+def matmul_kernel(a_ptr, b_ptr, c_ptr, M, N, K, stride_am, stride_ak, stride_bk, stride_bn,
+                  stride_cm, stride_cn, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                  BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    # Which tile? Programs run roughly in id order, a wave of about one per SM. Row by row, a wave
+    # needs one row-block of A but nearly every column-block of B: all of B streams through L2
+    # again for each row of tiles. Grouped, ids walk down GROUP_M rows of tiles before moving right,
+    # so a wave covers a near-square patch of C and reuses its few blocks of A and B from L2.
+    pid = tl.program_id(0)
+    tiles_m, tiles_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
+    group, in_group = pid // (GROUP_M * tiles_n), pid % (GROUP_M * tiles_n)
+    rows_in_group = tl.minimum(tiles_m - group * GROUP_M, GROUP_M)  # the last group may be short
+    pid_m, pid_n = group * GROUP_M + in_group % rows_in_group, in_group // rows_in_group
+    rm, rk = pid_m * BLOCK_M + tl.arange(0, BLOCK_M), tl.arange(0, BLOCK_K)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    a_ptrs = a_ptr + rm[:, None] * stride_am + rk[None, :] * stride_ak  # (BLOCK_M, BLOCK_K)
+    b_ptrs = b_ptr + rk[:, None] * stride_bk + rn[None, :] * stride_bn  # (BLOCK_K, BLOCK_N)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # 16-bit inputs, fp32 sums
+    for k in range(0, K, BLOCK_K):  # masked loads pad the ragged edges with zeros
+        a = tl.load(a_ptrs, mask=(rm[:, None] < M) & (rk[None, :] < K - k), other=0.0)
+        b = tl.load(b_ptrs, mask=(rk[:, None] < K - k) & (rn[None, :] < N), other=0.0)
+        acc = tl.dot(a, b, acc)  # on the tensor cores
+        a_ptrs, b_ptrs = a_ptrs + BLOCK_K * stride_ak, b_ptrs + BLOCK_K * stride_bk
+    c_ptrs = c_ptr + rm[:, None] * stride_cm + rn[None, :] * stride_cn
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=(rm[:, None] < M) & (rn[None, :] < N))
+
+
+def matmul_triton(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b for 2-D (M, K) @ (K, N) of one float dtype, any strides (they are kernel arguments)."""
+    if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[0] or a.dtype != b.dtype:
+        raise ValueError(f"matmul_triton: expected (M, K) @ (K, N) of one dtype, got "
+                         f"{tuple(a.shape)} {a.dtype} @ {tuple(b.shape)} {b.dtype}")
+    check_input(a, "matmul_triton", contiguous=False)
+    if INTERPRET and a.dtype == torch.bfloat16:  # numpy has no bf16: tl.dot multiplies raw bits
+        raise ValueError("matmul_triton: Triton's interpreter gets bf16 tl.dot wrong; use fp16")
+    (M, K), N = a.shape, b.shape[1]
+    c = torch.empty(M, N, device=a.device, dtype=a.dtype)
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa
+    matmul_kernel[grid](a, b, c, M, N, K, *a.stride(), *b.stride(), *c.stride())
+    return c
+
+
+def matmul_bench(device: torch.device, sizes: tuple[int, ...] = (2048, 4096, 8192)) -> dict:
+    dtypes = (torch.bfloat16, torch.float16) if device.type == "cuda" else (torch.float32,)
+    print(f"square matmuls on {device.type}, TFLOP/s (Triton autotunes on its first call):")
+    tflops = {}
+    for dtype, n in ((dtype, n) for dtype in dtypes for n in sizes):
+        a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+        torch.testing.assert_close(matmul_triton(a, b).float(), a.float() @ b.float(),
+                                   atol=0.05 * n**0.5, rtol=2e-2)
+        tflops[str(dtype)[6:], n] = row = {
+            name: 2 * n**3 / time_ms(lambda: fn(a, b), device) / 1e9
+            for name, fn in [("torch.matmul", torch.matmul), ("Triton", matmul_triton)]}
+        print(f"  {str(dtype)[6:]:8} {n:5}: " + "  ".join(f"{k} {v:7.2f}" for k, v in row.items()))
+    return tflops
+
+
+# Floating point: the formats, what fp16 sums lose, which dtype autocast runs each op in -----------
+def floating_point(device: torch.device | str | None = None) -> dict:
+    device = resolve_device(device or "auto")
+    dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16,
+              "fp8 e4m3": torch.float8_e4m3fn, "fp8 e5m2": torch.float8_e5m2}
+    formats = {}
+    for name, dtype in dtypes.items():
+        info = torch.finfo(dtype)
+        mant = round(-math.log2(info.eps))  # eps = 2^-mantissa bits, the gap above 1.0
+        formats[name] = {"bits": info.bits, "exponent": info.bits - 1 - mant, "mantissa": mant,
+                         "max": info.max, "min_normal": info.tiny, "eps": info.eps}
+    print(f"number formats (torch.finfo)\n  {'':9}" + "".join(f"{k:>11}" for k in formats["fp32"])
+          + "".join(f"\n  {k:9}" + "".join(f"{v:11.3g}" for v in f.values())
+                    for k, f in formats.items()))
+    # 1.0 + 1e-4 + ... (10,000 times) = 2.0. fp16's and bf16's neighbours of 1.0 are 2^-10 and
+    # 2^-7 away, so each 1e-4 rounds away and the sum stays 1.0: accumulate in fp32.
+    accumulate = {}
+    for name in ("fp32", "fp16", "bf16"):
+        total, step = torch.ones((), dtype=dtypes[name]), torch.tensor(1e-4, dtype=dtypes[name])
+        for _ in range(10_000):
+            total = total + step
+        accumulate[name] = total.item()
+    # The cure: torch.sum of fp16 numbers adds them in fp32 inside the kernel, as tensor cores do.
+    accumulate["torch.sum(fp16)"] = 1 + torch.full((10_000,), 1e-4).half().sum().item()
+    print("1.0 + 1e-4 added 10,000 times (exactly 2.0): "
+          + ", ".join(f"{k} {v:.4f}" for k, v in accumulate.items()))
+    x, w = torch.randn(8, 16, device=device), torch.randn(16, 16, device=device)
+    target = torch.randint(16, (8,), device=device)
+    ops = {"matmul": lambda a: a @ w, "linear": lambda a: F.linear(a, w),
+           "softmax": lambda a: a.softmax(-1), "log_softmax": lambda a: F.log_softmax(a, -1),
+           "layer_norm": lambda a: F.layer_norm(a, (16,)), "sum": lambda a: a.sum(),
+           "exp": lambda a: a.exp(), "cross_entropy": lambda a: F.cross_entropy(a, target),
+           "add": lambda a: a + a}
+    # Autocast picks per op: matmuls in bf16, ops on its fp32 list upcast, the rest in their
+    # inputs' dtype. So inputs matter: fp32 as given, or bf16 as a matmul leaves them.
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        autocast = {name: tuple(str(op(a).dtype)[6:] for a in (x, x.bfloat16()))
+                    for name, op in ops.items()}
+    print(f"torch.autocast({device.type!r}, bfloat16): output dtype for an fp32 / a bf16 input"
+          + "".join(f"\n  {name:14} {a:9} / {b}" for name, (a, b) in autocast.items()))
+    return {"formats": formats, "accumulate": accumulate, "autocast": autocast}
+
+
+# The lesson, in order: `python kernels.py lesson` -------------------------------------------------
+def lesson(device: torch.device | str | None = None) -> dict:
+    device = resolve_device(device or "auto")
+    cuda = device.type == "cuda"
+    return {"roofline": roofline(device),
+            "gelu": gelu_five_ways(2**28 if cuda else 2**14, device),
+            "softmax": softmax_bench(device, *((16384, 4096) if cuda else (64, 1000))),
+            "matmul": matmul_bench(device, (2048, 4096, 8192) if cuda else (96,)),
+            "floating_point": floating_point(device)}
+
+
+def _check_inputs(name: str, *tensors: torch.Tensor) -> None:
+    """One clear error instead of a crash or a silently wrong result deep inside Triton."""
+    for t in tensors:
+        if not (t.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
+            raise ValueError(f"{name}: Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 to "
+                             f"run on the CPU), got a tensor on {t.device}")
+        if t.is_floating_point() and t.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise ValueError(f"{name}: supports float32, bfloat16 and float16, got {t.dtype}")
+
+
+# Fused RMSNorm: forward and backward --------------------------------------------------------------
+# Eager RMSNorm launches ~6 kernels (cast, square, mean, rsqrt, two multiplies), each a trip through
+# memory. Here one program normalises a block of rows while they sit in registers: the forward
+# reads x once and writes y once, like a copy. With a residual it first adds the branch output,
+# writing the sum the residual stream carries on: the block's "x + attn(ln1(x))" then ln2, fused.
+@triton.jit
+def _rmsnorm_fwd_kernel(X, R, W, Y, S, RSTD, n_rows, D, eps, HAS_RESIDUAL: tl.constexpr,
+                        BLOCK_ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)  # (R,)
+    cols = tl.arange(0, BLOCK_D)
+    mask = (rows[:, None] < n_rows) & (cols[None, :] < D)
+    offsets = rows[:, None].to(tl.int64) * D + cols[None, :]  # (R, BLOCK_D); int64: > 2^31 ok
+    x = tl.load(X + offsets, mask=mask, other=0.0).to(tl.float32)
+    if HAS_RESIDUAL:
+        summed = x + tl.load(R + offsets, mask=mask, other=0.0).to(tl.float32)
+        summed = summed.to(S.dtype.element_ty)
+        tl.store(S + offsets, summed, mask=mask)
+        x = summed.to(tl.float32)  # normalise the rounded sum, as the unfused block does
+    rstd = tl.rsqrt(tl.sum(x * x, axis=1) / D + eps)  # (R,) in float32
+    w = tl.load(W + cols, mask=cols < D, other=0.0).to(tl.float32)
+    tl.store(Y + offsets, (x * rstd[:, None] * w[None, :]).to(Y.dtype.element_ty), mask=mask)
+    tl.store(RSTD + rows, rstd, mask=rows < n_rows)  # 4 bytes a row: backward skips the reduction
+
+
+# y = x_hat * w with x_hat = x * rstd gives dx = rstd * (g - x_hat * mean(g * x_hat)), g = dy * w,
+# per row; dw = sum over rows of dy * x_hat is a reduction across rows, so it cannot be finished by
+# any one program. Each program walks its own contiguous blocks of rows, keeps its share of dw in
+# registers and writes it once into a (programs, D) float32 buffer; a second pass sums that.
+@triton.jit
+def _rmsnorm_bwd_kernel(X, W, RSTD, DY, DS, DX, DW_PARTIAL, n_rows, D, blocks_per_program,
+                        HAS_DS: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+    pid = tl.program_id(0)
+    cols = tl.arange(0, BLOCK_D)
+    w = tl.load(W + cols, mask=cols < D, other=0.0).to(tl.float32)
+    dw = tl.zeros((BLOCK_ROWS, BLOCK_D), dtype=tl.float32)
+    for block in range(pid * blocks_per_program, (pid + 1) * blocks_per_program):
+        rows = block * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+        mask = (rows[:, None] < n_rows) & (cols[None, :] < D)
+        offsets = rows[:, None].to(tl.int64) * D + cols[None, :]
+        x = tl.load(X + offsets, mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(DY + offsets, mask=mask, other=0.0).to(tl.float32)
+        rstd = tl.load(RSTD + rows, mask=rows < n_rows, other=0.0)
+        x_hat = x * rstd[:, None]
+        g = dy * w[None, :]
+        dx = rstd[:, None] * (g - x_hat * (tl.sum(g * x_hat, axis=1) / D)[:, None])
+        if HAS_DS:  # the gradient reaching the sum directly, through the residual stream
+            dx += tl.load(DS + offsets, mask=mask, other=0.0).to(tl.float32)
+        tl.store(DX + offsets, dx.to(DX.dtype.element_ty), mask=mask)
+        dw += dy * x_hat
+    tl.store(DW_PARTIAL + pid * D + cols, tl.sum(dw, axis=0), mask=cols < D)
+
+
+@functools.cache
+def _rmsnorm_launch(D: int) -> dict:
+    """Rows per program (narrow rows batched to >= 2K elements) and warps (16 elements a thread):
+    the best of a sweep on an H200 (16384 x 4096 bf16: forward 92%, backward 81% of a copy)."""
+    if D > 65536:
+        raise ValueError(f"the fused RMSNorm keeps a row in registers: D must be <= 65536, got {D}")
+    block_d = triton.next_power_of_2(D)
+    rows = max(1, min(16, 2048 // block_d))
+    return dict(BLOCK_ROWS=rows, BLOCK_D=block_d, num_warps=max(1, min(16, rows * block_d // 512)))
+
+
+@functools.cache
+def _backward_programs(device: torch.device, D: int) -> int:
+    """The backward's grid: a few programs per SM (more for narrow rows), each walking many rows."""
+    cuda = device.type == "cuda"
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if cuda else 4
+    return sms * min(16, max(2, 8192 // triton.next_power_of_2(D)))
+
+
+class RMSNormTriton(torch.autograd.Function):
+    """y = rmsnorm(x) * weight for x (..., D); with a residual, (rmsnorm(x + residual) * weight,
+    x + residual). Statistics in float32, outputs in the (promoted) input dtype like model.py."""
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float,
+                residual: torch.Tensor | None = None):
+        D, has_residual = x.shape[-1], residual is not None
+        _check_inputs("RMSNorm", x, weight, *([residual] if has_residual else []))
+        if weight.shape != (D,):
+            raise ValueError(f"RMSNorm weight must have shape ({D},), got {tuple(weight.shape)}")
+        if has_residual and residual.shape != x.shape:
+            raise ValueError(f"residual shape {tuple(residual.shape)} != x shape {tuple(x.shape)}")
+        x2 = x.reshape(-1, D).contiguous()  # (M, D)
+        r2 = residual.reshape(-1, D).contiguous() if has_residual else x2
+        y = torch.empty(x2.shape, dtype=torch.promote_types(x.dtype, r2.dtype), device=x.device)
+        summed = torch.empty_like(y) if has_residual else y  # without a residual: unused
+        rstd = torch.empty(len(x2), dtype=torch.float32, device=x.device)
+        launch = _rmsnorm_launch(D)
+        _rmsnorm_fwd_kernel[(triton.cdiv(len(x2), launch["BLOCK_ROWS"]),)](
+            x2, r2, weight, y, summed, rstd, len(x2), D, eps, HAS_RESIDUAL=has_residual, **launch)
+        ctx.save_for_backward(summed if has_residual else x2, weight, rstd)
+        ctx.dtypes = (x.dtype, r2.dtype)
+        return (y.view(x.shape), summed.view(x.shape)) if has_residual else y.view(x.shape)
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor, dsummed: torch.Tensor | None = None):
+        x2, weight, rstd = ctx.saved_tensors  # x2: the normalised input, (M, D)
+        (M, D), launch = x2.shape, _rmsnorm_launch(x2.shape[1])
+        num_blocks = triton.cdiv(M, launch["BLOCK_ROWS"])
+        per_program = triton.cdiv(num_blocks, min(num_blocks, _backward_programs(x2.device, D)))
+        programs = triton.cdiv(num_blocks, per_program)
+        dx = torch.empty_like(x2)
+        dw_partial = torch.empty(programs, D, dtype=torch.float32, device=x2.device)
+        ds = dx if dsummed is None else dsummed.reshape(-1, D).contiguous()
+        _rmsnorm_bwd_kernel[(programs,)](x2, weight, rstd, dy.reshape(-1, D).contiguous(), ds, dx,
+                                         dw_partial, M, D, per_program,
+                                         HAS_DS=dsummed is not None, **launch)
+        # The second pass is torch's column sum: the buffer is small (264 rows at D=4096 on an
+        # H200, 4 MB), one bandwidth-bound kernel that a hand-written one could only match.
+        dx, dw, (x_dtype, residual_dtype) = dx.view(dy.shape), dw_partial.sum(0), ctx.dtypes
+        grads = (dx.to(x_dtype), dw.to(weight.dtype), None)
+        return grads if dsummed is None else (*grads, dx.to(residual_dtype))  # add: same grad
+
+
+@torch.compiler.disable  # torch.compile calls our kernels as they are, without tracing into them
+def fused_add_rmsnorm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                      eps: float = 1e-5) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rmsnorm(x + residual) * weight, x + residual) in one pass over memory, both directions."""
+    return RMSNormTriton.apply(x, weight, eps, residual)
+
+
+class TritonRMSNorm(RMSNorm):
+    """model.py's RMSNorm on the fused kernel: the same `weight`, so checkpoints load either way."""
+    @torch.compiler.disable
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return RMSNormTriton.apply(x, self.weight, self.eps)
+
+    def add_and_norm(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """(self(x + residual), x + residual): what a pre-norm block needs before its FFN."""
+        return fused_add_rmsnorm(x, residual, self.weight, self.eps)
+
+
+# Training fusions: the SwiGLU gate ----------------------------------------------------------------
+# silu(a) * b is three elementwise kernels in eager mode (sigmoid, multiply, multiply) and autograd
+# keeps their intermediates. Fused: forward reads a, b and writes h; backward recomputes the
+# sigmoid from the saved a, b and writes both gradients in one pass. The matmuls stay in cuBLAS.
+@triton.jit
+def _swiglu_fwd_kernel(A, B, H, n, BLOCK: tl.constexpr):
+    offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offsets < n
+    a = tl.load(A + offsets, mask=mask, other=0.0).to(tl.float32)
+    b = tl.load(B + offsets, mask=mask, other=0.0).to(tl.float32)
+    tl.store(H + offsets, (a * tl.sigmoid(a) * b).to(H.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _swiglu_bwd_kernel(A, B, DH, DA, DB, n, BLOCK: tl.constexpr):
+    offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offsets < n
+    a = tl.load(A + offsets, mask=mask, other=0.0).to(tl.float32)
+    b = tl.load(B + offsets, mask=mask, other=0.0).to(tl.float32)
+    dh = tl.load(DH + offsets, mask=mask, other=0.0).to(tl.float32)
+    sig = tl.sigmoid(a)  # d silu(a) / da = sig * (1 + a * (1 - sig))
+    tl.store(DA + offsets, (dh * b * sig * (1 + a * (1 - sig))).to(DA.dtype.element_ty), mask=mask)
+    tl.store(DB + offsets, (dh * a * sig).to(DB.dtype.element_ty), mask=mask)
+
+
+class SwiGLUGate(torch.autograd.Function):
+    """silu(a) * b, elementwise, computed in float32 and returned in the inputs' dtype."""
+    @staticmethod
+    def forward(ctx, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        _check_inputs("swiglu", a, b)
+        if a.shape != b.shape or a.dtype != b.dtype:
+            raise ValueError(f"swiglu needs a and b of one shape and dtype, got {tuple(a.shape)} "
+                             f"{a.dtype} and {tuple(b.shape)} {b.dtype}")
+        a, b = a.contiguous(), b.contiguous()
+        h = torch.empty_like(a)
+        _swiglu_fwd_kernel[(triton.cdiv(a.numel(), 1024),)](a, b, h, a.numel(), BLOCK=1024)
+        ctx.save_for_backward(a, b)
+        return h
+
+    @staticmethod
+    def backward(ctx, dh: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        a, b = ctx.saved_tensors
+        da, db = torch.empty_like(a), torch.empty_like(b)
+        _swiglu_bwd_kernel[(triton.cdiv(a.numel(), 1024),)](a, b, dh.contiguous(), da, db,
+                                                            a.numel(), BLOCK=1024)
+        return da, db
+
+
+@torch.compiler.disable
+def swiglu_gate(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return SwiGLUGate.apply(a, b)
+
+
+class TritonSwiGLU(SwiGLU):
+    """model.py's SwiGLU (the same w1, w2, w3) with the fused gate between its matmuls."""
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(swiglu_gate(self.w1(x), self.w3(x)))
+
+
+# Training fusions: linear + cross-entropy without the logits --------------------------------------
+# The LM head's logits are the largest activation of a small model: GPT-2 small at 16 x 1024 tokens
+# has 16K x 50304 of them, 1.6 GB in bf16 plus float32 copies for the loss. Here the tokens go
+# through in chunks: each chunk's logits are made, turned in place by one Triton kernel into the
+# loss and d loss / d logits = (softmax - one_hot) / count, multiplied right away into the hidden
+# rows' gradient and the weight's, then dropped. Only a chunk of logits ever exists, and backward
+# merely scales the saved gradients by grad_output. The three matmuls are as in the unfused model
+# and take most of the time; the kernel reads a chunk's logits twice and writes them once, where
+# eager PyTorch (float copy, max, exp, sum, scatter, scale) would pass over them ~6 times.
+@triton.jit
+def _cross_entropy_kernel(LOGITS, TARGETS, LOSS, INV_COUNT, V, ignore_index,
+                          BLOCK_V: tl.constexpr):
+    row = tl.program_id(0)
+    ptr = LOGITS + row.to(tl.int64) * V
+    target = tl.load(TARGETS + row)
+    # log-sum-exp in one streaming pass (the online softmax): rescale the sum when the max grows
+    row_max, sum_exp = tl.full((), -float("inf"), tl.float32), tl.zeros((), tl.float32)
+    for start in range(0, V, BLOCK_V):
+        cols = start + tl.arange(0, BLOCK_V)
+        x = tl.load(ptr + cols, mask=cols < V, other=-float("inf")).to(tl.float32)
+        new_max = tl.maximum(row_max, tl.max(x, axis=0))
+        sum_exp = sum_exp * tl.exp(row_max - new_max) + tl.sum(tl.exp(x - new_max), axis=0)
+        row_max = new_max
+    lse = row_max + tl.log(sum_exp)
+    keep = (target != ignore_index) & (target >= 0) & (target < V)
+    target_logit = tl.load(ptr + target, mask=keep, other=0.0).to(tl.float32)
+    tl.store(LOSS + row, tl.where(keep, lse - target_logit, 0.0))
+    scale = tl.where(keep, tl.load(INV_COUNT), 0.0)  # ignored rows: zero loss, zero gradient
+    for start in range(0, V, BLOCK_V):  # overwrite the logits with their gradient
+        cols = start + tl.arange(0, BLOCK_V)
+        x = tl.load(ptr + cols, mask=cols < V, other=0.0).to(tl.float32)
+        grad = (tl.exp(x - lse) - tl.where(cols == target, 1.0, 0.0)) * scale
+        tl.store(ptr + cols, grad.to(LOGITS.dtype.element_ty), mask=cols < V)
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                ignore_index: int, chunk_size: int) -> torch.Tensor:
+        device = hidden.device.type  # the matmuls run in the autocast dtype, as unfused
+        autocast = torch.is_autocast_enabled(device)
+        dtype = torch.get_autocast_dtype(device) if autocast else hidden.dtype
+        h_all, w = hidden.to(dtype), weight.to(dtype)  # one cast, not one per chunk
+        inv_count = 1.0 / (targets != ignore_index).sum().clamp(min=1).float()  # no host sync
+        losses = torch.empty(len(hidden), dtype=torch.float32, device=hidden.device)
+        grad_hidden = torch.empty_like(hidden)
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        for start in range(0, len(hidden), chunk_size):
+            h = h_all[start:start + chunk_size]  # (C, D)
+            logits = h @ w.T  # (C, V): becomes d loss / d logits in place
+            _cross_entropy_kernel[(len(h),)](logits, targets[start:], losses[start:], inv_count,
+                                             w.shape[0], ignore_index, num_warps=8,
+                                             BLOCK_V=min(4096, triton.next_power_of_2(len(w))))
+            grad_hidden[start:start + chunk_size] = logits @ w  # (C, D)
+            grad_weight += logits.T @ h  # (V, D), accumulated in float32 across chunks
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        ctx.weight_dtype = weight.dtype
+        return losses.sum() * inv_count
+
+    @staticmethod
+    def backward(ctx, grad_loss: torch.Tensor):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        return (grad_hidden * grad_loss, (grad_weight * grad_loss).to(ctx.weight_dtype),
+                None, None, None)
+
+
+@torch.compiler.disable
+def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                               ignore_index: int = -100, chunk_size: int = 8192) -> torch.Tensor:
+    """Mean cross-entropy of hidden (N, D) @ weight (V, D).T against targets (N,) over the
+    targets that are not ignore_index (all ignored: 0, with zero gradients). GPT-2 small's head,
+    16K tokens, bf16 on an H200: 7.7 ms forward + backward and 1.8 GB, where the logits and
+    F.cross_entropy take 15.7 ms and 9.3 GB; smaller chunks save memory (2048: 8.5 ms, 0.6 GB)."""
+    _check_inputs("fused_linear_cross_entropy", hidden, weight, targets)
+    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
+        raise ValueError(f"need hidden (N, D) and weight (V, D), got {tuple(hidden.shape)} and "
+                         f"{tuple(weight.shape)}")
+    if targets.shape != hidden.shape[:1] or targets.is_floating_point():
+        raise ValueError(f"targets must be integer ids of shape ({len(hidden)},), got "
+                         f"{tuple(targets.shape)} {targets.dtype}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    kept = targets[targets != ignore_index] if not targets.is_cuda else None  # a GPU would sync
+    if kept is not None and kept.numel() and (kept.min() < 0 or kept.max() >= len(weight)):
+        raise ValueError(f"targets must lie in [0, {len(weight)}) or be {ignore_index}")
+    return LinearCrossEntropy.apply(hidden, weight, targets.contiguous(), ignore_index, chunk_size)
+
+
+# FlashAttention-2: a tiled PyTorch version, then the Triton kernels ------------------------------
+# Attention without the (T, S) score matrix (Dao 2023): query tiles stay put while key tiles stream
+# past, an online softmax (running max m, running sum l) rescales the partial output, and only O
+# and one log-sum-exp L per query are kept; the backward recomputes P tile by tile from L.
+def _causal_fill(s: torch.Tensor, i: int, j: int, offset: int) -> torch.Tensor:
+    """Scores s of the tile at query i, key j with -inf where a key comes after the query
+    (query i + a sits at key position offset + i + a)."""
+    q_pos = torch.arange(i, i + s.shape[-2], device=s.device)[:, None] + offset
+    return s.masked_fill(torch.arange(j, j + s.shape[-1], device=s.device) > q_pos, -math.inf)
+
+
+class FlashAttentionPytorch(torch.autograd.Function):
+    """FlashAttention-2 in PyTorch, the algorithm to read: q (..., T, d), k, v (..., S, d); causal
+    queries are the last T of the S positions, and key tiles past the diagonal are skipped.
+    Saves q, k, v, O and L (..., T), float32 (float64 inputs keep float64, for gradcheck)."""
+    TILES = (16, 16)  # B_q, B_k: tiny, so that the tests cross many tile edges
+
+    @staticmethod
+    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                is_causal: bool = False) -> torch.Tensor:
+        (T, d), S, Bq, Bk = q.shape[-2:], k.shape[-2], *FlashAttentionPytorch.TILES
+        if is_causal and T > S:
+            raise ValueError(f"causal attention needs n_queries <= n_keys, got {T} > {S}")
+        acc = torch.promote_types(q.dtype, torch.float32)
+        O, L = torch.empty_like(q), q.new_empty(q.shape[:-1], dtype=acc)  # L: (..., T)
+        for i in range(0, T, Bq):
+            q_i = q[..., i:i + Bq, :].to(acc) / math.sqrt(d)  # (..., Bq, d)
+            m = torch.full(q_i.shape[:-1], -math.inf, device=q.device, dtype=acc)  # row max
+            l = torch.zeros_like(m)  # running sum of exp(s - m)
+            o = torch.zeros_like(q_i)  # running unnormalised output
+            for j in range(0, min(S, S - T + i + Bq) if is_causal else S, Bk):
+                s = q_i @ k[..., j:j + Bk, :].to(acc).transpose(-2, -1)  # (..., Bq, Bk)
+                s = _causal_fill(s, i, j, S - T) if is_causal else s
+                m_new = torch.maximum(m, s.amax(-1))
+                p, rescale = torch.exp(s - m_new[..., None]), torch.exp(m - m_new)
+                l = rescale * l + p.sum(-1)  # earlier tiles were summed relative to the old m
+                o = rescale[..., None] * o + p @ v[..., j:j + Bk, :].to(acc)
+                m = m_new
+            O[..., i:i + Bq, :], L[..., i:i + Bq] = o / l[..., None], m + torch.log(l)
+        ctx.save_for_backward(q, k, v, O, L)
+        ctx.is_causal = is_causal
+        return O
+
+    @staticmethod
+    def backward(ctx, dO: torch.Tensor) -> tuple:
+        q, k, v, O, L = ctx.saved_tensors
+        (T, d), S, Bq, Bk = q.shape[-2:], k.shape[-2], *FlashAttentionPytorch.TILES
+        acc, scale = L.dtype, 1 / math.sqrt(d)
+        D = (dO.to(acc) * O.to(acc)).sum(-1)  # (..., T): rowsum(dO * O) = rowsum(P * dP)
+        dq, dk, dv = (torch.zeros_like(x, dtype=acc) for x in (q, k, v))
+        for j in range(0, S, Bk):  # key tiles outside, as in the Triton dK/dV kernel
+            k_j, v_j = k[..., j:j + Bk, :].to(acc), v[..., j:j + Bk, :].to(acc)
+            for i in range(max(0, j - (S - T)) // Bq * Bq if ctx.is_causal else 0, T, Bq):
+                q_i, dO_i = q[..., i:i + Bq, :].to(acc), dO[..., i:i + Bq, :].to(acc)
+                s = q_i @ k_j.transpose(-2, -1) * scale  # (..., Bq, Bk)
+                s = _causal_fill(s, i, j, S - T) if ctx.is_causal else s
+                P = torch.exp(s - L[..., i:i + Bq, None])  # the forward's probabilities
+                dv[..., j:j + Bk, :] += P.transpose(-2, -1) @ dO_i
+                dS = P * (dO_i @ v_j.transpose(-2, -1) - D[..., i:i + Bq, None])
+                dq[..., i:i + Bq, :] += dS @ k_j * scale
+                dk[..., j:j + Bk, :] += dS.transpose(-2, -1) @ q_i * scale
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None
+
+
+# The Triton kernels. Tiles (BLOCK_M query rows, BLOCK_N key rows, num_warps, num_stages) are
+# autotuned per padded head dim: at d = 128 the fp32 accumulators need 8 warps' registers.
+FWD_TILES = {64: [(128, 64, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3)],
+             128: [(128, 64, 8, 3), (64, 64, 4, 3), (128, 64, 8, 4)],
+             "ieee": [(32, 32, 8, 2)]}
+DKDV_TILES = {64: [(32, 64, 4, 3), (64, 128, 8, 3), (32, 128, 8, 3)],
+              128: [(32, 64, 8, 3), (32, 128, 8, 2), (16, 128, 8, 2)],
+              "ieee": [(32, 32, 8, 2)]}
+DQ_TILES = {64: [(128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3)],
+            128: [(128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 8, 2)],
+            "ieee": [(32, 32, 8, 2)]}  # exact fp32 dots run on FMA units: small tiles
+LOG2E = 1.4426950408889634
+
+
+def _autotune(tiles: dict[int, list[tuple[int, int, int, int]]], interpreted: tuple[int, int]):
+    """triton.autotune over the tiles of the padded head dim, keyed on head dim, causal and the
+    length bucket (the autotuner adds dtypes). The interpreter gets one small, unequal tile."""
+    key = ["SEQ_BUCKET", "HEAD_DIM", "IS_CAUSAL"]
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return triton.autotune([triton.Config(dict(BLOCK_M=interpreted[0],
+                                                   BLOCK_N=interpreted[1]))], key=key)
+    by_dim = {d: [triton.Config(dict(BLOCK_M=m, BLOCK_N=n), num_warps=w, num_stages=s)
+                  for m, n, w, s in dim_tiles] for d, dim_tiles in tiles.items()}
+
+    def for_head_dim(configs: list, named_args: dict, **kwargs) -> list:
+        if kwargs["PRECISION"] == "ieee":
+            return by_dim["ieee"]
+        return by_dim[min(d for d in by_dim if d != "ieee" and d >= kwargs["D_PAD"])]
+    return triton.autotune(sum(by_dim.values(), []), key=key,
+                           prune_configs_by={"early_config_prune": for_head_dim})
+
+
+@triton.jit
+def _key_range(start_m, T, S, IS_CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr,
+               BLOCK_N: tl.constexpr):
+    """For a query tile: keys [0, full) are seen whole by every query (no mask), keys [full, end)
+    need the causal or ragged-edge mask, keys from `end` on are skipped."""
+    if IS_CAUSAL:  # the queries are the last T of the S positions
+        return (start_m + S - T + 1) // BLOCK_N * BLOCK_N, tl.minimum(start_m + BLOCK_M + S - T, S)
     else:
-        bench(parse_config(argv[1:], BenchConfig()))
+        return S // BLOCK_N * BLOCK_N, S
+
+
+@triton.jit
+def _fwd_tiles(o, m, l, q, K, V, skt, q_pos, offs_n, offs_d, d_ok, lo, hi, S, qk_scale,
+               IS_CAUSAL: tl.constexpr, MASKED: tl.constexpr, PRECISION: tl.constexpr,
+               BLOCK_N: tl.constexpr):
+    """Online softmax of a query tile over key tiles lo..hi in log2 units (exp2 is the fast
+    instruction: log2(e)/sqrt(d) is folded into qk_scale). Only MASKED tiles mask scores."""
+    for start_n in range(lo, hi, BLOCK_N):
+        cols = start_n + offs_n  # (BLOCK_N,) key positions
+        kT = tl.load(K + offs_d[:, None] + cols[None, :] * skt,
+                     mask=d_ok[:, None] & (cols[None, :] < S), other=0.0)  # (D, BLOCK_N)
+        s = tl.dot(q, kT, input_precision=PRECISION)  # (BLOCK_M, BLOCK_N), unscaled
+        if MASKED:
+            keep = (cols[None, :] <= q_pos[:, None]) | (not IS_CAUSAL)
+            s = tl.where(keep & (cols[None, :] < S), s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, 1) * qk_scale)
+        alpha = tl.exp2(m - m_new)  # rescales what the earlier tiles accumulated
+        p = tl.exp2(s * qk_scale - m_new[:, None])  # one fused multiply-add per score
+        l = l * alpha + tl.sum(p, 1)
+        v = tl.load(V + cols[:, None] * skt + offs_d[None, :],
+                    mask=(cols[:, None] < S) & d_ok[None, :], other=0.0)
+        o = tl.dot(p.to(v.dtype), v, o * alpha[:, None], input_precision=PRECISION)  # o += P V
+        m = m_new
+    return o, m, l
+
+
+@_autotune(FWD_TILES, (32, 16))
+@triton.jit(do_not_specialize=["T", "S"])
+def _flash_fwd_kernel(Q, K, V, O, L, sqb, sqh, sqt, skb, skh, skt, H, GROUP, T, S, qk_scale,
+                      SEQ_BUCKET, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
+                      IS_CAUSAL: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                      BLOCK_N: tl.constexpr):
+    """One program per (batch x head, query tile), the longest causal tiles launched first.
+    q and O share strides sq*; k and v share sk* (the wrapper sees to it)."""
+    bh, start_m = tl.program_id(0), (tl.num_programs(1) - 1 - tl.program_id(1)) * BLOCK_M
+    b, h = (bh // H).to(tl.int64), (bh % H).to(tl.int64)
+    kv = b * skb + (h // GROUP) * skh  # GQA: query head h reads key-value head h // GROUP
+    offs_m, offs_n, offs_d = start_m + tl.arange(0, BLOCK_M), tl.arange(0, BLOCK_N), \
+        tl.arange(0, D_PAD)
+    d_ok = offs_d < HEAD_DIM  # head dims such as 96 are padded to a power of two
+    q_ok = (offs_m[:, None] < T) & d_ok[None, :]
+    q_ptrs = b * sqb + h * sqh + offs_m[:, None] * sqt + offs_d[None, :]
+    q = tl.load(Q + q_ptrs, mask=q_ok, other=0.0)  # (BLOCK_M, D)
+    m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l, o = tl.zeros([BLOCK_M], tl.float32), tl.zeros([BLOCK_M, D_PAD], tl.float32)
+    full, end = _key_range(start_m, T, S, IS_CAUSAL, BLOCK_M, BLOCK_N)
+    o, m, l = _fwd_tiles(o, m, l, q, K + kv, V + kv, skt, offs_m + S - T, offs_n, offs_d, d_ok,
+                         0, full, S, qk_scale, IS_CAUSAL, False, PRECISION, BLOCK_N)
+    o, m, l = _fwd_tiles(o, m, l, q, K + kv, V + kv, skt, offs_m + S - T, offs_n, offs_d, d_ok,
+                         full, end, S, qk_scale, IS_CAUSAL, True, PRECISION, BLOCK_N)
+    tl.store(O + q_ptrs, (o / l[:, None]).to(O.dtype.element_ty), mask=q_ok)
+    # L in natural-log units, as in the PyTorch version: ln(sum exp) = (m + log2 l) * ln 2
+    tl.store(L + bh.to(tl.int64) * T + offs_m, (m + tl.log2(l)) * 0.6931471805599453,
+             mask=offs_m < T)
+
+
+@triton.jit
+def _bwd_preprocess_kernel(O, dO, Delta, sqb, sqh, sqt, H, T, HEAD_DIM: tl.constexpr,
+                           D_PAD: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Delta = rowsum(dO * O), the backward's D, one float32 per query."""
+    bh, rows = tl.program_id(0), tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, D_PAD)
+    ptrs = (bh // H).to(tl.int64) * sqb + (bh % H).to(tl.int64) * sqh + rows[:, None] * sqt
+    ok = (rows[:, None] < T) & (offs_d[None, :] < HEAD_DIM)
+    o = tl.load(O + ptrs + offs_d[None, :], mask=ok, other=0.0).to(tl.float32)
+    do = tl.load(dO + ptrs + offs_d[None, :], mask=ok, other=0.0).to(tl.float32)
+    tl.store(Delta + bh.to(tl.int64) * T + rows, tl.sum(o * do, 1), mask=rows < T)
+
+
+@triton.jit
+def _dkdv_tiles(dk, dv, k, v, Q, dO, L, Delta, sqt, k_pos, offs_m, offs_d, d_ok, lo, hi, T, S,
+                qk_scale, MASKED: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr):
+    """A key tile's dK, dV over query tiles lo..hi, computed transposed (keys as rows) so that
+    P^T, dP^T and dS^T come out as the products need them. Query rows past T load zeros for
+    q, dO, L and Delta and so add exactly zero; MASKED tiles apply the causal mask."""
+    for start_m in range(lo, hi, BLOCK_M):
+        rows = start_m + offs_m  # (BLOCK_M,) query indices
+        qT = tl.load(Q + offs_d[:, None] + rows[None, :] * sqt,
+                     mask=d_ok[:, None] & (rows[None, :] < T), other=0.0)  # (D, BLOCK_M)
+        do = tl.load(dO + rows[:, None] * sqt + offs_d[None, :],
+                     mask=(rows[:, None] < T) & d_ok[None, :], other=0.0)  # (BLOCK_M, D)
+        lse = tl.load(L + rows, mask=rows < T, other=0.0) * 1.4426950408889634  # log2 units
+        delta = tl.load(Delta + rows, mask=rows < T, other=0.0)
+        pT = tl.exp2(tl.dot(k, qT, input_precision=PRECISION) * qk_scale - lse[None, :])
+        if MASKED:
+            pT = tl.where(k_pos[:, None] <= (rows + S - T)[None, :], pT, 0.0)
+        dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=PRECISION)  # dv += P^T dO
+        dpT = tl.dot(v, tl.trans(do), input_precision=PRECISION)  # (BLOCK_N, BLOCK_M)
+        dsT = pT * (dpT - delta[None, :])
+        dk = tl.dot(dsT.to(qT.dtype), tl.trans(qT), dk, input_precision=PRECISION)  # += dS^T Q
+    return dk, dv
+
+
+@_autotune(DKDV_TILES, (16, 32))
+@triton.jit(do_not_specialize=["T", "S"])
+def _flash_bwd_dkdv_kernel(Q, K, V, dO, L, Delta, dK, dV, sqb, sqh, sqt, skb, skh, skt, H, GROUP,
+                           T, S, qk_scale, sm_scale, SEQ_BUCKET, HEAD_DIM: tl.constexpr,
+                           D_PAD: tl.constexpr, IS_CAUSAL: tl.constexpr,
+                           PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                           BLOCK_N: tl.constexpr):
+    """One program per (batch x key-value head, key tile), over the query heads of its GQA group
+    and their query tiles from the diagonal on: dK, dV summed in registers, no atomics."""
+    bh_kv, start_n = tl.program_id(0), tl.program_id(1) * BLOCK_N
+    b, kv_h = (bh_kv // (H // GROUP)).to(tl.int64), (bh_kv % (H // GROUP)).to(tl.int64)
+    k_pos, offs_m, offs_d = start_n + tl.arange(0, BLOCK_N), tl.arange(0, BLOCK_M), \
+        tl.arange(0, D_PAD)
+    d_ok = offs_d < HEAD_DIM
+    k_ok = (k_pos[:, None] < S) & d_ok[None, :]
+    k_ptrs = b * skb + kv_h * skh + k_pos[:, None] * skt + offs_d[None, :]
+    k = tl.load(K + k_ptrs, mask=k_ok, other=0.0)  # (BLOCK_N, D)
+    v = tl.load(V + k_ptrs, mask=k_ok, other=0.0)
+    dk, dv = tl.zeros([BLOCK_N, D_PAD], tl.float32), tl.zeros([BLOCK_N, D_PAD], tl.float32)
+    lo, full = T * 0, T * 0  # not causal: every query sees every key
+    if IS_CAUSAL:  # queries before lo see none of these keys; from `full` on, all of them
+        lo = tl.maximum(start_n - (S - T), 0) // BLOCK_M * BLOCK_M
+        full = tl.minimum(tl.cdiv(tl.maximum(start_n + BLOCK_N - 1 - (S - T), 0), BLOCK_M)
+                          * BLOCK_M, T)
+    for g in range(GROUP):
+        h = kv_h * GROUP + g
+        q_off, lse_off = b * sqb + h * sqh, (b * H + h) * T
+        if IS_CAUSAL:
+            dk, dv = _dkdv_tiles(dk, dv, k, v, Q + q_off, dO + q_off, L + lse_off,
+                                 Delta + lse_off, sqt, k_pos, offs_m, offs_d, d_ok, lo, full, T,
+                                 S, qk_scale, True, PRECISION, BLOCK_M)  # the diagonal
+        dk, dv = _dkdv_tiles(dk, dv, k, v, Q + q_off, dO + q_off, L + lse_off, Delta + lse_off,
+                             sqt, k_pos, offs_m, offs_d, d_ok, full, T, T, S, qk_scale, False,
+                             PRECISION, BLOCK_M)  # below it: no mask
+    tl.store(dK + k_ptrs, (dk * sm_scale).to(dK.dtype.element_ty), mask=k_ok)
+    tl.store(dV + k_ptrs, dv.to(dV.dtype.element_ty), mask=k_ok)
+
+
+@triton.jit
+def _dq_tiles(dq, q, do, lse, delta, K, V, skt, q_pos, offs_n, offs_d, d_ok, lo, hi, S, qk_scale,
+              IS_CAUSAL: tl.constexpr, MASKED: tl.constexpr, PRECISION: tl.constexpr,
+              BLOCK_N: tl.constexpr):
+    """A query tile's dQ over key tiles lo..hi: dS = P * (dO V^T - Delta), dQ += dS K."""
+    for start_n in range(lo, hi, BLOCK_N):
+        cols = start_n + offs_n
+        ok = d_ok[:, None] & (cols[None, :] < S)  # (D, BLOCK_N)
+        kT = tl.load(K + offs_d[:, None] + cols[None, :] * skt, mask=ok, other=0.0)
+        vT = tl.load(V + offs_d[:, None] + cols[None, :] * skt, mask=ok, other=0.0)
+        p = tl.exp2(tl.dot(q, kT, input_precision=PRECISION) * qk_scale - lse[:, None])
+        if MASKED:
+            keep = (cols[None, :] <= q_pos[:, None]) | (not IS_CAUSAL)
+            p = tl.where(keep & (cols[None, :] < S), p, 0.0)
+        ds = p * (tl.dot(do, vT, input_precision=PRECISION) - delta[:, None])
+        dq = tl.dot(ds.to(kT.dtype), tl.trans(kT), dq, input_precision=PRECISION)  # dq += dS K
+    return dq
+
+
+@_autotune(DQ_TILES, (32, 16))
+@triton.jit(do_not_specialize=["T", "S"])
+def _flash_bwd_dq_kernel(Q, K, V, dO, L, Delta, dQ, sqb, sqh, sqt, skb, skh, skt, H, GROUP, T, S,
+                         qk_scale, sm_scale, SEQ_BUCKET, HEAD_DIM: tl.constexpr,
+                         D_PAD: tl.constexpr, IS_CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One program per (batch x head, query tile), over the key ranges of the forward."""
+    bh, start_m = tl.program_id(0), (tl.num_programs(1) - 1 - tl.program_id(1)) * BLOCK_M
+    b, h = (bh // H).to(tl.int64), (bh % H).to(tl.int64)
+    kv = b * skb + (h // GROUP) * skh
+    offs_m, offs_n, offs_d = start_m + tl.arange(0, BLOCK_M), tl.arange(0, BLOCK_N), \
+        tl.arange(0, D_PAD)
+    d_ok = offs_d < HEAD_DIM
+    q_ok = (offs_m[:, None] < T) & d_ok[None, :]
+    q_ptrs = b * sqb + h * sqh + offs_m[:, None] * sqt + offs_d[None, :]
+    q = tl.load(Q + q_ptrs, mask=q_ok, other=0.0)
+    do = tl.load(dO + q_ptrs, mask=q_ok, other=0.0)
+    lse = tl.load(L + bh.to(tl.int64) * T + offs_m, mask=offs_m < T, other=0.0)
+    lse = lse * 1.4426950408889634  # log2 units
+    delta = tl.load(Delta + bh.to(tl.int64) * T + offs_m, mask=offs_m < T, other=0.0)
+    dq = tl.zeros([BLOCK_M, D_PAD], tl.float32)
+    full, end = _key_range(start_m, T, S, IS_CAUSAL, BLOCK_M, BLOCK_N)
+    dq = _dq_tiles(dq, q, do, lse, delta, K + kv, V + kv, skt, offs_m + S - T, offs_n, offs_d,
+                   d_ok, 0, full, S, qk_scale, IS_CAUSAL, False, PRECISION, BLOCK_N)
+    dq = _dq_tiles(dq, q, do, lse, delta, K + kv, V + kv, skt, offs_m + S - T, offs_n, offs_d,
+                   d_ok, full, end, S, qk_scale, IS_CAUSAL, True, PRECISION, BLOCK_N)
+    tl.store(dQ + q_ptrs, (dq * sm_scale).to(dQ.dtype.element_ty), mask=q_ok)
+
+
+def _dense(x: torch.Tensor, like: torch.Tensor | None = None) -> torch.Tensor:
+    """x itself if it is laid out as `like` (default: as torch.empty_like lays x out, so that
+    transposed views pass without a copy), else a copy that is; size-1 dims do not count."""
+    strides = torch.empty_like(x if like is None else like, device="meta").stride()
+    same = all(a == b for a, b, n in zip(x.stride(), strides, x.shape) if n > 1)
+    return x if same else torch.empty_like(x if like is None else like).copy_(x)
+
+
+def _flash_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                  is_causal: bool) -> tuple[torch.Tensor, ...]:
+    """Check q (..., H, T, d), k, v (..., H_kv, S, d); return them as (B, H, T, d) tensors, v laid
+    out as k (O, dO and dQ will share q's strides; dK, dV k's)."""
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(x, torch.Tensor) or x.dim() < 3:
+            raise ValueError(f"{name} must be a tensor (..., heads, seq, d), got "
+                             f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x)}")
+        if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise ValueError(f"{name} has dtype {x.dtype}; flash_attention supports float32, "
+                             f"bfloat16 and float16")
+    (H, T, d), (H_kv, S) = q.shape[-3:], k.shape[-3:-1]
+    for problem, message in [
+        (not q.dtype == k.dtype == v.dtype, f"q, k, v dtypes differ: {q.dtype}, {k.dtype}, "
+                                            f"{v.dtype}"),
+        (not q.device == k.device == v.device, f"q, k, v devices differ: {q.device}, "
+                                               f"{k.device}, {v.device}"),
+        (q.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1",
+         f"q is on {q.device}: the Triton kernels need a CUDA tensor (or TRITON_INTERPRET=1 "
+         f"set before triton is imported)"),
+        (k.shape != v.shape or q.shape[:-3] != k.shape[:-3] or d != k.shape[-1],
+         f"shapes q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} do not fit "
+         f"q (..., H, T, d) with k, v (..., H_kv, S, d)"),
+        (H_kv == 0 or H % H_kv, f"{H} query heads is not a multiple of {H_kv} key-value heads"),
+        (not 16 <= d <= 128, f"head dim {d} is not supported: flash_attention needs 16..128"),
+        (T == 0 or S == 0, f"empty sequence: {T} queries, {S} keys"),
+        (is_causal and T > S, f"causal attention needs n_queries <= n_keys (the queries are the "
+                              f"last of the key positions), got {T} > {S}")]:
+        if problem:
+            raise ValueError(message)
+    q, k = (_dense(x).reshape(-1, *x.shape[-3:]) for x in (q, k))
+    return q, k, _dense(v.reshape(k.shape), k)
+
+
+def _kernel_args(q: torch.Tensor, k: torch.Tensor, is_causal: bool) -> tuple[tuple, dict]:
+    """Strides, sizes and scales every kernel takes, and the constants: head dim padded to a
+    power of two, and fp32 dots in true fp32 unless torch allows TF32 (set_float32_matmul_
+    precision("high"))."""
+    (H, T, d), (H_kv, S) = q.shape[1:], k.shape[1:3]
+    exact = q.dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest"
+    args = (*q.stride()[:3], *k.stride()[:3], H, H // H_kv, T, S, LOG2E / math.sqrt(d))
+    return args, dict(SEQ_BUCKET=min(triton.next_power_of_2(max(T, S)), 4096), HEAD_DIM=d,
+                      D_PAD=max(16, triton.next_power_of_2(d)), IS_CAUSAL=bool(is_causal),
+                      PRECISION="ieee" if exact else "tf32")
+
+
+class FlashAttentionTriton(torch.autograd.Function):
+    """FlashAttention-2 in Triton: q (..., H, T, d), k, v (..., H_kv, S, d), H % H_kv == 0 (GQA
+    without copies); any T, S; d 16..128; float32/bfloat16/float16. Saves q, k, v, O, L."""
+
+    @staticmethod
+    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                is_causal: bool = False) -> torch.Tensor:
+        q4, k4, v4 = _flash_inputs(q, k, v, is_causal)
+        (B, H, T), (args, meta) = q4.shape[:3], _kernel_args(q4, k4, is_causal)
+        O = torch.empty_like(q4)  # q's layout: from model.py's transposed q, a transposed O
+        L = torch.empty((B, H, T), device=q.device, dtype=torch.float32)
+        _flash_fwd_kernel[lambda c: (B * H, triton.cdiv(T, c["BLOCK_M"]))](
+            q4, k4, v4, O, L, *args, **meta)
+        O, L = O.reshape(q.shape), L.reshape(q.shape[:-1])
+        ctx.save_for_backward(q, k, v, O, L)
+        ctx.is_causal = is_causal
+        return O
+
+    @staticmethod
+    def backward(ctx, dO: torch.Tensor) -> tuple:
+        q, k, v, O, L = ctx.saved_tensors
+        q4, k4, v4 = _flash_inputs(q, k, v, ctx.is_causal)
+        (B, H, T, d), (H_kv, S) = q4.shape, k4.shape[1:3]
+        args, meta = _kernel_args(q4, k4, ctx.is_causal)
+        O4, dO4 = O.reshape(q4.shape), _dense(dO.reshape(q4.shape), q4)
+        Delta = torch.empty((B, H, T), device=q.device, dtype=torch.float32)
+        dq, dk, dv = torch.empty_like(q4), torch.empty_like(k4), torch.empty_like(k4)
+        _bwd_preprocess_kernel[(B * H, triton.cdiv(T, 64))](
+            O4, dO4, Delta, *q4.stride()[:3], H, T, HEAD_DIM=d, D_PAD=meta["D_PAD"], BLOCK_M=64)
+        _flash_bwd_dkdv_kernel[lambda c: (B * H_kv, triton.cdiv(S, c["BLOCK_N"]))](
+            q4, k4, v4, dO4, L, Delta, dk, dv, *args, 1 / math.sqrt(d), **meta)
+        _flash_bwd_dq_kernel[lambda c: (B * H, triton.cdiv(T, c["BLOCK_M"]))](
+            q4, k4, v4, dO4, L, Delta, dq, *args, 1 / math.sqrt(d), **meta)
+        return dq.reshape(q.shape), dk.reshape(k.shape), dv.reshape(v.shape), None
+
+
+@torch.compiler.disable  # a compiled model runs it as it is, between its compiled graphs
+def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                    is_causal: bool = True) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d)) v by our Triton FlashAttention-2; q (..., H, T, d), k and v
+    (..., H_kv, S, d). Causal queries are the last T of the S positions. Bad input: ValueError."""
+    return FlashAttentionTriton.apply(q, k, v, is_causal)
+
+
+# The attention benchmark: ours against the hand-written, compiled and torch's fused kernels -------
+ATTENTION_IMPLS = ("manual", "compiled", "triton", "sdpa-flash", "sdpa-cudnn")
+MODE_FLOPS = {"fwd": 1.0, "bwd": 2.5, "fwd+bwd": 3.5}  # the backward: 2.5x the forward matmuls
+
+
+def _attention_impl(name: str, causal: bool, T: int, device: torch.device):
+    """fn(q, k, v) -> output for one implementation of the benchmark."""
+    if name == "triton":
+        return lambda q, k, v: flash_attention(q, k, v, causal)
+    if name.startswith("sdpa"):
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+        backend = SDPBackend.FLASH_ATTENTION if name == "sdpa-flash" else \
+            SDPBackend.CUDNN_ATTENTION
+
+        def fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            with sdpa_kernel(backend):
+                return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        return fused
+    mask, attend = attention_mask(T, T, 0, None, device) if causal else None, \
+        scaled_dot_product_attention
+    if name == "compiled":
+        torch._dynamo.reset()  # a fresh graph per case: no recompile limit, no stale shapes
+        attend = torch.compile(attend, dynamic=False)
+    return lambda q, k, v: attend(q, k, v, mask)
+
+
+def _measure(fn, mode: str, shape: tuple, dtype: torch.dtype,
+             device: torch.device) -> tuple[float, float | None]:
+    """(ms, peak GB) of one mode; "bwd" replays the backward of one kept graph."""
+    q, k, v = (torch.randn(shape, device=device, dtype=dtype, requires_grad=True)
+               for _ in range(3))
+    dout, out = torch.randn_like(q), fn(q, k, v) if mode == "bwd" else None
+    step = {"fwd": lambda: fn(q, k, v), "bwd": lambda: out.backward(dout, retain_graph=True),
+            "fwd+bwd": lambda: fn(q, k, v).backward(dout)}[mode]
+    step()  # compile and autotune first (the autotuner's buffers would spoil the peak)
+    if device.type != "cuda":
+        start = time.perf_counter()
+        step()
+        return (time.perf_counter() - start) * 1e3, None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    step()
+    peak = torch.cuda.max_memory_allocated() / 1e9
+    return triton.testing.do_bench(step, grad_to_none=[q, k, v]), peak
+
+
+def bench_attention(impls: tuple[str, ...] = ATTENTION_IMPLS,
+                    head_dims: tuple[int, ...] = (16, 32, 64, 128),
+                    seq_lens: tuple[int, ...] = (128, 1024, 4096, 16384, 65536),
+                    dtypes: tuple[str, ...] = ("bfloat16", "float32"),
+                    modes: tuple[str, ...] = tuple(MODE_FLOPS), batch: int = 1,
+                    heads: int = 16, causal: bool = True, quick: bool = False) -> list[dict]:
+    """ms, TFLOP/s (causal counts half the matrix), peak GB of attention (batch, heads, T, d) per
+    implementation, head dim, length, dtype and mode; "OOM" where memory runs out, "n/a" where
+    there is no kernel; vs flash / vs cudnn = their time / ours. quick: ours vs SDPA at hd 64 and
+    128 and 4K-16K tokens (16 heads x 16384 x 64 is the course's leaderboard shape) and where the
+    hand-written attention runs out of memory. Returns the rows."""
+    if unknown := set(impls) - set(ATTENTION_IMPLS) or set(modes) - set(MODE_FLOPS):
+        raise ValueError(f"unknown {sorted(unknown)}: impls are {ATTENTION_IMPLS}, modes "
+                         f"{tuple(MODE_FLOPS)}")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    cases = [(dtype, d, T, mode, impls) for dtype in dtypes for d in head_dims for T in seq_lens
+             for mode in modes]
+    if device.type == "cpu":
+        print("no CUDA GPU: the kernels run in the Triton interpreter, on tiny cases only, and "
+              "the times mean nothing")
+        batch, heads = 1, min(heads, 2)
+        cases = [("float32", min(*head_dims, 32), 64, mode,
+                  tuple(i for i in impls if i in ("manual", "triton"))) for mode in modes]
+    elif quick:
+        cases = [("bfloat16", d, T, mode, ("triton", "sdpa-flash", "sdpa-cudnn"))
+                 for d in (64, 128) for T in (4096, 8192, 16384) for mode in modes]
+        cases += [("bfloat16", 64, T, "fwd+bwd", ("manual", "triton") if T > 16384 else
+                   ("manual",)) for T in (16384, 32768, 65536)]
+        cases += [("bfloat16", 64, 4096, "fwd+bwd", ("manual", "compiled"))]  # slow to start
+    print(f"attention, batch {batch} x {heads} heads, {'causal' if causal else 'not causal'}\n"
+          f"{'impl':>11} {'dtype':>8} {'hd':>4} {'seq':>6} {'mode':>8} {'ms':>9} {'TFLOP/s':>8} "
+          f"{'peak GB':>8} {'vs flash':>8} {'vs cudnn':>8}")
+    rows = []
+    for dtype, d, T, mode, case_impls in cases:
+        flops = 4 * batch * heads * T * T * d * (0.5 if causal else 1) * MODE_FLOPS[mode]
+        case = [dict(impl=impl, dtype=dtype, head_dim=d, seq_len=T, mode=mode, status="ok",
+                     ms=None, tflops=None, peak_gb=None) for impl in case_impls]
+        for row in case:
+            if row["impl"].startswith("sdpa") and dtype == "float32":
+                row["status"] = "n/a"  # FlashAttention and cuDNN kernels exist for half types
+                continue
+            try:
+                fn = _attention_impl(row["impl"], causal, T, device)
+                row["ms"], row["peak_gb"] = _measure(fn, mode, (batch, heads, T, d),
+                                                     getattr(torch, dtype), device)
+                row["tflops"] = flops / row["ms"] / 1e9
+            except torch.cuda.OutOfMemoryError:
+                row["status"] = "OOM"
+            except RuntimeError as error:  # e.g. a backend without a kernel for this shape
+                row["status"] = "n/a"
+                print(f"{row['impl']}: {str(error).splitlines()[0][:150]}")
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        for row in case:
+            for name, key in (("sdpa-flash", "vs_flash"), ("sdpa-cudnn", "vs_cudnn")):
+                theirs = [r["ms"] for r in case if r["impl"] == name and r["ms"]]
+                if row["impl"] == "triton" and row["ms"] and theirs:
+                    row[key] = theirs[0] / row["ms"]
+            ms = f"{row['ms']:9.3f}" if row["ms"] else f"{row['status']:>9}"
+            rest = " ".join(f"{row[key]:8.{digits}f}" if row.get(key) is not None else " " * 8
+                            for key, digits in (("tflops", 1), ("peak_gb", 2), ("vs_flash", 2),
+                                                ("vs_cudnn", 2)))
+            print(f"{row['impl']:>11} {dtype:>8} {d:>4} {T:>6} {mode:>8} {ms} {rest}".rstrip())
+        rows += case
+    return rows
+
+
+# Measured: our kernels next to eager and compiled PyTorch, and the copy they should match ---------
+def bench_fused(device: torch.device | str | None = None, rows: int = 16384) -> dict:
+    """`python kernels.py fused`: each fused kernel, forward and forward + backward, against
+    eager and compiled PyTorch in bf16, as GB/s and a share of the copy bandwidth measured in the
+    same run; linear + cross-entropy as time and peak memory against logits + F.cross_entropy."""
+    device = resolve_device(device or "auto")
+    if device.type != "cuda":
+        print("fused: timing our kernels needs a CUDA GPU (on a CPU they run in an interpreter)")
+        return {}
+    x, dy = (torch.randn(rows, 4096, device=device, dtype=torch.bfloat16) for _ in range(2))
+    weight, out = torch.ones(4096, device=device), torch.empty_like(x)
+    copy = 2 * x.numel() * 2 / triton.testing.do_bench(lambda: out.copy_(x)) / 1e6  # GB/s
+    print(f"copy of a {rows}x4096 bf16 tensor: {copy:,.0f} GB/s")
+
+    def norm(x: Tensor, w: Tensor) -> Tensor:  # model.py's RMSNorm, the weight an argument
+        return RMSNorm.forward(SimpleNamespace(weight=w, eps=1e-5), x)
+
+    def add_norm(x: Tensor, r: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:
+        return norm(x + r, w), x + r
+
+    def gate(a: Tensor, b: Tensor) -> Tensor:
+        return silu(a) * b
+
+    cases = [("rmsnorm", lambda x, w: RMSNormTriton.apply(x, w, 1e-5), norm, (x, weight), 2, 5),
+             ("add+rmsnorm", fused_add_rmsnorm, add_norm, (x, dy, weight), 4, 8),
+             ("swiglu gate", swiglu_gate, gate, (x, dy), 3, 8)]
+    result = {"copy_gb_s": copy}
+    for name, ours, eager, inputs, fwd_bytes, step_bytes in cases:  # bytes in units of x
+        for impl, fn in (("ours", ours), ("eager", eager), ("compiled", torch.compile(eager))):
+            leaves = [t.detach().requires_grad_() for t in inputs]
+            outs = fn(*leaves)
+            grads = [torch.randn_like(o) for o in (outs if isinstance(outs, tuple) else (outs,))]
+
+            def step() -> None:
+                results = fn(*leaves)
+                torch.autograd.backward(results if isinstance(results, tuple) else (results,),
+                                        grads)
+            for mode, run, units in (("fwd", lambda: fn(*inputs), fwd_bytes),
+                                     ("fwd+bwd", step, step_bytes)):
+                ms = triton.testing.do_bench(run)
+                rate = units * x.numel() * 2 / ms / 1e6
+                result[f"{name} {mode} {impl}"] = ms
+                print(f"  {name:12} {mode:8} {impl:9} {ms * 1e3:8.1f} us {rate:8,.0f} GB/s "
+                      f"= {rate / copy:4.0%} of copy")
+    N, D, V = 16 * 1024, 768, 50304  # GPT-2 small's head over a 16 x 1,024 batch
+    h = torch.randn(N, D, device=device, dtype=torch.bfloat16, requires_grad=True)
+    w = (0.05 * torch.randn(V, D, device=device, dtype=torch.bfloat16)).requires_grad_()
+    t = torch.randint(V, (N,), device=device)
+    for impl, loss in (("ours", lambda: fused_linear_cross_entropy(h, w, t)),
+                       ("logits + F.cross_entropy", lambda: F.cross_entropy((h @ w.T).float(), t))):
+        ms = triton.testing.do_bench(lambda: loss().backward(), grad_to_none=[h, w])
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        loss().backward()
+        peak = (torch.cuda.max_memory_allocated(device) - base) / 2**30
+        result[f"linear+CE {impl}"] = (ms, peak)
+        print(f"  linear + cross-entropy {N}x{D}x{V}, fwd+bwd, {impl}: {ms:.2f} ms, "
+              f"{6 * N * D * V / ms / 1e9:.0f} TFLOP/s, peak {peak:.2f} GiB over the inputs")
+    return result
+
+
+# Command line: `python kernels.py [bench|profile|lesson|fused|attention] [--key=value ...]` -------
+@dataclasses.dataclass
+class LessonConfig:
+    device: str = "auto"
+
+
+@dataclasses.dataclass
+class AttentionConfig:
+    quick: bool = True  # the README's cases (~1.5 minutes on an H200); False: the grid below
+    impls: str = ",".join(ATTENTION_IMPLS)
+    head_dims: str = "16,32,64,128"
+    seq_lens: str = "128,1024,4096,16384,65536"
+    dtypes: str = "bfloat16,float32"
+    modes: str = ",".join(MODE_FLOPS)
+    batch: int = 1
+    heads: int = 16
+    causal: bool = True
+
+
+def attention(cfg: AttentionConfig) -> list[dict]:
+    ints = {key: tuple(int(v) for v in getattr(cfg, key).split(","))
+            for key in ("head_dims", "seq_lens")}
+    return bench_attention(tuple(cfg.impls.split(",")), dtypes=tuple(cfg.dtypes.split(",")),
+                           modes=tuple(cfg.modes.split(",")), batch=cfg.batch, heads=cfg.heads,
+                           causal=cfg.causal, quick=cfg.quick, **ints)
+
+
+COMMANDS = {"bench": (BenchConfig, bench), "profile": (ProfileConfig, profile),  # settings, run
+            "lesson": (LessonConfig, lambda cfg: lesson(cfg.device)),
+            "fused": (LessonConfig, lambda cfg: bench_fused(cfg.device)),
+            "attention": (AttentionConfig, attention)}
+
+
+def main(argv: list[str]) -> None:
+    if not argv or "-h" in argv or "--help" in argv:
+        return print(__doc__)
+    step = {name for name, (config, _) in COMMANDS.items() if issubclass(config, TrainConfig)}
+    defaults = {name: option_defaults(config()) if name in step else dataclasses.asdict(config())
+                for name, (config, _) in COMMANDS.items()}
+    command, settings, overrides, _ = parse_command(argv, defaults, "bench")
+    config, run = COMMANDS[command]
+    run(with_overrides(config(), overrides) if command in step else config(**settings))
 
 
 if __name__ == "__main__":

@@ -45,7 +45,7 @@ class ModelConfig:
     norm: str = "rmsnorm"  # "rmsnorm" | "layernorm" | "none"
     norm_position: str = "pre"  # "pre" (norm inside the residual branch) | "post" (after the add)
     norm_eps: float = 1e-5  # added to the variance inside every norm
-    ffn: str = "swiglu"  # "swiglu" (w1, w2, w3) | "gelu" | "relu" (w1, w2)
+    ffn: str = "swiglu"  # "swiglu" (w1, w2, w3) | "gelu" | "gelu_tanh" (GPT-2) | "relu" (w1, w2)
     positions: str = "rope"  # "rope" | "sinusoidal" | "learned" | "none" (hyena ignores "rope")
     mixer: str = "attention"  # "attention" (softmax) | "linear_attention" | "hyena"
     sliding_window: int | None = None  # None: full causal; W: each token sees its last W tokens
@@ -59,7 +59,9 @@ class ModelConfig:
     hyena_order: int = 2  # number of (long convolution, gate) steps in the Hyena operator
     hyena_filter_hidden: int = 64  # width of the MLP that generates the implicit long filters
     tie_weights: bool = False  # share token_embeddings.weight with lm_head.weight
+    bias: bool = False  # biases in the attention and FFN linears (GPT-2 has them)
     attn_impl: str = "sdpa"  # "manual" (hand-written) | "sdpa" (torch, flash) | "triton" (kernels)
+    kernels: str = "torch"  # "torch" | "triton" (kernels.py: fused RMSNorm, add+norm, SwiGLU, CE)
 
     def __post_init__(self) -> None:
         """Fail at construction, naming the field: types first, then the rules between fields."""
@@ -117,9 +119,10 @@ _MINIMUM = dict(vocab_size=1, context_length=1, d_model=1, num_layers=1, num_hea
                 num_experts=0, experts_top_k=1, hyena_order=1, hyena_filter_hidden=1,
                 sliding_window=1, num_kv_heads=1, kv_latent_dim=1, mla_rope_dim=1)
 _CHOICES = {"norm": ("rmsnorm", "layernorm", "none"), "norm_position": ("pre", "post"),
-            "ffn": ("swiglu", "gelu", "relu"), "mixer": ("attention", "linear_attention", "hyena"),
+            "ffn": ("swiglu", "gelu", "gelu_tanh", "relu"),
+            "mixer": ("attention", "linear_attention", "hyena"),
             "positions": ("rope", "sinusoidal", "learned", "none"),
-            "attn_impl": ("manual", "sdpa", "triton")}
+            "attn_impl": ("manual", "sdpa", "triton"), "kernels": ("torch", "triton")}
 
 
 # Every model shape in the repository, by name: `--preset=NAME` in any stage that builds a model,
@@ -149,16 +152,18 @@ PRESETS = {
 
 # The parts, hand-written on purpose: no nn.Linear, nn.Embedding or nn.LayerNorm -------------------
 class Linear(nn.Module):
-    """y = x W^T without bias; W is (d_out, d_in) like the course and torch."""
-    def __init__(self, d_in: int, d_out: int) -> None:
+    """y = x W^T, + b with bias=True (GPT-2); W is (d_out, d_in) like the course and torch."""
+    def __init__(self, d_in: int, d_out: int, bias: bool = False) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.empty(d_out, d_in))
+        self.register_parameter("bias", nn.Parameter(torch.zeros(d_out)) if bias else None)
         # Xavier-like variance keeps activations O(1) through the stack; cut at 3 std: no outliers
         std = math.sqrt(2.0 / (d_in + d_out))
         nn.init.trunc_normal_(self.weight, std=std, a=-3 * std, b=3 * std)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x @ self.weight.T
+        y = x @ self.weight.T
+        return y if self.bias is None else y + self.bias.to(y.dtype)  # autocast: y's dtype
 
 
 class Embedding(nn.Module):
@@ -217,6 +222,11 @@ def gelu(x: torch.Tensor) -> torch.Tensor:
     return 0.5 * x * (1.0 + torch.erf(x / math.sqrt(2.0)))
 
 
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    """GPT-2's tanh approximation of GELU (Hugging Face's "gelu_new")."""
+    return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)))
+
+
 class SwiGLU(nn.Module):
     """w2(silu(w1 x) * w3 x): a gated FFN; three matrices, so d_ff ~ 8/3 d_model matches the
     parameters of a 4 d_model two-matrix FFN."""
@@ -232,11 +242,11 @@ class SwiGLU(nn.Module):
 
 class FeedForward(nn.Module):
     """The original non-gated FFN, w2(act(w1 x)), with ReLU (Vaswani) or GELU (GPT-2)."""
-    def __init__(self, d_model: int, d_ff: int, activation: str) -> None:
+    def __init__(self, d_model: int, d_ff: int, activation: str, bias: bool = False) -> None:
         super().__init__()
-        self.w1 = Linear(d_model, d_ff)
-        self.w2 = Linear(d_ff, d_model)
-        self.activation = torch.relu if activation == "relu" else gelu
+        self.w1 = Linear(d_model, d_ff, bias)
+        self.w2 = Linear(d_ff, d_model, bias)
+        self.activation = {"relu": torch.relu, "gelu": gelu, "gelu_tanh": gelu_tanh}[activation]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.w2(self.activation(self.w1(x)))
@@ -244,16 +254,25 @@ class FeedForward(nn.Module):
 
 def make_ffn(config: ModelConfig) -> nn.Module:
     if config.ffn == "swiglu":
-        return SwiGLU(config.d_model, config.d_ff)
-    return FeedForward(config.d_model, config.d_ff, config.ffn)
+        swiglu = triton_kernels().TritonSwiGLU if config.kernels == "triton" else SwiGLU
+        return swiglu(config.d_model, config.d_ff)
+    return FeedForward(config.d_model, config.d_ff, config.ffn, config.bias)
 
 
 def make_norm(config: ModelConfig) -> nn.Module:
     if config.norm == "rmsnorm":
-        return RMSNorm(config.d_model, config.norm_eps)
+        rmsnorm = triton_kernels().TritonRMSNorm if config.kernels == "triton" else RMSNorm
+        return rmsnorm(config.d_model, config.norm_eps)
     if config.norm == "layernorm":
         return LayerNorm(config.d_model, config.norm_eps)
     return nn.Identity()
+
+
+def triton_kernels():
+    """kernels.py, a later stage, imported only for kernels='triton': its drop-in TritonRMSNorm
+    and TritonSwiGLU (same parameters), fused_add_rmsnorm and fused_linear_cross_entropy."""
+    import kernels
+    return kernels
 
 
 # Rotary positions (RoPE) --------------------------------------------------------------------------
@@ -316,18 +335,19 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int = 0,
     """Causal attention of q (..., H, T, d) over k, v (..., H_kv, S, d); with H_kv < H (GQA)
     query head h reads key-value head h // (H / H_kv). impl="manual" is the reference above;
     "sdpa" is torch's fused kernels (no cache and no window: is_causal=True without a mask lets
-    torch pick FlashAttention); "triton" is kernels.py's FlashAttention for that same case."""
+    torch pick FlashAttention); "triton" is kernels.py's FlashAttention-2, GQA in the kernel, for
+    queries that are the last keys without a window (training, prefill)."""
     num_heads, num_kv_heads = q.shape[-3], k.shape[-3]
+    seq_len, kv_len = q.shape[-2], k.shape[-2]
+    if impl == "triton" and window is None and start + seq_len == kv_len:  # GQA in the kernel
+        return _triton_flash_attention()(q, k, v, is_causal=True)
     if num_kv_heads != num_heads:
         k = k.repeat_interleave(num_heads // num_kv_heads, dim=-3)
         v = v.repeat_interleave(num_heads // num_kv_heads, dim=-3)
-    seq_len, kv_len = q.shape[-2], k.shape[-2]
     if impl == "manual":
         return scaled_dot_product_attention(
             q, k, v, attention_mask(seq_len, kv_len, start, window, q.device))
     if window is None and start == 0 and seq_len == kv_len:
-        if impl == "triton":
-            return _triton_flash_attention()(q, k, v, is_causal=True)
         return F.scaled_dot_product_attention(q, k, v, is_causal=True)
     if window is None and seq_len == 1:  # one new token sees the whole cache: no mask needed
         return F.scaled_dot_product_attention(q, k, v)
@@ -366,15 +386,15 @@ class MultiHeadSelfAttention(nn.Module):
     sliding window shows each query only its last `window` keys (the cache still keeps all)."""
     def __init__(self, d_model: int, num_heads: int, num_kv_heads: int | None = None,
                  use_rope: bool = True, window: int | None = None,
-                 attn_impl: str = "sdpa") -> None:
+                 attn_impl: str = "sdpa", bias: bool = False) -> None:
         super().__init__()
         self.num_heads, self.num_kv_heads = num_heads, num_kv_heads or num_heads
         self.head_dim = d_model // num_heads
         self.use_rope, self.window, self.attn_impl = use_rope, window, attn_impl
-        self.q_proj = Linear(d_model, num_heads * self.head_dim)
-        self.k_proj = Linear(d_model, self.num_kv_heads * self.head_dim)
-        self.v_proj = Linear(d_model, self.num_kv_heads * self.head_dim)
-        self.output_proj = Linear(num_heads * self.head_dim, d_model)
+        self.q_proj = Linear(d_model, num_heads * self.head_dim, bias)
+        self.k_proj = Linear(d_model, self.num_kv_heads * self.head_dim, bias)
+        self.v_proj = Linear(d_model, self.num_kv_heads * self.head_dim, bias)
+        self.output_proj = Linear(num_heads * self.head_dim, d_model, bias)
 
     def project(self, x: torch.Tensor, rope: tuple | None) -> tuple[torch.Tensor, ...]:
         """q, k, v split into heads, RoPE applied (LinearAttention shares this step)."""
@@ -413,6 +433,9 @@ class TransformerBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, rope: tuple | None = None, cache: dict | None = None,
                 start: int = 0) -> torch.Tensor:
+        if self.pre_norm and hasattr(self.ln2, "add_and_norm"):  # kernels="triton": one pass
+            normed, x = self.ln2.add_and_norm(x, self.attn(self.ln1(x), rope, cache, start))
+            return x + self.ffn(normed)
         if self.pre_norm:
             x = x + self.attn(self.ln1(x), rope, cache, start)
             return x + self.ffn(self.ln2(x))
@@ -432,7 +455,7 @@ def make_mixer(config: ModelConfig) -> nn.Module:
         return MultiHeadLatentAttention(config.d_model, config.num_heads, config.kv_latent_dim,
                                         config.rope_dim, config.attn_impl)
     return MultiHeadSelfAttention(config.d_model, config.num_heads, config.num_kv_heads,
-                                  use_rope, config.sliding_window, config.attn_impl)
+                                  use_rope, config.sliding_window, config.attn_impl, config.bias)
 
 
 class KVCache:
@@ -450,8 +473,9 @@ class KVCache:
 
 
 class TransformerLM(nn.Module):
-    """token ids (..., T) -> logits (..., T, vocab_size). After each forward, self.aux_loss holds
-    the weighted MoE load-balancing loss (a zero tensor without MoE) for train.py to add."""
+    """token ids (..., T) -> logits (..., T, vocab_size), or with return_hidden the final normed
+    states (..., T, D) lm_head reads. After each forward, self.aux_loss holds the weighted MoE
+    load-balancing loss (a zero tensor without MoE) for train.py to add."""
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
@@ -477,7 +501,7 @@ class TransformerLM(nn.Module):
         self.aux_loss = torch.zeros(())
 
     def forward(self, token_ids: torch.Tensor, positions: torch.Tensor | None = None,
-                kv_cache: KVCache | None = None) -> torch.Tensor:
+                kv_cache: KVCache | None = None, return_hidden: bool = False) -> torch.Tensor:
         config, seq_len = self.config, token_ids.shape[-1]
         start = 0 if kv_cache is None else kv_cache.seq_len
         self._check_inputs(token_ids, positions, kv_cache, start)
@@ -502,7 +526,7 @@ class TransformerLM(nn.Module):
         self.aux_loss = aux_loss
         if kv_cache is not None:
             kv_cache.seq_len = start + seq_len
-        return self.lm_head(self.ln_final(x))
+        return self.ln_final(x) if return_hidden else self.lm_head(self.ln_final(x))
 
     def _check_inputs(self, token_ids: torch.Tensor, positions: torch.Tensor | None,
                       kv_cache: KVCache | None, start: int) -> None:
@@ -626,6 +650,7 @@ def _ffn_params(config: ModelConfig, active: bool = False) -> int:
     """FFN parameters of a block, or with active=True those one token multiplies: for MoE the
     k experts it is routed to (not all E), the shared expert and the router."""
     ffn = (3 if config.ffn == "swiglu" else 2) * config.d_model * config.d_ff
+    ffn += config.bias * ((2 if config.ffn == "swiglu" else 1) * config.d_ff + config.d_model)
     if not config.num_experts:
         return ffn
     experts = config.experts_top_k if active else config.num_experts
@@ -644,7 +669,8 @@ def _mixer_params(config: ModelConfig) -> int:
         return (d * heads * head_dim + d * heads * rope + d * latent + 2 * latent * heads * head_dim
                 + d * rope + heads * head_dim * d)
     kv_width = (config.num_kv_heads or heads) * head_dim
-    return 2 * d * heads * head_dim + 2 * d * kv_width
+    biases = config.bias * (heads * head_dim + 2 * kv_width + d)
+    return 2 * d * heads * head_dim + 2 * d * kv_width + biases
 
 
 def count_params(config: ModelConfig) -> dict[str, int]:

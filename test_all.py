@@ -671,6 +671,7 @@ def test_interrupted_save_keeps_the_old_files(tmp_path, monkeypatch, interrupted
     monkeypatch.undo()
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
 
+
 # =================================================================================================
 # model.py
 # =================================================================================================
@@ -1069,10 +1070,21 @@ def test_compiled_model_equals_eager_on_cuda(dtype, bound):
         assert ((fast - eager).norm() / eager.norm()).item() < bound
 
 
-@pytest.mark.skipif(hasattr(kernels, "flash_attention"), reason="kernels.py has the kernel")
-def test_triton_without_kernels_is_clear_error():
-    with pytest.raises(ImportError, match="kernels.py"):
-        _model(attn_impl="triton")
+@pytest.mark.parametrize("num_kv_heads", [None, 2])
+def test_triton_attention_model_equals_manual(num_kv_heads):
+    """attn_impl="triton" (kernels.py's FlashAttention, in Triton's interpreter on a CPU, GQA
+    inside the kernel) gives the hand-written attention's logits and gradients."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    ids = _tokens((2, 20), vocab=64).to(device)
+    models = [_model(attn_impl=impl, vocab_size=64, context_length=32, d_model=64, num_heads=4,
+                     num_kv_heads=num_kv_heads).to(device) for impl in ("manual", "triton")]
+    models[1].load_state_dict(models[0].state_dict())
+    outs = [m(ids) for m in models]
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-4, atol=1e-4)
+    for out in outs:
+        out.square().mean().backward()
+    for (name, p), q in zip(models[0].named_parameters(), models[1].parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-3, atol=1e-5, msg=name)
 
 
 @pytest.mark.parametrize("name", list(_VARIANTS))
@@ -1282,6 +1294,7 @@ def test_bad_inputs():
         model.make_kv_cache(1, max_seq_len=64)
     with pytest.raises(ValueError, match="prompt_ids"):
         M.generate(model, torch.zeros(3, dtype=torch.long), 2)
+
 
 # =================================================================================================
 # train.py: optimizers
@@ -1827,6 +1840,7 @@ def test_bad_group_values_and_muon_vectors_are_rejected() -> None:
         Muon([nn.Parameter(torch.ones(3))])
     with pytest.raises(ValueError, match="complex"):
         AdamW([nn.Parameter(torch.ones(3, dtype=torch.complex64))])
+
 
 # =================================================================================================
 # train.py
@@ -2595,33 +2609,898 @@ def test_fused_adamw_on_cuda_matches_torch_fused_adamw():
 # kernels.py
 # =================================================================================================
 
-def test_bench_runs_the_training_step_on_cpu(capsys):
-    cfg = train.parse_config(["--preset=tinystories", "--batch_size=2", "--steps=2",
-                              "--warmup_steps=1", "--vocab_size=64", "--context_length=16",
-                              "--d_model=32", "--num_layers=1", "--num_heads=2", "--d_ff=64",
-                              "--device=cpu"], kernels.BenchConfig())
-    (row,) = kernels.bench(cfg)
-    assert row["preset"] == "tinystories" and row["tok_per_s"] > 0 and row["mfu"] is None
-    assert row["minutes_for_327M_tokens"] == pytest.approx(327_680_000 / row["tok_per_s"] / 60)
-    assert row["context_length"] == 16 and row["batch_size"] == 2
-    assert row["params"] == M.count_params(ModelConfig.preset(
+
+import types  # noqa: E402
+
+TINY = ["--vocab_size=64", "--context_length=16", "--d_model=32", "--num_layers=1",
+        "--num_heads=2", "--d_ff=64", "--batch_size=2", "--device=cpu"]
+
+
+# kernels.py: bench --------------------------------------------------------------------------------
+def test_bench_rows_for_each_mode_on_cpu(capsys):
+    """Replaces test_all.py's test_bench_runs_the_training_step_on_cpu."""
+    cfg = train.parse_config(["--preset=tinystories", "--steps=3", "--warmup_steps=1", *TINY],
+                             kernels.BenchConfig())
+    rows = kernels.bench(cfg)
+    assert [row["mode"] for row in rows] == ["fwd", "fwd_bwd", "step"]
+    params = M.count_params(ModelConfig.preset(
         "tinystories", vocab_size=64, context_length=16, d_model=32, num_layers=1, num_heads=2,
         d_ff=64))["total"]
-    with pytest.raises(ValueError, match="preset"):
-        kernels.bench(kernels.BenchConfig(preset="gpt3"))
-    assert "meant for a GPU" in capsys.readouterr().out
+    for row in rows:
+        assert row["preset"] == "tinystories" and row["params"] == params
+        assert row["batch_size"] == 2 and row["context_length"] == 16
+        assert row["compile"] is False and row["dtype"] == "float32" and row["mfu"] is None
+        assert row["tok_per_s"] == pytest.approx(2 * 16 / (row["ms_per_step"] / 1e3))
+        assert 0 < row["min_ms"] <= row["ms_per_step"] <= row["max_ms"] and row["std_ms"] >= 0
+        assert row["std_ms"] <= row["max_ms"] - row["min_ms"] and len(row["first_ms"]) == 3
+        assert row["tflops"] > 0 and row["peak_gb"] is None
+    # forward counts a third of training's FLOPs per token
+    per_token = M.mfu_flops_per_token(ModelConfig.preset(
+        "tinystories", vocab_size=64, context_length=16, d_model=32, num_layers=1, num_heads=2,
+        d_ff=64), 16)
+    fwd, _, step = rows
+    assert fwd["tflops"] * 1e12 == pytest.approx(per_token / 3 * fwd["tok_per_s"])
+    assert step["tflops"] * 1e12 == pytest.approx(per_token * step["tok_per_s"])
+    assert step["optimizer"] == "adamw" and fwd["optimizer"] is None
+    assert step["minutes_for_327M_tokens"] == pytest.approx(327_680_000 / step["tok_per_s"] / 60)
+    out = capsys.readouterr().out
+    assert "tinystories: 0.0M params, batch 2 x 16, vocab 64, cpu" in out
+    assert "the course's TinyStories run" in out and "fwd_bwd False   float32" in out
+
+
+def test_bench_grid_expands_course_and_lists():
+    cfg = kernels.BenchConfig(preset="course,tiny", context_length="128,256", mode="fwd_bwd",
+                              compile="False,True", dtype="float32,bfloat16")
+    grid, modes = kernels.bench_grid(cfg, torch.device("cpu"))
+    assert modes == ["fwd_bwd"] and len(grid) == 6 * 2 * 2 * 2
+    assert [g[0] for g in grid[::8]] == ["small", "medium", "large", "xl", "2.7B", "tiny"]
+    assert {g[1] for g in grid} == {128, 256} and {g[2] for g in grid} == {False, True}
+    assert {g[3] for g in grid} == {torch.float32, torch.bfloat16}
+    # "auto" compiles on CUDA only, and never the course sizes (their table is eager PyTorch)
+    auto = kernels.BenchConfig(preset="small,nanogpt")
+    assert [g[2] for g in kernels.bench_grid(auto, torch.device("cpu"))[0]] == [False, False]
+    assert [g[2] for g in kernels.bench_grid(auto, torch.device("cuda"))[0]] == [False, True]
+    assert M.PRESETS["2.7B"]["d_model"] == 2560 and kernels.BENCH_BATCH["xl"] == 4
+
+
+@pytest.mark.parametrize("setting,message", [
+    (dict(preset="gpt3"), "--preset=gpt3: expected"), (dict(mode="fwd,bwd"), "--mode=fwd,bwd"),
+    (dict(dtype="fp16"), "--dtype=fp16"), (dict(compile="yes"), "--compile=yes"),
+    (dict(context_length="128,0"), "--context_length=128,0"), (dict(steps=0), "--steps=0"),
+    (dict(warmup_steps=-1), "--warmup_steps")])
+def test_bench_bad_settings_are_usage_errors(setting, message):
+    with pytest.raises(UsageError, match=message):
+        kernels.bench(kernels.BenchConfig(device="cpu", **setting))
+
+
+def test_bench_without_warmup_flags_the_first_step(capsys):
+    cfg = train.parse_config(["--preset=tiny", "--mode=fwd", "--steps=3", "--warmup_steps=0",
+                              *TINY], kernels.BenchConfig())
+    (row,) = kernels.bench(cfg)
+    assert row["mean_without_first_ms"] == pytest.approx(
+        (3 * row["ms_per_step"] - row["first_ms"][0]) / 2)
+    assert "no warm-up: the first step" in capsys.readouterr().out
+
+
+def test_time_each_times_each_call_on_cpu():
+    calls = []
+    times = kernels.time_each(lambda: calls.append(sum(range(20_000))), 4, torch.device("cpu"))
+    assert len(calls) == len(times) == 4 and all(t > 0 for t in times)
+
+
+# kernels.py: profile and the command line ---------------------------------------------------------
+def test_profile_on_cpu_prints_the_table_and_skips_the_snapshot(tmp_path, capsys):
+    out = tmp_path / "snap.pickle"
+    kernels.main(["profile", "--steps=1", "--warmup_steps=1", f"--out={out}", *TINY])
+    printed = capsys.readouterr().out
+    assert "profile tiny" in printed and "Self CPU time total" in printed
+    assert "aten::mm" in printed  # the matmuls are among the top operators
+    assert "need CUDA" in printed and not out.exists()
+
+
+def test_checkpointed_blocks_give_the_same_loss_and_gradients():
+    config = ModelConfig.preset("tiny", vocab_size=50, context_length=8, d_model=16,
+                                num_layers=2, num_heads=2, d_ff=32)
+    torch.manual_seed(0)
+    plain, checkpointed = TransformerLM(config), TransformerLM(config)
+    checkpointed.load_state_dict(plain.state_dict())
+    kernels.checkpoint_blocks(checkpointed)
+    x = torch.randint(50, (2, 8))
+    losses = [train.LossModel(m)(x, x)[0] for m in (plain, checkpointed)]
+    for loss in losses:
+        loss.backward()
+    assert torch.equal(losses[0], losses[1])
+    for p, q in zip(plain.parameters(), checkpointed.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-6, atol=1e-7)
 
 
 def test_kernels_main_runs_bench_and_train_py_points_to_it(capsys):
-    kernels.main(["bench", "--preset=tinystories", "--batch_size=1", "--steps=1",
-                  "--warmup_steps=0", "--vocab_size=32", "--context_length=8", "--d_model=16",
-                  "--num_layers=1", "--num_heads=2", "--d_ff=32", "--device=cpu"])
+    """Replaces the test of the same name in test_all.py."""
+    kernels.main(["bench", "--preset=tinystories", "--steps=1", "--warmup_steps=0", *TINY])
     out = capsys.readouterr().out
     assert "tinystories:" in out and "tok/s" in out and "the course's TinyStories run" in out
-    with pytest.raises(train.UsageError, match="unknown command 'profile'"):
-        kernels.main(["profile"])
-    with pytest.raises(train.UsageError, match=r"moved: python kernels\.py bench"):
+    kernels.main(["-h"])
+    assert "python kernels.py profile" in capsys.readouterr().out
+    with pytest.raises(UsageError, match="unknown command 'lessons'; the commands are bench"):
+        kernels.main(["lessons"])
+    with pytest.raises(UsageError, match="unknown option --preset"):
+        kernels.main(["attention", "--preset=nanogpt"])
+    with pytest.raises(UsageError, match="unknown option --stepz"):
+        kernels.main(["bench", "--stepz=3"])
+    with pytest.raises(UsageError, match=r"moved: python kernels\.py bench"):
         train.main(["bench", "--preset=nanogpt"])
+
+
+# train.py: the prefetching batch iterator ---------------------------------------------------------
+def _run(tokens: np.ndarray, generator: torch.Generator, start_iter: int,
+         device: str = "cpu") -> train.Run:
+    """A train.Run with only what next_batch needs: 5 steps of 2 micro-batches of 3 x 8."""
+    cfg = train.TrainConfig(batch_size=3, grad_accum_steps=2, max_iters=5)
+    return train.Run(cfg, 0, 1, torch.device(device), Path("unused"),
+                     types.SimpleNamespace(vocab_size=97), tokens, tokens,
+                     types.SimpleNamespace(context_length=8), nn.Linear(2, 2), None, None, None,
+                     None, generator, start_iter, [], None)
+
+
+def test_prefetched_batches_equal_get_batch_and_resume_exactly(monkeypatch):
+    tokens = (np.arange(500) % 97).astype(np.uint16)
+    plain_gen = torch.Generator().manual_seed(5)
+    plain = [train.get_batch(tokens, 3, 8, "cpu", plain_gen) for _ in range(12)]
+    calls = []
+    real = train.get_batch
+    monkeypatch.setattr(train, "get_batch", lambda *a, **k: calls.append(1) or real(*a, **k))
+    run = _run(tokens, torch.Generator().manual_seed(5), 0)
+    saved = None
+    for i in range(10):  # the run's 5 x 2 micro-batches
+        x, y = run.next_batch()
+        assert torch.equal(x, plain[i][0]) and torch.equal(y, plain[i][1])
+        if i == 3:  # a checkpoint after step 2: the generator stands after 4 batches
+            saved = run.generator.get_state()
+    assert len(calls) == 10  # none drawn beyond the run's last batch
+    # resuming at step 2 from the saved state gives batches 4..9 again
+    resumed = _run(tokens, torch.Generator().set_state(saved), 2)
+    for i in range(4, 10):
+        assert torch.equal(resumed.next_batch()[0], plain[i][0])
+    # past the planned end it keeps drawing the same sequence, one batch per call
+    assert torch.equal(resumed.next_batch()[0], plain[10][0])
+    assert torch.equal(resumed.next_batch()[0], plain[11][0])
+
+
+# train.py: Muon's batched Newton-Schulz -----------------------------------------------------------
+@pytest.mark.parametrize("shape", [(5, 12, 7), (3, 20, 6), (2, 3, 8, 8)])
+def test_batched_newtonschulz_equals_each_matrix_alone(shape):
+    G = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    batched = zeropower_via_newtonschulz(G)
+    alone = torch.stack([zeropower_via_newtonschulz(g) for g in G.reshape(-1, *shape[-2:])])
+    assert batched.shape == G.shape
+    torch.testing.assert_close(batched.reshape(-1, *shape[-2:]), alone, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="expected a matrix"):
+        zeropower_via_newtonschulz(torch.ones(3))
+
+
+def test_muon_skips_a_group_without_gradients():
+    used, unused = nn.Parameter(torch.ones(4, 3)), nn.Parameter(torch.ones(4, 3))
+    opt = Muon([{"params": [used]}, {"params": [unused]}], lr=0.1)
+    opt.step()  # no gradient anywhere: nothing happens
+    used.grad = torch.randn(4, 3)
+    opt.step()
+    assert not torch.equal(used, torch.ones(4, 3)) and torch.equal(unused, torch.ones(4, 3))
+    assert len(opt.state[unused]) == 0
+
+
+class _PerMatrixMuon(Muon):
+    """The previous Muon step, one matrix at a time: the reference for the batched one."""
+    def _update(self) -> None:
+        for group, params in self._groups_with_grads():
+            if not group["use_muon"]:
+                self._adamw_step(group, params)
+                continue
+            lr, momentum = group["lr"], group["momentum"]
+            for p in params:
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(p)
+                buf = state["momentum_buffer"]
+                buf.lerp_(p.grad, 1 - momentum)
+                u = p.grad.lerp(buf, momentum) if group["nesterov"] else buf
+                matrix = u.reshape(u.size(0), -1)
+                update = zeropower_via_newtonschulz(matrix, group["ns_steps"]).reshape(p.shape)
+                p.mul_(1 - lr * group["weight_decay"])
+                p.add_(update, alpha=-lr * 0.2 * max(matrix.shape) ** 0.5)
+
+
+@pytest.mark.parametrize("nesterov", [True, False])
+def test_batched_muon_step_equals_the_per_matrix_step(nesterov):
+    config = ModelConfig.preset("tiny", vocab_size=40, context_length=8, d_model=16,
+                                num_layers=2, num_heads=2, d_ff=24)
+    torch.manual_seed(0)
+    models = [TransformerLM(config), TransformerLM(config)]
+    models[1].load_state_dict(models[0].state_dict())
+    optimizers = [cls(param_groups_for_muon(m, lr=2e-2, adam_lr=1e-2, weight_decay=0.1),
+                      nesterov=nesterov) for cls, m in zip((Muon, _PerMatrixMuon), models)]
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        x = torch.randint(40, (4, 8), generator=gen)
+        for m, opt in zip(models, optimizers):
+            train.LossModel(m)(x, x)[0].backward()
+            opt.step()
+            opt.zero_grad()
+    for p, q in zip(*(m.parameters() for m in models)):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    for p in models[0].parameters():
+        if "momentum_buffer" in optimizers[0].state[p]:
+            q = dict(zip(models[0].parameters(), models[1].parameters()))[p]
+            torch.testing.assert_close(optimizers[0].state[p]["momentum_buffer"],
+                                       optimizers[1].state[q]["momentum_buffer"])
+
+
+# On one GPU (the H200) ----------------------------------------------------------------------------
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_bench_profile_and_compiled_muon_on_gpu(tmp_path, capsys):
+    gpu = [a for a in TINY if a != "--device=cpu"] + ["--steps=2", "--warmup_steps=1"]
+    rows = kernels.bench(train.parse_config(["--preset=tiny", "--compile=False", *gpu],
+                                            kernels.BenchConfig()))
+    assert all(r["peak_gb"] > 0 and r["min_ms"] <= r["ms_per_step"] <= r["max_ms"]
+               for r in rows)
+    out = tmp_path / "snap.pickle"
+    result = kernels.profile(train.parse_config(
+        ["--preset=tiny", "--compile=False", f"--out={out}", "--batch_size=8", "--steps=1",
+         "--warmup_steps=1"], kernels.ProfileConfig()))  # 4 layers of 128 wide, 8 x 128 tokens
+    assert out.stat().st_size > 0 and "CUDA" in result["table"]
+    assert 0 < result["peak_gb"]["checkpointed"] < result["peak_gb"]["plain"]
+    G = torch.randn(6, 64, 96, device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+    compiled = train._compiled_newtonschulz()(G, 5)
+    torch.testing.assert_close(compiled, zeropower_via_newtonschulz(G), rtol=0.05, atol=0.02)
+    tokens = (np.arange(500) % 97).astype(np.uint16)
+    run, gen = _run(tokens, torch.Generator().manual_seed(5), 0, "cuda"), torch.Generator()
+    gen.manual_seed(5)
+    for _ in range(10):  # drawn, pinned and copied by the worker thread, on the run's GPU
+        x, _ = run.next_batch()
+        assert x.is_cuda and torch.equal(x, train.get_batch(tokens, 3, 8, "cuda", gen)[0])
+    weights = [nn.Parameter(torch.randn(32, 16, device="cuda")) for _ in range(3)]
+    opt = Muon(weights, lr=0.01, fused=True)
+    for w in weights:
+        w.grad = torch.randn_like(w)
+    before = [w.detach().clone() for w in weights]
+    opt.step()
+    for w, b in zip(weights, before):
+        update = (b - w.detach()) / (0.01 * 0.2 * 32**0.5)
+        s = torch.linalg.svdvals(update.float())
+        assert s.min() > 0.5 and s.max() < 1.4
+
+
+from kernels import (classify, floating_point, gelu_eager, gelu_five_ways,  # noqa: E402
+                     gelu_triton, matmul_bench, matmul_cost, matmul_triton, model_ops, roofline,
+                     softmax_bench, softmax_triton)
+from model import gelu  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered")  # numpy's exp2 under the interpreter
+@pytest.mark.parametrize("n", [1, 1000, 1024, 2500])  # 1000 and 2500: a ragged last block
+def test_gelu_triton_matches_torch(n):
+    torch.manual_seed(0)
+    x = torch.randn(n, device=DEVICE) * 4
+    x[0] = -30.0  # e^(-2u) overflows to inf: the kernel must give -0, not NaN
+    torch.testing.assert_close(gelu_triton(x), F.gelu(x, approximate="tanh"), atol=1e-5, rtol=1e-5)
+
+
+def test_gelu_tanh_form_is_close_to_the_exact_gelu():
+    x = torch.linspace(-8, 8, 10_001, dtype=torch.float64)
+    assert (gelu_eager(x) - gelu(x)).abs().max() < 5e-4  # model.py's erf form
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_gelu_triton_half_types_compute_in_fp32(dtype):
+    torch.manual_seed(0)
+    x = torch.randn(3, 333, device=DEVICE, dtype=dtype)
+    y = gelu_triton(x)
+    assert y.dtype == dtype and y.shape == x.shape
+    # fp32 inside, one rounding at the store: at most one half-type ulp from the fp32 answer
+    torch.testing.assert_close(y, F.gelu(x.float(), approximate="tanh").to(dtype))
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (5, 37), (2, 3, 129), (4, 1000)])
+def test_softmax_triton_matches_torch(shape):
+    torch.manual_seed(0)
+    x = torch.randn(shape, device=DEVICE) * 3
+    torch.testing.assert_close(softmax_triton(x), torch.softmax(x, -1), atol=1e-6, rtol=1e-5)
+
+
+def test_softmax_triton_survives_values_that_overflow_exp():
+    x = torch.tensor([[1000.0, 999.0, 998.0], [-1000.0, 0.0, 90.0]], device=DEVICE)
+    assert torch.isinf(torch.exp(x)).any()  # the naive formula would give inf / inf = nan
+    y = softmax_triton(x)
+    assert torch.isfinite(y).all()
+    torch.testing.assert_close(y, torch.softmax(x, -1))
+    torch.testing.assert_close(y.sum(-1), torch.ones(2, device=DEVICE))
+
+
+def test_softmax_triton_bf16():
+    torch.manual_seed(0)
+    x = torch.randn(7, 301, device=DEVICE, dtype=torch.bfloat16) * 5
+    torch.testing.assert_close(softmax_triton(x), torch.softmax(x.float(), -1).bfloat16())
+
+
+@pytest.mark.parametrize("m, k, n", [(33, 47, 29), (32, 32, 32), (1, 70, 5), (65, 16, 100)])
+def test_matmul_triton_fp32_ragged_shapes(m, k, n):
+    torch.manual_seed(0)
+    a, b = torch.randn(m, k, device=DEVICE), torch.randn(k, n, device=DEVICE)
+    # A GPU's tl.dot rounds fp32 inputs to tf32 (10-bit mantissa); the interpreter does not.
+    tol = 1e-2 if DEVICE == "cuda" else 1e-5
+    torch.testing.assert_close(matmul_triton(a, b), a @ b, atol=tol, rtol=tol)
+
+
+# Triton's interpreter computes bf16 tl.dot on the raw bits (numpy has no bf16), so on a CPU
+# matmul_triton refuses bf16 and only fp16 is tested; the GPU runs both.
+@pytest.mark.parametrize("dtype", [torch.float16] + [torch.bfloat16] * torch.cuda.is_available())
+def test_matmul_triton_half_types_and_strides(dtype):
+    torch.manual_seed(0)
+    a = torch.randn(50, 40, device=DEVICE, dtype=dtype)
+    b = torch.randn(70, 40, device=DEVICE, dtype=dtype).t()  # non-contiguous: strides (1, 40)
+    c = matmul_triton(a, b)
+    assert c.dtype == dtype and c.shape == (50, 70)
+    # fp32 accumulation, one rounding at the end: close to the fp32 product of the same inputs
+    torch.testing.assert_close(c.float(), a.float() @ b.float(), atol=0.05, rtol=1e-2)
+
+
+def test_bad_inputs_raise_clear_errors():
+    x = torch.randn(8, 6, device=DEVICE)
+    with pytest.raises(ValueError, match="dtype"):
+        gelu_triton(torch.arange(10, device=DEVICE))
+    with pytest.raises(ValueError, match="contiguous"):
+        gelu_triton(x.t())
+    with pytest.raises(ValueError, match="contiguous"):
+        softmax_triton(x.t())
+    with pytest.raises(ValueError, match="registers"):
+        softmax_triton(torch.zeros(1, 2**15 + 1, device=DEVICE))
+    with pytest.raises(ValueError, match=r"\(M, K\) @ \(K, N\)"):
+        matmul_triton(x, x)
+    with pytest.raises(ValueError, match="one dtype"):
+        matmul_triton(x, x.t().half())
+    with pytest.raises(ValueError, match="dtype"):
+        matmul_triton(x.int(), x.t().int())
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="interpreter"):
+            matmul_triton(x.bfloat16(), x.t().bfloat16())
+
+
+def test_roofline_classification_on_h200_numbers():
+    bandwidth, peak = 4.8e12, 989e12  # H200 HBM3e bytes/s, dense bf16 FLOP/s: ridge ~206
+    flops, nbytes = matmul_cost(4096, 4096, 4096)
+    assert (flops, nbytes) == (2 * 4096**3, 2 * 3 * 4096**2)
+    square = classify(flops, nbytes, bandwidth, peak)
+    assert square["bound"] == "compute" and square["intensity"] == pytest.approx(4096 / 3)
+    assert square["predicted_s"] == pytest.approx(flops / peak)
+    n = 2**24
+    add = classify(n, 3 * 2 * n, bandwidth, peak)  # bf16 x + y: read two, write one
+    assert add["bound"] == "memory" and add["predicted_s"] == pytest.approx(6 * n / bandwidth)
+    # decoding one token: each weight is read for 2 FLOPs, far below any GPU's ridge
+    assert classify(*matmul_cost(1, 4096, 4096), bandwidth, peak)["bound"] == "memory"
+    bounds = {name: classify(f, b, bandwidth, peak)["bound"] for name, f, b in model_ops()}
+    assert bounds["square 4096x4096 @ 4096x4096"] == "compute"
+    assert bounds["attention scores QK^T T=4096"] == "memory"  # FlashAttention's reason to be
+    # exactly at the ridge point the two times are equal: call it compute-bound
+    assert classify(206.0, 1.0, 1.0, 206.0)["bound"] == "compute"
+
+
+def test_roofline_measures_this_device(capsys):
+    result = roofline(DEVICE)
+    assert result["bandwidth"] > 1e8 and result["peak"] > 1e8  # bytes/s and FLOP/s, not ms
+    assert result["ridge"] == pytest.approx(result["peak"] / result["bandwidth"])
+    ops = {row["op"]: row for row in result["ops"]}
+    assert ops["add x + y"]["bound"] == "memory"
+    assert ops["training FFN 8192x4096 @ 4096x16384"]["bound"] == "compute"
+    assert "ridge point" in capsys.readouterr().out
+
+
+def test_floating_point_facts(capsys):
+    fp = floating_point("cpu")
+    formats = fp["formats"]
+    assert formats["fp16"]["max"] == 65504.0
+    assert formats["bf16"]["max"] == pytest.approx(3.39e38, rel=1e-3)
+    assert formats["fp8 e4m3"]["max"] == 448.0 and formats["fp8 e5m2"]["max"] == 57344.0
+    assert [(formats[k]["exponent"], formats[k]["mantissa"]) for k in formats] == [
+        (8, 23), (5, 10), (8, 7), (4, 3), (5, 2)]
+    assert all(1 + f["exponent"] + f["mantissa"] == f["bits"] for f in formats.values())
+    assert formats["bf16"]["min_normal"] == formats["fp32"]["min_normal"]  # same range
+    assert formats["fp16"]["eps"] == 2.0**-10
+    # adding 1e-4 to 1.0 ten thousand times: fp16 and bf16 never move, fp32 gets about 2
+    assert fp["accumulate"]["fp16"] == 1.0 and fp["accumulate"]["bf16"] == 1.0
+    assert fp["accumulate"]["fp32"] == pytest.approx(2.0, abs=1e-3)
+    assert fp["accumulate"]["torch.sum(fp16)"] == pytest.approx(2.0, abs=1e-3)  # adds in fp32
+    # CPU autocast (torch 2.13): matmul and linear run in bf16 whatever comes in; softmax, sum,
+    # exp, layer_norm, add are not on its lists, so they keep their input's dtype (CUDA autocast
+    # upcasts softmax, log_softmax, layer_norm, sum and exp to fp32); cross_entropy is on CPU
+    # autocast's fp32 list, so even bf16 logits give an fp32 loss.
+    autocast = fp["autocast"]
+    assert autocast["matmul"] == autocast["linear"] == ("bfloat16", "bfloat16")
+    assert autocast["cross_entropy"] == ("float32", "float32")
+    for op in ("softmax", "sum", "exp", "add", "layer_norm"):
+        assert autocast[op][0] == "float32", op
+    assert "fp8 e4m3" in capsys.readouterr().out
+
+
+def test_benches_run_and_check_at_tiny_sizes(capsys):
+    device = torch.device(DEVICE)
+    softmax = softmax_bench(device, 4, 33)
+    assert set(softmax) == {"eager formula", "torch.softmax", "Triton"}
+    assert all(v > 0 for v in softmax.values())
+    tflops = matmul_bench(device, (40,))
+    assert all(v > 0 for row in tflops.values() for v in row.values())
+    assert "GB/s" in capsys.readouterr().out
+
+
+@needs_cuda
+def test_gelu_five_ways_on_gpu_prints_ptx():
+    result = gelu_five_ways(2**20, "cuda")
+    assert set(result["gbps"]) == {"eager formula", "F.gelu(tanh)", "torch.compile", "Triton"}
+    assert ".entry" in result["ptx"] and "ex2.approx" in result["ptx"]
+
+
+@needs_cuda
+def test_kernels_at_gpu_shapes():
+    torch.manual_seed(0)
+    a, b = (torch.randn(1000, 1000, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    torch.testing.assert_close(matmul_triton(a, b).float(), a.float() @ b.float(),
+                               atol=0.05 * math.sqrt(1000), rtol=2e-2)
+    x = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16)
+    torch.testing.assert_close(softmax_triton(x), torch.softmax(x.float(), -1).bfloat16())
+
+
+from torch.func import functional_call  # noqa: E402
+
+
+# Triton kernels run on the GPU where there is one, else in the interpreter on the CPU
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
+
+
+@pytest.fixture
+def fused_in_kernels():
+    """float32 matmuls without TF32, so that the two paths compare at float32 tolerances."""
+    precision = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    yield
+    torch.set_float32_matmul_precision(precision)
+
+
+def outputs_and_grads(fn, *inputs, seed: int = 1) -> list[torch.Tensor]:
+    """fn's outputs, then the gradients of every float input for a fixed random upstream grad."""
+    inputs = [t.detach().clone().requires_grad_(t.is_floating_point()) for t in inputs]
+    outs = fn(*inputs)
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    gen = torch.Generator(inputs[0].device).manual_seed(seed)
+    ups = [torch.randn(o.shape, generator=gen, device=o.device).to(o.dtype) for o in outs]
+    grads = torch.autograd.grad(outs, [t for t in inputs if t.requires_grad], ups)
+    return [*outs, *grads]
+
+
+def assert_same(fn, ref, *inputs, tol: float) -> None:
+    for got, want in zip(outputs_and_grads(fn, *inputs), outputs_and_grads(ref, *inputs),
+                         strict=True):
+        assert got.dtype == want.dtype and got.shape == want.shape
+        scale = want.float().abs().max() + 1e-6  # relative to the largest value
+        assert (got.float() - want.float()).abs().max() <= tol * scale, (got, want)
+
+
+def reference_rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """model.py's RMSNorm, with weight passed in so that its gradient can be taken."""
+    return functional_call(M.RMSNorm(weight.shape[0], eps), {"weight": weight}, (x,))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(37, 100), (2, 5, 48), (3, 5)])  # rows % block != 0, odd D
+def test_triton_rmsnorm_matches_model_rmsnorm(shape, dtype):
+    torch.manual_seed(0)
+    x = torch.randn(shape, dtype=dtype, device=DEV) * 3
+    weight = 1 + 0.1 * torch.randn(shape[-1], device=DEV)
+    assert_same(lambda x, w: kernels.RMSNormTriton.apply(x, w, 1e-5), reference_rmsnorm, x, weight,
+                tol=TOL[dtype])
+
+
+@pytest.mark.parametrize("dtypes", [(torch.float32, torch.float32),
+                                    (torch.bfloat16, torch.bfloat16),
+                                    (torch.float32, torch.bfloat16)])  # autocast's stream + branch
+def test_fused_add_rmsnorm_matches_add_then_rmsnorm(dtypes):
+    torch.manual_seed(0)
+    x, residual = (torch.randn(3, 7, 40, device=DEV).to(dtype) for dtype in dtypes)
+    weight = 1 + 0.1 * torch.randn(40, device=DEV)
+    assert_same(kernels.fused_add_rmsnorm,
+                lambda x, r, w: (reference_rmsnorm(x + r, w), x + r), x, residual, weight,
+                tol=TOL[torch.bfloat16 if torch.bfloat16 in dtypes else torch.float32])
+
+
+def test_rmsnorm_weight_gradient_sums_over_many_programs():
+    """More row blocks than programs: each program walks several, the partial dW rows add up."""
+    torch.manual_seed(0)
+    x, weight = torch.randn(600, 8, device=DEV), torch.randn(8, device=DEV)
+    assert_same(lambda x, w: kernels.RMSNormTriton.apply(x, w, 1e-5), reference_rmsnorm, x, weight,
+                tol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_swiglu_gate_matches_silu_times_b(dtype):
+    torch.manual_seed(0)
+    a, b = (torch.randn(3, 333, device=DEV).to(dtype) * 4 for _ in range(2))  # 999: ragged block
+    assert_same(kernels.swiglu_gate, lambda a, b: M.silu(a) * b, a, b, tol=TOL[dtype])
+
+
+def test_triton_modules_are_drop_in():
+    """Same parameter names as model.py's modules, so state dicts load across."""
+    torch.manual_seed(0)
+    for fused, plain in ((kernels.TritonRMSNorm(24), M.RMSNorm(24)), (kernels.TritonSwiGLU(24, 40),
+                                                                  M.SwiGLU(24, 40))):
+        plain.load_state_dict({k: torch.randn_like(v) for k, v in plain.state_dict().items()})
+        fused.load_state_dict(plain.state_dict())
+        fused, plain, x = fused.to(DEV), plain.to(DEV), torch.randn(2, 5, 24, device=DEV)
+        torch.testing.assert_close(fused(x), plain(x), rtol=1e-5, atol=1e-5)
+
+
+def reference_linear_cross_entropy(hidden, weight, targets):
+    return F.cross_entropy((hidden @ weight.T).float(), targets, ignore_index=-100)
+
+
+@pytest.mark.parametrize("chunk_size", [16, 7, 1000])  # N = 50: several, ragged, one chunk
+def test_fused_linear_cross_entropy_matches_full_logits(fused_in_kernels, chunk_size):
+    torch.manual_seed(0)
+    hidden, weight = torch.randn(50, 24, device=DEV), torch.randn(70, 24, device=DEV) * 0.5
+    targets = torch.randint(70, (50,), device=DEV)
+    targets[::3] = -100
+    assert_same(lambda h, w: kernels.fused_linear_cross_entropy(h, w, targets,
+                                                                chunk_size=chunk_size),
+                lambda h, w: reference_linear_cross_entropy(h, w, targets), hidden, weight,
+                tol=1e-5)
+
+
+def test_fused_linear_cross_entropy_in_bfloat16_under_autocast():
+    torch.manual_seed(0)
+    hidden, weight = torch.randn(20, 16, device=DEV), torch.randn(70, 16, device=DEV)
+    targets = torch.randint(70, (20,), device=DEV)
+    with torch.autocast(DEV, dtype=torch.bfloat16):
+        assert_same(lambda h, w: kernels.fused_linear_cross_entropy(h, w, targets, chunk_size=8),
+                    lambda h, w: reference_linear_cross_entropy(h, w, targets), hidden, weight,
+                    tol=2e-2)
+
+
+def test_fused_linear_cross_entropy_all_ignored_is_zero_not_nan():
+    hidden = torch.randn(6, 8, device=DEV, requires_grad=True)
+    weight = torch.randn(30, 8, device=DEV, requires_grad=True)
+    loss = kernels.fused_linear_cross_entropy(hidden, weight, torch.full((6,), -100, device=DEV),
+                                         chunk_size=4)
+    loss.backward()
+    assert loss.item() == 0.0
+    assert not hidden.grad.any() and not weight.grad.any()
+
+
+def test_fused_kernels_reject_bad_input(monkeypatch):
+    x = torch.randn(4, 8, device=DEV)
+    with pytest.raises(ValueError, match=r"weight must have shape \(8,\)"):
+        kernels.RMSNormTriton.apply(x, torch.ones(7, device=DEV), 1e-5)
+    with pytest.raises(ValueError, match="float64"):
+        kernels.RMSNormTriton.apply(x.double(), torch.ones(8, device=DEV), 1e-5)
+    with pytest.raises(ValueError, match="one shape and dtype"):
+        kernels.swiglu_gate(x, x[:, :4])
+    with pytest.raises(ValueError, match=r"hidden \(N, D\) and weight \(V, D\)"):
+        kernels.fused_linear_cross_entropy(x, x[:, :7],
+                                           torch.zeros(4, dtype=torch.long, device=DEV))
+    with pytest.raises(ValueError, match="targets must be integer ids"):
+        kernels.fused_linear_cross_entropy(x, x, torch.zeros(4, device=DEV))
+    if DEV == "cpu":  # a value check needs the data on the host
+        with pytest.raises(ValueError, match=r"targets must lie in \[0, 4\)"):
+            kernels.fused_linear_cross_entropy(x, x, torch.tensor([0, 1, -100, 4]))
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # a CPU tensor, on a GPU machine or not
+    with pytest.raises(ValueError, match="need CUDA tensors"):
+        kernels.swiglu_gate(x.cpu(), x.cpu())
+    with pytest.raises(ValueError, match="kernels must be one of"):
+        ModelConfig(kernels="cuda")
+
+
+def tiny_config(**overrides) -> ModelConfig:
+    return ModelConfig(**{**dict(vocab_size=64, context_length=16, d_model=32, num_layers=2,
+                                 num_heads=2, d_ff=48), **overrides})
+
+
+@pytest.mark.parametrize("overrides", [{}, {"norm_position": "post"}, {"tie_weights": True}])
+def test_triton_kernels_model_equals_torch_model(fused_in_kernels, overrides):
+    """Same weights (the state dict loads across), same logits, loss and gradients."""
+    torch.manual_seed(0)
+    plain = TransformerLM(tiny_config(**overrides)).to(DEV)
+    fused = TransformerLM(tiny_config(kernels="triton", **overrides)).to(DEV)
+    fused.load_state_dict(plain.state_dict())
+    assert isinstance(fused.layers[0].ln1, kernels.TritonRMSNorm)
+    assert isinstance(fused.layers[0].ffn, kernels.TritonSwiGLU)
+    x, y = torch.randint(64, (2, 16), device=DEV), torch.randint(64, (2, 16), device=DEV)
+    torch.testing.assert_close(fused(x), plain(x), rtol=1e-5, atol=1e-5)
+    losses = []
+    for lm in (plain, fused):
+        loss, _ = train.LossModel(lm)(x, y)
+        loss.backward()
+        losses.append(loss)
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-6)
+    if DEV == "cuda" and not overrides:  # compiled, the kernels run between graphs: same loss
+        compiled_loss, _ = torch.compile(train.LossModel(fused))(x, y)
+        torch.testing.assert_close(compiled_loss, losses[0], rtol=1e-5, atol=1e-6)
+    for (name, p), q in zip(plain.named_parameters(), fused.parameters(), strict=True):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_train_py_runs_with_triton_kernels(fused_in_kernels, tmp_path):
+    """`python train.py --kernels=triton`: the flag reaches ModelConfig and a short run trains."""
+    cfg = train.parse_config(
+        ["--kernels=triton", "--dataset=pydoc", "--max_text_mb=0.05", "--vocab_size=300",
+         "--max_iters=2", "--batch_size=2", "--eval_interval=0", "--num_samples=0",
+         f"--cache_dir={tmp_path / 'cache'}", f"--out_dir={tmp_path / 'out'}", f"--device={DEV}",
+         "--compile=False", "--d_model=32", "--num_layers=1", "--num_heads=2", "--d_ff=48",
+         "--context_length=16"],
+        train.TrainConfig())
+    assert cfg.model["kernels"] == "triton"
+    result = train.train(cfg)
+    assert isinstance(result["model"].layers[0].ln2, kernels.TritonRMSNorm)
+    assert result["model"].config.kernels == "triton"
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_kernels_on_gpu_at_real_shapes(fused_in_kernels, dtype):
+    torch.manual_seed(0)
+    x, r = (torch.randn(4097, 3000, device="cuda", dtype=dtype) for _ in range(2))
+    weight = 1 + 0.1 * torch.randn(3000, device="cuda")
+    tol = {torch.float32: 1e-4, torch.bfloat16: 3e-2}[dtype]
+    assert_same(lambda x, w: kernels.RMSNormTriton.apply(x, w, 1e-5), reference_rmsnorm, x, weight,
+                tol=tol)
+    assert_same(kernels.fused_add_rmsnorm, lambda x, r, w: (reference_rmsnorm(x + r, w), x + r),
+                x, r, weight, tol=tol)
+    assert_same(kernels.swiglu_gate, lambda a, b: M.silu(a) * b, x, r, tol=tol)
+    hidden, head = torch.randn(2048, 768, device="cuda"), 0.05 * torch.randn(50304, 768).cuda()
+    targets = torch.randint(50304, (2048,), device="cuda")
+    targets[::5] = -100
+    with torch.autocast("cuda", dtype=dtype, enabled=dtype == torch.bfloat16):
+        assert_same(lambda h, w: kernels.fused_linear_cross_entropy(h, w, targets, chunk_size=1000),
+                    lambda h, w: reference_linear_cross_entropy(h, w, targets), hidden, head,
+                    tol=tol)
+
+
+@needs_cuda
+def test_triton_kernels_model_under_bf16_autocast_on_gpu(fused_in_kernels):
+    """The training setting: bf16 autocast, float32 residual stream; losses and gradients agree
+    to bf16 accuracy."""
+    torch.manual_seed(0)
+    config = dict(vocab_size=1000, context_length=128, d_model=256, num_heads=4, d_ff=688)
+    plain = TransformerLM(tiny_config(**config)).cuda()
+    fused = TransformerLM(tiny_config(kernels="triton", **config)).cuda()
+    fused.load_state_dict(plain.state_dict())
+    x, y = (torch.randint(1000, (4, 128), device="cuda") for _ in range(2))
+    losses = []
+    for lm in (plain, fused):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss, _ = train.LossModel(lm)(x, y)
+        loss.backward()
+        losses.append(loss)
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-2, atol=0)
+    for (name, p), q in zip(plain.named_parameters(), fused.parameters(), strict=True):
+        assert (q.grad - p.grad).norm() <= 3e-2 * p.grad.norm(), name
+
+
+from model import attention_mask, scaled_dot_product_attention  # noqa: E402
+
+
+def flash_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
+                    dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
+    """softmax(q k^T / sqrt(d)) v in `dtype` (GQA by repeat_interleave; causal queries are the
+    last T of the S positions, model.py's attention_mask) and the log-sum-exp of the scores."""
+    q, k, v = (x.to(dtype) for x in (q, k, v))
+    if q.dim() >= 3 and k.dim() == q.dim() and k.shape[-3] != q.shape[-3]:
+        k = k.repeat_interleave(q.shape[-3] // k.shape[-3], dim=-3)
+        v = v.repeat_interleave(q.shape[-3] // v.shape[-3], dim=-3)
+    T, S = q.shape[-2], k.shape[-2]
+    mask = attention_mask(T, S, S - T, None, q.device) if causal else None
+    scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.softmax(scores, dim=-1) @ v, scores.logsumexp(-1)
+
+
+def run_flash(fn, q_shape: tuple, kv_shape: tuple, causal: bool, dtype: torch.dtype,
+              seed: int = 0) -> tuple:
+    """Output, L and the three gradients of fn and of the float64 reference on the same data."""
+    torch.manual_seed(seed)
+    q, k, v = (torch.randn(s, dtype=dtype, requires_grad=True) for s in (q_shape, kv_shape,
+                                                                          kv_shape))
+    out = fn(q, k, v, causal)
+    L = out.grad_fn.saved_tensors[-1]
+    dout = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    ref, ref_L = flash_reference(q, k, v, causal)
+    ref_grads = torch.autograd.grad(ref, (q, k, v), dout)
+    return (out, L, *grads), (ref, ref_L, *ref_grads)
+
+
+def assert_close_all(ours: tuple, ref: tuple, atol: float, rtol: float = 0.0) -> None:
+    for name, a, b in zip(("out", "L", "dq", "dk", "dv"), ours, ref):
+        assert a.shape == b.shape, name
+        torch.testing.assert_close(a.double(), b.double(), atol=atol, rtol=rtol, msg=name)
+
+
+# The PyTorch version -----------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("q_shape,kv_shape", [((2, 37, 16), (2, 37, 16)),
+                                              ((2, 3, 20, 8), (2, 3, 45, 8))])
+def test_flash_pytorch_matches_reference(q_shape, kv_shape, causal, dtype):
+    """Uneven lengths (37 and 45 against tiles of 16), leading dims (b, seq, d) and (b, h, seq,
+    d), fewer queries than keys; L is the log-sum-exp, (..., n_queries), float32 for float32."""
+    ours, ref = run_flash(kernels.FlashAttentionPytorch.apply, q_shape, kv_shape, causal, dtype)
+    assert ours[0].dtype == dtype and ours[1].shape == q_shape[:-1]
+    assert ours[1].dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert_close_all(ours, ref, atol=1e-12 if dtype == torch.float64 else 2e-5)
+
+
+def test_flash_pytorch_gradcheck():
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 18, 4, dtype=torch.float64, requires_grad=True)
+               for _ in range(3))
+    assert torch.autograd.gradcheck(kernels.FlashAttentionPytorch.apply, (q, k, v, True),
+                                    fast_mode=True)
+
+
+def test_flash_pytorch_causal_needs_enough_keys():
+    q, k = torch.randn(1, 20, 16), torch.randn(1, 10, 16)
+    with pytest.raises(ValueError, match="20 > 10"):
+        kernels.FlashAttentionPytorch.apply(q, k, k, True)
+
+
+# The Triton kernels (interpreted on a CPU) -------------------------------------------------------
+@pytest.mark.parametrize("B,H,H_kv,T,S,d,causal", [
+    (1, 2, 2, 37, 37, 16, True),  # uneven length, several query and key tiles
+    (1, 2, 2, 21, 50, 32, False),  # fewer queries than keys, ragged on both sides
+    (1, 4, 2, 24, 40, 16, True),  # GQA, causal with the queries last
+    (1, 4, 1, 33, 33, 64, False),  # multi-query
+    (1, 2, 2, 20, 20, 48, True),  # head dim padded to 64
+])
+def test_flash_triton_matches_reference(B, H, H_kv, T, S, d, causal):
+    ours, ref = run_flash(kernels.FlashAttentionTriton.apply, (B, H, T, d), (B, H_kv, S, d),
+                          causal, torch.float32)
+    assert ours[0].dtype == torch.float32 and ours[1].dtype == torch.float32
+    assert_close_all(ours, ref, atol=2e-5)
+
+
+def test_flash_triton_float16():
+    """float16 in the interpreter; bfloat16 only on the GPU (the interpreter's bfloat16 dot is
+    wrong), in test_flash_triton_cuda_matches_reference."""
+    ours, ref = run_flash(kernels.flash_attention, (1, 2, 24, 16), (1, 2, 24, 16), True,
+                          torch.float16)
+    assert ours[0].dtype == ours[2].dtype == torch.float16
+    assert_close_all(ours, ref, atol=1e-2, rtol=1e-2)
+
+
+def test_flash_triton_strided_inputs():
+    """model.py's layout: q, k, v are transposed views of (B, T, H, d); the output keeps q's
+    layout. A strided last dim is copied, not misread."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 21, 2, 16, requires_grad=True) for _ in range(3))
+    qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
+    out = kernels.flash_attention(qt, kt, vt, True)
+    assert out.transpose(1, 2).is_contiguous()
+    ref, _ = flash_reference(qt, kt, vt, True)
+    torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=0)
+    dout = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    ref_grads = torch.autograd.grad(ref, (q, k, v), dout.double())
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=0)
+    wide = torch.randn(1, 2, 21, 32)[..., ::2]  # last-dim stride 2
+    torch.testing.assert_close(kernels.flash_attention(wide, wide, wide, False).double(),
+                               flash_reference(wide, wide, wide, False)[0], atol=2e-5, rtol=0)
+
+
+@pytest.mark.parametrize("change,match", [
+    (dict(q=torch.zeros(1, 2, 8, 16, dtype=torch.float64)), "q has dtype torch.float64"),
+    (dict(k=torch.zeros(1, 2, 8, 16, dtype=torch.int32)), "k has dtype torch.int32"),
+    (dict(v=torch.zeros(1, 2, 8, 16, dtype=torch.float16)), "dtypes differ"),
+    (dict(k=torch.zeros(1, 2, 8, 16, device="meta")), "devices differ"),
+    (dict(q=torch.zeros(1, 2, 8, 8), k=torch.zeros(1, 2, 8, 8), v=torch.zeros(1, 2, 8, 8)),
+     "head dim 8"),
+    (dict(q=torch.zeros(1, 3, 8, 16)), "3 query heads is not a multiple of 2"),
+    (dict(v=torch.zeros(1, 2, 9, 16)), "do not fit"),
+    (dict(q=torch.zeros(8, 16)), r"q must be a tensor \(..., heads, seq, d\), got \(8, 16\)"),
+    (dict(q=torch.zeros(1, 2, 9, 16), causal=True), "9 > 8"),
+])
+def test_flash_triton_bad_inputs_name_the_problem(change, match):
+    args = dict(q=torch.zeros(1, 2, 8, 16), k=torch.zeros(1, 2, 8, 16),
+                v=torch.zeros(1, 2, 8, 16), causal=False)
+    args.update(change)
+    with pytest.raises(ValueError, match=match):
+        kernels.flash_attention(args["q"], args["k"], args["v"], args["causal"])
+
+
+def test_flash_triton_cpu_without_interpreter_is_an_error(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    x = torch.zeros(1, 2, 8, 16)
+    with pytest.raises(ValueError, match="need a CUDA tensor"):
+        kernels.flash_attention(x, x, x)
+
+
+def test_bench_attention_rows():
+    rows = kernels.bench_attention(impls=("manual", "triton"), head_dims=(16,), seq_lens=(64,),
+                              dtypes=("float32",), modes=("fwd",), heads=2)
+    assert [(r["impl"], r["status"]) for r in rows] == [("manual", "ok"), ("triton", "ok")]
+    assert all(r["ms"] > 0 and r["tflops"] > 0 for r in rows)
+    with pytest.raises(ValueError, match="unknown"):
+        kernels.bench_attention(impls=("xformers",))
+
+
+# On a GPU: realistic shapes in bfloat16, against the same reference ------------------------------
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@cuda
+@pytest.mark.parametrize("B,H,H_kv,T,S,d,causal", [
+    (2, 8, 8, 1024, 1024, 64, True), (2, 8, 8, 1024, 1024, 64, False),
+    (2, 8, 2, 2048, 2048, 128, True), (1, 4, 4, 1000, 1000, 128, True),
+    (1, 4, 1, 700, 1000, 96, True), (1, 4, 4, 1000, 1500, 64, False),
+])
+def test_flash_triton_cuda_matches_reference(B, H, H_kv, T, S, d, causal):
+    """bfloat16 against the float32 reference, within twice the error of the float32 reference
+    computed from bfloat16-rounded inputs with a bfloat16 softmax (torch's own SDPA math path)."""
+    torch.manual_seed(0)
+    q = torch.randn(B, T, H, d, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
+    k, v = (torch.randn(B, H_kv, S, d, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    q, k, v = (x.requires_grad_() for x in (q, k, v))
+    out = kernels.flash_attention(q, k, v, causal)
+    assert out.dtype == torch.bfloat16
+    L = out.grad_fn.saved_tensors[-1]
+    dout = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    ref, ref_L = flash_reference(q, k, v, causal, torch.float32)
+    ref_grads = torch.autograd.grad(ref, (q, k, v), dout.float())
+    mask = attention_mask(T, S, S - T, None, q.device) if causal else None
+    kv = [x.detach().repeat_interleave(H // H_kv, 1) for x in (k, v)]
+    manual = scaled_dot_product_attention(q.detach(), *kv, mask)  # bf16 matmuls: the yardstick
+    yardstick = (manual.float() - ref).abs().max().item()
+    assert (out.float() - ref).abs().max().item() <= 2 * yardstick + 1e-3
+    torch.testing.assert_close(L, ref_L, atol=2e-2, rtol=0)
+    for name, a, b in zip(("dq", "dk", "dv"), grads, ref_grads):
+        err, size = (a.float() - b).abs().max().item(), b.abs().max().item()
+        assert err <= 2e-2 * max(size, 1.0), f"{name}: max error {err} (max |grad| {size})"
+
+
+@cuda
+def test_flash_triton_cuda_float32_and_float16():
+    for dtype, atol in ((torch.float32, 2e-3), (torch.float16, 1e-2)):
+        torch.manual_seed(0)
+        q, k, v = (torch.randn(1, 4, 300, 64, device="cuda", dtype=dtype, requires_grad=True)
+                   for _ in range(3))
+        out = kernels.flash_attention(q, k, v, True)
+        ref, _ = flash_reference(q, k, v, True, torch.float32)
+        torch.testing.assert_close(out.float(), ref, atol=atol, rtol=0)
+        dout = torch.randn_like(out)
+        for a, b in zip(torch.autograd.grad(out, (q, k, v), dout),
+                        torch.autograd.grad(ref, (q, k, v), dout.float())):
+            torch.testing.assert_close(a.float(), b.float(), atol=5 * atol, rtol=0)
+
+
+@cuda
+def test_flash_triton_cuda_rejects_cpu_tensors():
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("the interpreter is on")
+    x = torch.zeros(1, 2, 8, 16)
+    with pytest.raises(ValueError, match="need a CUDA tensor"):
+        kernels.flash_attention(x, x, x)
+
+
+@cuda
+def test_bench_attention_cuda_rows():
+    rows = kernels.bench_attention(impls=("manual", "triton", "sdpa-flash"), head_dims=(64,),
+                              seq_lens=(1024,), dtypes=("bfloat16", "float32"),
+                              modes=("fwd+bwd",), heads=4)
+    status = {(r["impl"], r["dtype"]): r["status"] for r in rows}
+    assert status[("sdpa-flash", "float32")] == "n/a"
+    assert status[("triton", "bfloat16")] == status[("triton", "float32")] == "ok"
+    ours = next(r for r in rows if r["impl"] == "triton" and r["dtype"] == "bfloat16")
+    assert ours["vs_flash"] > 0 and ours["peak_gb"] > 0
 
 
 # =================================================================================================
@@ -2935,160 +3814,376 @@ def test_accounting_known_answers(capsys):
 
 
 # =================================================================================================
-# data.py
+# infer.py
 # =================================================================================================
 
-import data  # noqa: E402
+# infer.py: sampling, KV caches, batched / paged / speculative generation, quantization, GPT-2 -----
+import shutil  # noqa: E402
 
 
-def test_data_mask_emails_phones_ips_and_near_misses():
-    text, n = data.mask_emails("mail first.last+tag@mail.example.co.uk or a@b.com.")
-    assert (text, n) == ("mail |||EMAIL_ADDRESS||| or |||EMAIL_ADDRESS|||.", 2)
-    for miss in ("user@localhost", "@x.com", "a@b", "x@y.c"):
-        assert data.mask_emails(miss) == (miss, 0)
-    for phone in ("2831823829", "(283)-182-3829", "(283) 182 3829", "283-182-3829",
-                  "283.182.3829", "+1 283 182 3829", "+1-283-182-3829", "+44 20 7946 0958",
-                  "+33 1 23 45 67 89"):
-        assert data.mask_phone_numbers(f"call {phone}.") == ("call |||PHONE_NUMBER|||.", 1), phone
-    for miss in ("182-3829", "28318238", "283-182-38291", "id 123456789012345", "2024-01-15",
-                 "$12.99", "ISBN 978-3-16-148410-0"):
-        assert data.mask_phone_numbers(miss) == (miss, 0), miss
-    assert data.mask_ips("hosts 1.2.3.4, 192.168.0.255 and 0.0.0.0") == (
-        "hosts |||IP_ADDRESS|||, |||IP_ADDRESS||| and |||IP_ADDRESS|||", 3)
-    assert data.mask_ips("at 10.0.0.1.") == ("at |||IP_ADDRESS|||.", 1)
-    for miss in ("256.1.1.1", "1.2.3.4.5", "1.2.3", "300.1.1.1", "01.2.3.4", "v1.2.3.4"):
-        assert data.mask_ips(miss) == (miss, 0), miss
-    masked, counts = data.mask_pii("a@b.com 283-182-3829 8.8.8.8")
-    assert counts == {"emails": 1, "phones": 1, "ips": 1}
-    assert data.mask_pii(masked) == (masked, {"emails": 0, "phones": 0, "ips": 0})  # no recount
+import infer  # noqa: E402
+from model import Linear, ModelConfig, TransformerLM  # noqa: E402
+from tokenizer import DATA_DIR, Tokenizer  # noqa: E402
+
+_BYTES = Tokenizer({i: bytes([i]) for i in range(256)}, [], [_EOT])  # one token per byte, eot 256
+_INFER_VARIANTS = {"mha": {}, "gqa": dict(num_kv_heads=2), "mqa": dict(num_kv_heads=1),
+             "window": dict(sliding_window=4), "mla": dict(kv_latent_dim=16),
+             "linear": dict(mixer="linear_attention"), "hyena": dict(mixer="hyena"),
+             "learned_post_layernorm": dict(positions="learned", norm="layernorm",
+                                            norm_position="post"),
+             "sinusoidal": dict(positions="sinusoidal")}
 
 
-def test_data_gopher_rules_each_at_its_boundary():
-    rules = list(data.gopher_rules("word " * 50))
-    words, length, ellipsis, alphabetic = rules
-
-    def failing(text: str) -> list[str]:
-        return [rule for rule, ok in data.gopher_rules(text).items() if not ok]
-
-    assert failing("word " * 50) == [] and data.gopher_quality_filter("word " * 50)
-    assert failing("word " * 49) == [words] and not data.gopher_quality_filter("word " * 49)
-    assert failing("word " * 100_000) == [] and failing("word " * 100_001) == [words]
-    assert failing("abc " * 60) == [] and failing("ab " * 60) == [length]  # mean 3 / 2
-    assert failing("abcdefghij " * 60) == [] and failing("abcdefghijk " * 60) == [length]
-    lines = ["some words here ..."] * 3 + ["some more words here"] * 7  # 30% pass, 40% fail
-    assert failing("\n".join(lines * 5)) == []
-    assert failing("\n".join((["end \u2026"] * 4 + ["some more words here"] * 6) * 5)) == [ellipsis]
-    assert failing("word " * 80 + "123 " * 20) == []
-    assert failing("word " * 79 + "123 " * 21) == [alphabetic]
+def _tiny_lm(seed: int = 0, vocab_size: int = 257, **overrides) -> TransformerLM:
+    torch.manual_seed(seed)
+    config = ModelConfig(**{**dict(vocab_size=vocab_size, context_length=32, d_model=32,
+                                   num_layers=2, num_heads=4, d_ff=64), **overrides})
+    return TransformerLM(config).eval()
 
 
-def test_data_exact_line_dedup_keeps_lines_seen_once(tmp_path):
-    (tmp_path / "in").mkdir()
-    a = tmp_path / "in" / "a.txt"
-    b = tmp_path / "in" / "b.txt"
-    a.write_text("cookie notice\nonly in a\nrepeated\nrepeated\n")
-    b.write_text("only in b\ncookie notice")  # the last line has no newline: still the same line
-    removed = data.exact_line_deduplication([a, b], tmp_path / "out")
-    assert removed == 4
-    assert (tmp_path / "out" / "a.txt").read_text() == "only in a\n"
-    assert (tmp_path / "out" / "b.txt").read_text() == "only in b\n"
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a.txt", "b.txt"]  # no .tmp
+def _greedy_by_recompute(model: TransformerLM, ids: list[int], steps: int) -> list[int]:
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        for _ in range(steps):
+            x = torch.cat((x, model(x)[:, -1:].argmax(-1)), dim=1)
+    return x[0, len(ids):].tolist()
 
 
-def _near_duplicate_corpus() -> list[str]:
-    rng = random.Random(0)
-    docs = [" ".join(rng.choice(data.WORDS) + str(rng.randint(0, 9)) for _ in range(200))
-            for _ in range(6)]
-    words = docs[0].split()
-    edited = words[:100] + ["inserted"] + words[100:]  # Jaccard ~0.97 with docs[0]
-    half = words[:100] + docs[1].split()[:100]  # Jaccard ~0.33 with each of docs[0], docs[1]
-    punctuated = docs[2].upper().replace(" ", ", ", 20) + "!"  # normalises to docs[2] exactly
-    return docs + [" ".join(edited), " ".join(half), punctuated, docs[3]]
+@pytest.mark.parametrize("variant", _INFER_VARIANTS)
+def test_cached_greedy_decoding_equals_recomputing_the_forward(variant):
+    model = _tiny_lm(**_INFER_VARIANTS[variant])
+    prompts = ["hello", "a", "the cat"]  # three lengths decode together, two samples each
+    out = infer.generate_batch(model, _BYTES, prompts, n=2, max_new_tokens=8, temperature=0,
+                               eos_id=-1)
+    for completions, prompt in zip(out, prompts):
+        want = _greedy_by_recompute(model, _BYTES.encode(prompt), 8)
+        assert [c.token_ids for c in completions] == [want, want]
+        assert [c.finish_reason for c in completions] == ["length", "length"]
 
 
-def test_data_minhash_signature_equals_reference():
-    a, b = data.hash_functions(64, seed=3)
-    shingle_set = data.shingles("The quick brown fox jumps over the lazy dog again and again", 3)
-    fast = data.minhash_signature(shingle_set, a, b, chunk=4)  # several chunks
-    assert fast.tolist() == data.minhash_signature_reference(shingle_set, a, b)
-    assert data.normalize_text("  Café, DÉJÀ-vu!\n") == "cafe deja vu"
+def test_sliding_window_ring_cache_equals_the_full_forward():
+    model = _tiny_lm(sliding_window=5, num_kv_heads=2)
+    ids = torch.randint(0, 257, (2, 30), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        full = model(ids)
+        cache = infer.StaticCache(model, 2, 32, prefill_chunk=3)
+        assert cache.num_slots == 7  # W + chunk - 1 slots, whatever the length
+        assert torch.allclose(infer.prefill(model, cache, ids[:, :11]), full[:, 10], atol=1e-5)
+        for t in range(11, 30):
+            logits = infer.forward_cached(model, cache, ids[:, t:t + 1], torch.full((2, 1), t))
+            assert torch.allclose(logits[:, 0], full[:, t], atol=1e-5)
 
 
-def test_data_minhash_dedup_equals_brute_force_and_keeps_one_per_cluster(tmp_path):
-    texts = _near_duplicate_corpus()
-    sets = [data.shingles(t, 3) for t in texts]
-    assert data.jaccard(sets[0], sets[6]) > 0.9 and data.jaccard(sets[0], sets[7]) < 0.4
-    expected = [[0, 6], [1], [2, 8], [3, 9], [4], [5], [7]]
-    assert data.near_duplicate_clusters_reference(texts, 3, 0.8) == expected
-    assert data.minhash_clusters(texts, 100, 20, 3, 0.8) == expected
-    paths = []
-    for i, text in enumerate(texts):
-        paths.append(tmp_path / f"doc{i}.txt")
-        paths[-1].write_text(text)
-    kept = data.minhash_deduplication(paths, 100, 20, 3, 0.8, tmp_path / "out", seed=0)
-    kept_ids = sorted(int(p.stem[3:]) for p in kept)
-    assert len(kept_ids) == len(expected)
-    assert all(len(set(cluster) & set(kept_ids)) == 1 for cluster in expected)
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(p.name for p in kept)
-    assert data.minhash_deduplication(paths, 100, 20, 3, 0.8, tmp_path / "again") == kept
-    with pytest.raises(UsageError, match="equal bands"):
-        data.minhash_clusters(texts, 100, 30, 3, 0.8)
+def test_batched_sampling_is_seeded_and_logprobs_are_the_models():
+    model = _tiny_lm()
+    kwargs = dict(n=3, max_new_tokens=8, temperature=1.0, top_k=50, top_p=0.9, seed=7,
+                  return_logprobs=True, eos_id=-1)
+    out = infer.generate_batch(model, _BYTES, ["ab", "xyz"], **kwargs)
+    again = infer.generate_batch(model, _BYTES, ["ab", "xyz"], **kwargs)
+    assert [[c.token_ids for c in r] for r in out] == [[c.token_ids for c in r] for r in again]
+    for prompt, completions in zip(["ab", "xyz"], out):
+        for c in completions:
+            ids = torch.tensor([_BYTES.encode(prompt) + c.token_ids])
+            with torch.no_grad():
+                logprobs = model(ids)[0, len(prompt) - 1:-1].log_softmax(-1)
+            want = logprobs.gather(-1, ids[0, len(prompt):, None])[:, 0]
+            assert torch.allclose(torch.tensor(c.logprobs), want, atol=1e-4)
+            assert c.text == _BYTES.decode(c.token_ids) and c.prompt_index in (0, 1)
 
 
-def test_data_warc_round_trip_gzip_and_plain(tmp_path, capsys):
-    records = data.synthetic_crawl()[:3]
-    info = data.WarcRecord({"WARC-Type": "warcinfo", "Content-Length": "9"}, b"software:")
-    for name in ("crawl.warc.gz", "crawl.warc"):
-        data.write_warc(tmp_path / name, [info, *records])
-        back = list(data.iter_warc_records(tmp_path / name))
-        assert back == [dataclasses.replace(info, body=info.payload), *records]
-    assert back[1].http_headers["content-type"] == "text/html"
-    assert back[1].body.startswith(b"<html>") and back[1].url.endswith("/0")
-    assert data.extract_record(back[0]) is None and data.extract_record(back[1]).startswith("Art")
-    wet = data.WarcRecord({"WARC-Type": "conversion"}, "plain caf\u00e9\n".encode(), body=b"")
-    data.write_warc(tmp_path / "crawl.wet", [wet])
-    [wet_back] = data.iter_warc_records(tmp_path / "crawl.wet")
-    assert data.extract_record(wet_back) == "plain caf\u00e9"
-    raw = (tmp_path / "crawl.warc.gz").read_bytes()
-    (tmp_path / "cut.warc.gz").write_bytes(raw[:len(raw) * 2 // 3])
-    assert 1 <= len(list(data.iter_warc_records(tmp_path / "cut.warc.gz"))) < 4
-    assert "ends early" in capsys.readouterr().err
+class _Scripted(nn.Module):
+    """A Hugging Face-like LM (returns an object with .logits) that writes a fixed script: the
+    token after T tokens is script[T - prompt_len], with byte 'x' as the runner-up."""
+    def __init__(self, script: list[int], prompt_len: int = 1) -> None:
+        super().__init__()
+        self.script, self.prompt_len = script, prompt_len
+        self.anchor = nn.Parameter(torch.zeros(()))
+
+    def forward(self, ids: torch.Tensor):
+        logits = torch.zeros(*ids.shape, 258)
+        logits[..., ord("x")] = 5.0
+        step = ids.shape[1] - self.prompt_len
+        logits[:, -1, self.script[min(step, len(self.script) - 1)]] = 10.0
+        return type("Output", (), {"logits": logits})()
 
 
-def test_data_extraction_drops_boilerplate_and_survives_bad_bytes():
-    page = (b"<html><head><title>T</title><style>p {color: red}</style></head><body>"
-            b"<nav><a>Home</a></nav><script>if (a < b) alert('x')</script>"
-            b"<h1>Heading</h1><p>First   paragraph\n with &amp; entity.</p>"
-            b"<ul><li>one</li><li>two</li></ul><footer>Copyright</footer></body></html>")
-    assert data.extract_text_from_html_bytes(page) == (
-        "Heading\nFirst paragraph with & entity.\none\ntwo")
-    assert data.extract_text_from_html_bytes(b"<script>x()</script>") is None
-    latin = "<meta charset='iso-8859-1'><p>caf\u00e9 \u00e0 la cr\u00e8me</p>".encode("latin-1")
-    assert data.extract_text_from_html_bytes(latin) == "caf\u00e9 \u00e0 la cr\u00e8me"
-    privet = "\u043f\u0440\u0438\u0432\u0435\u0442"  # declared only in the HTTP header
-    koi8 = f"<p>{privet}</p>".encode("koi8-r")
-    assert data.extract_text_from_html_bytes(koi8, "koi8-r") == privet
-    bad = b"<p>ok \xff\xfe\x81 bytes</p><meta charset='no-such-codec'>"
-    assert data.extract_text_from_html_bytes(bad).startswith("ok ")  # never raises
+def _run_script(script, tokenizer=_BYTES, **kwargs):
+    script = [t if isinstance(t, int) else ord(t) for t in script]
+    out = infer.generate_batch(_Scripted(script), tokenizer, ["p"], temperature=0, **kwargs)
+    return out[0][0]
 
 
-def test_data_demo_and_commands(tmp_path, capsys):
-    counts = data.demo(str(tmp_path / "demo"))
-    assert counts == {"records": 12, "emails": 2, "phones": 2, "ips": 1, "gopher_dropped": 3,
-                      "kept": 7, "lines_removed": 9}
-    out = capsys.readouterr().out
-    assert "near-duplicates" in out and "|||EMAIL_ADDRESS|||" in out
-    crawl = tmp_path / "demo" / "crawl.warc.gz"
-    data.main(["extract", f"--input={crawl}", f"--out={tmp_path / 'text'}", "--mask",
-               "--quality"])
-    assert "wrote 9 documents" in capsys.readouterr().out
-    assert "|||PHONE_NUMBER|||" in (tmp_path / "text" / "000001.txt").read_text()
-    data.main(["dedup", f"--input={tmp_path / 'text'}", f"--out={tmp_path / 'dedup'}"])
-    assert "kept 7 of 9 documents" in capsys.readouterr().out
-    with pytest.raises(UsageError, match="did you mean --num_hashes"):
-        data.main(["dedup", "--input=x", "--out=y", "--num_hash=3"])
-    with pytest.raises(UsageError, match="extract needs --input"):
-        data.main(["extract", "--out=y"])
+def test_stop_strings_cut_text_and_tokens_at_their_edges():
+    c = _run_script("abc\n\nxyz", stop=["\n\n", "zz"])
+    assert (c.text, c.token_ids, c.finish_reason) == ("abc", [97, 98, 99], "stop")
+    c = _run_script("abc\n\nxyz", stop=["\n\n"], include_stop=True)
+    assert (c.text, c.token_ids) == ("abc\n\n", [97, 98, 99, 10, 10])
+    c = _run_script("ab\n\n", stop=["b\n", "\n\n"])  # the earliest start wins
+    assert c.text == "a"
+    c = _run_script("\n\nab\n\n", stop=["\n\n"])  # a stop string first: empty text
+    assert (c.text, c.token_ids, c.finish_reason) == ("", [], "stop")
+    for min_tokens, text in ((2, ""), (3, "\n\nab")):  # counts only once it ends at min_tokens
+        assert _run_script("\n\nab\n\n", stop=["\n\n"], min_tokens=min_tokens).text == text
+    c = _run_script("abcdef", stop=["zz"], max_new_tokens=4)
+    assert (c.text, c.finish_reason) == ("abcd", "length")
+    # a stop string that starts inside a token: that token is cut from token_ids, kept in text
+    merged = Tokenizer({**{i: bytes([i]) for i in range(256)}, 256: b"bc"}, [(b"b", b"c")],
+                       [_EOT])
+    c = _run_script(["a", 256, "d", "e"], merged, stop=["cd"])
+    assert (c.text, c.token_ids) == ("ab", [97])
+
+
+def test_eos_stops_a_sequence_but_not_before_min_tokens():
+    c = _run_script([256, "a"])
+    assert (c.text, c.token_ids, c.finish_reason) == ("", [256], "eos")
+    c = _run_script([256, 256, 256, "a"], min_tokens=2)  # eos masked twice: the runner-up 'x'
+    assert (c.text, c.token_ids, c.finish_reason) == ("xx", [120, 120, 256], "eos")
+    assert _run_script([256, "a"], eos_id=-1, max_new_tokens=2).finish_reason == "length"
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p():
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(50):
+        logits = torch.randn(12, generator=generator) * 2
+        p = float(torch.rand((), generator=generator)) * 0.98 + 0.01
+        probs, order = logits.softmax(-1).sort(descending=True)
+        size = next(k for k in range(1, 13) if probs[:k].sum() >= p)  # brute force
+        kept = torch.isfinite(infer.top_p_filter(logits[None], p)[0])
+        assert set(kept.nonzero()[:, 0].tolist()) == set(order[:size].tolist())
+    kept = torch.isfinite(infer.top_k_filter(torch.tensor([[1.0, 3.0, 2.0, 0.0]]), 2))
+    assert kept.tolist() == [[False, True, True, False]]
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(temperature=-0.5), "temperature"), (dict(top_p=0.0), "top_p"),
+    (dict(top_p=1.5), "top_p"), (dict(top_k=0), "top_k"), (dict(prompts=[""]), "empty"),
+    (dict(prompts=["y" * 40]), "context"), (dict(min_tokens=9, max_new_tokens=4), "min_tokens"),
+    (dict(prompts=[]), "non-empty")])
+def test_generate_batch_rejects_bad_input_naming_it(kwargs, message):
+    kwargs = {"prompts": ["ab"], **kwargs}
+    with pytest.raises(ValueError, match=message):
+        infer.generate_batch(_tiny_lm(), _BYTES, kwargs.pop("prompts"), **kwargs)
+
+
+@pytest.mark.parametrize("variant", ["mha", "gqa", "window", "mla"])
+def test_paged_continuous_batching_equals_one_by_one(variant):
+    model = _tiny_lm(**_INFER_VARIANTS[variant])
+    prompts, lengths = ["hello world", "a", "the cat sat", "xy"], [7, 12, 5, 9]
+    want = [infer.generate_batch(model, _BYTES, [p], max_new_tokens=m, temperature=0,
+                                 eos_id=-1)[0][0].token_ids for p, m in zip(prompts, lengths)]
+    requests = [infer.Request(_BYTES.encode(p), m, n=2) for p, m in zip(prompts, lengths)]
+    sampling = infer.Sampling(12, temperature=0, eos_id=-1)
+    for continuous in (True, False):  # 3 rows for 8 sequences: requests wait; samples share
+        with torch.no_grad():        # their prompt's blocks (4 tokens each), copied on write
+            out = infer.serve(model, _BYTES, requests, sampling, max_seqs=3, block_size=4,
+                              continuous=continuous)
+        assert [[s.ids for s in r] for r in out] == [[w, w] for w in want]
+
+
+def test_paged_cache_shares_prefix_blocks_and_copies_on_write():
+    cache = infer.PagedCache(_tiny_lm(), num_blocks=6, block_size=4, max_seqs=2,
+                             max_blocks_per_seq=3)
+    cache.allocate(0, 0), cache.allocate(0, 1)  # a 6-token prompt: one full block, one partial
+    cache.layers[0]["k"][cache.owned[0][1]] = 7.0
+    cache.share(0, 1)
+    assert cache.owned[1] == cache.owned[0] and cache.refs[cache.owned[0][1]] == 2
+    assert cache.prepare_write(1, 6) == 1  # the shared partial block is copied for sample 1
+    assert cache.owned[1][0] == cache.owned[0][0] and cache.owned[1][1] != cache.owned[0][1]
+    keys = cache.layers[0]["k"]
+    assert torch.equal(keys[cache.owned[1][1]], keys[cache.owned[0][1]])
+    assert cache.prepare_write(0, 6) == 0  # sample 0 now owns its block alone
+    assert cache.prepare_write(0, 8) == 1  # a block boundary: a new block
+    cache.release(0), cache.release(1)
+    assert sorted(cache.free) == [1, 2, 3, 4, 5] and not any(cache.refs)
+
+
+def test_speculative_sampling_keeps_the_targets_distribution():
+    generator = torch.Generator().manual_seed(0)
+    batch, k, vocab = 40_000, 2, 5
+    p = torch.rand(vocab, generator=generator).softmax(0) ** 2
+    p, q = p / p.sum(), torch.rand(vocab, generator=generator) ** 3
+    q = q / q.sum()
+    draft = torch.multinomial(q.expand(batch * k, vocab), 1, True, generator=generator)
+    draft = draft.view(batch, k)
+    accepted, next_token = infer.speculative_accept(p.expand(batch, k + 1, vocab),
+                                                    q.expand(batch, k, vocab), draft, generator)
+    first = torch.where(accepted > 0, draft[:, 0], next_token)
+    expected = p * batch
+
+    def chi_square(tokens):
+        return float(((torch.bincount(tokens, minlength=vocab) - expected) ** 2 / expected).sum())
+
+    assert chi_square(first) < 18.47  # 4 degrees of freedom, p = 0.001
+    assert chi_square(draft[:, 0]) > 1000  # the test can tell: the draft's own law fails it
+    assert abs(float((accepted > 0).float().mean()) - float(torch.minimum(p, q).sum())) < 0.01
+
+
+def test_greedy_speculative_decoding_equals_the_target_alone():
+    target, draft = _tiny_lm(0), _tiny_lm(1, num_layers=1, num_kv_heads=2)
+    prompt = _BYTES.encode("hello")
+    want = _greedy_by_recompute(target, prompt, 12)
+    for proposer, all_pass in ((draft, False), (target, True)):
+        out, stats = infer.speculative_generate(target, proposer, prompt, 12, k=3, temperature=0)
+        assert out == want
+        assert (stats.accepted == stats.proposed) == all_pass
+
+
+def test_quantized_matmuls_within_half_a_step():
+    generator = torch.Generator().manual_seed(0)
+    weight, x = torch.randn(64, 256, generator=generator), torch.randn(8, 256, generator=generator)
+    q, scale = infer.quantize_int8(weight)
+    assert q.dtype == torch.int8 and (q.float() * scale[:, None] - weight).abs().le(
+        scale[:, None] / 2 + 1e-6).all()
+    packed, scale4 = infer.quantize_int4(weight, 32)
+    assert packed.shape == (64, 128) and packed.dtype == torch.uint8
+    error = (infer.dequantize_int4(packed, scale4, 32) - weight).abs()
+    assert error.le(scale4.repeat_interleave(32, 1) / 2 + 1e-6).all()
+    linear = Linear(256, 64, bias=True)
+    with torch.no_grad():
+        linear.weight.copy_(weight), linear.bias.fill_(0.5)
+        exact = linear(x)
+        for bits, tolerance in ((8, 0.02), (4, 0.2)):
+            layer = infer.QuantLinear(linear, bits, 32)
+            assert torch.allclose(layer(x), x @ layer.dequantized().T + 0.5, atol=1e-4)
+            assert float((layer(x) - exact).norm() / exact.norm()) < tolerance
+    model = infer.quantize_model(_tiny_lm(tie_weights=True), 8)
+    assert isinstance(model.lm_head, infer.QuantLinear) and isinstance(model.token_embeddings,
+                                                                        nn.Module)
+    assert infer.weight_bytes(model) < infer.weight_bytes(_tiny_lm(tie_weights=True)) / 3
+
+
+def test_roofline_reproduces_the_lectures_llama2_13b_table():
+    config, h100 = ModelConfig(**infer.LLAMA2_13B), infer.GPUS["H100"]
+    one = infer.decode_roofline(config, 1, 1024, h100["bandwidth"], h100["peak_flops"])
+    many = infer.decode_roofline(config, 64, 1024, h100["bandwidth"], h100["peak_flops"])
+    assert round(one["memory"] / 1e9, 1) == 26.9 and round(many["memory"] / 1e9, 1) == 79.7
+    assert round(one["step"] * 1e3, 1) == 8.0 and round(one["tokens_per_s"]) == 125
+    assert abs(many["tokens_per_s"] - 2689) < 1 and many["bound"] == "memory"
+    no_cache = infer.decode_roofline(config, 1, 0, h100["bandwidth"], h100["peak_flops"])
+    assert one["compute_bound_from"] == float("inf") and 290 < no_cache["compute_bound_from"] < 300
+
+
+def _save_checkpoint(tmp_path, model, tokenizer, **changes):
+    tmp_path.mkdir(exist_ok=True)
+    tokenizer.save_dir(tmp_path / "tok")
+    state = {"model": model.state_dict(), "model_config": dataclasses.asdict(model.config),
+             "config": {"tokenizer_dir": str(tmp_path / "tok")},
+             "tokenizer": tokenizer.fingerprint(), **changes}
+    torch.save(state, tmp_path / "ckpt.pt")
+    return str(tmp_path / "ckpt.pt")
+
+
+def test_checkpoint_generation_from_the_command_line(tmp_path, capsys):
+    model = _tiny_lm()
+    path = _save_checkpoint(tmp_path, model, _BYTES)
+    infer.main([f"--ckpt={path}", "--prompt=hello", "--max_new_tokens=6", "--temperature=0"])
+    printed = capsys.readouterr().out
+    want = _BYTES.decode(_greedy_by_recompute(model, _BYTES.encode("hello"), 6))
+    assert printed.startswith("hello" + want.split("<|endoftext|>")[0][:1])
+    assert printed.strip().endswith("]")
+    infer.main([f"--ckpt={path}", "--prompt=ab", "--max_new_tokens=3", "--num_samples=2",
+                "--seed=1", "--quantize=int8"])
+    assert capsys.readouterr().out.count("--- sample") == 2
+    draft = _save_checkpoint(tmp_path / "draft", _tiny_lm(1, num_layers=1), _BYTES)
+    infer.main([f"--ckpt={path}", f"--draft_ckpt={draft}", "--prompt=hello", "--temperature=0",
+                "--max_new_tokens=6", "--speculate_k=2"])
+    captured = capsys.readouterr()
+    assert captured.out.startswith("hello" + want[:1]) and "acceptance" in captured.err
+
+
+def test_bad_checkpoints_and_folders_get_one_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="python train.py"):
+        infer.load_checkpoint_model(str(tmp_path / "none.pt"))
+    path = _save_checkpoint(tmp_path, _tiny_lm(), _BYTES,
+                            model_config={**dataclasses.asdict(_tiny_lm().config),
+                                          "d_model": 64})
+    with pytest.raises(ValueError, match="mis-shaped"):
+        infer.load_checkpoint_model(path)
+    other = Tokenizer({i: bytes([i]) for i in range(256)}, [], [])  # 256 ids, no eot
+    path = _save_checkpoint(tmp_path, _tiny_lm(), other)
+    with pytest.raises(ValueError, match="another vocabulary"):
+        infer.load_checkpoint_model(path)
+    with pytest.raises(FileNotFoundError, match="lacks config.json, vocab.json, merges.txt"):
+        infer.load_gpt2(tmp_path)
+    for flag, message in (("--top_p=1.5", "top_p"), ("--temperature=-1", "temperature"),
+                          ("--quantize=int3", "int8 or int4")):  # checked before loading
+        with pytest.raises(ValueError, match=message):
+            infer.main([f"--ckpt={tmp_path / 'none.pt'}", flag])
+
+
+def test_gpt2_folder_gives_the_logits_of_transformers(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("safetensors")
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=4, n_positions=64)
+    reference = transformers.GPT2LMHeadModel(config).eval()
+    reference.save_pretrained(tmp_path)
+    for name in ("vocab.json", "merges.txt"):
+        shutil.copy(DATA_DIR / f"gpt2_{name}", tmp_path / name)
+    model, tokenizer = infer.load_gpt2(tmp_path)
+    ids = torch.tensor([tokenizer.encode("Hello world, this is GPT-2 speaking.")])
+    with torch.no_grad():
+        assert torch.allclose(model(ids), reference(ids).logits, atol=1e-5)
+        want = reference.generate(ids[:, :3], max_new_tokens=6, do_sample=False)[0, 3:].tolist()
+    got = infer.generate_batch(model, tokenizer, [ids[0, :3].tolist()], max_new_tokens=6,
+                               temperature=0)[0][0].token_ids
+    assert got == want[: len(got)] and len(got) >= 1
+
+
+def test_quantize_command_reports_perplexity_on_the_runs_held_out_text(tmp_path, capsys):
+    path = _save_checkpoint(tmp_path, _tiny_lm(d_model=32), _BYTES)
+    (tmp_path / "val.txt").write_text("the cat sat on the mat. " * 40)
+    infer.main(["quantize", f"--ckpt={path}", "--group_size=32"])
+    rows = capsys.readouterr().out.splitlines()[2:]
+    perplexities = [float(row.split()[2]) for row in rows]
+    assert [row.split()[0] for row in rows] == ["unquantized", "int8/channel", "int4/g32"]
+    assert abs(perplexities[1] - perplexities[0]) < 0.05 * perplexities[0]
+
+def test_stream_printer_holds_back_possible_stop_strings_and_split_characters(capsys):
+    printer, generation = infer.StreamPrinter("P:", ["\n\n"]), infer.Generation(0, 9)
+    shown = []
+    for text in ["a", "ab", "ab\ufffd", "ab\u20ac", "ab\u20acc"]:  # the euro sign arrives late
+        generation.text = text
+        printer(0, generation)
+        shown.append(capsys.readouterr().out)
+    generation.finish_reason = "length"
+    printer(0, generation)
+    assert shown == ["P:", "a", "", "b", "\u20ac"]
+    assert capsys.readouterr().out == "c\n[length]\n"
+
+
+@_CUDA
+@pytest.mark.parametrize("variant", ["mha", "gqa", "mla", "linear", "learned_post_layernorm"])
+def test_compiled_cuda_graph_decode_equals_eager_on_gpu(variant):
+    model = _tiny_lm(**_INFER_VARIANTS[variant]).cuda()
+    prompt = torch.randint(0, 257, (3, 5), device="cuda", generator=torch.Generator(
+        "cuda").manual_seed(0))
+    steps = []
+    for compile in (False, True):
+        decoder = infer.Decoder(model, 3, 16, compile=compile, cuda_graph=compile)
+        with torch.no_grad():
+            tokens = infer.prefill(model, decoder.cache, prompt).argmax(-1)
+            logits = []
+            for position in range(5, 12):
+                logits.append(decoder.decode(tokens, torch.full((3,), position,
+                                                                device="cuda")).clone())
+                tokens = logits[-1].argmax(-1)
+        steps.append(torch.stack(logits))
+        assert decoder.mode == ("compiled + CUDA graph" if compile else "eager")
+    assert torch.allclose(steps[0], steps[1], atol=1e-3, rtol=1e-3)
+
+
+@_CUDA
+def test_generate_batch_compiled_on_gpu_equals_eager_and_bench_runs(capsys):
+    model = _tiny_lm().cuda()
+    out = [infer.generate_batch(model, _BYTES, ["hello", "a"], n=2, max_new_tokens=10,
+                                temperature=0, eos_id=-1, compile=compile) for compile in
+           (False, True)]
+    assert [[c.token_ids for c in r] for r in out[0]] == [[c.token_ids for c in r] for r in out[1]]
+    infer.main(["bench", "--preset=tiny", "--batch_sizes=[1,4]", "--requests=8",
+                "--compile=False"])  # eager + CUDA graphs: compiling is tested above
+    printed = capsys.readouterr().out
+    assert "continuous batching" in printed and "int4/g128" in printed
 
 
 # =================================================================================================
@@ -3379,3 +4474,794 @@ def test_scaling_sweep_refuses_before_any_work(tmp_path, _cache, monkeypatch):
     with pytest.raises(UsageError, match="--lrs must be positive"):
         scaling.main(_sweep_args(_cache, runs, "--lrs=fast"))
     assert not runs.exists()
+
+
+# =================================================================================================
+# data.py
+# =================================================================================================
+
+import data  # noqa: E402
+
+
+def test_data_mask_emails_phones_ips_and_near_misses():
+    text, n = data.mask_emails("mail first.last+tag@mail.example.co.uk or a@b.com.")
+    assert (text, n) == ("mail |||EMAIL_ADDRESS||| or |||EMAIL_ADDRESS|||.", 2)
+    for miss in ("user@localhost", "@x.com", "a@b", "x@y.c"):
+        assert data.mask_emails(miss) == (miss, 0)
+    for phone in ("2831823829", "(283)-182-3829", "(283) 182 3829", "283-182-3829",
+                  "283.182.3829", "+1 283 182 3829", "+1-283-182-3829", "+44 20 7946 0958",
+                  "+33 1 23 45 67 89"):
+        assert data.mask_phone_numbers(f"call {phone}.") == ("call |||PHONE_NUMBER|||.", 1), phone
+    for miss in ("182-3829", "28318238", "283-182-38291", "id 123456789012345", "2024-01-15",
+                 "$12.99", "ISBN 978-3-16-148410-0"):
+        assert data.mask_phone_numbers(miss) == (miss, 0), miss
+    assert data.mask_ips("hosts 1.2.3.4, 192.168.0.255 and 0.0.0.0") == (
+        "hosts |||IP_ADDRESS|||, |||IP_ADDRESS||| and |||IP_ADDRESS|||", 3)
+    assert data.mask_ips("at 10.0.0.1.") == ("at |||IP_ADDRESS|||.", 1)
+    for miss in ("256.1.1.1", "1.2.3.4.5", "1.2.3", "300.1.1.1", "01.2.3.4", "v1.2.3.4"):
+        assert data.mask_ips(miss) == (miss, 0), miss
+    masked, counts = data.mask_pii("a@b.com 283-182-3829 8.8.8.8")
+    assert counts == {"emails": 1, "phones": 1, "ips": 1}
+    assert data.mask_pii(masked) == (masked, {"emails": 0, "phones": 0, "ips": 0})  # no recount
+
+
+def test_data_gopher_rules_each_at_its_boundary():
+    rules = list(data.gopher_rules("word " * 50))
+    words, length, ellipsis, alphabetic = rules
+
+    def failing(text: str) -> list[str]:
+        return [rule for rule, ok in data.gopher_rules(text).items() if not ok]
+
+    assert failing("word " * 50) == [] and data.gopher_quality_filter("word " * 50)
+    assert failing("word " * 49) == [words] and not data.gopher_quality_filter("word " * 49)
+    assert failing("word " * 100_000) == [] and failing("word " * 100_001) == [words]
+    assert failing("abc " * 60) == [] and failing("ab " * 60) == [length]  # mean 3 / 2
+    assert failing("abcdefghij " * 60) == [] and failing("abcdefghijk " * 60) == [length]
+    lines = ["some words here ..."] * 3 + ["some more words here"] * 7  # 30% pass, 40% fail
+    assert failing("\n".join(lines * 5)) == []
+    assert failing("\n".join((["end \u2026"] * 4 + ["some more words here"] * 6) * 5)) == [ellipsis]
+    assert failing("word " * 80 + "123 " * 20) == []
+    assert failing("word " * 79 + "123 " * 21) == [alphabetic]
+
+
+def test_data_exact_line_dedup_keeps_lines_seen_once(tmp_path):
+    (tmp_path / "in").mkdir()
+    a = tmp_path / "in" / "a.txt"
+    b = tmp_path / "in" / "b.txt"
+    a.write_text("cookie notice\nonly in a\nrepeated\nrepeated\n")
+    b.write_text("only in b\ncookie notice")  # the last line has no newline: still the same line
+    removed = data.exact_line_deduplication([a, b], tmp_path / "out")
+    assert removed == 4
+    assert (tmp_path / "out" / "a.txt").read_text() == "only in a\n"
+    assert (tmp_path / "out" / "b.txt").read_text() == "only in b\n"
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a.txt", "b.txt"]  # no .tmp
+
+
+def _near_duplicate_corpus() -> list[str]:
+    rng = random.Random(0)
+    docs = [" ".join(rng.choice(data.WORDS) + str(rng.randint(0, 9)) for _ in range(200))
+            for _ in range(6)]
+    words = docs[0].split()
+    edited = words[:100] + ["inserted"] + words[100:]  # Jaccard ~0.97 with docs[0]
+    half = words[:100] + docs[1].split()[:100]  # Jaccard ~0.33 with each of docs[0], docs[1]
+    punctuated = docs[2].upper().replace(" ", ", ", 20) + "!"  # normalises to docs[2] exactly
+    return docs + [" ".join(edited), " ".join(half), punctuated, docs[3]]
+
+
+def test_data_minhash_signature_equals_reference():
+    a, b = data.hash_functions(64, seed=3)
+    shingle_set = data.shingles("The quick brown fox jumps over the lazy dog again and again", 3)
+    fast = data.minhash_signature(shingle_set, a, b, chunk=4)  # several chunks
+    assert fast.tolist() == data.minhash_signature_reference(shingle_set, a, b)
+    assert data.normalize_text("  Café, DÉJÀ-vu!\n") == "cafe deja vu"
+
+
+def test_data_minhash_dedup_equals_brute_force_and_keeps_one_per_cluster(tmp_path):
+    texts = _near_duplicate_corpus()
+    sets = [data.shingles(t, 3) for t in texts]
+    assert data.jaccard(sets[0], sets[6]) > 0.9 and data.jaccard(sets[0], sets[7]) < 0.4
+    expected = [[0, 6], [1], [2, 8], [3, 9], [4], [5], [7]]
+    assert data.near_duplicate_clusters_reference(texts, 3, 0.8) == expected
+    assert data.minhash_clusters(texts, 100, 20, 3, 0.8) == expected
+    paths = []
+    for i, text in enumerate(texts):
+        paths.append(tmp_path / f"doc{i}.txt")
+        paths[-1].write_text(text)
+    kept = data.minhash_deduplication(paths, 100, 20, 3, 0.8, tmp_path / "out", seed=0)
+    kept_ids = sorted(int(p.stem[3:]) for p in kept)
+    assert len(kept_ids) == len(expected)
+    assert all(len(set(cluster) & set(kept_ids)) == 1 for cluster in expected)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(p.name for p in kept)
+    assert data.minhash_deduplication(paths, 100, 20, 3, 0.8, tmp_path / "again") == kept
+    with pytest.raises(UsageError, match="equal bands"):
+        data.minhash_clusters(texts, 100, 30, 3, 0.8)
+
+
+def test_data_warc_round_trip_gzip_and_plain(tmp_path, capsys):
+    records = data.synthetic_crawl()[:3]
+    info = data.WarcRecord({"WARC-Type": "warcinfo", "Content-Length": "9"}, b"software:")
+    for name in ("crawl.warc.gz", "crawl.warc"):
+        data.write_warc(tmp_path / name, [info, *records])
+        back = list(data.iter_warc_records(tmp_path / name))
+        assert back == [dataclasses.replace(info, body=info.payload), *records]
+    assert back[1].http_headers["content-type"] == "text/html"
+    assert back[1].body.startswith(b"<html>") and back[1].url.endswith("/0")
+    assert data.extract_record(back[0]) is None and data.extract_record(back[1]).startswith("Art")
+    wet = data.WarcRecord({"WARC-Type": "conversion"}, "plain caf\u00e9\n".encode(), body=b"")
+    data.write_warc(tmp_path / "crawl.wet", [wet])
+    [wet_back] = data.iter_warc_records(tmp_path / "crawl.wet")
+    assert data.extract_record(wet_back) == "plain caf\u00e9"
+    raw = (tmp_path / "crawl.warc.gz").read_bytes()
+    (tmp_path / "cut.warc.gz").write_bytes(raw[:len(raw) * 2 // 3])
+    assert 1 <= len(list(data.iter_warc_records(tmp_path / "cut.warc.gz"))) < 4
+    assert "ends early" in capsys.readouterr().err
+
+
+def test_data_extraction_drops_boilerplate_and_survives_bad_bytes():
+    page = (b"<html><head><title>T</title><style>p {color: red}</style></head><body>"
+            b"<nav><a>Home</a></nav><script>if (a < b) alert('x')</script>"
+            b"<h1>Heading</h1><p>First   paragraph\n with &amp; entity.</p>"
+            b"<ul><li>one</li><li>two</li></ul><footer>Copyright</footer></body></html>")
+    assert data.extract_text_from_html_bytes(page) == (
+        "Heading\nFirst paragraph with & entity.\none\ntwo")
+    assert data.extract_text_from_html_bytes(b"<script>x()</script>") is None
+    latin = "<meta charset='iso-8859-1'><p>caf\u00e9 \u00e0 la cr\u00e8me</p>".encode("latin-1")
+    assert data.extract_text_from_html_bytes(latin) == "caf\u00e9 \u00e0 la cr\u00e8me"
+    privet = "\u043f\u0440\u0438\u0432\u0435\u0442"  # declared only in the HTTP header
+    koi8 = f"<p>{privet}</p>".encode("koi8-r")
+    assert data.extract_text_from_html_bytes(koi8, "koi8-r") == privet
+    bad = b"<p>ok \xff\xfe\x81 bytes</p><meta charset='no-such-codec'>"
+    assert data.extract_text_from_html_bytes(bad).startswith("ok ")  # never raises
+
+
+import gzip  # noqa: E402
+
+SAMPLES = {  # short sentences, none of them in data.py's word lists verbatim
+    "en": "The children walked to school along the river in the morning.",
+    "de": "Die Kinder gehen am Morgen mit ihren Freunden in die Schule.",
+    "fr": "Les enfants vont à l'école avec leurs amis tous les matins.",
+    "es": "Los niños van a la escuela con sus amigos todas las mañanas.",
+    "pt": "As crianças vão para a escola com os seus amigos todas as manhãs.",
+    "it": "I bambini vanno a scuola con i loro amici ogni mattina.",
+    "zh": "孩子们每天早上和朋友一起去学校。",
+    "ja": "子供たちは毎朝友達と一緒に学校へ行きます。",
+    "ko": "아이들은 매일 아침 친구들과 함께 학교에 갑니다.",
+    "ru": "Дети каждое утро ходят в школу вместе с друзьями.",
+    "ar": "يذهب الأطفال إلى المدرسة مع أصدقائهم كل صباح.",
+}
+
+
+def test_data_identify_language_builtin_and_trained():
+    for lang, text in SAMPLES.items():
+        found, score = data.identify_language(text)
+        assert found == lang and 0.5 < score <= 1.0, (lang, found, score)
+    assert data.identify_language("12345 !!! 678") == ("unknown", 0.0)
+    lang, score = data.identify_language(SAMPLES["en"] + " 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15")
+    assert lang == "en" and score < data.identify_language(SAMPLES["en"])[1]  # digits dilute it
+    lines = [f"__label__{lang} {text}" for lang, text in SAMPLES.items() if lang in ("en", "de")]
+    model = data.NaiveBayesLanguageId(lines * 3)  # a user's own labelled text
+    assert model.predict("die Schule")[0] == "de" and model.predict("the school")[0] == "en"
+    assert data.identify_language("the school", model)[0] == "en"
+    with pytest.raises(ValueError, match="__label__X"):
+        data.NaiveBayesLanguageId(["en no label here"])
+
+
+def _toy_lines(rng: random.Random, n: int) -> list[str]:
+    """Two classes told apart only by which words they use: a linear model must get them all."""
+    animals, tools = "cat dog horse sheep goat cow".split(), "hammer saw drill wrench file".split()
+    return [f"__label__{label} " + " ".join(rng.choice(words) for _ in range(6))
+            for _ in range(n) for label, words in (("animal", animals), ("tool", tools))]
+
+
+def test_data_fasttext_classifier_learns_and_round_trips(tmp_path):
+    rng = random.Random(0)
+    model = data.FastTextClassifier.train(_toy_lines(rng, 60), epochs=5, buckets=1 << 12)
+    test = data.read_labelled(_toy_lines(rng, 20))
+    assert all(model.predict(text)[0] == label for label, text in test)
+    assert model.predict("dog cow sheep")[1] > 0.9
+    model.save(tmp_path / "m.npz")
+    back = data.FastTextClassifier.load(tmp_path / "m.npz")
+    assert back.labels == model.labels and back.config == model.config
+    assert back.predict("saw a cat") == model.predict("saw a cat")
+    np.testing.assert_array_equal(back.embeddings, model.embeddings)
+    (tmp_path / "official.bin").write_bytes((793712314).to_bytes(4, "little") + bytes(16))
+    (tmp_path / "junk.npz").write_bytes(b"not a zip at all")
+    np.savez(tmp_path / "other.npz", x=np.zeros(3))
+    for name in ("official.bin", "junk.npz", "other.npz"):  # a fastText .bin, junk, another .npz
+        with pytest.raises(ValueError, match="not a classifier saved by data.py"):
+            data.FastTextClassifier.load(tmp_path / name)
+    quality = data.FastTextClassifier.train(["__label__wiki the history of the valley",
+                                             "__label__cc buy cheap pills now"] * 20)
+    assert data.classify_quality("a history of the valley", quality)[0] == "wiki"
+    with pytest.raises(ValueError, match="expected \\['nsfw', 'non-nsfw'\\]"):
+        data.classify_nsfw("text", quality)
+
+
+def test_data_bloom_filter_false_positive_rate_near_target():
+    n, p = 3000, 0.02
+    bloom = data.BloomFilter(n, p)
+    assert bloom.num_bits == math.ceil(-n * math.log(p) / math.log(2) ** 2)
+    assert bloom.num_hashes == round(bloom.num_bits / n * math.log(2)) == 6
+    assert sum(bloom.add(f"item {i}") for i in range(n)) < n * p  # "seen" while filling: rare
+    assert all(f"item {i}" in bloom for i in range(n))  # and never a false negative
+    measured = np.mean([f"other {i}" in bloom for i in range(20_000)])
+    assert p / 2 < measured < p * 1.5, measured
+    kept = list(data.bloom_line_deduplication(["a\nb\nc", "b\nd", "a\nc"],
+                                              data.BloomFilter(10, 1e-6)))
+    assert kept == ["a\nb\nc", "d", ""]  # first copies stay
+    with pytest.raises(ValueError, match="false_positive_rate"):
+        data.BloomFilter(10, 1.5)
+
+
+def test_data_contamination_finds_planted_overlaps():
+    rng = random.Random(0)
+    train_docs = [" ".join(rng.choice(data.WORDS) for _ in range(100)) for _ in range(20)]
+    questions = [" ".join(rng.choice(data.WORDS) for _ in range(30)) for _ in range(5)]
+    train_docs[3] += " " + questions[1].upper() + "!"  # normalisation must still see it
+    train_docs[7] = " ".join(questions[4].split()[5:20]) + " " + train_docs[7]  # a 15-word span
+    train_docs[9] += " " + " ".join(questions[2].split()[:12])  # 12 words: below 13, not found
+    assert data.contamination(train_docs, questions) == {3: {1}, 7: {4}}
+    assert data.contamination(train_docs, questions, ngrams=12)[9] == {2}
+
+
+def write_bad_crawl(folder) -> None:
+    """bad.warc.gz: good pages around an unknown charset, an empty page and a record with a wrong
+    Content-Length; cut.warc.gz: a good page, then a gzip member cut in half."""
+    rng = random.Random(1)
+    good = [data.make_response_record(f"https://other.example/{i}",
+                                      data._page(f"Other {i}", data._article(rng)), record_id=i)
+            for i in range(3)]
+    odd = [data.make_response_record("https://other.example/charset",
+                                     b"<meta charset='x-mystery'><p>caf\xe9 \xe0 la cr\xe8me</p>"),
+           data.make_response_record("https://other.example/empty", b"<script>x()</script>")]
+    parts = []
+    for records in ([good[0], *odd], [good[1]], [good[2]]):
+        data.write_warc(folder / "part.tmp", records)
+        parts.append(gzip.compress((folder / "part.tmp").read_bytes(), mtime=0))
+    (folder / "part.tmp").unlink()
+    wrong = {**good[1].headers, "Content-Length": str(len(good[1].payload) - 100)}
+    head = "WARC/1.0\r\n" + "".join(f"{k}: {v}\r\n" for k, v in wrong.items()) + "\r\n"
+    bad = gzip.compress(head.encode() + good[1].payload + b"\r\n\r\n", mtime=0)
+    (folder / "bad.warc.gz").write_bytes(parts[0] + bad + parts[1])
+    (folder / "cut.warc.gz").write_bytes(parts[2] + parts[2][:len(parts[2]) // 2])
+
+
+def _run_pipeline(tmp_path, **overrides) -> dict:
+    crawl = tmp_path / "crawl"
+    crawl.mkdir(exist_ok=True)
+    records = data.synthetic_crawl()
+    data.write_warc(crawl / "part0.warc.gz", records[:9])
+    data.write_warc(crawl / "part1.warc.gz", records[9:])
+    write_bad_crawl(crawl)
+    cfg = {**data.PIPELINE_OPTIONS, "vocab_size": 300, **overrides}
+    return data.pipeline(str(crawl), str(tmp_path / cfg.pop("name", "out")), progress=False,
+                         **cfg)
+
+
+def test_data_pipeline_removes_what_it_should_and_feeds_train(tmp_path, capsys):
+    report = _run_pipeline(tmp_path, workers=1)
+    assert dict(report["removed"]) == {"bad input": 3, "no text": 1, "language": 6,
+                                       "gopher rules": 3, "near-duplicates": 2,
+                                       "repeated lines": 0}
+    assert dict(report["errors"]) == {"unknown charset": 1, "wrong Content-Length": 1,
+                                      "file cut short or unreadable": 1}
+    assert dict(report["pii"]) == {"emails": 2, "phones": 2, "ips": 1}
+    assert report["kept"] == 11 and report["tokens"]["repeated lines"] > 0
+    out = tmp_path / "out"
+    train_text = (out / "train.txt").read_text()
+    assert "Share this story" not in train_text and "|||EMAIL_ADDRESS|||" in train_text
+    assert "Bauern" not in train_text and "$" not in train_text
+    assert train_text.count(data.EOT) + (out / "val.txt").read_text().count(data.EOT) == 11
+    tok = Tokenizer.from_dir(out / "tokenizer")
+    for split in ("train", "val"):
+        tokens = train.load_tokens(out / f"{split}.bin", tok)  # what --train_bin/--val_bin read
+        assert len(tokens) == report["bin_tokens"][split] > 0
+        assert tok.decode(tokens.tolist()) == (out / f"{split}.txt").read_text()
+    assert json.loads((out / "report.json").read_text())["kept"] == 11
+    printed = capsys.readouterr()
+    assert "near-duplicates" in printed.out and "not its length: skipped" in printed.err
+
+
+def test_data_pipeline_shards_classifiers_and_contamination(tmp_path, capsys):
+    quality = data.FastTextClassifier.train(
+        [f"__label__wiki {' '.join(data._article(random.Random(i), 4))}" for i in range(40)]
+        + [f"__label__cc {' '.join(random.Random(i).choices(data.SPAM, k=30))}"
+           for i in range(40)], buckets=1 << 14)
+    quality.save(tmp_path / "quality.npz")
+    article5 = data.extract_record(data.synthetic_crawl()[5]).splitlines()[2]
+    (tmp_path / "eval.txt").write_text(f"{article5}\n")
+    opts = dict(quality=str(tmp_path / "quality.npz"), eval=str(tmp_path / "eval.txt"),
+                line_dedup="bloom")
+    for shard in ("0/2", "1/2"):
+        assert _run_pipeline(tmp_path, workers=1, shard=shard, name="sharded", **opts) is None
+    merged = _run_pipeline(tmp_path, workers=2, merge=True, name="sharded", **opts)
+    assert merged["removed"]["quality"] == 1 and merged["removed"]["contamination"] == 1
+    assert merged["kept"] == 9  # 11, less the spam page and the quoted article
+    assert "Share this story" in (tmp_path / "sharded" / "train.txt").read_text() + (
+        tmp_path / "sharded" / "val.txt").read_text()  # bloom keeps the first copy
+    whole = _run_pipeline(tmp_path, workers=1, name="whole", **opts)
+    assert {k: whole[k] for k in ("removed", "kept", "pii")} == {
+        k: merged[k] for k in ("removed", "kept", "pii")}
+    with pytest.raises(UsageError, match="0 <= i < n"):
+        _run_pipeline(tmp_path, shard="2/2")
+    with pytest.raises(UsageError, match="--quality=nowhere.npz does not exist"):
+        _run_pipeline(tmp_path, quality="nowhere.npz")
+
+
+def test_data_pipeline_demo_and_commands(tmp_path, capsys):
+    """Replaces test_data_demo_and_commands (the demo now runs the pipeline; extract and dedup
+    commands gave way to `pipeline`, the functions behind them stay)."""
+    report = data.demo(str(tmp_path / "demo"))
+    assert report["removed"]["quality"] == 1 and report["removed"]["contamination"] == 1
+    assert report["kept"] == 6 and report["removed"]["language"] == 6
+    out = capsys.readouterr().out
+    assert "near-duplicates" in out and "cc 0." in out and "|||" not in out.split("kept")[0]
+
+
+def test_data_pipeline_command_line(tmp_path):
+    (crawl := tmp_path / "crawl").mkdir()
+    records = data.synthetic_crawl()
+    data.write_warc(crawl / "part0.warc.gz", records[:9])
+    data.write_warc(crawl / "part1.warc.gz", records[9:])
+    data.main(["pipeline", f"--input={crawl}/*.warc.gz", f"--out={tmp_path / 'cli'}",
+               "--workers=1", "--languages=", "--line_dedup=none", "--vocab_size=300"])
+    report = json.loads((tmp_path / "cli" / "report.json").read_text())
+    assert "language" not in report["removed"] and report["removed"]["gopher rules"] == 5
+    assert report["kept"] == 12  # 19 pages - 2 near-duplicates - 5 (zh, ja: no spaces, "1 word")
+    with pytest.raises(UsageError, match="did you mean --num_hashes"):
+        data.main(["pipeline", "--input=x", "--out=y", "--num_hash=3"])
+    with pytest.raises(UsageError, match="pipeline needs --input"):
+        data.main(["pipeline", "--out=y"])
+    with pytest.raises(UsageError, match="line_dedup must be"):
+        data.main(["pipeline", "--input=x", "--out=y", "--line_dedup=fuzzy"])
+    with pytest.raises(UsageError, match="no shard outputs"):
+        data.main(["pipeline", f"--out={tmp_path / 'empty'}", "--merge"])
+
+
+def test_data_bad_input_is_counted_not_fatal(tmp_path, capsys):
+    from collections import Counter
+    (tmp_path / "notes.warc").write_text("hello\nworld\n")  # not WARC at all
+    record = data.make_response_record("https://x.example/1", b"<p>text</p>")
+    no_length = b"WARC/1.0\r\nWARC-Type: response\r\nContent-Length: many\r\n\r\n"
+    (tmp_path / "odd.warc").write_bytes(no_length + record.payload + b"\r\n\r\n")
+    with open(tmp_path / "odd.warc", "ab") as f:  # a good record after the bad one survives
+        data.write_warc(tmp_path / "good.warc", [record])
+        f.write((tmp_path / "good.warc").read_bytes())
+    errors = Counter()
+    assert list(data.iter_warc_records(tmp_path / "notes.warc", errors)) == []
+    assert [r.url for r in data.iter_warc_records(tmp_path / "odd.warc", errors)] == [record.url]
+    assert errors == {"not a WARC record": 1, "wrong Content-Length": 1}
+    assert "skipped" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="unknown charset 'x-nope'"):
+        data.extract_text_from_html_bytes(b"<meta charset='x-nope'><p>\xe9</p>", strict=True)
+    page = b"<meta charset='x-nope'><p>ok</p>"
+    assert data.extract_text_from_html_bytes(page, strict=True) == "ok"
+    (tmp_path / "junk.npz").write_bytes(b"junk")
+    toxic = data.FastTextClassifier.train(["__label__toxic a b", "__label__non-toxic c d"])
+    toxic.save(tmp_path / "toxic.npz")
+    for quality, message in (("junk.npz", "not a classifier"), ("toxic.npz", "labels are")):
+        with pytest.raises(ValueError, match=message):  # before any page is read
+            _run_pipeline(tmp_path, quality=str(tmp_path / quality))
+    assert not (tmp_path / "out").exists()
+
+
+def test_data_trained_models_replace_the_builtin_language_id():
+    lines = [f"__label__{lang} {text}" for lang, text in SAMPLES.items()] * 5
+    model = data.FastTextClassifier.train(lines, epochs=50, minn=1, maxn=3, word_ngrams=1,
+                                          buckets=1 << 14)  # char 1-3 grams, as langid tools
+    assert all(data.identify_language(text, model)[0] == lang for lang, text in SAMPLES.items())
+    assert data.identify_language(SAMPLES["ja"], data.NaiveBayesLanguageId(lines))[0] == "ja"
+
+
+def test_data_kneser_ney_sums_to_one_and_prefers_its_domain():
+    rng = random.Random(0)
+    docs = ["\n".join(data._article(rng)) for _ in range(30)]
+    lm = data.KneserNeyLM(docs, order=3)
+    assert "<unk>" in lm.vocab and "</s>" in lm.vocab
+    for context in ([], ["the"], ["of", "the"], ["never", "seen"], ["river", "zzz"]):
+        assert sum(lm.prob(w, context) for w in lm.vocab) == pytest.approx(1.0, abs=1e-9)
+    assert lm.prob("qwerty", ["the"]) == lm.prob("<unk>", ["the"]) > 0
+    in_domain = "\n".join(data._article(random.Random(1)))
+    other = "Notre café propose un menu déjà célèbre dans la vallée avec des crêpes."
+    assert lm.perplexity(in_domain) < lm.perplexity(other) / 5
+    assert lm.perplexity("") == math.inf
+
+
+def test_data_dsir_prefers_target_like_documents():
+    rng = random.Random(0)
+    target = ["\n".join(data._article(rng)) for _ in range(20)]
+    good = ["\n".join(data._article(rng)) for _ in range(10)]
+    spam = [" ".join(rng.choice(data.SPAM) for _ in range(80)) for _ in range(30)]
+    raw = spam[:15] + good + spam[15:]
+    weights = data.dsir_log_weights(raw, target)
+    assert weights[15:25].min() > max(weights[:15].max(), weights[25:].max())
+    assert data.dsir_resample(raw, target, 10, seed=0) == list(range(15, 25))
+
+
+def test_data_bench_runs(capsys):
+    data.bench(crawls=2, repeat=1)
+    out = capsys.readouterr().out
+    assert "MinHash x128: data.py" in out and "documents/s" in out
+
+
+def test_data_compare_runs(tmp_path, capsys):
+    ppl = data.compare(str(tmp_path), crawls=3, max_iters=2, batch_size=2)
+    assert set(ppl) == {"unfiltered", "filtered"} and all(math.isfinite(p) for p in ppl.values())
+
+
+# =================================================================================================
+# align.py
+# =================================================================================================
+
+import copy  # noqa: E402
+from dataclasses import replace  # noqa: E402
+from itertools import combinations  # noqa: E402
+
+import align  # noqa: E402
+
+
+def _byte_tokenizer() -> Tokenizer:
+    return Tokenizer({i: bytes([i]) for i in range(256)}, [], ["<|endoftext|>"])
+
+
+def _align_lm(vocab_size: int = 257, seed: int = 0, context_length: int = 64) -> TransformerLM:
+    torch.manual_seed(seed)
+    return TransformerLM(ModelConfig(vocab_size=vocab_size, context_length=context_length,
+                                     d_model=32, num_layers=1, num_heads=2, d_ff=64))
+
+
+class _HFLike(torch.nn.Module):
+    """A Hugging Face-like wrapper: the output holds .logits."""
+    def __init__(self, lm: TransformerLM):
+        super().__init__()
+        self.lm, self.config = lm, lm.config
+
+    def forward(self, input_ids):
+        return SimpleNamespace(logits=self.lm(input_ids))
+
+
+def test_align_tokenize_prompt_and_output_masks_and_shift():
+    tok = _byte_tokenizer()
+    out = align.tokenize_prompt_and_output(["ab", "c"], ["xy", "zzzz"], tok)
+    pad = tok.token_id("<|endoftext|>")
+    full = [[97, 98, 120, 121, pad], [99, 122, 122, 122, 122]]  # "abxy" padded right, "czzzz"
+    assert out["input_ids"].tolist() == [row[:-1] for row in full]
+    assert out["labels"].tolist() == [row[1:] for row in full]
+    # labels are tokens 1..4: the response starts at label 1 ("x") in row 0, label 0 in row 1
+    assert out["response_mask"].tolist() == [[False, True, True, False],
+                                             [True, True, True, True]]
+    with pytest.raises(ValueError, match="prompt 0 is empty"):
+        align.tokenize_prompt_and_output([""], ["x"], tok)
+
+
+def test_align_response_longer_than_context_is_truncated_with_a_warning():
+    tok = _byte_tokenizer()
+    with pytest.warns(UserWarning, match="1 of 2 .* truncated"):
+        out = align.tokenize_prompt_and_output(["ab", "c"], ["xyzw", "z"], tok, max_len=4)
+    assert out["input_ids"].shape == (2, 4)  # 5 tokens kept: input_ids and labels are 4 long
+    assert out["response_mask"][0].tolist() == [False, True, True, True]
+
+
+def test_align_masked_mean_and_normalize_with_an_all_masked_row():
+    x = torch.tensor([[1.0, 2.0, 3.0], [4.0, float("-inf"), 6.0], [7.0, 8.0, 9.0]])
+    mask = torch.tensor([[1, 1, 0], [1, 0, 1], [0, 0, 0]], dtype=torch.bool)
+    assert align.masked_mean(x, mask, dim=-1).tolist() == [1.5, 5.0, 0.0]  # no NaN, no -inf
+    assert align.masked_mean(x, mask).item() == pytest.approx(13 / 4)
+    assert align.masked_normalize(x, mask, -1, 2.0).tolist() == [1.5, 5.0, 0.0]
+    assert align.masked_normalize(x, mask, 0).tolist() == [5.0, 2.0, 6.0]
+    assert align.masked_normalize(x, mask, normalize_constant=4.0).item() == 13 / 4
+
+
+def test_align_entropy_and_log_probs_against_direct_formulas():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 3, 11) * 5
+    p = logits.softmax(-1)
+    assert torch.allclose(align.compute_entropy(logits), -(p * p.log()).sum(-1), atol=1e-5)
+    extreme = torch.tensor([[0.0, -1e4, -1e4]])  # p underflows to 0: still finite, ~0
+    assert align.compute_entropy(extreme).abs().item() < 1e-6
+    lm = _align_lm()
+    ids = torch.randint(0, 257, (2, 6))
+    labels = torch.randint(0, 257, (2, 6))
+    out = align.get_response_log_probs(lm, ids, labels, return_token_entropy=True)
+    expected = F.log_softmax(lm(ids), -1).gather(-1, labels[..., None]).squeeze(-1)
+    assert torch.allclose(out["log_probs"], expected, atol=1e-5)
+    assert torch.allclose(out["token_entropy"], align.compute_entropy(lm(ids)), atol=1e-5)
+    hf = align.get_response_log_probs(_HFLike(lm), ids, labels)["log_probs"]
+    assert torch.allclose(hf, expected, atol=1e-5)
+
+
+def test_align_group_normalized_rewards_known_values_and_equal_rewards():
+    def reward(text, truth):
+        return {"reward": float(text == truth), "format_reward": 1.0}
+    adv, raw, meta = align.compute_group_normalized_rewards(
+        reward, ["a", "b", "a", "a", "x", "y"], ["a"] * 3 + ["z"] * 3, 3, 1e-6, True)
+    assert raw.tolist() == [1, 0, 1, 0, 0, 0]
+    std = torch.tensor([1.0, 0, 1]).std().item()  # unbiased, as torch.std
+    assert torch.allclose(adv[:3], torch.tensor([1 / 3, -2 / 3, 1 / 3]) / (std + 1e-6))
+    assert adv[3:].tolist() == [0.0, 0.0, 0.0]  # all equal: zero advantage, no NaN
+    assert meta["groups_all_equal"] == 0.5 and meta["reward_mean"] == pytest.approx(1 / 3)
+    adv, _, _ = align.compute_group_normalized_rewards(reward, ["a", "b"], ["a", "a"], 2, 1e-6,
+                                                       False)
+    assert adv.tolist() == [0.5, -0.5]
+    adv, _, _ = align.compute_group_normalized_rewards(reward, ["a"], ["a"], 1, 1e-6, True)
+    assert adv.tolist() == [0.0]
+    for responses, size in (([], 2), (["a", "b", "c"], 2), (["a"], 0)):
+        with pytest.raises(ValueError, match="whole number of non-empty groups"):
+            align.compute_group_normalized_rewards(reward, responses, ["a"] * len(responses),
+                                                   size, 1e-6, True)
+
+
+def test_align_policy_gradient_losses_known_values():
+    logp = torch.log(torch.tensor([[0.5, 0.25], [0.5, 0.5]]))
+    adv = torch.tensor([[2.0], [-1.0]])
+    naive = align.compute_naive_policy_gradient_loss(adv, logp)
+    assert torch.allclose(naive, -adv * logp)
+    old = torch.log(torch.tensor([[0.25, 0.25], [0.25, 0.5]]))  # ratios 2, 1 / 2, 1
+    loss, meta = align.compute_grpo_clip_loss(adv, logp, old, 0.2)
+    # A > 0, ratio 2: min(2A, 1.2A) = 1.2A; A < 0, ratio 2: min(-2, -1.2) = -2 (no clip)
+    assert torch.allclose(loss, torch.tensor([[-2.4, -2.0], [2.0, 1.0]]))
+    assert meta["clipped"].tolist() == [[True, False], [False, False]]
+    for kind, kw in (("no_baseline", {"raw_rewards": adv}),
+                     ("reinforce_with_baseline", {"advantages": adv}),
+                     ("grpo_clip", {"advantages": adv, "old_log_probs": old, "cliprange": 0.2})):
+        got, _ = align.compute_policy_gradient_loss(logp, kind, **kw)
+        assert torch.allclose(got, naive if kind != "grpo_clip" else loss)
+    with pytest.raises(ValueError, match="needs old_log_probs"):
+        align.compute_policy_gradient_loss(logp, "grpo_clip", advantages=adv, cliprange=0.2)
+    with pytest.raises(ValueError, match="loss_type must be one of"):
+        align.compute_policy_gradient_loss(logp, "ppo", advantages=adv)
+
+
+def test_align_grpo_microbatch_step_normalisations_and_kl():
+    logp0 = torch.log(torch.tensor([[0.5, 0.25, 0.9], [0.5, 0.5, 0.5]]))
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]], dtype=torch.bool)
+    adv = torch.tensor([[1.0], [-1.0]])
+    for constant, expected in ((None, [[-0.5 / 2 / 2, -0.5 / 2 / 2, 0], [0.5 / 2, 0, 0]]),
+                               (4.0, [[-1 / 4 / 2 / 2, -1 / 4 / 2 / 2, 0], [1 / 4 / 2 / 2, 0, 0]])):
+        logp = logp0.clone().requires_grad_()
+        loss, _ = align.grpo_microbatch_train_step(logp, mask, 2, "reinforce_with_baseline",
+                                                   advantages=adv, normalize_constant=constant)
+        assert torch.allclose(logp.grad, torch.tensor(expected))
+    logp = logp0.clone().requires_grad_()
+    _, meta = align.grpo_microbatch_train_step(logp, mask, 1, "grpo_clip", advantages=adv,
+                                               old_log_probs=logp0, cliprange=0.2,
+                                               ref_log_probs=logp0, kl_coef=0.5)
+    assert meta["kl"].item() == 0.0 and not meta["clipped"].any()
+    _, meta = align.grpo_microbatch_train_step(logp0.clone().requires_grad_(), mask, 1,
+                                               "reinforce_with_baseline", advantages=adv,
+                                               ref_log_probs=logp0 - 1.0, kl_coef=0.5)
+    assert meta["kl"].item() == pytest.approx(math.exp(-1) + 1 - 1)
+
+
+def test_align_sft_microbatch_step_sums_and_accumulates():
+    logp = torch.log(torch.tensor([[0.5, 0.25], [0.5, 0.9]])).requires_grad_()
+    mask = torch.tensor([[1, 1], [1, 0]], dtype=torch.bool)
+    loss, meta = align.sft_microbatch_train_step(logp, mask, 2, normalize_constant=3.0)
+    nll = torch.tensor([math.log(8), math.log(2)]) / 3
+    assert meta["nll"].tolist() == pytest.approx(nll.tolist(), rel=1e-6)
+    assert loss.item() == pytest.approx(nll.mean().item() / 2, rel=1e-6)
+    assert torch.allclose(logp.grad, torch.tensor([[-1 / 12, -1 / 12], [-1 / 12, 0.0]]))
+
+
+def test_align_dpo_with_policy_equal_to_reference_is_log_2():
+    tok, lm = _byte_tokenizer(), _align_lm()
+    loss = align.compute_per_instance_dpo_loss(lm, copy.deepcopy(lm), tok, 0.1, "2+2=", "4",
+                                               "five")
+    assert loss.item() == pytest.approx(math.log(2), abs=1e-6)
+    loss.backward()  # the gradient flows into lm, not into the frozen reference
+    assert lm.lm_head.weight.grad is not None
+    other = _align_lm(seed=1)
+    beta = 0.5
+    got = align.compute_per_instance_dpo_loss(lm, other, tok, beta, "2+2=", "4", "five")
+    data = align.tokenize_prompt_and_output(["2+2=", "2+2="], ["4", "five"], tok)
+    pi, ref = (align.sequence_log_probs(m, data).detach() for m in (lm, other))
+    expected = -F.logsigmoid(beta * ((pi[0] - ref[0]) - (pi[1] - ref[1])))
+    assert got.item() == pytest.approx(expected.item(), rel=1e-5)
+    with pytest.raises(ValueError, match="reference model's vocabulary has 300 tokens"):
+        align.compute_per_instance_dpo_loss(lm, _align_lm(300), tok, 0.1, "a", "b", "c")
+
+
+def test_align_reward_model_scores_the_last_response_token():
+    tok, lm = _byte_tokenizer(), _align_lm()
+    rm = align.make_reward_model(lm)
+    assert rm.lm_head.weight.shape == (1, 32) and lm.lm_head.weight.shape == (257, 32)
+    data = align.tokenize_prompt_and_output(["ab", "a"], ["c", "bcd"], tok)
+    scores = align.reward_scores(rm, data)
+    alone = [rm(torch.tensor([list(text)]))[0, -1, 0] for text in (b"abc", b"abcd")]
+    assert torch.allclose(scores, torch.stack(alone), atol=1e-5)  # padding never read
+    loss = align.bradley_terry_loss(torch.tensor([2.0, 0.0]), torch.tensor([0.0, 0.0]))
+    assert loss.item() == pytest.approx((-math.log(torch.sigmoid(torch.tensor(2.0)).item())
+                                         + math.log(2)) / 2)
+
+
+def test_align_sft_drives_the_loss_on_a_tiny_set_towards_zero():
+    tok, lm = _byte_tokenizer(), _align_lm()
+    examples = [("1+1=", "2"), ("2+2=", "4"), ("3+3=", "6"), ("4+4=", "8")]
+    cfg = align.AlignConfig(batch_size=4, sft_lr=1e-2)
+    rows = align.sft(lm, tok, examples, 60, cfg)
+    assert rows[0]["loss"] > 3.0 and rows[-1]["loss"] < 0.05
+    assert rows[-1]["entropy"] < rows[0]["entropy"]
+
+
+def test_align_short_grpo_run_raises_the_mean_reward():
+    tok, lm = _byte_tokenizer(), _align_lm()
+
+    def reward(text: str, truth: str) -> dict:  # the share of ASCII characters: ~1/2 at first
+        return {"reward": sum(c.isascii() for c in text) / max(1, len(text))}
+    cfg = align.AlignConfig(grpo_steps=8, group_size=8, rollout_batch_size=32,
+                            train_batch_size=16, batch_size=16, max_new_tokens=4,
+                            grpo_lr=3e-2, eval_interval=100, seed=0)
+    rows = align.grpo_train(lm, tok, ["ab", "cd", "ef", "gh"], [""] * 4, reward, cfg)
+    first, last = rows[0]["reward"], sum(r["reward"] for r in rows[-2:]) / 2
+    assert last > first + 0.1, (first, last)
+    assert all(0 <= r["clip_fraction"] <= 1 and r["length"] <= 4 for r in rows)
+
+
+def test_align_numbers_and_the_r1_zero_reward():
+    for text in ("1,000", "1000", "1000.0", "$1,000", " 1000. "):
+        assert align.normalize_number(text) == "1000"
+    assert align.normalize_number("0.50") == "0.5" and align.normalize_number("-0") == "0"
+    assert align.normalize_number("12 apples") is None and align.normalize_number("") is None
+    assert align.answers_match("1,000", "1000.0") and not align.answers_match("100", "1000")
+    assert align.answers_match(" Paris", "paris")
+    good = " 3 + 4 = 7. </think> <answer> 7 </answer>"
+    assert align.r1_zero_reward_fn(good, "7") == {"format_reward": 1.0, "answer_reward": 1.0,
+                                                   "reward": 1.0}
+    assert align.r1_zero_reward_fn(good, "8")["format_reward"] == 1.0
+    assert align.r1_zero_reward_fn(good, "8")["reward"] == 0.0
+    assert align.r1_zero_reward_fn(" 7 <answer> 7 </answer>", "7")["reward"] == 0.0  # no </think>
+    assert align.r1_zero_reward_fn(" </think> <answer> 7", "7")["reward"] == 0.0  # not closed
+    assert align.question_only_reward_fn("so she has 7 apples", "7")["reward"] == 1.0
+
+
+def test_align_parse_gsm8k_and_mmlu_responses():
+    assert align.parse_gsm8k_response("She pays $1,250 in total.") == "1250"
+    assert align.parse_gsm8k_response("10 - 4 = 6, so 6.0") == "6"
+    assert align.parse_gsm8k_response("-3 degrees then 2.50") == "2.5"
+    assert align.parse_gsm8k_response("no numbers here") is None
+    example = {"options": ["red", "blue", "green", "yellow"]}
+    cases = {"The correct answer is B": "B", "Answer: (C)": "C", "answer is D.": "D",
+             "D": "D", "(B) blue": "B", "C. green": "C", "I pick yellow": "D",
+             "A good answer would be hard": None, "The answer is E": None, "": None,
+             "red or blue": None, "The answer is B, not A": "B"}
+    for output, letter in cases.items():
+        assert align.parse_mmlu_response(example, output) == letter, output
+
+
+def test_align_pass_at_k_against_enumeration():
+    for n, c in ((5, 0), (5, 2), (4, 4), (6, 1)):
+        for k in range(1, n + 1):
+            draws = list(combinations([1] * c + [0] * (n - c), k))
+            assert align.pass_at_k(n, c, k) == pytest.approx(sum(map(any, draws)) / len(draws))
+
+
+def test_align_loaders_read_good_files_and_name_the_bad_line(tmp_path):
+    gsm = tmp_path / "gsm.jsonl"
+    gsm.write_text('{"question": "q1", "answer": "3 + 4 = 7\\n#### 1,000"}\n\n'
+                   '{"question": "q2", "answer": "12"}\n')
+    assert align.load_gsm8k(gsm) == [{"question": "q1", "answer": "1000"},
+                                     {"question": "q2", "answer": "12"}]
+    bad = {'{"question": "q"}\n': r":1: expected a JSON object with string fields question\+answer",
+           '{"question": "q", "answer": "x"}\n{oops\n': ":2: not valid JSON",
+           '["q", "a"]\n': "expected a JSON object", '\n\n': "no examples",
+           '{"question": "q", "answer": "it is #### seven"}\n': "'#### <number>'"}
+    for text, message in bad.items():
+        gsm.write_text(text)
+        with pytest.raises(ValueError, match=message):
+            align.load_gsm8k(gsm)
+    gsm.write_bytes(b'{"question": "\xff"}\n')
+    with pytest.raises(ValueError, match="not UTF-8"):
+        align.load_gsm8k(gsm)
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        align.load_gsm8k(tmp_path / "missing.jsonl")
+    mmlu = tmp_path / "m.csv"
+    mmlu.write_text('question,A,B,C,D,answer\n"What, really?",a,b,c,d,C\n')
+    assert align.load_mmlu(mmlu) == [{"question": "What, really?", "options": ["a", "b", "c", "d"],
+                                      "answer": "C"}]
+    for text, message in (("q,a,b,c,d\n", ":1: expected 6 columns"), ("q,a,b,c,d,E\n",
+                                                                       ":1: .* A, B, C or D")):
+        mmlu.write_text(text)
+        with pytest.raises(ValueError, match=message):
+            align.load_mmlu(mmlu)
+    alpaca = tmp_path / "a.jsonl"
+    alpaca.write_text('{"prompt": "p", "response": "r"}\n'
+                      '{"instruction": "i", "input": "x", "output": "o"}\n'
+                      '{"instruction": "j", "input": "", "output": "o2"}\n')
+    assert align.load_alpaca(alpaca) == [("p", "r"), ("i\n\nx", "o"), ("j", "o2")]
+    alpaca.write_text('{"prompt": "p", "output": "r"}\n')
+    with pytest.raises(ValueError, match=r"a.jsonl:1: expected a JSON object with string fields"):
+        align.load_alpaca(alpaca)
+
+
+def test_align_packed_sft_dataset_and_batches(tmp_path):
+    path = tmp_path / "a.jsonl"
+    path.write_text("".join(json.dumps({"prompt": f"p{i}", "response": f"r{i}"}) + "\n"
+                            for i in range(3)))
+    tok = _byte_tokenizer()
+    data = align.get_packed_sft_dataset(tok, path, 16, shuffle=False)
+    eot = tok.token_id("<|endoftext|>")
+    text = "".join(align.ALPACA_TEMPLATE.format(prompt=f"p{i}", response=f"r{i}") + "\0"
+                   for i in range(3))
+    ids = [eot if c == "\0" else ord(c) for c in text]
+    assert len(data) == (len(ids) - 1) // 16 and len(data[-1]["labels"]) == 16
+    assert data[1]["input_ids"].tolist() == ids[16:32] and data[1]["labels"].tolist() == ids[17:33]
+    batches = list(align.iterate_batches(data, 4, shuffle=True, seed=1))
+    assert [len(b["input_ids"]) for b in batches] == [4] * (len(data) // 4) + (
+        [len(data) % 4] if len(data) % 4 else [])
+    seen = sorted(tuple(row.tolist()) for b in batches for row in b["input_ids"])
+    assert seen == sorted(tuple(data[i]["input_ids"].tolist()) for i in range(len(data)))
+    with pytest.raises(ValueError, match="fewer than one sequence"):
+        align.get_packed_sft_dataset(tok, path, 10_000, shuffle=False)
+
+
+def test_align_task_is_seeded_disjoint_and_right():
+    cfg = align.AlignConfig(train_problems=300, heldout_problems=50, pretrain_stories=100)
+    train_set, heldout, stories = align.make_task(cfg)
+    assert [p.question for p in align.make_task(cfg)[0]] == [p.question for p in train_set]
+    assert not {p.question for p in train_set} & {p.question for p in heldout}
+    for p in train_set + heldout:
+        steps = [s.strip() for s in p.reasoning.split(".") if s.strip()]
+        value = None
+        for s in steps:  # "7 + 3 = 10": each step right, each starting where the last ended
+            a, op, b, _, c = s.split()
+            assert (int(a) + int(b) if op == "+" else int(a) - int(b)) == int(c) >= 0
+            assert value is None or int(a) == value
+            value = int(c)
+        assert str(value) == p.answer and 1 <= len(steps) <= cfg.max_steps
+        assert align.r1_zero_reward_fn(align.response(p), p.answer)["reward"] == 1.0
+    with pytest.raises(UsageError, match="too few distinct questions"):
+        align.make_task(align.AlignConfig(max_steps=1, max_number=1, train_problems=300))
+
+
+def test_align_command_line_errors():
+    with pytest.raises(UsageError, match="--size must be one of"):
+        align.main(["--size=huge"])
+    with pytest.raises(UsageError, match="--loss_type must be one of"):
+        align.main(["--loss_type=ppo"])
+    with pytest.raises(UsageError, match="unknown option --grpo_step"):
+        align.main(["--grpo_step=3"])
+    with pytest.raises(UsageError, match="eval needs --model"):
+        align.main(["eval", "--data=x.jsonl"])
+
+
+SMOKE = dict(max_steps=1, max_number=5, train_problems=64, heldout_problems=16,
+             pretrain_stories=400, model=dict(d_model=32, num_layers=1, num_heads=2, d_ff=64),
+             vocab_size=300, pretrain_iters=4, pretrain_batch=4, shots=0, max_new_tokens=12,
+             eval_samples=2, batch_size=16, sft_examples=16, sft_steps=2, ei_steps=1,
+             ei_questions=4, grpo_steps=2, group_size=4, rollout_batch_size=16, train_batch_size=8,
+             dpo_questions=16, dpo_steps=2, rm_steps=2, eval_interval=1)
+
+
+def test_align_demo_smoke_run(tmp_path, capsys):
+    cfg = align.make_config({"size": "cpu"}, {**SMOKE, "out": str(tmp_path)})
+    summary = align.demo(cfg)
+    assert set(summary) >= {"base", "sft", "ei", "grpo", "dpo"}
+    assert all(0 <= summary[k] <= 1 for k in ("base", "sft", "ei", "grpo", "dpo"))
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert set(saved["results"]) == {"base", "base_q", "sft", "ei", "grpo", "dpo"}
+    assert len(saved["curves"]["grpo"]) == cfg.grpo_steps
+    assert "held-out accuracy" in capsys.readouterr().out
+    model = align.load_policy(tmp_path / "grpo.pt", torch.device("cpu"))
+    assert model.config.d_model == 32
+
+
+def test_align_grpo_ablations_and_kl_run_and_stay_finite():
+    tok, lm = _byte_tokenizer(), _align_lm()
+    ref = copy.deepcopy(lm)
+    for flags in ({"loss_type": "no_baseline"},
+                  {"loss_type": "reinforce_with_baseline", "normalize_by_std": False},
+                  {"clip": False, "length_normalization": "constant", "kl_coef": 0.1,
+                   "epochs_per_rollout_batch": 2}):
+        cfg = align.AlignConfig(grpo_steps=1, group_size=4, rollout_batch_size=8,
+                                train_batch_size=4, batch_size=4, max_new_tokens=3, **flags)
+        rows = align.grpo_train(lm, tok, ["ab", "cd"], ["", ""], lambda text, truth: {
+            "reward": sum(c.isascii() for c in text) / max(1, len(text))}, cfg, ref)
+        assert all(math.isfinite(rows[0][k]) for k in ("entropy", "clip_fraction", "kl"))
+    assert rows[0]["kl"] > 0  # the earlier runs moved the policy away from the reference
+    with pytest.raises(ValueError, match="reference model's vocabulary"):
+        align.grpo_train(lm, tok, ["ab", "cd"], ["", ""], lambda t, a: {"reward": 0.0}, cfg,
+                         _align_lm(300))
+    for bad, prompts in (({"group_size": 3}, ["ab"] * 4), ({}, ["ab"])):
+        with pytest.raises(UsageError, match=r"group_size questions \(got"):
+            align.grpo_train(lm, tok, prompts, [""] * len(prompts),
+                             lambda t, a: {"reward": 0.0}, replace(cfg, **bad))

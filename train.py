@@ -47,6 +47,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -56,7 +57,8 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from model import PRESETS, ModelConfig, TransformerLM, count_params, generate, mfu_flops_per_token
+from model import (PRESETS, ModelConfig, TransformerLM, count_params, generate, mfu_flops_per_token,
+                   triton_kernels)
 from tokenizer import (Tokenizer, UsageError, atomic_output, encode_file, parse_args, run_cli,
                        token_dtype, train_bpe, write_atomic)
 
@@ -459,9 +461,8 @@ def get_batch(tokens: np.ndarray, batch_size: int, context_length: int, device: 
     """batch_size random windows of the token array: inputs (B, T) and next-token targets (B, T).
     Targets are the inputs shifted by one token, so every position is a training example.
     `generator` fixes which windows are drawn; saving its state is what makes resuming exact.
-    With several processes every one draws the same global batch of batch_size * world_size
-    windows from the same generator and keeps its own slice: the run then sees exactly the
-    windows one process would see with the whole batch."""
+    With several processes each draws the same global batch (batch_size * world_size windows,
+    same generator) and keeps its own slice: the windows of one process with the whole batch."""
     if len(tokens) <= context_length:
         raise ValueError(f"{len(tokens)} tokens cannot fill one window of context_length="
                          f"{context_length}: use more text or a shorter context_length")
@@ -555,8 +556,16 @@ class LossModel(nn.Module):
     def __init__(self, model: TransformerLM):
         super().__init__()
         self.model = model
+        # kernels="triton": kernels.py's head and loss in one, never making the (B, T, V) logits
+        self.linear_cross_entropy = (triton_kernels().fused_linear_cross_entropy
+                                     if model.config.kernels == "triton" else None)
 
     def forward(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        if self.linear_cross_entropy is not None:
+            hidden = self.model(x, return_hidden=True)  # (B, T, D)
+            loss = self.linear_cross_entropy(hidden.flatten(0, -2), self.model.lm_head.weight,
+                                             y.flatten())
+            return loss, self.model.aux_loss
         logits = self.model(x)  # (B, T, V)
         return fused_cross_entropy(logits, y), self.model.aux_loss
 
@@ -670,10 +679,26 @@ class Run:
         self.baseline = unigram_entropy(self.train_tokens[:10_000_000], self.tok.vocab_size)
         self.metrics = MetricsLog(self.out_dir / "metrics.jsonl", self.start_iter, self.rank)
         self.clock = (time.perf_counter(), self.start_iter)  # where tokens/s is measured from
+        self.ahead = None  # next_batch's thread pins memory on the run's GPU, not on GPU 0
+        self.loader = ThreadPoolExecutor(1, initializer=torch.cuda.set_device if self.device.type
+                                         == "cuda" else None, initargs=(self.device.index or 0,))
+        self.batches_left = (self.cfg.max_iters - self.start_iter) * self.cfg.grad_accum_steps
 
     def next_batch(self) -> tuple[Tensor, Tensor]:
-        return get_batch(self.train_tokens, self.cfg.batch_size, self.model_config.context_length,
-                         self.device, self.generator, self.rank, self.world_size)
+        """The next training batch, drawn, pinned and copied by a worker thread while the GPU
+        ran the step before; self.generator is set just after it: checkpoints resume exactly."""
+        if self.ahead is None:  # the first batch (or one past the run's last)
+            self.ahead = self.loader.submit(self._draw, self.generator.get_state())
+        (x, y), state = self.ahead.result()
+        self.generator.set_state(state)
+        self.batches_left -= 1  # none drawn past the run's last: one get_batch per batch used
+        self.ahead = self.loader.submit(self._draw, state) if self.batches_left > 0 else None
+        return x, y
+
+    def _draw(self, state: Tensor) -> tuple[tuple[Tensor, Tensor], Tensor]:
+        gen = torch.Generator().set_state(state)
+        return (get_batch(self.train_tokens, self.cfg.batch_size, self.model_config.context_length,
+                          self.device, gen, self.rank, self.world_size), gen.get_state())
 
 
 def setup(cfg: TrainConfig, rank: int, world_size: int, device: torch.device,
@@ -886,22 +911,27 @@ def zeropower_via_newtonschulz(G: torch.Tensor, steps: int = 5) -> torch.Tensor:
     only matmuls and maps each singular value s <- a s + b s^3 + c s^5, after G / ||G||_F put them
     in [0, 1]. Jordan et al. tuned (a, b, c) for the steepest slope at 0 (small values grow ~3.4x
     per step) while keeping every s in a band around 1: training needs it fast, not exact.
-    bfloat16 on CUDA (tensor cores), float32 elsewhere. Returns G's dtype and shape."""
-    if G.ndim != 2:
-        raise ValueError(f"expected a matrix, got shape {tuple(G.shape)}")
+    bf16 on CUDA (tensor cores), else float32. Keeps G's dtype and shape, also (..., rows, cols)."""
+    if G.ndim < 2:
+        raise ValueError(f"expected a matrix or a stack of them, got shape {tuple(G.shape)}")
     a, b, c = 3.4445, -4.7750, 2.0315
     X = G.to(torch.bfloat16 if G.is_cuda else torch.float32)
-    tall = X.size(0) > X.size(1)
+    tall = X.size(-2) > X.size(-1)
     if tall:  # work with the smaller Gram matrix X X^T: (min, min) instead of (max, max)
-        X = X.T
-    X = X / (X.norm() + 1e-7)  # the eps keeps a zero gradient at zero instead of NaN
+        X = X.mT
+    X = X / (X.norm(dim=(-2, -1), keepdim=True) + 1e-7)  # eps: a zero gradient stays zero, no NaN
     for _ in range(steps):
-        A = X @ X.T
+        A = X @ X.mT
         B = b * A + c * A @ A
         X = a * X + B @ X
     if tall:
-        X = X.T
+        X = X.mT
     return X.to(G.dtype)
+
+
+@functools.cache
+def _compiled_newtonschulz() -> Callable:
+    return torch.compile(zeropower_via_newtonschulz, dynamic=False)  # one per stack shape
 
 
 class Muon(_Optimizer):
@@ -937,23 +967,27 @@ class Muon(_Optimizer):
 
     def _update(self) -> None:
         for group, params in self._groups_with_grads():
-            if not group["use_muon"]:
+            if not group["use_muon"] or not params:  # no gradients: _adamw_step does nothing
                 self._adamw_step(group, params)
                 continue
-            lr, momentum = group["lr"], group["momentum"]
-            for p in params:
-                state = self.state[p]
-                if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = torch.zeros_like(p)
-                buf = state["momentum_buffer"]
-                buf.lerp_(p.grad, 1 - momentum)
-                # Nesterov: look one step ahead by mixing the fresh gradient back in; u is a new
-                # tensor, so p.grad is left as the caller's (e.g. for logging its norm).
-                u = p.grad.lerp(buf, momentum) if group["nesterov"] else buf
-                matrix = u.reshape(u.size(0), -1)  # (rows, cols)
-                update = zeropower_via_newtonschulz(matrix, group["ns_steps"]).reshape(p.shape)
-                p.mul_(1 - lr * group["weight_decay"])
-                p.add_(update, alpha=-lr * 0.2 * max(matrix.shape) ** 0.5)
+            lr, momentum, grads = group["lr"], group["momentum"], [p.grad for p in params]
+            for p in [p for p in params if "momentum_buffer" not in self.state[p]]:
+                self.state[p]["momentum_buffer"] = torch.zeros_like(p)
+            bufs = [self.state[p]["momentum_buffer"] for p in params]
+            torch._foreach_lerp_(bufs, grads, 1 - momentum)
+            # Nesterov: mix the fresh gradient back in, into new tensors (p.grad stays the caller's)
+            updates = torch._foreach_lerp(grads, bufs, momentum) if group["nesterov"] else bufs
+            torch._foreach_mul_(params, 1 - lr * group["weight_decay"])
+            orthogonalise = (_compiled_newtonschulz() if group["fused"] and params[0].is_cuda
+                             else zeropower_via_newtonschulz)
+            by_shape: dict[torch.Size, list[int]] = {}  # one stack (k, rows, cols) per shape
+            for i, p in enumerate(params):
+                by_shape.setdefault(p.shape, []).append(i)
+            for shape, index in by_shape.items():
+                stack = torch.stack([updates[i].reshape(shape[0], -1) for i in index])
+                ortho = orthogonalise(stack, group["ns_steps"]).view(len(index), *shape)
+                torch._foreach_add_([params[i] for i in index], list(ortho.unbind(0)),
+                                    alpha=-lr * 0.2 * max(stack.shape[1:]) ** 0.5)
 
 
 def _rotate_second_moment(v: torch.Tensor, rotation_left: torch.Tensor | None,

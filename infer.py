@@ -1,0 +1,1404 @@
+"""Stage 6: inference, from a checkpoint to text as fast as memory bandwidth allows (lecture 10).
+
+Training reads each weight once per batch of thousands of tokens; decoding reads every weight and
+the whole KV cache to make one token per sequence, so decode is memory-bound and the lecture's
+arithmetic (bytes moved / bandwidth) predicts its speed. In teaching order:
+  1. sampling: temperature, top-k, top-p (nucleus);
+  2. a static, preallocated KV cache: prefill the prompt, then decode one token per step, each row
+     at its own position; the decode step compiled once and replayed as a CUDA graph;
+  3. generate_batch: many prompts, n samples each, stop strings, log-probs (align.py's rollouts);
+  4. continuous batching over a paged KV cache (blocks, block tables, copy-on-write prefixes);
+  5. speculative decoding with a draft model (the accept/reject rule keeps the target's law);
+  6. weight-only quantization, int8 per channel and int4 per group;
+  7. checkpoints: ours from train.py, and GPT-2's from a Hugging Face folder;
+  8. the roofline (`python infer.py roofline`) and the benchmark (`python infer.py bench`).
+
+Commands (CPU or one GPU, chosen automatically; settings are --key=value):
+    python infer.py --prompt="Once upon a time" --max_new_tokens=256 --temperature=0.8 \\
+        --top_p=0.9   [--ckpt=out/ckpt.pt --top_k=50 --seed=0 --num_samples=2 --stop='\\n\\n']
+    python infer.py --hf_dir=DIR --prompt="Hello"       # GPT-2 weights in Hugging Face's layout
+    python infer.py --draft_ckpt=out_small/ckpt.pt       # speculative decoding with a draft
+    python infer.py quantize [--ckpt=... | --hf_dir=...]  # perplexity and speed, int8 and int4
+    python infer.py roofline [--gpu=H100 --seq_len=1024]  # the lecture's Llama-2-13B table
+    python infer.py bench                # one H200, about 4 min: GPT-2-medium shape, bf16
+    python infer.py bench --compare_hf   # and transformers' generate on the same weights
+    python infer.py bench --device=cpu --preset=tiny     # a minute on a CPU
+Reads   out/ckpt.pt (from `python train.py`) and the tokenizer folder it was trained with (found
+        under data_cache/ by its fingerprint, or --tokenizer_dir); a GPT-2 folder (config.json,
+        vocab.json, merges.txt, model.safetensors or pytorch_model.bin). Writes nothing.
+
+Papers: Pope et al. 2022 (Efficiently Scaling Transformer Inference); Holtzman et al. 2020
+(nucleus sampling); Kwon et al. 2023, vLLM (PagedAttention); Yu et al. 2022, Orca (continuous
+batching); Leviathan et al. 2023, Chen et al. 2023 (speculative decoding); Dettmers et al. 2022
+(LLM.int8()); Frantar et al. 2023 (GPTQ: int4 groups); Radford et al. 2019 (GPT-2).
+"""
+
+import copy
+import functools
+import json
+import math
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from model import (PRESETS, Linear, LinearAttention, ModelConfig, MultiHeadLatentAttention,
+                   MultiHeadSelfAttention, TransformerLM, apply_rotary, causal_linear_attention,
+                   count_params, linear_attention_feature_map)
+from tokenizer import DATA_DIR, Tokenizer, UsageError, parse_command, run_cli
+from train import EOT, read_checkpoint, resolve_device, resolve_dtype
+
+
+# 1. Sampling: one token per row of logits ---------------------------------------------------------
+def top_k_filter(logits: Tensor, k: int) -> Tensor:
+    """Keep the k largest logits of each row (ties with the k-th too), -inf elsewhere."""
+    kth_best = logits.topk(min(k, logits.shape[-1]), dim=-1).values[..., -1:]
+    return logits.masked_fill(logits < kth_best, float("-inf"))
+
+
+def top_p_filter(logits: Tensor, p: float) -> Tensor:
+    """Nucleus sampling: keep the smallest set of most likely tokens whose probability reaches p.
+    Sorted by probability, a token stays while the mass before it is still below p."""
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    probs = sorted_logits.softmax(-1)
+    drop_sorted = probs.cumsum(-1) - probs >= p  # the most likely token always stays
+    return logits.masked_fill(drop_sorted.scatter(-1, order, drop_sorted), float("-inf"))
+
+
+def probabilities(logits: Tensor, temperature: float = 1.0, top_k: int | None = None,
+                  top_p: float = 1.0) -> Tensor:
+    """The distribution a token is drawn from: softmax(logits / T) after the top-k and top-p
+    filters, in float32; at temperature 0 (greedy) all the mass on the argmax."""
+    if temperature == 0:
+        return F.one_hot(logits.argmax(-1), logits.shape[-1]).float()
+    logits = logits.float() / temperature
+    if top_k is not None:
+        logits = top_k_filter(logits, top_k)
+    return (top_p_filter(logits, top_p) if top_p < 1 else logits).softmax(-1)
+
+
+def sample_token(logits: Tensor, temperature: float = 1.0, top_k: int | None = None,
+                 top_p: float = 1.0, generator: torch.Generator | None = None) -> Tensor:
+    """One token per row of logits (B, V), drawn from probabilities(...); greedy at T = 0."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    probs = probabilities(logits, temperature, top_k, top_p)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def check_sampling(temperature: float, top_k: int | None, top_p: float) -> None:
+    if not temperature >= 0:
+        raise ValueError(f"temperature must be >= 0 (0 is greedy), got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be >= 1 or None, got {top_k}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must lie in (0, 1], got {top_p}")
+
+
+# 2. A static KV cache: each row keeps the token at position p in slot p ---------------------------
+# Rows sit at their own positions, so prompts of different lengths decode together without padding.
+# The mask comes from the position each slot holds (-1: empty): a query at position p sees slots
+# holding positions <= p (and > p - W with a sliding window). A sliding window needs only
+# W + chunk - 1 slots, used as a ring (slot = position mod slots), since a forward writes at most
+# `chunk` tokens before attending. Token-carrying buffers are (B, slots, ...).
+PREFILL_CHUNK = 512  # the most tokens one forward writes into a sliding-window ring
+
+
+def model_device(model: nn.Module) -> torch.device:
+    return next(iter(model.parameters()), torch.empty(0)).device
+
+
+def cache_buffers(attn: nn.Module, batch_size: int, slots: int, device: torch.device,
+                  dtype: torch.dtype) -> dict[str, Tensor]:
+    """A layer's buffers: keys and values (GQA/MQA: fewer heads), MLA's latent and shared RoPE
+    key, or linear attention's constant-size state (float32: a running sum)."""
+    kind = dict(device=device, dtype=dtype)
+    if isinstance(attn, LinearAttention):
+        shape = (batch_size, attn.num_heads, attn.head_dim)
+        return {"state": torch.zeros(*shape, attn.head_dim, device=device),
+                "normalizer": torch.zeros(shape, device=device)}
+    if isinstance(attn, MultiHeadLatentAttention):
+        return {"latent": torch.zeros(batch_size, slots, attn.kv_down_proj.weight.shape[0], **kind),
+                "k_rope": torch.zeros(batch_size, slots, attn.rope_dim, **kind)}
+    if isinstance(attn, MultiHeadSelfAttention):
+        shape = (batch_size, slots, attn.num_kv_heads, attn.head_dim)
+        return {"k": torch.zeros(shape, **kind), "v": torch.zeros(shape, **kind)}
+    raise NotImplementedError(f"{type(attn).__name__} has no KV cache (Hyena's long convolution "
+                              "sees the whole sequence): generation recomputes the forward")
+
+
+def causal_mask(key_positions: Tensor, positions: Tensor, window: int | None) -> Tensor:
+    """(B, 1, T, S): may the query at positions[b, t] see the key at key_positions[b, s]?"""
+    keys, queries = key_positions[:, None, :], positions[:, :, None]  # (B, 1, S), (B, T, 1)
+    allowed = (keys <= queries) & (keys >= 0)
+    if window:
+        allowed &= keys > queries - window
+    return allowed[:, None]  # a head axis
+
+
+class StaticCache:
+    """Buffers for batch_size rows of up to max_len tokens, in the autocast dtype if made under
+    autocast, else the weights'. A forward calls begin(positions) once (where the new tokens go,
+    and the mask), then each layer writes and reads; `rows` restricts a forward to some rows."""
+    def __init__(self, model: TransformerLM, batch_size: int, max_len: int,
+                 prefill_chunk: int = PREFILL_CHUNK) -> None:
+        device, self.window = model_device(model), model.config.sliding_window
+        self.prefill_chunk = prefill_chunk if self.window else max_len
+        self.num_slots = min(max_len, self.window + prefill_chunk - 1) if self.window else max_len
+        dtype = (torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type)
+                 else next(model.parameters()).dtype)
+        self.layers = [cache_buffers(layer.attn, batch_size, self.num_slots, device, dtype)
+                       for layer in model.layers]
+        self.slot_positions = torch.full((batch_size, self.num_slots), -1, device=device)
+        self.rows, self.slots, self.kv_len = None, None, self.num_slots
+
+    def begin(self, positions: Tensor, rows: Tensor | None = None,
+              kv_len: int | None = None) -> Tensor:
+        """Place tokens at positions (B, T); return the mask. kv_len: slots to read, if known."""
+        self.rows, self.slots = rows, positions % self.num_slots
+        self.kv_len = self.num_slots if self.window or kv_len is None else kv_len
+        self.write(self.slot_positions, positions)
+        return causal_mask(self.read(self.slot_positions), positions, self.window)
+
+    def write(self, buffer: Tensor, values: Tensor) -> None:
+        rows = torch.arange(len(buffer), device=buffer.device) if self.rows is None else self.rows
+        buffer.index_put_((rows[:, None], self.slots), values.to(buffer.dtype))
+
+    def read(self, buffer: Tensor) -> Tensor:
+        buffer = buffer[:, : self.kv_len]
+        return buffer if self.rows is None else buffer[self.rows]
+
+    def copy_rows(self, source: Tensor, dest: Tensor) -> None:
+        """Rows dest become copies of rows source (the n samples of one prefilled prompt)."""
+        for buffer in [self.slot_positions, *(b for layer in self.layers for b in layer.values())]:
+            buffer[dest] = buffer[source]
+
+
+# The forward against a cache: model.py's blocks, with attention reading the cache -----------------
+def _heads(x: Tensor, num_heads: int) -> Tensor:  # (B, T, H*d) -> (B, H, T, d)
+    return x.unflatten(-1, (num_heads, -1)).transpose(1, 2)
+
+
+def attend_cached(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
+    """q (B, H, T, d) over k, v (B, H_kv, S, d). With GQA the G = H / H_kv query heads that share
+    a key-value head become G x T query rows of it: no copy of the cache per head."""
+    (batch, num_heads, seq_len, _), num_kv_heads = q.shape, k.shape[1]
+    group = num_heads // num_kv_heads
+    q = q.reshape(batch, num_kv_heads, group * seq_len, -1)
+    mask = mask.repeat(1, 1, group, 1) if group > 1 else mask
+    k, v = k.to(q.dtype), v.to(q.dtype)
+    if seq_len == 1 and torch.compiler.is_compiling():  # decode: torch.compile turns these
+        scores = (q @ k.transpose(-2, -1)).float() / math.sqrt(q.shape[-1])  # vector products
+        probs = scores.masked_fill(~mask, float("-inf")).softmax(-1)  # into fused reductions
+        return (probs.to(v.dtype) @ v).reshape(batch, num_heads, seq_len, -1)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    return out.reshape(batch, num_heads, seq_len, -1)
+
+
+@torch.no_grad()
+def fuse_qkv(model: TransformerLM) -> list[tuple | None]:
+    """Per layer, q_proj | k_proj | v_proj stacked into one matrix (and bias): one matmul instead
+    of three, and at batch 1 a kernel's fixed cost is most of its time. A copy: made per Decoder."""
+    fused = []
+    for layer in model.layers:
+        attn, parts = layer.attn, [getattr(layer.attn, f"{n}_proj", None) for n in "qkv"]
+        ok = type(attn) is MultiHeadSelfAttention and all(type(p) is Linear for p in parts)
+        fused.append((torch.cat([p.weight for p in parts]), None if parts[0].bias is None else
+                      torch.cat([p.bias for p in parts])) if ok else None)
+    return fused
+
+
+def project_fused(attn: MultiHeadSelfAttention, x: Tensor, rope: tuple | None,
+                  fused: tuple[Tensor, Tensor | None]) -> tuple[Tensor, Tensor, Tensor]:
+    """attn.project(x, rope) with fuse_qkv's matrix."""
+    qkv = x @ fused[0].T if fused[1] is None else x @ fused[0].T + fused[1]
+    kv_width = attn.num_kv_heads * attn.head_dim
+    q, k, v = qkv.split([qkv.shape[-1] - 2 * kv_width, kv_width, kv_width], dim=-1)
+    q, k, v = _heads(q, attn.num_heads), _heads(k, attn.num_kv_heads), _heads(v, attn.num_kv_heads)
+    if attn.use_rope and rope is not None:
+        q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+    return q, k, v
+
+
+def mixer_step(attn: nn.Module, x: Tensor, rope: tuple | None, buffers: dict,
+               cache: StaticCache, mask: Tensor, fused: tuple | None = None) -> Tensor:
+    """One layer's sequence mixer on new tokens x (B, T, D), reading and extending the cache."""
+    if isinstance(attn, LinearAttention):  # a constant-size state instead of keys and values
+        q, k, v = attn.project(x, rope)
+        q, k = linear_attention_feature_map(q.float()), linear_attention_feature_map(k.float())
+        rows = slice(None) if cache.rows is None else cache.rows
+        out, buffers["state"][rows], buffers["normalizer"][rows] = causal_linear_attention(
+            q, k, v.float(), buffers["state"][rows], buffers["normalizer"][rows])
+        return attn.output_proj(out.to(x.dtype).transpose(1, 2).flatten(2))
+    if isinstance(attn, MultiHeadLatentAttention):  # cache the latent and one RoPE key
+        cache.write(buffers["latent"], attn.kv_down_proj(x))
+        cache.write(buffers["k_rope"], apply_rotary(attn.k_rope_proj(x)[:, None], *rope)[:, 0])
+        latent, k_rope = cache.read(buffers["latent"]).to(x.dtype), cache.read(buffers["k_rope"])
+        q = torch.cat((_heads(attn.q_proj(x), attn.num_heads),
+                       apply_rotary(_heads(attn.q_rope_proj(x), attn.num_heads), *rope)), -1)
+        k = _heads(attn.k_up_proj(latent), attn.num_heads)
+        k = torch.cat((k, k_rope[:, None].expand(*k.shape[:-1], -1).to(x.dtype)), -1)
+        v = _heads(attn.v_up_proj(latent), attn.num_heads)
+    else:  # softmax attention, MHA / GQA / MQA, with or without a sliding window
+        q, k, v = (attn.project(x, rope) if fused is None  # (B, H, T, d), (B, H_kv, T, d)
+                   else project_fused(attn, x, rope, fused))
+        cache.write(buffers["k"], k.transpose(1, 2))
+        cache.write(buffers["v"], v.transpose(1, 2))
+        k, v = cache.read(buffers["k"]).transpose(1, 2), cache.read(buffers["v"]).transpose(1, 2)
+    return attn.output_proj(attend_cached(q, k, v, mask).transpose(1, 2).flatten(2))
+
+
+def forward_cached(model: TransformerLM, cache: StaticCache, token_ids: Tensor, positions: Tensor,
+                   rows: Tensor | None = None, kv_len: int | None = None,
+                   last_only: bool = False) -> Tensor:
+    """Logits (B, T, V) of new tokens (B, T) at positions (B, T), continuing row b (or rows[b])
+    of the cache: model.forward's arithmetic, one position per row; last_only: (B, 1, V)."""
+    config = model.config
+    mask = cache.begin(positions, rows, kv_len)
+    x = model.token_embeddings(token_ids)  # (B, T, D)
+    if config.positions in ("learned", "sinusoidal"):
+        table = (model.position_embeddings.weight if config.positions == "learned"
+                 else model.sinusoidal)
+        x = x + table[positions].to(x.dtype)
+    rope = None
+    if model.rope is not None:
+        cos, sin = model.rope.cos_sin(positions, token_ids.shape[-1])  # (B, T, rope_dim / 2)
+        rope = (cos[:, None], sin[:, None])  # a head axis
+    fused = getattr(cache, "fused", None) or [None] * len(cache.layers)
+    for block, buffers, qkv in zip(model.layers, cache.layers, fused):
+        if block.pre_norm:
+            x = x + mixer_step(block.attn, block.ln1(x), rope, buffers, cache, mask, qkv)
+            x = x + block.ffn(block.ln2(x))
+        else:
+            x = block.ln1(x + mixer_step(block.attn, x, rope, buffers, cache, mask, qkv))
+            x = block.ln2(x + block.ffn(x))
+    return model.lm_head(model.ln_final(x[:, -1:] if last_only else x))
+
+
+def prefill(model: TransformerLM, cache: StaticCache, token_ids: Tensor,
+            rows: Tensor | None = None) -> Tensor:
+    """Equal-length prompts (B, T) into the cache (rows: which rows); the last logits (B, V)."""
+    for start in range(0, token_ids.shape[1], cache.prefill_chunk):
+        piece = token_ids[:, start: start + cache.prefill_chunk]
+        positions = torch.arange(start, start + piece.shape[1], device=token_ids.device)
+        logits = forward_cached(model, cache, piece, positions.expand_as(piece), rows,
+                                start + piece.shape[1], last_only=True)
+    return logits[:, -1]
+
+
+# The decode step, compiled once and replayed as a CUDA graph --------------------------------------
+# At batch 1 a decode step is hundreds of small kernels, and launching them from Python costs more
+# than running them. torch.compile fuses the elementwise ones; a CUDA graph records the whole step
+# once and replays it with one launch. Both need static shapes: the cache is preallocated, the step
+# reads all its slots (masked), and tokens and positions are copied into fixed input buffers.
+def decode_step(model: TransformerLM, cache: StaticCache, token_ids: Tensor,
+                positions: Tensor) -> Tensor:
+    return forward_cached(model, cache, token_ids, positions).squeeze(1)  # (B, V) or (B, T, V)
+
+
+@functools.cache
+def compiled_decode_step() -> Callable:
+    """One compiled function for every Decoder: batch 1 gets its own graph, then (automatic
+    dynamic shapes) one graph serves the other batch sizes. Coordinate-descent tuning makes
+    Inductor write each matrix-vector product (batch 1) as a fused, tuned reduction: it reads the
+    weights near full bandwidth and folds in biases, activations and int8/int4 unpacking."""
+    from torch._inductor import config
+    config.coordinate_descent_tuning = True
+    return torch.compile(decode_step)
+
+
+class Decoder:
+    """A StaticCache and its decode step of tokens_per_step tokens per row (speculative decoding
+    verifies several): eager, or compiled; on CUDA captured as a CUDA graph. A failed compile or
+    capture is reported in one line and the step falls back to the eager one."""
+    def __init__(self, model: TransformerLM, batch_size: int, max_len: int, compile: bool = False,
+                 cuda_graph: bool | None = None, tokens_per_step: int = 1) -> None:
+        self.model, self.cache = model, StaticCache(model, batch_size, max_len)
+        self.cache.fused = fuse_qkv(model)
+        device = model_device(model)
+        self.token_ids = torch.zeros(batch_size, tokens_per_step, dtype=torch.long, device=device)
+        self.positions = torch.zeros_like(self.token_ids)
+        self.step = compiled_decode_step() if compile else decode_step
+        self.use_graph = device.type == "cuda" if cuda_graph is None else cuda_graph
+        self.graph, self.logits = None, None
+        self.ready = not (self.use_graph or compile)
+
+    @property
+    def mode(self) -> str:
+        return ("compiled" if self.step is not decode_step else "eager") + (
+            " + CUDA graph" if self.graph is not None else "")
+
+    def _run(self) -> Tensor:
+        return self.step(self.model, self.cache, self.token_ids, self.positions)
+
+    def _prepare(self) -> None:
+        """Compile and capture. Warm-up steps rewrite the same slots with the same tokens, which
+        changes nothing, but would add to a linear-attention state: that is kept aside."""
+        states = [(b, b.clone()) for layer in self.cache.layers for name, b in layer.items()
+                  if name in ("state", "normalizer")]
+        for stage in ("compile", "capture"):
+            try:
+                if stage == "compile":
+                    self._run()
+                elif self.use_graph:
+                    side = torch.cuda.Stream()
+                    side.wait_stream(torch.cuda.current_stream())
+                    with torch.cuda.stream(side):
+                        self._run()
+                    torch.cuda.current_stream().wait_stream(side)
+                    self.graph = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(self.graph):
+                        self.logits = self._run()
+            except Exception as error:
+                if stage == "compile" and self.step is decode_step:
+                    raise
+                print(f"warning: {stage} failed, decoding without it ({type(error).__name__}: "
+                      f"{str(error).strip().splitlines()[0][:200]})", file=sys.stderr)
+                self.step, self.graph = (decode_step if stage == "compile" else self.step), None
+        for buffer, saved in states:
+            buffer.copy_(saved)
+        self.ready = True
+
+    @torch.no_grad()
+    def decode(self, tokens: Tensor, positions: Tensor, kv_len: int | None = None) -> Tensor:
+        """Logits (B, V) after tokens (B,) at positions (B,), or (B, T, V) for (B, T). A CUDA
+        graph's logits are overwritten by the next step. kv_len: slots an eager step reads."""
+        self.token_ids.copy_(tokens.view_as(self.token_ids))
+        self.positions.copy_(positions.view_as(self.positions))
+        if not self.ready:
+            self._prepare()
+        if self.graph is not None:
+            self.graph.replay()
+            return self.logits
+        if self.step is decode_step:
+            return forward_cached(self.model, self.cache, self.token_ids, self.positions, None,
+                                  kv_len).squeeze(1)
+        return self._run()
+
+
+# 3. Batched generation: the API align.py's rollouts use -------------------------------------------
+@dataclass
+class Completion:
+    prompt_index: int  # which prompt this continues
+    text: str  # generated text (prompt excluded); the stop string kept only with include_stop
+    token_ids: list[int]  # generated ids, cut like text; they end with eos_id on finish "eos"
+    logprobs: list[float] | None  # log p(token) under the raw model (fp32 log_softmax of logits)
+    finish_reason: str  # "eos" | "stop" | "length"
+
+
+@dataclass
+class Sampling:
+    """How to continue a prompt: the sampling filters and when each sequence stops."""
+    max_new_tokens: int = 128
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float = 1.0
+    stop: Sequence[str] = ()
+    include_stop: bool = False
+    min_tokens: int = 0  # no eos before this many tokens; a stop string must end at or after it
+    eos_id: int | None = None
+    return_logprobs: bool = False
+
+    def __post_init__(self) -> None:
+        check_sampling(self.temperature, self.top_k, self.top_p)
+        self.stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+        if not all(isinstance(s, str) and s for s in self.stop):
+            raise ValueError(f"stop strings must be non-empty strings, got {self.stop!r}")
+        if not 0 <= self.min_tokens <= self.max_new_tokens:
+            raise ValueError(f"need 0 <= min_tokens <= max_new_tokens, got {self.min_tokens} "
+                             f"and {self.max_new_tokens}")
+
+
+@dataclass
+class Generation:
+    """One sequence being generated: its tokens so far, and why it stopped."""
+    prompt_index: int
+    limit: int  # the most tokens it may generate (max_new_tokens, or what the context leaves)
+    ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    text: str = ""
+    finish_reason: str | None = None
+
+    def add(self, token: int, logprob: float, tokenizer, sampling: Sampling) -> None:
+        """Append a token; stop at eos, at a stop string ending in this token (from min_tokens
+        on), or at the limit. tokenizer None: ids only (benchmarks)."""
+        self.ids.append(token)
+        self.logprobs.append(logprob)
+        if token == sampling.eos_id:
+            self.finish_reason = "eos"
+            return
+        if tokenizer is not None:  # U+FFFD ends the text until a multi-byte character completes
+            before, self.text = len(self.text.rstrip("\ufffd")), tokenizer.decode(self.ids)
+            if sampling.stop and len(self.ids) >= sampling.min_tokens:
+                self._cut_at_stop(before, tokenizer, sampling)
+        if self.finish_reason is None and len(self.ids) >= self.limit:
+            self.finish_reason = "length"
+
+    def _cut_at_stop(self, before: int, tokenizer, sampling: Sampling) -> None:
+        found = [(at, s) for s in sampling.stop  # occurrences ending after text[:before]
+                 if (at := self.text.find(s, max(0, before - len(s) + 1))) != -1]
+        if not found:
+            return
+        at, stop = min(found)  # the earliest start
+        self.finish_reason = "stop"
+        if sampling.include_stop:
+            self.text = self.text[: at + len(stop)]
+            return
+        self.text, keep = self.text[:at], len(self.ids)
+        while keep and len(tokenizer.decode(self.ids[:keep])) > at:  # tokens wholly before it
+            keep -= 1
+        del self.ids[keep:], self.logprobs[keep:]
+
+    def completion(self, sampling: Sampling) -> Completion:
+        return Completion(self.prompt_index, self.text, self.ids,
+                          self.logprobs if sampling.return_logprobs else None,
+                          self.finish_reason or "length")
+
+
+def eos_of(tokenizer) -> int | None:
+    """Ours: the id of <|endoftext|> if it is a special token; Hugging Face's: eos_token_id."""
+    if isinstance(tokenizer, Tokenizer):
+        return tokenizer.token_id(EOT) if EOT in tokenizer.special_tokens else None
+    return getattr(tokenizer, "eos_token_id", None)
+
+
+def choose_tokens(logits: Tensor, rows: list[Generation], sampling: Sampling,
+                  generator: torch.Generator | None) -> tuple[Tensor, list[float]]:
+    """Each row's next token (eos masked in rows short of min_tokens) and its log-probability
+    under the raw logits."""
+    raw = allowed = logits.float()
+    early = [i for i, row in enumerate(rows) if len(row.ids) < sampling.min_tokens]
+    if early and sampling.eos_id is not None:
+        allowed = raw.clone()
+        allowed[early, sampling.eos_id] = float("-inf")
+    tokens = sample_token(allowed, sampling.temperature, sampling.top_k, sampling.top_p,
+                          generator)
+    if not sampling.return_logprobs:
+        return tokens, [0.0] * len(rows)
+    return tokens, raw.log_softmax(-1).gather(-1, tokens[:, None])[:, 0].tolist()
+
+
+def decode_loop(rows: list[Generation], logits: Tensor, advance: Callable[[Tensor], Tensor],
+                tokenizer, sampling: Sampling, generator: torch.Generator | None,
+                on_token: Callable[[int, Generation], None] | None = None) -> None:
+    """Sample a token per row, let each row decide whether it stopped, feed the tokens back
+    (advance: tokens (B,) -> logits (B, V)), until every row stopped."""
+    while True:
+        tokens, logprobs = choose_tokens(logits, rows, sampling, generator)
+        for i, (row, token, logprob) in enumerate(zip(rows, tokens.tolist(), logprobs)):
+            if row.finish_reason is None:
+                row.add(token, logprob, tokenizer, sampling)
+                if on_token is not None:
+                    on_token(i, row)
+        if all(row.finish_reason is not None for row in rows):
+            return
+        logits = advance(tokens)
+
+
+def generate_cached(model: TransformerLM, prompts: list[list[int]], rows: list[Generation],
+                    n: int, tokenizer, sampling: Sampling, generator: torch.Generator | None,
+                    compile: bool = False, on_token: Callable | None = None) -> None:
+    """Our model: the prompts of each length are prefilled as one batch into their first
+    sample's rows, copied to the other samples' rows; then every row decodes at its position."""
+    device = model_device(model)
+    lengths = torch.tensor([len(p) for p in prompts for _ in range(n)], device=device)
+    max_len = min(model.config.context_length, int(lengths.max()) + sampling.max_new_tokens)
+    decoder = Decoder(model, len(rows), max_len, compile)
+    logits = torch.empty(len(rows), model.config.vocab_size, device=device)
+    for length in sorted(set(map(len, prompts))):
+        group = [i for i, p in enumerate(prompts) if len(p) == length]
+        first = torch.tensor([i * n for i in group], device=device)
+        last = prefill(model, decoder.cache, torch.tensor([prompts[i] for i in group],
+                                                          device=device), first).float()
+        for j in range(n):
+            logits[first + j] = last
+        if n > 1:
+            dest = torch.arange(1, n, device=device)[None] + first[:, None]
+            decoder.cache.copy_rows(first.repeat_interleave(n - 1), dest.flatten())
+    positions = lengths - 1
+
+    def advance(tokens: Tensor) -> Tensor:
+        nonlocal positions
+        positions = (positions + 1).clamp(max=max_len - 1)  # stopped rows may run off the end
+        return decoder.decode(tokens, positions, min(max_len, int(positions.max()) + 1))
+
+    decode_loop(rows, logits, advance, tokenizer, sampling, generator, on_token)
+
+
+def generate_recompute(model, prompts: list[list[int]], rows: list[Generation], n: int,
+                       tokenizer, sampling: Sampling, generator: torch.Generator | None,
+                       on_token: Callable | None = None) -> None:
+    """Any causal LM returning logits (or .logits), and Hyena: each step re-runs the forward on
+    the whole sequence. Prompts of one length form a batch: equally long forever, no padding."""
+    def logits_of(ids: Tensor) -> Tensor:
+        out = model(ids)
+        return (out if isinstance(out, Tensor) else out.logits)[:, -1]
+
+    for length in sorted(set(map(len, prompts))):
+        group = [i * n + j for i, p in enumerate(prompts) if len(p) == length for j in range(n)]
+        ids = torch.tensor([prompts[r // n] for r in group], device=model_device(model))
+
+        def advance(tokens: Tensor) -> Tensor:
+            nonlocal ids
+            ids = torch.cat((ids, tokens[:, None]), dim=1)
+            return logits_of(ids)
+
+        decode_loop([rows[r] for r in group], logits_of(ids), advance, tokenizer, sampling,
+                    generator, on_token and (lambda i, row: on_token(group[i], row)))
+
+
+def generate_batch(model, tokenizer, prompts: Sequence[str] | Sequence[Sequence[int]], *,
+                   n: int = 1, max_new_tokens: int = 128, temperature: float = 1.0,
+                   top_k: int | None = None, top_p: float = 1.0, stop: Sequence[str] = (),
+                   include_stop: bool = False, min_tokens: int = 0, eos_id: int | None = None,
+                   seed: int | None = None, return_logprobs: bool = False, compile: bool = False,
+                   on_token: Callable[[int, Generation], None] | None = None
+                   ) -> list[list[Completion]]:
+    """Continue every prompt (a string, or token ids) n times: result[i][j] is sample j of
+    prompt i. Each sequence stops on its own: at eos (eos_id, by default the tokenizer's), at the
+    first stop string, or after max_new_tokens (or a full context); neither eos nor a stop string
+    before min_tokens. Greedy at temperature 0; a seed makes the draws reproducible. model: our
+    TransformerLM (static KV cache; compile: a compiled step and CUDA graph) or any causal LM
+    returning logits (recomputed each step). on_token(i * n + j, generation) after each token."""
+    if isinstance(prompts, (str, bytes)) or not prompts:
+        raise ValueError("prompts must be a non-empty list of strings or of lists of token ids")
+    if n < 1 or max_new_tokens < 1:
+        raise ValueError(f"need n >= 1 and max_new_tokens >= 1, got {n} and {max_new_tokens}")
+    sampling = Sampling(max_new_tokens, temperature, top_k, top_p, stop, include_stop, min_tokens,
+                        eos_of(tokenizer) if eos_id is None else eos_id, return_logprobs)
+    ids = [tokenizer.encode(p) if isinstance(p, str) else [int(t) for t in p] for p in prompts]
+    if empty := [i for i, p in enumerate(ids) if not p]:
+        raise ValueError(f"prompt {empty[0]} is empty: give at least one token")
+    ours = isinstance(model, TransformerLM)
+    context = model.config.context_length if ours else math.inf
+    if too_long := [i for i, p in enumerate(ids) if len(p) >= context]:
+        raise ValueError(f"prompt {too_long[0]} has {len(ids[too_long[0]])} tokens; the context "
+                         f"holds {context}, with room for at least one new token")
+    rows = [Generation(i, min(max_new_tokens, context - len(p)))
+            for i, p in enumerate(ids) for _ in range(n)]
+    device = model_device(model)
+    generator = None if seed is None else torch.Generator(device).manual_seed(seed)
+    with torch.no_grad():
+        if ours and model.config.mixer != "hyena":
+            generate_cached(model, ids, rows, n, tokenizer, sampling, generator, compile,
+                            on_token)
+        else:
+            generate_recompute(model, ids, rows, n, tokenizer, sampling, generator, on_token)
+    return [[rows[i * n + j].completion(sampling) for j in range(n)] for i in range(len(ids))]
+
+
+# 4. Continuous batching over a paged KV cache -----------------------------------------------------
+# A static batch waits for its longest sequence and reserves max_len slots per row. A paged cache
+# (vLLM) keeps keys and values in a pool of fixed-size blocks: a sequence holds the blocks it has
+# filled, listed in its block table, and attention gathers them. The scheduler (Orca's continuous
+# batching) runs one decode step for the running sequences, admits waiting requests as soon as
+# rows and blocks free up, and retires each sequence at the step it finishes.
+class PagedCache:
+    """Buffers (num_blocks, block_size, ...) per layer for up to max_seqs sequences. Sequence r's
+    logical block i (positions i*P .. i*P + P-1) is physical block tables[r, i]; block 0 is never
+    handed out (unused entries point to it, masked). Blocks count their references: the n samples
+    of a prompt share its blocks, and a shared block is copied before one writes to it."""
+    def __init__(self, model: TransformerLM, num_blocks: int, block_size: int, max_seqs: int,
+                 max_blocks_per_seq: int) -> None:
+        if any(type(layer.attn) not in (MultiHeadSelfAttention, MultiHeadLatentAttention)
+               for layer in model.layers):
+            raise NotImplementedError("a paged cache needs softmax attention (keys per token)")
+        self.block_size, self.window = block_size, model.config.sliding_window
+        self.layers = StaticCache(model, num_blocks, block_size).layers  # (blocks, P, ...)
+        self.tables = torch.zeros(max_seqs, max_blocks_per_seq, dtype=torch.long,
+                                  device=model_device(model))
+        self.owned: list[list[int]] = [[] for _ in range(max_seqs)]  # the tables, on the host
+        self.refs, self.free = [0] * num_blocks, list(range(num_blocks - 1, 0, -1))
+
+    def allocate(self, seq: int, logical: int) -> None:
+        block = self.free.pop()
+        self.refs[block] = 1
+        self.owned[seq][logical: logical + 1] = [block]
+        self.tables[seq, logical] = block
+
+    def share(self, source: int, dest: int) -> None:
+        """dest starts with source's blocks (the prompt they have in common)."""
+        self.owned[dest] = list(self.owned[source])
+        self.tables[dest] = self.tables[source]
+        for block in self.owned[source]:
+            self.refs[block] += 1
+
+    def prepare_write(self, seq: int, position: int) -> int:
+        """Make position's block writable for seq: a new block at a boundary, a private copy of a
+        shared one (copy-on-write). Returns the blocks taken from the pool (0 or 1)."""
+        logical = position // self.block_size
+        if logical < len(self.owned[seq]) and self.refs[self.owned[seq][logical]] == 1:
+            return 0
+        shared = self.owned[seq][logical] if logical < len(self.owned[seq]) else None
+        self.allocate(seq, logical)
+        if shared is not None:
+            self.refs[shared] -= 1
+            for buffer in (b for layer in self.layers for b in layer.values()):
+                buffer[self.owned[seq][logical]] = buffer[shared]
+        return 1
+
+    def release(self, seq: int) -> None:
+        for block in self.owned[seq]:
+            self.refs[block] -= 1
+            if self.refs[block] == 0:
+                self.free.append(block)
+        self.owned[seq] = []
+
+    def begin(self, positions: Tensor, rows: Tensor, kv_len: int) -> Tensor:
+        """As StaticCache.begin for sequences `rows`: attention reads their first
+        ceil(kv_len / P) blocks, gathered through the block tables."""
+        table = self.tables[rows]
+        self.write_at = (table.gather(1, positions // self.block_size),
+                         positions % self.block_size)
+        self.read_table = table[:, : -(-kv_len // self.block_size)]
+        slots = torch.arange(self.read_table.shape[1] * self.block_size, device=rows.device)
+        return causal_mask(slots.expand(len(rows), -1), positions, self.window)
+
+    def write(self, buffer: Tensor, values: Tensor) -> None:
+        buffer.index_put_(self.write_at, values.to(buffer.dtype))
+
+    def read(self, buffer: Tensor) -> Tensor:
+        return buffer[self.read_table].flatten(1, 2)  # (B, blocks * P, ...)
+
+
+@dataclass
+class Request:
+    prompt: list[int]  # token ids
+    max_new_tokens: int
+    n: int = 1  # samples, sharing the prompt's blocks
+
+
+def serve(model: TransformerLM, tokenizer, requests: list[Request], sampling: Sampling,
+          max_seqs: int = 64, block_size: int = 16, generator: torch.Generator | None = None,
+          continuous: bool = True) -> list[list[Generation]]:
+    """Every step: admit waiting requests in order while rows and blocks are free, prefilling
+    each (its n samples share its blocks); one decode step for all running sequences; free the
+    blocks of those that finished. A request reserves the blocks its samples may need, so no
+    running sequence waits for memory (vLLM admits more and preempts). continuous=False is static
+    batching, the baseline: admit only into an empty batch. Returns generate_batch's rows."""
+    device, P = model_device(model), block_size
+    longest = max(len(r.prompt) + r.max_new_tokens for r in requests)
+    if longest > model.config.context_length:
+        raise ValueError(f"a request needs {longest} positions; the context holds "
+                         f"{model.config.context_length}")
+    cache = PagedCache(model, max_seqs * -(-longest // P) + 1, P, max_seqs, -(-longest // P))
+    results = [[Generation(i, r.max_new_tokens) for _ in range(r.n)]
+               for i, r in enumerate(requests)]
+    waiting, free_rows = list(range(len(requests)))[::-1], list(range(max_seqs))[::-1]
+    running: dict[int, tuple[Generation, int]] = {}  # row -> (sequence, prompt length)
+    reserved: dict[int, int] = {}  # row -> blocks it may still take
+    while waiting or running:
+        admitting = continuous or not running
+        while waiting and admitting:
+            request = requests[waiting[-1]]
+            length, n = len(request.prompt), request.n
+            own = -(-(length + request.max_new_tokens) // P) - length // P  # per sample, at most
+            if n > max_seqs:
+                raise ValueError(f"request {waiting[-1]} has n={n} > max_seqs={max_seqs}")
+            available = len(cache.free) - sum(reserved.values())
+            if len(free_rows) < n or available < -(-length // P) + n * own:
+                break
+            index, rows = waiting.pop(), [free_rows.pop() for _ in range(n)]
+            for logical in range(-(-length // P)):
+                cache.allocate(rows[0], logical)
+            logits = forward_cached(model, cache, torch.tensor([request.prompt], device=device),
+                                    torch.arange(length, device=device)[None],
+                                    torch.tensor(rows[:1], device=device), length, True)[:, -1]
+            for row, sequence in zip(rows, results[index]):
+                if row != rows[0]:
+                    cache.share(rows[0], row)
+                running[row], reserved[row] = (sequence, length), own
+                tokens, logprobs = choose_tokens(logits, [sequence], sampling, generator)
+                sequence.add(int(tokens[0]), logprobs[0], tokenizer, sampling)
+        for row in [r for r, (sequence, _) in running.items() if sequence.finish_reason]:
+            cache.release(row)
+            del running[row], reserved[row]
+            free_rows.append(row)
+        if not running:
+            continue
+        rows, sequences = list(running), [sequence for sequence, _ in running.values()]
+        positions = [start + len(seq.ids) - 1 for seq, start in running.values()]  # last token
+        for row, position in zip(rows, positions):
+            reserved[row] -= cache.prepare_write(row, position)
+        logits = forward_cached(model, cache, torch.tensor([[s.ids[-1]] for s in sequences],
+                                                           device=device),
+                                torch.tensor(positions, device=device)[:, None],
+                                torch.tensor(rows, device=device), max(positions) + 1)[:, 0]
+        tokens, logprobs = choose_tokens(logits, sequences, sampling, generator)
+        for sequence, token, logprob in zip(sequences, tokens.tolist(), logprobs):
+            sequence.add(token, logprob, tokenizer, sampling)
+    return results
+
+
+# 5. Speculative decoding: a small draft proposes, the target checks k tokens in one forward -------
+# Decode is memory-bound, so the target scores k + 1 positions for about the price of one. Draft
+# tokens x_i ~ q_i pass with probability min(1, p_i(x) / q_i(x)); at the first rejection the token
+# is drawn from norm(max(0, p_i - q_i)) instead, and if all k pass a bonus token comes from
+# p_{k+1}. Every token then has exactly the target's distribution (Leviathan et al. 2023, Chen et
+# al. 2023), whatever the draft; a good draft only lets more of them pass.
+def speculative_accept(p: Tensor, q: Tensor, draft: Tensor,
+                       generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+    """For B rows: target distributions p (B, k+1, V), the draft's q (B, k, V), draft tokens
+    (B, k) drawn from q. Returns (drafts accepted (B,), the next token (B,))."""
+    k = draft.shape[1]
+    p_draft = p[:, :k].gather(-1, draft[..., None])[..., 0]  # (B, k)
+    q_draft = q.gather(-1, draft[..., None])[..., 0]
+    uniform = torch.rand(draft.shape, device=p.device, generator=generator)
+    accepted = (uniform * q_draft < p_draft).long().cumprod(-1).sum(-1)  # u < p/q, leading ones
+    # q_{k+1} = 0 makes the bonus the same formula: norm(max(0, p_{k+1} - 0)) = p_{k+1}
+    q = torch.cat((q, torch.zeros_like(q[:, :1])), dim=1)
+    rows = torch.arange(len(draft), device=p.device)
+    residual = (p[rows, accepted] - q[rows, accepted]).clamp(min=0)
+    residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p[rows, accepted])
+    return accepted, torch.multinomial(residual, 1, generator=generator)[:, 0]
+
+
+@dataclass
+class SpeculativeStats:
+    proposed: int = 0  # draft tokens checked by the target
+    accepted: int = 0
+    rounds: int = 0  # target forwards
+
+
+def speculative_generate(target: TransformerLM, draft: TransformerLM, prompt: list[int],
+                         max_new_tokens: int, k: int = 4, temperature: float = 1.0,
+                         top_k: int | None = None, top_p: float = 1.0,
+                         eos_id: int | None = None, generator: torch.Generator | None = None,
+                         compile: bool = False) -> tuple[list[int], SpeculativeStats]:
+    """Continue one prompt with the target's distribution, k draft tokens per target forward.
+    A rejected suffix needs no undo: a slot holding a later position stays masked until it is
+    rewritten (so softmax attention only: a linear-attention state cannot forget)."""
+    check_sampling(temperature, top_k, top_p)
+    if any(type(layer.attn) not in (MultiHeadSelfAttention, MultiHeadLatentAttention)
+           for model in (target, draft) for layer in model.layers):
+        raise ValueError("speculative decoding rolls caches back: it needs softmax attention")
+    if target.config.vocab_size != draft.config.vocab_size:
+        raise ValueError(f"the draft's vocabulary ({draft.config.vocab_size}) is not the "
+                         f"target's ({target.config.vocab_size})")
+    max_len = len(prompt) + max_new_tokens + k + 1
+    if max_len > min(target.config.context_length, draft.config.context_length):
+        raise ValueError(f"prompt + max_new_tokens + k + 1 = {max_len} exceeds a context length")
+    device = model_device(target)
+    proposer = Decoder(draft, 1, max_len, compile)
+    verifier = Decoder(target, 1, max_len, compile, tokens_per_step=k + 1)
+    out, stats, position = list(prompt), SpeculativeStats(), len(prompt) - 1
+    drafted = position  # positions the draft's cache holds; the last token is fed each round
+    ids, at = torch.tensor(prompt, device=device), torch.arange(max_len, device=device)
+    with torch.no_grad():  # one host-device sync per round: draft tokens stay on the GPU
+        if position:
+            prefill(target, verifier.cache, ids[None, :-1])
+            prefill(draft, proposer.cache, ids[None, :-1])
+        while len(out) - len(prompt) < max_new_tokens and (eos_id is None or out[-1] != eos_id):
+            for p in range(drafted, position):  # catch up after a round that kept all k
+                proposer.decode(ids[p: p + 1], at[p: p + 1])
+            tokens, q = [ids[position: position + 1]], []
+            for i in range(k):
+                logits = proposer.decode(tokens[-1], at[position + i: position + i + 1])
+                q.append(probabilities(logits, temperature, top_k, top_p))
+                tokens.append(torch.multinomial(q[-1], 1, generator=generator)[0])
+            tokens = torch.cat(tokens)  # (k + 1,): the last token and k drafts
+            logits = verifier.decode(tokens[None], at[position: position + k + 1][None])
+            accepted, token = speculative_accept(
+                probabilities(logits, temperature, top_k, top_p), torch.stack(q, 1),
+                tokens[None, 1:], generator)
+            accepted, drafted = int(accepted), position + k
+            out += tokens[1: accepted + 1].tolist() + [int(token)]
+            ids = torch.cat((ids[: position + 1], tokens[1: accepted + 1], token))
+            position += accepted + 1
+            stats.proposed, stats.accepted, stats.rounds = (
+                stats.proposed + k, stats.accepted + accepted, stats.rounds + 1)
+    new = out[len(prompt):]
+    return new[: min(max_new_tokens, new.index(eos_id) + 1 if eos_id in new else len(new))], stats
+
+
+# 6. Weight-only quantization: fewer bytes per weight, so fewer bytes per decode step --------------
+# Decode time is bytes / bandwidth, so 8- or 4-bit weights (multiplied in bf16) approach 2x or 4x
+# where weights dominate the bytes. Symmetric round-to-nearest: int8 with one scale per output
+# channel; int4 with one scale per group of inputs, lest a row's outliers flatten its 15 levels.
+def quantize_int8(weight: Tensor) -> tuple[Tensor, Tensor]:
+    """W (out, in) -> (int8 q, scale (out,)) with W ~ q * scale[:, None]."""
+    scale = weight.float().abs().amax(dim=1).clamp(min=1e-12) / 127
+    return (weight.float() / scale[:, None]).round().clamp(-127, 127).to(torch.int8), scale
+
+
+def quantize_int4(weight: Tensor, group_size: int) -> tuple[Tensor, Tensor]:
+    """W (out, in) -> (two 4-bit codes per byte (out, in / 2), scale (out, in / group)) with
+    W ~ (code - 8) * its group's scale."""
+    groups = weight.float().unflatten(1, (-1, group_size))  # (out, in / group, group)
+    scale = groups.abs().amax(dim=-1).clamp(min=1e-12) / 7
+    codes = ((groups / scale[..., None]).round().clamp(-8, 7) + 8).to(torch.uint8).flatten(1)
+    return codes[:, 0::2] | (codes[:, 1::2] << 4), scale
+
+
+def dequantize_int4(packed: Tensor, scale: Tensor, group_size: int) -> Tensor:
+    codes = torch.stack((packed & 0xF, packed >> 4), dim=-1).flatten(1)  # (out, in)
+    groups = (codes.to(scale.dtype) - 8).unflatten(1, (-1, group_size))
+    return (groups * scale[..., None]).flatten(1)
+
+
+class QuantLinear(nn.Module):
+    """model.py's Linear with int8 (per channel) or int4 (grouped) weights. int8 scales after the
+    matmul, so under torch.compile the int8 -> bf16 conversion can fuse into the matmul's loads;
+    int4 dequantizes at every call (readable; a fused kernel would unpack in registers)."""
+    def __init__(self, linear: Linear, bits: int, group_size: int = 128) -> None:
+        super().__init__()
+        weight, self.bits, self.group_size = linear.weight.detach(), bits, group_size
+        if bits not in (4, 8):
+            raise ValueError(f"bits must be 8 or 4, got {bits}")
+        q, scale = quantize_int8(weight) if bits == 8 else quantize_int4(weight, group_size)
+        self.register_buffer("weight", q)
+        self.register_buffer("scale", scale.to(weight.dtype))
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach())
+
+    def dequantized(self) -> Tensor:
+        if self.bits == 8:
+            return self.weight.to(self.scale.dtype) * self.scale[:, None]
+        return dequantize_int4(self.weight, self.scale, self.group_size)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.bits == 8:
+            y = (x @ self.weight.to(x.dtype).T) * self.scale.to(x.dtype)
+        else:
+            y = x @ self.dequantized().to(x.dtype).T
+        return y if self.bias is None else y + self.bias.to(x.dtype)
+
+
+def quantize_model(model: TransformerLM, bits: int, group_size: int = 128) -> TransformerLM:
+    """Replace in place every Linear (whose input width the group divides) by a QuantLinear; a
+    tied head gets its own quantized copy, the embedding lookup stays as it is."""
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, Linear) and (bits == 8 or child.weight.shape[1] % group_size == 0):
+                setattr(module, name, QuantLinear(child, bits, group_size))
+    return model
+
+
+def weight_bytes(model: TransformerLM) -> int:
+    """Bytes of weights a decode step reads: all but the lookup tables (a lookup reads B rows),
+    a tied head counted once."""
+    lookups = [model.token_embeddings.weight, getattr(model, "sinusoidal", None),
+               getattr(getattr(model, "position_embeddings", None), "weight", None),
+               *((model.rope.cos, model.rope.sin) if model.rope is not None else ())]
+    skip = {id(t) for t in lookups if t is not None and t is not model.lm_head.weight}
+    tensors = {id(t): t for t in [*model.parameters(), *model.buffers()] if id(t) not in skip}
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+@torch.no_grad()
+def perplexity(model: nn.Module, tokens: Tensor, context: int, max_windows: int = 32) -> float:
+    """exp(mean cross-entropy) over up to max_windows disjoint windows of held-out tokens."""
+    windows = min(max_windows, (len(tokens) - 1) // context)
+    if windows < 1:
+        raise ValueError(f"{len(tokens)} held-out tokens are fewer than a window of {context + 1}")
+    x, y = (tokens[i: i + windows * context].view(windows, context).to(model_device(model))
+            for i in (0, 1))
+    logits = torch.cat([model(x[i: i + 4]).float() for i in range(0, windows, 4)])
+    return math.exp(F.cross_entropy(logits.flatten(0, 1), y.flatten()).item())
+
+
+# 7. Checkpoints: ours from train.py, and GPT-2's in Hugging Face's layout -------------------------
+def find_tokenizer(state: dict, tokenizer_dir: str = "") -> tuple[Tokenizer, Path]:
+    """A checkpoint's tokenizer and its folder: --tokenizer_dir, the run's tokenizer_dir, or the
+    folder under its cache_dir with the fingerprint the checkpoint holds."""
+    config, fingerprint = state.get("config", {}), state.get("tokenizer")
+    folders = [Path(d) for d in (tokenizer_dir, config.get("tokenizer_dir", "")) if d]
+    folders += [] if tokenizer_dir else sorted(Path(config.get("cache_dir", "data_cache"))
+                                               .glob("*/bpe*"))
+    for folder in folders:
+        if (folder / "vocab.json").exists():
+            tokenizer = Tokenizer.from_dir(folder)
+            if tokenizer_dir or fingerprint in (None, tokenizer.fingerprint()):
+                return tokenizer, folder
+    raise FileNotFoundError(f"no tokenizer with the checkpoint's fingerprint {fingerprint} in "
+                            f"{', '.join(map(str, folders)) or 'data_cache/'}: pass "
+                            "--tokenizer_dir=DIR (the folder train.py trained it in)")
+
+
+def load_checkpoint_model(path: str, tokenizer_dir: str = "") -> tuple[TransformerLM, Tokenizer]:
+    """A train.py checkpoint as (model on the CPU, tokenizer), or an error naming what does not
+    fit: the file, the model config, the weights, the vocabulary."""
+    if not Path(path).exists():
+        raise FileNotFoundError(f"no checkpoint at {path}: train one with `python train.py` "
+                                "(it writes out/ckpt.pt), or pass --ckpt=PATH or --hf_dir=DIR")
+    state = read_checkpoint(path)
+    if not isinstance(state, dict) or not {"model", "model_config"} <= state.keys():
+        raise ValueError(f"{path} is not a train.py checkpoint (no model or model_config)")
+    try:
+        model = TransformerLM(ModelConfig(**state["model_config"]))
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{path}: its model config does not fit this model.py: {error}") from None
+    model.load_state_dict(state["model"])  # names any missing or mis-shaped weight
+    tokenizer = find_tokenizer(state, tokenizer_dir)[0]
+    if tokenizer.vocab_size != model.config.vocab_size:
+        raise ValueError(f"{path} has vocab_size={model.config.vocab_size} but its tokenizer "
+                         f"has {tokenizer.vocab_size} ids: another vocabulary")
+    return model.eval(), tokenizer
+
+
+GPT2_SHAPES = {"gpt2": (12, 768, 12), "gpt2-medium": (24, 1024, 16),  # layers, width, heads
+               "gpt2-large": (36, 1280, 20), "gpt2-xl": (48, 1600, 25)}
+
+
+def gpt2_config(num_layers: int, d_model: int, num_heads: int, vocab_size: int = 50257,
+                context_length: int = 1024, d_ff: int | None = None,
+                norm_eps: float = 1e-5) -> ModelConfig:
+    """GPT-2 in ModelConfig's terms: pre-LayerNorm, biases, a tanh-GELU MLP of 4 d_model,
+    learned positions, the head tied to the token embeddings."""
+    return ModelConfig(vocab_size=vocab_size, context_length=context_length, d_model=d_model,
+                       num_layers=num_layers, num_heads=num_heads, d_ff=d_ff or 4 * d_model,
+                       norm="layernorm", norm_eps=norm_eps, ffn="gelu_tanh", positions="learned",
+                       tie_weights=True, bias=True)
+
+
+def gpt2_state_dict(hf: dict[str, Tensor], num_layers: int) -> dict[str, Tensor]:
+    """Hugging Face's GPT-2 names -> ours. Its Conv1D stores W as (in, out), so each matrix is
+    transposed; c_attn holds q, k and v side by side."""
+    hf = {k.removeprefix("transformer."): v for k, v in hf.items()}
+    ours = {"token_embeddings.weight": hf["wte.weight"], "lm_head.weight": hf["wte.weight"],
+            "position_embeddings.weight": hf["wpe.weight"]}
+    names = [("ln_f", "ln_final")] + [
+        (f"h.{i}.{theirs}", f"layers.{i}.{mine}") for i in range(num_layers)
+        for theirs, mine in (("ln_1", "ln1"), ("ln_2", "ln2"), ("attn.c_proj", "attn.output_proj"),
+                             ("mlp.c_fc", "ffn.w1"), ("mlp.c_proj", "ffn.w2"))]
+    for theirs, mine in names:
+        weight, ours[f"{mine}.bias"] = hf[f"{theirs}.weight"], hf[f"{theirs}.bias"]
+        ours[f"{mine}.weight"] = weight.T if weight.dim() == 2 else weight
+    for i in range(num_layers):
+        weights = hf[f"h.{i}.attn.c_attn.weight"].T.chunk(3)
+        for name, weight, bias in zip("qkv", weights, hf[f"h.{i}.attn.c_attn.bias"].chunk(3)):
+            ours[f"layers.{i}.attn.{name}_proj.weight"] = weight
+            ours[f"layers.{i}.attn.{name}_proj.bias"] = bias
+    return {k: v.contiguous() for k, v in ours.items()}
+
+
+def load_gpt2(folder: str | Path) -> tuple[TransformerLM, Tokenizer]:
+    """A GPT-2 folder as Hugging Face saves it (config.json, vocab.json, merges.txt, and
+    model.safetensors or pytorch_model.bin) as our (TransformerLM, Tokenizer)."""
+    folder = Path(folder)
+    if missing := [n for n in ("config.json", "vocab.json", "merges.txt")
+                   if not (folder / n).exists()]:
+        raise FileNotFoundError(f"GPT-2 folder {folder} lacks {', '.join(missing)}")
+    hf = json.loads((folder / "config.json").read_text())
+    if hf.get("model_type", "gpt2") != "gpt2" or hf.get("scale_attn_by_inverse_layer_idx") or \
+            hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
+        raise ValueError(f"{folder / 'config.json'} is not a plain GPT-2")
+    config = gpt2_config(hf["n_layer"], hf["n_embd"], hf["n_head"], hf["vocab_size"],
+                         hf["n_positions"], hf.get("n_inner"), hf.get("layer_norm_epsilon", 1e-5))
+    if (folder / "model.safetensors").exists():
+        try:
+            from safetensors.torch import load_file
+        except ImportError:
+            raise ImportError("reading model.safetensors needs the safetensors package (pip "
+                              "install safetensors); or give pytorch_model.bin") from None
+        weights = load_file(str(folder / "model.safetensors"))
+    elif (folder / "pytorch_model.bin").exists():
+        weights = torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True)
+    else:
+        raise FileNotFoundError(f"GPT-2 folder {folder} has neither model.safetensors nor "
+                                "pytorch_model.bin")
+    try:
+        state = gpt2_state_dict(weights, config.num_layers)
+    except KeyError as error:
+        raise ValueError(f"{folder}: the weights lack {error.args[0]}") from None
+    model = TransformerLM(config)
+    model.load_state_dict({k: v.float() for k, v in state.items()})
+    tokenizer = Tokenizer.from_files(folder / "vocab.json", folder / "merges.txt", [EOT])
+    if tokenizer.vocab_size != config.vocab_size:
+        raise ValueError(f"{folder}: vocab.json has {tokenizer.vocab_size} tokens, config.json "
+                         f"{config.vocab_size}")
+    return model.eval(), tokenizer
+
+
+# 8. The lecture's arithmetic: what the memory bandwidth allows ------------------------------------
+# A decode step reads every weight and every sequence's KV cache once, and does 2 FLOPs per weight
+# per sequence. With B sequences of S tokens:
+#   bytes = weights + B * S * kv_bytes_per_token      time >= bytes / bandwidth
+#   flops = B * (2 * params + 4 * layers * S * d)     time >= flops / peak
+# Batching shares the weight reads, so tokens/s grows with B until the cache dominates the bytes
+# (or fills the memory); decode turns compute-bound only if a sequence's matmul time exceeds the
+# time to read its cache, which a long cache prevents.
+GPUS = {"H100": dict(bandwidth=3.35e12, peak_flops=989e12, memory=80e9),  # data sheets: HBM B/s,
+        "H200": dict(bandwidth=4.8e12, peak_flops=989e12, memory=141e9),  # dense bf16 FLOP/s,
+        "A100": dict(bandwidth=2.0e12, peak_flops=312e12, memory=80e9)}  # bytes of memory
+LLAMA2_13B = dict(vocab_size=32000, context_length=4096, d_model=5120, num_layers=40,
+                  num_heads=40, d_ff=13824)  # the lecture's example: MHA, SwiGLU, untied head
+
+
+def kv_bytes_per_token(config: ModelConfig, bytes_per_value: int = 2) -> int:
+    """Cache bytes a token adds over all layers: K and V per KV head, or MLA's latent and RoPE
+    key; linear attention and Hyena none (a fixed state, or no cache)."""
+    if config.mixer != "attention":
+        return 0
+    if config.kv_latent_dim is not None:
+        return config.num_layers * (config.kv_latent_dim + config.rope_dim) * bytes_per_value
+    return (config.num_layers * 2 * (config.num_kv_heads or config.num_heads) * config.head_dim
+            * bytes_per_value)
+
+
+def decode_roofline(config: ModelConfig, batch_size: int, seq_len: int, bandwidth: float,
+                    peak_flops: float, bytes_per_param: float = 2) -> dict:
+    """One decode step by the lecture's count: memory held (every weight, plus the cache), time
+    and tokens/s, what bounds it, and the batch from which it would be compute-bound."""
+    params = count_params(config)["total"]
+    weights, kv = params * bytes_per_param, seq_len * kv_bytes_per_token(config)
+    flops = 2 * params + 4 * config.num_layers * seq_len * config.d_model  # per sequence
+    memory_time = (weights + batch_size * kv) / bandwidth
+    compute_time = batch_size * flops / peak_flops
+    per_sequence = flops / peak_flops - kv / bandwidth  # compute-bound once B * this > weights/bw
+    return {"memory": weights + batch_size * kv, "step": max(memory_time, compute_time),
+            "tokens_per_s": batch_size / max(memory_time, compute_time),
+            "bound": "memory" if memory_time >= compute_time else "compute",
+            "compute_bound_from": (weights / bandwidth / per_sequence if per_sequence > 0
+                                   else math.inf)}
+
+
+def print_roofline(config: ModelConfig, gpu: str, batch_sizes: list[int], seq_len: int) -> None:
+    hw = GPUS[gpu]
+    print(f"{count_params(config)['total'] / 1e9:.2f}B parameters on {gpu} "
+          f"({hw['bandwidth'] / 1e12:.2f} TB/s, {hw['peak_flops'] / 1e12:.0f} TFLOP/s, "
+          f"{hw['memory'] / 1e9:.0f} GB); bf16 weights "
+          f"and cache, {seq_len} tokens a sequence, {kv_bytes_per_token(config) / 1e6:.2f} MB of "
+          f"cache a token")
+    print(f"{'batch':>6} {'memory GB':>10} {'fits':>5} {'ms/step':>8} {'tokens/s':>10} bound")
+    for batch in batch_sizes:
+        r = decode_roofline(config, batch, seq_len, hw["bandwidth"], hw["peak_flops"])
+        fits = "yes" if r["memory"] <= hw["memory"] else "no"
+        print(f"{batch:>6} {r['memory'] / 1e9:>10.1f} {fits:>5} {r['step'] * 1e3:>8.2f} "
+              f"{r['tokens_per_s']:>10,.0f} {r['bound']}")
+    bound = [decode_roofline(config, 1, s, hw["bandwidth"], hw["peak_flops"])["compute_bound_from"]
+             for s in (seq_len, 0)]
+    print(f"compute-bound from batch {bound[0]:,.0f} with this cache (inf: never, a sequence's "
+          f"cache takes longer to read than its matmuls to run), {bound[1]:,.0f} without")
+
+
+# The benchmark: `python infer.py bench` -----------------------------------------------------------
+def timed(fn: Callable, device: torch.device, warmup: bool = True) -> float:
+    """Seconds of one call of fn (after a warm-up call), waiting for the GPU."""
+    if warmup:
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
+
+
+def copy_bandwidth(device: torch.device) -> float:
+    """Bytes/s (read + write) of a large on-device copy: the bandwidth decode can hope for."""
+    source = torch.empty((1 << 30) if device.type == "cuda" else (64 << 20), dtype=torch.uint8,
+                         device=device)
+    dest = torch.empty_like(source)
+    return 2 * source.numel() * 10 / timed(lambda: [dest.copy_(source) for _ in range(10)], device)
+
+
+def cast_weights(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """Parameters in dtype (a decode step should read 2-byte weights, not cast 4-byte ones under
+    autocast); the RoPE and position tables, buffers, stay float32."""
+    for param in model.parameters():
+        param.data = param.data.to(dtype)
+    return model
+
+
+def measure_decode(model: TransformerLM, batch_size: int, prompt_len: int, new_tokens: int,
+                   compile: bool) -> dict:
+    """Prefill a random batch, then time greedy decode steps; nothing leaves the GPU between
+    steps, so the time is the GPU's."""
+    device = model_device(model)
+    decoder = Decoder(model, batch_size, prompt_len + new_tokens, compile)
+    prompt = torch.randint(0, model.config.vocab_size, (batch_size, prompt_len), device=device)
+    positions = torch.full((batch_size,), prompt_len - 1, device=device)
+    with torch.no_grad():
+        state = {"tokens": None}
+        ttft = timed(lambda: state.update(tokens=prefill(model, decoder.cache, prompt).argmax(-1)),
+                     device)  # the warm-up fills the same slots with the same values
+        setup = timed(lambda: decoder.decode(state["tokens"], positions + 1), device, warmup=False)
+
+        def steps() -> None:
+            tokens = state["tokens"]
+            for step in range(new_tokens - 1):
+                tokens = decoder.decode(tokens, positions + 1 + step).argmax(-1)
+
+        step = timed(steps, device, warmup=False) / (new_tokens - 1)
+    kv_bytes = sum(b.numel() * b.element_size() for layer in decoder.cache.layers
+                   for b in layer.values())  # a static step reads every slot
+    return {"ttft": ttft, "step": step, "setup": setup, "mode": decoder.mode,
+            "bytes": weight_bytes(model) + kv_bytes}
+
+
+def bench_model(preset: str, device: torch.device, dtype: torch.dtype,
+                hf: bool = False) -> tuple[TransformerLM, nn.Module | None]:
+    """A randomly initialised model, a GPT-2 shape or a model.py preset; with hf=True also
+    transformers' GPT2LMHeadModel holding the same weights (for --compare_hf)."""
+    torch.manual_seed(0)
+    if preset not in GPT2_SHAPES:
+        return cast_weights(TransformerLM(ModelConfig.preset(preset)).to(device), dtype), None
+    config = gpt2_config(*GPT2_SHAPES[preset])
+    model = cast_weights(TransformerLM(config).to(device).eval(), dtype)
+    if not hf:
+        return model, None
+    try:
+        from transformers import GPT2Config, GPT2LMHeadModel
+    except ImportError:
+        raise ImportError("--compare_hf needs transformers (pip install transformers)") from None
+    hf_model = GPT2LMHeadModel(GPT2Config(
+        n_layer=config.num_layers, n_embd=config.d_model, n_head=config.num_heads,
+        vocab_size=config.vocab_size, n_positions=config.context_length))
+    hf_model = hf_model.to(device, dtype).eval()
+    model.load_state_dict(gpt2_state_dict(hf_model.state_dict(), config.num_layers))
+    return model, hf_model
+
+
+def bench(cfg: dict) -> None:
+    """Decode speed by batch size against the copy bandwidth, transformers (--compare_hf),
+    continuous batching, speculative decoding and quantization, on one random model."""
+    device, start = resolve_device(cfg["device"]), time.perf_counter()
+    cuda = device.type == "cuda"
+    dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float32
+    preset = cfg["preset"] or ("gpt2-medium" if cuda else "tiny")
+    if preset not in {**GPT2_SHAPES, **PRESETS}:
+        raise UsageError(f"unknown --preset={preset}; choose from GPT-2's own "
+                         f"{', '.join(GPT2_SHAPES)} or model.py's {', '.join(PRESETS)}")
+    # "auto" on CUDA compiles the decode steps of the target model, plain and quantized;
+    # speculative decoding's two more models (draft, k+1-token verify) only with --compile=True
+    compile = cfg["compile"] if isinstance(cfg["compile"], bool) else cuda
+    for limit in ("cache_size_limit", "recompile_limit"):  # a graph per model and step shape
+        if hasattr(torch._dynamo.config, limit):
+            setattr(torch._dynamo.config, limit, 64)
+    model, hf_model = bench_model(preset, device, dtype, cfg["compare_hf"])
+    prompt_len = new_tokens = min(128, model.config.context_length // 4)
+    bandwidth = copy_bandwidth(device)
+    print(f"{preset}: {count_params(model.config)['total'] / 1e6:.0f}M parameters, "
+          f"{str(dtype).removeprefix('torch.')} weights ({weight_bytes(model) / 1e9:.3f} GB read "
+          f"a step), {torch.cuda.get_device_name(device) if cuda else 'CPU'}, measured copy "
+          f"bandwidth {bandwidth / 1e9:,.0f} GB/s\n\nprefill {prompt_len} tokens, decode "
+          f"{new_tokens} (greedy); roofline = batch x copy bandwidth / bytes read a step")
+    print(f"{'batch':>5} {'TTFT ms':>8} {'prefill tok/s':>13} {'ms/token':>9} {'decode tok/s':>12} "
+          f"{'GB/step':>8} {'of copy bw':>10} {'roofline tok/s':>14}  mode")
+    results = {}
+    for batch in cfg["batch_sizes"] or ([1, 16, 64, 256] if cuda else [1, 4]):
+        r = results[batch] = measure_decode(model, batch, prompt_len, new_tokens, compile)
+        print(f"{batch:>5} {r['ttft'] * 1e3:>8.1f} {batch * prompt_len / r['ttft']:>13,.0f} "
+              f"{r['step'] * 1e3:>9.3f} {batch / r['step']:>12,.0f} {r['bytes'] / 1e9:>8.3f} "
+              f"{r['bytes'] / r['step'] / bandwidth:>10.1%} "
+              f"{batch * bandwidth / r['bytes']:>14,.0f}"
+              f"  {r['mode']}, setup {r['setup']:.1f} s", flush=True)
+    if hf_model is not None:
+        print(f"\ntransformers {sys.modules['transformers'].__version__} generate against ours, "
+              f"tokens/s end to end ({prompt_len} + {new_tokens} tokens, greedy, same weights)")
+        for batch in (1, 16, 64):
+            prompt = torch.randint(0, model.config.vocab_size, (batch, prompt_len), device=device)
+            with torch.no_grad():
+                seconds = timed(lambda: hf_model.generate(
+                    prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
+                    max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=0), device)
+            r = results.get(batch) or measure_decode(model, batch, prompt_len, new_tokens, compile)
+            ours = batch * new_tokens / (r["ttft"] + new_tokens * r["step"])
+            print(f"  batch {batch:>3}: transformers {batch * new_tokens / seconds:>8,.0f}, ours "
+                  f"{ours:>8,.0f} ({ours * seconds / batch / new_tokens:.1f}x)", flush=True)
+    print(f"\n[{time.perf_counter() - start:.0f} s into the bench]", end="")
+    bench_serving(model, cfg["requests"] or (96 if cuda else 8), 32 if cuda else 4)
+    print(f"\n[{time.perf_counter() - start:.0f} s]", end="", flush=True)
+    draft = TransformerLM(ModelConfig(**{**asdict(model.config),
+                                         "num_layers": max(1, model.config.num_layers // 4)}))
+    draft.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith(
+        "layers.") or int(k.split(".")[1]) < draft.config.num_layers})  # the first layers
+    bench_speculative(model, cast_weights(draft.to(device).eval(), dtype), new_tokens,
+                      cfg["compile"] is True)
+    baseline = results.get(1) or measure_decode(model, 1, prompt_len, new_tokens, compile)
+    print(f"\n[{time.perf_counter() - start:.0f} s]\nweight-only quantization, batch 1 "
+          f"(perplexity: python infer.py quantize)")
+    x = torch.randint(0, model.config.vocab_size, (4, prompt_len), device=device)
+    with torch.no_grad():
+        reference = model(x).float()
+    for bits in (8, 4):
+        quantized = quantize_model(copy.deepcopy(model), bits, cfg["group_size"])
+        with torch.no_grad():
+            logits = quantized(x).float()
+        r = measure_decode(quantized, 1, prompt_len, new_tokens, compile)
+        name = "int8/channel" if bits == 8 else f"int4/g{cfg['group_size']}"
+        print(f"  {name:<12} {r['bytes'] / 1e9:.3f} GB a step, {1 / r['step']:>7,.0f} tokens/s "
+              f"({baseline['step'] / r['step']:.2f}x), logits off by "
+              f"{float((logits - reference).norm() / reference.norm()):.1%}, top-1 agrees "
+              f"{float((logits.argmax(-1) == reference.argmax(-1)).float().mean()):.1%}",
+              flush=True)
+    print(f"[{time.perf_counter() - start:.0f} s in all]")
+
+
+def bench_serving(model: TransformerLM, num_requests: int, max_seqs: int) -> None:
+    """Requests of mixed prompt and output lengths: static against continuous batching, on the
+    same paged cache and kernels."""
+    generator = torch.Generator().manual_seed(0)
+    top = min(256, model.config.context_length // 2)
+    lengths = torch.stack((torch.randint(16, top + 1, (num_requests,), generator=generator),
+                           torch.randint(16, top // 2 + 1, (num_requests,), generator=generator)),
+                          1).tolist()
+    requests = [Request(torch.randint(model.config.vocab_size, (p,), generator=generator).tolist(),
+                        m) for p, m in lengths]
+    tokens = sum(m for _, m in lengths)
+    print(f"\nserving {num_requests} requests, prompts of 16-{top} tokens, outputs of 16-{top // 2}"
+          f" ({tokens:,} to generate), {max_seqs} at a time, paged cache of 16-token blocks")
+    for continuous in (False, True):
+        with torch.no_grad():
+            seconds = timed(lambda: serve(model, None, requests, Sampling(top, temperature=0),
+                                          max_seqs, continuous=continuous),
+                            model_device(model), warmup=False)
+        print(f"  {'continuous' if continuous else 'static':>10} batching: "
+              f"{tokens / seconds:>9,.0f} tokens/s ({seconds:.1f} s)", flush=True)
+
+
+def bench_speculative(target: TransformerLM, draft: TransformerLM, new_tokens: int,
+                      compile: bool, k: int = 4) -> None:
+    print(f"\nspeculative decoding, batch 1, greedy, k={k}, draft: the target's first "
+          f"{draft.config.num_layers} layers (random weights: the acceptance says little; a "
+          f"trained pair: --draft_ckpt)", flush=True)
+    prompt = torch.randint(target.config.vocab_size, (16,)).tolist()
+    plain = measure_decode(target, 1, len(prompt), new_tokens, compile)
+    runs = []
+    speculative_generate(target, draft, prompt, 8, k, temperature=0, compile=compile)  # warm-up
+    seconds = timed(lambda: runs.append(speculative_generate(
+        target, draft, prompt, new_tokens, k, temperature=0, compile=compile)[1]),
+        model_device(target), warmup=False)
+    stats = runs[-1]
+    print(f"  acceptance {stats.accepted / stats.proposed:.2f}, "
+          f"{new_tokens / stats.rounds:.2f} tokens a target forward, {new_tokens / seconds:,.0f} "
+          f"tokens/s against {1 / plain['step']:,.0f} plain "
+          f"({plain['step'] * new_tokens / seconds:.2f}x)", flush=True)
+
+
+# Command line -------------------------------------------------------------------------------------
+COMMANDS = {  # each command's settings and their defaults
+    "generate": {"ckpt": "out/ckpt.pt", "hf_dir": "", "tokenizer_dir": "",  # train.py's output
+                 "prompt": "", "max_new_tokens": 256,  # "": start a new document (<|endoftext|>)
+                 "temperature": 0.8, "top_k": 0, "top_p": 1.0,  # top_k 0: all tokens
+                 "seed": -1, "num_samples": 1, "stop": [], "include_stop": False,  # seed -1: random
+                 "min_tokens": 0, "quantize": "", "group_size": 128,  # quantize: int8 | int4
+                 "draft_ckpt": "", "speculate_k": 4,  # a draft model: speculative decoding
+                 "device": "auto", "dtype": "auto", "compile": "auto"},  # compile auto: on CUDA
+    "quantize": {"ckpt": "out/ckpt.pt", "hf_dir": "", "tokenizer_dir": "", "group_size": 128,
+                 "text": "", "device": "auto"},  # "": the run's val.txt (GPT-2: Shakespeare)
+    "roofline": {"gpu": "H100", "seq_len": 1024, "batch_sizes": [1, 8, 16, 32, 64, 128]},
+    "bench": {"device": "auto", "preset": "", "batch_sizes": [], "compile": "auto",  # or True
+              "compare_hf": False, "requests": 0, "group_size": 128},
+}
+
+
+def load_model(cfg: dict, device: torch.device) -> tuple[TransformerLM, Tokenizer]:
+    model, tokenizer = (load_gpt2(cfg["hf_dir"]) if cfg["hf_dir"] else
+                        load_checkpoint_model(cfg["ckpt"], cfg["tokenizer_dir"]))
+    dtype = resolve_dtype(cfg.get("dtype", "auto"), device)
+    return cast_weights(model.to(device), dtype), tokenizer
+
+
+class StreamPrinter:
+    """on_token for one sample: prints text as it grows, holding back what may still turn out to
+    start a stop string or to be an unfinished UTF-8 character (U+FFFD until it completes)."""
+    def __init__(self, prompt: str, stop: Sequence[str]) -> None:
+        self.shown, self.hold = 0, max(map(len, stop), default=1) - 1
+        print(prompt, end="", flush=True)
+
+    def __call__(self, row: int, generation: Generation) -> None:
+        text, done = generation.text, generation.finish_reason is not None
+        end = len(text) if done else max(self.shown, len(text.rstrip("\ufffd")) - self.hold)
+        print(text[self.shown: end] + (f"\n[{generation.finish_reason}]" if done else ""),
+              end="\n" if done else "", flush=True)
+        self.shown = end
+
+
+def generate_command(cfg: dict) -> None:
+    sampling = dict(temperature=cfg["temperature"], top_k=cfg["top_k"] or None, top_p=cfg["top_p"])
+    check_sampling(**sampling)
+    if cfg["quantize"] not in ("", "int8", "int4"):
+        raise UsageError(f"--quantize must be int8 or int4, got {cfg['quantize']!r}")
+    device = resolve_device(cfg["device"])
+    model, tokenizer = load_model(cfg, device)
+    if cfg["quantize"]:
+        quantize_model(model, 8 if cfg["quantize"] == "int8" else 4, cfg["group_size"])
+    if not cfg["prompt"] and eos_of(tokenizer) is None:
+        raise UsageError(f"give a --prompt: the tokenizer has no {EOT} to start a document from")
+    prompt = tokenizer.encode(cfg["prompt"]) if cfg["prompt"] else [eos_of(tokenizer)]
+    seed, stop = (None if cfg["seed"] < 0 else cfg["seed"]), [  # --stop='\n': a newline
+        s.encode("latin-1", "backslashreplace").decode("unicode_escape") for s in cfg["stop"]]
+    compile = cfg["compile"] if isinstance(cfg["compile"], bool) else device.type == "cuda"
+    start = time.perf_counter()
+    if cfg["draft_ckpt"]:
+        draft, draft_tokenizer = load_model({**cfg, "ckpt": cfg["draft_ckpt"], "hf_dir": ""},
+                                            device)
+        if draft_tokenizer.vocab != tokenizer.vocab:
+            raise ValueError(f"{cfg['draft_ckpt']} was trained with another tokenizer")
+        generator = None if seed is None else torch.Generator(device).manual_seed(seed)
+        ids, stats = speculative_generate(model, draft, prompt, cfg["max_new_tokens"],
+                                          cfg["speculate_k"], **sampling, generator=generator,
+                                          eos_id=eos_of(tokenizer), compile=compile)
+        seconds = time.perf_counter() - start
+        plain = measure_decode(model, 1, len(prompt), max(2, len(ids)), compile)
+        print(cfg["prompt"] + tokenizer.decode([t for t in ids if t != eos_of(tokenizer)]))
+        print(f"speculative: acceptance {stats.accepted / stats.proposed:.2f}, "
+              f"{len(ids) / stats.rounds:.2f} tokens a target forward, {len(ids) / seconds:.1f} "
+              f"tokens/s (plain decoding: {1 / plain['step']:.1f})", file=sys.stderr)
+        return
+    stream = StreamPrinter(cfg["prompt"], stop) if cfg["num_samples"] == 1 else None
+    out = generate_batch(model, tokenizer, [prompt], n=cfg["num_samples"],
+                         max_new_tokens=cfg["max_new_tokens"], **sampling, stop=stop,
+                         include_stop=cfg["include_stop"], min_tokens=cfg["min_tokens"],
+                         seed=seed, compile=compile, on_token=stream)[0]
+    seconds = time.perf_counter() - start
+    for i, completion in enumerate(out if stream is None else []):
+        print(f"--- sample {i + 1} ---\n{cfg['prompt']}{completion.text}\n"
+              f"[{completion.finish_reason}]")
+    tokens = sum(len(c.token_ids) for c in out)
+    print(f"{tokens} tokens in {seconds:.2f} s, {tokens / seconds:.1f} tokens/s on {device.type}"
+          f"{', compiled' if compile else ''}", file=sys.stderr)
+
+
+def quantize_command(cfg: dict) -> None:
+    """Perplexity on held-out text and batch-1 decode speed: unquantized, int8, int4."""
+    device = resolve_device(cfg["device"])
+    model, tokenizer = load_model(cfg, device)
+    path = Path(cfg["text"]) if cfg["text"] else DATA_DIR / "tinyshakespeare.txt"
+    if not cfg["text"] and not cfg["hf_dir"]:  # the run's validation split, beside its tokenizer
+        state = read_checkpoint(cfg["ckpt"], mmap=True)
+        path = find_tokenizer(state, cfg["tokenizer_dir"])[1].parent / "val.txt"
+    if not path.is_file():
+        raise FileNotFoundError(f"no held-out text at {path}: pass --text=FILE")
+    text = path.read_text(encoding="utf-8")[-200_000:]
+    tokens = torch.tensor(tokenizer.encode(text))
+    print(f"held-out text: the last {len(text):,} characters of {path} ({len(tokens):,} "
+          f"tokens)\n{'weights':>12} {'GB a step':>9} {'perplexity':>11} {'decode tok/s':>13}")
+    for bits in (None, 8, 4):
+        quantized = model if bits is None else quantize_model(copy.deepcopy(model), bits,
+                                                               cfg["group_size"])
+        name = {None: "unquantized", 8: "int8/channel", 4: f"int4/g{cfg['group_size']}"}[bits]
+        context = model.config.context_length
+        step = measure_decode(quantized, 1, min(16, context // 4), min(64, context // 2),
+                              device.type == "cuda")["step"]
+        ppl = perplexity(quantized, tokens, min(256, context))
+        print(f"{name:>12} {weight_bytes(quantized) / 1e9:>9.3f} {ppl:>11.2f} {1 / step:>13,.0f}",
+              flush=True)
+
+
+def main(argv: list[str]) -> None:
+    if "-h" in argv or "--help" in argv:
+        return print(__doc__)
+    command, cfg, _, _ = parse_command(argv, COMMANDS, "generate")
+    if command == "roofline":
+        if cfg["gpu"] not in GPUS:
+            raise UsageError(f"unknown --gpu={cfg['gpu']}; choose from {', '.join(GPUS)}")
+        print("Llama-2-13B: ", end="")
+        print_roofline(ModelConfig(**LLAMA2_13B), cfg["gpu"], cfg["batch_sizes"], cfg["seq_len"])
+    elif command == "bench":
+        bench(cfg)
+    elif command == "quantize":
+        quantize_command(cfg)
+    else:
+        generate_command(cfg)
+
+
+if __name__ == "__main__":
+    run_cli(main)
