@@ -252,6 +252,16 @@ class FeedForward(nn.Module):
         return self.w2(self.activation(self.w1(x)))
 
 
+def triton_kernels(flag: str = "kernels='triton'"):
+    """kernels.py, a later stage, imported only when a flag asks for its Triton kernels."""
+    try:
+        import kernels
+    except ImportError as error:
+        raise ImportError(f"{flag} needs kernels.py (the kernels stage) and triton: {error}; "
+                          "leave the flag at its default") from error
+    return kernels
+
+
 def make_ffn(config: ModelConfig) -> nn.Module:
     if config.ffn == "swiglu":
         swiglu = triton_kernels().TritonSwiGLU if config.kernels == "triton" else SwiGLU
@@ -266,13 +276,6 @@ def make_norm(config: ModelConfig) -> nn.Module:
     if config.norm == "layernorm":
         return LayerNorm(config.d_model, config.norm_eps)
     return nn.Identity()
-
-
-def triton_kernels():
-    """kernels.py, a later stage, imported only for kernels='triton': its drop-in TritonRMSNorm
-    and TritonSwiGLU (same parameters), fused_add_rmsnorm and fused_linear_cross_entropy."""
-    import kernels
-    return kernels
 
 
 # Rotary positions (RoPE) --------------------------------------------------------------------------
@@ -340,7 +343,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int = 0,
     num_heads, num_kv_heads = q.shape[-3], k.shape[-3]
     seq_len, kv_len = q.shape[-2], k.shape[-2]
     if impl == "triton" and window is None and start + seq_len == kv_len:  # GQA in the kernel
-        return _triton_flash_attention()(q, k, v, is_causal=True)
+        return triton_kernels("attn_impl='triton'").flash_attention(q, k, v, True)
     if num_kv_heads != num_heads:
         k = k.repeat_interleave(num_heads // num_kv_heads, dim=-3)
         v = v.repeat_interleave(num_heads // num_kv_heads, dim=-3)
@@ -353,16 +356,6 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int = 0,
         return F.scaled_dot_product_attention(q, k, v)
     mask = attention_mask(seq_len, kv_len, start, window, q.device)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-
-
-def _triton_flash_attention():
-    """kernels.py, a later stage, is imported only when asked for: flash_attention(q, k, v, ...)."""
-    try:
-        from kernels import flash_attention
-    except ImportError as error:
-        raise ImportError(f"attn_impl='triton' needs kernels.py's flash_attention (the kernels "
-                          f"stage): {error}; use attn_impl='sdpa' or 'manual'") from error
-    return flash_attention
 
 
 # Multi-head self-attention, with GQA/MQA and sliding windows inline -------------------------------
@@ -497,7 +490,7 @@ class TransformerLM(nn.Module):
         if config.tie_weights:
             self.lm_head.weight = self.token_embeddings.weight
         if config.attn_impl == "triton" and config.mixer == "attention":
-            _triton_flash_attention()  # fail now, not at the first forward
+            triton_kernels("attn_impl='triton'")  # fail now, not at the first forward
         self.aux_loss = torch.zeros(())
 
     def forward(self, token_ids: torch.Tensor, positions: torch.Tensor | None = None,
