@@ -1,12 +1,9 @@
 """Stage 9: alignment, from a base model to a useful one: SFT, expert iteration, GRPO and DPO.
 
 A pretrained model continues text; a useful one answers. In the order of CS336 lectures 15-17 and
-assignment 5: data and masks (prompt and response in one sequence, a mask on the response, its
-log-probs); SFT on demonstrations; rewards a program checks (think-then-answer format, exact
-answer) and an evaluation harness (prompt -> infer.generate_batch -> parse -> accuracy, pass@k,
-throughput); expert iteration (sample, keep what the reward accepts, imitate it); GRPO (policy
-gradients, a group of samples per question as the baseline); preferences (a reward model, DPO);
-then the offline demo, a verifiable task written by the code and taken through every step.
+assignment 5: data and masks; SFT on demonstrations; rewards a program checks and an evaluation
+harness; expert iteration; GRPO (a group of samples per question as the baseline); preferences (a
+reward model, DPO); then the offline demo, a verifiable task written by the code, taken through all.
 
 The RLHF picture. InstructGPT (Ouyang et al. 2022): SFT on ~13k prompts; a 6B reward model on
 rankings of 4-9 answers to ~33k prompts (-log sigmoid(r_w - r_l) over all pairs); PPO on ~31k
@@ -32,10 +29,9 @@ Reads   nothing for the demo (it writes its own task); eval: a checkpoint (ours 
 Writes  out/align/: {train,val}.{txt,bin}, tokenizer/, base/ (train.py's run), sft.pt, ei.pt,
         grpo.pt, dpo.pt, results.json (every number and logged step), rewards.png.
 
-Papers: Ouyang et al. 2022; Rafailov et al. 2023; Shao et al. 2024; DeepSeek-AI 2025; Liu et al.
-2025; Anthony et al. 2017, Zelikman et al. 2022 (expert iteration, STaR); Schulman et al. 2017
-(PPO); Cobbe et al. 2021 (GSM8K); Hendrycks et al. 2021 (MMLU); Taori et al. 2023 (Alpaca); Chen
-et al. 2021 (pass@k); Bradley & Terry 1952.
+Papers, besides those above: Anthony et al. 2017, Zelikman et al. 2022 (expert iteration, STaR);
+Schulman et al. 2017 (PPO); Cobbe et al. 2021 (GSM8K); Hendrycks et al. 2021 (MMLU); Taori et al.
+2023 (Alpaca); Chen et al. 2021 (pass@k); Bradley & Terry 1952.
 """
 
 import copy
@@ -63,7 +59,7 @@ from train import (EOT, AdamW, TrainConfig, autocast_for, clip_grad_norm, read_c
                    resolve_device, resolve_dtype, train)
 
 
-# Config: the demo's every knob; SIZES holds the rows that --size picks ----------------------------
+# Config: the demo's every knob, the rows that --size picks, the prompt templates ------------------
 @dataclass
 class AlignConfig:
     size: str = "cpu"  # a row of SIZES, applied under the flags given
@@ -120,25 +116,27 @@ SIZES = {
     "cpu": {},  # the defaults: ~4 minutes on 2 CPU cores
     "gpu": dict(max_steps=3, max_number=20, train_problems=20000, heldout_problems=500,
                 pretrain_stories=60000, vocab_size=1024, pretrain_iters=2000, pretrain_batch=32,
-                pretrain_lr=1e-3, model=dict(context_length=256, d_model=256, num_layers=6,
-                                             num_heads=8, d_ff=768),
-                max_new_tokens=64, eval_samples=8, eval_interval=25, batch_size=64,
-                sft_examples=500, sft_steps=100, sft_lr=3e-4, ei_steps=4, ei_questions=256,
-                ei_lr=7e-5, grpo_steps=200, rollout_batch_size=256, train_batch_size=128,
-                grpo_lr=7e-5, dpo_questions=1024, dpo_steps=100, dpo_lr=7e-6, rm_steps=100),
-}
+                pretrain_lr=1e-3, max_new_tokens=64, eval_samples=8, eval_interval=25,
+                model=dict(context_length=256, d_model=256, num_layers=6, num_heads=8, d_ff=768),
+                batch_size=64, sft_examples=500, sft_steps=100, sft_lr=3e-4, ei_steps=4,
+                ei_questions=256, ei_lr=7e-5, grpo_steps=200, rollout_batch_size=256,
+                train_batch_size=128, grpo_lr=7e-5, dpo_questions=1024, dpo_steps=100,
+                dpo_lr=7e-6, rm_steps=100)}
 STOP = ("</answer>",)
 TAGS = ("<think>", "</think>", "<answer>", "</answer>")  # special tokens of the demo's tokenizer
-PROMPTS = {  # R1-Zero's template, cut short for a small context; and the question alone
-    "r1_zero": "Q: {question}\nA: <think>",
-    "question_only": "{question}",
-}
+# R1-Zero's template, cut short for a small context; and the question alone
+PROMPTS = {"r1_zero": "Q: {question}\nA: <think>", "question_only": "{question}"}
+MMLU_PROMPT = ("Answer the multiple-choice question with one sentence of the form \"The correct "
+               "answer is X\", X being A, B, C or D.\nQuestion: {question}\nA. {0}\nB. {1}\n"
+               "C. {2}\nD. {3}\nAnswer:")
+ALPACA_TEMPLATE = ("Below is an instruction that describes a task. Write a response that "
+                   "appropriately completes the request.\n\n### Instruction:\n{prompt}\n\n"
+                   "### Response:\n{response}")
 
 
 # Data and masks: one sequence per prompt and response, a mask on the response ---------------------
 def encode(tokenizer, text: str) -> list[int]:
-    """Ids without the BOS/EOS a Hugging Face tokenizer adds by default: prompt and output are
-    encoded apart and joined, so nothing may come between them."""
+    """Ids without a Hugging Face tokenizer's BOS/EOS: prompt and output are joined as they are."""
     try:
         return list(tokenizer.encode(text, add_special_tokens=False))
     except TypeError:  # ours and other plain tokenizers take only the text
@@ -168,22 +166,19 @@ def device_of(model: nn.Module) -> torch.device:
 
 def pack_prompt_and_output(prompt_ids: Sequence[Sequence[int]], output_ids: Sequence[Sequence[int]],
                            pad_id: int, max_len: int | None = None) -> dict[str, Tensor]:
-    """Token lists -> input_ids, labels (the same shifted by one) and response_mask, all (B, T-1)
-    for the longest prompt+output T. Padding goes right: a causal model never attends to it. A
-    sequence over max_len + 1 tokens loses its output's tail, with a warning."""
+    """Token lists -> input_ids, labels, response_mask (B, T - 1); right padding is never read."""
     if empty := [i for i, prompt in enumerate(prompt_ids) if not prompt]:
         raise ValueError(f"prompt {empty[0]} is empty: the first output token needs one before it")
     seqs = [[*prompt, *output] for prompt, output in zip(prompt_ids, output_ids, strict=True)]
-    starts = [len(prompt) for prompt in prompt_ids]
     if cut := sum(max_len is not None and len(seq) > max_len + 1 for seq in seqs):
         warnings.warn(f"{cut} of {len(seqs)} prompt+output sequences are longer than the model's "
                       f"context ({max_len} tokens): their outputs were truncated", stacklevel=3)
         seqs = [seq[:max_len + 1] for seq in seqs]
     full = torch.full((len(seqs), max(map(len, seqs))), pad_id, dtype=torch.long)
     mask = torch.zeros(len(seqs), full.shape[1] - 1, dtype=torch.bool)
-    for i, (seq, start) in enumerate(zip(seqs, starts)):
+    for i, (seq, prompt) in enumerate(zip(seqs, prompt_ids)):
         full[i, :len(seq)] = torch.tensor(seq)
-        mask[i, start - 1:len(seq) - 1] = True  # label j is token j + 1
+        mask[i, len(prompt) - 1:len(seq) - 1] = True  # label j is token j + 1
     return {"input_ids": full[:, :-1], "labels": full[:, 1:], "response_mask": mask}
 
 
@@ -196,30 +191,24 @@ def tokenize_prompt_and_output(prompt_strs: list[str], output_strs: list[str], t
 
 
 def compute_entropy(logits: Tensor) -> Tensor:
-    """Entropy of softmax(logits) over the last axis, as logsumexp(z) - sum softmax(z) z: no log
-    of a probability that underflowed to 0."""
+    """Entropy of softmax(z) over the last axis as logsumexp(z) - sum softmax(z) z: no log(0)."""
     logits = logits.float()
     return torch.logsumexp(logits, -1) - (torch.softmax(logits, -1) * logits).sum(-1)
 
 
 def get_response_log_probs(model: nn.Module, input_ids: Tensor, labels: Tensor,
                            return_token_entropy: bool = False) -> dict[str, Tensor]:
-    """log p(label | tokens before it) at every position (B, T), and the entropy of each
-    next-token distribution if asked (for logging; no gradient flows through it)."""
+    """log p(label | tokens before it) (B, T), and if asked each position's entropy (no grad)."""
     logits = model_logits(model, input_ids).float()  # (B, T, V)
     # z_label - logsumexp(z): one (B, T) result instead of a second (B, T, V) log_softmax
     log_probs = logits.gather(-1, labels[..., None]).squeeze(-1) - torch.logsumexp(logits, -1)
-    out = {"log_probs": log_probs}
-    if return_token_entropy:
-        with torch.no_grad():
-            out["token_entropy"] = compute_entropy(logits)
-    return out
+    entropy = {"token_entropy": compute_entropy(logits.detach())} if return_token_entropy else {}
+    return {"log_probs": log_probs, **entropy}
 
 
 def masked_normalize(tensor: Tensor, mask: Tensor, dim: int | None = None,
                      normalize_constant: float | Tensor = 1.0) -> Tensor:
-    """Sum over the entries where mask is set, divided by a constant (not by how many there are).
-    Masked entries are never read, so a -inf there does no harm."""
+    """Sum over the entries where mask is set, divided by a constant; a masked -inf does no harm."""
     return torch.where(mask.bool(), tensor, 0).sum(dim) / normalize_constant
 
 
@@ -229,24 +218,16 @@ def masked_mean(tensor: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
 
 
 # Instruction data: Alpaca-style pairs, packed into fixed-length sequences -------------------------
-ALPACA_TEMPLATE = ("Below is an instruction that describes a task. Write a response that "
-                   "appropriately completes the request.\n\n### Instruction:\n{prompt}\n\n"
-                   "### Response:\n{response}")
-
-
 def get_packed_sft_dataset(tokenizer, dataset_path: str | Path, seq_length: int, shuffle: bool,
                            seed: int = 0) -> list[dict[str, Tensor]]:
-    """Every pair in the Alpaca template, the documents joined by end-of-text and cut into
-    {input_ids, labels} of seq_length (a document may span two; a list is a map-style dataset).
-    Every token is trained on, as in the course's instruction tuning: no padding, no mask."""
+    """Alpaca pairs joined by end-of-text, cut into seq_length {input_ids, labels}; all trained."""
     pairs = load_alpaca(dataset_path)
     if shuffle:
         random.Random(seed).shuffle(pairs)
     ids = [i for prompt, response in pairs for i in [*encode(tokenizer, ALPACA_TEMPLATE.format(
         prompt=prompt, response=response)), eos_id(tokenizer)]]
     if len(ids) < seq_length + 1:
-        raise ValueError(f"{dataset_path}: {len(ids)} tokens, fewer than one sequence of "
-                         f"{seq_length} + 1")
+        raise ValueError(f"{dataset_path}: {len(ids)} tokens, fewer than one sequence + a label")
     tokens = torch.tensor(ids)
     return [{"input_ids": tokens[i:i + seq_length], "labels": tokens[i + 1:i + seq_length + 1]}
             for i in range(0, len(ids) - seq_length, seq_length)]
@@ -266,9 +247,7 @@ def iterate_batches(dataset: Sequence[dict[str, Tensor]], batch_size: int, shuff
 def sft_microbatch_train_step(policy_log_probs: Tensor, response_mask: Tensor,
                               gradient_accumulation_steps: int,
                               normalize_constant: float = 1.0) -> tuple[Tensor, dict]:
-    """The response tokens' negative log-likelihood, summed per sequence and divided by
-    normalize_constant, averaged over the batch and over the accumulated micro-batches; backward
-    runs here, so the gradients of several micro-batches add up to one batch's."""
+    """Batch mean of response NLL / normalize_constant / accumulation steps; backward runs here."""
     nll = -masked_normalize(policy_log_probs, response_mask, -1, normalize_constant)  # (B,)
     loss = nll.mean() / gradient_accumulation_steps
     loss.backward()
@@ -276,8 +255,7 @@ def sft_microbatch_train_step(policy_log_probs: Tensor, response_mask: Tensor,
 
 
 def autocast(model: nn.Module):
-    device = device_of(model)
-    return autocast_for(device, resolve_dtype("auto", device))
+    return autocast_for(device_of(model), resolve_dtype("auto", device_of(model)))
 
 
 def optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer) -> float:
@@ -289,19 +267,15 @@ def optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer) -> float:
 
 def sft(policy: nn.Module, tokenizer, examples: Sequence[tuple[str, str]], steps: int,
         cfg: AlignConfig, evaluate_fn: Callable | None = None, lr: float = 0.0) -> list[dict]:
-    """Fine-tune on (prompt, response) pairs: each optimizer step accumulates grad_accum
-    micro-batches of batch_size pairs; the loss is the mean over response tokens
-    (normalize_constant = tokens per sequence). Held-out accuracy every eval_interval steps."""
-    optimizer = AdamW(policy.parameters(), lr=lr or cfg.sft_lr, betas=(0.9, 0.95),
-                      weight_decay=0.0)
+    """Fine-tune on (prompt, response) pairs; the loss is a mean over response tokens."""
+    optimizer = AdamW(policy.parameters(), lr=lr or cfg.sft_lr, betas=(0.9, 0.95), weight_decay=0)
     rng, rows, device = random.Random(cfg.seed), [], device_of(policy)
     policy.train()
     for step in range(1, steps + 1):
         loss = entropy = 0.0
         for _ in range(cfg.grad_accum):
             batch = rng.sample(list(examples), min(cfg.batch_size, len(examples)))
-            data = tokenize_prompt_and_output([p for p, _ in batch], [r for _, r in batch],
-                                              tokenizer, context_length(policy))
+            data = tokenize_prompt_and_output(*zip(*batch), tokenizer, context_length(policy))
             data = {k: v.to(device) for k, v in data.items()}
             with autocast(policy):
                 out = get_response_log_probs(policy, data["input_ids"], data["labels"], True)
@@ -310,13 +284,11 @@ def sft(policy: nn.Module, tokenizer, examples: Sequence[tuple[str, str]], steps
                 out["log_probs"], mask, cfg.grad_accum, float(mask.sum().clamp(min=1)) / len(batch))
             loss += float(micro_loss)
             entropy += float(masked_mean(out["token_entropy"], mask)) / cfg.grad_accum
-        row = {"step": step, "loss": loss, "grad_norm": optimizer_step(policy, optimizer),
-               "entropy": entropy}
+        rows.append({"step": step, "loss": loss, "grad_norm": optimizer_step(policy, optimizer),
+                     "entropy": entropy})
         if evaluate_fn is not None and step % cfg.eval_interval == 0:
-            row["heldout"] = evaluate_fn(policy)
-            print(f"  sft {step}: loss {loss:.3f}, entropy {entropy:.3f}, held-out "
-                  f"{row['heldout']:.3f}")
-        rows.append(row)
+            rows[-1]["heldout"] = held = evaluate_fn(policy)
+            print(f"  sft {step}: loss {loss:.3f}, entropy {entropy:.3f}, held-out {held:.3f}")
     return rows
 
 
@@ -325,8 +297,7 @@ _NUMBER = re.compile(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?(?!\d)|-?\d+(?:\.\d+)?")
 
 
 def normalize_number(text: str) -> str | None:
-    """One number, written canonically: "1,000", "1000", "1000.0" and "$1,000" all give "1000",
-    "0.50" gives "0.5"; None if text is not a single number."""
+    """One number, canonically ("$1,000", "1000.0" -> "1000"; "0.50" -> "0.5"), else None."""
     s = text.strip().removeprefix("$").rstrip(".").strip()
     if not s or _NUMBER.fullmatch(s) is None:
         return None
@@ -342,8 +313,7 @@ def answers_match(given: str, truth: str) -> bool:
 
 
 def r1_zero_reward_fn(response: str, ground_truth: str) -> dict[str, float]:
-    """R1-Zero's rewards: format 1 when the response closes its thinking and gives a tagged
-    answer ("... </think> <answer> X </answer>"); reward 1 only when, besides, X is right."""
+    """R1-Zero's rewards: format 1 for "... </think> <answer> X </answer>", reward 1 if X right."""
     formatted = "</think> <answer>" in response and "</answer>" in response
     answer = response.rsplit("<answer>", 1)[-1].split("</answer>", 1)[0]
     correct = formatted and answers_match(answer, ground_truth)
@@ -359,9 +329,6 @@ def question_only_reward_fn(response: str, ground_truth: str) -> dict[str, float
     return {"format_reward": 0.0, "answer_reward": correct, "reward": correct}
 
 
-REWARD_FNS = {"r1_zero": r1_zero_reward_fn, "question_only": question_only_reward_fn}
-
-
 def parse_gsm8k_response(output: str) -> str | None:
     """The last number in the output, normalised ("... so she pays $1,250." -> "1250")."""
     numbers = _NUMBER.findall(output)
@@ -369,14 +336,11 @@ def parse_gsm8k_response(output: str) -> str | None:
 
 
 def parse_mmlu_response(example: dict, output: str) -> str | None:
-    """The letter A-D the output chooses, or None: the last "answer is (B)" / "Answer: C", else
-    an output that starts with a letter alone ("D", "(B) ...", "C."), else the one option whose
-    text it contains. Never the article in "A good answer would be ...": that is None."""
-    stated = re.findall(r"(?i:answer)\s*(?:(?i:is)|:)?\s*:?\s*\(?([ABCD])\b(?![\w'])", output)
-    if stated:
+    """The letter A-D chosen, or None: the last "answer is (B)" / "Answer: C", else a letter alone
+    at the start ("D", "(B) ...", "C."), else the one option quoted; never "A" the article."""
+    if stated := re.findall(r"(?i:answer)\s*(?:(?i:is)|:)?\s*:?\s*\(?([ABCD])\b(?![\w'])", output):
         return stated[-1]
-    first = re.match(r"\s*\(?([ABCD])(?:[).:]|\s*$)", output)
-    if first:
+    if first := re.match(r"\s*\(?([ABCD])(?:[).:]|\s*$)", output):
         return first.group(1)
     hits = [letter for letter, option in zip("ABCD", example.get("options", ()))
             if option.strip() and option.strip().lower() in output.lower()]
@@ -432,32 +396,24 @@ def load_mmlu(path: str | Path) -> list[dict]:
         if len(row) != 6:
             raise ValueError(f"{path}:{n}: expected 6 columns (question, A, B, C, D, answer), "
                              f"got {len(row)}")
-        if row[5].strip() not in ("A", "B", "C", "D") and not (n == lines[0][0] and row[5] ==
-                                                                "answer"):
+        if n == lines[0][0] and row[5] == "answer":
+            continue  # the header
+        if row[5].strip() not in ("A", "B", "C", "D"):
             raise ValueError(f"{path}:{n}: the answer must be A, B, C or D, got {row[5]!r}")
-        examples += [{"question": row[0], "options": row[1:5], "answer": row[5].strip()}] * (
-            row[5] != "answer")
+        examples.append({"question": row[0], "options": row[1:5], "answer": row[5].strip()})
     return examples
 
 
 def load_alpaca(path: str | Path) -> list[tuple[str, str]]:
-    """(prompt, response) pairs from {"prompt", "response"} or Alpaca's {"instruction",
-    "input", "output"} lines (a non-empty input follows the instruction)."""
-    rows = _read_jsonl(path, ("prompt+response", "instruction+output"))
+    """(prompt, response) from {"prompt", "response"} or {"instruction", "input", "output"}."""
     return [(row["prompt"], row["response"]) if "prompt" in row else (
         row["instruction"] + (f"\n\n{row['input']}" if row.get("input") else ""), row["output"])
-        for _, row in rows]
-
-
-MMLU_PROMPT = ("Answer the multiple-choice question with one sentence of the form \"The correct "
-               "answer is X\", X being A, B, C or D.\nQuestion: {question}\nA. {0}\nB. {1}\n"
-               "C. {2}\nD. {3}\nAnswer:")
+        for _, row in _read_jsonl(path, ("prompt+response", "instruction+output"))]
 
 
 # The evaluation harness: prompt -> generate_batch -> parse -> accuracy, pass@k, throughput --------
 def pass_at_k(n: int, c: int, k: int) -> float:
-    """The chance that k of n samples, c of them right, hold a right one (Chen et al. 2021):
-    1 - C(n - c, k) / C(n, k), unbiased, unlike 1 - (1 - c/n)^k."""
+    """P(k of n samples, c right, hold a right one) = 1 - C(n-c, k) / C(n, k); unbiased (Chen)."""
     return 1.0 if n - c < k else 1.0 - math.comb(n - c, k) / math.comb(n, k)
 
 
@@ -465,8 +421,7 @@ def evaluate(model: nn.Module, tokenizer, prompts: Sequence[str], truths: Sequen
              reward_fn: Callable[[str, object], dict], n: int = 1, max_new_tokens: int = 64,
              temperature: float = 1.0, stop: Sequence[str] = STOP, seed: int = 0,
              batch_size: int = 256) -> dict:
-    """n samples per prompt, each scored by reward_fn(text, truth): accuracy (the mean reward),
-    pass@n, format rate, mean response length, examples and tokens per second."""
+    """n samples per prompt scored by reward_fn(text, truth): accuracy, pass@n, format, speed."""
     was_training, start, groups = model.training, time.perf_counter(), []
     chunk = max(1, batch_size // n)  # prompts per generate_batch call
     model.eval()
@@ -484,17 +439,15 @@ def evaluate(model: nn.Module, tokenizer, prompts: Sequence[str], truths: Sequen
                              for group in scores) / len(scores),
             "format": sum(s.get("format_reward", math.nan) for s in flat) / len(flat),
             "length": tokens / len(flat), "examples_per_s": len(prompts) / seconds,
-            "tokens_per_s": tokens / seconds, "seconds": seconds,
-            "example": groups[0][0].text if groups else ""}
+            "tokens_per_s": tokens / seconds, "seconds": seconds, "example": groups[0][0].text}
 
 
 # Expert iteration: sample, keep what the reward accepts, imitate it, repeat -----------------------
 def rollouts(policy: nn.Module, tokenizer, prompts: Sequence[str], cfg: AlignConfig, n: int,
              seed: int) -> list[list[Completion]]:
     policy.eval()
-    groups = generate_batch(policy, tokenizer, list(prompts), n=n,
-                            max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                            stop=STOP, include_stop=True, seed=seed)
+    groups = generate_batch(policy, tokenizer, prompts, n=n, max_new_tokens=cfg.max_new_tokens,
+                            temperature=cfg.temperature, stop=STOP, include_stop=True, seed=seed)
     policy.train()
     return groups
 
@@ -502,20 +455,18 @@ def rollouts(policy: nn.Module, tokenizer, prompts: Sequence[str], cfg: AlignCon
 def expert_iteration(policy: nn.Module, tokenizer, prompts: Sequence[str], truths: Sequence[str],
                      reward_fn: Callable, cfg: AlignConfig,
                      evaluate_fn: Callable | None = None) -> list[dict]:
-    """Each step: group_size answers to ei_questions questions; the right ones, without
-    repeats, become SFT data for ei_epochs passes (STaR's loop, without rationalisation)."""
+    """Sample group_size answers to ei_questions questions; SFT on the right ones (STaR's loop)."""
     rng, rows = random.Random(cfg.seed + 1), []
     for step in range(1, cfg.ei_steps + 1):
         picked = rng.sample(range(len(prompts)), min(cfg.ei_questions, len(prompts)))
         groups = rollouts(policy, tokenizer, [prompts[i] for i in picked], cfg, cfg.group_size,
                           cfg.seed + 1000 * step)
-        rewards = [reward_fn(c.text, truths[i])["reward"] for i, g in zip(picked, groups)
-                   for c in g]
-        kept = sorted({(prompts[i], c.text) for i, g in zip(picked, groups) for c in g
-                       if reward_fn(c.text, truths[i])["reward"] == 1})
+        scored = [(prompts[i], c.text, reward_fn(c.text, truths[i])["reward"])
+                  for i, g in zip(picked, groups) for c in g]
+        kept = sorted({(prompt, text) for prompt, text, reward in scored if reward == 1})
         sft_steps = cfg.ei_epochs * math.ceil(len(kept) / cfg.batch_size)
         sft_rows = sft(policy, tokenizer, kept, sft_steps, cfg, lr=cfg.ei_lr) if kept else []
-        rows.append({"step": step, "reward": sum(rewards) / len(rewards),
+        rows.append({"step": step, "reward": sum(r for *_, r in scored) / len(scored),
                      "kept": len(kept), "sft_steps": sft_steps,
                      "entropy": sft_rows[-1]["entropy"] if sft_rows else math.nan,
                      "heldout": evaluate_fn(policy) if evaluate_fn else math.nan})
@@ -529,9 +480,7 @@ def compute_group_normalized_rewards(reward_fn: Callable, rollout_responses: Seq
                                      repeated_ground_truths: Sequence[str], group_size: int,
                                      advantage_eps: float, normalize_by_std: bool
                                      ) -> tuple[Tensor, Tensor, dict]:
-    """Rewards of consecutive groups of group_size answers to one question; advantage = reward
-    minus its group's mean, divided by the group's std + eps if normalize_by_std. A group whose
-    rewards are all equal teaches nothing: its advantages are exactly 0 (never NaN)."""
+    """Advantage = reward - group mean (/ (std + eps) if normalize_by_std); equal rewards give 0."""
     if group_size < 1 or not rollout_responses or len(rollout_responses) % group_size:
         raise ValueError(f"need a whole number of non-empty groups: {len(rollout_responses)} "
                          f"responses in groups of {group_size}")
@@ -556,12 +505,9 @@ def compute_naive_policy_gradient_loss(raw_rewards_or_advantages: Tensor,
 
 def compute_grpo_clip_loss(advantages: Tensor, policy_log_probs: Tensor, old_log_probs: Tensor,
                            cliprange: float) -> tuple[Tensor, dict]:
-    """PPO's clipped surrogate, per token: -min(ratio A, clip(ratio, 1 - eps, 1 + eps) A) with
-    ratio = pi / pi_old. Clipping removes the incentive to move a token's probability further
-    than a factor 1 +- eps from the policy that sampled it."""
+    """PPO's -min(ratio A, clip(ratio, 1 +- eps) A), ratio = pi / pi_old: no gain past 1 +- eps."""
     ratio = torch.exp(policy_log_probs - old_log_probs)
-    unclipped = ratio * advantages
-    clipped = ratio.clamp(1 - cliprange, 1 + cliprange) * advantages
+    unclipped, clipped = ratio * advantages, ratio.clamp(1 - cliprange, 1 + cliprange) * advantages
     return -torch.minimum(unclipped, clipped), {"clipped": (clipped < unclipped).detach()}
 
 
@@ -570,8 +516,7 @@ def compute_policy_gradient_loss(policy_log_probs: Tensor, loss_type: str,
                                  advantages: Tensor | None = None,
                                  old_log_probs: Tensor | None = None,
                                  cliprange: float | None = None) -> tuple[Tensor, dict]:
-    """Per-token loss (B, T) of one of the three: no_baseline (the raw reward), reinforce_with_
-    baseline (the group-normalised advantage), grpo_clip (the advantage, clipped ratio)."""
+    """Per-token loss (B, T) weighted by the raw reward, the advantage, or clipped (grpo_clip)."""
     need = {"no_baseline": {"raw_rewards": raw_rewards},
             "reinforce_with_baseline": {"advantages": advantages},
             "grpo_clip": {"advantages": advantages, "old_log_probs": old_log_probs,
@@ -593,9 +538,7 @@ def grpo_microbatch_train_step(policy_log_probs: Tensor, response_mask: Tensor,
                                normalize_constant: float | None = None,
                                ref_log_probs: Tensor | None = None, kl_coef: float = 0.0
                                ) -> tuple[Tensor, dict]:
-    """The per-token loss (plus kl_coef times a KL estimate to the reference), reduced per
-    response by its masked mean (GRPO) or, given normalize_constant, by sum / constant (Dr.
-    GRPO: every token weighs the same in every response), averaged; backward runs here."""
+    """Per-token loss (+ kl_coef KL), masked mean (or sum / constant) per response; backward."""
     per_token, meta = compute_policy_gradient_loss(policy_log_probs, loss_type, raw_rewards,
                                                    advantages, old_log_probs, cliprange)
     if ref_log_probs is not None and kl_coef:
@@ -619,30 +562,25 @@ def batched_log_probs(model: nn.Module, data: dict[str, Tensor], batch_size: int
                           for i in range(0, len(data["input_ids"]), batch_size)])
 
 
-def check_reference(policy: nn.Module, ref: nn.Module) -> None:
+def check_reference(policy: nn.Module, ref: nn.Module | None) -> None:
     """KL and DPO compare token distributions: both models must share one vocabulary."""
     sizes = [getattr(getattr(m, "config", None), "vocab_size", None) for m in (policy, ref)]
     if None not in sizes and sizes[0] != sizes[1]:
         raise ValueError(f"the reference model's vocabulary has {sizes[1]} tokens, the policy's "
-                         f"{sizes[0]}: log-probs of one tokenizer's ids cannot be compared with "
-                         "another's; use a reference with the policy's tokenizer")
+                         f"{sizes[0]}: use a reference with the policy's tokenizer")
 
 
 def grpo_train(policy: nn.Module, tokenizer, prompts: Sequence[str], truths: Sequence[str],
                reward_fn: Callable, cfg: AlignConfig, ref_model: nn.Module | None = None,
                evaluate_fn: Callable | None = None) -> list[dict]:
-    """GRPO's loop. Each step: a group of rollouts per question (infer.py), group-normalised
-    advantages, the old policy's log-probs computed once, then epochs_per_rollout_batch passes
-    in optimizer steps of train_batch_size rollouts: the first step of a batch is on-policy
-    (ratio 1), the later ones off-policy, where clipping acts."""
+    """Rollouts, advantages, pi_old once, then updates: off-policy (clipped) after the first."""
     G, micro = cfg.group_size, min(cfg.batch_size, cfg.train_batch_size)
     if cfg.rollout_batch_size % G or cfg.rollout_batch_size % cfg.train_batch_size or \
             cfg.train_batch_size % micro or len(prompts) < cfg.rollout_batch_size // G:
         raise UsageError("need group_size | rollout_batch_size, train_batch_size | "
                          "rollout_batch_size, batch_size | train_batch_size, and at least "
                          f"rollout_batch_size / group_size questions (got {len(prompts)})")
-    if cfg.kl_coef and ref_model is not None:
-        check_reference(policy, ref_model)
+    check_reference(policy, ref_model if cfg.kl_coef else None)  # before the first rollout
     optimizer = AdamW(policy.parameters(), lr=cfg.grpo_lr, betas=(0.9, 0.95), weight_decay=0.0)
     rng, rows, device, pad = random.Random(cfg.seed + 2), [], device_of(policy), eos_id(tokenizer)
     constant = None if cfg.length_normalization == "masked_mean" else float(cfg.max_new_tokens)
@@ -705,8 +643,7 @@ def sequence_log_probs(model: nn.Module, data: dict[str, Tensor]) -> Tensor:
 
 
 def make_reward_model(lm: nn.Module) -> nn.Module:
-    """InstructGPT's reward model: a copy of the (SFT) language model whose unembedding is
-    replaced by one scalar per position; the score is the one at the response's last token."""
+    """InstructGPT's reward model: the (SFT) LM with one scalar per position as unembedding."""
     rm = copy.deepcopy(lm)
     d_model = rm.lm_head.weight.shape[1]
     rm.lm_head = (Linear(d_model, 1) if isinstance(lm, TransformerLM)
@@ -715,8 +652,7 @@ def make_reward_model(lm: nn.Module) -> nn.Module:
 
 
 def reward_scores(rm: nn.Module, data: dict[str, Tensor]) -> Tensor:
-    """The reward model's score of each prompt+response (B,): its output at the position that
-    reads the last response token (the last set entry of response_mask, plus one)."""
+    """Each prompt+response's score (B,): the output where the last response token is read."""
     full = torch.cat([data["input_ids"], data["labels"][:, -1:]], 1)  # the whole sequences
     scores = model_logits(rm, full)[..., 0].float()  # (B, T)
     positions = torch.arange(data["response_mask"].shape[1], device=scores.device)
@@ -731,58 +667,53 @@ def bradley_terry_loss(reward_chosen: Tensor, reward_rejected: Tensor) -> Tensor
 
 def preference_rewards(model: nn.Module, ref: nn.Module | None, tokenizer,
                        pairs: Sequence[tuple[str, str, str]], beta: float) -> Tensor:
-    """Rewards of the chosen responses, then of the rejected ones (2n,): the reward model's
-    scores, or, given a frozen reference, DPO's implicit reward beta log pi / pi_ref."""
+    """Rewards (2, n) of chosen, rejected: the RM's scores, or DPO's beta log pi / pi_ref."""
+    if ref is not None:
+        check_reference(model, ref)
     max_len = context_length(model)
     max_len = max_len - 1 if max_len and ref is None else max_len  # reward_scores reads 1 more
     data = tokenize_prompt_and_output([p for p, _, _ in pairs] * 2, [c for _, c, _ in pairs]
                                       + [r for _, _, r in pairs], tokenizer, max_len)
     with autocast(model):
         if ref is None:
-            return reward_scores(model, {k: v.to(device_of(model)) for k, v in data.items()})
+            scores = reward_scores(model, {k: v.to(device_of(model)) for k, v in data.items()})
+            return scores.view(2, -1)
         policy = sequence_log_probs(model, {k: v.to(device_of(model)) for k, v in data.items()})
     with torch.no_grad(), autocast(ref):  # the reference may live on another device
         ref_lp = sequence_log_probs(ref, {k: v.to(device_of(ref)) for k, v in data.items()})
-    return beta * (policy - ref_lp.to(policy.device))
+    return beta * (policy - ref_lp.to(policy.device)).view(2, -1)
 
 
 def compute_per_instance_dpo_loss(lm: nn.Module, lm_ref: nn.Module, tokenizer, beta: float,
                                   prompt: str, response_chosen: str,
                                   response_rejected: str) -> Tensor:
-    """DPO's loss on one pair: -log sigmoid(beta log pi/pi_ref (y_w) - beta log pi/pi_ref (y_l)),
-    lm_ref frozen. Prompt and responses are used as given (format them first, e.g. Alpaca's)."""
-    check_reference(lm, lm_ref)
-    rewards = preference_rewards(lm, lm_ref, tokenizer, [(prompt, response_chosen,
-                                                          response_rejected)], beta)
-    return bradley_terry_loss(rewards[:1], rewards[1:])
+    """DPO's loss on one pair, lm_ref frozen; format the strings first (e.g. Alpaca's template)."""
+    pair = (prompt, response_chosen, response_rejected)
+    return bradley_terry_loss(*preference_rewards(lm, lm_ref, tokenizer, [pair], beta))
 
 
 def train_preferences(model: nn.Module, tokenizer, pairs: Sequence[tuple[str, str, str]],
                       heldout_pairs: Sequence[tuple[str, str, str]], cfg: AlignConfig,
                       ref: nn.Module | None = None) -> dict:
-    """One loop for both: the reward model's Bradley-Terry loss, or, with a reference, DPO's
-    (the same loss on the implicit reward). Logs loss and pair accuracy (r_w > r_l); returns
-    them with the accuracy on held-out pairs."""
-    if ref is not None:
-        check_reference(model, ref)
+    """Bradley-Terry on the RM's scores or, given ref, DPO's implicit reward; pair accuracies."""
     lr, steps = (cfg.dpo_lr, cfg.dpo_steps) if ref is not None else (cfg.sft_lr, cfg.rm_steps)
     optimizer = AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
     rng, rows, half = random.Random(cfg.seed + 3), [], max(1, cfg.batch_size // 2)
     model.train()
     for step in range(1, steps + 1):
         batch = rng.sample(list(pairs), min(half, len(pairs)))
-        rewards = preference_rewards(model, ref, tokenizer, batch, cfg.dpo_beta)
-        loss = bradley_terry_loss(rewards[:len(batch)], rewards[len(batch):])
+        chosen, rejected = preference_rewards(model, ref, tokenizer, batch, cfg.dpo_beta)
+        loss = bradley_terry_loss(chosen, rejected)
         loss.backward()
         optimizer_step(model, optimizer)
-        rows.append({"step": step, "loss": loss.item(), "accuracy": (
-            rewards[:len(batch)] > rewards[len(batch):]).float().mean().item()})
+        rows.append({"step": step, "loss": loss.item(),
+                     "accuracy": (chosen > rejected).float().mean().item()})
     right = []
     with torch.no_grad():
         for i in range(0, len(heldout_pairs), half):
             batch = heldout_pairs[i:i + half]
-            rewards = preference_rewards(model, ref, tokenizer, batch, cfg.dpo_beta)
-            right += (rewards[:len(batch)] > rewards[len(batch):]).tolist()
+            chosen, rejected = preference_rewards(model, ref, tokenizer, batch, cfg.dpo_beta)
+            right += (chosen > rejected).tolist()
     return {"curve": rows, "heldout_pair_accuracy": sum(right) / max(1, len(right))}
 
 
@@ -805,18 +736,17 @@ class Problem:
 def make_problem(rng: random.Random, max_steps: int, max_number: int) -> Problem:
     """A start and 1..max_steps gains or losses of 1..max_number items (never below zero)."""
     (name, he), item = rng.choice(PEOPLE), rng.choice(ITEMS)
-    value = rng.randint(1, max_number)
+    value, reasoning = rng.randint(1, max_number), ""
     question = story = f"{name} has {value} {item}."
-    reasoning = ""
     for _ in range(rng.randint(1, max_steps)):
         if value > 1 and rng.random() < 0.5:
             n, op, verb = rng.randint(1, min(value, max_number)), "-", rng.choice(LOSSES)
         else:
             n, op, verb = rng.randint(1, max_number), "+", rng.choice(GAINS)
         new = value + n if op == "+" else value - n
-        question += f" {he.capitalize()} {verb.format(n=n)}."
-        story += f" {he.capitalize()} {verb.format(n=n)}, so {he} has {value} {op} {n} = {new}" \
-                 f" {item}."
+        event = f" {he.capitalize()} {verb.format(n=n)}"
+        question += f"{event}."
+        story += f"{event}, so {he} has {value} {op} {n} = {new} {item}."
         reasoning += f" {value} {op} {n} = {new}."
         value = new
     question += f" How many {item} does {name} have now?"
@@ -826,8 +756,7 @@ def make_problem(rng: random.Random, max_steps: int, max_number: int) -> Problem
 
 
 def make_task(cfg: AlignConfig) -> tuple[list[Problem], list[Problem], list[str]]:
-    """Train and held-out problems (no question in both) and pretraining stories about other
-    problems than the held-out ones: the base model learns the world, never the test."""
+    """Disjoint train and held-out problems; pretraining stories never tell a held-out one."""
     rng, unique, wanted = random.Random(cfg.seed), {}, cfg.heldout_problems + cfg.train_problems
     for _ in range(100 * wanted):
         p = make_problem(rng, cfg.max_steps, cfg.max_number)
@@ -849,11 +778,6 @@ def response(p: Problem) -> str:
 
 
 # The demo: base -> SFT -> expert iteration, GRPO, DPO (each from SFT), with held-out accuracy -----
-def save_policy(model: nn.Module, path: Path) -> None:
-    with atomic_output(path) as tmp:
-        torch.save({"model": model.state_dict(), "model_config": asdict(model.config)}, tmp)
-
-
 def load_policy(path: str | Path, device: torch.device) -> TransformerLM:
     """Our checkpoints and train.py's ckpt.pt: {"model": state dict, "model_config": ...}."""
     state = read_checkpoint(path)
@@ -865,8 +789,7 @@ def load_policy(path: str | Path, device: torch.device) -> TransformerLM:
 
 
 def pretrain(cfg: AlignConfig, stories: list[str], out: Path) -> tuple[TransformerLM, Tokenizer]:
-    """BPE with the format's tags reserved as special tokens (as chat models reserve theirs:
-    pretraining never sees them, SFT teaches them), the token arrays, then train.py's loop."""
+    """BPE with the tags as special tokens (as chat models: SFT teaches them), then train.py."""
     specials, cut = [EOT, *TAGS], max(1, len(stories) // 20)
     for split, docs in (("train", stories[cut:]), ("val", stories[:cut])):
         write_atomic(out / f"{split}.txt", f"\n{EOT}\n".join(docs) + "\n")
@@ -875,18 +798,17 @@ def pretrain(cfg: AlignConfig, stories: list[str], out: Path) -> tuple[Transform
     for split in ("train", "val"):
         encode_file(tok, str(out / f"{split}.txt"), str(out / f"{split}.bin"))
     base = train(TrainConfig(
-        train_bin=str(out / "train.bin"), val_bin=str(out / "val.bin"),
-        tokenizer_dir=str(out / "tokenizer"), preset=cfg.preset, model=dict(cfg.model),
-        max_iters=cfg.pretrain_iters, batch_size=cfg.pretrain_batch, lr=cfg.pretrain_lr,
-        min_lr=cfg.pretrain_lr / 10, warmup_iters=max(1, cfg.pretrain_iters // 20),
-        eval_interval=cfg.pretrain_iters, eval_iters=5, out_dir=str(out / "base"),
-        overwrite=True, num_samples=0, device=cfg.device, compile=False, seed=cfg.seed))
+        train_bin=str(out / "train.bin"), val_bin=str(out / "val.bin"), preset=cfg.preset,
+        tokenizer_dir=str(out / "tokenizer"), model=dict(cfg.model), lr=cfg.pretrain_lr,
+        max_iters=cfg.pretrain_iters, batch_size=cfg.pretrain_batch, min_lr=cfg.pretrain_lr / 10,
+        warmup_iters=max(1, cfg.pretrain_iters // 20), eval_interval=cfg.pretrain_iters,
+        eval_iters=5, out_dir=str(out / "base"), overwrite=True, num_samples=0, device=cfg.device,
+        compile=False, seed=cfg.seed))
     return base["model"], tok
 
 
 def demo(cfg: AlignConfig) -> dict:
-    """Write the task, pretrain a base model on related text, then take it through every stage;
-    print held-out accuracy after each and write results.json and rewards.png."""
+    """The task, a base model pretrained on related text, then every stage, evaluated held-out."""
     out, t0 = Path(cfg.out), time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     problems, heldout, stories = make_task(cfg)
@@ -895,7 +817,8 @@ def demo(cfg: AlignConfig) -> dict:
           f"{heldout[0].answer}\npretraining on {len(stories)} stories and worked solutions")
     base, tok = pretrain(cfg, stories, out)
     times = {"base": time.perf_counter() - t0}  # the task, the tokenizer and pretraining
-    template, reward_fn = PROMPTS[cfg.prompt], REWARD_FNS[cfg.prompt]
+    template = PROMPTS[cfg.prompt]
+    reward_fn = r1_zero_reward_fn if cfg.prompt == "r1_zero" else question_only_reward_fn
     prompts = [template.format(question=p.question) for p in problems]
     truths, references = [p.answer for p in problems], [response(p) for p in problems]
     held = [template.format(question=p.question) for p in heldout]
@@ -929,31 +852,40 @@ def demo(cfg: AlignConfig) -> dict:
         start = time.perf_counter()
         policy = sft_model if name == "sft" else copy.deepcopy(sft_model)  # all start from SFT
         if name == "dpo":  # pairs of a right and a wrong answer of the SFT model
-            pairs, held_pairs = (preference_pairs(sft_model, tok, ps, ts, refs, reward_fn, cfg)
-                                 for ps, ts, refs in ((prompts[:cfg.dpo_questions], truths,
-                                                       references), (held, held_truths,
-                                                                     map(response, heldout))))
+            pairs = preference_pairs(sft_model, tok, prompts[:cfg.dpo_questions], truths,
+                                     references, reward_fn, cfg)
+            held_pairs = preference_pairs(sft_model, tok, held, held_truths,
+                                          [response(p) for p in heldout], reward_fn, cfg)
             print(f"{len(pairs)} train and {len(held_pairs)} held-out preference pairs")
         print(f"{name}:" if name == "sft" else f"{name}, from the SFT model:")
         curves[name] = run(policy)
         times[name] = time.perf_counter() - start
         results[name] = measure(policy)
-        save_policy(policy, out / f"{name}.pt")
+        with atomic_output(out / f"{name}.pt") as tmp:  # load_policy reads it
+            torch.save({"model": policy.state_dict(), "model_config": asdict(policy.config)}, tmp)
         print(f"{name}: held-out accuracy {results[name]['accuracy']:.3f}")
     rm = train_preferences(make_reward_model(sft_model), tok, pairs, held_pairs, cfg)
-    summary = report(results, times, curves, rm, cfg, time.perf_counter() - t0)
+    k = f"pass@{cfg.eval_samples}"
+    print(f"\nheld-out accuracy ({cfg.heldout_problems} questions; sampled at T=1, "
+          f"{cfg.eval_samples} samples each; greedy)\n{'stage':<7}{'acc T=1':>8}{k:>8}"
+          f"{'greedy':>8}{'format':>8}{'length':>8}{'seconds':>9}")
+    for name, r in results.items():
+        print(f"{name:<7}{r['accuracy']:>8.3f}{r[k]:>8.3f}{r['greedy']:>8.3f}{r['format']:>8.2f}"
+              f"{r['length']:>8.1f}{times.get(name, math.nan):>9.1f}")
+    dpo, rm_acc = curves["dpo"]["heldout_pair_accuracy"], rm["heldout_pair_accuracy"]
+    print(f"held-out pairs ranked right: DPO's implicit reward {dpo:.3f}, the reward model "
+          f"{rm_acc:.3f}\ntotal {time.perf_counter() - t0:.0f} s; results in {cfg.out}")
     write_atomic(out / "results.json", json.dumps(
         {"config": asdict(cfg), "results": results, "reward_model": rm, "curves": curves,
          "seconds": times}, indent=1, default=str))
     plot_rewards(curves, results, out / "rewards.png")
-    return summary
+    return {s: r["accuracy"] for s, r in results.items()} | {"dpo_pairs": dpo, "rm_pairs": rm_acc}
 
 
 def preference_pairs(model: nn.Module, tokenizer, prompts: Sequence[str], truths: Sequence[str],
                      references: Sequence[str], reward_fn: Callable,
                      cfg: AlignConfig) -> list[tuple[str, str, str]]:
-    """(prompt, chosen, rejected): a right sampled answer (else the reference solution) and a
-    wrong one to the same question; questions the model always gets right give no pair."""
+    """(prompt, right answer (sampled, else the reference), wrong answer); no wrong, no pair."""
     groups = rollouts(model, tokenizer, prompts, cfg, cfg.group_size, cfg.seed + 7)
     pairs = []
     for prompt, truth, ref, group in zip(prompts, truths, references, groups):
@@ -962,21 +894,6 @@ def preference_pairs(model: nn.Module, tokenizer, prompts: Sequence[str], truths
         if wrong:
             pairs.append((prompt, (right or [ref])[0], wrong[0]))
     return pairs
-
-
-def report(results: dict, times: dict, curves: dict, rm: dict, cfg: AlignConfig,
-           seconds: float) -> dict:
-    k = f"pass@{cfg.eval_samples}"
-    print(f"\nheld-out accuracy ({cfg.heldout_problems} questions; sampled at T=1, "
-          f"{cfg.eval_samples} samples each; greedy)\n{'stage':<7}{'acc T=1':>8}{k:>8}"
-          f"{'greedy':>8}{'format':>8}{'length':>8}{'seconds':>9}")
-    for name, r in results.items():
-        print(f"{name:<7}{r['accuracy']:>8.3f}{r[k]:>8.3f}{r['greedy']:>8.3f}{r['format']:>8.2f}"
-              f"{r['length']:>8.1f}{times.get(name, math.nan):>9.1f}")
-    dpo, rm = curves["dpo"]["heldout_pair_accuracy"], rm["heldout_pair_accuracy"]
-    print(f"held-out pairs ranked right: DPO's implicit reward {dpo:.3f}, the reward model "
-          f"{rm:.3f}\ntotal {seconds:.0f} s; results in {cfg.out}")
-    return {name: r["accuracy"] for name, r in results.items()} | {"dpo_pairs": dpo, "rm_pairs": rm}
 
 
 def plot_rewards(curves: dict, results: dict, path: Path) -> None:
@@ -1003,12 +920,11 @@ def plot_rewards(curves: dict, results: dict, path: Path) -> None:
 
 # Speed: rollouts dominate a GRPO step -------------------------------------------------------------
 def bench(cfg: AlignConfig) -> dict:
-    """A few GRPO steps of an untrained model of the demo's shape (byte tokenizer, random
-    reward, every rollout max_new_tokens long): rollout tokens/s and the generating share."""
+    """GRPO steps of an untrained demo-shaped model (bytes, random reward): rollout tokens/s."""
     device, tok = resolve_device(cfg.device), Tokenizer({i: bytes([i]) for i in range(256)}, [],
                                                         [EOT])
     torch.manual_seed(cfg.seed)
-    model = TransformerLM(ModelConfig.preset(cfg.preset, **{**cfg.model, "vocab_size": 257}))
+    model = TransformerLM(ModelConfig.preset(cfg.preset, **cfg.model | {"vocab_size": 257}))
     model.to(device)
     problems, rng = make_task(replace(cfg, pretrain_stories=0))[0], random.Random(cfg.seed)
     prompts = [PROMPTS["r1_zero"].format(question=p.question) for p in problems]
@@ -1026,24 +942,20 @@ def bench(cfg: AlignConfig) -> dict:
 
 
 # Command line: `python align.py [demo|eval|bench] [--key=value ...]` ------------------------------
-EVAL_DEFAULTS = {"model": "", "tokenizer": "", "data": "", "prompt": "r1_zero",
-                 "n": 1, "max_new_tokens": 256, "temperature": 0.0, "limit": 0,
-                 "batch_size": 64, "device": "auto", "seed": 0}
+EVAL_DEFAULTS = dict(model="", tokenizer="", data="", prompt="r1_zero", n=1, max_new_tokens=256,
+                     temperature=0.0, limit=0, batch_size=64, device="auto", seed=0)
 COMMANDS = {"demo": asdict(AlignConfig()), "bench": asdict(AlignConfig()), "eval": EVAL_DEFAULTS}
 
 
 def make_config(settings: dict, given: dict) -> AlignConfig:
     """The --size row over the defaults, then the flags given over the row."""
-    if settings["size"] not in SIZES:
-        raise UsageError(f"--size must be one of {', '.join(SIZES)}, got {settings['size']!r}")
-    cfg = AlignConfig(**{**asdict(AlignConfig()), **SIZES[settings["size"]], **given})
-    for key, allowed in {"prompt": PROMPTS, "length_normalization": ("masked_mean", "constant"),
-                         "loss_type": ("no_baseline", "reinforce_with_baseline", "grpo_clip")
-                         }.items():
-        if getattr(cfg, key) not in allowed:
-            raise UsageError(f"--{key} must be one of {', '.join(allowed)}, got "
-                             f"{getattr(cfg, key)!r}")
-    return cfg
+    cfg = {**asdict(AlignConfig()), **SIZES.get(settings["size"], {}), **given}
+    for key, allowed in (("size", SIZES), ("prompt", PROMPTS),
+                         ("length_normalization", ("masked_mean", "constant")),
+                         ("loss_type", ("no_baseline", "reinforce_with_baseline", "grpo_clip"))):
+        if cfg[key] not in allowed:
+            raise UsageError(f"--{key} must be one of {', '.join(allowed)}, got {cfg[key]!r}")
+    return AlignConfig(**cfg)
 
 
 def eval_command(cfg: dict) -> dict:
@@ -1064,10 +976,9 @@ def eval_command(cfg: dict) -> dict:
     else:  # the tagged answer if there is one, else the last number
         prompts = [PROMPTS[cfg["prompt"]].format(question=e["question"]) for e in examples]
         truths, score = [e["answer"] for e in examples], question_only_reward_fn
-    result = evaluate(model, tok, prompts, truths, score, n=cfg["n"],
-                      max_new_tokens=cfg["max_new_tokens"], temperature=cfg["temperature"],
-                      stop=STOP if task == "gsm8k" else (), batch_size=cfg["batch_size"],
-                      seed=cfg["seed"])
+    result = evaluate(model, tok, prompts, truths, score, stop=STOP if task == "gsm8k" else (),
+                      **{k: cfg[k] for k in ("n", "max_new_tokens", "temperature", "batch_size",
+                                             "seed")})
     k = f"pass@{cfg['n']}"
     print(f"{task}: {len(examples)} examples from {cfg['data']}: accuracy {result['accuracy']:.3f}"
           f", {k} {result[k]:.3f}, {result['examples_per_s']:.1f} examples/s, "

@@ -19,8 +19,7 @@ Commands (CPU; settings are --key=value; an error is one line, --debug shows the
         --quality=M.npz --nsfw=M.npz --toxic=M.npz --eval=FILE --tokenizer=DIR --line_dedup=bloom
         --shard=i/n (0-based; then `pipeline --out=DIR --merge`)]   (see PIPELINE_OPTIONS)
     python data.py compare    # the tiny model on unfiltered vs filtered text: held-out perplexity
-    python data.py bench      # documents/s: extraction, language id, MinHash (+ resiliparse,
-                              # datasketch when installed)
+    python data.py bench      # docs/s: extraction, language id, MinHash; vs resiliparse, datasketch
     python train.py --train_bin=DIR/train.bin --val_bin=DIR/val.bin --tokenizer_dir=DIR/tokenizer
 A classifier: FastTextClassifier.train(open("lines.txt")).save("M.npz"), lines `__label__X text`.
 Reads   WARC/WET files, gzipped (a member per record, as Common Crawl) or plain; a folder, a glob.
@@ -39,7 +38,6 @@ import glob
 import gzip
 import hashlib
 import html.parser
-import io
 import json
 import math
 import multiprocessing
@@ -47,7 +45,7 @@ import os
 import random
 import sys
 import tempfile
-import time
+import timeit
 import unicodedata
 import zlib
 from collections import Counter, deque
@@ -86,9 +84,8 @@ class WarcRecord:
 
 def _split_http(payload: bytes) -> tuple[dict[str, str], bytes]:
     """An HTTP reply's header lines (lower-case names; the status line dropped) and its body."""
-    head, sep, body = payload.partition(b"\r\n\r\n")
-    if not sep:  # some crawlers end header lines with a bare \n
-        head, sep, body = payload.partition(b"\n\n")
+    # some crawlers end header lines with a bare \n
+    head, sep, body = payload.partition(b"\r\n\r\n" if b"\r\n\r\n" in payload else b"\n\n")
     if not sep or not head.startswith(b"HTTP/"):
         return {}, payload
     lines = head.decode("latin-1").splitlines()[1:]
@@ -96,25 +93,20 @@ def _split_http(payload: bytes) -> tuple[dict[str, str], bytes]:
     return {name.strip().lower(): value.strip() for name, value in pairs}, body
 
 
-def _open_maybe_gzip(path: str | os.PathLike) -> io.BufferedIOBase:
-    with open(path, "rb") as f:
-        magic = f.read(2)
-    # gzip.open reads concatenated members in sequence: Common Crawl gzips each record alone
-    return gzip.open(path, "rb") if magic == b"\x1f\x8b" else open(path, "rb")
-
-
 def iter_warc_records(path: str | os.PathLike,
                       errors: Counter | None = None) -> Iterator[WarcRecord]:
-    """Yield the records of a WARC/WET file one at a time: memory holds one record, never the file.
-    Bad input never raises: a record whose Content-Length is wrong, or bytes that are no record,
-    are skipped up to the next `WARC/` line, and a file cut short (a truncated download) ends the
-    iteration; each is logged to stderr and counted in `errors` by reason."""
+    """Yield a WARC/WET file's records one at a time (memory holds one record, never the file).
+    Bad input never raises: a wrong Content-Length, or bytes that are no record, are skipped to
+    the next `WARC/` line; a file cut short ends it; each is logged and counted in `errors`."""
     def bad(reason: str, detail: str) -> None:
         (Counter() if errors is None else errors)[reason] += 1
         print(f"warning: {path}: {detail}", file=sys.stderr)
 
     try:
-        with _open_maybe_gzip(path) as f:
+        with open(path, "rb") as f:
+            gzipped = f.read(2) == b"\x1f\x8b"
+        # gzip.open reads concatenated members in sequence: Common Crawl gzips each record alone
+        with (gzip.open if gzipped else open)(path, "rb") as f:
             in_sync = True  # False while skipping to the next record
             while line := f.readline():
                 if not line.startswith(b"WARC/"):
@@ -146,15 +138,13 @@ def iter_warc_records(path: str | os.PathLike,
 def make_response_record(url: str, html_bytes: bytes, content_type: str = "text/html",
                          record_id: int = 0) -> WarcRecord:
     """A `response` record the way a crawler stores one: HTTP headers, a blank line, the page."""
-    http = (f"HTTP/1.1 200 OK\r\nContent-Type: {content_type}\r\n"
-            f"Content-Length: {len(html_bytes)}\r\n\r\n").encode("latin-1")
-    payload = http + html_bytes
+    payload = (f"HTTP/1.1 200 OK\r\nContent-Type: {content_type}\r\n"
+               f"Content-Length: {len(html_bytes)}\r\n\r\n").encode("latin-1") + html_bytes
     headers = {"WARC-Type": "response", "WARC-Target-URI": url, "WARC-Date": "2024-01-01T00:00:00Z",
                "WARC-Record-ID": f"<urn:uuid:00000000-0000-4000-8000-{record_id:012d}>",
                "Content-Type": "application/http; msgtype=response",
                "Content-Length": str(len(payload))}
-    http_headers, body = _split_http(payload)
-    return WarcRecord(headers, payload, http_headers, body)
+    return WarcRecord(headers, payload, *_split_http(payload))
 
 
 def write_warc(path: str | os.PathLike, records: Iterable[WarcRecord]) -> None:
@@ -179,22 +169,17 @@ WHITESPACE = regex.compile(r"\s+")
 HEADER_CHARSET = regex.compile(r"charset\s*=\s*[\"']?([\w.:-]+)", regex.I)
 
 
-def decode_html_bytes(html_bytes: bytes, declared: str | None = None,
-                      strict: bool = False) -> str:
+def decode_html_bytes(html_bytes: bytes, declared: str | None = None, strict: bool = False) -> str:
     """UTF-8 if the bytes are valid UTF-8 (most of the web, ASCII too); else the charset the HTTP
     header or a <meta> tag declares; else Windows-1252 with undefined bytes replaced: never fails,
     unless strict=True and every declared charset is unknown (ValueError: the pipeline skips it)."""
-    try:
+    with contextlib.suppress(UnicodeDecodeError):
         return html_bytes.decode("utf-8")
-    except UnicodeDecodeError:
-        pass
     meta = META_CHARSET.search(html_bytes[:4096])
     names = [n for n in (declared, meta and meta.group(1).decode("ascii", "replace")) if n]
     for name in names:
-        try:
+        with contextlib.suppress(LookupError):  # an unknown name: try the next guess
             return html_bytes.decode(codecs.lookup(name).name, errors="replace")
-        except LookupError:  # an unknown name: try the next guess
-            continue
     if strict and names:
         raise ValueError(f"unknown charset {names[0]!r}")
     return html_bytes.decode("cp1252", errors="replace")
@@ -228,8 +213,7 @@ def extract_text_from_html_bytes(html_bytes: bytes, charset: str | None = None,
     parser.feed(decode_html_bytes(html_bytes, charset, strict))
     parser.close()
     lines = (" ".join(line.split()) for line in "".join(parser.parts).splitlines())
-    text = "\n".join(line for line in lines if line)
-    return text or None
+    return "\n".join(line for line in lines if line) or None
 
 
 def extract_record(record: WarcRecord, strict: bool = False) -> str | None:
@@ -358,13 +342,9 @@ def mask_emails(text: str) -> tuple[str, int]:
     return EMAIL_RE.subn("|||EMAIL_ADDRESS|||", text)
 
 
-def _phone_or_keep(match: regex.Match) -> str:
-    digits = sum(c.isdigit() for c in match.group())
-    return "|||PHONE_NUMBER|||" if 10 <= digits <= 15 else match.group()  # E.164: at most 15
-
-
 def mask_phone_numbers(text: str) -> tuple[str, int]:
-    masked = PHONE_RE.sub(_phone_or_keep, text)
+    masked = PHONE_RE.sub(lambda m: "|||PHONE_NUMBER|||" if 10 <= sum(map(str.isdigit, m[0])) <= 15
+                          else m[0], text)  # 10 to 15 digits: E.164 allows at most 15
     return masked, masked.count("|||PHONE_NUMBER|||") - text.count("|||PHONE_NUMBER|||")
 
 
@@ -434,10 +414,8 @@ class FastTextClassifier:
         model = cls(labels, seed=seed, **config)
         data = [(labels.index(label), model.features(text)) for label, text in pairs]
         rng, steps = np.random.default_rng(seed), epochs * len(data)
-        for t in range(steps):
-            if t % len(data) == 0:
-                order = rng.permutation(len(data))  # a new shuffle each epoch
-            label, ids = data[order[t % len(data)]]
+        order = np.concatenate([rng.permutation(len(data)) for _ in range(epochs)])  # per epoch
+        for t, (label, ids) in enumerate(data[i] for i in order):
             if len(ids):
                 rate, hidden = lr * (1 - t / steps), model.embeddings[ids].mean(0)  # (dim,)
                 grad = _softmax(model.output @ hidden)  # d loss / d logits = p - onehot(label)
@@ -503,13 +481,11 @@ class KneserNeyLM:
             for gram in self.counts[k + 1]:
                 self.counts[k][gram[1:]] += 1
         self.vocab = sorted({gram[0] for gram in self.counts[1]} | {"<unk>"})
-        self._known = set(self.vocab)
-        self.totals = [Counter() for _ in range(order + 1)]  # [k]: context -> c(h.)
-        self.types = [Counter() for _ in range(order + 1)]  # [k]: context -> N(h.)
-        for k in range(1, order + 1):
-            for gram, c in self.counts[k].items():
-                self.totals[k][gram[:-1]] += c
-                self.types[k][gram[:-1]] += 1
+        self.types = [Counter(gram[:-1] for gram in c) for c in self.counts]  # context -> N(h.)
+        self.totals = [Counter() for _ in self.counts]  # [k]: context -> c(h.)
+        for totals, counts in zip(self.totals, self.counts):
+            for gram, c in counts.items():
+                totals[gram[:-1]] += c
 
     def _sentences(self, text: str) -> Iterator[list[str]]:
         for line in text.splitlines():
@@ -519,7 +495,7 @@ class KneserNeyLM:
     def prob(self, word: str, context: Sequence[str] = ()) -> float:
         """P(word | the last order-1 words of context), padded with <s> at the start."""
         context = tuple((["<s>"] * self.order + list(context))[len(context) + 1:])
-        word, p, d = word if word in self._known else "<unk>", 1 / len(self.vocab), self.discount
+        p, d = 1 / len(self.vocab), self.discount  # an unknown word (<unk>) counts 0 at every k
         for k in range(1, self.order + 1):
             h = context[len(context) - k + 1:]
             if total := self.totals[k].get(h):  # an unseen context keeps the lower order's P
@@ -528,12 +504,9 @@ class KneserNeyLM:
         return p
 
     def perplexity(self, text: str) -> float:
-        log_p, n = 0.0, 0
-        for tokens in self._sentences(text):
-            for i in range(self.order - 1, len(tokens)):
-                log_p += math.log(self.prob(tokens[i], tokens[i - self.order + 1:i]))
-                n += 1
-        return math.exp(-log_p / n) if n else math.inf
+        logs = [math.log(self.prob(tokens[i], tokens[i - self.order + 1:i]))
+                for tokens in self._sentences(text) for i in range(self.order - 1, len(tokens))]
+        return math.exp(-sum(logs) / len(logs)) if logs else math.inf
 
 
 def _dsir_features(text: str, buckets: int) -> np.ndarray:  # hashed word uni- and bigrams
@@ -551,15 +524,14 @@ def dsir_log_weights(raw_texts: Sequence[str], target_texts: Sequence[str],
                              minlength=buckets) + 1.0
         return np.log(counts / counts.sum())
 
-    ratio = log_frequencies([_dsir_features(t, buckets) for t in target_texts])
-    ratio -= log_frequencies(raw)
+    target = log_frequencies([_dsir_features(t, buckets) for t in target_texts])
+    ratio = target - log_frequencies(raw)
     return np.array([ratio[f].sum() for f in raw])
 
 
 def dsir_resample(raw_texts: Sequence[str], target_texts: Sequence[str], k: int,
                   buckets: int = 10_000, seed: int = 0) -> list[int]:
-    """k raw documents drawn without replacement with probability proportional to their
-    importance weights, by the Gumbel top-k trick: the k largest log w + Gumbel noise."""
+    """k raw documents drawn without replacement, P proportional to weight (Gumbel top-k)."""
     log_w = dsir_log_weights(raw_texts, target_texts, buckets)
     keys = log_w + np.random.default_rng(seed).gumbel(size=len(log_w))
     return sorted(np.argsort(-keys)[:k].tolist())
@@ -571,35 +543,29 @@ def _line_key(line: bytes) -> bytes:
     return hashlib.blake2b(line.rstrip(b"\r\n"), digest_size=8).digest()
 
 
-def _check_unique_names(paths: Sequence[Path]) -> None:
-    seen = Counter(p.name for p in paths)
-    if clash := [name for name, n in seen.items() if n > 1]:
+def _inputs_and_out_dir(input_files: Sequence[str | os.PathLike],
+                        output_directory: str | os.PathLike) -> tuple[list[Path], Path]:
+    paths, out_dir = [Path(p) for p in input_files], Path(output_directory)
+    if clash := [name for name, n in Counter(p.name for p in paths).items() if n > 1]:
         raise UsageError(f"two input files are both named {clash[0]!r}: outputs keep the names")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return paths, out_dir
 
 
 def exact_line_deduplication(input_files: Sequence[str | os.PathLike],
                              output_directory: str | os.PathLike) -> int:
-    """Keep only the lines that occur exactly once across all files (a line repeated anywhere,
-    like a cookie notice or a menu, goes everywhere). Pass 1 counts line hashes, pass 2 writes
-    every file under its own name. Returns the number of lines removed."""
-    paths = [Path(p) for p in input_files]
-    _check_unique_names(paths)
+    """Keep only the lines that occur once across all files (a line repeated anywhere, like a
+    cookie notice, goes everywhere): pass 1 counts line hashes, pass 2 writes. Lines removed."""
+    paths, out_dir = _inputs_and_out_dir(input_files, output_directory)
     counts = Counter()
     for path in paths:
         with open(path, "rb") as f:
             counts.update(map(_line_key, f))
-    out_dir = Path(output_directory)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    removed = 0
     for path in paths:
         with open(path, "rb") as f, atomic_output(out_dir / path.name) as tmp, \
                 open(tmp, "wb") as out:
-            for line in f:
-                if counts[_line_key(line)] == 1:
-                    out.write(line)
-                else:
-                    removed += 1
-    return removed
+            out.writelines(line for line in f if counts[_line_key(line)] == 1)
+    return sum(n for n in counts.values() if n > 1)
 
 
 PUNCTUATION = regex.compile(r"[\p{P}\p{S}]+")
@@ -616,9 +582,8 @@ def normalize_text(text: str) -> str:
 def shingles(text: str, ngrams: int) -> set[str]:
     """The set of word n-grams of the normalised text (one shingle if it is shorter)."""
     words = normalize_text(text).split()
-    if len(words) <= ngrams:
-        return {" ".join(words)} if words else set()
-    return {" ".join(words[i:i + ngrams]) for i in range(len(words) - ngrams + 1)}
+    starts = range(max(1, len(words) - ngrams + 1)) if words else ()
+    return {" ".join(words[i:i + ngrams]) for i in starts}
 
 
 def jaccard(a: set, b: set) -> float:
@@ -657,18 +622,13 @@ def hash_functions(num_hashes: int, seed: int = 0) -> tuple[np.ndarray, np.ndarr
     1996): universal for 32-bit x; numpy's uint64 wraps by itself, so there is no division."""
     rng = np.random.default_rng(seed)
     a = rng.integers(0, 1 << 63, num_hashes, dtype=np.uint64) * np.uint64(2) + np.uint64(1)  # odd
-    b = rng.integers(0, 1 << 63, num_hashes, dtype=np.uint64)
-    return a, b
-
-
-def _shingle_hash(shingle: str) -> int:
-    return zlib.crc32(shingle.encode())  # fast C; the universal hashes above do the mixing
+    return a, rng.integers(0, 1 << 63, num_hashes, dtype=np.uint64)
 
 
 def minhash_signature_reference(shingle_set: set[str], a: np.ndarray, b: np.ndarray) -> list[int]:
     """For each hash function, the smallest hash over the shingles: two sets agree on it with
     probability equal to their Jaccard similarity (the minimum is equally likely any element)."""
-    xs = [_shingle_hash(s) for s in shingle_set]
+    xs = [zlib.crc32(s.encode()) for s in shingle_set]  # fast C; a and b do the mixing
     return [min((((int(ai) * x + int(bi)) % 2**64) >> 32 for x in xs), default=2**64 - 1)
             for ai, bi in zip(a, b)]
 
@@ -676,7 +636,7 @@ def minhash_signature_reference(shingle_set: set[str], a: np.ndarray, b: np.ndar
 def minhash_signature(shingle_set: set[str], a: np.ndarray, b: np.ndarray,
                       chunk: int = 4096) -> np.ndarray:
     """The same signature, all hash functions at once on a (num_hashes, chunk) array."""
-    xs = np.fromiter(map(_shingle_hash, shingle_set), np.uint64, len(shingle_set))
+    xs = np.fromiter((zlib.crc32(s.encode()) for s in shingle_set), np.uint64, len(shingle_set))
     signature = np.full(len(a), np.iinfo(np.uint64).max, np.uint64)
     for start in range(0, len(xs), chunk):  # bounded memory on very long documents
         x = xs[start:start + chunk]
@@ -713,21 +673,16 @@ def minhash_clusters(texts: Sequence[str], num_hashes: int, num_bands: int, ngra
 
 def choose_kept(clusters: list[list[int]], seed: int = 0) -> list[int]:
     """One member of each cluster, picked at random with a fixed seed (the same run, same pick)."""
-    rng = random.Random(seed)
-    return sorted(rng.choice(cluster) for cluster in clusters)
+    return sorted(random.Random(seed).choice(cluster) for cluster in clusters)
 
 
 def minhash_deduplication(input_files: Sequence[str | os.PathLike], num_hashes: int,
                           num_bands: int, ngrams: int, jaccard_threshold: float,
                           output_directory: str | os.PathLike, seed: int = 0) -> list[Path]:
-    """Write one document of each near-duplicate cluster to output_directory, same file name;
-    return the kept input paths."""
-    paths = [Path(p) for p in input_files]
-    _check_unique_names(paths)
+    """Copy one document of each near-duplicate cluster to output_directory; the kept paths."""
+    paths, out_dir = _inputs_and_out_dir(input_files, output_directory)
     texts = [p.read_text(encoding="utf-8", errors="replace") for p in paths]
     clusters = minhash_clusters(texts, num_hashes, num_bands, ngrams, jaccard_threshold, seed)
-    out_dir = Path(output_directory)
-    out_dir.mkdir(parents=True, exist_ok=True)
     kept = [paths[i] for i in choose_kept(clusters, seed)]
     for path in kept:
         write_atomic(out_dir / path.name, path.read_bytes())
@@ -758,9 +713,8 @@ class BloomFilter:
 
     def add(self, item: str) -> bool:
         """Insert item; True if it was (probably) there already."""
-        positions = self._positions(item)
-        seen = all(self.bits[p >> 3] >> (p & 7) & 1 for p in positions)
-        for p in positions:
+        seen = item in self
+        for p in self._positions(item):
             self.bits[p >> 3] |= 1 << (p & 7)
         return seen
 
@@ -869,13 +823,13 @@ def finish(out: Path, opts: dict, num_shards: int, workers: int, progress: bool 
     for i in sorted(set(range(len(texts))) - set(keep)):
         _drop(report, "near-duplicates", texts[i], f"{urls[i]}: ")
     urls, texts = [urls[i] for i in keep], [texts[i] for i in keep]
+    deduped = texts
     if opts["line_dedup"] == "exact":  # every copy of a repeated line goes, as in
         counts = Counter(line for t in texts for line in t.splitlines())  # exact_line_dedup...
         deduped = ["\n".join(ln for ln in t.splitlines() if counts[ln] == 1) for t in texts]
-    else:  # ... while the Bloom filter streams, keeping first copies, in bounded memory
+    elif opts["line_dedup"] == "bloom":  # ... while Bloom streams, keeping first copies
         bloom = BloomFilter(sum(t.count("\n") + 1 for t in texts), 1e-6)
-        deduped = list(bloom_line_deduplication(texts, bloom)) if opts["line_dedup"] == "bloom" \
-            else texts
+        deduped = list(bloom_line_deduplication(texts, bloom))
     for before, after in zip(texts, deduped):
         if before != after:
             gone = "\n".join(ln for ln in before.splitlines() if ln not in after.splitlines())
@@ -1013,10 +967,9 @@ def synthetic_crawl(seed: int = 0) -> list[WarcRecord]:
         near = texts[i][:-1] + [texts[i][-1] + " Updated in the evening."] if i % 2 else [
             texts[i][0].replace(" ", " old ", 1), *texts[i][1:]]
         pages.append(_page(f"Article {i} (mirror)", near))
-    pages.append(_page("Caf\u00e9 r\u00e9sum\u00e9", texts[4][:1] + [
-        "Notre caf\u00e9 propose un menu d\u00e9j\u00e0 c\u00e9l\u00e8bre dans la vall\u00e9e, "
-        "avec des cr\u00eapes et du th\u00e9 pour les voyageurs fatigu\u00e9s du march\u00e9."],
-        charset="cp1252"))
+    pages.append(_page("Café résumé", texts[4][:1] + [
+        "Notre café propose un menu déjà célèbre dans la vallée, avec des crêpes et du thé pour "
+        "les voyageurs fatigués du marché."], charset="cp1252"))
     pages += [_page("Subscribe", ["Click here to subscribe now."]),
               _page("Teasers", [f"{' '.join(rng.sample(WORDS, 9))}..." for _ in range(8)]
                     + ["Read more stories below today"]),
@@ -1061,11 +1014,10 @@ def compare(out: str = "", crawls: int = 60, max_iters: int = 200,
             write_atomic(root / f"{name}.txt", text)
             encode_file(tok, root / f"{name}.txt", root / f"{name}.bin", progress=False)
         ppl = {name: perplexity(train_model(TrainConfig(
-            train_bin=str(path), val_bin=str(root / "heldout.bin"),
-            tokenizer_dir=report["tokenizer"],
-            max_iters=max_iters, batch_size=batch_size, eval_interval=max_iters, eval_iters=20,
-            checkpoint_interval=0, num_samples=0, out_dir=str(root / name), overwrite=True,
-            device="cpu"))["val_loss"]) for name, path in (
+            train_bin=str(path), val_bin=str(root / "heldout.bin"), max_iters=max_iters,
+            tokenizer_dir=report["tokenizer"], batch_size=batch_size, eval_interval=max_iters,
+            eval_iters=20, checkpoint_interval=0, num_samples=0, out_dir=str(root / name),
+            overwrite=True, device="cpu"))["val_loss"]) for name, path in (
                 ("unfiltered", root / "raw.bin"), ("filtered", root / "filtered" / "train.bin"))}
         print(f"the same {max_iters * batch_size * 128:,} training tokens; perplexity on held-out "
               f"clean text: unfiltered ({len(records)} pages) {ppl['unfiltered']:.2f}, filtered "
@@ -1074,8 +1026,7 @@ def compare(out: str = "", crawls: int = 60, max_iters: int = 200,
 
 
 def bench(crawls: int = 20, repeat: int = 3, num_hashes: int = 128) -> None:
-    """Documents/s for extraction, language id and MinHash, ours beside resiliparse and
-    datasketch when installed, on the same pages (best of `repeat` passes)."""
+    """Documents/s of extraction, language id, MinHash, beside resiliparse and datasketch."""
     pages = [r.body for seed in range(crawls) for r in synthetic_crawl(seed)]
     texts = [t for p in pages if (t := extract_text_from_html_bytes(p))]
     sets, (a, b) = [shingles(t, 5) for t in texts], hash_functions(num_hashes)
@@ -1083,30 +1034,25 @@ def bench(crawls: int = 20, repeat: int = 3, num_hashes: int = 128) -> None:
         "extraction: data.py (html.parser)": (extract_text_from_html_bytes, pages),
         "language id: data.py (script + naive Bayes)": (identify_language, texts),
         f"MinHash x{num_hashes}: data.py (numpy)": (lambda s: minhash_signature(s, a, b), sets)}
-    try:
+    tools |= {"extraction: resiliparse": None, f"MinHash x{num_hashes}: datasketch": None}
+    with contextlib.suppress(ImportError):
         from resiliparse.extract.html2text import extract_plain_text
         from resiliparse.parse.encoding import bytes_to_str, detect_encoding
         tools["extraction: resiliparse"] = (lambda p: extract_plain_text(
             bytes_to_str(p, detect_encoding(p)), main_content=True), pages)
-    except ImportError:
-        tools["extraction: resiliparse"] = None
-    try:
+    with contextlib.suppress(ImportError):
         from datasketch import MinHash
         first = MinHash(num_hashes)  # its permutations made once, as ours are
         tools[f"MinHash x{num_hashes}: datasketch"] = (lambda s: MinHash(
             num_hashes, permutations=first.permutations, scheme=first.scheme).update_batch(
             [x.encode() for x in s]), sets)
-    except ImportError:
-        tools[f"MinHash x{num_hashes}: datasketch"] = None
     print(f"{len(pages)} pages, {np.mean([len(t) for t in texts]):.0f} characters of text each")
-    for name, tool in sorted(tools.items()):
-        seconds = math.inf
-        for _ in range(repeat if tool else 0):
-            start = time.perf_counter()
-            deque(map(*tool), maxlen=0)  # run fn on every item, keep nothing
-            seconds = min(seconds, time.perf_counter() - start)
-        print(f"{name:<46}" + (f"{len(tool[1]) / seconds:>8,.0f} documents/s" if tool
-                               else "not installed"))
+    for name, tool in sorted(tools.items()):  # deque(map(...), maxlen=0): run, keep nothing
+        if not tool:
+            print(f"{name:<46}not installed")
+            continue
+        seconds = min(timeit.repeat(lambda: deque(map(*tool), maxlen=0), number=1, repeat=repeat))
+        print(f"{name:<46}{len(tool[1]) / seconds:>8,.0f} documents/s")
 
 
 # 12. Commands -------------------------------------------------------------------------------------
@@ -1122,8 +1068,7 @@ COMMANDS = {
     "pipeline": {"input": "", "out": "", "workers": 0, "shard": "0/1", "merge": False,
                  **PIPELINE_OPTIONS},  # workers=0: one per core
     "compare": {"out": "", "crawls": 60, "max_iters": 200, "batch_size": 16},
-    "bench": {"crawls": 20, "repeat": 3, "num_hashes": 128},
-}
+    "bench": {"crawls": 20, "repeat": 3, "num_hashes": 128}}
 
 
 def _input_files(spec: str) -> list[Path]:

@@ -1429,8 +1429,12 @@ class AttentionConfig:
 
 
 def attention(cfg: AttentionConfig) -> list[dict]:
-    ints = {key: tuple(int(v) for v in getattr(cfg, key).split(","))
-            for key in ("head_dims", "seq_lens")}
+    ints = {}
+    for key in ("head_dims", "seq_lens"):
+        try:
+            ints[key] = tuple(int(v) for v in getattr(cfg, key).split(","))
+        except ValueError:
+            raise UsageError(f"--{key}={getattr(cfg, key)}: expected integers like 64,128") from None
     return bench_attention(tuple(cfg.impls.split(",")), dtypes=tuple(cfg.dtypes.split(",")),
                            modes=tuple(cfg.modes.split(",")), batch=cfg.batch, heads=cfg.heads,
                            causal=cfg.causal, quick=cfg.quick, **ints)

@@ -2725,6 +2725,8 @@ def test_kernels_main_runs_bench_and_train_py_points_to_it(capsys):
         kernels.main(["lessons"])
     with pytest.raises(UsageError, match="unknown option --preset"):
         kernels.main(["attention", "--preset=nanogpt"])
+    with pytest.raises(UsageError, match="--head_dims=abc: expected integers"):
+        kernels.main(["attention", "--head_dims=abc"])
     with pytest.raises(UsageError, match="unknown option --stepz"):
         kernels.main(["bench", "--stepz=3"])
     with pytest.raises(UsageError, match=r"moved: python kernels\.py bench"):
