@@ -307,9 +307,7 @@ def compiled_decode_step() -> Callable:
     dynamic shapes) one graph serves the other batch sizes. Coordinate-descent tuning makes
     Inductor write each matrix-vector product (batch 1) as a fused, tuned reduction: it reads the
     weights near full bandwidth and folds in biases, activations and int8/int4 unpacking."""
-    from torch._inductor import config
-    config.coordinate_descent_tuning = True
-    return torch.compile(decode_step)
+    return torch.compile(decode_step, options={"coordinate_descent_tuning": True})
 
 
 class Decoder:

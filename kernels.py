@@ -60,8 +60,8 @@ import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
 from model import (PRESETS, ModelConfig, RMSNorm, SwiGLU, TransformerLM,  # noqa: E402
-                   attention_mask, count_params, mfu_flops_per_token,
-                   scaled_dot_product_attention, silu)
+                   attention_mask, count_params, gelu_tanh, mfu_flops_per_token,
+                   scaled_dot_product_attention, silu, softmax)
 from tokenizer import UsageError, atomic_output, parse_command, run_cli  # noqa: E402
 from train import (LossModel, TrainConfig, autocast_for, build_optimizer,  # noqa: E402
                    clip_grad_norm, option_defaults, peak_flops, resolve_device, resolve_dtype,
@@ -239,7 +239,8 @@ def profile(cfg: ProfileConfig) -> dict:
     if len(grid) > 1:
         raise UsageError("profile takes one preset, context_length, compile and dtype")
     (name, T, compiled, dtype), = grid
-    model, batch_size, batch, step_model, optimizer, autocast = prepare(cfg, *grid[0], device)
+    model, batch_size, batch, step_model, optimizer, autocast = prepare(cfg, name, T, compiled,
+                                                                        dtype, device)
     nvtx = torch.cuda.nvtx.range if cuda else lambda label: contextlib.nullcontext()
 
     def step(step_model: nn.Module) -> None:
@@ -283,6 +284,7 @@ def profile(cfg: ProfileConfig) -> dict:
     return result
 
 
+# The GPU, in code: timing a kernel, and checking what it is given ---------------------------------
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
@@ -361,12 +363,6 @@ def roofline(device: torch.device | str | None = None) -> dict:
 
 
 # One elementwise function five ways: GeLU, tanh approximation -------------------------------------
-def gelu_eager(x: torch.Tensor) -> torch.Tensor:
-    """GPT-2's tanh form, within 5e-4 of model.py's exact erf `gelu`. Written out, each operation
-    is a kernel of its own that reads and writes the whole tensor."""
-    return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)))
-
-
 @triton.jit
 def gelu_kernel(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
@@ -390,8 +386,10 @@ def gelu_five_ways(n: int = 2**26, device: torch.device | str | None = None) -> 
     device = resolve_device(device or "auto")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     x = torch.randn(n, device=device, dtype=dtype)
-    ways = {"eager formula": gelu_eager, "F.gelu(tanh)": lambda x: F.gelu(x, approximate="tanh"),
-            "torch.compile": torch.compile(gelu_eager), "Triton": gelu_triton}
+    # model.py's gelu_tanh (GPT-2's) written out: each operation a kernel that reads and writes
+    # the whole tensor; F.gelu is one kernel, torch.compile fuses the formula into one, ours too.
+    ways = {"eager formula": gelu_tanh, "F.gelu(tanh)": lambda x: F.gelu(x, approximate="tanh"),
+            "torch.compile": torch.compile(gelu_tanh), "Triton": gelu_triton}
     tol = 1e-5 if dtype == torch.float32 else 2e-2  # bf16 eager rounds every intermediate
     gbps = compare(f"GeLU of {n:,} {str(dtype)[6:]} numbers on {device.type}:", ways, x,
                    F.gelu(x.float(), approximate="tanh"), tol)
@@ -437,7 +435,7 @@ def softmax_triton(x: torch.Tensor) -> torch.Tensor:
 def softmax_bench(device: torch.device, rows: int = 16384, cols: int = 4096) -> dict:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     x = torch.randn(rows, cols, device=device, dtype=dtype) * 10
-    ways = {"eager formula": lambda x: (e := (x - x.amax(-1, True)).exp()) / e.sum(-1, True),
+    ways = {"eager formula": lambda x: softmax(x, -1),  # model.py's, max-subtracted
             "torch.softmax": lambda x: torch.softmax(x, -1), "Triton": softmax_triton}
     return compare(f"softmax over the rows of a {rows} x {cols} {str(dtype)[6:]} tensor:", ways,
                    x, torch.softmax(x.float(), -1), 2e-2)
@@ -562,6 +560,7 @@ def lesson(device: torch.device | str | None = None) -> dict:
             "floating_point": floating_point(device)}
 
 
+# Fused RMSNorm: forward and backward --------------------------------------------------------------
 def _check_inputs(name: str, *tensors: torch.Tensor) -> None:
     """One clear error instead of a crash or a silently wrong result deep inside Triton."""
     for t in tensors:
@@ -572,7 +571,6 @@ def _check_inputs(name: str, *tensors: torch.Tensor) -> None:
             raise ValueError(f"{name}: supports float32, bfloat16 and float16, got {t.dtype}")
 
 
-# Fused RMSNorm: forward and backward --------------------------------------------------------------
 # Eager RMSNorm launches ~6 kernels (cast, square, mean, rsqrt, two multiplies), each a trip through
 # memory. Here one program normalises a block of rows while they sit in registers: the forward
 # reads x once and writes y once, like a copy. With a residual it first adds the branch output,
@@ -852,7 +850,68 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targe
     return LinearCrossEntropy.apply(hidden, weight, targets.contiguous(), ignore_index, chunk_size)
 
 
-# FlashAttention-2: a tiled PyTorch version, then the Triton kernels ------------------------------
+# Measured: our kernels next to eager and compiled PyTorch, and the copy they should match ---------
+def bench_fused(device: torch.device | str | None = None, rows: int = 16384) -> dict:
+    """`python kernels.py fused`: each fused kernel, forward and forward + backward, against
+    eager and compiled PyTorch in bf16, as GB/s and a share of the copy bandwidth measured in the
+    same run; linear + cross-entropy as time and peak memory against logits + F.cross_entropy."""
+    device = resolve_device(device or "auto")
+    if device.type != "cuda":
+        print("fused: timing our kernels needs a CUDA GPU (on a CPU they run in an interpreter)")
+        return {}
+    x, dy = (torch.randn(rows, 4096, device=device, dtype=torch.bfloat16) for _ in range(2))
+    weight, out = torch.ones(4096, device=device), torch.empty_like(x)
+    copy = 2 * x.numel() * 2 / triton.testing.do_bench(lambda: out.copy_(x)) / 1e6  # GB/s
+    print(f"copy of a {rows}x4096 bf16 tensor: {copy:,.0f} GB/s")
+
+    def norm(x: Tensor, w: Tensor) -> Tensor:  # model.py's RMSNorm, the weight an argument
+        return RMSNorm.forward(SimpleNamespace(weight=w, eps=1e-5), x)
+
+    def add_norm(x: Tensor, r: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:
+        return norm(x + r, w), x + r
+
+    def gate(a: Tensor, b: Tensor) -> Tensor:
+        return silu(a) * b
+
+    cases = [("rmsnorm", lambda x, w: RMSNormTriton.apply(x, w, 1e-5), norm, (x, weight), 2, 5),
+             ("add+rmsnorm", fused_add_rmsnorm, add_norm, (x, dy, weight), 4, 8),
+             ("swiglu gate", swiglu_gate, gate, (x, dy), 3, 8)]
+    result = {"copy_gb_s": copy}
+    for name, ours, eager, inputs, fwd_bytes, step_bytes in cases:  # bytes in units of x
+        for impl, fn in (("ours", ours), ("eager", eager), ("compiled", torch.compile(eager))):
+            leaves = [t.detach().requires_grad_() for t in inputs]
+            outs = fn(*leaves)
+            grads = [torch.randn_like(o) for o in (outs if isinstance(outs, tuple) else (outs,))]
+
+            def step() -> None:
+                results = fn(*leaves)
+                torch.autograd.backward(results if isinstance(results, tuple) else (results,),
+                                        grads)
+            for mode, run, units in (("fwd", lambda: fn(*inputs), fwd_bytes),
+                                     ("fwd+bwd", step, step_bytes)):
+                ms = triton.testing.do_bench(run)
+                rate = units * x.numel() * 2 / ms / 1e6
+                result[f"{name} {mode} {impl}"] = ms
+                print(f"  {name:12} {mode:8} {impl:9} {ms * 1e3:8.1f} us {rate:8,.0f} GB/s "
+                      f"= {rate / copy:4.0%} of copy")
+    N, D, V = 16 * 1024, 768, 50304  # GPT-2 small's head over a 16 x 1,024 batch
+    h = torch.randn(N, D, device=device, dtype=torch.bfloat16, requires_grad=True)
+    w = (0.05 * torch.randn(V, D, device=device, dtype=torch.bfloat16)).requires_grad_()
+    t = torch.randint(V, (N,), device=device)
+    for impl, loss in (("ours", lambda: fused_linear_cross_entropy(h, w, t)),
+                       ("logits + F.cross_entropy", lambda: F.cross_entropy((h @ w.T).float(), t))):
+        ms = triton.testing.do_bench(lambda: loss().backward(), grad_to_none=[h, w])
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        loss().backward()
+        peak = (torch.cuda.max_memory_allocated(device) - base) / 2**30
+        result[f"linear+CE {impl}"] = (ms, peak)
+        print(f"  linear + cross-entropy {N}x{D}x{V}, fwd+bwd, {impl}: {ms:.2f} ms, "
+              f"{6 * N * D * V / ms / 1e9:.0f} TFLOP/s, peak {peak:.2f} GiB over the inputs")
+    return result
+
+
+# FlashAttention-2: a tiled PyTorch version, then the Triton kernels -------------------------------
 # Attention without the (T, S) score matrix (Dao 2023): query tiles stay put while key tiles stream
 # past, an online softmax (running max m, running sum l) rescales the partial output, and only O
 # and one log-sum-exp L per query are kept; the backward recomputes P tile by tile from L.
@@ -1292,9 +1351,11 @@ def bench_attention(impls: tuple[str, ...] = ATTENTION_IMPLS,
     there is no kernel; vs flash / vs cudnn = their time / ours. quick: ours vs SDPA at hd 64 and
     128 and 4K-16K tokens (16 heads x 16384 x 64 is the course's leaderboard shape) and where the
     hand-written attention runs out of memory. Returns the rows."""
-    if unknown := set(impls) - set(ATTENTION_IMPLS) or set(modes) - set(MODE_FLOPS):
+    dtype_names = ("bfloat16", "float16", "float32")
+    if unknown := (set(impls) - set(ATTENTION_IMPLS) or set(modes) - set(MODE_FLOPS)
+                   or set(dtypes) - set(dtype_names)):
         raise ValueError(f"unknown {sorted(unknown)}: impls are {ATTENTION_IMPLS}, modes "
-                         f"{tuple(MODE_FLOPS)}")
+                         f"{tuple(MODE_FLOPS)}, dtypes {dtype_names}")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cases = [(dtype, d, T, mode, impls) for dtype in dtypes for d in head_dims for T in seq_lens
              for mode in modes]
@@ -1348,70 +1409,9 @@ def bench_attention(impls: tuple[str, ...] = ATTENTION_IMPLS,
     return rows
 
 
-# Measured: our kernels next to eager and compiled PyTorch, and the copy they should match ---------
-def bench_fused(device: torch.device | str | None = None, rows: int = 16384) -> dict:
-    """`python kernels.py fused`: each fused kernel, forward and forward + backward, against
-    eager and compiled PyTorch in bf16, as GB/s and a share of the copy bandwidth measured in the
-    same run; linear + cross-entropy as time and peak memory against logits + F.cross_entropy."""
-    device = resolve_device(device or "auto")
-    if device.type != "cuda":
-        print("fused: timing our kernels needs a CUDA GPU (on a CPU they run in an interpreter)")
-        return {}
-    x, dy = (torch.randn(rows, 4096, device=device, dtype=torch.bfloat16) for _ in range(2))
-    weight, out = torch.ones(4096, device=device), torch.empty_like(x)
-    copy = 2 * x.numel() * 2 / triton.testing.do_bench(lambda: out.copy_(x)) / 1e6  # GB/s
-    print(f"copy of a {rows}x4096 bf16 tensor: {copy:,.0f} GB/s")
-
-    def norm(x: Tensor, w: Tensor) -> Tensor:  # model.py's RMSNorm, the weight an argument
-        return RMSNorm.forward(SimpleNamespace(weight=w, eps=1e-5), x)
-
-    def add_norm(x: Tensor, r: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:
-        return norm(x + r, w), x + r
-
-    def gate(a: Tensor, b: Tensor) -> Tensor:
-        return silu(a) * b
-
-    cases = [("rmsnorm", lambda x, w: RMSNormTriton.apply(x, w, 1e-5), norm, (x, weight), 2, 5),
-             ("add+rmsnorm", fused_add_rmsnorm, add_norm, (x, dy, weight), 4, 8),
-             ("swiglu gate", swiglu_gate, gate, (x, dy), 3, 8)]
-    result = {"copy_gb_s": copy}
-    for name, ours, eager, inputs, fwd_bytes, step_bytes in cases:  # bytes in units of x
-        for impl, fn in (("ours", ours), ("eager", eager), ("compiled", torch.compile(eager))):
-            leaves = [t.detach().requires_grad_() for t in inputs]
-            outs = fn(*leaves)
-            grads = [torch.randn_like(o) for o in (outs if isinstance(outs, tuple) else (outs,))]
-
-            def step() -> None:
-                results = fn(*leaves)
-                torch.autograd.backward(results if isinstance(results, tuple) else (results,),
-                                        grads)
-            for mode, run, units in (("fwd", lambda: fn(*inputs), fwd_bytes),
-                                     ("fwd+bwd", step, step_bytes)):
-                ms = triton.testing.do_bench(run)
-                rate = units * x.numel() * 2 / ms / 1e6
-                result[f"{name} {mode} {impl}"] = ms
-                print(f"  {name:12} {mode:8} {impl:9} {ms * 1e3:8.1f} us {rate:8,.0f} GB/s "
-                      f"= {rate / copy:4.0%} of copy")
-    N, D, V = 16 * 1024, 768, 50304  # GPT-2 small's head over a 16 x 1,024 batch
-    h = torch.randn(N, D, device=device, dtype=torch.bfloat16, requires_grad=True)
-    w = (0.05 * torch.randn(V, D, device=device, dtype=torch.bfloat16)).requires_grad_()
-    t = torch.randint(V, (N,), device=device)
-    for impl, loss in (("ours", lambda: fused_linear_cross_entropy(h, w, t)),
-                       ("logits + F.cross_entropy", lambda: F.cross_entropy((h @ w.T).float(), t))):
-        ms = triton.testing.do_bench(lambda: loss().backward(), grad_to_none=[h, w])
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
-        loss().backward()
-        peak = (torch.cuda.max_memory_allocated(device) - base) / 2**30
-        result[f"linear+CE {impl}"] = (ms, peak)
-        print(f"  linear + cross-entropy {N}x{D}x{V}, fwd+bwd, {impl}: {ms:.2f} ms, "
-              f"{6 * N * D * V / ms / 1e9:.0f} TFLOP/s, peak {peak:.2f} GiB over the inputs")
-    return result
-
-
 # Command line: `python kernels.py [bench|profile|lesson|fused|attention] [--key=value ...]` -------
 @dataclasses.dataclass
-class LessonConfig:
+class DeviceConfig:
     device: str = "auto"
 
 
@@ -1434,27 +1434,30 @@ def attention(cfg: AttentionConfig) -> list[dict]:
         try:
             ints[key] = tuple(int(v) for v in getattr(cfg, key).split(","))
         except ValueError:
-            raise UsageError(f"--{key}={getattr(cfg, key)}: expected integers like 64,128") from None
+            raise UsageError(f"--{key}={getattr(cfg, key)}: expected integers like 64,128"
+                             ) from None
     return bench_attention(tuple(cfg.impls.split(",")), dtypes=tuple(cfg.dtypes.split(",")),
                            modes=tuple(cfg.modes.split(",")), batch=cfg.batch, heads=cfg.heads,
                            causal=cfg.causal, quick=cfg.quick, **ints)
 
 
 COMMANDS = {"bench": (BenchConfig, bench), "profile": (ProfileConfig, profile),  # settings, run
-            "lesson": (LessonConfig, lambda cfg: lesson(cfg.device)),
-            "fused": (LessonConfig, lambda cfg: bench_fused(cfg.device)),
+            "lesson": (DeviceConfig, lambda cfg: lesson(cfg.device)),
+            "fused": (DeviceConfig, lambda cfg: bench_fused(cfg.device)),
             "attention": (AttentionConfig, attention)}
 
 
 def main(argv: list[str]) -> None:
     if not argv or "-h" in argv or "--help" in argv:
         return print(__doc__)
-    step = {name for name, (config, _) in COMMANDS.items() if issubclass(config, TrainConfig)}
-    defaults = {name: option_defaults(config()) if name in step else dataclasses.asdict(config())
+    train_commands = {name for name, (config, _) in COMMANDS.items()
+                      if issubclass(config, TrainConfig)}
+    defaults = {name: option_defaults(config()) if name in train_commands
+                else dataclasses.asdict(config())
                 for name, (config, _) in COMMANDS.items()}
     command, settings, overrides, _ = parse_command(argv, defaults, "bench")
     config, run = COMMANDS[command]
-    run(with_overrides(config(), overrides) if command in step else config(**settings))
+    run(with_overrides(config(), overrides) if command in train_commands else config(**settings))
 
 
 if __name__ == "__main__":

@@ -87,6 +87,8 @@ class ModelConfig:
                "be None unless mixer='attention' without MLA (kv_latent_dim)")
               for name in ("num_kv_heads", "sliding_window")),
             ("kv_latent_dim", not mla or attention, "be None unless mixer='attention'"),
+            ("bias", not self.bias or attention and not mla and self.ffn != "swiglu",
+             "be False unless mixer='attention' without MLA and ffn is gelu, gelu_tanh or relu"),
             ("positions", not mla or self.positions == "rope", "be 'rope' with kv_latent_dim"),
             ("mla_rope_dim", mla or self.mla_rope_dim is None, "be None without kv_latent_dim"),
             ("mla_rope_dim" if mla else "num_heads", not rope or self.rope_dim % 2 == 0,

@@ -635,6 +635,7 @@ def train(cfg: TrainConfig,
                     raise TrainingInterrupted(f"interrupted: iteration {done} saved to "
                                               f"{run.ckpt_path}; continue it with --resume")
         bar.close()
+        run.loader.shutdown()  # the prefetch thread: none left behind by runs in one process
         samples = (write_samples(run.model, run.tok, cfg, device, run.autocast, run.out_dir)
                    if rank == 0 else [])
         if dist.is_initialized():
