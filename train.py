@@ -1,12 +1,10 @@
 """Stage 3: training, from raw text to a language model that writes stories, in one command.
 
 The training half of CS336 assignment 1, in teaching order: the cross-entropy loss, AdamW
-(reference, foreach, fused), learning-rate schedules and gradient clipping, random batches,
-checkpoints that resume exactly, the training step and the loop (bf16 autocast, torch.compile,
-gradient accumulation, data parallelism under torchrun); then Muon and SOAP, the pre-run checks,
-the data preparation and the command line. kernels.py benchmarks the training step.
+(reference, foreach, fused), learning-rate schedules and clipping, batches, checkpoints that resume
+exactly, the training step and the loop (bf16 autocast, torch.compile, gradient accumulation, data
+parallelism under torchrun); then Muon and SOAP, the pre-run checks, the data and the command line.
 
-Commands
     python train.py                        # CPU, ~5 min: download, tokenizer, encode, train, sample
     python train.py --data=notes.txt       # any UTF-8 text file
     python train.py --preset=nanogpt --dataset=pycode --max_text_mb=0 --vocab_size=32000  # 1 GPU
@@ -14,22 +12,19 @@ Commands
     python train.py run.json --lr=3e-4     # a config file (JSON or `key = value` lines), then flags
     python train.py --resume               # continue out_dir/ckpt.pt with the run's own config
     python train.py plot [out_dir]         # loss and learning rate against tokens -> loss.png
-`--key=value` sets any TrainConfig field or any ModelConfig field over the preset. Errors print
+`--key=value` sets any TrainConfig field, or any ModelConfig field over the preset. Errors print
 one line (`--debug`: the traceback); Ctrl-C saves a checkpoint and exits with 130.
 
 Reads   data_cache/ (made on first use: text, BPE tokenizer, token .bin arrays), or the
-        --train_bin/--val_bin/--tokenizer_dir written by `python tokenizer.py encode`.
-Writes  out_dir/ckpt.pt (model, optimizer, config, RNG and data state), metrics.jsonl, samples.txt,
-        loss.png (`plot`); another run's results are replaced only with --overwrite. Resuming
-        repeats the uninterrupted run bit for bit on one CPU thread (tested); on a GPU, reduction
-        order varies and two uninterrupted runs already differ by ~1e-6.
-
-Papers  Kingma & Ba 2015 (Adam); Loshchilov & Hutter 2019 (AdamW, cosine); Hu et al. 2024 (MiniCPM:
-        WSD); Pascanu et al. 2013 (clipping); Jordan et al. 2024 (Muon); Liu et al. 2025 (Muon is
-        Scalable); Vyas et al. 2024 (SOAP); Micikevicius et al. 2018 (mixed precision); Li et al.
-        2020 (PyTorch DDP); Chowdhery et al. 2022 (PaLM: MFU); Eldan & Li 2023 (TinyStories).
+        --train_bin/--val_bin/--tokenizer_dir written by `python tokenizer.py encode` or data.py.
+Writes  out_dir/ckpt.pt (model, optimizer, config, RNG and data state), metrics.jsonl, samples.txt;
+        another run's results are replaced only with --overwrite. Resuming repeats the
+        uninterrupted run bit for bit on one CPU thread (tested). kernels.py benchmarks the step.
+Papers  Kingma & Ba 2015 (Adam); Loshchilov & Hutter 2019 (AdamW); Hu et al. 2024 (MiniCPM: WSD);
+        Jordan et al. 2024 (Muon); Liu et al. 2025 (Muon is Scalable); Vyas et al. 2024 (SOAP);
+        Micikevicius et al. 2018 (mixed precision); Li et al. 2020 (PyTorch DDP); Chowdhery et al.
+        2022 (PaLM: MFU); Eldan & Li 2023 (TinyStories).
 """
-
 import contextlib
 import dataclasses
 import datetime
@@ -129,10 +124,8 @@ def build_model_config(cfg: TrainConfig, vocab_size: int) -> ModelConfig:
 
 # Loss: the reference, then the fused training loss ------------------------------------------------
 def cross_entropy(logits: Tensor, targets: Tensor, ignore_index: int = -100) -> Tensor:
-    """Mean of -log softmax(logits)[target] over every position whose target is not ignored.
-    logits (..., V) in any float dtype, targets (...) integer ids. Computed in float32: bf16 keeps
-    only 8 bits of mantissa, too few to tell a loss of 3.01 from 3.02. Under torch.compile the cast,
-    max, exp and sum fuse into one pass over the logits, so no float32 copy of them is made."""
+    """Mean of -log softmax(logits)[target] over the positions whose target is not ignored.
+    In float32: bf16's 8 bits of mantissa cannot tell a loss of 3.01 from 3.02."""
     logits = logits.float()
     # log softmax_i = x_i - log sum_j exp(x_j). Subtracting the max first keeps exp from
     # overflowing (logits of 1e4 would give inf) without changing the result.
@@ -141,17 +134,14 @@ def cross_entropy(logits: Tensor, targets: Tensor, ignore_index: int = -100) -> 
     keep = targets != ignore_index
     safe_targets = torch.where(keep, targets, 0)  # ignored positions still need a valid index
     target_logit = shifted.gather(-1, safe_targets.unsqueeze(-1)).squeeze(-1)
-    losses = (log_sum_exp - target_logit) * keep
-    return losses.sum() / keep.sum().clamp(min=1)
+    return ((log_sum_exp - target_logit) * keep).sum() / keep.sum().clamp(min=1)
 
 
 class _FusedCrossEntropy(torch.autograd.Function):
     """cross_entropy with a hand-written backward: d loss / d logits = softmax - one_hot.
-    Autograd through the reference saves float32 log-probabilities for backward: for GPT-2 small
-    (16 x 1024 tokens x 50304) that is 3.3 GB written and read again each step. Here backward
-    recomputes the softmax from the saved (bf16) logits and one float per row, log-sum-exp, so
-    the logits are read twice and never copied; under torch.compile each direction is one fused
-    kernel (1.1 ms less per GPT-2-small step on an H200)."""
+    Autograd through the reference saves float32 log-probabilities: 3.3 GB written and read again
+    per GPT-2-small step (16 x 1024 x 50304). Here backward recomputes the softmax from the bf16
+    logits and one log-sum-exp per row; compiled, each direction is one fused kernel."""
     @staticmethod
     def forward(ctx, logits: Tensor, targets: Tensor, ignore_index: int) -> Tensor:
         keep = targets != ignore_index
@@ -167,8 +157,8 @@ class _FusedCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_loss: Tensor) -> tuple[Tensor, None, None]:
         logits, safe_targets, keep, log_sum_exp, count = ctx.saved_tensors
         grad = torch.exp(logits.float() - log_sum_exp.unsqueeze(-1))  # softmax, (..., V)
-        # - one_hot, as a comparison with the vocabulary index: elementwise, so torch.compile
-        # fuses the whole backward into one pass (a scatter would split it in two)
+        # - one_hot as a comparison with the vocabulary index: elementwise, so the whole backward
+        # fuses into one pass (a scatter would split it in two)
         vocab = torch.arange(logits.shape[-1], device=logits.device)
         grad.sub_((vocab == safe_targets.unsqueeze(-1)).to(grad.dtype))
         grad.mul_((keep * grad_loss / count).unsqueeze(-1))  # ignored rows get no gradient
@@ -185,52 +175,41 @@ def perplexity(mean_loss: float) -> float:  # the branching factor left per toke
 
 
 def unigram_entropy(tokens: np.ndarray, vocab_size: int) -> float:
-    """Entropy in nats/token of the token frequencies: the loss of a model that ignores context,
-    which a model that learnt anything beyond word counts must go well below."""
+    """Entropy (nats/token) of the token frequencies: the loss of a model that ignores context."""
     counts = np.bincount(np.asarray(tokens), minlength=vocab_size).astype(np.float64)
     p = counts[counts > 0] / counts.sum()
     return float(-(p * np.log(p)).sum())
-
-
 # AdamW: the reference, a foreach version, a compiled (fused) one, and the optimizer class ---------
-# An optimizer turns the gradient g of each parameter into an update. SGD steps along -g; AdamW
-# divides each coordinate by a running RMS of its own gradient (a diagonal preconditioner), so
-# every weight moves at about the same speed whatever the scale of its gradient, and it decays
-# the weights *decoupled* from the gradient (w <- w * (1 - lr * wd)). Muon and SOAP, which shape
-# the step of a whole matrix, come after the training loop.
+# SGD steps along -g. AdamW divides each coordinate by a running RMS of its own gradient (a
+# diagonal preconditioner), so every weight moves at about the same speed whatever its gradient's
+# scale, and it decays weights *decoupled* from the gradient (w <- w * (1 - lr * wd)). Muon and
+# SOAP, which shape the step of a whole matrix, come after the training loop.
 Params = Iterable[torch.Tensor] | Iterable[dict]
 
 
-def adamw_update_reference(params: list[torch.Tensor], grads: list[torch.Tensor],
-                           exp_avgs: list[torch.Tensor], exp_avg_sqs: list[torch.Tensor],
-                           steps: list[int], *, lr: float, beta1: float, beta2: float,
-                           eps: float, weight_decay: float) -> None:
-    """One AdamW step, parameter by parameter, in place. `steps` are already incremented.
-    The order of operations is torch.optim.AdamW's, so the two agree to float rounding (bit for
-    bit on CPU, in our tests)."""
+def adamw_update_reference(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
+                           exp_avg_sqs: list[Tensor], steps: list[int], *, lr: float,
+                           beta1: float, beta2: float, eps: float, weight_decay: float) -> None:
+    """One AdamW step, parameter by parameter, in place (`steps` already incremented), in
+    torch.optim.AdamW's order of operations: the two agree bit for bit on CPU (tested)."""
     for p, g, m, v, t in zip(params, grads, exp_avgs, exp_avg_sqs, steps):
-        # Decoupled weight decay: shrink the weights directly instead of adding wd * w to the
-        # gradient, where Adam's division by sqrt(v) would weaken the decay of weights with large
-        # gradients (Loshchilov & Hutter's point: L2 regularisation != weight decay for Adam).
+        # Decoupled: adding wd * w to the gradient instead, Adam's division by sqrt(v) would
+        # weaken the decay of weights with large gradients (Loshchilov & Hutter's point).
         if weight_decay != 0:
             p.mul_(1 - lr * weight_decay)
         m.lerp_(g, 1 - beta1)                           # m = beta1 m + (1 - beta1) g
         v.mul_(beta2).addcmul_(g, g, value=1 - beta2)   # v = beta2 v + (1 - beta2) g^2
         # m and v start at zero, so early on they underestimate E[g] and E[g^2] by the factors
         # (1 - beta^t); dividing those out makes the very first steps full-sized.
-        bias_correction1 = 1 - beta1**t
-        bias_correction2 = 1 - beta2**t
+        bias_correction1, bias_correction2 = 1 - beta1**t, 1 - beta2**t
         denom = (v.sqrt() / bias_correction2**0.5).add_(eps)
         p.addcdiv_(m, denom, value=-lr / bias_correction1)
 
 
-def adamw_update_foreach(params: list[torch.Tensor], grads: list[torch.Tensor],
-                         exp_avgs: list[torch.Tensor], exp_avg_sqs: list[torch.Tensor],
-                         steps: list[int], *, lr: float, beta1: float, beta2: float,
-                         eps: float, weight_decay: float) -> None:
-    """adamw_update_reference with each line applied to the whole list by one torch._foreach_* op.
-    Same math, same order (tested equal); lists mixing devices or dtypes still work (torch falls
-    back to a loop for them), they are just not faster."""
+def adamw_update_foreach(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
+                         exp_avg_sqs: list[Tensor], steps: list[int], *, lr: float,
+                         beta1: float, beta2: float, eps: float, weight_decay: float) -> None:
+    """The reference with each line applied to the whole list by one torch._foreach_* op."""
     if weight_decay != 0:
         torch._foreach_mul_(params, 1 - lr * weight_decay)
     torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
@@ -242,20 +221,11 @@ def adamw_update_foreach(params: list[torch.Tensor], grads: list[torch.Tensor],
     torch._foreach_addcdiv_(params, exp_avgs, denoms, [-lr / (1 - beta1**t) for t in steps])
 
 
-def _adamw_step_numbers(t: int, lr: float, beta1: float, beta2: float, eps: float,
-                        weight_decay: float) -> dict[str, float]:
-    """The numbers of step t that the compiled update reads, in _adamw_fused_math's order."""
-    return dict(decay=1 - lr * weight_decay, one_minus_beta1=1 - beta1, beta2=beta2,
-                one_minus_beta2=1 - beta2, sqrt_bias_correction2=math.sqrt(1 - beta2**t),
-                eps=eps, step_size=lr / (1 - beta1**t))
-
-
-def _adamw_fused_math(params: list[torch.Tensor], grads: list[torch.Tensor],
-                      exp_avgs: list[torch.Tensor], exp_avg_sqs: list[torch.Tensor],
-                      numbers: torch.Tensor) -> None:
-    """adamw_update_reference's lines, with the step's numbers read from one float32 tensor."""
-    (decay, one_minus_beta1, beta2, one_minus_beta2, sqrt_bias_correction2, eps,
-     step_size) = (numbers[i] for i in range(7))
+def _adamw_fused_math(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
+                      exp_avg_sqs: list[Tensor], numbers: Tensor) -> None:
+    """The reference's lines, with the step's numbers read from one float32 tensor."""
+    decay, one_minus_beta1, beta2, one_minus_beta2, sqrt_bias_correction2, eps, step_size = (
+        numbers.unbind())
     for p, g, m, v in zip(params, grads, exp_avgs, exp_avg_sqs):
         p.mul_(decay)
         m.lerp_(g, one_minus_beta1)
@@ -264,27 +234,24 @@ def _adamw_fused_math(params: list[torch.Tensor], grads: list[torch.Tensor],
 
 
 @functools.cache
-def _compiled_adamw_math() -> Callable:
-    # Compiled at the first fused step, once per process. dynamic=False: the shapes never change,
-    # so every kernel is specialised to its tensor's size.
+def _compiled_adamw_math() -> Callable:  # compiled once per process; the shapes never change
     return torch.compile(_adamw_fused_math, dynamic=False)
 
 
-def adamw_update_fused(params: list[torch.Tensor], grads: list[torch.Tensor],
-                       exp_avgs: list[torch.Tensor], exp_avg_sqs: list[torch.Tensor],
-                       steps: list[int], *, lr: float, beta1: float, beta2: float,
-                       eps: float, weight_decay: float) -> None:
-    """adamw_update_reference compiled by torch.compile into one kernel per parameter.
-    The foreach path makes ~8 passes over memory (2.8 ms per GPT-2-small step on an H200); one
-    fused kernel per parameter reads p, g, m, v once and writes p, m, v once (1.8 ms). The numbers
-    that change every step travel in one small tensor: as Python floats they would be baked into
-    the compiled code, one recompile per step. Parameters are bucketed by step count."""
+def adamw_update_fused(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
+                       exp_avg_sqs: list[Tensor], steps: list[int], *, lr: float, beta1: float,
+                       beta2: float, eps: float, weight_decay: float) -> None:
+    """The reference compiled into one kernel per parameter: it reads p, g, m, v once and writes
+    p, m, v once, where foreach makes ~8 passes (1.8 ms against 2.8 per GPT-2-small step on an
+    H200). The numbers that change every step travel in a tensor: as Python floats they would be
+    baked into the compiled code, one recompile per step. Parameters are bucketed by step."""
     buckets: dict[int, list[int]] = {}
     for i, t in enumerate(steps):
         buckets.setdefault(t, []).append(i)
     for t, idx in buckets.items():
-        numbers = _adamw_step_numbers(t, lr, beta1, beta2, eps, weight_decay)
-        numbers = torch.tensor(list(numbers.values()), dtype=torch.float32)
+        numbers = torch.tensor([1 - lr * weight_decay, 1 - beta1, beta2, 1 - beta2,
+                                math.sqrt(1 - beta2**t), eps, lr / (1 - beta1**t)],
+                               dtype=torch.float32)
         device = params[idx[0]].device
         # pinned memory lets the copy run behind the queued GPU work instead of waiting for it
         numbers = (numbers.pin_memory().to(device, non_blocking=True) if device.type == "cuda"
@@ -293,37 +260,35 @@ def adamw_update_fused(params: list[torch.Tensor], grads: list[torch.Tensor],
                                  (params, grads, exp_avgs, exp_avg_sqs)), numbers)
 
 
-def check_hyperparameters(group: dict, rules: dict[str, tuple]) -> None:
-    """Raise a ValueError naming the first value of a parameter group that breaks its rule:
-    (low, high) for a number in [low, high) (NaN fails it), plus None if a third entry is None;
-    (int, low) for an integer >= low; (bool,) for True or False. betas[i] names betas' entries."""
+def _number(low: float, high: float = math.inf, optional: bool = False,
+            integer: bool = False) -> tuple[Callable, str]:
+    """A hyperparameter rule: a number in [low, high) (NaN fails), or None when optional."""
+    def ok(v: object) -> bool:
+        number = isinstance(v, int if integer else (int, float)) and not isinstance(v, bool)
+        return (optional and v is None) or (number and low <= v < high)
+    return ok, f"an integer >= {low}" if integer else f"a number in [{low}, {high})"
+
+
+BOOL = (lambda v: isinstance(v, bool), "True or False")
+ADAMW_RULES = {"lr": _number(0), "eps": _number(0), "weight_decay": _number(0),
+               "betas[0]": _number(0, 1), "betas[1]": _number(0, 1), "fused": BOOL}
+
+
+def check_hyperparameters(group: dict, rules: dict[str, tuple[Callable, str]]) -> None:
+    """Raise a ValueError naming the first value of a parameter group that breaks its rule."""
     betas = group.get("betas", (0.0, 0.0))
     if not isinstance(betas, (tuple, list)) or len(betas) != 2:
         raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
     values = {**group, "betas[0]": betas[0], "betas[1]": betas[1]}
-    for key, rule in rules.items():
-        value = values[key]
-        number = isinstance(value, (int, float)) and not isinstance(value, bool)
-        if rule[0] is bool:
-            ok, expected = isinstance(value, bool), "True or False"
-        elif rule[0] is int:
-            ok = number and isinstance(value, int) and value >= rule[1]
-            expected = f"an integer >= {rule[1]}"
-        else:
-            ok = (value is None and rule[-1] is None) or (number and rule[0] <= value < rule[1])
-            expected = f"a number in [{rule[0]}, {rule[1]})"
-        if not ok:
-            raise ValueError(f"{key} must be {expected}, got {value!r}")
-
-
-ADAMW_RULES = {"lr": (0.0, math.inf), "eps": (0.0, math.inf), "weight_decay": (0.0, math.inf),
-               "betas[0]": (0.0, 1.0), "betas[1]": (0.0, 1.0), "fused": (bool,)}
+    for key, (ok, expected) in rules.items():
+        if not ok(values[key]):
+            raise ValueError(f"{key} must be {expected}, got {values[key]!r}")
 
 
 class _Optimizer(torch.optim.Optimizer):
-    """What AdamW, Muon and SOAP share: every parameter group is checked against RULES as it is
-    added (a bad one is removed again), and step() runs the closure, then _update() without
-    autograd. Each keeps its step count per parameter, so a checkpoint resumes exactly."""
+    """What AdamW, Muon and SOAP share: each parameter group is checked against RULES as it is
+    added (a bad one is removed again); step() runs the closure, then _update() without autograd.
+    Step counts are kept per parameter, so a checkpoint resumes exactly."""
     RULES = ADAMW_RULES
     # How a step is computed, not which step: a loaded state_dict keeps the current choices, so a
     # checkpoint written on a GPU (fused) resumes on a CPU (loop) and the other way round.
@@ -350,24 +315,24 @@ class _Optimizer(torch.optim.Optimizer):
             group.update(keys)
 
     @torch.no_grad()
-    def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:
+    def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
         with torch.enable_grad():
             loss = closure() if closure is not None else None
         self._update()
         return loss
 
     def _groups_with_grads(self) -> list[tuple[dict, list]]:
-        """(group, its parameters with a gradient): the others (unused, frozen) keep their step
-        count, as in torch.optim.AdamW. Sparse gradients are refused before any update."""
+        """(group, its parameters with a gradient): the others keep their step count, as in
+        torch.optim.AdamW. Sparse gradients are refused before any update."""
         groups = [(g, [p for p in g["params"] if p.grad is not None]) for g in self.param_groups]
         if any(p.grad.is_sparse for _, params in groups for p in params):
             raise ValueError("sparse gradients are not supported (e.g. nn.Embedding(sparse=True)); "
                              "use dense gradients")
         return groups
 
-    def _adamw_step(self, group: dict, params: list[torch.Tensor]) -> None:
-        """The AdamW step of `params` (all with a gradient) of one group; Muon and SOAP use it for
-        their non-matrix parameters."""
+    def _adamw_step(self, group: dict, params: list[Tensor]) -> None:
+        """AdamW on `params` (all with a gradient) of one group; Muon and SOAP use it for their
+        non-matrix parameters."""
         if not params:
             return
         states = [self.state[p] for p in params]
@@ -390,10 +355,9 @@ class _Optimizer(torch.optim.Optimizer):
 
 
 class AdamW(_Optimizer):
-    """Adam with decoupled weight decay (Loshchilov & Hutter 2019): torch.optim.AdamW's math.
-    foreach=None takes the foreach path when every parameter of a group is on CUDA, the loop
-    otherwise; True/False force one. fused=True runs adamw_update_fused, the fastest on a GPU
-    (its first step spends seconds compiling)."""
+    """Adam with decoupled weight decay: torch.optim.AdamW's math. foreach=None takes the foreach
+    path when a group's parameters are all on CUDA; fused=True runs adamw_update_fused, the
+    fastest on a GPU (its first step compiles for seconds)."""
     def __init__(self, params: Params, lr: float = 1e-3,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.01, foreach: bool | None = None,
@@ -404,8 +368,6 @@ class AdamW(_Optimizer):
     def _update(self) -> None:
         for group, params in self._groups_with_grads():
             self._adamw_step(group, params)
-
-
 # Learning-rate schedules and gradient clipping ----------------------------------------------------
 def lr_cosine(t: int, lr_max: float, lr_min: float, warmup_iters: int,
               cosine_cycle_iters: int) -> float:
@@ -421,7 +383,7 @@ def lr_cosine(t: int, lr_max: float, lr_min: float, warmup_iters: int,
 def lr_wsd(t: int, lr_max: float, lr_min: float, warmup_iters: int, total_iters: int,
            decay_iters: int) -> float:
     """Warm-up-stable-decay: linear warm-up, lr_max for most of the run, a short linear decay.
-    The stable phase does not depend on the run length, so one run can be branched into decays at
+    The stable phase does not depend on the run's length, so one run can branch into decays at
     several lengths (MiniCPM; Hagele et al. 2024), which the cosine schedule cannot."""
     if t < warmup_iters:
         return t / warmup_iters * lr_max
@@ -442,15 +404,14 @@ def lr_at(cfg: TrainConfig, t: int) -> float:
 
 def clip_grad_norm(params: Iterable[nn.Parameter], max_norm: float) -> Tensor:
     """Scale all gradients in place so their global L2 norm is at most max_norm; return the norm.
-    The norm is taken over all parameters together, so clipping changes the step's length, never
-    its direction. It stays a tensor (no `if norm > max_norm` on the host): the GPU never waits."""
+    Global: clipping changes the step's length, never its direction. The norm stays a tensor (no
+    `if norm > max_norm` on the host), so the GPU never waits."""
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
         return torch.zeros(())
     # The norm of the per-tensor norms is the norm of everything, without concatenating.
     total = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
-    scale = (max_norm / (total + 1e-6)).clamp(max=1.0)
-    torch._foreach_mul_(grads, scale)
+    torch._foreach_mul_(grads, (max_norm / (total + 1e-6)).clamp(max=1.0))
     return total
 
 
@@ -458,11 +419,9 @@ def clip_grad_norm(params: Iterable[nn.Parameter], max_norm: float) -> Tensor:
 def get_batch(tokens: np.ndarray, batch_size: int, context_length: int, device: torch.device | str,
               generator: torch.Generator | None = None, rank: int = 0,
               world_size: int = 1) -> tuple[Tensor, Tensor]:
-    """batch_size random windows of the token array: inputs (B, T) and next-token targets (B, T).
-    Targets are the inputs shifted by one token, so every position is a training example.
-    `generator` fixes which windows are drawn; saving its state is what makes resuming exact.
-    With several processes each draws the same global batch (batch_size * world_size windows,
-    same generator) and keeps its own slice: the windows of one process with the whole batch."""
+    """batch_size random windows: inputs (B, T) and the next-token targets (B, T), the inputs
+    shifted by one, so every position is a training example. Saving `generator`'s state makes
+    resuming exact. With several processes each draws the same global batch and keeps its slice."""
     if len(tokens) <= context_length:
         raise ValueError(f"{len(tokens)} tokens cannot fill one window of context_length="
                          f"{context_length}: use more text or a shorter context_length")
@@ -477,9 +436,9 @@ def get_batch(tokens: np.ndarray, batch_size: int, context_length: int, device: 
     return x.to(device, non_blocking=pin), y.to(device, non_blocking=pin)
 
 
-# Checkpoints --------------------------------------------------------------------------------------
+# Checkpoints: everything needed to continue the run as if it had never stopped --------------------
 def unwrap(model: nn.Module) -> nn.Module:
-    """The plain model inside torch.compile's and DDP's wrappers: what checkpoints store."""
+    """The plain model inside torch.compile's, DDP's and LossModel's wrappers: what is saved."""
     while True:
         if hasattr(model, "_orig_mod"):  # torch.compile
             model = model._orig_mod
@@ -489,32 +448,17 @@ def unwrap(model: nn.Module) -> nn.Module:
             return model
 
 
-def rng_state() -> dict:
-    """Every random-number state a training step can touch."""
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
-             "numpy": [x.tolist() if isinstance(x, np.ndarray) else x
-                       for x in np.random.get_state()]}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in state["python"]))
-    kind, keys, *rest = state["numpy"]
-    np.random.set_state((kind, np.array(keys, dtype=np.uint32), *rest))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 def save_checkpoint(model: nn.Module, optimizer: torch.optim.Optimizer, iteration: int,
                     path: str | Path, **extra) -> None:
-    """Write model, optimizer, iteration, RNG states and `extra` (config, data state) to path.
-    Written to path.tmp and renamed over path: the rename is atomic, so a crash mid-save leaves
-    the previous checkpoint intact, never a truncated one."""
+    """Write model, optimizer, iteration, every RNG state and `extra` (config, data state) to
+    path.tmp, then rename it over path: a crash mid-save leaves the previous checkpoint whole."""
+    rng = {"torch": torch.get_rng_state(), "python": random.getstate(),
+           "numpy": [x.tolist() if isinstance(x, np.ndarray) else x
+                     for x in np.random.get_state()]}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
     state = {"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
-             "iteration": iteration, "rng": rng_state(), **extra}
+             "iteration": iteration, "rng": rng, **extra}
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     with atomic_output(path) as tmp, open(tmp, "wb") as f:
         torch.save(state, f)
@@ -534,25 +478,30 @@ def read_checkpoint(path: str | Path, mmap: bool = False) -> dict:
 
 def restore_checkpoint(state: dict, model: nn.Module,
                        optimizer: torch.optim.Optimizer | None = None) -> int:
-    """Load a read_checkpoint() dict into model (and optimizer) and restore the RNG states."""
+    """Load a read_checkpoint() dict into model (and optimizer), restore the RNG states and
+    return the iteration."""
     unwrap(model).load_state_dict(state["model"])
     if optimizer is not None:
         optimizer.load_state_dict(state["optimizer"])
-    set_rng_state(state["rng"])
+    rng = state["rng"]
+    torch.set_rng_state(rng["torch"])
+    random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in rng["python"]))
+    kind, keys, *rest = rng["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), *rest))
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
     return state["iteration"]
 
 
 def load_checkpoint(path: str | Path, model: nn.Module,
                     optimizer: torch.optim.Optimizer | None = None) -> int:
-    """Restore a save_checkpoint() file into model and optimizer; return its iteration."""
     return restore_checkpoint(read_checkpoint(path), model, optimizer)
 
 
 # The training step: the same function runs in the loop and in kernels.py's bench ------------------
 class LossModel(nn.Module):
-    """The language model and its loss as one module.
-    torch.compile then sees the last matmul and the loss together and fuses them, and DDP wraps one
-    module whose forward returns what backward needs: (cross-entropy, auxiliary loss)."""
+    """The language model and its loss as one module: torch.compile sees the last matmul and the
+    loss together, and DDP wraps one module that returns what backward needs."""
     def __init__(self, model: TransformerLM):
         super().__init__()
         self.model = model
@@ -560,28 +509,26 @@ class LossModel(nn.Module):
         self.linear_cross_entropy = (triton_kernels().fused_linear_cross_entropy
                                      if model.config.kernels == "triton" else None)
 
-    def forward(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:  # (loss, auxiliary loss)
         if self.linear_cross_entropy is not None:
             hidden = self.model(x, return_hidden=True)  # (B, T, D)
             loss = self.linear_cross_entropy(hidden.flatten(0, -2), self.model.lm_head.weight,
                                              y.flatten())
             return loss, self.model.aux_loss
-        logits = self.model(x)  # (B, T, V)
-        return fused_cross_entropy(logits, y), self.model.aux_loss
+        return fused_cross_entropy(self.model(x), y), self.model.aux_loss
 
 
 def train_step(step_model: nn.Module, optimizer: torch.optim.Optimizer, params: list[Tensor],
                next_batch: Callable[[], tuple[Tensor, Tensor]], accum_steps: int,
                grad_clip: float, autocast: contextlib.AbstractContextManager,
                no_sync: Callable | None = None) -> tuple[Tensor, Tensor]:
-    """One optimizer step over accum_steps micro-batches: returns (mean loss, gradient norm).
-    Both stay on the device; reading them (.item()) makes the CPU wait for the GPU, so the loop
-    does it only every log_interval steps."""
+    """One optimizer step over accum_steps micro-batches: (mean loss, gradient norm), both left
+    on the device: reading them makes the CPU wait for the GPU, so the loop does it rarely."""
     loss_sum = 0.0
     for micro in range(accum_steps):
         x, y = next_batch()
-        # DDP averages gradients across processes in backward; on all but the last micro-batch
-        # that would be wasted traffic, since the gradients keep accumulating locally.
+        # DDP averages gradients across processes in backward; before the last micro-batch that
+        # is wasted traffic, since the gradients keep accumulating locally.
         last = micro == accum_steps - 1
         with (no_sync() if no_sync is not None and not last else contextlib.nullcontext()):
             with autocast:
@@ -592,8 +539,6 @@ def train_step(step_model: nn.Module, optimizer: torch.optim.Optimizer, params: 
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)  # frees the gradients instead of writing zeros
     return loss_sum / accum_steps, grad_norm
-
-
 # The training loop --------------------------------------------------------------------------------
 # setup() readies the run (output folder, resumed checkpoint, data, model, optimizer);
 # log_progress, evaluate and save report and keep it.
@@ -638,10 +583,8 @@ def train(cfg: TrainConfig,
         run.loader.shutdown()  # the prefetch thread: none left behind by runs in one process
         samples = (write_samples(run.model, run.tok, cfg, device, run.autocast, run.out_dir)
                    if rank == 0 else [])
-        if dist.is_initialized():
-            # Rank 0 was writing samples: leave together, or a rank that tears its
-            # connections down early can abort the other's (seen with gloo).
-            dist.barrier()
+        if dist.is_initialized():  # leave together: a rank that tears its connections down
+            dist.barrier()         # while rank 0 writes samples can abort it (seen with gloo)
         return {"model": run.model, "tokenizer": run.tok, "val_loss": val_loss,
                 "iteration": max(run.start_iter, cfg.max_iters),
                 "unigram_entropy": run.baseline, "samples": samples}
@@ -727,13 +670,11 @@ def setup(cfg: TrainConfig, rank: int, world_size: int, device: torch.device,
             raise ValueError(f"the {split} split has {len(tokens):,} tokens, too few for one "
                              f"window of context_length={model_config.context_length}: use more "
                              "text (--max_text_mb, --val_fraction) or a shorter context_length")
-
     torch.manual_seed(cfg.seed)  # the same on every rank, so all replicas start equal
     model = TransformerLM(model_config).to(device)
     optimizer = build_optimizer(model, cfg, device)
     base_lrs = [g["lr"] for g in optimizer.param_groups]  # before a checkpoint sets others
-    generator = torch.Generator().manual_seed(cfg.seed)
-    start_iter = 0
+    generator, start_iter = torch.Generator().manual_seed(cfg.seed), 0
     if state is not None:
         start_iter = restore_checkpoint(state, model, optimizer)
         generator.set_state(state["data_generator"])
@@ -763,17 +704,14 @@ def log_progress(run: Run, bar: tqdm, iteration: int, loss: Tensor, grad_norm: T
     check_finite(run, loss, grad_norm, iteration)
     (start, start_iter), now = run.clock, time.perf_counter()
     tok_per_s = run.tokens_per_step * (iteration - start_iter) / max(now - start, 1e-9)
-    run.clock = (now, iteration)
-    peak = peak_flops(run.device)
+    run.clock, peak = (now, iteration), peak_flops(run.device)
     flops = mfu_flops_per_token(run.model_config, run.model_config.context_length) * tok_per_s
     row = {"iter": iteration, "tokens": iteration * run.tokens_per_step, "loss": loss.item(),
            "lr": lr, "grad_norm": grad_norm.item(), "tok_per_s": tok_per_s,
            "mfu": flops / (peak * run.world_size) if peak else None}
     run.metrics.append(row)
     postfix = {"loss": f"{row['loss']:.3f}", "lr": f"{lr:.2e}", "tok/s": f"{tok_per_s:,.0f}"}
-    if peak:
-        postfix["mfu"] = f"{row['mfu']:.1%}"
-    bar.set_postfix(postfix, refresh=False)
+    bar.set_postfix(postfix | ({"mfu": f"{row['mfu']:.1%}"} if peak else {}), refresh=False)
 
 
 def check_finite(run: Run, loss: Tensor, grad_norm: Tensor, iteration: int) -> None:
@@ -787,9 +725,9 @@ def check_finite(run: Run, loss: Tensor, grad_norm: Tensor, iteration: int) -> N
 
 @torch.no_grad()
 def evaluate(run: Run, bar: tqdm, iteration: int) -> float:
-    """Mean validation loss over eval_iters global batches, averaged over processes.
-    The batches come from their own generator, seeded the same at every evaluation: each eval sees
-    the same windows (comparable numbers) and the training batches are not disturbed."""
+    """Mean validation loss over eval_iters global batches, averaged over processes. The batches
+    come from their own generator, seeded alike at every evaluation: each sees the same windows
+    (comparable numbers) and the training batches are not disturbed."""
     run.model.eval()
     generator = torch.Generator().manual_seed(run.cfg.seed + 7)
     total = torch.zeros((), device=run.device)
@@ -828,30 +766,25 @@ def save(run: Run, iteration: int, loss: Tensor, grad_norm: Tensor) -> None:
 
 
 class MetricsLog:
-    """out_dir/metrics.jsonl, written at each evaluation and checkpoint. The first write replaces
-    the file in one atomic rename by the resumed run's rows up to its checkpoint (none for a new
-    run) and the new rows; later writes append. An earlier run's file stays whole till then."""
+    """out_dir/metrics.jsonl: a resumed run's rows up to its checkpoint, then this run's, written
+    again in one atomic rename at each evaluation and checkpoint. Till the first of those, an
+    earlier run's file stays whole."""
     def __init__(self, path: Path, resume_from: int, rank: int) -> None:
-        self.path, self.master, self.pending = path, rank == 0, []
+        self.path, self.master = path, rank == 0
         old = path.read_text().splitlines() if resume_from and path.exists() else []
-        self.kept = [r + "\n" for r in old if json.loads(r)["iter"] <= resume_from]
+        self.rows = [r + "\n" for r in old if json.loads(r)["iter"] <= resume_from]
 
     def append(self, row: dict) -> None:
-        self.pending += [json.dumps(row) + "\n"] if self.master else []
+        self.rows.append(json.dumps(row) + "\n")
 
     def flush(self) -> None:
-        if self.kept is not None and self.master:
-            write_atomic(self.path, "".join(self.kept + self.pending))
-            self.kept = None
-        elif self.pending:
-            with open(self.path, "a") as f:
-                f.write("".join(self.pending))
-        self.pending = []
+        if self.master:
+            write_atomic(self.path, "".join(self.rows))
 
 
 class CtrlC:
-    """Within `with CtrlC()`, the first Ctrl-C (SIGINT) only sets a flag that the loop reads after
-    the step, so the final checkpoint holds whole steps; a second one interrupts at once."""
+    """Within `with CtrlC()`, the first Ctrl-C only sets a flag that the loop reads after the
+    step, so the final checkpoint holds whole steps; a second one interrupts at once."""
     def __enter__(self) -> "CtrlC":
         self.flag, self.previous = False, None
         if threading.current_thread() is threading.main_thread():  # where signals are handled
@@ -867,12 +800,10 @@ class CtrlC:
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
     def pressed(self, run: Run, iteration: int) -> bool:
-        """Whether to stop after this step. All ranks must stop at the same step, so several
-        processes agree at log steps, over the CPU group (no wait for the GPU)."""
-        if run.world_size == 1:
-            return self.flag
-        if iteration % run.cfg.log_interval:
-            return False
+        """Whether to stop after this step. Processes must stop at the same step, so several
+        agree at log steps, over the CPU group (no wait for the GPU)."""
+        if run.world_size == 1 or iteration % run.cfg.log_interval:
+            return self.flag and run.world_size == 1
         flag = torch.tensor([int(self.flag)])
         dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=run.cpu_group)
         return bool(flag.item())
@@ -883,9 +814,10 @@ def write_samples(model: TransformerLM, tok: Tokenizer, cfg: TrainConfig, device
                   autocast: contextlib.AbstractContextManager, out_dir: Path) -> list[str]:
     """Generate cfg.num_samples texts, print them and write them to out_dir/samples.txt."""
     model.eval()
-    prompt = tok.encode(cfg.sample_prompt) if cfg.sample_prompt else [tok.token_id(EOT)]
+    eot = tok.token_id(EOT)
+    prompt = tok.encode(cfg.sample_prompt) if cfg.sample_prompt else [eot]
     torch.manual_seed(cfg.seed)
-    samples, eot = [], tok.token_id(EOT)
+    samples = []
     for _ in range(cfg.num_samples):
         with autocast:
             ids = generate(model, torch.tensor([prompt], device=device), cfg.sample_tokens,
@@ -897,22 +829,18 @@ def write_samples(model: TransformerLM, tok: Tokenizer, cfg: TrainConfig, device
     print(text, end="")
     write_atomic(out_dir / "samples.txt", text)
     return samples
-
-
 # Beyond AdamW: optimizers that shape the step of a whole weight matrix ----------------------------
 #   Muon replaces the (momentum-averaged) gradient U S V^T by U V^T, the nearest orthogonal
 #        matrix, so every direction of the matrix moves equally.
 #   SOAP learns a rotation per weight matrix (Shampoo's Kronecker factors) and runs Adam in it,
 #        a full-matrix-like preconditioner at the cost of two small eigenbases per matrix.
-# Both give non-matrix parameters (and, for Muon, embeddings and the head) a plain AdamW step,
-# and do no host-device syncs in a step beyond SOAP's one eigendecomposition at its first step.
-def zeropower_via_newtonschulz(G: torch.Tensor, steps: int = 5) -> torch.Tensor:
-    """Approximately orthogonalise G: U S V^T -> U S' V^T with every S' near 1 (about 0.7 to 1.2).
-    The exact U V^T needs an SVD, slow on a GPU. X <- a X + b (X X^T) X + c (X X^T)^2 X needs
-    only matmuls and maps each singular value s <- a s + b s^3 + c s^5, after G / ||G||_F put them
-    in [0, 1]. Jordan et al. tuned (a, b, c) for the steepest slope at 0 (small values grow ~3.4x
-    per step) while keeping every s in a band around 1: training needs it fast, not exact.
-    bf16 on CUDA (tensor cores), else float32. Keeps G's dtype and shape, also (..., rows, cols)."""
+# Both give non-matrix parameters (and, for Muon, embeddings and the head) a plain AdamW step.
+def zeropower_via_newtonschulz(G: Tensor, steps: int = 5) -> Tensor:
+    """Approximately orthogonalise G: U S V^T -> U S' V^T with every S' near 1 (0.7 to 1.2).
+    The exact U V^T needs an SVD, slow on a GPU. X <- a X + b (X X^T) X + c (X X^T)^2 X needs only
+    matmuls and maps each singular value s <- a s + b s^3 + c s^5, after G / ||G||_F put them in
+    [0, 1]. Jordan et al. tuned (a, b, c) for the steepest slope at 0 while keeping every s in a
+    band around 1: fast, not exact. bf16 on CUDA, else float32; G may be a stack (..., rows, cols)."""
     if G.ndim < 2:
         raise ValueError(f"expected a matrix or a stack of them, got shape {tuple(G.shape)}")
     a, b, c = 3.4445, -4.7750, 2.0315
@@ -923,11 +851,8 @@ def zeropower_via_newtonschulz(G: torch.Tensor, steps: int = 5) -> torch.Tensor:
     X = X / (X.norm(dim=(-2, -1), keepdim=True) + 1e-7)  # eps: a zero gradient stays zero, no NaN
     for _ in range(steps):
         A = X @ X.mT
-        B = b * A + c * A @ A
-        X = a * X + B @ X
-    if tall:
-        X = X.mT
-    return X.to(G.dtype)
+        X = a * X + (b * A + c * A @ A) @ X
+    return (X.mT if tall else X).to(G.dtype)
 
 
 @functools.cache
@@ -941,12 +866,11 @@ class Muon(_Optimizer):
         buf <- momentum * buf + (1 - momentum) * g                 (an EMA, like Adam's m)
         u   <- (1 - momentum) * g + momentum * buf  if nesterov else buf
         W   <- W * (1 - lr * weight_decay) - lr * 0.2 * sqrt(max(rows, cols)) * NS(u)
-    NS keeps u's singular vectors and sets its singular values near 1, so rare directions of the
-    gradient get as large a step as the dominant one. The scale is Moonshot's (Liu et al. 2025):
-    it makes the update's RMS 0.2 * lr, a typical AdamW update, so Muon shares AdamW's lr and
-    schedule. Groups with use_muon=False get a plain AdamW step (param_groups_for_muon)."""
-    RULES = {**ADAMW_RULES, "momentum": (0.0, 1.0), "ns_steps": (int, 1), "use_muon": (bool,),
-             "nesterov": (bool,)}
+    Rare directions of the gradient get as large a step as the dominant one. Moonshot's scale
+    (Liu et al. 2025) makes the update's RMS 0.2 * lr, a typical AdamW update, so Muon shares
+    AdamW's lr and schedule. use_muon=False groups get AdamW (param_groups_for_muon)."""
+    RULES = {**ADAMW_RULES, "momentum": _number(0, 1), "ns_steps": _number(1, integer=True),
+             "use_muon": BOOL, "nesterov": BOOL}
 
     def __init__(self, params: Params, lr: float = 1e-3, momentum: float = 0.95,
                  nesterov: bool = True, ns_steps: int = 5, weight_decay: float = 0.01,
@@ -991,12 +915,11 @@ class Muon(_Optimizer):
                                     alpha=-lr * 0.2 * max(stack.shape[1:]) ** 0.5)
 
 
-def _rotate_second_moment(v: torch.Tensor, rotation_left: torch.Tensor | None,
-                          rotation_right: torch.Tensor | None) -> torch.Tensor:
+def _rotate_second_moment(v: Tensor, rotation_left: Tensor | None,
+                          rotation_right: Tensor | None) -> Tensor:
     """Re-express Adam's diagonal second moment v after a change of basis X_new = Rl X Rr^T.
-    Only v's diagonal (per-coordinate) part is kept, so it cannot be rotated exactly; treating the
-    coordinates as independent, var(X_new[i, k]) = sum_jl Rl[i, j]^2 Rr[k, l]^2 v[j, l].
-    Exact when the new basis is a permutation or sign flip of the old one (eigh's ordering)."""
+    Treating coordinates as independent, var(X_new[i, k]) = sum_jl Rl[i, j]^2 Rr[k, l]^2 v[j, l]:
+    exact when the new basis is a permutation or sign flip of the old one (eigh's ordering)."""
     if rotation_left is not None:
         v = rotation_left.square() @ v
     if rotation_right is not None:
@@ -1004,17 +927,16 @@ def _rotate_second_moment(v: torch.Tensor, rotation_left: torch.Tensor | None,
     return v
 
 
-def _power_iteration(statistic: torch.Tensor, Q: torch.Tensor) -> torch.Tensor:
-    """One step of subspace iteration: refresh the eigenbasis Q of a slowly changing statistic.
-    Much cheaper than a new eigh, and Q is already nearly right (the statistic is an EMA). The QR
-    orthonormalises columns in order, so they are first sorted by estimated eigenvalue, largest
-    first, letting the dominant directions claim their place before the small ones."""
+def _power_iteration(statistic: Tensor, Q: Tensor) -> Tensor:
+    """One step of subspace iteration: refresh the eigenbasis Q of a slowly changing statistic,
+    far cheaper than a new eigh. Columns are sorted by estimated eigenvalue first, so the QR lets
+    the dominant directions claim their place before the small ones."""
     estimated_eigenvalues = (Q.T @ statistic @ Q).diagonal()
     Q = Q[:, torch.argsort(estimated_eigenvalues, descending=True)]
     return torch.linalg.qr(statistic @ Q).Q
 
 
-def _refresh_basis(state: dict, key: str, statistic: torch.Tensor | None) -> torch.Tensor | None:
+def _refresh_basis(state: dict, key: str, statistic: Tensor | None) -> Tensor | None:
     """Recompute state[key], the eigenbasis of `statistic`; return new^T @ old (None: no change)."""
     if statistic is None:
         return None
@@ -1029,15 +951,15 @@ def _refresh_basis(state: dict, key: str, statistic: torch.Tensor | None) -> tor
 class SOAP(_Optimizer):
     """SOAP (Vyas et al. 2024): Adam run in the eigenbasis of Shampoo's preconditioner.
     For a gradient G (rows, cols), Shampoo keeps L = EMA(G G^T) and R = EMA(G^T G), whose
-    eigenvectors Q_L, Q_R are the directions in which G varies most. SOAP runs ordinary Adam on
+    eigenvectors Q_L, Q_R are the directions in which G varies most. SOAP runs Adam on
     G' = Q_L^T G Q_R, where the curvature is close to diagonal, and rotates the update back. The
     first gradient only seeds the bases (in a basis built from G itself, Adam would blow rounding
-    noise up into full steps); every `precondition_frequency` steps one power-iteration step
-    refreshes them. The second moment lives in the basis and is rotated approximately. A side
-    longer than max_precond_dim keeps the identity (4096 leaves out vocabularies); vectors get
-    AdamW; statistics stay float32; shampoo_beta defaults to betas[1]."""
-    RULES = {**ADAMW_RULES, "shampoo_beta": (0.0, 1.0, None),
-             "precondition_frequency": (int, 1), "max_precond_dim": (int, 0)}
+    noise up into full steps); every `precondition_frequency` steps a power-iteration step
+    refreshes them and the second moment is rotated along. A side longer than max_precond_dim
+    keeps the identity; vectors get AdamW; statistics stay float32; shampoo_beta: betas[1]."""
+    RULES = {**ADAMW_RULES, "shampoo_beta": _number(0, 1, optional=True),
+             "precondition_frequency": _number(1, integer=True),
+             "max_precond_dim": _number(0, integer=True)}
 
     def __init__(self, params: Params, lr: float = 3e-3,
                  betas: tuple[float, float] = (0.95, 0.95), shampoo_beta: float | None = None,
@@ -1051,14 +973,13 @@ class SOAP(_Optimizer):
 
     def load_state_dict(self, state_dict: dict) -> None:
         super().load_state_dict(state_dict)
-        # torch casts every floating-point state tensor to its parameter's dtype; SOAP keeps its
-        # statistics in float32 whatever the parameter dtype (bfloat16 eigenvectors would be
-        # noise), so take those tensors again from the saved copy, only moved to the device.
+        # torch casts floating-point state to its parameter's dtype; SOAP's statistics stay
+        # float32 (bf16 eigenvectors would be noise): take them again, only moved to the device.
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]
         for saved_id, p in zip(saved_ids, params):
             for key, value in state_dict["state"].get(saved_id, {}).items():
-                if p.ndim >= 2 and isinstance(value, torch.Tensor):
+                if p.ndim >= 2 and isinstance(value, Tensor):
                     self.state[p][key] = value.to(p.device)
 
     def _update(self) -> None:
@@ -1068,7 +989,7 @@ class SOAP(_Optimizer):
                 if p.ndim >= 2:
                     self._matrix_step(p, group)
 
-    def _matrix_step(self, p: torch.Tensor, group: dict) -> None:
+    def _matrix_step(self, p: Tensor, group: dict) -> None:
         beta1, beta2 = group["betas"]
         shampoo_beta = beta2 if group["shampoo_beta"] is None else group["shampoo_beta"]
         G = p.grad.reshape(p.size(0), -1).float()  # (rows, cols)
@@ -1084,16 +1005,11 @@ class SOAP(_Optimizer):
                 self._update_preconditioner(state, G, shampoo_beta, refresh=True)
                 return  # the first gradient only seeds the bases (see the class docstring)
         state["step"] += 1
-        t = state["step"]
-        Q_L, Q_R = state["Q_L"], state["Q_R"]
+        t, Q_L, Q_R = state["step"], state["Q_L"], state["Q_R"]
 
-        def rotate(X: torch.Tensor) -> torch.Tensor:  # into the eigenbasis: Q_L^T X Q_R
-            X = X if Q_L is None else Q_L.T @ X
-            return X if Q_R is None else X @ Q_R
-
-        def rotate_back(X: torch.Tensor) -> torch.Tensor:  # out of it: Q_L X Q_R^T
-            X = X if Q_L is None else Q_L @ X
-            return X if Q_R is None else X @ Q_R.T
+        def rotate(X: Tensor, back: bool = False) -> Tensor:  # Q_L^T X Q_R, or back: Q_L X Q_R^T
+            X = X if Q_L is None else (Q_L if back else Q_L.T) @ X
+            return X if Q_R is None else X @ (Q_R.T if back else Q_R)
 
         # Adam, with its moments measured in the eigenbasis (exactly AdamW when both Q are None).
         G_rotated = rotate(G)
@@ -1101,14 +1017,14 @@ class SOAP(_Optimizer):
         exp_avg.lerp_(G, 1 - beta1)
         exp_avg_sq.mul_(beta2).addcmul_(G_rotated, G_rotated, value=1 - beta2)
         denom = (exp_avg_sq.sqrt() / (1 - beta2**t) ** 0.5).add_(group["eps"])
-        update = rotate_back(rotate(exp_avg) / denom)
+        update = rotate(rotate(exp_avg) / denom, back=True)
         p.mul_(1 - group["lr"] * group["weight_decay"])
         p.add_(update.reshape(p.shape).to(p.dtype), alpha=-group["lr"] / (1 - beta1**t))
         self._update_preconditioner(state, G, shampoo_beta,
                                     refresh=t % group["precondition_frequency"] == 0)
 
     @staticmethod
-    def _update_preconditioner(state: dict, G: torch.Tensor, shampoo_beta: float,
+    def _update_preconditioner(state: dict, G: Tensor, shampoo_beta: float,
                                refresh: bool) -> None:
         """Shampoo's statistics L, R; when `refresh`, new bases and the second moment moved in."""
         if state["L"] is not None:
@@ -1120,8 +1036,6 @@ class SOAP(_Optimizer):
             rotation_right = _refresh_basis(state, "Q_R", state["R"])
             state["exp_avg_sq"] = _rotate_second_moment(state["exp_avg_sq"], rotation_left,
                                                         rotation_right)
-
-
 # Parameter groups: which weights decay, which Muon orthogonalises ---------------------------------
 def _trainable_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter, bool]]:
     """(name, parameter, whether it is an embedding table: an nn.Embedding's, or "embed" in the
@@ -1194,7 +1108,7 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig,
 # Before a run: the checks, the output folder, the data's arrival, devices and processes -----------
 def check_config(cfg: TrainConfig) -> ModelConfig:
     """Check every knob before any work, naming it; return the model's config (built with the
-    BPE vocabulary size for the tokenizer's, so a bad shape fails now, not after the data)."""
+    BPE vocabulary size, so that a bad shape fails now, not after the data)."""
     choices = {"optimizer": ("adamw", "muon", "soap"), "schedule": ("cosine", "wsd"),
                "dataset": ("tinystories", "pycode", "pydoc"),
                "dtype": ("auto", "float32", "bfloat16"), "preset": tuple(PRESETS),
@@ -1225,8 +1139,8 @@ def check_config(cfg: TrainConfig) -> ModelConfig:
 
 
 def prepare_out_dir(cfg: TrainConfig, master: bool) -> Path:
-    """A new run does not take over another run's results unless told to (--overwrite), and even
-    then replaces them only as it writes its own. Temporary files a killed run left are removed."""
+    """A new run does not take over another run's results unless told to (--overwrite), and then
+    replaces them only as it writes its own. Temporary files a killed run left are removed."""
     out_dir = Path(cfg.out_dir)
     if cfg.resume and not (out_dir / "ckpt.pt").exists():
         raise FileNotFoundError(f"--resume: {out_dir / 'ckpt.pt'} does not exist")
@@ -1253,9 +1167,9 @@ def require_writable(folder: Path, flag: str) -> None:
 
 
 def check_resumable(state: dict, cfg: TrainConfig, world_size: int) -> None:
-    """Refuse to resume into a different run, naming each field that changed: only RESUMABLE
-    fields may, and attn_impl (a kernel for the same math). The number of processes must stay:
-    the batch size is per process."""
+    """Refuse to resume into another run, naming each field that changed: only RESUMABLE ones and
+    attn_impl (a kernel for the same math) may. So must the number of processes (batch_size is
+    per process)."""
     saved_model, saved_run = state.get("model_config", {}), state.get("config", {})
     now = dataclasses.asdict(build_model_config(cfg, saved_model.get("vocab_size", 1)))
     changed = [f"{k}={saved_model.get(k)!r} in the checkpoint but {v!r} now"
@@ -1334,8 +1248,8 @@ def peak_flops(device: torch.device) -> float | None:
 
 
 def setup_distributed(device_name: str = "auto") -> tuple[int, int, int, torch.device]:
-    """(rank, local_rank, world_size, device); joins the process group when run by torchrun,
-    which sets RANK, LOCAL_RANK and WORLD_SIZE; plain `python` gets one process."""
+    """(rank, local_rank, world_size, device): joins the process group under torchrun (which sets
+    RANK, LOCAL_RANK and WORLD_SIZE); plain `python` gets one process. NCCL for GPUs, else gloo."""
     device = resolve_device(device_name)
     if "RANK" not in os.environ:
         return 0, 0, 1, device
@@ -1343,30 +1257,26 @@ def setup_distributed(device_name: str = "auto") -> tuple[int, int, int, torch.d
     if device.type == "cuda":
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
-    # NCCL moves CUDA tensors over NVLink; gloo is the CPU backend.
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return rank, local_rank, int(os.environ["WORLD_SIZE"]), device
 
 
 def wrap_ddp(module: nn.Module, device: torch.device) -> nn.Module:
-    """Replicate module on every process; backward averages the gradients across them."""
-    # The only buffers (RoPE and position tables) are constants: no need to broadcast them.
+    """Replicate module on every process; backward averages the gradients across them. The only
+    buffers (RoPE and position tables) are constants: no need to broadcast them."""
     return nn.parallel.DistributedDataParallel(
         module, device_ids=[device.index] if device.type == "cuda" else None,
         broadcast_buffers=False)
-
-
 # Data preparation: text -> BPE tokenizer -> token arrays, cached ----------------------------------
 TINYSTORIES_URL = ("https://huggingface.co/datasets/roneneldan/TinyStories/resolve/main/"
                    "TinyStories-valid.txt")
 
 
 def load_tokens(path: str | Path, tokenizer: Tokenizer) -> np.ndarray:
-    """Memory-map a .bin written by tokenizer.py, after checking it belongs to `tokenizer`: ids
-    from another tokenizer would train without error and learn nonsense, and an id past the
-    vocabulary would fail only at the step that first samples it (one vectorised max finds it)."""
-    path = Path(path)
-    meta_path = Path(str(path) + ".json")
+    """Memory-map a .bin written by tokenizer.py, after checking that it belongs to `tokenizer`:
+    ids from another tokenizer would train without error and learn nonsense, and an id past the
+    vocabulary would fail only at the step that first samples it."""
+    path, meta_path = Path(path), Path(str(path) + ".json")
     if not path.exists():
         raise FileNotFoundError(f"token file {path} does not exist")
     if not meta_path.exists():
@@ -1425,8 +1335,8 @@ def download(url: str, dest: Path, timeout: float = 10.0) -> Path:
 
 
 def pydoc_text(dest: Path, seed: int = 0) -> Path:
-    """Python's own documentation topics (pydoc_data.topics, ~465 KB), one document each,
-    shuffled so that the validation tail is a random sample of them, not the alphabet's end."""
+    """Python's documentation topics (pydoc_data.topics, ~465 KB), one document each, shuffled:
+    the validation tail is a random sample of them, not the alphabet's end."""
     if not dest.exists():
         from pydoc_data.topics import topics
         docs = [topics[k].strip() for k in sorted(topics)]
@@ -1436,12 +1346,11 @@ def pydoc_text(dest: Path, seed: int = 0) -> Path:
 
 
 def pycode_text(dest: Path, max_bytes: int, seed: int = 0, max_file_bytes: int = 100_000) -> Path:
-    """The .py files of the running Python (stdlib and site-packages), one document each, up to
-    max_bytes (0 = all, ~160 MB): offline, and more than a small model learns by heart. Sorted by
-    their path inside their root, then shuffled with a fixed seed: the same packages give the same
-    text wherever they are installed, and validation samples every package. Files over
-    max_file_bytes (generated tables, vendored test suites) are skipped: one of them could fill
-    half a validation split. Non-UTF-8 files too; a literal <|endoftext|> is removed."""
+    """The .py files of the running Python (stdlib and site-packages, ~160 MB), one document
+    each, up to max_bytes (0 = all): offline, and more than a small model learns by heart. Sorted
+    by their path inside their root, then shuffled with a fixed seed: the same packages give the
+    same text wherever installed. Files over max_file_bytes (generated tables) could fill half a
+    validation split and are skipped, as are non-UTF-8 ones; a literal <|endoftext|> is removed."""
     if dest.exists():
         return dest
     paths = sysconfig.get_paths()
@@ -1467,31 +1376,19 @@ def pycode_text(dest: Path, max_bytes: int, seed: int = 0, max_file_bytes: int =
     return dest
 
 
-def _file_key(path: Path) -> str:
-    """A short content hash (size, first and last MB) naming what was built from this file."""
-    h = hashlib.sha256(str(path.stat().st_size).encode())
-    with open(path, "rb") as f:
-        h.update(f.read(1 << 20))
-        f.seek(max(0, path.stat().st_size - (1 << 20)))
-        h.update(f.read())
-    return h.hexdigest()[:10]
-
-
-def _line_start(path: Path, offset: int) -> int:
-    """The first line start at or after offset (the file size if there is none)."""
-    if offset <= 0 or offset >= path.stat().st_size:
-        return min(max(offset, 0), path.stat().st_size)
-    with open(path, "rb") as f:
-        f.seek(offset - 1)
-        f.readline()
-        return f.tell()
-
-
 def split_text(src: Path, out_dir: Path, val_fraction: float, max_bytes: int) -> tuple[Path, Path]:
     """out_dir/train.txt and val.txt: the head and the tail of at most max_bytes of src, cut at
     line starts, each copied once and atomically."""
-    end = _line_start(src, max_bytes) if max_bytes > 0 else src.stat().st_size
-    cut = _line_start(src, int(end * (1 - val_fraction)))
+    def line_start(offset: int) -> int:  # the first line start at or after offset
+        if offset <= 0 or offset >= src.stat().st_size:
+            return min(max(offset, 0), src.stat().st_size)
+        with open(src, "rb") as f:
+            f.seek(offset - 1)
+            f.readline()
+            return f.tell()
+
+    end = line_start(max_bytes) if max_bytes > 0 else src.stat().st_size
+    cut = line_start(int(end * (1 - val_fraction)))
     if not 0 < cut < end:
         raise ValueError(f"{src} is too small to split into train and validation text "
                          f"(val_fraction={val_fraction}): it needs several lines")
@@ -1535,14 +1432,20 @@ def source_text(cfg: TrainConfig) -> Path:
 
 def prepare_data(cfg: TrainConfig) -> tuple[str, str, str]:
     """Text -> BPE tokenizer -> train/val .bin arrays: (tokenizer_dir, train_bin, val_bin). Each
-    step is cached under a name made of a hash of the text and the settings: never stale."""
+    is cached under a name made of the text's hash and the settings: never stale."""
     if cfg.train_bin or cfg.val_bin or cfg.tokenizer_dir:
         if not (cfg.train_bin and cfg.val_bin and cfg.tokenizer_dir):
             raise UsageError("--train_bin, --val_bin and --tokenizer_dir go together")
         return cfg.tokenizer_dir, cfg.train_bin, cfg.val_bin
     require_writable(Path(cfg.cache_dir), "cache_dir")
     text, max_bytes = source_text(cfg), int(cfg.max_text_mb * 2**20)
-    work = Path(cfg.cache_dir) / f"{text.stem}-{_file_key(text)}-{max_bytes}-{cfg.val_fraction}"
+    digest = hashlib.sha256(str(text.stat().st_size).encode())  # size, first and last MB
+    with open(text, "rb") as f:
+        digest.update(f.read(1 << 20))
+        f.seek(max(0, text.stat().st_size - (1 << 20)))
+        digest.update(f.read())
+    work = Path(cfg.cache_dir) / f"{text.stem}-{digest.hexdigest()[:10]}-{max_bytes}-" \
+                                 f"{cfg.val_fraction}"
     text, val_text = split_text(text, work, cfg.val_fraction, max_bytes)
     tok_dir = work / f"bpe{cfg.vocab_size}"
     if not tok_dir.exists():  # written under a temporary name, so it exists only when complete
@@ -1564,8 +1467,6 @@ def prepare_data(cfg: TrainConfig) -> tuple[str, str, str]:
             encode_file(tok, str(path), str(out))
         bins.append(str(out))
     return str(tok_dir), bins[0], bins[1]
-
-
 # Reading a run: `python train.py plot [out_dir]` --------------------------------------------------
 def plot(out_dir: str | Path) -> Path:
     """Train and validation loss against tokens, the learning rate below: out_dir/loss.png."""
