@@ -1,11 +1,10 @@
 """Stage 2: the Transformer language model from its parts, and the variants the course compares.
 
-The course's model first: the config (`ModelConfig`, and `PRESETS`, every model shape by name);
-the parts, hand-written (Linear, Embedding, RMSNorm, softmax, SwiGLU); RoPE; attention, the
-readable reference and right after it the fast dispatch; the block, `TransformerLM` (the course's
-state_dict names) and `generate` with a KV cache; accounting of parameters, FLOPs and memory from
-the config alone. Then the variants the lecture compares, each in its own section. train.py
-trains the model; `TransformerLM(ModelConfig())` is the course's TinyStories model.
+The course's model, in lecture order: the config (`ModelConfig`; `PRESETS`, every model shape by
+name); the parts, hand-written (Linear, Embedding, RMSNorm, softmax, SwiGLU); RoPE; attention, the
+reference and then the fast dispatch; the block; `TransformerLM` (the course's state_dict names);
+`generate` with a KV cache; parameter, FLOP and memory accounting from the config alone; then the
+variants the lecture compares. `TransformerLM(ModelConfig())` is the course's TinyStories model.
 
 Commands (CPU, no files read or written; any ModelConfig field as --key=value):
     python model.py                                    # accounting of the TinyStories model
@@ -49,7 +48,7 @@ class ModelConfig:
     positions: str = "rope"  # "rope" | "sinusoidal" | "learned" | "none" (hyena ignores "rope")
     mixer: str = "attention"  # "attention" (softmax) | "linear_attention" | "hyena"
     sliding_window: int | None = None  # None: full causal; W: each token sees its last W tokens
-    num_kv_heads: int | None = None  # None: = num_heads (MHA); 1 < g < num_heads: GQA; 1: MQA
+    num_kv_heads: int | None = None  # None: = num_heads (MHA); 1: MQA; a divisor in between: GQA
     kv_latent_dim: int | None = None  # None: plain attention; an int: MLA with this KV latent width
     mla_rope_dim: int | None = None  # MLA's decoupled RoPE width per head; None: head_dim // 2
     num_experts: int = 0  # 0: dense FFN; E > 0: mixture of E experts in every block
@@ -67,8 +66,7 @@ class ModelConfig:
         """Fail at construction, naming the field: types first, then the rules between fields."""
         for name, minimum in _MINIMUM.items():
             value, optional = getattr(self, name), getattr(ModelConfig, name) is None
-            if not (value is None and optional) and (
-                    isinstance(value, bool) or not isinstance(value, int) or value < minimum):
+            if not (value is None and optional or type(value) is int and value >= minimum):
                 raise ValueError(f"{name} must be an integer >= {minimum}"
                                  f"{' or None' if optional else ''}, got {value!r}")
         attention, mla = self.mixer == "attention", self.kv_latent_dim is not None
@@ -77,11 +75,10 @@ class ModelConfig:
         rules = [  # (field, rule holds, what the field must do), checked in order
             *((name, getattr(self, name) in allowed, f"be one of {allowed}")
               for name, allowed in _CHOICES.items()),
-            ("rope_theta", self.rope_theta > 0, "be > 0"),
-            ("norm_eps", self.norm_eps > 0, "be > 0"),
+            *((name, getattr(self, name) > 0, "be > 0") for name in ("rope_theta", "norm_eps")),
             ("moe_aux_loss_coef", self.moe_aux_loss_coef >= 0, "be >= 0"),
             ("num_heads", self.d_model % self.num_heads == 0, f"divide d_model ({self.d_model})"),
-            ("num_kv_heads", self.num_kv_heads is None or self.num_heads % self.num_kv_heads == 0,
+            ("num_kv_heads", self.num_heads % (self.num_kv_heads or 1) == 0,
              f"divide num_heads ({self.num_heads})"),
             *((name, getattr(self, name) is None or attention and not mla,
                "be None unless mixer='attention' without MLA (kv_latent_dim)")
@@ -105,13 +102,11 @@ class ModelConfig:
         return self.d_model // self.num_heads
 
     @property
-    def rope_dim(self) -> int:
-        """The width RoPE rotates per head: the head dim, or MLA's decoupled part."""
+    def rope_dim(self) -> int:  # the width RoPE rotates per head: the head dim, or MLA's part
         return (self.mla_rope_dim or self.head_dim // 2) if self.kv_latent_dim else self.head_dim
 
     @classmethod
     def preset(cls, name: str, **overrides) -> "ModelConfig":
-        """A named shape from PRESETS, with any fields overridden."""
         if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
         return cls(**{**PRESETS[name], **overrides})
@@ -294,14 +289,11 @@ class RotaryEmbedding(nn.Module):
 
     def cos_sin(self, token_positions: torch.Tensor | None, seq_len: int):
         """Tables for the given positions (..., T), or for 0..seq_len-1 when None (a slice)."""
-        if token_positions is None:
-            return self.cos[:seq_len], self.sin[:seq_len]
-        return self.cos[token_positions], self.sin[token_positions]
+        index = slice(seq_len) if token_positions is None else token_positions
+        return self.cos[index], self.sin[index]
 
     def forward(self, x: torch.Tensor, token_positions: torch.Tensor | None = None) -> torch.Tensor:
-        """x: (..., T, d_k); token_positions: (..., T), broadcastable to x's leading dims."""
-        cos, sin = self.cos_sin(token_positions, x.shape[-2])
-        return apply_rotary(x, cos, sin)
+        return apply_rotary(x, *self.cos_sin(token_positions, x.shape[-2]))  # x: (..., T, d_k)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -312,7 +304,7 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return rotated.flatten(-2).to(x.dtype)
 
 
-# Attention: the hand-written reference, then the dispatch to the fast kernels ---------------------
+# Attention, the reference: softmax(Q K^T / sqrt(d_k)) V under a causal mask -----------------------
 def scaled_dot_product_attention(Q: torch.Tensor, K: torch.Tensor, V: torch.Tensor,
                                  mask: torch.Tensor | None = None) -> torch.Tensor:
     """softmax(Q K^T / sqrt(d_k)) V. Q: (..., T, d_k), K: (..., S, d_k), V: (..., S, d_v);
@@ -335,20 +327,19 @@ def attention_mask(seq_len: int, kv_len: int, start: int, window: int | None,
     return allowed
 
 
+# Fast attention: one dispatch to torch's fused kernels or kernels.py's FlashAttention-2 -----------
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int = 0,
            window: int | None = None, impl: str = "sdpa") -> torch.Tensor:
-    """Causal attention of q (..., H, T, d) over k, v (..., H_kv, S, d); with H_kv < H (GQA)
-    query head h reads key-value head h // (H / H_kv). impl="manual" is the reference above;
-    "sdpa" is torch's fused kernels (no cache and no window: is_causal=True without a mask lets
-    torch pick FlashAttention); "triton" is kernels.py's FlashAttention-2, GQA in the kernel, for
-    queries that are the last keys without a window (training, prefill)."""
+    """Causal attention of q (..., H, T, d) over k, v (..., H_kv, S, d); query head h reads
+    key-value head h // (H / H_kv) (GQA). impl="manual": the reference above; "sdpa": torch's fused
+    kernels (with no cache or window, is_causal=True and no mask, so torch can pick FlashAttention);
+    "triton": kernels.py's FlashAttention-2 when the queries are the last keys, with no window."""
     num_heads, num_kv_heads = q.shape[-3], k.shape[-3]
     seq_len, kv_len = q.shape[-2], k.shape[-2]
     if impl == "triton" and window is None and start + seq_len == kv_len:  # GQA in the kernel
         return triton_kernels("attn_impl='triton'").flash_attention(q, k, v, True)
     if num_kv_heads != num_heads:
-        k = k.repeat_interleave(num_heads // num_kv_heads, dim=-3)
-        v = v.repeat_interleave(num_heads // num_kv_heads, dim=-3)
+        k, v = (t.repeat_interleave(num_heads // num_kv_heads, dim=-3) for t in (k, v))
     if impl == "manual":
         return scaled_dot_product_attention(
             q, k, v, attention_mask(seq_len, kv_len, start, window, q.device))
@@ -363,10 +354,6 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int = 0,
 # Multi-head self-attention, with GQA/MQA and sliding windows inline -------------------------------
 def _split_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:  # (.., T, H*d) -> (.., H, T, d)
     return x.unflatten(-1, (num_heads, -1)).transpose(-3, -2)
-
-
-def _merge_heads(x: torch.Tensor) -> torch.Tensor:  # (..., H, T, d) -> (..., T, H*d)
-    return x.transpose(-3, -2).flatten(-2)
 
 
 def _write_cache(buffer: torch.Tensor, new: torch.Tensor, start: int, dim: int) -> torch.Tensor:
@@ -407,14 +394,14 @@ class MultiHeadSelfAttention(nn.Module):
             k = _write_cache(cache["k"], k, start, dim=2).to(q.dtype)  # (B, H_kv, start+T, d)
             v = _write_cache(cache["v"], v, start, dim=2).to(q.dtype)
         out = attend(q, k, v, start, self.window, self.attn_impl)  # (B, H, T, d)
-        return self.output_proj(_merge_heads(out))
+        return self.output_proj(out.transpose(-3, -2).flatten(-2))  # heads merged: (B, T, H*d)
 
     def make_cache(self, batch_size: int, max_seq_len: int, device, dtype) -> dict:
         shape = (batch_size, self.num_kv_heads, max_seq_len, self.head_dim)
         return {name: torch.zeros(shape, device=device, dtype=dtype) for name in ("k", "v")}
 
 
-# The block and the language model -----------------------------------------------------------------
+# The block: a sequence mixer and a feed-forward net, each in a residual branch --------------------
 class TransformerBlock(nn.Module):
     """Pre-norm: x + mixer(ln1(x)), then + ffn(ln2(x)) (the residual stream is never normalised,
     which keeps deep stacks trainable). Post-norm (original Transformer): ln1(x + mixer(x)), ..."""
@@ -453,6 +440,7 @@ def make_mixer(config: ModelConfig) -> nn.Module:
                                   use_rope, config.sliding_window, config.attn_impl, config.bias)
 
 
+# The language model: embeddings, the blocks, the final norm and the head --------------------------
 class KVCache:
     """Per-layer buffers for incremental decoding, from model.make_kv_cache. Token n lives in slot
     n; seq_len counts the slots filled and advances with every forward given this cache."""
@@ -507,18 +495,13 @@ class TransformerLM(nn.Module):
             table = (self.position_embeddings.weight if config.positions == "learned"
                      else self.sinusoidal)
             x = x + (table[:seq_len] if positions is None else table[positions]).to(x.dtype)
-        rope = None
-        if self.rope is not None:
-            cos, sin = self.rope.cos_sin(positions, seq_len)  # (..., T, rope_dim / 2)
-            if cos.dim() > 2:  # per-sequence positions (B, T): make room for the head axis
-                cos, sin = cos.unsqueeze(-3), sin.unsqueeze(-3)
-            rope = (cos, sin)
-        aux_loss = torch.zeros((), device=x.device)
+        rope = None if self.rope is None else self.rope.cos_sin(positions, seq_len)  # cos, sin
+        if rope is not None and rope[0].dim() > 2:  # per-row positions (B, T): add the head axis
+            rope = tuple(table.unsqueeze(-3) for table in rope)
         for i, layer in enumerate(self.layers):
             x = layer(x, rope, None if kv_cache is None else kv_cache.layers[i], start)
-            if config.num_experts:
-                aux_loss = aux_loss + layer.ffn.aux_loss
-        self.aux_loss = aux_loss
+        moe_losses = [layer.ffn.aux_loss for layer in self.layers] if config.num_experts else []
+        self.aux_loss = sum(moe_losses, torch.zeros((), device=x.device))
         if kv_cache is not None:
             kv_cache.seq_len = start + seq_len
         return self.ln_final(x) if return_hidden else self.lm_head(self.ln_final(x))
@@ -619,24 +602,20 @@ def generate(model: TransformerLM, prompt_ids: torch.Tensor, max_new_tokens: int
         cache = model.make_kv_cache(prompt_ids.shape[0], device=prompt_ids.device)
     except NotImplementedError:
         cache = None
-    out = prompt_ids
+    out, feed = prompt_ids, prompt_ids[:, -context:]  # feed: the tokens the next forward reads
     finished = torch.zeros(prompt_ids.shape[0], dtype=torch.bool, device=prompt_ids.device)
-    logits = model(out[:, -context:], kv_cache=cache)[:, -1]
-    for step in range(max_new_tokens):
-        next_ids = sample_next(logits, temperature, top_k)
+    for _ in range(max_new_tokens):
+        if cache is not None and cache.seq_len == cache.max_seq_len:  # full: restart from half
+            cache.reset()
+            feed = out[:, -max(1, context // 2):]
+        next_ids = sample_next(model(feed, kv_cache=cache)[:, -1], temperature, top_k)
         if eos_id is not None:
             next_ids = torch.where(finished, eos_id, next_ids)
             finished = finished | (next_ids == eos_id)
         out = torch.cat((out, next_ids[:, None]), dim=1)
-        if step == max_new_tokens - 1 or (eos_id is not None and bool(finished.all())):
+        if eos_id is not None and bool(finished.all()):
             break
-        if cache is None:
-            logits = model(out[:, -context:])[:, -1]
-        elif cache.seq_len == cache.max_seq_len:
-            cache.reset()
-            logits = model(out[:, -max(1, context // 2):], kv_cache=cache)[:, -1]
-        else:
-            logits = model(next_ids[:, None], kv_cache=cache)[:, -1]
+        feed = out[:, -context:] if cache is None else next_ids[:, None]
     return out
 
 
@@ -645,7 +624,7 @@ def _ffn_params(config: ModelConfig, active: bool = False) -> int:
     """FFN parameters of a block, or with active=True those one token multiplies: for MoE the
     k experts it is routed to (not all E), the shared expert and the router."""
     ffn = (3 if config.ffn == "swiglu" else 2) * config.d_model * config.d_ff
-    ffn += config.bias * ((2 if config.ffn == "swiglu" else 1) * config.d_ff + config.d_model)
+    ffn += config.bias * (config.d_ff + config.d_model)  # only the two-matrix FFNs have biases
     if not config.num_experts:
         return ffn
     experts = config.experts_top_k if active else config.num_experts
@@ -713,9 +692,8 @@ def mfu_flops_per_token(config: ModelConfig, seq_len: int) -> float:
     """The PaLM / nanoGPT training FLOPs per token, 6 N + 12 L H Q T, with N the parameters used
     in matmuls (everything but the input embedding and the norm gains; a tied matrix counts once
     as the head; for MoE the active ones). MFU = tokens/s * this / peak FLOP/s."""
-    counts = count_params(config)
-    matmul_params = (counts["attention"] + config.num_layers * _ffn_params(config, active=True)
-                     + config.vocab_size * config.d_model)
+    per_layer = _mixer_params(config) + _ffn_params(config, active=True)
+    matmul_params = config.num_layers * per_layer + config.vocab_size * config.d_model
     return 6.0 * matmul_params + 12.0 * config.num_layers * config.d_model * seq_len
 
 
@@ -725,8 +703,7 @@ def memory_estimate(config: ModelConfig, batch_size: int, seq_len: int, param_by
     moments, and the activations saved for backward: per block the norm inputs, Q/K/V, attention
     scores and probabilities (H x T x T each, unless a fused kernel recomputes them), attention
     output and projection, the FFN's hidden tensors; then the final norm, logits and softmax."""
-    counts = count_params(config)
-    d, tokens = config.d_model, batch_size * seq_len
+    params, d, tokens = count_params(config)["total"], config.d_model, batch_size * seq_len
     ffn_hidden = 4 * config.d_ff if config.ffn == "swiglu" else 2 * config.d_ff
     if config.num_experts:
         ffn_hidden *= config.experts_top_k + config.shared_expert
@@ -734,9 +711,8 @@ def memory_estimate(config: ModelConfig, batch_size: int, seq_len: int, param_by
     attention_matrix = 2 * config.num_heads * seq_len * batch_size * seq_len
     per_layer = tokens * per_token + (attention_matrix if stores_attention_matrix else 0)
     activation_elements = config.num_layers * per_layer + tokens * (d + 2 * config.vocab_size)
-    memory = {"params": counts["total"] * param_bytes, "grads": counts["total"] * param_bytes,
-              "adamw_state": counts["total"] * 2 * 4,
-              "activations": activation_elements * activation_bytes}
+    memory = {"params": params * param_bytes, "grads": params * param_bytes,
+              "adamw_state": params * 2 * 4, "activations": activation_elements * activation_bytes}
     memory["total"] = sum(memory.values())
     return memory
 
@@ -745,13 +721,9 @@ def memory_estimate(config: ModelConfig, batch_size: int, seq_len: int, param_by
 # Learned positions are an Embedding of context_length rows; TransformerLM.forward adds either
 # to the token embeddings, instead of rotating queries and keys.
 def sinusoidal_table(max_seq_len: int, d_model: int) -> torch.Tensor:
-    """Vaswani et al.'s fixed positions: PE[p, 2i] = sin(p / 10000^(2i/d)), PE[p, 2i+1] = cos."""
-    inv_freq = 10000.0 ** (-torch.arange(0, d_model, 2, dtype=torch.float64) / d_model)
-    angles = torch.arange(max_seq_len, dtype=torch.float64)[:, None] * inv_freq
-    table = torch.zeros(max_seq_len, d_model, dtype=torch.float64)
-    table[:, 0::2] = angles.sin()
-    table[:, 1::2] = angles.cos()[:, : d_model // 2]
-    return table.float()
+    """Vaswani et al.'s PE[p, 2i] = sin(p / 10000^(2i/d)), PE[p, 2i+1] = cos: RoPE's angles."""
+    rope = RotaryEmbedding(10000.0, d_model, max_seq_len)
+    return torch.stack((rope.sin, rope.cos), dim=-1).flatten(-2)[:, :d_model]  # (L, d_model)
 
 
 # Variant: multi-head latent attention (DeepSeek-V2), a smaller KV cache than GQA's ----------------
@@ -784,15 +756,13 @@ class MultiHeadLatentAttention(nn.Module):
         if cache is not None:
             latent = _write_cache(cache["latent"], latent, start, dim=1).to(latent.dtype)
             k_rope = _write_cache(cache["k_rope"], k_rope, start, dim=2).to(latent.dtype)
-        q = torch.cat((_split_heads(self.q_proj(x), self.num_heads),
-                       apply_rotary(_split_heads(self.q_rope_proj(x), self.num_heads), *rope)),
-                      dim=-1)  # (B, H, T, d + rope_dim)
+        q_rope = apply_rotary(_split_heads(self.q_rope_proj(x), self.num_heads), *rope)
+        q = torch.cat((_split_heads(self.q_proj(x), self.num_heads), q_rope), -1)  # (B, H, T, d+r)
         k_content = _split_heads(self.k_up_proj(latent), self.num_heads)  # (B, H, S, d)
-        k_rope = k_rope.expand(*k_content.shape[:-1], self.rope_dim)
-        k = torch.cat((k_content, k_rope), dim=-1)  # (B, H, S, d + rope_dim)
+        k = torch.cat((k_content, k_rope.expand(*k_content.shape[:-1], -1)), -1)  # (.., d + rope)
         v = _split_heads(self.v_up_proj(latent), self.num_heads)  # (B, H, S, d)
-        out = attend(q, k, v, start, None, self.attn_impl)
-        return self.output_proj(_merge_heads(out))
+        out = attend(q, k, v, start, None, self.attn_impl)  # (B, H, T, d)
+        return self.output_proj(out.transpose(-3, -2).flatten(-2))
 
     def make_cache(self, batch_size: int, max_seq_len: int, device, dtype) -> dict:
         latent_dim, kind = self.kv_down_proj.weight.shape[0], dict(device=device, dtype=dtype)
@@ -842,14 +812,12 @@ class LinearAttention(MultiHeadSelfAttention):
     def forward(self, x: torch.Tensor, rope: tuple | None = None, cache: dict | None = None,
                 start: int = 0) -> torch.Tensor:
         q, k, v = self.project(x, rope)  # RoPE goes before the positive feature map
-        # float32: the running sums lose precision in bf16.
-        q, k = linear_attention_feature_map(q.float()), linear_attention_feature_map(k.float())
-        state, normalizer = (None, None) if cache is None else (cache["state"], cache["normalizer"])
-        out, state, normalizer = causal_linear_attention(q, k, v.float(), state, normalizer)
-        if cache is not None:
-            cache["state"].copy_(state)
-            cache["normalizer"].copy_(normalizer)
-        return self.output_proj(_merge_heads(out.to(x.dtype)))
+        q, k = (linear_attention_feature_map(t.float()) for t in (q, k))  # fp32: sums drift in bf16
+        state = () if cache is None else (cache["state"], cache["normalizer"])  # S, z so far
+        out, *new_state = causal_linear_attention(q, k, v.float(), *state)
+        for buffer, new in zip(state, new_state):  # the cache keeps the running sums
+            buffer.copy_(new)
+        return self.output_proj(out.to(x.dtype).transpose(-3, -2).flatten(-2))
 
     def make_cache(self, batch_size: int, max_seq_len: int, device, dtype) -> dict:
         """The whole past fits in a fixed-size state, whatever max_seq_len is."""
@@ -867,9 +835,8 @@ HYENA_SHORT_KERNEL = 3  # width of the short depthwise convolution on each strea
 
 def causal_conv_direct(u: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
     """y[..., c, t] = sum_{s<=t} h[c, s] u[..., c, t-s], by its definition in O(T^2)."""
-    seq_len = u.shape[-1]
     y = torch.zeros_like(u)
-    for t in range(seq_len):
+    for t in range(u.shape[-1]):
         y[..., t] = (h[..., : t + 1].flip(-1) * u[..., : t + 1]).sum(-1)
     return y
 
@@ -878,8 +845,7 @@ def fft_causal_conv(u: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
     """The same convolution in O(T log T): zero-padding to 2T turns the FFT's circular convolution
     into a linear one, so no future sample wraps around into the past."""
     seq_len = u.shape[-1]
-    u_freq = torch.fft.rfft(u.float(), n=2 * seq_len)
-    h_freq = torch.fft.rfft(h.float(), n=2 * seq_len)
+    u_freq, h_freq = (torch.fft.rfft(t.float(), n=2 * seq_len) for t in (u, h))
     return torch.fft.irfft(u_freq * h_freq, n=2 * seq_len)[..., :seq_len].to(u.dtype)
 
 
@@ -923,9 +889,7 @@ class HyenaMixer(nn.Module):
     def forward(self, x: torch.Tensor, rope: tuple | None = None, cache: dict | None = None,
                 start: int = 0) -> torch.Tensor:
         seq_len = x.shape[-2]
-        u = self.in_proj(x).transpose(-2, -1)  # (B, (N+1) D, T)
-        lead = u.shape[:-2]
-        u = u.reshape(-1, *u.shape[-2:])
+        u = self.in_proj(x.reshape(-1, *x.shape[-2:])).transpose(-2, -1)  # (B, (N+1) D, T)
         kernel = self.short_filter.shape[-1]
         u = F.conv1d(F.pad(u, (kernel - 1, 0)), self.short_filter.to(u.dtype), groups=u.shape[1])
         v, *gates = u.split(self.d_model, dim=1)  # each (B, D, T)
@@ -933,7 +897,7 @@ class HyenaMixer(nn.Module):
         skips = self.skip.view(self.order, self.d_model, 1)
         for gate, h, skip in zip(gates, filters, skips):
             v = gate * (fft_causal_conv(v, h) + skip.to(v.dtype) * v)
-        return self.output_proj(v.reshape(*lead, self.d_model, seq_len).transpose(-2, -1))
+        return self.output_proj(v.transpose(-2, -1)).reshape(x.shape)
 
     def make_cache(self, batch_size: int, max_seq_len: int, device, dtype) -> dict:
         raise NotImplementedError("mixer='hyena' has no KV cache: its long convolution sees the "
@@ -966,7 +930,7 @@ class MixtureOfExperts(nn.Module):
             out.index_add_(0, token_idx, expert(tokens[token_idx]) * gates[token_idx, slot, None])
         if self.shared_expert is not None:
             out = out + self.shared_expert(tokens)
-        num_experts = probs.shape[-1]
+        num_experts = len(self.experts)
         assigned = F.one_hot(top_experts, num_experts).float().sum((0, 1)) / top_experts.numel()
         self.aux_loss = self.aux_loss_coef * num_experts * (assigned * probs.mean(0)).sum()
         return out.view_as(x)
@@ -999,9 +963,8 @@ def print_accounting(config: ModelConfig, batch_size: int, seq_len: int) -> None
 
 
 def main(argv: list[str]) -> None:
-    if argv[:1] in (["-h"], ["--help"]):
-        print(__doc__)
-        return
+    if "-h" in argv or "--help" in argv:
+        return print(__doc__)
     positional, options = parse_args(argv, CLI_DEFAULTS)
     if positional:
         raise UsageError(f"unexpected argument {positional[0]!r}; write options as --key=value")
