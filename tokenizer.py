@@ -59,6 +59,8 @@ DATA_DIR = Path(__file__).resolve().parent.parent / "shared" / "data"  # the sha
 CHUNK_BYTES = 4 << 20  # a process reads a file this much at a time: bounds memory per process
 STREAM_CHARS = 1 << 20  # encode_iterable encodes its buffer each time it holds this many chars
 CACHE_ENTRIES = 100_000  # pre-token -> ids cache per tokenizer; cleared when full (bounded memory)
+LONG_PRETOKEN = 64  # characters; longer pre-tokens take _bpe_reference's linear-per-merge path
+_NO_MERGE = 1 << 62  # the rank of a pair that has no merge: after every real rank
 Vocab, Merges = dict[int, bytes], list[tuple[bytes, bytes]]  # id -> token; (a, b) in merge order
 
 
@@ -111,9 +113,8 @@ def count_pretokens(text: str, special_tokens: Sequence[str] = (),
                     pretokenize: bool = True) -> Counter:
     """How often each pre-token occurs. Special tokens cut the text first and are dropped, so no
     merge ever touches them; pretokenize=False keeps the text between them whole."""
-    splitter = _special_re(special_tokens)
     counts = Counter()
-    for segment in splitter.split(text) if splitter else [text]:
+    for segment in _special_re(special_tokens).split(text):
         counts.update(PRETOKEN_RE.findall(segment) if pretokenize else [segment])
     return counts
 
@@ -144,8 +145,7 @@ def train_bpe_reference(input_path: str | os.PathLike, vocab_size: int, special_
     path, special_tokens, num_merges = _check_training(input_path, vocab_size, special_tokens)
     counts = count_pretokens(path.read_text(encoding="utf-8"), special_tokens, pretokenize)
     words = {tuple(pretoken.encode("utf-8")): count for pretoken, count in counts.items()}
-    vocab = {i: bytes([i]) for i in range(256)}
-    merges = []
+    vocab, merges = {i: bytes([i]) for i in range(256)}, []
     for _ in range(num_merges):
         pairs = Counter()
         for word, count in words.items():
@@ -162,9 +162,8 @@ def train_bpe_reference(input_path: str | os.PathLike, vocab_size: int, special_
                   f"{_show(vocab[new_id])}  (count {pairs[a, b]})")
         # distinct words stay distinct: splitting new_id again undoes the merge
         words = {tuple(merge(word, (a, b), new_id)): count for word, count in words.items()}
-    for s in special_tokens:
-        vocab[len(vocab)] = s.encode("utf-8")
-    return vocab, merges
+    specials = {len(vocab) + k: s.encode("utf-8") for k, s in enumerate(special_tokens)}
+    return vocab | specials, merges
 
 
 def train_bpe(input_path: str | os.PathLike, vocab_size: int, special_tokens: list[str],
@@ -176,18 +175,10 @@ def train_bpe(input_path: str | os.PathLike, vocab_size: int, special_tokens: li
     for chunk_counts in _map_chunks(count_pretokens, (special_tokens,), path, special_tokens,
                                     num_workers, "pre-tokenize", progress):
         counts.update(chunk_counts)
-    words = [list(pretoken.encode("utf-8")) for pretoken in counts]
-    vocab = {i: bytes([i]) for i in range(256)}
+    words, vocab = [list(p.encode("utf-8")) for p in counts], {i: bytes([i]) for i in range(256)}
     merges = bpe_merges(words, list(counts.values()), vocab, num_merges, progress)
-    for s in special_tokens:
-        vocab[len(vocab)] = s.encode("utf-8")
-    return vocab, merges
-
-
-def _reverse_key(token: bytes) -> tuple[int, ...]:
-    """Sorts tokens in reverse byte order, so a min-heap pops the greatest first. The final 1 is
-    larger than any negated byte: a prefix (b"a" < b"ab") sorts after the longer token."""
-    return tuple(-b for b in token) + (1,)
+    specials = {len(vocab) + k: s.encode("utf-8") for k, s in enumerate(special_tokens)}
+    return vocab | specials, merges
 
 
 def bpe_merges(words: list[list[int]], freqs: list[int], vocab: Vocab,
@@ -202,8 +193,10 @@ def bpe_merges(words: list[list[int]], freqs: list[int], vocab: Vocab,
         for pair in zip(word, word[1:]):
             pair_counts[pair] += freq
             pair_words[pair].add(w)
-    reverse = [_reverse_key(vocab[i]) for i in range(len(vocab))]
-    # ties between equal counts go to the lexicographically greater pair (as bytes)
+    # Ties between equal counts go to the greater pair of bytes, which the min-heap pops first
+    # with each token keyed by its negated bytes, then a 1: larger than any negated byte, so a
+    # prefix (b"a" < b"ab") sorts after the longer token.
+    reverse = [tuple(-b for b in vocab[i]) + (1,) for i in range(len(vocab))]
     heap = [(-count, reverse[a], reverse[b], a, b) for (a, b), count in pair_counts.items()]
     heapq.heapify(heap)
     merges = []
@@ -222,7 +215,7 @@ def bpe_merges(words: list[list[int]], freqs: list[int], vocab: Vocab,
         heapq.heappop(heap)
         new_id = len(vocab)
         vocab[new_id] = vocab[a] + vocab[b]
-        reverse.append(_reverse_key(vocab[new_id]))
+        reverse.append(reverse[a][:-1] + reverse[b])  # the key of vocab[a] + vocab[b]
         merges.append((vocab[a], vocab[b]))
         new_pairs = set()  # only pairs holding new_id can grow: the others lost neighbours
         for w in pair_words.pop((a, b)):
@@ -244,11 +237,6 @@ def bpe_merges(words: list[list[int]], freqs: list[int], vocab: Vocab,
 
 
 # 3. The tokenizer: encode, encode_iterable, decode ------------------------------------------------
-_REPLACEMENT = "\N{REPLACEMENT CHARACTER}".encode("utf-8")  # what decode gives for an unknown id
-_NO_MERGE = 1 << 62  # the rank of a pair that has no merge: after every real rank
-LONG_PRETOKEN = 64  # characters; longer pre-tokens take _bpe_reference's linear-per-merge path
-
-
 class _PretokenCache(dict):
     """pre-token -> ids; a missing pre-token is encoded once. Cleared when full: bounded memory."""
     def __init__(self, bpe: Callable[[str], list[int]]):
@@ -270,32 +258,27 @@ class Tokenizer:
         self.vocab = {int(i): bytes(token) for i, token in vocab.items()}
         self.merges = [(bytes(a), bytes(b)) for a, b in merges]
         self.special_tokens = _check_specials(special_tokens)
-        self._ids: dict[bytes, int] = {}
-        for i in sorted(self.vocab):  # a token that occurs twice keeps its lowest id
-            self._ids.setdefault(self.vocab[i], i)
         for s in map(str.encode, self.special_tokens):
-            if s not in self._ids:
-                self._ids[s] = len(self.vocab)
+            if s not in self.vocab.values():
                 self.vocab[len(self.vocab)] = s
-        if sorted(self.vocab) != list(range(len(self.vocab))):
-            raise ValueError(f"vocabulary ids must be 0..{len(self.vocab) - 1} without gaps")
+        # token -> id; a token that occurs twice keeps its lowest id (written last)
+        self._ids = {token: i for i, token in sorted(self.vocab.items(), reverse=True)}
+        self.vocab_size = len(self.vocab)
+        if sorted(self.vocab) != list(range(self.vocab_size)):
+            raise ValueError(f"vocabulary ids must be 0..{self.vocab_size - 1} without gaps")
         if any(bytes([b]) not in self._ids for b in range(256)):
             raise ValueError("the vocabulary lacks some of the 256 single bytes")
         self._byte_ids = [self._ids[bytes([b])] for b in range(256)]
         self._ranks: dict[tuple[int, int], int] = {}  # pair of ids -> rank (merge order)
         self._merged_id: list[int] = []  # rank -> id of the merged token
         for rank, (a, b) in enumerate(self.merges):
-            if a not in self._ids or b not in self._ids or a + b not in self._ids:
+            if not {a, b, a + b} <= self._ids.keys():
                 raise ValueError(f"merge {rank} ({a!r}, {b!r}) uses a token not in the vocabulary")
             self._ranks.setdefault((self._ids[a], self._ids[b]), rank)
             self._merged_id.append(self._ids[a + b])
         self._special_ids = {s: self._ids[s.encode("utf-8")] for s in self.special_tokens}
         self._special_re = _special_re(self.special_tokens)
         self._cache = _PretokenCache(self._bpe)
-
-    @property
-    def vocab_size(self) -> int:
-        return len(self.vocab)
 
     def token_id(self, special_token: str) -> int:
         """The id of a special token, e.g. tokenizer.token_id("<|endoftext|>")."""
@@ -350,10 +333,7 @@ class Tokenizer:
         return list(chain.from_iterable(map(self._cache.__getitem__, pretokens)))
 
     def encode(self, text: str) -> list[int]:
-        if self._special_re is None:
-            return self._encode_ordinary(text)
-        ids = []
-        start = 0
+        ids, start = [], 0
         for match in self._special_re.finditer(text):
             ids += self._encode_ordinary(text[start : match.start()])
             ids.append(self._special_ids[match.group()])
@@ -383,7 +363,7 @@ class Tokenizer:
             ids = ids.tolist()
         if isinstance(ids, (str, bytes)):
             raise TypeError(f"decode takes token ids, got {type(ids).__name__}")
-        data = b"".join(self.vocab.get(operator.index(i), _REPLACEMENT) for i in ids)
+        data = b"".join(self.vocab.get(operator.index(i), b"\xef\xbf\xbd") for i in ids)  # U+FFFD
         return data.decode("utf-8", errors="replace")
 
     @classmethod
@@ -391,8 +371,7 @@ class Tokenizer:
                    special_tokens: Iterable[str] | None = None) -> "Tokenizer":
         """Load a vocab.json and merges.txt in GPT-2's format or ours (told apart by vocab.json)."""
         special_tokens = _check_specials(special_tokens)
-        return cls(_read_vocab(vocab_path, special_tokens), _read_merges(merges_path),
-                   special_tokens)
+        return cls(*_read_files(vocab_path, merges_path, special_tokens), special_tokens)
 
     def save(self, vocab_path: str | os.PathLike, merges_path: str | os.PathLike,
              gpt2_format: bool = False) -> None:
@@ -424,8 +403,7 @@ class Tokenizer:
 
     def save_dir(self, path: str | os.PathLike, gpt2_format: bool = False) -> None:
         """Write DIR/vocab.json, DIR/merges.txt and DIR/special_tokens.json."""
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
+        (path := Path(path)).mkdir(parents=True, exist_ok=True)
         with atomic_output(path / "special_tokens.json") as tmp:
             tmp.write_text(json.dumps(self.special_tokens), "utf-8")
             self.save(path / "vocab.json", path / "merges.txt", gpt2_format)
@@ -461,37 +439,35 @@ def _read_json(path: Path):
         raise ValueError(f"{path}: not valid JSON ({e})") from None
 
 
-def _read_vocab(path: str | os.PathLike, special_tokens: list[str]) -> Vocab:
-    raw = _read_json(Path(path))
+def _read_files(vocab_path: str | os.PathLike, merges_path: str | os.PathLike,
+                special_tokens: list[str]) -> tuple[Vocab, Merges]:
+    raw = _read_json(vocab_path)
     if not isinstance(raw, dict) or not raw:
-        raise ValueError(f"{path}: expected a non-empty JSON object")
+        raise ValueError(f"{vocab_path}: expected a non-empty JSON object")
     if all(type(v) is int for v in raw.values()):  # GPT-2's: token -> id
         # HF writes added (special) tokens as they are, not byte-encoded
         vocab = {i: token.encode("utf-8") if token in special_tokens
-                 else _from_text(token, f"{path}") for token, i in raw.items()}
+                 else _from_text(token, str(vocab_path)) for token, i in raw.items()}
         if len(vocab) != len(raw):
-            raise ValueError(f"{path}: two tokens have the same id")
-        return vocab
-    if all(type(v) is str for v in raw.values()) and all(k.isdigit() for k in raw):  # ours
-        return {int(i): _from_text(token, f"{path}, id {i}") for i, token in raw.items()}
-    raise ValueError(f"{path}: expected token -> id (GPT-2's vocab.json) or id -> token (ours)")
-
-
-def _read_merges(path: str | os.PathLike) -> Merges:
+            raise ValueError(f"{vocab_path}: two tokens have the same id")
+    elif all(type(v) is str for v in raw.values()) and all(k.isdigit() for k in raw):  # ours
+        vocab = {int(i): _from_text(token, f"{vocab_path}, id {i}") for i, token in raw.items()}
+    else:
+        raise ValueError(f"{vocab_path}: expected token -> id (GPT-2's vocab.json) or id -> token "
+                         "(ours)")
     try:
-        lines = Path(path).read_text(encoding="utf-8").split("\n")
+        lines = Path(merges_path).read_text(encoding="utf-8").split("\n")
     except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not valid UTF-8 ({e})") from None
+        raise ValueError(f"{merges_path}: not valid UTF-8 ({e})") from None
     merges = []
     for number, line in enumerate(lines, 1):
         if not line or (number == 1 and line.startswith("#version")):
             continue
-        parts = line.split(" ")
+        parts, where = line.split(" "), f"{merges_path}, line {number}"
         if len(parts) != 2 or not all(parts):
-            raise ValueError(f"{path}, line {number}: expected two tokens separated by one "
-                             f"space, got {line!r}")
-        merges.append(tuple(_from_text(part, f"{path}, line {number}") for part in parts))
-    return merges
+            raise ValueError(f"{where}: expected two tokens separated by one space, got {line!r}")
+        merges.append(tuple(_from_text(part, where) for part in parts))
+    return vocab, merges
 
 
 def gpt2_tokenizer(data_dir: Path = DATA_DIR) -> Tokenizer:
@@ -535,9 +511,8 @@ def encode_file(tokenizer: Tokenizer, input_path: str | os.PathLike, out_path: s
     """Encode a UTF-8 file to a flat token_dtype array at out_path; returns the token count.
     Processes encode its chunks, written in order: the ids of encoding it whole. Input and output
     are checked before any work; out_path and its sidecar out_path.json appear only when whole."""
-    path, out_path = _check_input(input_path), Path(out_path)
-    _check_writable_dir(out_path.parent)
-    dtype = token_dtype(tokenizer.vocab_size)
+    out_path = Path(out_path)
+    path, dtype = _check_input(input_path, out_path.parent), token_dtype(tokenizer.vocab_size)
     with atomic_output(out_path) as tmp, open(tmp, "wb") as out:
         for ids in _map_chunks(_encode_text, (tokenizer, dtype), path, tokenizer.special_tokens,
                                num_workers, f"encode {path.name}", progress):
@@ -556,17 +531,13 @@ def encode_file(tokenizer: Tokenizer, input_path: str | os.PathLike, out_path: s
 #       letter after an apostrophe, the `(?!\S)` look-ahead) decides the same at the end of text;
 #   (2) no special token occurs within its length of c, so no special token spans the cut.
 # The course cuts only at "<|endoftext|>"; this rule also cuts files that have no special tokens.
-_FIRST_CUT = regex.compile(r"\S\s")
-_LAST_CUT = regex.compile(r"(?r)\S\s")  # (?r) searches backwards: the last candidate comes first
-
-
 def _find_cut(text: str, special_tokens: Sequence[str], last: bool = False) -> int:
     """The first (or last) safe cut in text, away from its ends by a special token's length."""
     longest, special_re = max(map(len, special_tokens), default=0), _special_re(special_tokens)
-    for match in (_LAST_CUT if last else _FIRST_CUT).finditer(
-            text, max(0, longest - 1), max(0, len(text) - longest + 1)):
+    candidates = regex.compile(r"(?r)\S\s" if last else r"\S\s")  # (?r): search backwards
+    for match in candidates.finditer(text, max(0, longest - 1), max(0, len(text) - longest + 1)):
         cut = match.start() + 1
-        if special_re is None or not special_re.search(text, cut - longest, cut + longest):
+        if not special_re.search(text, cut - longest, cut + longest):
             return cut
     return 0
 
@@ -583,8 +554,7 @@ def _chunk_bounds(path: Path, num_chunks: int, special_tokens: Sequence[str],
                 data = f.read(window)
                 skip = next((k for k, byte in enumerate(data[:4]) if not 0x80 <= byte < 0xC0), 0)
                 text = data[skip:].decode("utf-8", errors="ignore")  # drops a cut-off character
-                cut = _find_cut(text, special_tokens)
-                if cut:
+                if cut := _find_cut(text, special_tokens):
                     bounds.append(pos + skip + len(text[:cut].encode("utf-8")))
                     break
                 pos += window // 2  # windows overlap: a cut needs context on both sides
@@ -605,9 +575,8 @@ def _chunk_job(job: tuple[Callable, str, int, int], args: tuple | None = None):
     """fn(the chunk's text, *args); in a pool process, args came once through _init_worker."""
     fn, path, start, end = job
     with open(path, "rb") as f:
-        f.seek(start)
-        text = f.read(end - start).decode("utf-8")  # _check_input found it valid
-    return fn(text, *(_worker_args if args is None else args))
+        f.seek(start)  # the text is UTF-8: _check_input made sure
+        return fn(f.read(end - start).decode("utf-8"), *(_worker_args if args is None else args))
 
 
 def _map_chunks(fn: Callable, args: tuple, path: Path, special_tokens: Sequence[str],
@@ -619,26 +588,23 @@ def _map_chunks(fn: Callable, args: tuple, path: Path, special_tokens: Sequence[
     num_chunks = num_workers * math.ceil(size / (num_workers * CHUNK_BYTES))  # chunks <= ~4 MB
     bounds = _chunk_bounds(path, num_chunks, special_tokens)
     jobs = [(fn, str(path), a, b) for a, b in zip(bounds, bounds[1:])]
-    with contextlib.ExitStack() as stack:
-        bar = stack.enter_context(tqdm(total=size, unit="B", unit_scale=True, desc=desc,
-                                       disable=not progress))
-        if num_workers > 1 and len(jobs) > 1:
-            # On Linux, fork starts a worker in milliseconds and hands it the tokenizer without
-            # pickling (spawn re-imports this file and unpickles it: about 1 s). Fork's hazard, a
-            # lock held by another thread, cannot bite: workers run regex and numpy code only.
-            context = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
-            pool = stack.enter_context(context.Pool(min(num_workers, len(jobs)),
-                                                    _init_worker, args))
-            results = pool.imap(_chunk_job, jobs)  # imap keeps the file's order
-        else:
-            results = (_chunk_job(job, args) for job in jobs)
+    # On Linux, fork starts a worker in milliseconds and hands it the tokenizer without pickling
+    # (spawn re-imports this file and unpickles it: about 1 s). Fork's hazard, a lock held by
+    # another thread, cannot bite: workers run regex and numpy code only. imap keeps the order.
+    context = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
+    parallel = num_workers > 1 and len(jobs) > 1
+    with (tqdm(total=size, unit="B", unit_scale=True, desc=desc, disable=not progress) as bar,
+          context.Pool(min(num_workers, len(jobs)), _init_worker, args) if parallel
+          else contextlib.nullcontext() as pool):
+        results = pool.imap(_chunk_job, jobs) if parallel else (_chunk_job(j, args) for j in jobs)
         for (_, _, start, end), result in zip(jobs, results):
             bar.update(end - start)
             yield result
 
 
-def _check_input(path: str | os.PathLike) -> Path:
-    """The user's input file, checked before any work: it exists, is not empty, is UTF-8."""
+def _check_input(path: str | os.PathLike, out_dir: Path | None = None) -> Path:
+    """Checks before any work: the user's input file exists, is not empty, is UTF-8; out_dir, if
+    given, is created and takes a probe file, so a bad --out fails before the work too."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"input file not found: {path}")
@@ -653,33 +619,30 @@ def _check_input(path: str | os.PathLike) -> Path:
             except UnicodeDecodeError as e:
                 raise ValueError(f"{path}: not valid UTF-8 at byte offset "
                                  f"{start - held + e.start} ({e.reason})") from None
-    return path
-
-
-def _check_writable_dir(path: Path) -> Path:
-    """Create the folder and write a probe file in it, so a bad --out fails before the work."""
     try:
-        path.mkdir(parents=True, exist_ok=True)
-        tempfile.TemporaryFile(dir=path).close()
+        if out_dir is not None:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            tempfile.TemporaryFile(dir=out_dir).close()
     except OSError as e:
-        raise OSError(f"cannot write to {path}: {e.strerror or e}") from None
+        raise OSError(f"cannot write to {out_dir}: {e.strerror or e}") from None
     return path
 
 
-def _check_training(input_path: str | os.PathLike, vocab_size: int,
-                    special_tokens: list[str]) -> tuple[Path, list[str], int]:
+def _check_training(input_path: str | os.PathLike, vocab_size: int, special_tokens: list[str],
+                    out_dir: Path | None = None) -> tuple[Path, list[str], int]:
     """A trainer's arguments, cheap checks first: (input file, special tokens, merges to learn)."""
     special_tokens = _check_specials(special_tokens)
     if vocab_size < 256 + len(special_tokens):
         raise ValueError(f"vocab_size={vocab_size} is smaller than the 256 bytes plus "
                          f"{len(special_tokens)} special tokens")
-    return _check_input(input_path), special_tokens, vocab_size - 256 - len(special_tokens)
+    return _check_input(input_path, out_dir), special_tokens, vocab_size - 256 - len(special_tokens)
 
 
-def _special_re(special_tokens: Sequence[str]) -> regex.Pattern | None:
-    """Matches any special token; longer ones are tried first, so the longest overlap wins."""
+def _special_re(special_tokens: Sequence[str]) -> regex.Pattern:
+    """Matches any special token, the longest first (the longest overlap wins); with none, never
+    (\\A: it fails at once, not at every position)."""
     by_length = sorted(special_tokens, key=len, reverse=True)
-    return regex.compile("|".join(map(regex.escape, by_length))) if by_length else None
+    return regex.compile("|".join(map(regex.escape, by_length)) or r"\A(?!)")
 
 
 def _check_specials(special_tokens: Iterable[str] | None) -> list[str]:
@@ -693,18 +656,15 @@ def _check_specials(special_tokens: Iterable[str] | None) -> list[str]:
 
 
 # 6. Commands: the tour, compare, bench (train and encode are thin wrappers in main) ---------------
-TOUR_TEXT = "Hello 👋 世界!"  # ASCII, an emoji (4 UTF-8 bytes) and CJK (3 bytes a character)
-TOY_TEXT = "the cat in the hat. the cat sat on the mat."
-TOY_MERGES = 10
-
-
 def _show(token: bytes) -> str:
     return repr(token.decode("utf-8", errors="backslashreplace"))
 
 
 def tour(data_dir: Path = DATA_DIR) -> None:
     """The lecture in examples: `python tokenizer.py` with no arguments prints this."""
-    text, shakespeare = TOUR_TEXT, data_dir / "tinyshakespeare.txt"
+    text = "Hello 👋 世界!"  # ASCII, an emoji (4 UTF-8 bytes) and CJK (3 bytes a character)
+    toy, num_merges = "the cat in the hat. the cat sat on the mat.", 10
+    shakespeare = data_dir / "tinyshakespeare.txt"
     print(f"1. One string, four tokenizers: {text!r}, {len(text.encode())} UTF-8 bytes")
     gpt2, words = gpt2_tokenizer(data_dir), WordTokenizer(shakespeare.read_text("utf-8"))
     for name, tokenizer in [("characters", CharTokenizer()), ("bytes", ByteTokenizer()),
@@ -717,20 +677,20 @@ def tour(data_dir: Path = DATA_DIR) -> None:
     print(f"  GPT-2's tokens are bytes, not characters: {pieces}")
     assert gpt2.decode(gpt2.encode(text)) == text  # BPE falls back to bytes: nothing is lost
 
-    print(f"\n2. BPE learns merges from counts, here on {TOY_TEXT!r}")
+    print(f"\n2. BPE learns merges from counts, here on {toy!r}")
     with tempfile.TemporaryDirectory() as tmp:
-        toy = Path(tmp) / "toy.txt"
-        toy.write_text(TOY_TEXT, encoding="utf-8")
-        vocab, merges = train_bpe_reference(toy, 256 + TOY_MERGES, [], verbose=True)
-        assert (vocab, merges) == train_bpe(toy, 256 + TOY_MERGES, [], progress=False)
-        ids = Tokenizer(vocab, merges).encode(TOY_TEXT)
+        path = Path(tmp) / "toy.txt"
+        path.write_text(toy, encoding="utf-8")
+        vocab, merges = train_bpe_reference(path, 256 + num_merges, [], verbose=True)
+        assert (vocab, merges) == train_bpe(path, 256 + num_merges, [], progress=False)
+        ids = Tokenizer(vocab, merges).encode(toy)
         print(f"  the text becomes {len(ids)} tokens: {' '.join(_show(vocab[i]) for i in ids)}")
-        _, raw = train_bpe_reference(toy, 256 + TOY_MERGES, [], pretokenize=False)
-    print(f"\n3. What GPT-2's pre-tokenization prevents: the same {TOY_MERGES} merges without it "
+        _, raw = train_bpe_reference(path, 256 + num_merges, [], pretokenize=False)
+    print(f"\n3. What GPT-2's pre-tokenization prevents: the same {num_merges} merges without it "
           "span words and punctuation")
     print(f"  without: {' '.join(_show(a + b) for a, b in raw)}")
     print(f"  with:    {' '.join(_show(a + b) for a, b in merges)}")
-    print(f"  because BPE then merges only inside the pre-tokens {PRETOKEN_RE.findall(TOY_TEXT)}")
+    print(f"  because BPE then merges only inside the pre-tokens {PRETOKEN_RE.findall(toy)}")
     assert not any(b" " in (a + b)[1:] for a, b in merges)  # a space can only start a token
 
     print("\n4. Compression on a real file (BPE trained here with vocab 1000):")
@@ -765,7 +725,7 @@ def _best_times(fns: dict, repeat: int) -> tuple[dict, dict]:
     return best, results
 
 
-def _hf_train(path: Path, vocab_size: int, special_tokens: list[str]):
+def _hf_train(path: Path, vocab_size: int, special_tokens: list[str]) -> None:
     """HuggingFace tokenizers' byte-level BPE trainer (benchmark only, never a dependency)."""
     from tokenizers import Tokenizer as HFTokenizer, models, pre_tokenizers, trainers
     tokenizer = HFTokenizer(models.BPE())
@@ -789,14 +749,11 @@ def bench(data_dir: Path = DATA_DIR, repeat: int = 3, file_copies: int = 8) -> N
         if "HF" in t else "HF tokenizers not installed (pip install tokenizers)"))
     print(f"train corpus.en vocab 500: ours {t['corpus.en']:.3f} s (target < 0.5 s)")
 
-    text = shakespeare.read_text(encoding="utf-8")
+    text, tokenizer = shakespeare.read_text(encoding="utf-8"), gpt2_tokenizer(data_dir)
     megabytes = len(text.encode("utf-8")) / 1e6
-    tokenizer = gpt2_tokenizer(data_dir)
-
-    def encode_cold() -> list[int]:
-        tokenizer._cache.clear()  # every pre-token is new to the tokenizer: the harder case
-        return tokenizer.encode(text)
-    runs = {"cold": encode_cold, "warm": lambda: tokenizer.encode(text)}
+    # cold: every pre-token is new to the tokenizer, the harder case
+    runs = {"cold": lambda: tokenizer._cache.clear() or tokenizer.encode(text),
+            "warm": lambda: tokenizer.encode(text)}
     if importlib.util.find_spec("tiktoken"):  # built offline from GPT-2's files, as ours is
         import tiktoken
         ranks = {token: i for i, token in tokenizer.vocab.items() if i != 50256}
@@ -829,18 +786,13 @@ class UsageError(ValueError):
     """Bad command-line input: reported as one `error:` line with exit code 2."""
 
 
-_KIND = {int: "an integer", float: "a number", bool: "True or False", str: "a string",
-         list: "a list", tuple: "a tuple", dict: "a dict"}
-
-
-def _bad_value(key: str, value, default) -> UsageError:
-    kind = _KIND.get(type(default), type(default).__name__)
-    return UsageError(f"--{key} expects {kind}, got {value!r}")
-
-
 def typed(key: str, value, default):
     """A command-line string or config-file value as the type of the default: `--lr=1` is a
     float, `--compile=False` a bool, `--max_iters=1e4` an int; literals only, never exec."""
+    def bad(value) -> UsageError:
+        kind = {int: "an integer", float: "a number", bool: "True or False", str: "a string",
+                list: "a list", tuple: "a tuple", dict: "a dict"}.get(type(default))
+        return UsageError(f"--{key} expects {kind or type(default).__name__}, got {value!r}")
     if isinstance(value, str) and value.lower() in ("true", "false") and (
             default is None or isinstance(default, bool) or default == "auto"):
         return value.lower() == "true"
@@ -851,7 +803,7 @@ def typed(key: str, value, default):
             if isinstance(default, (list, tuple)):
                 value = value.split(",")  # --special_tokens=a,b
             elif default is not None:
-                raise _bad_value(key, value, default)
+                raise bad(value)
     if default is None or (default == "auto" and isinstance(value, bool)):
         return value
     if isinstance(default, float) and type(value) is int or type(default) is int and \
@@ -860,7 +812,7 @@ def typed(key: str, value, default):
     if isinstance(default, (list, tuple)) and isinstance(value, (list, tuple)):
         return type(default)(value)
     if type(value) is not type(default):
-        raise _bad_value(key, value, default)
+        raise bad(value)
     return value
 
 
@@ -980,14 +932,13 @@ def main(argv: list[str] | None = None) -> None:
     if command == "tour":
         tour()
     elif command == "train":
-        specials = [s for s in cfg["special_tokens"] if s]  # --special_tokens= means none
-        _check_training(cfg["input"], cfg["vocab_size"], specials)  # every check before the work
-        out = _check_writable_dir(Path(cfg["out"]))
+        # --special_tokens= means none; every check comes before the work
+        specials, out = [s for s in cfg["special_tokens"] if s], Path(cfg["out"])
+        _check_training(cfg["input"], cfg["vocab_size"], specials, out)
         start = time.perf_counter()
         vocab, merges = train_bpe(cfg["input"], cfg["vocab_size"], specials, cfg["workers"] or None)
-        tokenizer = Tokenizer(vocab, merges, specials)
-        tokenizer.save_dir(out, cfg["gpt2_format"])
-        print(f"trained vocab {tokenizer.vocab_size:,} ({len(merges):,} merges) in "
+        Tokenizer(vocab, merges, specials).save_dir(out, cfg["gpt2_format"])
+        print(f"trained vocab {len(vocab):,} ({len(merges):,} merges) in "
               f"{time.perf_counter() - start:.2f} s -> {out}")
     elif command == "encode":
         tokenizer = Tokenizer.from_dir(cfg["tokenizer"])
