@@ -114,11 +114,11 @@ class AlignConfig:
 
 SIZES = {
     "cpu": {},  # the defaults: ~4 minutes on 2 CPU cores
-    "gpu": dict(max_steps=3, max_number=20, train_problems=20000, heldout_problems=500,
-                pretrain_stories=60000, vocab_size=1024, pretrain_iters=2000, pretrain_batch=32,
+    "gpu": dict(max_steps=4, max_number=30, train_problems=20000, heldout_problems=500,
+                pretrain_stories=30000, vocab_size=1024, pretrain_iters=2000, pretrain_batch=32,
                 pretrain_lr=1e-3, max_new_tokens=64, eval_samples=8, eval_interval=25,
                 model=dict(context_length=256, d_model=256, num_layers=6, num_heads=8, d_ff=768),
-                batch_size=64, sft_examples=500, sft_steps=100, sft_lr=3e-4, ei_steps=4,
+                batch_size=64, sft_examples=500, sft_steps=60, sft_lr=3e-4, ei_steps=4,
                 ei_questions=256, ei_lr=7e-5, grpo_steps=200, rollout_batch_size=256,
                 train_batch_size=128, grpo_lr=7e-5, dpo_questions=1024, dpo_steps=100,
                 dpo_lr=7e-6, rm_steps=100)}

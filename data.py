@@ -5,14 +5,6 @@ language id; PII masking; the Gopher rules; fastText-style classifiers; Kneser-N
 and DSIR importance filters; dedup (exact lines, MinHash + LSH, a Bloom filter); contamination;
 the parallel, sharded pipeline into train.py's .bin files; does filtering help (`compare`).
 
-Why LSH works: split num_hashes MinHash values into b bands of r rows. Two documents of Jaccard
-similarity s agree on one row with probability s, on a whole band with s^r, and become candidates
-(agree on at least one band) with probability 1 - (1 - s^r)^b, an S-curve:
-    s                      0.3    0.5    0.7    0.8    0.9
-    b=20, r=5  (100)      0.047  0.470  0.975  1.000  1.000    <- the default: few misses at 0.8
-    b=10, r=10 (100)      0.000  0.010  0.249  0.679  0.986    <- fewer candidates, more misses
-Candidates are then verified by their true Jaccard, so the curve trades work for recall only.
-
 Commands (CPU; settings are --key=value; an error is one line, --debug shows the traceback):
     python data.py                                   # the demo; `demo --out=DIR` keeps its files
     python data.py pipeline --input='crawl/*.warc.gz' --out=DIR --workers=4   [--languages=en,de
@@ -20,8 +12,10 @@ Commands (CPU; settings are --key=value; an error is one line, --debug shows the
         --shard=i/n (0-based; then `pipeline --out=DIR --merge`)]   (see PIPELINE_OPTIONS)
     python data.py compare    # the tiny model on unfiltered vs filtered text: held-out perplexity
     python data.py bench      # docs/s: extraction, language id, MinHash; vs resiliparse, datasketch
+    python data.py openwebtext --max_mb=500   # the course's OpenWebText -> data_cache/owt/*.bin
     python train.py --train_bin=DIR/train.bin --val_bin=DIR/val.bin --tokenizer_dir=DIR/tokenizer
-A classifier: FastTextClassifier.train(open("lines.txt")).save("M.npz"), lines `__label__X text`.
+A classifier: FastTextClassifier.train(open("lines.txt")).save("M.npz"), lines `__label__X text`;
+    or fastText's own .bin (lid.176.bin: --lid_model=); --extractor=resiliparse when installed.
 Reads   WARC/WET files, gzipped (a member per record, as Common Crawl) or plain; a folder, a glob.
 Writes  DIR/train.bin, val.bin (+ .json), tokenizer/, train.txt, val.txt, report.json, and a shard
         DIR/shards/i-of-n.json.gz. Every file whole or not at all.
@@ -40,13 +34,16 @@ import hashlib
 import html.parser
 import json
 import math
+import mmap
 import multiprocessing
 import os
 import random
+import struct
 import sys
 import tempfile
 import timeit
 import unicodedata
+import urllib.error
 import zlib
 from collections import Counter, deque
 from collections.abc import Iterable, Iterator, Sequence
@@ -59,7 +56,7 @@ from tqdm import tqdm
 
 from tokenizer import (PRETOKEN_RE, Tokenizer, UsageError, atomic_output, encode_file,
                        parse_command, run_cli, train_bpe, write_atomic)
-from train import EOT, TrainConfig, perplexity
+from train import EOT, TrainConfig, download, perplexity
 from train import train as train_model
 
 
@@ -72,14 +69,8 @@ class WarcRecord:
     payload: bytes  # the content block, Content-Length bytes
     http_headers: dict[str, str] = field(default_factory=dict)  # lower-case names
     body: bytes = b""
-
-    @property
-    def type(self) -> str:
-        return self.headers.get("WARC-Type", "")
-
-    @property
-    def url(self) -> str:
-        return self.headers.get("WARC-Target-URI", "")
+    type = property(lambda self: self.headers.get("WARC-Type", ""))  # not fields: no annotation
+    url = property(lambda self: self.headers.get("WARC-Target-URI", ""))
 
 
 def _split_http(payload: bytes) -> tuple[dict[str, str], bytes]:
@@ -88,8 +79,7 @@ def _split_http(payload: bytes) -> tuple[dict[str, str], bytes]:
     head, sep, body = payload.partition(b"\r\n\r\n" if b"\r\n\r\n" in payload else b"\n\n")
     if not sep or not head.startswith(b"HTTP/"):
         return {}, payload
-    lines = head.decode("latin-1").splitlines()[1:]
-    pairs = (line.split(":", 1) for line in lines if ":" in line)
+    pairs = (line.split(":", 1) for line in head.decode("latin-1").splitlines()[1:] if ":" in line)
     return {name.strip().lower(): value.strip() for name, value in pairs}, body
 
 
@@ -148,8 +138,7 @@ def make_response_record(url: str, html_bytes: bytes, content_type: str = "text/
 
 
 def write_warc(path: str | os.PathLike, records: Iterable[WarcRecord]) -> None:
-    """Write records as WARC/1.0, streaming, each its own gzip member when `path` ends in .gz
-    (so a reader can seek to any record); the file appears whole, at the end, or not at all."""
+    """Write records as WARC/1.0, streaming, atomically; each its own gzip member for a .gz."""
     with atomic_output(path) as tmp, open(tmp, "wb") as f:
         for record in records:
             headers = {**record.headers, "Content-Length": str(len(record.payload))}
@@ -206,25 +195,41 @@ class _TextParser(html.parser.HTMLParser):
 
 
 def extract_text_from_html_bytes(html_bytes: bytes, charset: str | None = None,
-                                 strict: bool = False) -> str | None:
-    """The visible text of a page, one line per paragraph, heading or list item; None when
-    nothing is left. `charset` is the HTTP header's, if any (a <meta> tag is read here)."""
-    parser = _TextParser()
-    parser.feed(decode_html_bytes(html_bytes, charset, strict))
-    parser.close()
-    lines = (" ".join(line.split()) for line in "".join(parser.parts).splitlines())
+                                 strict: bool = False, extractor: str = "builtin") -> str | None:
+    """The visible text of a page, a line per paragraph, heading or list item (None if empty);
+    `charset` is the HTTP header's. extractor="resiliparse": the course's, main content only."""
+    text = decode_html_bytes(html_bytes, charset, strict)
+    if extractor == "resiliparse":
+        text = resiliparse_extractor()(text, main_content=True)
+    elif extractor == "builtin":
+        (parser := _TextParser()).feed(text)
+        parser.close()
+        text = "".join(parser.parts)
+    else:
+        raise UsageError(f"extractor must be builtin or resiliparse, got {extractor!r}")
+    lines = (" ".join(line.split()) for line in text.splitlines())
     return "\n".join(line for line in lines if line) or None
 
 
-def extract_record(record: WarcRecord, strict: bool = False) -> str | None:
+@functools.cache
+def resiliparse_extractor():
+    try:
+        from resiliparse.extract.html2text import extract_plain_text
+    except ImportError:
+        raise UsageError("extractor=resiliparse needs: pip install resiliparse") from None
+    return extract_plain_text
+
+
+def extract_record(record: WarcRecord, strict: bool = False,
+                   extractor: str = "builtin") -> str | None:
     """Text of a crawl record: HTML responses through the extractor, WET conversions as they are."""
     if record.type == "conversion":
         return record.body.decode("utf-8", errors="replace").strip() or None
     content_type = record.http_headers.get("content-type", "")
     if record.type != "response" or (content_type and "html" not in content_type):
         return None  # warcinfo, request and metadata records, images, PDFs
-    declared = HEADER_CHARSET.search(content_type)
-    return extract_text_from_html_bytes(record.body, declared and declared.group(1), strict)
+    charset = (HEADER_CHARSET.search(content_type) or [None, None])[1]
+    return extract_text_from_html_bytes(record.body, charset, strict, extractor)
 
 
 # 3. Language identification: the script, then character n-grams -----------------------------------
@@ -276,8 +281,7 @@ def read_labelled(lines: Iterable[str]) -> list[tuple[str, str]]:
 
 
 def _softmax(x: np.ndarray) -> np.ndarray:
-    e = np.exp(x - x.max())
-    return e / e.sum()
+    return (e := np.exp(x - x.max())) / e.sum()
 
 
 class NaiveBayesLanguageId:
@@ -306,10 +310,11 @@ _latin_model = functools.cache(lambda: NaiveBayesLanguageId(  # built at first u
 
 def identify_language(text: str, model=None) -> tuple[str, float]:
     """(ISO 639-1 code, score in [0, 1]): the script decides zh ja ko ru ar, naive Bayes en de fr
-    es pt it; other scripts' letters lower the score. A trained `model` replaces the default."""
+    es pt it; other scripts' letters lower the score. A trained `model`, or the path of one (such
+    as fastText's lid.176.bin: `pipeline --lid_model=lid.176.bin`), replaces the default."""
     text = text[:LID_CHARS]
-    if model is not None:
-        return model.predict(text)
+    if model:
+        return _as_model(model).predict(text)
     n = [0] * 7  # letters in each group of SCRIPT_RUNS, in one pass
     for run in SCRIPT_RUNS.finditer(text):
         n[run.lastindex - 1] += run.end() - run.start()
@@ -338,18 +343,15 @@ OCTET = r"(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)"  # 0-255, no leading zeros
 IP_RE = regex.compile(rf"(?<![\w.]){OCTET}(?:\.{OCTET}){{3}}(?!\.?\d)")
 
 
-def mask_emails(text: str) -> tuple[str, int]:
-    return EMAIL_RE.subn("|||EMAIL_ADDRESS|||", text)
+# Each mask: text -> (the masked text, how many it masked).
+mask_emails = functools.partial(EMAIL_RE.subn, "|||EMAIL_ADDRESS|||")
+mask_ips = functools.partial(IP_RE.subn, "|||IP_ADDRESS|||")
 
 
 def mask_phone_numbers(text: str) -> tuple[str, int]:
     masked = PHONE_RE.sub(lambda m: "|||PHONE_NUMBER|||" if 10 <= sum(map(str.isdigit, m[0])) <= 15
                           else m[0], text)  # 10 to 15 digits: E.164 allows at most 15
     return masked, masked.count("|||PHONE_NUMBER|||") - text.count("|||PHONE_NUMBER|||")
-
-
-def mask_ips(text: str) -> tuple[str, int]:
-    return IP_RE.subn("|||IP_ADDRESS|||", text)
 
 
 def mask_pii(text: str) -> tuple[str, dict[str, int]]:
@@ -382,9 +384,8 @@ def gopher_quality_filter(text: str) -> bool:
 
 # 6. Classifiers: fastText's linear model, for NSFW, toxic speech and quality ----------------------
 class FastTextClassifier:
-    """fastText's supervised model (Joulin et al. 2017): a text is the mean of the embeddings of
-    its hashed word and character n-grams; a linear layer and a softmax give its label. Trained
-    like fastText: SGD on one example at a time, the rate decaying linearly to zero."""
+    """fastText's supervised model (Joulin et al. 2017): the mean embedding of a text's hashed word
+    and character n-grams, a linear layer, a softmax; SGD by example, the rate falling linearly."""
     FORMAT = "cs336-fasttext-1"
 
     def __init__(self, labels: Sequence[str], dim: int = 16, buckets: int = 1 << 18,
@@ -431,26 +432,150 @@ class FastTextClassifier:
                      config=json.dumps(self.config), embeddings=self.embeddings, output=self.output)
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "FastTextClassifier":
-        """What save wrote. Official fastText .bin files are not read (yet): a clear error."""
+    def load(cls, path: str | os.PathLike) -> "FastTextClassifier | FastTextBin":
+        """What save wrote, or an official fastText .bin file (read by FastTextBin)."""
         try:
+            with open(path, "rb") as f:
+                if f.read(4) == FASTTEXT_MAGIC.to_bytes(4, "little"):
+                    return FastTextBin(path)
             with np.load(path) as z:
                 if str(z["format"]) != cls.FORMAT:
                     raise ValueError(f"format {str(z['format'])!r}")
                 model = cls(json.loads(str(z["labels"])), **json.loads(str(z["config"])))
                 model.embeddings, model.output = z["embeddings"], z["output"]
-        except Exception as e:  # not a zip, no such array, pickled data...: all one answer
-            raise ValueError(f"{path} is not a classifier saved by data.py ({e})") from None
+        except Exception as e:  # not a zip, no such array, a cut .bin...: all one answer
+            raise ValueError(f"{path} is not a classifier saved by data.py or fastText ({e})"
+                             ) from None
         return model
+
+
+# Official fastText .bin files: lid.176.bin, the course's NSFW, toxic and quality models. Layout
+# (little-endian): magic, version, 12 int32 arguments and a double; the dictionary; the input
+# matrix (nwords word rows, then `bucket` n-gram rows); the output matrix, a row per label.
+FASTTEXT_MAGIC = 793712314
+FASTTEXT_ARGS = ("dim ws epoch min_count neg word_ngrams loss model bucket minn maxn "
+                 "lr_update_rate").split()  # loss: 1 hs, 2 ns, 3 softmax, 4 ova; model: 3 sup
+FASTTEXT_SPACE = regex.compile(rb"[ \n\r\t\v\f\0]+")  # what fastText's readWord splits on
+
+
+def fnv1a(data: bytes) -> int:
+    """fastText's 32-bit FNV-1a hash, bytes read as C's signed char: a byte >= 128 is XORed as a
+    negative number, so non-ASCII text hashes unlike the textbook FNV-1a."""
+    h = 2166136261
+    for byte in data:
+        h = ((h ^ (byte | 0xFFFFFF00 if byte > 127 else byte)) * 16777619) & 0xFFFFFFFF
+    return h
+
+
+class FastTextBin:
+    """A supervised model from fastText's .bin, predicting as the fasttext package: the mean input
+    row of the words (EOS `</s>` ends the line), the character n-grams of "<word>" and the word
+    n-grams; then softmax, hierarchical softmax (hs) or a sigmoid per label (ns, ova). Scores are
+    probabilities (fastText's own add 1e-5 before a log). Quantized .ftz files are refused."""
+    def __init__(self, path: str | os.PathLike):
+        with open(path, "rb") as f:  # mapped, not read: the course's classifiers are ~1 GB
+            buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+
+        def read(fmt: str) -> tuple:
+            return struct.unpack("<" + fmt, buf.read(struct.calcsize("<" + fmt)))
+
+        def matrix() -> np.ndarray:  # a view of the file: no copy
+            rows, cols = read("2q")
+            buf.seek(4 * rows * cols, os.SEEK_CUR)
+            return np.frombuffer(buf, np.float32, rows * cols, buf.tell() - 4 * rows * cols
+                                 ).reshape(rows, cols)
+
+        magic, version = read("2i")
+        if magic != FASTTEXT_MAGIC or not 11 <= version <= 12:
+            raise ValueError(f"not a fastText model of a version this reads ({version})")
+        self.args = dict(zip(FASTTEXT_ARGS, read("12i")))
+        if self.args["model"] != 3:
+            raise ValueError("a fastText word-vector model, not a supervised classifier")
+        if version == 11:  # its classifiers had no character n-grams
+            self.args["maxn"] = 0
+        _, size, self.nwords, _, _, pruned = read("d3i2q")  # pruned: -1 unless quantized
+        # each entry: its bytes, a 0 byte, an int64 count, an int8 type (0 word, 1 label)
+        entries = [(buf.read(buf.find(b"\0", buf.tell()) - buf.tell()), *read("xqb"))
+                   for _ in range(size)]
+        if pruned >= 0 or read("?")[0]:
+            raise ValueError("a quantized fastText model (.ftz): read the .bin it came from")
+        self.input, _, self.output = matrix(), read("?"), matrix()
+        if self.input.shape[0] != self.nwords + self.args["bucket"]:
+            raise ValueError(f"{self.input.shape[0]} input rows for {self.nwords} words and "
+                             f"{self.args['bucket']} buckets")
+        self.word_ids = {word: i for i, (word, _, _) in enumerate(entries[:self.nwords])}
+        self.labels = [w.decode("utf-8", "replace").removeprefix("__label__")
+                       for w, _, _ in entries[self.nwords:]]
+        if self.args["loss"] == 1:  # labels are sorted by count, falling: Huffman's input
+            self.tree = _huffman_children([count for _, count, _ in entries[self.nwords:]])
+        self._subwords = functools.lru_cache(1 << 16)(self._subwords)
+
+    def _subwords(self, word: bytes) -> list[int]:
+        """Rows of the minn..maxn-character n-grams of "<word>", characters being UTF-8's."""
+        word, minn, maxn = b"<" + word + b">", self.args["minn"], self.args["maxn"]
+        starts = [i for i, byte in enumerate(word) if byte & 0xC0 != 0x80] + [len(word)]
+        return [self.nwords + fnv1a(word[starts[a]:starts[a + n]]) % self.args["bucket"]
+                for a in range(len(starts) - 1) for n in range(max(minn, 1), maxn + 1)
+                if a + n < len(starts) and not (n == 1 and (a == 0 or a + 2 == len(starts)))]
+
+    def features(self, text: str) -> list[int]:
+        ids, hashes = [], []
+        for token in [*FASTTEXT_SPACE.split(text.encode()), b"</s>"]:  # a line ends in EOS
+            if not token or token.startswith(b"__label__"):
+                continue
+            ids += [self.word_ids[token]] if token in self.word_ids else []
+            ids += self._subwords(token) if token != b"</s>" else []
+            hashes.append((fnv1a(token) ^ 1 << 31) - (1 << 31))  # as C++'s int32
+        for i in range(len(hashes)):  # word n-grams: a 64-bit rolling hash of int32 hashes
+            h = hashes[i]
+            for j in range(i + 1, min(i + self.args["word_ngrams"], len(hashes))):
+                h = (h * 116049371 + hashes[j]) % 2**64
+                ids.append(self.nwords + h % self.args["bucket"])
+        return ids
+
+    def predict(self, text: str) -> tuple[str, float]:
+        ids = self.features(text.replace("\n", " "))  # fastText reads one line
+        hidden = self.input[ids].mean(0) if ids else np.zeros(self.input.shape[1], np.float32)
+        logits, n = self.output @ hidden, len(self.labels)  # (n,), or (n - 1,) nodes for hs
+        if self.args["loss"] == 3:
+            p = _softmax(logits)
+        elif self.args["loss"] == 1:  # P(leaf): the product of the branch probabilities above it
+            f, p = 1 / (1 + np.exp(-logits)), np.ones(2 * n - 1)
+            for node in range(2 * n - 2, n - 1, -1):  # the root first
+                left, right = self.tree[node - n]
+                p[left], p[right] = p[node] * (1 - f[node - n]), p[node] * f[node - n]
+        else:  # ns, ova: a sigmoid per label, which fastText looks up in 512 steps over [-8, 8]
+            steps = np.floor((np.clip(logits, -8, 8) + 8) * 32)
+            p = np.where(abs(logits) > 8, logits > 0, 1 / (1 + np.exp(8 - steps / 32)))
+        return self.labels[int(p[:n].argmax())], float(p[:n].max())
+
+
+def _huffman_children(counts: list[int]) -> list[tuple[int, int]]:
+    """fastText's hs tree: leaves 0..n-1 (counts falling), node n + k joins the two smallest of
+    the leaves and nodes left; its (left, right) children at k. Right means sigmoid, left 1 - it."""
+    n, count, children = len(counts), list(counts) + [math.inf] * len(counts), []
+    leaf, node = n - 1, n
+    for i in range(n, 2 * n - 1):
+        pair = []
+        for _ in range(2):
+            if leaf >= 0 and count[leaf] < count[node]:
+                pair, leaf = pair + [leaf], leaf - 1
+            else:
+                pair, node = pair + [node], node + 1
+        count[i] = count[pair[0]] + count[pair[1]]
+        children.append(tuple(pair))
+    return children
 
 
 _load_classifier = functools.cache(FastTextClassifier.load)  # once per process, not per page
 
 
-def _classify(text: str, model: FastTextClassifier | str | os.PathLike,
-              labels: tuple[str, str]) -> tuple[str, float]:
-    model = _load_classifier(str(model)) if isinstance(model, (str, os.PathLike)) else model
-    if sorted(model.labels) != sorted(labels):
+def _as_model(model):  # a model, or the path of one
+    return _load_classifier(str(model)) if isinstance(model, (str, os.PathLike)) else model
+
+
+def _classify(text: str, model, labels: tuple[str, str]) -> tuple[str, float]:
+    if sorted((model := _as_model(model)).labels) != sorted(labels):
         raise ValueError(f"the classifier's labels are {model.labels}, expected {list(labels)}")
     return model.predict(text.replace("\n", " "))
 
@@ -466,11 +591,10 @@ classify_quality = functools.partial(_classify, labels=("wiki", "cc"))
 class KneserNeyLM:
     """Interpolated Kneser-Ney (Chen & Goodman 1998) on normalised words, a sentence per line:
         P(w | h) = max(c(h w) - D, 0) / c(h.) + D N(h.) / c(h.) P(w | h without its first word)
-    with c(h.) = sum_w c(h w) and N(h.) the number of distinct w after h. Below the top order, c
-    counts distinct left neighbours instead: a word seen after many words is a likely novel
-    continuation; "Francisco", frequent but only after "San", is not. The bottom order backs off
-    to uniform over the vocabulary (<unk> included), so P sums to 1 over it for any context.
-    CCNet keeps the pages a Wikipedia-trained LM finds least perplexing."""
+    with N(h.) the number of distinct w after h. Below the top order c counts distinct left
+    neighbours: "Francisco", frequent but only after "San", is no likely novel continuation.
+    The bottom order backs off to uniform over the vocabulary (<unk> included). CCNet keeps the
+    pages a Wikipedia-trained LM finds least perplexing."""
     def __init__(self, texts: Iterable[str], order: int = 3, discount: float = 0.75):
         self.order, self.discount = order, discount
         self.counts = [Counter() for _ in range(order + 1)]  # [k]: k-gram -> (continuation) count
@@ -509,24 +633,16 @@ class KneserNeyLM:
         return math.exp(-sum(logs) / len(logs)) if logs else math.inf
 
 
-def _dsir_features(text: str, buckets: int) -> np.ndarray:  # hashed word uni- and bigrams
-    return hashed_ngrams(normalize_text(text), buckets, minn=1, maxn=0, word_ngrams=2)
-
-
 def dsir_log_weights(raw_texts: Sequence[str], target_texts: Sequence[str],
                      buckets: int = 10_000) -> np.ndarray:
     """log p_target(x) - log p_raw(x) per raw document, each p a bag of hashed word uni- and
     bigrams fitted (add-one) to its corpus: how much likelier under the target (Xie et al. 2023)."""
-    raw = [_dsir_features(t, buckets) for t in raw_texts]
-
-    def log_frequencies(features: list[np.ndarray]) -> np.ndarray:
-        counts = np.bincount(np.concatenate([np.zeros(0, np.int64), *features]),
-                             minlength=buckets) + 1.0
-        return np.log(counts / counts.sum())
-
-    target = log_frequencies([_dsir_features(t, buckets) for t in target_texts])
-    ratio = target - log_frequencies(raw)
-    return np.array([ratio[f].sum() for f in raw])
+    raw, target = ([hashed_ngrams(normalize_text(t), buckets, minn=1, maxn=0, word_ngrams=2)
+                    for t in texts] for texts in (raw_texts, target_texts))
+    counts = [np.bincount(np.concatenate([np.zeros(0, np.int64), *features]), minlength=buckets)
+              + 1.0 for features in (target, raw)]  # add-one
+    log_ratio = np.log(counts[0] / counts[0].sum()) - np.log(counts[1] / counts[1].sum())
+    return np.array([log_ratio[f].sum() for f in raw])
 
 
 def dsir_resample(raw_texts: Sequence[str], target_texts: Sequence[str], k: int,
@@ -538,11 +654,6 @@ def dsir_resample(raw_texts: Sequence[str], target_texts: Sequence[str], k: int,
 
 
 # 8. Deduplication: exact lines, then MinHash and LSH ----------------------------------------------
-def _line_key(line: bytes) -> bytes:
-    """8 bytes per distinct line in memory, whatever its length; the newline does not count."""
-    return hashlib.blake2b(line.rstrip(b"\r\n"), digest_size=8).digest()
-
-
 def _inputs_and_out_dir(input_files: Sequence[str | os.PathLike],
                         output_directory: str | os.PathLike) -> tuple[list[Path], Path]:
     paths, out_dir = [Path(p) for p in input_files], Path(output_directory)
@@ -556,15 +667,17 @@ def exact_line_deduplication(input_files: Sequence[str | os.PathLike],
                              output_directory: str | os.PathLike) -> int:
     """Keep only the lines that occur once across all files (a line repeated anywhere, like a
     cookie notice, goes everywhere): pass 1 counts line hashes, pass 2 writes. Lines removed."""
-    paths, out_dir = _inputs_and_out_dir(input_files, output_directory)
-    counts = Counter()
+    def key(line: bytes) -> bytes:  # 8 bytes a distinct line, whatever its length; \n not counted
+        return hashlib.blake2b(line.rstrip(b"\r\n"), digest_size=8).digest()
+
+    paths, out_dir, counts = *_inputs_and_out_dir(input_files, output_directory), Counter()
     for path in paths:
         with open(path, "rb") as f:
-            counts.update(map(_line_key, f))
+            counts.update(map(key, f))
     for path in paths:
         with open(path, "rb") as f, atomic_output(out_dir / path.name) as tmp, \
                 open(tmp, "wb") as out:
-            out.writelines(line for line in f if counts[_line_key(line)] == 1)
+            out.writelines(line for line in f if counts[key(line)] == 1)
     return sum(n for n in counts.values() if n > 1)
 
 
@@ -592,14 +705,13 @@ def jaccard(a: set, b: set) -> float:
 
 def _clusters(n: int, pairs: Iterable[tuple[int, int]]) -> list[list[int]]:
     """Connected components by union-find: near-duplicates of near-duplicates join one cluster."""
-    parent = list(range(n))
-
     def find(i: int) -> int:
         while parent[i] != i:
             parent[i] = parent[parent[i]]  # path halving keeps the trees shallow
             i = parent[i]
         return i
 
+    parent = list(range(n))
     for i, j in pairs:
         parent[find(i)] = find(j)
     groups: dict[int, list[int]] = {}
@@ -644,6 +756,12 @@ def minhash_signature(shingle_set: set[str], a: np.ndarray, b: np.ndarray,
     return signature
 
 
+# Why LSH works: two documents of Jaccard similarity s agree on a MinHash row with probability s,
+# on a band of r rows with s^r, and share at least one of b bands (become candidates) with
+# probability 1 - (1 - s^r)^b, an S-curve. s:       0.3    0.5    0.7    0.8    0.9
+#     b=20, r=5 (the default: few misses at 0.8)  0.047  0.470  0.975  1.000  1.000
+#     b=10, r=10 (fewer candidates, more misses)  0.000  0.010  0.249  0.679  0.986
+# Candidates are verified by their true Jaccard, so the curve trades work for recall only.
 def lsh_clusters(signatures: np.ndarray, texts: Sequence[str], num_bands: int, ngrams: int,
                  jaccard_threshold: float) -> list[list[int]]:
     """Near-duplicate clusters without all pairs: documents whose signatures (num_docs,
@@ -776,7 +894,7 @@ def filter_file(path: str, opts: dict) -> dict:
     report["docs"], (a, b) = [], hash_functions(opts["num_hashes"], opts["seed"])
     for record in iter_warc_records(path, report["errors"]):
         try:
-            text = extract_record(record, strict=True)
+            text = extract_record(record, True, opts["extractor"])
         except Exception as e:  # an unknown charset (ValueError), or a page that breaks a parser
             report["errors"]["unknown charset" if isinstance(e, ValueError) else "bad page"] += 1
             print(f"warning: {path}: {record.url}: {e!r}: skipped", file=sys.stderr)
@@ -785,7 +903,7 @@ def filter_file(path: str, opts: dict) -> dict:
             if record.type in ("response", "conversion"):
                 _drop(report, "no text", f"{record.url} (empty)", tokens=0)
             continue
-        lang, score = identify_language(text)
+        lang, score = identify_language(text, opts["lid_model"])
         if opts["languages"] and (lang not in opts["languages"]
                                   or score < opts["min_language_score"]):
             _drop(report, "language", text, f"{lang} {score:.2f}: ")
@@ -805,15 +923,11 @@ def filter_file(path: str, opts: dict) -> dict:
     return report
 
 
-def _shard_path(out: Path, shard: int, num_shards: int) -> Path:
-    return out / "shards" / f"{shard:05d}-of-{num_shards:05d}.json.gz"
-
-
 def finish(out: Path, opts: dict, num_shards: int, workers: int, progress: bool = True) -> dict:
     """Stage 2 over every shard's output: dedup, contamination, split, tokenizer, .bin files."""
     report = {}
     for shard in range(num_shards):
-        if not (path := _shard_path(out, shard, num_shards)).exists():
+        if not (path := out / "shards" / f"{shard:05d}-of-{num_shards:05d}.json.gz").exists():
             raise UsageError(f"{path} is missing: run `pipeline --shard={shard}/{num_shards}`")
         _merge(report, json.loads(gzip.decompress(path.read_bytes())))
     urls, texts, signatures = zip(*report.pop("docs")) if report["docs"] else ((), (), ())
@@ -849,23 +963,41 @@ def finish(out: Path, opts: dict, num_shards: int, workers: int, progress: bool 
     val = [hashlib.blake2b(u.encode()).digest()[0] < opts["val_fraction"] * 256 for u in urls]
     if all(val) or not any(val):  # a small crawl still gets both splits
         val = [i == len(texts) - 1 for i in range(len(texts))]
-    for split, flag in (("train", False), ("val", True)):
-        joined = "".join(t + EOT for t, v in zip(texts, val) if v == flag)
-        write_atomic(out / f"{split}.txt", joined)
-    tok_dir = Path(opts["tokenizer"] or out / "tokenizer")
-    if not opts["tokenizer"]:
-        vocab, merges = train_bpe(out / "train.txt", opts["vocab_size"], [EOT], workers, progress)
-        Tokenizer(vocab, merges, [EOT]).save_dir(tok_dir)
-    if EOT not in (tok := Tokenizer.from_dir(tok_dir)).special_tokens:
-        raise ValueError(f"the tokenizer in {tok_dir} has no {EOT} special token")
+    for name, flag in (("train", False), ("val", True)):
+        write_atomic(out / f"{name}.txt", "".join(t + EOT for t, v in zip(texts, val) if v == flag))
+    tok_dir, bin_tokens = tokenize_splits(out, opts["tokenizer"], opts["vocab_size"], workers,
+                                          progress)
     report.update(kept=len(texts), kept_tokens=sum(len(PRETOKEN_RE.findall(t)) for t in texts),
-                  val_docs=sum(val), tokenizer=str(tok_dir), bin_tokens={
-                      split: encode_file(tok, out / f"{split}.txt", out / f"{split}.bin", workers,
-                                         progress) for split in ("train", "val")})
+                  val_docs=sum(val), tokenizer=tok_dir, bin_tokens=bin_tokens)
     report["removed"]["bad input"], report["examples"]["bad input"] = sum(
         report["errors"].values()), ", ".join(f"{k} {n}" for k, n in report["errors"].items())
     write_atomic(out / "report.json", json.dumps(report, indent=1))
     return report
+
+
+def tokenize_splits(out: Path, tokenizer: str, vocab_size: int, workers: int,
+                    progress: bool = True) -> tuple[str, dict[str, int]]:
+    """out/train.txt and val.txt -> train.py's out/train.bin and val.bin (+ .json sidecars), with
+    the tokenizer folder `tokenizer`, or one trained on train.txt into out/tokenizer."""
+    tok_dir = Path(tokenizer or out / "tokenizer")
+    if not tokenizer:
+        vocab, merges = train_bpe(out / "train.txt", vocab_size, [EOT], workers, progress)
+        Tokenizer(vocab, merges, [EOT]).save_dir(tok_dir)
+    if EOT not in (tok := Tokenizer.from_dir(tok_dir)).special_tokens:
+        raise ValueError(f"the tokenizer in {tok_dir} has no {EOT} special token")
+    return str(tok_dir), {split: encode_file(tok, out / f"{split}.txt", out / f"{split}.bin",
+                                             workers, progress) for split in ("train", "val")}
+
+
+def _input_files(spec: str) -> list[Path]:
+    """A folder (its files), a glob pattern, or a comma-separated list of files."""
+    paths = sorted(p for p in Path(spec).iterdir() if p.is_file()) if Path(spec).is_dir() else [
+        Path(p) for part in spec.split(",") for p in sorted(glob.glob(part)) or [part]]
+    if missing := [p for p in paths if not p.is_file()]:
+        raise UsageError(f"input file {missing[0]} does not exist")
+    if not paths:
+        raise UsageError(f"no input files in {spec}")
+    return paths
 
 
 def pipeline(input: str, out: str, workers: int = 1, shard: str = "0/1", merge: bool = False,
@@ -879,11 +1011,12 @@ def pipeline(input: str, out: str, workers: int = 1, shard: str = "0/1", merge: 
     opts["languages"] = [lang for lang in opts["languages"] if lang]
     if opts["line_dedup"] not in ("exact", "bloom", "none"):
         raise UsageError(f"--line_dedup must be exact, bloom or none, got {opts['line_dedup']!r}")
-    for key in (*CLASSIFIERS, "tokenizer", "eval"):  # bad settings fail now, not mid-corpus
+    extract_text_from_html_bytes(b"", extractor=opts["extractor"])  # a bad name, or missing
+    for key in (*CLASSIFIERS, "lid_model", "tokenizer", "eval"):  # fail now, not mid-corpus
         if opts[key] and not Path(opts[key]).exists():
             raise UsageError(f"--{key}={opts[key]} does not exist")
-        if key in CLASSIFIERS and opts[key]:
-            CLASSIFIERS[key][0]("", opts[key])  # loads the file, checks its labels
+        if key in (*CLASSIFIERS, "lid_model") and opts[key]:
+            (CLASSIFIERS.get(key) or [identify_language])[0]("", opts[key])  # loads, checks it
     if merge:
         if not (found := sorted(out_dir.glob("shards/*-of-*.json.gz"))):
             raise UsageError(f"no shard outputs in {out_dir / 'shards'}: run --shard=i/n first")
@@ -900,7 +1033,7 @@ def pipeline(input: str, out: str, workers: int = 1, shard: str = "0/1", merge: 
             for part in tqdm(results, total=len(files), desc="filter", disable=not progress):
                 _merge(report, part)
         (out_dir / "shards").mkdir(parents=True, exist_ok=True)
-        write_atomic(_shard_path(out_dir, index, num_shards),
+        write_atomic(out_dir / "shards" / f"{index:05d}-of-{num_shards:05d}.json.gz",
                      gzip.compress(json.dumps(report).encode(), mtime=0))
         if num_shards > 1:
             return print(f"shard {index}/{num_shards}: {len(report['docs'])} documents kept from "
@@ -916,7 +1049,36 @@ def pipeline(input: str, out: str, workers: int = 1, shard: str = "0/1", merge: 
     return report
 
 
-# 11. A synthetic crawl, and the demo --------------------------------------------------------------
+# 11. OpenWebText: the course's web text, downloaded and tokenized for train.py --------------------
+OWT_URL = "https://huggingface.co/datasets/stanford-cs336/owt-sample/resolve/main/owt_{}.txt.gz"
+
+
+def openwebtext(out: str = "data_cache/owt", cache_dir: str = "data_cache", max_mb: float = 0,
+                tokenizer: str = "", vocab_size: int = 32000, workers: int = 1,
+                progress: bool = True) -> dict[str, int]:
+    """The course's OpenWebText sample (owt_train and owt_valid, gzipped text, documents ending
+    in <|endoftext|>), downloaded into cache_dir (an interrupted download resumes) and prepared
+    into out/train.bin, val.bin and tokenizer/; max_mb caps each split's text (0: all, ~12 GB)."""
+    (out_dir := Path(out)).mkdir(parents=True, exist_ok=True)
+    for split, name in (("train", "train"), ("val", "valid")):
+        try:
+            archive = download(url := OWT_URL.format(name), Path(cache_dir) / f"owt_{name}.txt.gz")
+        except (urllib.error.URLError, ConnectionError, TimeoutError) as e:  # not a disk error
+            raise UsageError(f"offline ({getattr(e, 'reason', e)}): cannot download {url}; put "
+                             f"owt_{name}.txt.gz in {cache_dir}/ and run again") from None
+        with gzip.open(archive, "rb") as fin, atomic_output(out_dir / f"{split}.txt") as tmp, \
+                open(tmp, "wb") as fout:
+            cap = int(max_mb * 2**20)
+            while not 0 < cap <= fout.tell() and (chunk := fin.read(min(cap or 1 << 22, 1 << 22))):
+                fout.write(chunk + fin.readline())  # whole lines
+    tok_dir, bin_tokens = tokenize_splits(out_dir, tokenizer, vocab_size, workers, progress)
+    print(f"{out_dir}/train.bin: {bin_tokens['train']:,} tokens, val.bin: {bin_tokens['val']:,}; "
+          f"python train.py --train_bin={out_dir}/train.bin --val_bin={out_dir}/val.bin "
+          f"--tokenizer_dir={tok_dir}")
+    return bin_tokens
+
+
+# 12. A synthetic crawl, and the demo --------------------------------------------------------------
 WORDS = ("river valley farmers harvest grain autumn village market bread mill water wheel stone "
          "bridge travelers merchants wool cloth winter stories children school teacher lesson "
          "garden apples orchard season weather rain clouds mountain forest path evening lamp "
@@ -1030,16 +1192,17 @@ def bench(crawls: int = 20, repeat: int = 3, num_hashes: int = 128) -> None:
     pages = [r.body for seed in range(crawls) for r in synthetic_crawl(seed)]
     texts = [t for p in pages if (t := extract_text_from_html_bytes(p))]
     sets, (a, b) = [shingles(t, 5) for t in texts], hash_functions(num_hashes)
-    tools: dict[str, tuple] = {
+    tools: dict[str, tuple | None] = {
         "extraction: data.py (html.parser)": (extract_text_from_html_bytes, pages),
         "language id: data.py (script + naive Bayes)": (identify_language, texts),
-        f"MinHash x{num_hashes}: data.py (numpy)": (lambda s: minhash_signature(s, a, b), sets)}
-    tools |= {"extraction: resiliparse": None, f"MinHash x{num_hashes}: datasketch": None}
-    with contextlib.suppress(ImportError):
-        from resiliparse.extract.html2text import extract_plain_text
-        from resiliparse.parse.encoding import bytes_to_str, detect_encoding
-        tools["extraction: resiliparse"] = (lambda p: extract_plain_text(
-            bytes_to_str(p, detect_encoding(p)), main_content=True), pages)
+        f"MinHash x{num_hashes}: data.py (numpy)": (lambda s: minhash_signature(s, a, b), sets),
+        "extraction: resiliparse": None, f"MinHash x{num_hashes}: datasketch": None}
+    with contextlib.suppress(UsageError):  # raised at once when resiliparse is missing
+        theirs = functools.partial(extract_text_from_html_bytes, extractor="resiliparse")
+        similarity = np.mean([jaccard(set((extract_text_from_html_bytes(p) or "").split()),
+                                      set((theirs(p) or "").split())) for p in pages])
+        tools["extraction: resiliparse"] = (theirs, pages)
+        print(f"extracted words, data.py vs resiliparse: mean Jaccard {similarity:.3f}")
     with contextlib.suppress(ImportError):
         from datasketch import MinHash
         first = MinHash(num_hashes)  # its permutations made once, as ours are
@@ -1048,16 +1211,16 @@ def bench(crawls: int = 20, repeat: int = 3, num_hashes: int = 128) -> None:
             [x.encode() for x in s]), sets)
     print(f"{len(pages)} pages, {np.mean([len(t) for t in texts]):.0f} characters of text each")
     for name, tool in sorted(tools.items()):  # deque(map(...), maxlen=0): run, keep nothing
-        if not tool:
-            print(f"{name:<46}not installed")
-            continue
-        seconds = min(timeit.repeat(lambda: deque(map(*tool), maxlen=0), number=1, repeat=repeat))
-        print(f"{name:<46}{len(tool[1]) / seconds:>8,.0f} documents/s")
+        speed = tool and len(tool[1]) / min(timeit.repeat(
+            lambda: deque(map(*tool), maxlen=0), number=1, repeat=repeat))
+        print(f"{name:<46}" + (f"{speed:>8,.0f} documents/s" if tool else "not installed"))
 
 
-# 12. Commands -------------------------------------------------------------------------------------
+# 13. Commands -------------------------------------------------------------------------------------
 PIPELINE_OPTIONS = {
     "languages": ["en"], "min_language_score": 0.5,  # --languages= keeps every language
+    "lid_model": "",  # a language-id model (lid.176.bin, or ours) replacing the built-in one
+    "extractor": "builtin",  # or "resiliparse" (when installed)
     "nsfw": "", "toxic": "", "quality": "",  # FastTextClassifier files; "" = none
     "num_hashes": 100, "num_bands": 20, "ngrams": 5, "jaccard_threshold": 0.8, "seed": 0,
     "line_dedup": "exact",  # "exact" (two passes), "bloom" (streaming, first copy kept), "none"
@@ -1068,20 +1231,9 @@ COMMANDS = {
     "pipeline": {"input": "", "out": "", "workers": 0, "shard": "0/1", "merge": False,
                  **PIPELINE_OPTIONS},  # workers=0: one per core
     "compare": {"out": "", "crawls": 60, "max_iters": 200, "batch_size": 16},
-    "bench": {"crawls": 20, "repeat": 3, "num_hashes": 128}}
-
-
-def _input_files(spec: str) -> list[Path]:
-    """A folder (its files), a glob pattern, or a comma-separated list of files."""
-    if Path(spec).is_dir():
-        paths = sorted(p for p in Path(spec).iterdir() if p.is_file())
-    else:
-        paths = [Path(p) for part in spec.split(",") for p in sorted(glob.glob(part)) or [part]]
-    if missing := [p for p in paths if not p.is_file()]:
-        raise UsageError(f"input file {missing[0]} does not exist")
-    if not paths:
-        raise UsageError(f"no input files in {spec}")
-    return paths
+    "bench": {"crawls": 20, "repeat": 3, "num_hashes": 128},
+    "openwebtext": {"out": "data_cache/owt", "cache_dir": "data_cache", "max_mb": 0.0,
+                    "tokenizer": "", "vocab_size": 32000, "workers": 0}}
 
 
 def main(argv: list[str]) -> None:
@@ -1094,7 +1246,8 @@ def main(argv: list[str]) -> None:
         raise UsageError(f"{command} needs --{missing[0]}=...")
     if "workers" in cfg:
         cfg["workers"] = cfg["workers"] or os.cpu_count() or 1
-    {"demo": demo, "pipeline": pipeline, "compare": compare, "bench": bench}[command](**cfg)
+    {"demo": demo, "pipeline": pipeline, "compare": compare, "bench": bench,
+     "openwebtext": openwebtext}[command](**cfg)
 
 
 if __name__ == "__main__":

@@ -30,8 +30,9 @@ The wrappers are used from code run under torchrun (or any initialised process g
 Each is tested against one process on the whole model in test_all.py (2 gloo processes).
 No files are read or written.
 
-Comes next, in this file (issue 11): train.py's --parallel=ddp|zero1|fsdp (checkpoints from the
-full parameters), and `python ddp.py bench` on GPUs against torch's DistributedDataParallel.
+`torchrun --nproc_per_node=N train.py --parallel=ddp|zero1|fsdp` trains with them (parallelize);
+the checkpoints hold the whole state, so any number of processes resumes them.
+Comes next (issue 11): `python ddp.py bench` on GPUs against torch's DDP.
 
 Papers  Li et al. 2020 (PyTorch DDP: buckets, overlap); Rajbhandari et al. 2020 (ZeRO); Zhao et al.
         2023 (PyTorch FSDP); Shoeybi et al. 2019 (Megatron-LM: tensor parallelism); Korthikanti
@@ -39,6 +40,7 @@ Papers  Li et al. 2020 (PyTorch DDP: buckets, overlap); Rajbhandari et al. 2020 
         (bandwidth-optimal all-reduce: the ring); Thakur et al. 2005 (MPICH collectives).
 """
 
+import contextlib
 import math
 import os
 import socket
@@ -192,6 +194,11 @@ class _DataParallel(nn.Module):
         self.module, self.world_size = module, dist.get_world_size()
         self.params = [p for p in module.parameters() if p.requires_grad]
         self._batch_checked = False
+        shapes, everyone = [t.shape for t in module.state_dict().values()], [None] * self.world_size
+        dist.all_gather_object(everyone, shapes)  # every rank sees all: all raise, none hangs
+        if any(other != shapes for other in everyone):
+            raise ValueError("the parameter or buffer shapes differ across ranks: build the same "
+                             "model on every rank (rank 0's values are then copied to all)")
         with torch.no_grad():  # random init differs per rank: everyone starts from rank 0's
             for tensor in [*module.parameters(), *module.buffers()]:
                 dist.broadcast(tensor, src=0)
@@ -214,6 +221,34 @@ class _DataParallel(nn.Module):
 
     def finish_gradient_synchronization(self) -> None:
         raise NotImplementedError
+
+    def clip_grad_norm(self, params: list[Tensor], max_norm: float) -> Tensor:
+        """train.py's step, after backward: finish averaging the gradients, then scale them so
+        their global L2 norm (FSDP: with every rank's shards) is at most max_norm; return it."""
+        self.finish_gradient_synchronization()
+        grads = [p.grad for p in params if p.grad is not None]  # the same on every rank
+        shards = [p.grad for p in getattr(self, "shards", []) if p.grad is not None]
+        squares = torch.stack([g.float().square().sum() for g in grads + shards] or [
+            torch.zeros(())])
+        sharded = squares[len(grads):].sum()
+        if shards:
+            dist.all_reduce(sharded)
+        total = (squares[:len(grads)].sum() + sharded).sqrt()
+        torch._foreach_mul_(grads + shards, (max_norm / (total + 1e-6)).clamp(max=1.0))
+        return total
+
+    def full_state(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple:
+        """For train.py's checkpoints (every rank calls it, rank 0 saves): model and optimizer, or
+        stand-ins whose state_dict() is the whole, unsharded one, as one process would save."""
+        if isinstance(optimizer, ShardedOptimizer):
+            optimizer = _Saved(optimizer.full_state_dict() or {})
+        return model, optimizer
+
+
+class _Saved(dict):
+    """A state_dict gathered already: what save_checkpoint asks of a model or optimizer."""
+    def state_dict(self) -> dict:
+        return dict(self)
 
 
 class DDPNaive(_DataParallel):
@@ -288,6 +323,14 @@ class DDPBucketed(_DataParallel):
         for p in self.params:
             p.register_post_accumulate_grad_hook(self._mark_ready)
         self._reset()
+        self._sync = True
+
+    @contextlib.contextmanager
+    def no_sync(self):
+        """Gradient accumulation: backwards inside only add to .grad; the next sends the sums."""
+        self._sync = False
+        yield
+        self._sync = True
 
     def _reset(self) -> None:
         self._waiting = [len(bucket) for bucket in self.buckets]  # gradients still to arrive
@@ -295,6 +338,8 @@ class DDPBucketed(_DataParallel):
         self._pending: list[tuple[dist.Work, Tensor, list[Tensor]]] = []
 
     def _mark_ready(self, p: Tensor) -> None:
+        if not self._sync:
+            return
         self._waiting[self._bucket_of[id(p)]] -= 1
         while self._next < len(self.buckets) and self._waiting[self._next] == 0:
             self._launch(self._next)
@@ -376,27 +421,45 @@ class ShardedOptimizer(torch.optim.Optimizer):
     def state_dict(self) -> dict:
         return self.local.state_dict()
 
+    def full_state_dict(self) -> dict | None:
+        """The state_dict one unsharded optimizer would have, every rank's share gathered on rank
+        0 (None elsewhere): any number of processes resumes from it."""
+        index = {id(p): i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
+        mine = {index[id(p)]: {k: v.cpu() if isinstance(v, Tensor) else v for k, v in s.items()}
+                for p, s in self.local.state.items()}
+        parts = [None] * self.world_size if self.rank == 0 else None
+        dist.gather_object(mine, parts, dst=0)
+        if self.rank == 0:  # the groups, numbered as state_dict() numbers them, and all states
+            return torch.optim.Optimizer.state_dict(self) | {
+                "state": {i: state for part in parts for i, state in part.items()}}
+
     def load_state_dict(self, state_dict: dict) -> None:
         self.local.load_state_dict(state_dict)
 
 
 # FSDP: every rank keeps a shard of each weight, gathered just in time ----------------------------
+def _my_shard(full: Tensor) -> Tensor:
+    """This rank's piece of full, flattened; the last piece is padded with zeros."""
+    rank, n = dist.get_rank(), dist.get_world_size()
+    size = math.ceil(full.numel() / n)
+    flat = nn.functional.pad(full.detach().reshape(-1), (0, size * n - full.numel()))
+    return flat[rank * size:(rank + 1) * size].clone()
+
+
 class _Unit:
     """One sharded weight: this rank's fp32 master shard (a Parameter the optimizer steps) and,
     while a layer that uses it runs, the full weight in the compute dtype."""
     def __init__(self, weight: Tensor, dtype: torch.dtype) -> None:
-        rank, n = dist.get_rank(), dist.get_world_size()
         self.shape, self.numel, self.dtype = weight.shape, weight.numel(), dtype
-        size = math.ceil(self.numel / n)  # the last shard is padded with zeros
-        flat = nn.functional.pad(weight.detach().reshape(-1), (0, size * n - self.numel))
-        self.shard = nn.Parameter(flat[rank * size:(rank + 1) * size].clone())
+        self.shard = nn.Parameter(_my_shard(weight))
         self.full: Tensor | None = None
         self._pending: tuple[dist.Work, Tensor] | None = None
 
     def start_gather(self) -> None:
         """Launch the all-gather asynchronously: it runs while the current layer computes."""
         if self.full is None and self._pending is None:
-            flat = torch.empty(self.shard.numel() * dist.get_world_size(), dtype=self.dtype)
+            flat = torch.empty(self.shard.numel() * dist.get_world_size(), dtype=self.dtype,
+                               device=self.shard.device)
             work = dist.all_gather_single(flat, self.shard.detach().to(self.dtype),
                                           async_op=True)
             self._pending = (work, flat)
@@ -456,11 +519,12 @@ class FSDP(DDPFlat):
                 weight = layer.weight
                 units.setdefault(id(weight), _Unit(weight, self.compute_dtype))
                 self._layers.append((layer, units[id(weight)]))
+        self._units, self._hooks = units, []
         for index, (layer, unit) in enumerate(self._layers):
             del layer.weight  # no longer a Parameter: a plain attribute set by the pre-hook
             layer.weight = None
-            layer.register_forward_pre_hook(self._gather_hook(index))
-            layer.register_forward_hook(self._free_hook(unit))
+            self._hooks += [layer.register_forward_pre_hook(self._gather_hook(index)),
+                            layer.register_forward_hook(self._free_hook(unit))]
         self.shards = nn.ParameterList(unit.shard for unit in units.values())
         self.params = [p for p in module.parameters() if p.requires_grad]  # replicated ones
         self._live: dict[int, _Unit] = {}  # storage address of a gathered weight -> its unit
@@ -512,17 +576,84 @@ class FSDP(DDPFlat):
             unit.free()
         return out
 
+    def _unsharded(self, unit: _Unit, piece: Tensor) -> Tensor:
+        """A tensor cut like unit.shard (the weight, or its optimizer state), whole again."""
+        flat = piece.new_empty(piece.numel() * self.world_size)
+        dist.all_gather_single(flat, piece.detach().contiguous())
+        return flat[:unit.numel].view(unit.shape)
+
     @torch.no_grad()
-    def gather_full_params(self) -> dict[str, Tensor]:
-        """The unsharded fp32 state_dict of the wrapped module (every rank gets it; save on 0)."""
-        state, unit_of = self.module.state_dict(), {id(m): u for m, u in self._layers}
-        for name, layer in self.module.named_modules():
+    def gather_full_params(self, root: nn.Module | None = None) -> dict[str, Tensor]:
+        """The unsharded fp32 state_dict of the wrapped module, or of root, a module inside it
+        (every rank gets it; save on 0)."""
+        root = root or self.module
+        state, unit_of = root.state_dict(), {id(m): u for m, u in self._layers}
+        for name, layer in root.named_modules():
             unit = unit_of.get(id(layer))
             if unit is not None:  # a tied weight is gathered under each of its names
-                flat = torch.empty(unit.shard.numel() * self.world_size)
-                dist.all_gather_single(flat, unit.shard.detach())
-                state[f"{name}.weight" if name else "weight"] = flat[:unit.numel].view(unit.shape)
+                state[f"{name}.weight" if name else "weight"] = self._unsharded(unit, unit.shard)
         return state
+
+    def shard_optimizer(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+        """An optimizer built on the unwrapped module, changed in place to step the shards: each
+        sharded weight replaced by its shard in the same group, its state (from a checkpoint)
+        cut alike. Element-wise optimizers only (AdamW, SGD): Muon and SOAP need whole matrices."""
+        for group in optimizer.param_groups:
+            for i, p in enumerate(group["params"]):
+                unit = self._units.get(id(p))
+                if unit is not None:
+                    optimizer.state[unit.shard] = {
+                        k: _my_shard(v) if isinstance(v, Tensor) and v.shape == p.shape else v
+                        for k, v in optimizer.state.pop(p, {}).items()}
+                    group["params"][i] = unit.shard
+        return optimizer
+
+    @torch.no_grad()
+    def full_state(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple:
+        state, unit_of = optimizer.state_dict(), {id(u.shard): u for u in self._units.values()}
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        for i, p in enumerate(params):  # state_dict() numbers the parameters in this order
+            if id(p) in unit_of and i in state["state"]:
+                state["state"][i] = {k: self._unsharded(unit_of[id(p)], v) if isinstance(v, Tensor)
+                                     and v.shape == p.shape else v
+                                     for k, v in state["state"][i].items()}
+        return _Saved(self.gather_full_params(model)), _Saved(state)
+
+    @torch.no_grad()
+    def unshard(self) -> None:
+        """The full weights back in the module as Parameters, and no more hooks: after training,
+        one rank may run it alone (samples)."""
+        full = {id(u): nn.Parameter(self._unsharded(u, u.shard)) for u in self._units.values()}
+        for handle in self._hooks:
+            handle.remove()
+        for layer, unit in self._layers:  # a tied weight is one Parameter again
+            layer.weight = full[id(unit)]
+
+
+# train.py's --parallel: these wrappers in its loop ------------------------------------------------
+def parallelize(name: str, step_model: nn.Module, optimizer: torch.optim.Optimizer,
+                bucket_size_mb: float = 25.0) -> tuple[nn.Module, torch.optim.Optimizer]:
+    """`train.py --parallel=ddp|zero1|fsdp` under torchrun: train.py's LossModel wrapped, and its
+    optimizer (maybe restored from a checkpoint) made to fit. ddp: DDPBucketed; zero1: that and
+    ShardedOptimizer; fsdp: FSDP stepping the shards. The loop calls the wrapper's no_sync,
+    clip_grad_norm (which finishes the gradients' averaging) and full_state (for checkpoints)."""
+    if name == "fsdp":
+        if type(optimizer).__name__ != "AdamW":
+            raise ValueError("--parallel=fsdp steps flat shards of each matrix: use --optimizer="
+                             "adamw (Muon and SOAP need whole matrices, which zero1 keeps)")
+        model = FSDP(getattr(step_model, "_orig_mod", step_model))  # dynamo cannot trace the
+        return model, model.shard_optimizer(optimizer)  # gathering hooks: compile is skipped
+    if name not in ("ddp", "zero1"):
+        raise ValueError(f"parallel={name!r}: expected 'ddp', 'zero1' or 'fsdp'")
+    model = DDPBucketed(step_model, bucket_size_mb)
+    if name == "zero1":
+        sharded = ShardedOptimizer([{**g} for g in optimizer.param_groups], type(optimizer),
+                                   **optimizer.defaults)
+        for p in sharded.owned[sharded.rank]:  # a restored checkpoint's state: this rank's share
+            if p in optimizer.state:
+                sharded.local.state[p] = optimizer.state[p]
+        optimizer = sharded
+    return model, optimizer
 
 
 # Tensor parallelism (Megatron): each rank holds a slice of every block ---------------------------
@@ -834,8 +965,7 @@ def print_accounting(config: ModelConfig, params: int, what: str, num_gpus: int,
               f"{needed if needed else 'never':>14}")
     fsdp = gpus_needed(params, "ZeRO-3/FSDP", gpu_bytes)
     print(f"FSDP: {fsdp} GPU{'s' if fsdp > 1 else ''} of {gpu_memory_gb:g} GB hold the states "
-          f"(fewer cannot), "
-          f"{params * 16 / fsdp / 1e9:,.1f} GB each")
+          f"(fewer cannot), {params * 16 / fsdp / 1e9:,.1f} GB each")
     if any(gpus_needed(params, scheme, gpu_bytes) is None for scheme in rows):
         print("never: what that scheme keeps whole on every GPU is already too big for one")
 

@@ -4,8 +4,8 @@ Training reads each weight once per batch of thousands of tokens; decoding reads
 the whole KV cache to make one token per sequence, so decode is memory-bound and the lecture's
 arithmetic (bytes moved / bandwidth) predicts its speed. In teaching order:
   1. sampling: temperature, top-k, top-p (nucleus);
-  2. a static, preallocated KV cache: prefill the prompt, then decode one token per step, each row
-     at its own position; the decode step compiled once and replayed as a CUDA graph;
+  2. a static KV cache: prefill, then one token per step, each row at its own position; the decode
+     step compiled once and replayed as a CUDA graph;
   3. generate_batch: many prompts, n samples each, stop strings, log-probs (align.py's rollouts);
   4. continuous batching over a paged KV cache (blocks, block tables, copy-on-write prefixes);
   5. speculative decoding with a draft model (the accept/reject rule keeps the target's law);
@@ -21,6 +21,7 @@ Commands (CPU or one GPU, chosen automatically; settings are --key=value):
     python infer.py quantize [--ckpt=... | --hf_dir=...]  # perplexity and speed, int8 and int4
     python infer.py roofline [--gpu=H100 --seq_len=1024]  # the lecture's Llama-2-13B table
     python infer.py bench                # one H200, about 4 min: GPT-2-medium shape, bf16
+    python infer.py bench --batch_sizes=1 --decode_only=True --profile=True  # where a step goes
     python infer.py bench --compare_hf   # and transformers' generate on the same weights
     python infer.py bench --device=cpu --preset=tiny     # a minute on a CPU
 Reads   out/ckpt.pt (from `python train.py`) and the tokenizer folder it was trained with (found
@@ -48,8 +49,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from model import (PRESETS, Linear, LinearAttention, ModelConfig, MultiHeadLatentAttention,
-                   MultiHeadSelfAttention, TransformerLM, apply_rotary, causal_linear_attention,
-                   count_params, linear_attention_feature_map)
+                   MultiHeadSelfAttention, TransformerLM, _split_heads, apply_rotary,
+                   causal_linear_attention, count_params, linear_attention_feature_map)
 from tokenizer import DATA_DIR, Tokenizer, UsageError, parse_command, run_cli
 from train import EOT, read_checkpoint, resolve_device, resolve_dtype
 
@@ -62,18 +63,16 @@ def top_k_filter(logits: Tensor, k: int) -> Tensor:
 
 
 def top_p_filter(logits: Tensor, p: float) -> Tensor:
-    """Nucleus sampling: keep the smallest set of most likely tokens whose probability reaches p.
-    Sorted by probability, a token stays while the mass before it is still below p."""
+    """Nucleus: keep the smallest set of most likely tokens whose probability reaches p."""
     sorted_logits, order = logits.sort(dim=-1, descending=True)
     probs = sorted_logits.softmax(-1)
-    drop_sorted = probs.cumsum(-1) - probs >= p  # the most likely token always stays
+    drop_sorted = probs.cumsum(-1) - probs >= p  # the mass before a token; the first stays
     return logits.masked_fill(drop_sorted.scatter(-1, order, drop_sorted), float("-inf"))
 
 
 def probabilities(logits: Tensor, temperature: float = 1.0, top_k: int | None = None,
                   top_p: float = 1.0) -> Tensor:
-    """The distribution a token is drawn from: softmax(logits / T) after the top-k and top-p
-    filters, in float32; at temperature 0 (greedy) all the mass on the argmax."""
+    """softmax(logits / T) after the top-k and top-p filters, in float32; T = 0: the argmax."""
     if temperature == 0:
         return F.one_hot(logits.argmax(-1), logits.shape[-1]).float()
     logits = logits.float() / temperature
@@ -92,12 +91,12 @@ def sample_token(logits: Tensor, temperature: float = 1.0, top_k: int | None = N
 
 
 def check_sampling(temperature: float, top_k: int | None, top_p: float) -> None:
-    if not temperature >= 0:
-        raise ValueError(f"temperature must be >= 0 (0 is greedy), got {temperature}")
-    if top_k is not None and top_k < 1:
-        raise ValueError(f"top_k must be >= 1 or None, got {top_k}")
-    if not 0 < top_p <= 1:
-        raise ValueError(f"top_p must lie in (0, 1], got {top_p}")
+    for bad, rule, value in ((not temperature >= 0, "temperature must be >= 0 (0 is greedy)",
+                              temperature), (top_k is not None and top_k < 1,
+                                             "top_k must be >= 1 or None", top_k),
+                             (not 0 < top_p <= 1, "top_p must lie in (0, 1]", top_p)):
+        if bad:
+            raise ValueError(f"{rule}, got {value}")
 
 
 # 2. A static KV cache: each row keeps the token at position p in slot p ---------------------------
@@ -142,9 +141,9 @@ def causal_mask(key_positions: Tensor, positions: Tensor, window: int | None) ->
 
 
 class StaticCache:
-    """Buffers for batch_size rows of up to max_len tokens, in the autocast dtype if made under
-    autocast, else the weights'. A forward calls begin(positions) once (where the new tokens go,
-    and the mask), then each layer writes and reads; `rows` restricts a forward to some rows."""
+    """Buffers for batch_size rows of up to max_len tokens, in the autocast dtype under autocast,
+    else the weights'. A forward calls begin(positions) once (where the new tokens go, and the
+    mask), then each layer writes and reads; `rows` restricts a forward to some rows."""
     def __init__(self, model: TransformerLM, batch_size: int, max_len: int,
                  prefill_chunk: int = PREFILL_CHUNK) -> None:
         device, self.window = model_device(model), model.config.sliding_window
@@ -155,7 +154,7 @@ class StaticCache:
         self.layers = [cache_buffers(layer.attn, batch_size, self.num_slots, device, dtype)
                        for layer in model.layers]
         self.slot_positions = torch.full((batch_size, self.num_slots), -1, device=device)
-        self.rows, self.slots, self.kv_len = None, None, self.num_slots
+        self.rows, self.slots, self.kv_len, self.fused = None, None, self.num_slots, None
 
     def begin(self, positions: Tensor, rows: Tensor | None = None,
               kv_len: int | None = None) -> Tensor:
@@ -180,10 +179,6 @@ class StaticCache:
 
 
 # The forward against a cache: model.py's blocks, with attention reading the cache -----------------
-def _heads(x: Tensor, num_heads: int) -> Tensor:  # (B, T, H*d) -> (B, H, T, d)
-    return x.unflatten(-1, (num_heads, -1)).transpose(1, 2)
-
-
 def attend_cached(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
     """q (B, H, T, d) over k, v (B, H_kv, S, d). With GQA the G = H / H_kv query heads that share
     a key-value head become G x T query rows of it: no copy of the cache per head."""
@@ -219,7 +214,8 @@ def project_fused(attn: MultiHeadSelfAttention, x: Tensor, rope: tuple | None,
     qkv = x @ fused[0].T if fused[1] is None else x @ fused[0].T + fused[1]
     kv_width = attn.num_kv_heads * attn.head_dim
     q, k, v = qkv.split([qkv.shape[-1] - 2 * kv_width, kv_width, kv_width], dim=-1)
-    q, k, v = _heads(q, attn.num_heads), _heads(k, attn.num_kv_heads), _heads(v, attn.num_kv_heads)
+    q, k, v = (_split_heads(t, h) for t, h in ((q, attn.num_heads), (k, attn.num_kv_heads),
+                                               (v, attn.num_kv_heads)))
     if attn.use_rope and rope is not None:
         q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
     return q, k, v
@@ -239,11 +235,11 @@ def mixer_step(attn: nn.Module, x: Tensor, rope: tuple | None, buffers: dict,
         cache.write(buffers["latent"], attn.kv_down_proj(x))
         cache.write(buffers["k_rope"], apply_rotary(attn.k_rope_proj(x)[:, None], *rope)[:, 0])
         latent, k_rope = cache.read(buffers["latent"]).to(x.dtype), cache.read(buffers["k_rope"])
-        q = torch.cat((_heads(attn.q_proj(x), attn.num_heads),
-                       apply_rotary(_heads(attn.q_rope_proj(x), attn.num_heads), *rope)), -1)
-        k = _heads(attn.k_up_proj(latent), attn.num_heads)
+        q = torch.cat((_split_heads(attn.q_proj(x), attn.num_heads),
+                       apply_rotary(_split_heads(attn.q_rope_proj(x), attn.num_heads), *rope)), -1)
+        k = _split_heads(attn.k_up_proj(latent), attn.num_heads)
         k = torch.cat((k, k_rope[:, None].expand(*k.shape[:-1], -1).to(x.dtype)), -1)
-        v = _heads(attn.v_up_proj(latent), attn.num_heads)
+        v = _split_heads(attn.v_up_proj(latent), attn.num_heads)
     else:  # softmax attention, MHA / GQA / MQA, with or without a sliding window
         q, k, v = (attn.project(x, rope) if fused is None  # (B, H, T, d), (B, H_kv, T, d)
                    else project_fused(attn, x, rope, fused))
@@ -296,49 +292,57 @@ def prefill(model: TransformerLM, cache: StaticCache, token_ids: Tensor,
 # than running them. torch.compile fuses the elementwise ones; a CUDA graph records the whole step
 # once and replays it with one launch. Both need static shapes: the cache is preallocated, the step
 # reads all its slots (masked), and tokens and positions are copied into fixed input buffers.
-def decode_step(model: TransformerLM, cache: StaticCache, token_ids: Tensor,
-                positions: Tensor) -> Tensor:
-    return forward_cached(model, cache, token_ids, positions).squeeze(1)  # (B, V) or (B, T, V)
+def decode_step(model: TransformerLM, cache: StaticCache, token_ids: Tensor, positions: Tensor,
+                greedy: bool = False, kv_len: int | None = None) -> Tensor:
+    """Logits (B, V), or (B, T, V) for T tokens a row. greedy: the argmax and the next position
+    go back into the input buffers inside the step, so replays chain with no host work at all."""
+    logits = forward_cached(model, cache, token_ids, positions, None, kv_len).squeeze(1)
+    if greedy:
+        token_ids.copy_(logits.argmax(-1).view_as(token_ids))
+        positions.add_(1)
+    return logits
 
 
 @functools.cache
 def compiled_decode_step() -> Callable:
-    """One compiled function for every Decoder: batch 1 gets its own graph, then (automatic
-    dynamic shapes) one graph serves the other batch sizes. Coordinate-descent tuning makes
-    Inductor write each matrix-vector product (batch 1) as a fused, tuned reduction: it reads the
-    weights near full bandwidth and folds in biases, activations and int8/int4 unpacking."""
-    return torch.compile(decode_step, options={"coordinate_descent_tuning": True})
+    """One compiled function, a graph per batch size and cache length (static shapes: a dynamic
+    batch compiles slower code, and on the H200 its compile failed). Coordinate-descent tuning
+    makes Inductor write each batch-1 matrix-vector product as a tuned reduction that folds in
+    biases, activations and int8/int4 unpacking."""
+    return torch.compile(decode_step, dynamic=False, options={"coordinate_descent_tuning": True})
 
 
 class Decoder:
     """A StaticCache and its decode step of tokens_per_step tokens per row (speculative decoding
     verifies several): eager, or compiled; on CUDA captured as a CUDA graph. A failed compile or
-    capture is reported in one line and the step falls back to the eager one."""
+    capture is reported in one line (and in .mode) and the step falls back to the eager one."""
     def __init__(self, model: TransformerLM, batch_size: int, max_len: int, compile: bool = False,
-                 cuda_graph: bool | None = None, tokens_per_step: int = 1) -> None:
-        self.model, self.cache = model, StaticCache(model, batch_size, max_len)
+                 cuda_graph: bool | None = None, tokens_per_step: int = 1,
+                 greedy: bool = False) -> None:
+        self.model, self.cache, self.greedy = model, StaticCache(model, batch_size, max_len), greedy
         self.cache.fused = fuse_qkv(model)
         device = model_device(model)
         self.token_ids = torch.zeros(batch_size, tokens_per_step, dtype=torch.long, device=device)
         self.positions = torch.zeros_like(self.token_ids)
-        self.step = compiled_decode_step() if compile else decode_step
+        self.fn = compiled_decode_step() if compile else decode_step
         self.use_graph = device.type == "cuda" if cuda_graph is None else cuda_graph
-        self.graph, self.logits = None, None
+        self.graph, self.logits, self.failed = None, None, ""
         self.ready = not (self.use_graph or compile)
 
     @property
     def mode(self) -> str:
-        return ("compiled" if self.step is not decode_step else "eager") + (
-            " + CUDA graph" if self.graph is not None else "")
+        return ("compiled" if self.fn is not decode_step else "eager") + (
+            " + CUDA graph" if self.graph is not None else "") + self.failed
 
-    def _run(self) -> Tensor:
-        return self.step(self.model, self.cache, self.token_ids, self.positions)
+    def _run(self, kv_len: int | None = None) -> Tensor:
+        return self.fn(self.model, self.cache, self.token_ids, self.positions, self.greedy, kv_len)
 
     def _prepare(self) -> None:
-        """Compile and capture. Warm-up steps rewrite the same slots with the same tokens, which
-        changes nothing, but would add to a linear-attention state: that is kept aside."""
-        states = [(b, b.clone()) for layer in self.cache.layers for name, b in layer.items()
-                  if name in ("state", "normalizer")]
+        """Compile and capture. Warm-up steps rewrite the same slots with the same tokens, but
+        would add to a linear-attention state and advance a greedy step's inputs: kept aside."""
+        states = [(b, b.clone()) for b in (self.token_ids, self.positions, *(
+            b for layer in self.cache.layers for name, b in layer.items()
+            if name in ("state", "normalizer")))]
         for stage in ("compile", "capture"):
             try:
                 if stage == "compile":
@@ -353,30 +357,30 @@ class Decoder:
                     with torch.cuda.graph(self.graph):
                         self.logits = self._run()
             except Exception as error:
-                if stage == "compile" and self.step is decode_step:
+                if stage == "compile" and self.fn is decode_step:
                     raise
+                self.failed += f" ({stage} failed: {type(error).__name__})"
                 print(f"warning: {stage} failed, decoding without it ({type(error).__name__}: "
                       f"{str(error).strip().splitlines()[0][:200]})", file=sys.stderr)
-                self.step, self.graph = (decode_step if stage == "compile" else self.step), None
-        for buffer, saved in states:
-            buffer.copy_(saved)
+                self.fn, self.graph = (decode_step if stage == "compile" else self.fn), None
+            for buffer, saved in states:
+                buffer.copy_(saved)
         self.ready = True
 
     @torch.no_grad()
-    def decode(self, tokens: Tensor, positions: Tensor, kv_len: int | None = None) -> Tensor:
-        """Logits (B, V) after tokens (B,) at positions (B,), or (B, T, V) for (B, T). A CUDA
-        graph's logits are overwritten by the next step. kv_len: slots an eager step reads."""
-        self.token_ids.copy_(tokens.view_as(self.token_ids))
-        self.positions.copy_(positions.view_as(self.positions))
+    def decode(self, tokens: Tensor | None = None, positions: Tensor | None = None,
+               kv_len: int | None = None) -> Tensor:
+        """Logits (B, V) after tokens (B,) at positions (B,), or (B, T, V) for (B, T); None: what
+        a greedy step left. The next step overwrites them. kv_len: slots an eager step reads."""
+        if tokens is not None:
+            self.token_ids.copy_(tokens.view_as(self.token_ids))
+            self.positions.copy_(positions.view_as(self.positions))
         if not self.ready:
             self._prepare()
-        if self.graph is not None:
-            self.graph.replay()
-            return self.logits
-        if self.step is decode_step:
-            return forward_cached(self.model, self.cache, self.token_ids, self.positions, None,
-                                  kv_len).squeeze(1)
-        return self._run()
+        if self.graph is None:
+            return self._run(kv_len if self.fn is decode_step else None)
+        self.graph.replay()
+        return self.logits
 
 
 # 3. Batched generation: the API align.py's rollouts use -------------------------------------------
@@ -518,12 +522,12 @@ def generate_cached(model: TransformerLM, prompts: list[list[int]], rows: list[G
         if n > 1:
             dest = torch.arange(1, n, device=device)[None] + first[:, None]
             decoder.cache.copy_rows(first.repeat_interleave(n - 1), dest.flatten())
-    positions = lengths - 1
+    positions, furthest = lengths - 1, max(map(len, prompts)) - 1  # the latter on the host
 
-    def advance(tokens: Tensor) -> Tensor:
-        nonlocal positions
-        positions = (positions + 1).clamp(max=max_len - 1)  # stopped rows may run off the end
-        return decoder.decode(tokens, positions, min(max_len, int(positions.max()) + 1))
+    def advance(tokens: Tensor) -> Tensor:  # no host sync: the sampler's is the only one
+        nonlocal positions, furthest
+        positions, furthest = (positions + 1).clamp(max=max_len - 1), furthest + 1
+        return decoder.decode(tokens, positions, min(max_len, furthest + 1))
 
     decode_loop(rows, logits, advance, tokenizer, sampling, generator, on_token)
 
@@ -1077,14 +1081,12 @@ def print_roofline(config: ModelConfig, gpu: str, batch_sizes: list[int], seq_le
 # The benchmark: `python infer.py bench` -----------------------------------------------------------
 def timed(fn: Callable, device: torch.device, warmup: bool = True) -> float:
     """Seconds of one call of fn (after a warm-up call), waiting for the GPU."""
-    if warmup:
+    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
+    for _ in range(2 if warmup else 1):  # the last call is timed
+        sync()
+        start = time.perf_counter()
         fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+        sync()
     return time.perf_counter() - start
 
 
@@ -1105,29 +1107,47 @@ def cast_weights(model: nn.Module, dtype: torch.dtype) -> nn.Module:
 
 
 def measure_decode(model: TransformerLM, batch_size: int, prompt_len: int, new_tokens: int,
-                   compile: bool) -> dict:
-    """Prefill a random batch, then time greedy decode steps; nothing leaves the GPU between
-    steps, so the time is the GPU's."""
+                   compile: bool, profile: bool = False) -> dict:
+    """Prefill a random batch, time the first decode step (it compiles and captures) apart, then
+    time greedy steps chained inside the step: nothing leaves the GPU between them, so the time
+    is the GPU's. bytes: what a step reads, every weight and every cache slot."""
     device = model_device(model)
-    decoder = Decoder(model, batch_size, prompt_len + new_tokens, compile)
+    decoder = Decoder(model, batch_size, prompt_len + new_tokens, compile, greedy=True)
     prompt = torch.randint(0, model.config.vocab_size, (batch_size, prompt_len), device=device)
-    positions = torch.full((batch_size,), prompt_len - 1, device=device)
+    first = torch.full((batch_size,), prompt_len, device=device)
     with torch.no_grad():
-        state = {"tokens": None}
-        ttft = timed(lambda: state.update(tokens=prefill(model, decoder.cache, prompt).argmax(-1)),
-                     device)  # the warm-up fills the same slots with the same values
-        setup = timed(lambda: decoder.decode(state["tokens"], positions + 1), device, warmup=False)
-
-        def steps() -> None:
-            tokens = state["tokens"]
-            for step in range(new_tokens - 1):
-                tokens = decoder.decode(tokens, positions + 1 + step).argmax(-1)
-
-        step = timed(steps, device, warmup=False) / (new_tokens - 1)
+        tokens = []  # the warm-up prefill fills the same slots with the same values
+        ttft = timed(lambda: tokens.append(prefill(model, decoder.cache, prompt).argmax(-1)),
+                     device)
+        setup = timed(lambda: decoder.decode(tokens[-1], first), device, warmup=False)
+        step = timed(lambda: [decoder.decode() for _ in range(new_tokens - 1)], device,
+                     warmup=False) / (new_tokens - 1)
     kv_bytes = sum(b.numel() * b.element_size() for layer in decoder.cache.layers
-                   for b in layer.values())  # a static step reads every slot
+                   for b in layer.values())
     return {"ttft": ttft, "step": step, "setup": setup, "mode": decoder.mode,
-            "bytes": weight_bytes(model) + kv_bytes}
+            "bytes": weight_bytes(model) + kv_bytes,
+            "profile": profile_decode(decoder, step) if profile else ""}
+
+
+def profile_decode(decoder: Decoder, step: float, steps: int = 20) -> str:
+    """Where a greedy step's time goes: its kernels (CPU ops without a GPU) per step, their busy
+    time against the step's, and the five slowest. Busy far below the step: launch gaps."""
+    cuda = decoder.token_ids.is_cuda
+    kind = torch.autograd.DeviceType.CUDA if cuda else torch.autograd.DeviceType.CPU
+    activity = torch.profiler.ProfilerActivity.CUDA if cuda else torch.profiler.ProfilerActivity.CPU
+    with torch.profiler.profile(activities=[activity]) as prof:
+        for _ in range(steps):
+            decoder.decode()
+        if cuda:
+            torch.cuda.synchronize()
+    events = sorted((e for e in prof.key_averages() if e.device_type == kind), key=lambda e: -(
+        e.self_device_time_total if cuda else e.self_cpu_time_total))
+    times = [(e.self_device_time_total if cuda else e.self_cpu_time_total) / steps for e in events]
+    lines = [f"    {sum(e.count for e in events) / steps:.0f} {'kernels' if cuda else 'ops'} a "
+             f"step, busy {sum(times):,.0f} us of {step * 1e6:,.0f} us; the slowest:"]
+    lines += [f"    {t:>8,.1f} us {e.count / steps:>5.1f}x  {e.key[:70]}"
+              for e, t in zip(events[:5], times)]
+    return "\n".join(lines)
 
 
 def bench_model(preset: str, device: torch.device, dtype: torch.dtype,
@@ -1154,8 +1174,9 @@ def bench_model(preset: str, device: torch.device, dtype: torch.dtype,
 
 
 def bench(cfg: dict) -> None:
-    """Decode speed by batch size against the copy bandwidth, transformers (--compare_hf),
-    continuous batching, speculative decoding and quantization, on one random model."""
+    """Decode speed by batch size against the copy bandwidth (--profile: where a step's time
+    goes), transformers (--compare_hf), continuous batching, speculative decoding and
+    quantization (not with --decode_only), on one random model."""
     device, start = resolve_device(cfg["device"]), time.perf_counter()
     cuda = device.type == "cuda"
     dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float32
@@ -1178,15 +1199,16 @@ def bench(cfg: dict) -> None:
           f"bandwidth {bandwidth / 1e9:,.0f} GB/s\n\nprefill {prompt_len} tokens, decode "
           f"{new_tokens} (greedy); roofline = batch x copy bandwidth / bytes read a step")
     print(f"{'batch':>5} {'TTFT ms':>8} {'prefill tok/s':>13} {'ms/token':>9} {'decode tok/s':>12} "
-          f"{'GB/step':>8} {'of copy bw':>10} {'roofline tok/s':>14}  mode")
+          f"{'GB/step':>8} {'GB/s':>6} {'of copy':>7} {'roofline tok/s':>14}  mode")
     results = {}
     for batch in cfg["batch_sizes"] or ([1, 16, 64, 256] if cuda else [1, 4]):
-        r = results[batch] = measure_decode(model, batch, prompt_len, new_tokens, compile)
+        r = results[batch] = measure_decode(model, batch, prompt_len, new_tokens, compile,
+                                            cfg["profile"])
         print(f"{batch:>5} {r['ttft'] * 1e3:>8.1f} {batch * prompt_len / r['ttft']:>13,.0f} "
               f"{r['step'] * 1e3:>9.3f} {batch / r['step']:>12,.0f} {r['bytes'] / 1e9:>8.3f} "
-              f"{r['bytes'] / r['step'] / bandwidth:>10.1%} "
-              f"{batch * bandwidth / r['bytes']:>14,.0f}"
-              f"  {r['mode']}, setup {r['setup']:.1f} s", flush=True)
+              f"{r['bytes'] / r['step'] / 1e9:>6,.1f} {r['bytes'] / r['step'] / bandwidth:>7.1%} "
+              f"{batch * bandwidth / r['bytes']:>14,.0f}  {r['mode']}, setup {r['setup']:.1f} s"
+              + (f"\n{r['profile']}" if r["profile"] else ""), flush=True)
     if hf_model is not None:
         print(f"\ntransformers {sys.modules['transformers'].__version__} generate against ours, "
               f"tokens/s end to end ({prompt_len} + {new_tokens} tokens, greedy, same weights)")
@@ -1201,6 +1223,8 @@ def bench(cfg: dict) -> None:
             print(f"  batch {batch:>3}: transformers {batch * new_tokens / seconds:>8,.0f}, ours "
                   f"{ours:>8,.0f} ({ours * seconds / batch / new_tokens:.1f}x)", flush=True)
     print(f"\n[{time.perf_counter() - start:.0f} s into the bench]", end="")
+    if cfg["decode_only"]:
+        return print()
     bench_serving(model, cfg["requests"] or (96 if cuda else 8), 32 if cuda else 4)
     print(f"\n[{time.perf_counter() - start:.0f} s]", end="", flush=True)
     draft = TransformerLM(ModelConfig(**{**asdict(model.config),
@@ -1283,7 +1307,8 @@ COMMANDS = {  # each command's settings and their defaults
                  "text": "", "device": "auto"},  # "": the run's val.txt (GPT-2: Shakespeare)
     "roofline": {"gpu": "H100", "seq_len": 1024, "batch_sizes": [1, 8, 16, 32, 64, 128]},
     "bench": {"device": "auto", "preset": "", "batch_sizes": [], "compile": "auto",  # or True
-              "compare_hf": False, "requests": 0, "group_size": 128},
+              "compare_hf": False, "requests": 0, "group_size": 128,
+              "profile": False, "decode_only": False},  # decode: kernels a step; skip the rest
 }
 
 

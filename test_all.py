@@ -3223,7 +3223,7 @@ def test_triton_kernels_model_equals_torch_model(fused_in_kernels, overrides):
         loss.backward()
         losses.append(loss)
     torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-6)
-    if DEV == "cuda" and not overrides:  # compiled, the kernels run between graphs: same loss
+    if DEV == "cuda" and not overrides:  # compiled, the custom ops in one graph: same loss
         compiled_loss, _ = torch.compile(train.LossModel(fused))(x, y)
         torch.testing.assert_close(compiled_loss, losses[0], rtol=1e-5, atol=1e-6)
     for (name, p), q in zip(plain.named_parameters(), fused.parameters(), strict=True):
@@ -3472,6 +3472,17 @@ def test_flash_triton_cuda_matches_reference(B, H, H_kv, T, S, d, causal):
 
 @cuda
 def test_flash_triton_cuda_float32_and_float16():
+    # float32 dots (ours and the reference's) are true fp32 only at "highest" precision, which an
+    # earlier test may have changed (train.setup sets "high": TF32)
+    precision = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        _flash_float32_and_float16()
+    finally:
+        torch.set_float32_matmul_precision(precision)
+
+
+def _flash_float32_and_float16() -> None:
     for dtype, atol in ((torch.float32, 2e-3), (torch.float16, 1e-2)):
         torch.manual_seed(0)
         q, k, v = (torch.randn(1, 4, 300, 64, device="cuda", dtype=dtype, requires_grad=True)
@@ -3504,6 +3515,137 @@ def test_bench_attention_cuda_rows():
     assert status[("triton", "bfloat16")] == status[("triton", "float32")] == "ok"
     ours = next(r for r in rows if r["impl"] == "triton" and r["dtype"] == "bfloat16")
     assert ours["vs_flash"] > 0 and ours["peak_gb"] > 0
+
+
+# (to merge into test_all.py after the kernels.py tests; run alone: python -m pytest -q THIS_FILE)
+from collections.abc import Callable  # noqa: E402
+
+
+# On a CPU, aot_eager: dynamo + AOTAutograd, the code that meets our fake and autograd
+# registrations, without inductor's C++ builds; on a GPU, inductor.
+BACKEND = "inductor" if DEV == "cuda" else "aot_eager"
+
+
+CASES = {  # name: (function of tensors, its inputs)
+    "rmsnorm": (lambda x, w: kernels.RMSNormTriton.apply(x, w, 1e-5),
+                lambda: (torch.randn(2, 5, 24) * 3, 1 + 0.1 * torch.randn(24))),
+    "add+rmsnorm": (kernels.fused_add_rmsnorm,
+                    lambda: (torch.randn(2, 5, 24), torch.randn(2, 5, 24), torch.randn(24))),
+    "swiglu": (kernels.swiglu_gate, lambda: (torch.randn(3, 40), torch.randn(3, 40))),
+    "linear+CE": (lambda h, w, t: kernels.fused_linear_cross_entropy(h, w, t, chunk_size=7),
+                  lambda: (torch.randn(20, 16), torch.randn(30, 16) * 0.5,
+                           torch.tensor([3, -100] * 10))),
+    "flash": (lambda q, k, v: kernels.flash_attention(q, k, v, True),
+              lambda: (torch.randn(1, 4, 20, 16), torch.randn(1, 2, 20, 16),
+                       torch.randn(1, 2, 20, 16))),  # GQA
+    "flash, model.py's layout": (  # transposed views in, a transposed output
+        lambda q, k, v: kernels.flash_attention(*(x.transpose(1, 2) for x in (q, k, v)), True),
+        lambda: tuple(torch.randn(1, 20, 2, 16) for _ in range(3))),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_kernels_compile_fullgraph_and_equal_eager(name):
+    """fullgraph=True fails on any graph break: each kernel is one custom op in the graph."""
+    torch.manual_seed(0)
+    fn, make_inputs = CASES[name]
+    inputs = [t.to(DEV) for t in make_inputs()]
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, fullgraph=True, backend=BACKEND)
+    for got, want in zip(outputs_and_grads(compiled, *inputs), outputs_and_grads(fn, *inputs),
+                         strict=True):
+        assert got.dtype == want.dtype and got.shape == want.shape
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_linear_cross_entropy_compiles_under_autocast():
+    """The matmul dtype comes from autocast, read while tracing: bf16 logits, float32 loss."""
+    torch.manual_seed(0)
+    hidden, weight = torch.randn(20, 16, device=DEV), torch.randn(30, 16, device=DEV)
+    targets = torch.randint(30, (20,), device=DEV)
+
+    def loss(h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(DEV, dtype=torch.bfloat16):
+            return kernels.fused_linear_cross_entropy(h, w, targets, chunk_size=8)
+    torch._dynamo.reset()
+    compiled = torch.compile(loss, fullgraph=True, backend=BACKEND)
+    want = F.cross_entropy((hidden.bfloat16() @ weight.bfloat16().T).float(), targets)
+    for fn in (loss, compiled):
+        got = outputs_and_grads(fn, hidden, weight)
+        assert got[0].dtype == torch.float32 and got[2].dtype == torch.float32
+        torch.testing.assert_close(got[0], want, rtol=2e-2, atol=2e-2)
+
+
+def test_triton_model_has_no_graph_breaks_and_compiles_to_eager():
+    """A tiny TransformerLM with kernels="triton", attn_impl="triton" and train.py's LossModel
+    (the fused head + loss): one graph, and the compiled loss and gradients equal eager."""
+    torch.manual_seed(0)
+    config = ModelConfig(vocab_size=64, context_length=16, d_model=32, num_layers=1, num_heads=2,
+                         num_kv_heads=1, d_ff=48, kernels="triton", attn_impl="triton")
+    lm = TransformerLM(config).to(DEV)
+    x, y = (torch.randint(64, (2, 16), device=DEV) for _ in range(2))
+    graphs = []
+
+    def backend(gm: torch.fx.GraphModule, example_inputs: list) -> Callable:
+        graphs.append(gm)
+        return torch._dynamo.lookup_backend(BACKEND)(gm, example_inputs)
+    torch._dynamo.reset()
+    results = []
+    for step_model in (train.LossModel(lm), torch.compile(train.LossModel(lm), fullgraph=True,
+                                                          backend=backend)):
+        lm.zero_grad(set_to_none=True)
+        loss, aux = step_model(x, y)
+        (loss + aux).backward()
+        results.append([loss.detach(), *(p.grad.clone() for p in lm.parameters())])
+    ops = {str(node.target) for node in graphs[0].graph.nodes}
+    assert len(graphs) == 1 and {f"cs336.{name}.default" for name in (
+        "rmsnorm_fwd", "swiglu_fwd", "flash_attention_fwd", "linear_cross_entropy")} <= ops, ops
+    for got, want in zip(*results, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+
+
+def op_cases() -> list[tuple]:
+    torch.manual_seed(0)
+    x, r, w = torch.randn(3, 8), torch.randn(3, 8), torch.randn(8)
+    q, kv = torch.randn(1, 2, 8, 16), torch.randn(1, 1, 8, 16)
+    x, r, w, q, kv = (t.to(DEV) for t in (x, r, w, q, kv))  # the kernels run where the GPU is
+    _, _, rstd = kernels._rmsnorm_fwd(x, w, None, 1e-5)
+    O, L = kernels._flash_fwd(q, kv, kv, True)
+    a, b = torch.randn(2, 8), torch.randn(2, 8)
+    return [(kernels._rmsnorm_fwd, (x, w, None, 1e-5)), (kernels._rmsnorm_fwd, (x, w, r, 1e-5)),
+            (kernels._rmsnorm_bwd, (r, x, w, rstd, None)),
+            (kernels._rmsnorm_bwd, (r, x, w, rstd, torch.randn(3, 8))),
+            (kernels._swiglu_fwd, (a, b)), (kernels._swiglu_bwd, (torch.randn(2, 8), a, b)),
+            (kernels._linear_cross_entropy, (torch.randn(6, 8), torch.randn(10, 8),
+                                             torch.tensor([1, 2, -100, 4, 5, 9]), -100, 4,
+                                             torch.float32)),
+            (kernels._flash_fwd, (q, kv, kv, True)),
+            (kernels._flash_bwd, (torch.randn_like(O), q, kv, kv, O, L, True))]
+
+
+@pytest.mark.parametrize("index", range(9))
+def test_custom_ops_pass_opcheck(index):
+    """torch.library.opcheck: the schema, the fake against the real op, the autograd
+    registration, and tracing with dynamic shapes (what compile relies on)."""
+    op, args = op_cases()[index]
+    args = [a.to(DEV).requires_grad_(a.is_floating_point() and op in (
+        kernels._rmsnorm_fwd, kernels._swiglu_fwd, kernels._flash_fwd,
+        kernels._linear_cross_entropy)) if isinstance(a, torch.Tensor) else a for a in args]
+    torch.library.opcheck(op, args)
+
+
+def test_kernels_py_as_a_script_is_the_module_model_py_imports():
+    """`python kernels.py` runs as __main__; model.py's `import kernels` must get that module, not
+    run kernels.py a second time (its Triton kernels compiled twice, its custom ops registered
+    twice)."""
+    import subprocess
+    import sys
+    code = ("import runpy, sys; sys.argv = ['kernels.py', '-h']; "
+            "runpy.run_path('kernels.py', run_name='__main__'); import model; "
+            "assert model.triton_kernels().__name__ == '__main__'")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            cwd=M.__file__.rsplit("/", 1)[0])
+    assert result.returncode == 0, result.stderr[-2000:]
 
 
 # =================================================================================================
@@ -3814,6 +3956,160 @@ def test_accounting_known_answers(capsys):
         ddp.main(["accounting", "--example=nope"])
     with pytest.raises(UsageError, match="did you mean --num_gpus"):
         ddp.main(["accounting", "--num_gpu=3"])
+
+
+# _par_cfg, _par_cache and _par_rows copy test_all.py's _cfg, _cache and _rows (rename on merge).
+
+
+import ddp  # noqa: E402
+from train import AdamW, Muon  # noqa: E402
+
+_PAR_TINY = dict(context_length=16, d_model=32, num_layers=1, num_heads=2, d_ff=64)
+
+
+def _par_cfg(cache_dir: Path, out_dir: Path, **overrides) -> train.TrainConfig:
+    cfg = train.TrainConfig(dataset="pydoc", cache_dir=str(cache_dir), out_dir=str(out_dir),
+                            max_text_mb=0.1, vocab_size=300, batch_size=4, max_iters=6,
+                            warmup_iters=2, eval_interval=3, eval_iters=2, log_interval=1,
+                            checkpoint_interval=0, num_samples=1, sample_tokens=8, device="cpu")
+    cfg.model = dict(_PAR_TINY)
+    return train.with_overrides(cfg, overrides)
+
+
+@pytest.fixture(scope="module")
+def _par_cache(tmp_path_factory) -> Path:
+    cache = tmp_path_factory.mktemp("cache")
+    train.prepare_data(_par_cfg(cache, cache / "unused"))
+    return cache
+
+
+def _par_rows(path: Path, key: str) -> dict[int, float]:
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    return {r["iter"]: r[key] for r in rows if key in r}
+
+
+# A constant learning rate (no warm-up, min_lr = lr): the first 3 steps of a 5-step run are a
+# 3-step run, so a run stopped at 3 and resumed to 5 can be compared with one of 5.
+_PAR_RUN = dict(lr=1e-2, min_lr=1e-2, warmup_iters=0, grad_accum_steps=2, eval_interval=3,
+                grad_clip=0.5, weight_decay=0.1)
+
+
+def _parallel_worker(rank: int, world_size: int, port: int, cache: str, out: str,
+                     parallel: str) -> None:
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    result = train.train(_par_cfg(Path(cache), Path(out), parallel=parallel, max_iters=3,
+                                  **_PAR_RUN))
+    torch.save({k: v.detach() for k, v in result["model"].state_dict().items()},
+               Path(out, f"rank{rank}.pt"))
+    while not all(Path(out, f"rank{r}.pt").exists() for r in range(world_size)):
+        time.sleep(0.05)  # rank 0 hosts the rendezvous store: it leaves last
+
+
+@pytest.fixture(scope="module")
+def _one_process_run(_par_cache, tmp_path_factory) -> tuple[Path, dict]:
+    """One process on the global batch (2 x 4), 5 steps: what torch's DDP also equals."""
+    out = tmp_path_factory.mktemp("one")
+    result = train.train(_par_cfg(_par_cache, out, batch_size=8, max_iters=5, **_PAR_RUN))
+    return out, result["model"].state_dict()
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "zero1", "fsdp"])
+def test_parallel_train_equals_one_process_and_resumes_in_one(_par_cache, _one_process_run,
+                                                               tmp_path, parallel):
+    """Two gloo processes of 4 sequences with ddp.py's wrapper (2 accumulated micro-batches,
+    clipped gradients, AdamW) take the steps one process takes on 8; their checkpoint holds the
+    whole model and optimizer state, so one process of 8 sequences continues it."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    two = tmp_path / "two"
+    torch.multiprocessing.spawn(_parallel_worker, args=(2, port, str(_par_cache), str(two),
+                                                        parallel), nprocs=2, join=True)
+    one_dir, one_final = _one_process_run
+    r0, r1 = (torch.load(two / f"rank{r}.pt") for r in range(2))
+    assert r0.keys() == r1.keys() == one_final.keys()
+    assert all(torch.equal(r0[k], r1[k]) for k in r0)  # the replicas (or the shards) agree
+    for key in ("loss", "grad_norm"):
+        two_rows, one_rows = (_par_rows(d / "metrics.jsonl", key) for d in (two, one_dir))
+        assert sorted(two_rows) == [1, 2, 3]
+        assert two_rows == pytest.approx({i: one_rows[i] for i in (1, 2, 3)}, rel=1e-5)
+    state = train.read_checkpoint(two / "ckpt.pt")
+    assert state["world_size"] == 2 and state["config"]["parallel"] == parallel
+    assert state["model"].keys() == one_final.keys()  # full weights, under the model's names
+    assert (two / "samples.txt").exists()  # rank 0 sampled alone (FSDP: after unsharding)
+
+    resumed = train.train(_par_cfg(_par_cache, two, batch_size=8, max_iters=5, resume=True,
+                                   **_PAR_RUN))
+    # AdamW divides by sqrt(v): where a gradient is ~0, float rounding of the averaging can move
+    # an element by a fraction of lr = 1e-2; a wrong step would move whole tensors by ~lr.
+    for name, value in one_final.items():
+        torch.testing.assert_close(resumed["model"].state_dict()[name], value, rtol=1e-3,
+                                   atol=1e-4, msg=name)
+    loss_two, loss_one = (_par_rows(d / "metrics.jsonl", "loss") for d in (two, one_dir))
+    assert loss_two == pytest.approx(loss_one, rel=1e-5) and sorted(loss_two) == [1, 2, 3, 4, 5]
+
+
+def test_resume_at_another_world_size_needs_the_same_global_batch(_par_cache, tmp_path):
+    train.train(_par_cfg(_par_cache, tmp_path, max_iters=1, eval_interval=0, num_samples=0))
+    state = train.read_checkpoint(tmp_path / "ckpt.pt")
+    state["world_size"] = 2  # as if 2 processes of 4 had written it
+    cfg = _par_cfg(_par_cache, tmp_path, max_iters=2, resume=True)
+    with pytest.raises(train.UsageError, match=r"batch_size=4 in the checkpoint but 4 now, with 2 "
+                       r"process\(es\) then and 1 now \(the product must stay\)"):
+        train.check_resumable(state, cfg, 1)
+    train.check_resumable(state, _par_cfg(_par_cache, tmp_path, batch_size=8), 1)
+    train.check_resumable(state, _par_cfg(_par_cache, tmp_path, parallel="fsdp"), 2)
+    with pytest.raises(train.UsageError, match=r"--parallel='zero2': expected one of"):
+        train.check_config(_par_cfg(_par_cache, tmp_path, parallel="zero2"))
+
+
+@pytest.fixture
+def _one_rank_group():
+    """A process group of one gloo rank in this process: enough for the checks below."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0,
+                                         world_size=1)
+    yield
+    torch.distributed.destroy_process_group()
+
+
+def test_parallelize_refuses_what_it_cannot_do(_one_rank_group):
+    model = train.LossModel(train.TransformerLM(train.ModelConfig(vocab_size=32, **_PAR_TINY)))
+    muon = Muon(train.param_groups_for_muon(model.model, lr=1e-2))
+    with pytest.raises(ValueError, match="--parallel=fsdp steps flat shards of each matrix"):
+        ddp.parallelize("fsdp", model, muon)
+    with pytest.raises(ValueError, match="parallel='zero2': expected 'ddp', 'zero1' or 'fsdp'"):
+        ddp.parallelize("zero2", model, muon)
+    # zero1 keeps the optimizer's class, groups and hyperparameters, and its restored state
+    adamw = AdamW(train.decay_param_groups(model.model, 0.1), lr=1e-2)
+    model(*torch.randint(0, 32, (2, 1, 8)))[0].backward()
+    adamw.step()
+    wrapped, sharded = ddp.parallelize("zero1", model, adamw)
+    assert isinstance(wrapped, ddp.DDPBucketed) and isinstance(sharded.local, AdamW)
+    full = sharded.full_state_dict()  # one rank owns everything: the optimizer's own state_dict
+    expected = adamw.state_dict()
+    assert full["param_groups"] == expected["param_groups"]
+    assert all(torch.equal(full["state"][i]["exp_avg"], s["exp_avg"])
+               for i, s in expected["state"].items())
+
+
+def _shape_worker(rank: int, world_size: int, out: str) -> None:
+    try:
+        ddp.DDPFlat(nn.Linear(2, 2 + rank))  # a model that is not the same on both ranks
+    except ValueError as e:
+        Path(out, f"rank{rank}.txt").write_text(str(e))
+
+
+def test_data_parallel_refuses_parameters_of_other_shapes_on_other_ranks(tmp_path):
+    ddp.spawn(_shape_worker, 2, str(tmp_path))
+    for r in range(2):  # both raise, so neither waits for the other in a collective
+        assert (tmp_path / f"rank{r}.txt").read_text() == (
+            "the parameter or buffer shapes differ across ranks: build the same model on every "
+            "rank (rank 0's values are then copied to all)")
 
 
 # =================================================================================================
@@ -4187,6 +4483,61 @@ def test_generate_batch_compiled_on_gpu_equals_eager_and_bench_runs(capsys):
                 "--compile=False"])  # eager + CUDA graphs: compiling is tested above
     printed = capsys.readouterr().out
     assert "continuous batching" in printed and "int4/g128" in printed
+
+
+def _greedy_ids_by_recompute(model: TransformerLM, ids: torch.Tensor, steps: int) -> torch.Tensor:
+    with torch.no_grad():
+        for _ in range(steps):
+            ids = torch.cat((ids, model(ids)[:, -1:].argmax(-1)), dim=1)
+    return ids
+
+
+def _chained(decoder: infer.Decoder, model: TransformerLM, prompt: torch.Tensor,
+             steps: int) -> torch.Tensor:
+    """Greedy tokens from a greedy Decoder: one decode with inputs, then decode() alone."""
+    with torch.no_grad():
+        tokens = [infer.prefill(model, decoder.cache, prompt).argmax(-1)]
+        start = torch.full((len(prompt),), prompt.shape[1], device=prompt.device)
+        tokens.append(decoder.decode(tokens[0], start).argmax(-1))
+        for _ in range(steps - 2):
+            tokens.append(decoder.decode().argmax(-1))
+    return torch.stack(tokens, 1)
+
+
+@pytest.mark.parametrize("variant", [{}, dict(mixer="linear_attention"), dict(kv_latent_dim=16),
+                                     dict(positions="learned", norm="layernorm", bias=True,
+                                          ffn="gelu_tanh")])
+def test_greedy_steps_chained_in_the_decoder_equal_recomputing(variant):
+    model = _tiny_lm(**variant)
+    prompt = torch.randint(0, 257, (3, 5), generator=torch.Generator().manual_seed(0))
+    want = _greedy_ids_by_recompute(model, prompt, 8)[:, 5:]
+    for prepare in (False, True):  # True: the warm-up step of a compile, then restored
+        decoder = infer.Decoder(model, 3, 16, greedy=True)
+        decoder.ready = not prepare
+        assert torch.equal(_chained(decoder, model, prompt, 8), want)
+        assert int(decoder.positions[0, 0]) == 5 + 7  # the position after the last step
+
+
+def test_measure_decode_times_chained_steps_and_profiles_them():
+    model = _tiny_lm()
+    r = infer.measure_decode(model, 2, 4, 6, compile=False)
+    assert r["step"] > 0 and r["mode"] == "eager" and r["bytes"] > infer.weight_bytes(model)
+    decoder = infer.Decoder(model, 2, 8, greedy=True)
+    first, *slowest = infer.profile_decode(decoder, 1e-3, steps=2).splitlines()
+    assert " ops a step, busy " in first and " of 1,000 us" in first and len(slowest) == 5
+
+
+@_CUDA
+@pytest.mark.parametrize("batch", [1, 4])
+def test_compiled_greedy_graph_chains_like_eager_on_gpu(batch):
+    model = _tiny_lm(positions="learned", norm="layernorm", bias=True, ffn="gelu_tanh").cuda()
+    prompt = torch.randint(0, 257, (batch, 5), device="cuda")
+    out = []
+    for compile in (False, True):
+        decoder = infer.Decoder(model, batch, 16, compile=compile, greedy=True)
+        out.append(_chained(decoder, model, prompt, 8))
+        assert decoder.mode == ("compiled" if compile else "eager") + " + CUDA graph"
+    assert torch.equal(out[0], out[1])
 
 
 # =================================================================================================
@@ -4890,6 +5241,235 @@ def test_data_bench_runs(capsys):
 def test_data_compare_runs(tmp_path, capsys):
     ppl = data.compare(str(tmp_path), crawls=3, max_iters=2, batch_size=2)
     assert set(ppl) == {"unfiltered", "filtered"} and all(math.isfinite(p) for p in ppl.values())
+
+
+import struct  # noqa: E402
+
+
+def write_fasttext_bin(path, words: list[bytes], labels: list[tuple[bytes, int]],
+                       input_matrix: np.ndarray, output: np.ndarray, *, loss: int = 3,
+                       model: int = 3, minn: int = 2, maxn: int = 3, word_ngrams: int = 2,
+                       bucket: int = 40, version: int = 12, quantized: bool = False) -> None:
+    """A model file in fastText's own layout, written here field by field."""
+    args = [input_matrix.shape[1], 5, 5, 1, 5, word_ngrams, loss, model, bucket, minn, maxn, 100]
+    out = [struct.pack("<2i", 793712314, version), struct.pack("<12i", *args),
+           struct.pack("<d", 1e-4), struct.pack("<3i2q", len(words) + len(labels), len(words),
+                                                 len(labels), 1000, -1)]
+    for word, count, kind in [(w, 10, 0) for w in words] + [(w, c, 1) for w, c in labels]:
+        out.append(word + b"\0" + struct.pack("<qb", count, kind))
+    for flag, matrix in ((quantized, input_matrix), (False, output)):
+        out += [struct.pack("<?", flag), struct.pack("<2q", *matrix.shape),
+                matrix.astype("<f4").tobytes()]
+    path.write_bytes(b"".join(out))
+
+
+def fnv_reference(data_bytes: bytes) -> int:
+    """FNV-1a over signed chars, as fastText's C++ computes it, with numpy's wrapping uint32."""
+    h = np.uint32(2166136261)
+    for byte in np.frombuffer(data_bytes, np.int8):
+        h = np.uint32((int(h) ^ (int(byte) & 0xFFFFFFFF)) * 16777619 % 2**32)
+    return int(h)
+
+
+def brute_force_ids(text: str, word_ids: dict[str, int], nwords: int, minn: int, maxn: int,
+                    word_ngrams: int, bucket: int) -> list[int]:
+    """fastText's input rows for one line, from its description, on characters (not bytes)."""
+    tokens = [t for t in text.split() if not t.startswith("__label__")] + ["</s>"]
+    ids = []
+    for token in tokens:
+        if token in word_ids:
+            ids.append(word_ids[token])
+        if token != "</s>":
+            chars = f"<{token}>"
+            ids += [nwords + fnv_reference(chars[i:i + n].encode()) % bucket
+                    for n in range(minn, maxn + 1) for i in range(len(chars) - n + 1)
+                    if chars[i:i + n] not in ("<", ">")]
+    hashes = [int(np.uint32(fnv_reference(t.encode())).view(np.int32)) for t in tokens]
+    for i in range(len(tokens)):
+        for n in range(2, word_ngrams + 1):
+            if i + n <= len(tokens):
+                h = np.uint64(hashes[i] % 2**64)
+                for j in range(i + 1, i + n):
+                    h = np.uint64((int(h) * 116049371 + hashes[j]) % 2**64)
+                ids.append(nwords + int(h) % bucket)
+    return ids
+
+
+WORDS = [b"</s>", b"cat", b"dog", "caf\u00e9".encode(), b"saw"]
+LABELS = [(b"__label__animal", 50), (b"__label__tool", 30), (b"__label__other", 20)]
+
+
+def test_data_fnv1a_known_answers_and_signed_bytes():
+    assert data.fnv1a(b"") == 0x811C9DC5 and data.fnv1a(b"a") == 0xE40C292C  # textbook vectors
+    assert data.fnv1a(b"foobar") == 0xBF9CF968
+    for word in ("caf\u00e9", "\u732b", "\u043a\u043b\u044e\u0447"):  # bytes >= 128
+        assert data.fnv1a(word.encode()) == fnv_reference(word.encode())
+
+
+@pytest.mark.parametrize("loss", [3, 1, 4])  # softmax, hierarchical softmax, one-vs-all
+def test_data_fasttext_bin_predicts_as_brute_force(tmp_path, loss):
+    rng = np.random.default_rng(loss)
+    bucket, dim = 40, 6
+    inputs = rng.normal(size=(len(WORDS) + bucket, dim)).astype(np.float32)
+    output = rng.normal(size=(len(LABELS) - (loss == 1), dim)).astype(np.float32)
+    write_fasttext_bin(tmp_path / "m.bin", WORDS, LABELS, inputs, output, loss=loss)
+    model = data.FastTextClassifier.load(tmp_path / "m.bin")
+    assert model.labels == ["animal", "tool", "other"]
+    word_ids = {w.decode(): i for i, w in enumerate(WORDS)}
+    for text in ("cat dog", "caf\u00e9 saw  unknown\tcat", "", "__label__tool dog", "\u732b x"):
+        ids = brute_force_ids(text, word_ids, len(WORDS), 2, 3, 2, bucket)
+        assert sorted(model.features(text)) == sorted(ids), text
+        logits = output.astype(np.float64) @ inputs[ids].astype(np.float64).mean(0)
+        sigmoid = 1 / (1 + np.exp(-logits))
+        if loss == 3:
+            p = np.exp(logits - logits.max()) / np.exp(logits - logits.max()).sum()
+        elif loss == 4:  # fastText's sigmoid table: 513 entries over [-8, 8]
+            table = 1 / (1 + np.exp(-(np.arange(513) * 16 / 512 - 8)))
+            index = ((np.clip(logits, -8, 8) + 8) * 512 / 16).astype(int)
+            p = np.where(logits < -8, 0, np.where(logits > 8, 1, table[index]))
+            assert np.abs(p - sigmoid).max() < 0.01
+        else:  # Huffman on counts 50, 30, 20: node 3 = (other, tool), root 4 = (node 3, animal)
+            p = np.array([sigmoid[1], (1 - sigmoid[1]) * sigmoid[0],
+                          (1 - sigmoid[1]) * (1 - sigmoid[0])])
+            assert p.sum() == pytest.approx(1)
+        label, score = model.predict(text)
+        assert label == model.labels[p.argmax()] and score == pytest.approx(p.max(), abs=1e-5)
+
+
+def test_data_fasttext_bin_plugs_into_language_id_and_classifiers(tmp_path):
+    rng = np.random.default_rng(0)
+    words = [b"</s>", b"the", b"der"]
+    inputs = np.zeros((3 + 10, 2), np.float32)
+    inputs[1], inputs[2] = [5, 0], [0, 5]  # "the" points to en, "der" to de
+    write_fasttext_bin(tmp_path / "lid.bin", words, [(b"__label__en", 2), (b"__label__de", 1)],
+                       inputs, np.eye(2, dtype=np.float32), minn=0, maxn=0, word_ngrams=1,
+                       bucket=10)
+    assert data.identify_language("the the\nthe", str(tmp_path / "lid.bin"))[0] == "en"
+    assert data.identify_language("der der", tmp_path / "lid.bin")[0] == "de"
+    write_fasttext_bin(tmp_path / "nsfw.bin", words, [(b"__label__nsfw", 2),
+                                                        (b"__label__non-nsfw", 1)],
+                       inputs, rng.normal(size=(2, 2)).astype(np.float32), minn=0, maxn=0,
+                       bucket=10)
+    write_fasttext_bin(tmp_path / "rows.bin", words, [(b"__label__a", 1)], inputs,
+                       np.eye(1, 2, dtype=np.float32))  # 40 buckets, 10 rows
+    with pytest.raises(ValueError, match="13 input rows for 3 words and 40 buckets"):
+        data.FastTextClassifier.load(tmp_path / "rows.bin")
+    assert data.classify_nsfw("the text", tmp_path / "nsfw.bin")[0] in ("nsfw", "non-nsfw")
+    with pytest.raises(ValueError, match="expected \\['toxic', 'non-toxic'\\]"):
+        data.classify_toxic_speech("text", tmp_path / "nsfw.bin")
+    for name, kwargs, message in (("q.ftz", dict(quantized=True), "quantized"),
+                                  ("vec.bin", dict(model=1), "word-vector"),
+                                  ("old.bin", dict(version=10), "version")):
+        write_fasttext_bin(tmp_path / name, words, [(b"__label__a", 1)], inputs,
+                           np.eye(1, 2, dtype=np.float32), bucket=10, **kwargs)
+        with pytest.raises(ValueError, match=message):
+            data.FastTextClassifier.load(tmp_path / name)
+    raw = (tmp_path / "lid.bin").read_bytes()
+    (tmp_path / "cut.bin").write_bytes(raw[:len(raw) // 2])
+    with pytest.raises(ValueError, match="not a classifier saved by data.py or fastText"):
+        data.FastTextClassifier.load(tmp_path / "cut.bin")
+
+
+def test_data_pipeline_reads_a_fasttext_language_model(tmp_path):
+    inputs = np.zeros((1 + 10, 2), np.float32)
+    write_fasttext_bin(tmp_path / "lid.bin", [b"</s>"], [(b"__label__de", 1), (b"__label__en", 1)],
+                       inputs, np.array([[1, 0], [0, 0]], np.float32), minn=0, maxn=0, bucket=10)
+    (crawl := tmp_path / "crawl").mkdir()
+    data.write_warc(crawl / "c.warc.gz", data.synthetic_crawl()[:6])  # English pages
+    with pytest.raises(ValueError, match="only 0 document"):  # every page is "de" for this one
+        data.pipeline(str(crawl), str(tmp_path / "out"), 1, progress=False,
+                      **{**data.PIPELINE_OPTIONS, "lid_model": str(tmp_path / "lid.bin")})
+    with pytest.raises(UsageError, match="--lid_model=nowhere.bin does not exist"):
+        data.pipeline(str(crawl), str(tmp_path / "out"), 1, progress=False,
+                      **{**data.PIPELINE_OPTIONS, "lid_model": "nowhere.bin"})
+
+
+def test_data_fasttext_bin_equals_the_fasttext_package(tmp_path):
+    fasttext = pytest.importorskip("fasttext")
+    vocab = "cat dog caf\u00e9 \u732b hammer saw \u043a\u043b\u044e\u0447 rain ni\u00f1o".split()
+    texts = ["cat dog", "saw caf\u00e9 \u043a\u043b\u044e\u0447\u0438", "unseen", "",
+             "rain\tni\u00f1o  x", "\u732b\u732b hammer"]
+    words = [b"</s>"] + [w.encode() for w in vocab]
+    labels = [(b"__label__a", 30), (b"__label__b", 20), (b"__label__c", 20), (b"__label__d", 5)]
+    inputs = np.random.default_rng(0).normal(size=(len(words) + 50, 8)).astype(np.float32)
+    paths = []
+    for loss in (3, 1, 4):  # softmax, hs (fastText builds its tree), ova
+        paths.append(tmp_path / f"loss{loss}.bin")
+        output = np.random.default_rng(loss).normal(size=(4 - (loss == 1), 8))
+        write_fasttext_bin(paths[-1], words, labels, inputs, output, loss=loss, minn=2, maxn=4,
+                           bucket=50)
+    for path in paths:
+        theirs, ours = fasttext.load_model(str(path)), data.FastTextClassifier.load(path)
+        for text in texts:
+            (label,), (score,) = theirs.predict(text)
+            assert ours.predict(text) == (label[9:], pytest.approx(score, abs=1e-4)), (path, text)
+
+
+_PAGE = (b"<html><body><nav>Home</nav><script>alert('x')</script><h1>Heading</h1>"
+         b"<p>First paragraph of the article, long enough to be the main content of the page. "
+         b"It goes on for a while, as articles do.</p></body></html>")
+
+
+def test_data_resiliparse_extractor_or_its_message(monkeypatch):
+    assert data.extract_text_from_html_bytes(_PAGE).startswith("Heading\nFirst paragraph")
+    with pytest.raises(UsageError, match="builtin or resiliparse"):
+        data.extract_text_from_html_bytes(_PAGE, extractor="lxml")
+    with monkeypatch.context() as m:
+        m.setitem(sys.modules, "resiliparse.extract.html2text", None)  # as if not installed
+        data.resiliparse_extractor.cache_clear()
+        with pytest.raises(UsageError, match="pip install resiliparse"):
+            data.extract_text_from_html_bytes(_PAGE, extractor="resiliparse")
+        with pytest.raises(UsageError, match="pip install resiliparse"):
+            data.pipeline("x", "y", **{**data.PIPELINE_OPTIONS, "extractor": "resiliparse"})
+    data.resiliparse_extractor.cache_clear()
+
+
+def test_data_resiliparse_extractor_when_installed():
+    pytest.importorskip("resiliparse")
+    data.resiliparse_extractor.cache_clear()
+    text = data.extract_text_from_html_bytes(_PAGE, extractor="resiliparse")
+    assert "First paragraph of the article" in text and "alert" not in text
+    record = data.synthetic_crawl()[0]
+    theirs = data.extract_record(record, extractor="resiliparse")
+    assert data.extract_record(record).splitlines()[2] in theirs  # the same article text
+
+
+def _owt_archives(cache, docs: int = 40) -> None:
+    rng = random.Random(0)
+    for name, n in (("train", docs), ("valid", docs // 4)):
+        text = "".join("\n".join(data._article(rng, 4)) + data.EOT + "\n" for _ in range(n))
+        (cache / f"owt_{name}.txt.gz").write_bytes(gzip.compress(text.encode()))
+
+
+def test_data_openwebtext_prepares_train_bins(tmp_path, monkeypatch, capsys):
+    (cache := tmp_path / "cache").mkdir()
+    _owt_archives(cache)
+    fetched = []
+    monkeypatch.setattr(data, "download", lambda url, dest: fetched.append(url) or dest)
+    tokens = data.openwebtext(str(tmp_path / "owt"), str(cache), vocab_size=300, workers=1,
+                              progress=False)
+    assert [u.rsplit("/", 1)[1] for u in fetched] == ["owt_train.txt.gz", "owt_valid.txt.gz"]
+    out = tmp_path / "owt"
+    tok = Tokenizer.from_dir(out / "tokenizer")
+    for split, name in (("train", "train"), ("val", "valid")):
+        text = gzip.decompress((cache / f"owt_{name}.txt.gz").read_bytes()).decode()
+        bins = train.load_tokens(out / f"{split}.bin", tok)  # what --train_bin reads
+        assert len(bins) == tokens[split] > 0 and tok.decode(bins.tolist()) == text
+    assert "--train_bin=" in capsys.readouterr().out
+    data.openwebtext(str(tmp_path / "cut"), str(cache), max_mb=1e-4, tokenizer=str(
+        out / "tokenizer"), workers=1, progress=False)  # whole lines, at least 105 bytes
+    cut, whole = (tmp_path / "cut" / "train.txt").read_text(), (out / "train.txt").read_text()
+    assert 105 <= len(cut.encode()) < 400 and whole.startswith(cut) and cut.endswith("\n")
+    assert json.loads((tmp_path / "cut" / "train.bin.json").read_text())["num_tokens"] > 0
+
+
+def test_data_openwebtext_says_when_offline(tmp_path, monkeypatch):
+    def offline(url, dest):
+        raise urllib.error.URLError("no route to host")
+
+    monkeypatch.setattr(data, "download", offline)
+    with pytest.raises(UsageError, match="offline \\(no route to host\\).*owt_train.txt.gz"):
+        data.main(["openwebtext", f"--cache_dir={tmp_path}", f"--out={tmp_path / 'o'}"])
 
 
 # =================================================================================================

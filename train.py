@@ -107,6 +107,7 @@ class TrainConfig:
     dtype: str = "auto"  # "auto" = bf16 autocast on GPUs that have it, else "float32"
     compile: str = "auto"  # "auto" = torch.compile on CUDA only; or True / False
     seed: int = 1337  # model init, batches and samples
+    parallel: str = "torch"  # under torchrun: torch's DDP, or ddp.py's "ddp", "zero1", "fsdp"
 
 
 # What --resume may change: how long the run goes on, what it reports, where and how it runs.
@@ -114,7 +115,7 @@ class TrainConfig:
 RESUMABLE = {"max_iters", "eval_interval", "eval_iters", "log_interval", "checkpoint_interval",
              "num_samples", "sample_tokens", "sample_prompt", "temperature", "top_k", "out_dir",
              "resume", "overwrite", "device", "dtype", "compile", "cache_dir", "train_bin",
-             "val_bin", "tokenizer_dir"}
+             "val_bin", "tokenizer_dir", "parallel"}
 EOT = "<|endoftext|>"
 
 
@@ -535,7 +536,9 @@ def train_step(step_model: nn.Module, optimizer: torch.optim.Optimizer, params: 
                 loss, aux_loss = step_model(x, y)
             ((loss + aux_loss) / accum_steps).backward()
         loss_sum = loss_sum + loss.detach()
-    grad_norm = clip_grad_norm(params, grad_clip if grad_clip > 0 else math.inf)
+    # ddp.py's wrappers finish averaging the gradients first (FSDP: the norm spans all shards)
+    clip = getattr(step_model, "clip_grad_norm", clip_grad_norm)
+    grad_norm = clip(params, grad_clip if grad_clip > 0 else math.inf)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)  # frees the gradients instead of writing zeros
     return loss_sum / accum_steps, grad_norm
@@ -549,7 +552,7 @@ class TrainingInterrupted(KeyboardInterrupt):
 def train(cfg: TrainConfig,
           wrap_model: Callable[[nn.Module, torch.device], nn.Module] | None = None) -> dict:
     """Run one training job; return {"model", "tokenizer", "iteration", "val_loss", ...}.
-    wrap_model is the data-parallel hook (torch's DDP by default; ddp.py passes its own)."""
+    wrap_model is --parallel=torch's data-parallel hook (torch's DDP by default)."""
     check_config(cfg)  # every knob, before any work
     rank, _, world_size, device = setup_distributed(cfg.device)
     try:
@@ -580,6 +583,8 @@ def train(cfg: TrainConfig,
                     raise TrainingInterrupted(f"interrupted: iteration {done} saved to "
                                               f"{run.ckpt_path}; continue it with --resume")
         bar.close()
+        if hasattr(run.step_model, "unshard"):  # FSDP: whole weights, for samples on rank 0
+            run.step_model.unshard()
         run.loader.shutdown()  # the prefetch thread: none left behind by runs in one process
         samples = (write_samples(run.model, run.tok, cfg, device, run.autocast, run.out_dir)
                    if rank == 0 else [])
@@ -681,7 +686,10 @@ def setup(cfg: TrainConfig, rank: int, world_size: int, device: torch.device,
         log(f"resuming {out_dir / 'ckpt.pt'} at iteration {start_iter}")
     # Compile inside DDP (as nanoGPT does): DDP's gradient hooks stay outside the compiled graph.
     step_model = torch.compile(LossModel(model)) if compile_model else LossModel(model)
-    if world_size > 1:
+    if world_size > 1 and cfg.parallel != "torch":  # ddp.py's: a later stage, loaded on demand
+        import ddp
+        step_model, optimizer = ddp.parallelize(cfg.parallel, step_model, optimizer)
+    elif world_size > 1:
         step_model = wrap_model(step_model, device)
     run = Run(cfg, rank, world_size, device, out_dir, tok, train_tokens, val_tokens,
               model_config, model, optimizer, step_model, getattr(step_model, "no_sync", None),
@@ -755,8 +763,10 @@ def evaluate(run: Run, bar: tqdm, iteration: int) -> float:
 def save(run: Run, iteration: int, loss: Tensor, grad_norm: Tensor) -> None:
     """Checkpoint and metrics; never weights that a non-finite step may have spoilt."""
     check_finite(run, loss, grad_norm, iteration)
+    full = getattr(run.step_model, "full_state", None)  # ddp.py's: gathered by every rank
+    model, optimizer = full(run.model, run.optimizer) if full else (run.model, run.optimizer)
     if run.rank == 0:
-        save_checkpoint(run.model, run.optimizer, iteration, run.ckpt_path,
+        save_checkpoint(model, optimizer, iteration, run.ckpt_path,
                         config=dataclasses.asdict(run.cfg),
                         model_config=dataclasses.asdict(run.model_config),
                         tokenizer=run.tok.fingerprint(), data_generator=run.generator.get_state(),
@@ -840,7 +850,7 @@ def zeropower_via_newtonschulz(G: Tensor, steps: int = 5) -> Tensor:
     The exact U V^T needs an SVD, slow on a GPU. X <- a X + b (X X^T) X + c (X X^T)^2 X needs only
     matmuls and maps each singular value s <- a s + b s^3 + c s^5, after G / ||G||_F put them in
     [0, 1]. Jordan et al. tuned (a, b, c) for the steepest slope at 0 while keeping every s in a
-    band around 1: fast, not exact. bf16 on CUDA, else float32; G may be a stack (..., rows, cols)."""
+    band around 1: fast, not exact. bf16 on CUDA, else float32; G may be a stack (..., m, n)."""
     if G.ndim < 2:
         raise ValueError(f"expected a matrix or a stack of them, got shape {tuple(G.shape)}")
     a, b, c = 3.4445, -4.7750, 2.0315
@@ -1112,7 +1122,7 @@ def check_config(cfg: TrainConfig) -> ModelConfig:
     choices = {"optimizer": ("adamw", "muon", "soap"), "schedule": ("cosine", "wsd"),
                "dataset": ("tinystories", "pycode", "pydoc"),
                "dtype": ("auto", "float32", "bfloat16"), "preset": tuple(PRESETS),
-               "compile": ("auto", True, False)}
+               "compile": ("auto", True, False), "parallel": ("torch", "ddp", "zero1", "fsdp")}
     at_least = {"max_iters": 1, "batch_size": 1, "grad_accum_steps": 1, "log_interval": 1,
                 "eval_iters": 1, "vocab_size": 257, "warmup_iters": 0, "eval_interval": 0,
                 "checkpoint_interval": 0, "num_samples": 0, "sample_tokens": 0, "top_k": 0,
@@ -1168,18 +1178,20 @@ def require_writable(folder: Path, flag: str) -> None:
 
 def check_resumable(state: dict, cfg: TrainConfig, world_size: int) -> None:
     """Refuse to resume into another run, naming each field that changed: only RESUMABLE ones and
-    attn_impl (a kernel for the same math) may. So must the number of processes (batch_size is
-    per process)."""
+    attn_impl (a kernel for the same math) may. Checkpoints hold the whole state, and batches are
+    drawn globally, so another number of processes resumes exactly if the global batch stays:
+    2 processes of batch_size=4 continue as 1 of 8 (up to float rounding)."""
     saved_model, saved_run = state.get("model_config", {}), state.get("config", {})
     now = dataclasses.asdict(build_model_config(cfg, saved_model.get("vocab_size", 1)))
     changed = [f"{k}={saved_model.get(k)!r} in the checkpoint but {v!r} now"
                for k, v in now.items() if saved_model.get(k) != v and k != "attn_impl"]
     changed += [f"{k}={v!r} in the checkpoint but {getattr(cfg, k)!r} now"
                 for k, v in saved_run.items() if hasattr(cfg, k) and v != getattr(cfg, k)
-                and k not in RESUMABLE | {"model", "preset"}]
-    if state.get("world_size", 1) != world_size:
-        changed.append(f"{state.get('world_size', 1)} process(es) in the checkpoint but "
-                       f"{world_size} now")
+                and k not in RESUMABLE | {"model", "preset", "batch_size"}]
+    batch, processes = saved_run.get("batch_size", cfg.batch_size), state.get("world_size", 1)
+    if batch * processes != cfg.batch_size * world_size:
+        changed.append(f"batch_size={batch} in the checkpoint but {cfg.batch_size} now, with "
+                       f"{processes} process(es) then and {world_size} now (the product must stay)")
     if changed:
         raise UsageError("cannot resume: the run changed: " + "; ".join(changed)
                          + ". Pass the checkpoint's values, or a new --out_dir")
