@@ -180,6 +180,8 @@ def unigram_entropy(tokens: np.ndarray, vocab_size: int) -> float:
     counts = np.bincount(np.asarray(tokens), minlength=vocab_size).astype(np.float64)
     p = counts[counts > 0] / counts.sum()
     return float(-(p * np.log(p)).sum())
+
+
 # AdamW: the reference, a foreach version, a compiled (fused) one, and the optimizer class ---------
 # SGD steps along -g. AdamW divides each coordinate by a running RMS of its own gradient (a
 # diagonal preconditioner), so every weight moves at about the same speed whatever its gradient's
@@ -369,6 +371,8 @@ class AdamW(_Optimizer):
     def _update(self) -> None:
         for group, params in self._groups_with_grads():
             self._adamw_step(group, params)
+
+
 # Learning-rate schedules and gradient clipping ----------------------------------------------------
 def lr_cosine(t: int, lr_max: float, lr_min: float, warmup_iters: int,
               cosine_cycle_iters: int) -> float:
@@ -542,6 +546,8 @@ def train_step(step_model: nn.Module, optimizer: torch.optim.Optimizer, params: 
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)  # frees the gradients instead of writing zeros
     return loss_sum / accum_steps, grad_norm
+
+
 # The training loop --------------------------------------------------------------------------------
 # setup() readies the run (output folder, resumed checkpoint, data, model, optimizer);
 # log_progress, evaluate and save report and keep it.
@@ -839,6 +845,8 @@ def write_samples(model: TransformerLM, tok: Tokenizer, cfg: TrainConfig, device
     print(text, end="")
     write_atomic(out_dir / "samples.txt", text)
     return samples
+
+
 # Beyond AdamW: optimizers that shape the step of a whole weight matrix ----------------------------
 #   Muon replaces the (momentum-averaged) gradient U S V^T by U V^T, the nearest orthogonal
 #        matrix, so every direction of the matrix moves equally.
@@ -1046,6 +1054,8 @@ class SOAP(_Optimizer):
             rotation_right = _refresh_basis(state, "Q_R", state["R"])
             state["exp_avg_sq"] = _rotate_second_moment(state["exp_avg_sq"], rotation_left,
                                                         rotation_right)
+
+
 # Parameter groups: which weights decay, which Muon orthogonalises ---------------------------------
 def _trainable_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter, bool]]:
     """(name, parameter, whether it is an embedding table: an nn.Embedding's, or "embed" in the
@@ -1279,6 +1289,8 @@ def wrap_ddp(module: nn.Module, device: torch.device) -> nn.Module:
     return nn.parallel.DistributedDataParallel(
         module, device_ids=[device.index] if device.type == "cuda" else None,
         broadcast_buffers=False)
+
+
 # Data preparation: text -> BPE tokenizer -> token arrays, cached ----------------------------------
 TINYSTORIES_URL = ("https://huggingface.co/datasets/roneneldan/TinyStories/resolve/main/"
                    "TinyStories-valid.txt")
@@ -1479,6 +1491,8 @@ def prepare_data(cfg: TrainConfig) -> tuple[str, str, str]:
             encode_file(tok, str(path), str(out))
         bins.append(str(out))
     return str(tok_dir), bins[0], bins[1]
+
+
 # Reading a run: `python train.py plot [out_dir]` --------------------------------------------------
 def plot(out_dir: str | Path) -> Path:
     """Train and validation loss against tokens, the learning rate below: out_dir/loss.png."""
