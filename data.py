@@ -91,12 +91,9 @@ def iter_warc_records(path: str | os.PathLike,
     def bad(reason: str, detail: str) -> None:
         (Counter() if errors is None else errors)[reason] += 1
         print(f"warning: {path}: {detail}", file=sys.stderr)
-
-    try:
-        with open(path, "rb") as f:
-            gzipped = f.read(2) == b"\x1f\x8b"
-        # gzip.open reads concatenated members in sequence: Common Crawl gzips each record alone
-        with (gzip.open if gzipped else open)(path, "rb") as f:
+    try:  # gzip reads concatenated members in turn: Common Crawl gzips each record alone
+        with open(path, "rb") as raw, (gzip.open(raw) if raw.peek(2)[:2] == b"\x1f\x8b"
+                                       else raw) as f:
             in_sync = True  # False while skipping to the next record
             while line := f.readline():
                 if not line.startswith(b"WARC/"):
@@ -117,10 +114,8 @@ def iter_warc_records(path: str | os.PathLike,
                     bad("wrong Content-Length", f"record {headers.get('WARC-Target-URI', '')} has "
                         f"Content-Length {length!r}, not its length: skipped")
                     continue
-                record = WarcRecord(headers, payload, body=payload)
-                if record.type == "response":
-                    record.http_headers, record.body = _split_http(payload)
-                yield record
+                http = headers.get("WARC-Type") == "response"  # else body is the whole payload
+                yield WarcRecord(headers, payload, *_split_http(payload) if http else ({}, payload))
     except (EOFError, OSError, zlib.error) as e:  # gzip.BadGzipFile is an OSError
         bad("file cut short or unreadable", f"ends early ({e}); records before it were read")
 
@@ -154,7 +149,7 @@ BLOCK_TAGS = {"p", "div", "br", "li", "ul", "ol", "h1", "h2", "h3", "h4", "h5", 
               "table", "section", "article", "main", "blockquote", "pre", "dd", "dt", "hr",
               "body", "figcaption", "td", "th"}  # each starts a new line in the text
 META_CHARSET = regex.compile(rb"""<meta[^>]+charset\s*=\s*["']?\s*([\w.:-]+)""", regex.I)
-WHITESPACE = regex.compile(r"\s+")
+WHITESPACE, PUNCTUATION = regex.compile(r"\s+"), regex.compile(r"[\p{P}\p{S}]+")
 HEADER_CHARSET = regex.compile(r"charset\s*=\s*[\"']?([\w.:-]+)", regex.I)
 
 
@@ -484,15 +479,13 @@ class FastTextBin:
             buf.seek(4 * rows * cols, os.SEEK_CUR)
             return np.frombuffer(buf, np.float32, rows * cols, buf.tell() - 4 * rows * cols
                                  ).reshape(rows, cols)
-
         magic, version = read("2i")
         if magic != FASTTEXT_MAGIC or not 11 <= version <= 12:
             raise ValueError(f"not a fastText model of a version this reads ({version})")
         self.args = dict(zip(FASTTEXT_ARGS, read("12i")))
         if self.args["model"] != 3:
             raise ValueError("a fastText word-vector model, not a supervised classifier")
-        if version == 11:  # its classifiers had no character n-grams
-            self.args["maxn"] = 0
+        self.args["maxn"] *= version > 11  # version 11's classifiers had no character n-grams
         _, size, self.nwords, _, _, pruned = read("d3i2q")  # pruned: -1 unless quantized
         # each entry: its bytes, a 0 byte, an int64 count, an int8 type (0 word, 1 label)
         entries = [(buf.read(buf.find(b"\0", buf.tell()) - buf.tell()), *read("xqb"))
@@ -506,8 +499,16 @@ class FastTextBin:
         self.word_ids = {word: i for i, (word, _, _) in enumerate(entries[:self.nwords])}
         self.labels = [w.decode("utf-8", "replace").removeprefix("__label__")
                        for w, _, _ in entries[self.nwords:]]
-        if self.args["loss"] == 1:  # labels are sorted by count, falling: Huffman's input
-            self.tree = _huffman_children([count for _, count, _ in entries[self.nwords:]])
+        if self.args["loss"] == 1:  # hs: Huffman's tree on the label counts (sorted, falling)
+            n, self.tree = len(self.labels), []  # tree[k]: node n + k's (left, right) children
+            count, leaf, node = [c for _, c, _ in entries[self.nwords:]] + [math.inf] * n, n - 1, n
+            for i in range(n, 2 * n - 1):  # join the two smallest leaves or nodes left
+                pair = []
+                for _ in range(2):  # leaves from the end, nodes from n; a tie takes the node
+                    pair.append(leaf if leaf >= 0 and count[leaf] < count[node] else node)
+                    leaf, node = (leaf - 1, node) if pair[-1] == leaf else (leaf, node + 1)
+                count[i] = count[pair[0]] + count[pair[1]]
+                self.tree.append(tuple(pair))
         self._subwords = functools.lru_cache(1 << 16)(self._subwords)
 
     def _subwords(self, word: bytes) -> list[int]:
@@ -539,7 +540,7 @@ class FastTextBin:
         logits, n = self.output @ hidden, len(self.labels)  # (n,), or (n - 1,) nodes for hs
         if self.args["loss"] == 3:
             p = _softmax(logits)
-        elif self.args["loss"] == 1:  # P(leaf): the product of the branch probabilities above it
+        elif self.args["loss"] == 1:  # P(leaf): the branch probabilities above it (right: sigmoid)
             f, p = 1 / (1 + np.exp(-logits)), np.ones(2 * n - 1)
             for node in range(2 * n - 2, n - 1, -1):  # the root first
                 left, right = self.tree[node - n]
@@ -548,23 +549,6 @@ class FastTextBin:
             steps = np.floor((np.clip(logits, -8, 8) + 8) * 32)
             p = np.where(abs(logits) > 8, logits > 0, 1 / (1 + np.exp(8 - steps / 32)))
         return self.labels[int(p[:n].argmax())], float(p[:n].max())
-
-
-def _huffman_children(counts: list[int]) -> list[tuple[int, int]]:
-    """fastText's hs tree: leaves 0..n-1 (counts falling), node n + k joins the two smallest of
-    the leaves and nodes left; its (left, right) children at k. Right means sigmoid, left 1 - it."""
-    n, count, children = len(counts), list(counts) + [math.inf] * len(counts), []
-    leaf, node = n - 1, n
-    for i in range(n, 2 * n - 1):
-        pair = []
-        for _ in range(2):
-            if leaf >= 0 and count[leaf] < count[node]:
-                pair, leaf = pair + [leaf], leaf - 1
-            else:
-                pair, node = pair + [node], node + 1
-        count[i] = count[pair[0]] + count[pair[1]]
-        children.append(tuple(pair))
-    return children
 
 
 _load_classifier = functools.cache(FastTextClassifier.load)  # once per process, not per page
@@ -669,7 +653,6 @@ def exact_line_deduplication(input_files: Sequence[str | os.PathLike],
     cookie notice, goes everywhere): pass 1 counts line hashes, pass 2 writes. Lines removed."""
     def key(line: bytes) -> bytes:  # 8 bytes a distinct line, whatever its length; \n not counted
         return hashlib.blake2b(line.rstrip(b"\r\n"), digest_size=8).digest()
-
     paths, out_dir, counts = *_inputs_and_out_dir(input_files, output_directory), Counter()
     for path in paths:
         with open(path, "rb") as f:
@@ -679,9 +662,6 @@ def exact_line_deduplication(input_files: Sequence[str | os.PathLike],
                 open(tmp, "wb") as out:
             out.writelines(line for line in f if counts[key(line)] == 1)
     return sum(n for n in counts.values() if n > 1)
-
-
-PUNCTUATION = regex.compile(r"[\p{P}\p{S}]+")
 
 
 def normalize_text(text: str) -> str:
@@ -710,7 +690,6 @@ def _clusters(n: int, pairs: Iterable[tuple[int, int]]) -> list[list[int]]:
             parent[i] = parent[parent[i]]  # path halving keeps the trees shallow
             i = parent[i]
         return i
-
     parent = list(range(n))
     for i, j in pairs:
         parent[find(i)] = find(j)
@@ -789,19 +768,15 @@ def minhash_clusters(texts: Sequence[str], num_hashes: int, num_bands: int, ngra
                         jaccard_threshold)
 
 
-def choose_kept(clusters: list[list[int]], seed: int = 0) -> list[int]:
-    """One member of each cluster, picked at random with a fixed seed (the same run, same pick)."""
-    return sorted(random.Random(seed).choice(cluster) for cluster in clusters)
-
-
 def minhash_deduplication(input_files: Sequence[str | os.PathLike], num_hashes: int,
                           num_bands: int, ngrams: int, jaccard_threshold: float,
                           output_directory: str | os.PathLike, seed: int = 0) -> list[Path]:
-    """Copy one document of each near-duplicate cluster to output_directory; the kept paths."""
+    """Copy one document of each near-duplicate cluster, picked at random with a fixed seed, to
+    output_directory; the kept paths."""
     paths, out_dir = _inputs_and_out_dir(input_files, output_directory)
     texts = [p.read_text(encoding="utf-8", errors="replace") for p in paths]
     clusters = minhash_clusters(texts, num_hashes, num_bands, ngrams, jaccard_threshold, seed)
-    kept = [paths[i] for i in choose_kept(clusters, seed)]
+    kept = [paths[i] for i in sorted(random.Random(seed).choice(c) for c in clusters)]
     for path in kept:
         write_atomic(out_dir / path.name, path.read_bytes())
     return kept
@@ -932,8 +907,9 @@ def finish(out: Path, opts: dict, num_shards: int, workers: int, progress: bool 
         _merge(report, json.loads(gzip.decompress(path.read_bytes())))
     urls, texts, signatures = zip(*report.pop("docs")) if report["docs"] else ((), (), ())
     signatures = np.array(signatures, np.uint64).reshape(len(texts), opts["num_hashes"])
-    keep = choose_kept(lsh_clusters(signatures, texts, *(opts[k] for k in (
-        "num_bands", "ngrams", "jaccard_threshold"))), opts["seed"])
+    clusters = lsh_clusters(signatures, texts, *(opts[k] for k in (
+        "num_bands", "ngrams", "jaccard_threshold")))
+    keep = sorted(random.Random(opts["seed"]).choice(c) for c in clusters)  # one of each
     for i in sorted(set(range(len(texts))) - set(keep)):
         _drop(report, "near-duplicates", texts[i], f"{urls[i]}: ")
     urls, texts = [urls[i] for i in keep], [texts[i] for i in keep]
@@ -989,21 +965,11 @@ def tokenize_splits(out: Path, tokenizer: str, vocab_size: int, workers: int,
                                              workers, progress) for split in ("train", "val")}
 
 
-def _input_files(spec: str) -> list[Path]:
-    """A folder (its files), a glob pattern, or a comma-separated list of files."""
-    paths = sorted(p for p in Path(spec).iterdir() if p.is_file()) if Path(spec).is_dir() else [
-        Path(p) for part in spec.split(",") for p in sorted(glob.glob(part)) or [part]]
-    if missing := [p for p in paths if not p.is_file()]:
-        raise UsageError(f"input file {missing[0]} does not exist")
-    if not paths:
-        raise UsageError(f"no input files in {spec}")
-    return paths
-
-
 def pipeline(input: str, out: str, workers: int = 1, shard: str = "0/1", merge: bool = False,
              progress: bool = True, **opts) -> dict | None:
-    """The whole pipeline; with --shard=i/n only stage 1 on every n-th file (a Slurm array runs
-    i = 0..n-1 on n machines), and with --merge stage 2 over all n shards' outputs."""
+    """The whole pipeline on `input` (a folder, a glob, or files separated by commas); with
+    --shard=i/n only stage 1 on every n-th file (a Slurm array runs i = 0..n-1 on n machines),
+    and with --merge stage 2 over all n shards' outputs."""
     match, out_dir = regex.fullmatch(r"(\d+)/(\d+)", shard), Path(out)
     if not match or not int(match[1]) < int(match[2]):
         raise UsageError(f"--shard expects i/n with 0 <= i < n, got {shard!r}")
@@ -1022,16 +988,19 @@ def pipeline(input: str, out: str, workers: int = 1, shard: str = "0/1", merge: 
             raise UsageError(f"no shard outputs in {out_dir / 'shards'}: run --shard=i/n first")
         num_shards = int(found[0].name.split("-of-")[1][:5])
     else:
-        files, report = _input_files(input)[index::num_shards], {}
-        job = functools.partial(filter_file, opts=opts)
-        with contextlib.ExitStack() as stack:
-            results = map(job, map(str, files))
-            if workers > 1 and len(files) > 1:  # fork: no re-import; workers run no threads
-                ctx = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
-                pool = stack.enter_context(ctx.Pool(min(workers, len(files))))
-                results = pool.imap(job, map(str, files))  # in the files' order
+        files = sorted(p for p in Path(input).iterdir() if p.is_file()) if Path(input).is_dir() \
+            else [Path(p) for part in input.split(",") for p in sorted(glob.glob(part)) or [part]]
+        if missing := [p for p in files if not p.is_file()]:
+            raise UsageError(f"input file {missing[0]} does not exist")
+        if not files:
+            raise UsageError(f"no input files in {input}")
+        files, report = [str(p) for p in files[index::num_shards]], {}
+        ctx = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
+        with (ctx.Pool(min(workers, len(files))) if workers > 1 and len(files) > 1 else
+              contextlib.nullcontext()) as pool:  # fork: no re-import; workers run no threads
+            results = (pool.imap if pool else map)(functools.partial(filter_file, opts=opts), files)
             for part in tqdm(results, total=len(files), desc="filter", disable=not progress):
-                _merge(report, part)
+                _merge(report, part)  # imap: in the files' order
         (out_dir / "shards").mkdir(parents=True, exist_ok=True)
         write_atomic(out_dir / "shards" / f"{index:05d}-of-{num_shards:05d}.json.gz",
                      gzip.compress(json.dumps(report).encode(), mtime=0))
@@ -1050,9 +1019,6 @@ def pipeline(input: str, out: str, workers: int = 1, shard: str = "0/1", merge: 
 
 
 # 11. OpenWebText: the course's web text, downloaded and tokenized for train.py --------------------
-OWT_URL = "https://huggingface.co/datasets/stanford-cs336/owt-sample/resolve/main/owt_{}.txt.gz"
-
-
 def openwebtext(out: str = "data_cache/owt", cache_dir: str = "data_cache", max_mb: float = 0,
                 tokenizer: str = "", vocab_size: int = 32000, workers: int = 1,
                 progress: bool = True) -> dict[str, int]:
@@ -1060,12 +1026,13 @@ def openwebtext(out: str = "data_cache/owt", cache_dir: str = "data_cache", max_
     in <|endoftext|>), downloaded into cache_dir (an interrupted download resumes) and prepared
     into out/train.bin, val.bin and tokenizer/; max_mb caps each split's text (0: all, ~12 GB)."""
     (out_dir := Path(out)).mkdir(parents=True, exist_ok=True)
-    for split, name in (("train", "train"), ("val", "valid")):
+    for split, file in (("train", "owt_train.txt.gz"), ("val", "owt_valid.txt.gz")):
         try:
-            archive = download(url := OWT_URL.format(name), Path(cache_dir) / f"owt_{name}.txt.gz")
+            url = f"https://huggingface.co/datasets/stanford-cs336/owt-sample/resolve/main/{file}"
+            archive = download(url, Path(cache_dir) / file)
         except (urllib.error.URLError, ConnectionError, TimeoutError) as e:  # not a disk error
             raise UsageError(f"offline ({getattr(e, 'reason', e)}): cannot download {url}; put "
-                             f"owt_{name}.txt.gz in {cache_dir}/ and run again") from None
+                             f"{file} in {cache_dir}/ and run again") from None
         with gzip.open(archive, "rb") as fin, atomic_output(out_dir / f"{split}.txt") as tmp, \
                 open(tmp, "wb") as fout:
             cap = int(max_mb * 2**20)

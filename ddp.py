@@ -3,18 +3,17 @@ wrappers, optimizer-state sharding, FSDP, tensor, sequence and pipeline parallel
 memory and traffic accounting.
 
 CS336 lectures 7-8 and assignment 2 part 2. Data parallelism runs the same model on every process,
-each on its own slice of the batch; averaging the gradients makes the step the one a single
-process takes on the whole batch. What differs between the wrappers is only *when* and *how* the
-gradients travel: naive (one all-reduce per gradient after backward), flat (one all-reduce of all
-of them), individual parameters (each all-reduce launched from backward as soon as its gradient
-is ready, so communication overlaps computation) and bucketed (overlap with fewer, larger
-messages, as torch's DistributedDataParallel does). ShardedOptimizer then stops every process
-from keeping the whole AdamW state (ZeRO stage 1). FSDP (ZeRO stage 3) shards the weights too,
-all-gathering each layer's just before it runs. When one layer is too big for that, tensor
-parallelism splits the layers themselves (Megatron: attention heads and MLP units across ranks,
-one all-reduce per sub-block), sequence parallelism splits the activations between them, and
-pipeline parallelism gives each rank a run of blocks fed with micro-batches (GPipe). The
-accounting shows what each scheme costs in memory and bytes moved.
+each on its own slice of the batch; averaging the gradients makes the step the one a single process
+takes on the whole batch. The wrappers differ only in *when* and *how* the gradients travel: naive
+(one all-reduce per gradient after backward), flat (one for all of them), individual parameters
+(each launched from backward as soon as its gradient is ready, so communication overlaps
+computation) and bucketed (overlap with fewer, larger messages, as torch's DistributedDataParallel
+does). ShardedOptimizer stops every process keeping the whole AdamW state (ZeRO stage 1); FSDP (ZeRO
+stage 3) shards the weights too, all-gathering each layer's just before it runs. Tensor parallelism
+splits the layers themselves (Megatron: attention heads and MLP units across ranks, one all-reduce
+per sub-block), sequence parallelism the activations between them, and pipeline parallelism gives
+each rank a run of blocks fed with micro-batches (GPipe). The accounting shows what each scheme
+costs in memory and bytes moved.
 
 Commands (CPU with gloo, or NCCL when CUDA is there; the demos spawn their own processes):
     python ddp.py collectives                  # what each collective does, 4 ranks (~10 s)
@@ -27,8 +26,8 @@ The wrappers are used from code run under torchrun (or any initialised process g
     model = FSDP(model, compute_dtype=torch.bfloat16)  # the same; save model.gather_full_params()
     model = tensor_parallel(model, sequence_parallel=True)  # then sync_norm_grads(model)
     loss, idle = gpipe_step(PipelineStage(model), token_ids, targets, num_microbatches=8)
-Each is tested against one process on the whole model in test_all.py (2 gloo processes).
-No files are read or written.
+Each is tested against one process on the whole model in test_all.py (2 gloo processes); no
+files are read or written.
 
 `torchrun --nproc_per_node=N train.py --parallel=ddp|zero1|fsdp` trains with them (parallelize);
 the checkpoints hold the whole state, so any number of processes resumes them.
@@ -48,6 +47,8 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict
 from datetime import timedelta
+from functools import partial
+from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
@@ -58,14 +59,7 @@ from model import Embedding, Linear, ModelConfig, count_params
 from tokenizer import UsageError, parse_command, run_cli
 
 
-# Processes: spawn a group from plain `python`, as torchrun would ---------------------------------
-def free_port() -> int:
-    """A TCP port nobody uses now: the OS picks one for a socket bound to port 0."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
+# Processes: spawn a group from plain `python`, as torchrun would ----------------------------------
 def _process(rank: int, world_size: int, port: int, backend: str, fn: Callable,
              args: tuple) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -86,31 +80,30 @@ def _process(rank: int, world_size: int, port: int, backend: str, fn: Callable,
 def spawn(fn: Callable, world_size: int, *args, backend: str = "gloo") -> None:
     """Run fn(rank, world_size, *args) in world_size new processes joined in one process group;
     fn must be importable (a module-level function). An exception in any rank is raised here."""
-    mp.spawn(_process, args=(world_size, free_port(), backend, fn, args), nprocs=world_size,
-             join=True)
+    with socket.socket() as s:  # a port nobody uses now: the OS picks one for port 0
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_process, args=(world_size, port, backend, fn, args), nprocs=world_size, join=True)
 
 
-# Collectives: what each does, shown on small tensors ---------------------------------------------
+# Collectives: what each does, shown on small tensors ----------------------------------------------
 # A collective is one call that every rank of the group makes; the data each ends up with is
 # fixed by the call. With n ranks and a tensor of S bytes, the ring algorithms move per rank:
 # broadcast, all-gather and reduce-scatter (n-1)/n S each, all-reduce 2(n-1)/n S (it *is* a
 # reduce-scatter followed by an all-gather): the basis of every cost in the accounting below.
-def _show(values: list) -> str:
-    return "[" + ", ".join(f"{v:g}" for v in values) + "]"
-
-
-def show_collectives(rank: int, world_size: int) -> list[str]:
-    """Run each collective on rank r's tensor [10r, 10r+1, ..., 10r+n-1]; returns, on rank 0,
-    the lines that say what every rank held before and after. Checks that all-reduce equals
-    reduce-scatter followed by all-gather."""
+def show_collectives(rank: int, world_size: int, echo: bool = False) -> list[str]:
+    """Run each collective on rank r's tensor [10r, 10r+1, ..., 10r+n-1]; returns (and with echo
+    prints), on rank 0, the lines that say what every rank held before and after. Checks that
+    all-reduce equals reduce-scatter followed by all-gather."""
     n, lines = world_size, []
 
     def record(name: str, what: str, result: Tensor | None) -> None:
         results = [None] * n
         dist.all_gather_object(results, None if result is None else result.tolist())
         lines.append(f"{name:<15}{what}")
-        lines.extend(f"  rank {r}: {_show(x) if x is not None else '-'}"
-                     for r, x in enumerate(results))
+        for r, x in enumerate(results):
+            shown = "-" if x is None else "[" + ", ".join(f"{v:g}" for v in x) + "]"
+            lines.append(f"  rank {r}: {shown}")
 
     def data() -> Tensor:
         return torch.arange(n, dtype=torch.float32) + 10 * rank
@@ -145,15 +138,12 @@ def show_collectives(rank: int, world_size: int) -> list[str]:
     lines.append(f"all-reduce == reduce-scatter + all-gather: {same}")
     if not same:
         raise RuntimeError("all-reduce differs from reduce-scatter followed by all-gather")
+    if echo and rank == 0:
+        print("\n".join(lines), flush=True)
     return lines if rank == 0 else []
 
 
-def _collectives_demo(rank: int, world_size: int) -> None:
-    for line in show_collectives(rank, world_size):
-        print(line, flush=True)
-
-
-# Benchmark: all-reduce time, algorithm and bus bandwidth -----------------------------------------
+# Benchmark: all-reduce time, algorithm and bus bandwidth ------------------------------------------
 # Algorithm bandwidth is size / time. A ring all-reduce sends 2(n-1)/n of the tensor out of every
 # rank, so bus bandwidth = algbw * 2(n-1)/n is what each link carried: comparable across n, and
 # against the hardware's figure (NCCL's nccl-tests report the same two numbers).
@@ -184,8 +174,8 @@ class _DataParallel(nn.Module):
     """What the wrappers share: rank 0's parameters and buffers broadcast at construction, the
     module as .module, forward unchanged, and a batch-size check on the first forward. Gradients
     are averaged over ranks; parameters with requires_grad=False are left alone; a tied parameter
-    appears once in module.parameters(), so it is reduced once. Call
-    finish_gradient_synchronization() after each backward() and before optimizer.step()."""
+    appears once in module.parameters(), so it is reduced once. Each wrapper's
+    finish_gradient_synchronization() is called after backward() and before optimizer.step()."""
     def __init__(self, module: nn.Module) -> None:
         super().__init__()
         if not (dist.is_available() and dist.is_initialized()):
@@ -205,22 +195,17 @@ class _DataParallel(nn.Module):
 
     def forward(self, *args, **kwargs):
         if not self._batch_checked:
-            self._check_batch_size(next((a for a in args if isinstance(a, Tensor)), None))
+            # Averaging assumes equal batches: ranks of other sizes would weigh examples
+            # unequally. Checked once (a tiny blocking all-reduce); later batches are trusted.
+            self._batch_checked = True
+            batch = next((a for a in args if isinstance(a, Tensor)), None)
+            size = batch.shape[0] if batch is not None and batch.dim() else 0
+            sizes = torch.tensor([size, -size], device=batch.device if batch is not None else None)
+            dist.all_reduce(sizes, op=dist.ReduceOp.MAX)  # (largest, -smallest) on every rank
+            if sizes[0] != -sizes[1]:
+                raise ValueError(f"batch sizes differ across ranks (from {-sizes[1].item()} to "
+                                 f"{sizes[0].item()}): give every rank the same batch size")
         return self.module(*args, **kwargs)
-
-    def _check_batch_size(self, batch: Tensor | None) -> None:
-        """Averaging assumes equal batches: ranks with different sizes would weigh examples
-        unequally. Checked once (a tiny blocking all-reduce); later batches are trusted."""
-        self._batch_checked = True
-        size = batch.shape[0] if batch is not None and batch.dim() else 0
-        sizes = torch.tensor([size, -size], device=batch.device if batch is not None else None)
-        dist.all_reduce(sizes, op=dist.ReduceOp.MAX)  # (largest, -smallest) on every rank
-        if sizes[0] != -sizes[1]:
-            raise ValueError(f"batch sizes differ across ranks (from {-sizes[1].item()} to "
-                             f"{sizes[0].item()}): give every rank the same batch size")
-
-    def finish_gradient_synchronization(self) -> None:
-        raise NotImplementedError
 
     def clip_grad_norm(self, params: list[Tensor], max_norm: float) -> Tensor:
         """train.py's step, after backward: finish averaging the gradients, then scale them so
@@ -241,14 +226,9 @@ class _DataParallel(nn.Module):
         """For train.py's checkpoints (every rank calls it, rank 0 saves): model and optimizer, or
         stand-ins whose state_dict() is the whole, unsharded one, as one process would save."""
         if isinstance(optimizer, ShardedOptimizer):
-            optimizer = _Saved(optimizer.full_state_dict() or {})
+            state = optimizer.full_state_dict() or {}
+            optimizer = SimpleNamespace(state_dict=lambda: state)
         return model, optimizer
-
-
-class _Saved(dict):
-    """A state_dict gathered already: what save_checkpoint asks of a model or optimizer."""
-    def state_dict(self) -> dict:
-        return dict(self)
 
 
 class DDPNaive(_DataParallel):
@@ -261,24 +241,20 @@ class DDPNaive(_DataParallel):
                 p.grad /= self.world_size
 
 
-def _flat_all_reduce(grads: list[Tensor], world_size: int, async_op: bool = False):
-    """All gradients in one buffer, averaged by one all-reduce: one latency instead of many.
-    Returns (work handle, buffer); unflatten with _copy_back once the work is done."""
-    flat = torch.cat([g.reshape(-1) for g in grads]) / world_size
-    return dist.all_reduce(flat, async_op=async_op), flat
-
-
-def _copy_back(flat: Tensor, grads: list[Tensor]) -> None:
-    for grad, part in zip(grads, flat.split([g.numel() for g in grads])):
-        grad.copy_(part.view_as(grad))
+def _copy_back(flat: Tensor, tensors: list[Tensor]) -> None:
+    """Unflatten: each tensor takes back its piece of flat (torch.cat of them all)."""
+    for tensor, part in zip(tensors, flat.split([t.numel() for t in tensors])):
+        tensor.copy_(part.view_as(tensor))
 
 
 class DDPFlat(_DataParallel):
-    """After backward, every gradient flattened into one buffer and one all-reduce."""
+    """After backward, every gradient flattened into one buffer, averaged by one all-reduce:
+    one latency instead of one per gradient."""
     def finish_gradient_synchronization(self) -> None:
         grads = [p.grad for p in self.params if p.grad is not None]
         if grads:
-            _, flat = _flat_all_reduce(grads, self.world_size)
+            flat = torch.cat([g.reshape(-1) for g in grads]) / self.world_size
+            dist.all_reduce(flat)
             _copy_back(flat, grads)
 
 
@@ -350,7 +326,8 @@ class DDPBucketed(_DataParallel):
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
         grads = [p.grad for p in self.buckets[index]]
-        self._pending.append((*_flat_all_reduce(grads, self.world_size, async_op=True), grads))
+        flat = torch.cat([g.reshape(-1) for g in grads]) / self.world_size  # as DDPFlat's
+        self._pending.append((dist.all_reduce(flat, async_op=True), flat, grads))
         self._next += 1
 
     def finish_gradient_synchronization(self) -> None:
@@ -362,23 +339,22 @@ class DDPBucketed(_DataParallel):
         self._reset()
 
 
-# Optimizer-state sharding ------------------------------------------------------------------------
+# Optimizer-state sharding -------------------------------------------------------------------------
 class ShardedOptimizer(torch.optim.Optimizer):
-    """Any optimizer, its state split across ranks: each parameter has one owner (assigned
-    greedily, largest first, to the rank holding the fewest elements so far); each rank's inner
-    optimizer_cls(**kwargs) keeps state for and steps only its own parameters, then every rank
-    broadcasts the parameters it owns. Use it after a data-parallel wrapper has averaged the
-    gradients. For AdamW (16 bytes per parameter in fp32, 8 of them moments) this saves
-    8 (n-1)/n bytes per parameter on each of n ranks, at the cost of one broadcast of the
-    parameters per step.
+    """Any optimizer, its state split across ranks: each parameter has one owner (greedily, largest
+    first, the rank holding the fewest elements so far); each rank's optimizer_cls(**kwargs)
+    keeps state for and steps only its own parameters, then every rank broadcasts those. Use it
+    after a data-parallel wrapper has averaged the gradients. For AdamW (16 bytes a parameter in
+    fp32, 8 of them moments) each of n ranks saves 8 (n-1)/n bytes a parameter, for one
+    broadcast of the parameters per step.
 
-    ZeRO (Rajbhandari et al. 2020) names three stages. Stage 1 shards the optimizer state: this
-    class. Stage 2 also shards the gradients: each rank needs only the averaged gradient of its
-    own parameters, so a reduce-scatter replaces the all-reduce and the rest is freed at once.
-    Stage 3 (FSDP) also shards the parameters, all-gathering each layer's just before it runs.
-    Stage 1 and 2 move the same bytes as DDP (all-reduce = reduce-scatter + all-gather, and the
-    all-gather is our broadcast of updated parameters); stage 3 gathers the parameters twice
-    (forward and backward), 1.5x DDP's traffic. The state_dict is this rank's shard."""
+    ZeRO (Rajbhandari et al. 2020) has three stages. Stage 1 shards the optimizer state: this
+    class. Stage 2 also shards the gradients: a rank needs only its own parameters' averaged
+    gradient, so a reduce-scatter replaces the all-reduce and the rest is freed at once. Stage 3
+    (FSDP) also shards the parameters, all-gathering each layer's just before it runs. Stages 1
+    and 2 move DDP's bytes (all-reduce = reduce-scatter + all-gather, the all-gather being our
+    broadcast); stage 3 gathers the parameters twice (forward and backward): 1.5x DDP's traffic.
+    state_dict() is this rank's shard."""
     def __init__(self, params: Iterable, optimizer_cls: type[torch.optim.Optimizer],
                  **kwargs) -> None:
         if not (dist.is_available() and dist.is_initialized()):
@@ -437,7 +413,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
         self.local.load_state_dict(state_dict)
 
 
-# FSDP: every rank keeps a shard of each weight, gathered just in time ----------------------------
+# FSDP: every rank keeps a shard of each weight, gathered just in time -----------------------------
 def _my_shard(full: Tensor) -> Tensor:
     """This rank's piece of full, flattened; the last piece is padded with zeros."""
     rank, n = dist.get_rank(), dist.get_world_size()
@@ -498,17 +474,16 @@ class _GatheredWeight(torch.autograd.Function):
 
 
 class FSDP(DDPFlat):
-    """Fully sharded data parallel (ZeRO stage 3) for model.py's models: the weight of every
-    Linear and Embedding is flattened, padded to a multiple of the world size, and cut into one
-    fp32 shard per rank; the shards (as .shards) and the replicated rest (norm gains) are what
-    the optimizer steps. A layer's forward pre-hook all-gathers its weight (in compute_dtype,
-    halving the bytes in bf16) and starts gathering the weight of the layer that ran next in the
-    previous forward, so communication overlaps computation; its post-hook frees the full weight.
-    Autograd would keep the full weight alive for backward, so a saved-tensor hook stores only
-    which unit it was and gathers it again when backward needs it. Gradients return through a
-    reduce-scatter into the shards; call finish_gradient_synchronization() (DDPFlat's) to average
-    the replicated ones' too.
-    Memory per rank: the shards plus the one or two full weights in flight."""
+    """Fully sharded data parallel (ZeRO stage 3) for model.py's models: the weight of every Linear
+    and Embedding is flattened, padded to a multiple of the world size and cut into one fp32
+    shard per rank; the optimizer steps the shards (.shards) and the replicated rest (norm
+    gains). A layer's forward pre-hook all-gathers its weight (in compute_dtype: half the bytes
+    in bf16) and starts gathering the weight of the layer that ran next in the previous forward,
+    so communication overlaps computation; its post-hook frees the full weight. Autograd would
+    keep that alive for backward, so a saved-tensor hook stores only its unit and gathers it
+    again when backward needs it. Gradients return through a reduce-scatter into the shards;
+    finish_gradient_synchronization() (DDPFlat's) averages the replicated ones. Memory per rank:
+    the shards plus the one or two full weights in flight."""
     def __init__(self, module: nn.Module, compute_dtype: torch.dtype | None = None) -> None:
         super().__init__(module)  # every rank starts from rank 0's weights, then shards them
         self.compute_dtype = compute_dtype or torch.float32
@@ -523,35 +498,31 @@ class FSDP(DDPFlat):
         for index, (layer, unit) in enumerate(self._layers):
             del layer.weight  # no longer a Parameter: a plain attribute set by the pre-hook
             layer.weight = None
-            self._hooks += [layer.register_forward_pre_hook(self._gather_hook(index)),
-                            layer.register_forward_hook(self._free_hook(unit))]
+            self._hooks += [layer.register_forward_pre_hook(partial(self._gather_hook, index)),
+                            layer.register_forward_hook(partial(self._free_hook, unit))]
         self.shards = nn.ParameterList(unit.shard for unit in units.values())
         self.params = [p for p in module.parameters() if p.requires_grad]  # replicated ones
         self._live: dict[int, _Unit] = {}  # storage address of a gathered weight -> its unit
         self._next: dict[int, int] = {}  # layer index -> the index that ran after it
         self._previous: int | None = None
 
-    def _gather_hook(self, index: int) -> Callable:
-        def hook(layer: nn.Module, args: tuple) -> None:
-            unit = self._layers[index][1]
-            layer.weight = _GatheredWeight.apply(unit.shard, unit)
-            self._live[layer.weight.untyped_storage().data_ptr()] = unit
-            # Layers run in an order of their own (SwiGLU: w1, w3, w2), so the previous forward
-            # taught us which comes next: prefetch it, its gather overlapping this layer's work.
-            if self._previous is not None:
-                self._next[self._previous] = index
-            self._previous = index
-            if index in self._next:
-                self._layers[self._next[index]][1].start_gather()
-        return hook
+    def _gather_hook(self, index: int, layer: nn.Module, args: tuple) -> None:
+        unit = self._layers[index][1]
+        layer.weight = _GatheredWeight.apply(unit.shard, unit)
+        self._live[layer.weight.untyped_storage().data_ptr()] = unit
+        # Layers run in an order of their own (SwiGLU: w1, w3, w2), so the previous forward
+        # taught us which comes next: prefetch it, its gather overlapping this layer's work.
+        if self._previous is not None:
+            self._next[self._previous] = index
+        self._previous = index
+        if index in self._next:
+            self._layers[self._next[index]][1].start_gather()
 
-    def _free_hook(self, unit: _Unit) -> Callable:
-        def hook(layer: nn.Module, args: tuple, output: Tensor) -> None:
-            # The memory may be reused at once: forget the address before it is.
-            self._live.pop(layer.weight.untyped_storage().data_ptr())
-            layer.weight = None
-            unit.free()  # the saved-tensor hook kept only a reference
-        return hook
+    def _free_hook(self, unit: _Unit, layer: nn.Module, args: tuple, output: Tensor) -> None:
+        # The memory may be reused at once: forget the address before it is.
+        self._live.pop(layer.weight.untyped_storage().data_ptr())
+        layer.weight = None
+        unit.free()  # the saved-tensor hook kept only a reference
 
     def _pack(self, tensor: Tensor) -> Tensor | tuple:
         unit = self._live.get(tensor.untyped_storage().data_ptr())
@@ -617,7 +588,8 @@ class FSDP(DDPFlat):
                 state["state"][i] = {k: self._unsharded(unit_of[id(p)], v) if isinstance(v, Tensor)
                                      and v.shape == p.shape else v
                                      for k, v in state["state"][i].items()}
-        return _Saved(self.gather_full_params(model)), _Saved(state)
+        full = self.gather_full_params(model)
+        return SimpleNamespace(state_dict=lambda: full), SimpleNamespace(state_dict=lambda: state)
 
     @torch.no_grad()
     def unshard(self) -> None:
@@ -656,38 +628,34 @@ def parallelize(name: str, step_model: nn.Module, optimizer: torch.optim.Optimiz
     return model, optimizer
 
 
-# Tensor parallelism (Megatron): each rank holds a slice of every block ---------------------------
+# Tensor parallelism (Megatron): each rank holds a slice of every block ----------------------------
 # A column-parallel linear keeps rows r of W (output features r): from the full input it makes
 # its slice of the output. A row-parallel linear keeps columns r: from that slice it makes a
 # partial sum of the full output, and one all-reduce adds the partials. Attention heads and the
 # MLP's hidden units are independent, so column then row needs no communication in between:
 # one all-reduce per sub-block in forward, and (the conjugate) one in backward at its entry.
-class _copy_to_tp(torch.autograd.Function):
-    """Forward: identity (the input is already on every rank). Backward: each rank's slice of
-    the sub-block gives only part of the input's gradient, so the parts are summed."""
+class _Conjugate(torch.autograd.Function):
+    """Forward runs one op, backward its conjugate. TP's entry: identity <-> all-reduce (each
+    rank's slice gives part of the input's gradient); exit: all-reduce <-> identity. SP's, along
+    the sequence: all-gather <-> reduce-scatter, split <-> all-gather."""
     @staticmethod
-    def forward(ctx, x: Tensor) -> Tensor:
-        return x
+    def forward(ctx, x: Tensor, forward_op: Callable, backward_op: Callable) -> Tensor:
+        ctx.backward_op = backward_op
+        return forward_op(x)
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> Tensor:
-        grad = grad.contiguous()
-        dist.all_reduce(grad)
-        return grad
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:
+        return ctx.backward_op(grad), None, None
 
 
-class _reduce_from_tp(torch.autograd.Function):
-    """Forward: sum the row-parallel partial outputs. Backward: identity (the gradient of a sum
-    is the same for every term)."""
-    @staticmethod
-    def forward(ctx, x: Tensor) -> Tensor:
-        x = x.contiguous()
-        dist.all_reduce(x)
-        return x
+def _identity(x: Tensor) -> Tensor:
+    return x
 
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> Tensor:
-        return grad
+
+def _all_reduce(x: Tensor) -> Tensor:  # (..., D) partial sums -> their sum, on every rank
+    x = x.contiguous()
+    dist.all_reduce(x)
+    return x
 
 
 def _all_gather_seq(x: Tensor) -> Tensor:  # (B, T/n, D) on each rank -> (B, T, D)
@@ -706,19 +674,6 @@ def _split_seq(x: Tensor) -> Tensor:  # (B, T, D), the same on every rank -> thi
     return x.chunk(dist.get_world_size(), dim=1)[dist.get_rank()].contiguous()
 
 
-class _Conjugate(torch.autograd.Function):
-    """Sequence parallelism's communication: forward runs one op, backward its conjugate
-    (all-gather <-> reduce-scatter, split <-> all-gather) along the sequence dimension."""
-    @staticmethod
-    def forward(ctx, x: Tensor, forward_op: Callable, backward_op: Callable) -> Tensor:
-        ctx.backward_op = backward_op
-        return forward_op(x)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:
-        return ctx.backward_op(grad), None, None
-
-
 def _shard_of(weight: Tensor, dim: int, what: str) -> nn.Parameter:
     n = dist.get_world_size()
     if weight.shape[dim] % n:
@@ -728,8 +683,7 @@ def _shard_of(weight: Tensor, dim: int, what: str) -> nn.Parameter:
 
 class ColumnParallelLinear(nn.Module):
     """Rows r of a Linear's W: x (..., d_in), the same on every rank -> (..., d_out / n). The
-    input must enter the sub-block through _copy_to_tp (TP) or an all-gather (SP), once, since
-    q, k and v share it."""
+    input enters the sub-block (TensorParallelBlock._enter) once, since q, k and v share it."""
     def __init__(self, full: nn.Module) -> None:
         super().__init__()
         self.weight = _shard_of(full.weight, 0, "output features")
@@ -750,7 +704,7 @@ class RowParallelLinear(nn.Module):
         partial = x @ self.weight.T
         if self.sequence_parallel:
             return _Conjugate.apply(partial, _reduce_scatter_seq, _all_gather_seq)
-        return _reduce_from_tp.apply(partial)
+        return _Conjugate.apply(partial, _all_reduce, _identity)
 
 
 class TensorParallelBlock(nn.Module):
@@ -782,7 +736,7 @@ class TensorParallelBlock(nn.Module):
     def _enter(self, x: Tensor) -> Tensor:
         if self.sequence_parallel:
             return _Conjugate.apply(x, _all_gather_seq, _reduce_scatter_seq)
-        return _copy_to_tp.apply(x)
+        return _Conjugate.apply(x, _identity, _all_reduce)
 
     def forward(self, x: Tensor, rope: tuple | None = None, cache: dict | None = None,
                 start: int = 0) -> Tensor:
@@ -899,9 +853,12 @@ def gpipe_step(stage: PipelineStage, token_ids: Tensor, targets: Tensor,
     return (loss_sum / num_microbatches if stage.last else None), idle
 
 
-# Accounting: memory per GPU and bytes moved per step ---------------------------------------------
-# fp32 training with AdamW: 4 bytes of weights, 4 of gradient, 8 of moments
-# per parameter (16 in all); activations are left out (they depend on batch and recomputation).
+# Accounting: memory per GPU and bytes moved per step ----------------------------------------------
+# fp32 training with AdamW: 4 bytes of weights, 4 of gradient, 8 of moments per parameter (16 in
+# all); activations are left out (they depend on batch and recomputation). Per scheme, the bytes
+# of a parameter that every GPU keeps whole, and those cut n ways:
+MEMORY = {"DDP": (16, 0), "ZeRO-1": (4 + 4, 8), "ZeRO-2": (4, 4 + 8), "ZeRO-3/FSDP": (0, 16),
+          "TP": (0, 16)}
 # Traffic per GPU per step with ring collectives on n GPUs and P parameters of 4 bytes:
 #   DDP, ZeRO-1, ZeRO-2: one all-reduce of the gradients, 2 (n-1)/n * 4P
 #   ZeRO-3 / FSDP: all-gather weights in forward and again in backward, reduce-scatter
@@ -917,60 +874,31 @@ EXAMPLES = {
     "course": dict(d_model=16384, d_ff=53248, num_layers=126, num_heads=128, ffn="gelu",
                    vocab_size=10000, context_length=512),
 }
-STATE_BYTES = {"weights": 4, "grads": 4, "adamw": 8}
 
 
 def accounting(params: int, num_gpus: int, tokens: int = 0, d_model: int = 0,
                num_layers: int = 0) -> dict[str, dict[str, float]]:
     """{scheme: {"memory": bytes per GPU, "traffic": bytes sent per GPU per step}} for fp32
     AdamW training of `params` parameters on num_gpus; TP's traffic needs the batch's tokens."""
-    n, w, g, a = num_gpus, *STATE_BYTES.values()
+    n = num_gpus
     ring = (n - 1) / n
-    return {
-        "DDP": {"memory": params * (w + g + a), "traffic": 2 * ring * params * g},
-        "ZeRO-1": {"memory": params * (w + g + a / n), "traffic": 2 * ring * params * g},
-        "ZeRO-2": {"memory": params * (w + (g + a) / n), "traffic": 2 * ring * params * g},
-        "ZeRO-3/FSDP": {"memory": params * (w + g + a) / n, "traffic": 3 * ring * params * w},
-        "TP": {"memory": params * (w + g + a) / n,
-               "traffic": num_layers * 4 * 2 * ring * tokens * d_model * 4},
-    }
+    traffic = {"DDP": 2 * ring * params * 4, "ZeRO-3/FSDP": 3 * ring * params * 4,
+               "TP": num_layers * 4 * 2 * ring * tokens * d_model * 4}
+    traffic["ZeRO-1"] = traffic["ZeRO-2"] = traffic["DDP"]
+    return {scheme: {"memory": params * (whole + cut / n), "traffic": traffic[scheme]}
+            for scheme, (whole, cut) in MEMORY.items()}
 
 
 def gpus_needed(params: int, scheme: str, gpu_bytes: float) -> int | None:
     """The fewest GPUs whose memory holds the weights and AdamW states; None: no number does."""
-    w, g, a = STATE_BYTES.values()
-    replicated, sharded = {"DDP": (w + g + a, 0), "ZeRO-1": (w + g, a), "ZeRO-2": (w, g + a),
-                           "ZeRO-3/FSDP": (0, w + g + a), "TP": (0, w + g + a)}[scheme]
+    replicated, sharded = MEMORY[scheme]
     room = gpu_bytes - params * replicated
     if room < 0 or (sharded and room <= 0):
         return None
     return max(1, math.ceil(params * sharded / room)) if sharded else 1
 
 
-def print_accounting(config: ModelConfig, params: int, what: str, num_gpus: int,
-                     gpu_memory_gb: float, bandwidth_gbps: float, tokens: int) -> None:
-    gpu_bytes = gpu_memory_gb * 1e9
-    print(f"{what}: {params:,} parameters\n{params * 16 / 1e9:,.1f} GB of fp32 weights, "
-          f"gradients and AdamW moments (16 bytes a parameter; no activations)\n"
-          f"{num_gpus} GPUs of {gpu_memory_gb:g} GB, each sending {bandwidth_gbps:g} GB/s; "
-          f"TP's traffic is the activations of {tokens:,} tokens")
-    print(f"  {'scheme':<12}{'GB per GPU':>12}{'fits':>6}{'GB sent/step':>14}{'comm s/step':>13}"
-          f"{'GPUs to hold':>14}")
-    rows = accounting(params, num_gpus, tokens, config.d_model, config.num_layers)
-    for scheme, row in rows.items():
-        needed = gpus_needed(params, scheme, gpu_bytes)
-        print(f"  {scheme:<12}{row['memory'] / 1e9:>12,.1f}"
-              f"{'yes' if row['memory'] <= gpu_bytes else 'no':>6}"
-              f"{row['traffic'] / 1e9:>14,.2f}{row['traffic'] / (bandwidth_gbps * 1e9):>13.3f}"
-              f"{needed if needed else 'never':>14}")
-    fsdp = gpus_needed(params, "ZeRO-3/FSDP", gpu_bytes)
-    print(f"FSDP: {fsdp} GPU{'s' if fsdp > 1 else ''} of {gpu_memory_gb:g} GB hold the states "
-          f"(fewer cannot), {params * 16 / fsdp / 1e9:,.1f} GB each")
-    if any(gpus_needed(params, scheme, gpu_bytes) is None for scheme in rows):
-        print("never: what that scheme keeps whole on every GPU is already too big for one")
-
-
-# Command line: `python ddp.py COMMAND [--key=value ...]` -----------------------------------------
+# Command line: `python ddp.py COMMAND [--key=value ...]` ------------------------------------------
 COMMANDS = {
     "collectives": {"world_size": 4},
     "bench_collectives": {"sizes_mb": "1,4,16,64", "world_sizes": "2,4", "repeats": 3},
@@ -992,7 +920,8 @@ def _numbers(key: str, text: str, kind: type) -> list:
     return values
 
 
-def _accounting(cfg: dict, overrides: dict) -> None:
+def print_accounting(cfg: dict, overrides: dict) -> None:
+    """`python ddp.py accounting`: the table for --example, or --preset and ModelConfig fields."""
     overrides = {k: v for k, v in overrides.items() if k in ModelConfig.__dataclass_fields__}
     if cfg["example"] and cfg["example"] not in EXAMPLES:
         raise UsageError(f"unknown --example {cfg['example']!r}; choose from {list(EXAMPLES)}")
@@ -1011,8 +940,25 @@ def _accounting(cfg: dict, overrides: dict) -> None:
     if cfg["example"] == "course":
         params, what = counts["ffn"], "the course's exercise (FFNs only, 126 x 2 x d_model x d_ff)"
     tokens = cfg["batch_size"] * (cfg["seq_len"] or config.context_length)
-    print_accounting(config, params, what, cfg["num_gpus"], cfg["gpu_memory_gb"],
-                     cfg["bandwidth_gbps"], tokens)
+    gpu_gb, bandwidth_gbps = cfg["gpu_memory_gb"], cfg["bandwidth_gbps"]
+    print(f"{what}: {params:,} parameters\n{params * 16 / 1e9:,.1f} GB of fp32 weights, "
+          f"gradients and AdamW moments (16 bytes a parameter; no activations)\n"
+          f"{cfg['num_gpus']} GPUs of {gpu_gb:g} GB, each sending {bandwidth_gbps:g} GB/s; "
+          f"TP's traffic is the activations of {tokens:,} tokens")
+    print(f"  {'scheme':<12}{'GB per GPU':>12}{'fits':>6}{'GB sent/step':>14}{'comm s/step':>13}"
+          f"{'GPUs to hold':>14}")
+    needed = {scheme: gpus_needed(params, scheme, gpu_gb * 1e9) for scheme in MEMORY}
+    rows = accounting(params, cfg["num_gpus"], tokens, config.d_model, config.num_layers)
+    for scheme, row in rows.items():
+        print(f"  {scheme:<12}{row['memory'] / 1e9:>12,.1f}"
+              f"{'yes' if row['memory'] <= gpu_gb * 1e9 else 'no':>6}"
+              f"{row['traffic'] / 1e9:>14,.2f}{row['traffic'] / (bandwidth_gbps * 1e9):>13.3f}"
+              f"{needed[scheme] or 'never':>14}")
+    fsdp = needed["ZeRO-3/FSDP"]
+    print(f"FSDP: {fsdp} GPU{'s' if fsdp > 1 else ''} of {gpu_gb:g} GB hold the states "
+          f"(fewer cannot), {params * 16 / fsdp / 1e9:,.1f} GB each")
+    if None in needed.values():
+        print("never: what that scheme keeps whole on every GPU is already too big for one")
 
 
 def main(argv: list[str]) -> None:
@@ -1023,7 +969,7 @@ def main(argv: list[str]) -> None:
     if command == "collectives":
         if not 1 <= cfg["world_size"] <= 16:
             raise UsageError(f"--world_size must be between 1 and 16, got {cfg['world_size']}")
-        spawn(_collectives_demo, cfg["world_size"])
+        spawn(show_collectives, cfg["world_size"], True)
     elif command == "bench_collectives":
         sizes = _numbers("sizes_mb", cfg["sizes_mb"], float)
         world_sizes = _numbers("world_sizes", cfg["world_sizes"], int)
@@ -1037,7 +983,7 @@ def main(argv: list[str]) -> None:
         for world_size in world_sizes:
             spawn(bench_all_reduce, world_size, sizes, cfg["repeats"], backend, backend=backend)
     else:
-        _accounting(cfg, overrides)
+        print_accounting(cfg, overrides)
 
 
 if __name__ == "__main__":

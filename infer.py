@@ -2,16 +2,12 @@
 
 Training reads each weight once per batch of thousands of tokens; decoding reads every weight and
 the whole KV cache to make one token per sequence, so decode is memory-bound and the lecture's
-arithmetic (bytes moved / bandwidth) predicts its speed. In teaching order:
-  1. sampling: temperature, top-k, top-p (nucleus);
-  2. a static KV cache: prefill, then one token per step, each row at its own position; the decode
-     step compiled once and replayed as a CUDA graph;
-  3. generate_batch: many prompts, n samples each, stop strings, log-probs (align.py's rollouts);
-  4. continuous batching over a paged KV cache (blocks, block tables, copy-on-write prefixes);
-  5. speculative decoding with a draft model (the accept/reject rule keeps the target's law);
-  6. weight-only quantization, int8 per channel and int4 per group;
-  7. checkpoints: ours from train.py, and GPT-2's from a Hugging Face folder;
-  8. the roofline (`python infer.py roofline`) and the benchmark (`python infer.py bench`).
+arithmetic (bytes moved / bandwidth) predicts its speed. In teaching order: 1. sampling
+(temperature, top-k, top-p); 2. a static KV cache: prefill, then one token per step, each row at
+its own position, the step compiled once and replayed as a CUDA graph; 3. generate_batch: many
+prompts, n samples each, stop strings, log-probs (align.py's rollouts); 4. continuous batching over
+a paged KV cache; 5. speculative decoding; 6. int8 and int4 weights; 7. checkpoints, ours and
+GPT-2's; 8. the roofline (`python infer.py roofline`) and the benchmark (`python infer.py bench`).
 
 Commands (CPU or one GPU, chosen automatically; settings are --key=value):
     python infer.py --prompt="Once upon a time" --max_new_tokens=256 --temperature=0.8 \\
@@ -40,6 +36,7 @@ import json
 import math
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -52,7 +49,7 @@ from model import (PRESETS, Linear, LinearAttention, ModelConfig, MultiHeadLaten
                    MultiHeadSelfAttention, TransformerLM, _split_heads, apply_rotary,
                    causal_linear_attention, count_params, linear_attention_feature_map)
 from tokenizer import DATA_DIR, Tokenizer, UsageError, parse_command, run_cli
-from train import EOT, read_checkpoint, resolve_device, resolve_dtype
+from train import EOT, read_checkpoint, resolve_device, resolve_dtype, use_compile
 
 
 # 1. Sampling: one token per row of logits ---------------------------------------------------------
@@ -91,12 +88,12 @@ def sample_token(logits: Tensor, temperature: float = 1.0, top_k: int | None = N
 
 
 def check_sampling(temperature: float, top_k: int | None, top_p: float) -> None:
-    for bad, rule, value in ((not temperature >= 0, "temperature must be >= 0 (0 is greedy)",
-                              temperature), (top_k is not None and top_k < 1,
-                                             "top_k must be >= 1 or None", top_k),
-                             (not 0 < top_p <= 1, "top_p must lie in (0, 1]", top_p)):
-        if bad:
-            raise ValueError(f"{rule}, got {value}")
+    if not temperature >= 0:
+        raise ValueError(f"temperature must be >= 0 (0 is greedy), got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be >= 1 or None, got {top_k}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must lie in (0, 1], got {top_p}")
 
 
 # 2. A static KV cache: each row keeps the token at position p in slot p ---------------------------
@@ -427,8 +424,9 @@ class Generation:
     finish_reason: str | None = None
 
     def add(self, token: int, logprob: float, tokenizer, sampling: Sampling) -> None:
-        """Append a token; stop at eos, at a stop string ending in this token (from min_tokens
-        on), or at the limit. tokenizer None: ids only (benchmarks)."""
+        """Append a token; stop at eos, at the earliest stop string ending in this token (from
+        min_tokens on; without include_stop cut from the text, with the tokens that overlap it),
+        or at the limit. tokenizer None: ids only (benchmarks)."""
         self.ids.append(token)
         self.logprobs.append(logprob)
         if token == sampling.eos_id:
@@ -436,25 +434,18 @@ class Generation:
             return
         if tokenizer is not None:  # U+FFFD ends the text until a multi-byte character completes
             before, self.text = len(self.text.rstrip("\ufffd")), tokenizer.decode(self.ids)
-            if sampling.stop and len(self.ids) >= sampling.min_tokens:
-                self._cut_at_stop(before, tokenizer, sampling)
+            found = [(at, s) for s in sampling.stop  # occurrences ending after text[:before]
+                     if (at := self.text.find(s, max(0, before - len(s) + 1))) != -1]
+            if found and len(self.ids) >= sampling.min_tokens:
+                at, stop = min(found)
+                self.finish_reason, keep = "stop", len(self.ids)
+                self.text = self.text[: at + len(stop) if sampling.include_stop else at]
+                while not sampling.include_stop and keep and len(tokenizer.decode(
+                        self.ids[:keep])) > at:  # keep the tokens wholly before it
+                    keep -= 1
+                del self.ids[keep:], self.logprobs[keep:]
         if self.finish_reason is None and len(self.ids) >= self.limit:
             self.finish_reason = "length"
-
-    def _cut_at_stop(self, before: int, tokenizer, sampling: Sampling) -> None:
-        found = [(at, s) for s in sampling.stop  # occurrences ending after text[:before]
-                 if (at := self.text.find(s, max(0, before - len(s) + 1))) != -1]
-        if not found:
-            return
-        at, stop = min(found)  # the earliest start
-        self.finish_reason = "stop"
-        if sampling.include_stop:
-            self.text = self.text[: at + len(stop)]
-            return
-        self.text, keep = self.text[:at], len(self.ids)
-        while keep and len(tokenizer.decode(self.ids[:keep])) > at:  # tokens wholly before it
-            keep -= 1
-        del self.ids[keep:], self.logprobs[keep:]
 
     def completion(self, sampling: Sampling) -> Completion:
         return Completion(self.prompt_index, self.text, self.ids,
@@ -471,8 +462,7 @@ def eos_of(tokenizer) -> int | None:
 
 def choose_tokens(logits: Tensor, rows: list[Generation], sampling: Sampling,
                   generator: torch.Generator | None) -> tuple[Tensor, list[float]]:
-    """Each row's next token (eos masked in rows short of min_tokens) and its log-probability
-    under the raw logits."""
+    """Each row's next token (no eos before min_tokens), and its log-prob under the raw logits."""
     raw = allowed = logits.float()
     early = [i for i, row in enumerate(rows) if len(row.ids) < sampling.min_tokens]
     if early and sampling.eos_id is not None:
@@ -488,8 +478,8 @@ def choose_tokens(logits: Tensor, rows: list[Generation], sampling: Sampling,
 def decode_loop(rows: list[Generation], logits: Tensor, advance: Callable[[Tensor], Tensor],
                 tokenizer, sampling: Sampling, generator: torch.Generator | None,
                 on_token: Callable[[int, Generation], None] | None = None) -> None:
-    """Sample a token per row, let each row decide whether it stopped, feed the tokens back
-    (advance: tokens (B,) -> logits (B, V)), until every row stopped."""
+    """Sample a token per row and feed them back (advance: tokens (B,) -> logits (B, V)) until
+    every row has stopped."""
     while True:
         tokens, logprobs = choose_tokens(logits, rows, sampling, generator)
         for i, (row, token, logprob) in enumerate(zip(rows, tokens.tolist(), logprobs)):
@@ -505,8 +495,8 @@ def decode_loop(rows: list[Generation], logits: Tensor, advance: Callable[[Tenso
 def generate_cached(model: TransformerLM, prompts: list[list[int]], rows: list[Generation],
                     n: int, tokenizer, sampling: Sampling, generator: torch.Generator | None,
                     compile: bool = False, on_token: Callable | None = None) -> None:
-    """Our model: the prompts of each length are prefilled as one batch into their first
-    sample's rows, copied to the other samples' rows; then every row decodes at its position."""
+    """Our model: prompts of one length are prefilled as a batch into their first sample's rows,
+    copied to the other samples' rows; then every row decodes at its own position."""
     device = model_device(model)
     lengths = torch.tensor([len(p) for p in prompts for _ in range(n)], device=device)
     max_len = min(model.config.context_length, int(lengths.max()) + sampling.max_new_tokens)
@@ -583,8 +573,7 @@ def generate_batch(model, tokenizer, prompts: Sequence[str] | Sequence[Sequence[
                          f"holds {context}, with room for at least one new token")
     rows = [Generation(i, min(max_new_tokens, context - len(p)))
             for i, p in enumerate(ids) for _ in range(n)]
-    device = model_device(model)
-    generator = None if seed is None else torch.Generator(device).manual_seed(seed)
+    generator = None if seed is None else torch.Generator(model_device(model)).manual_seed(seed)
     with torch.no_grad():
         if ours and model.config.mixer != "hyena":
             generate_cached(model, ids, rows, n, tokenizer, sampling, generator, compile,
@@ -617,12 +606,6 @@ class PagedCache:
         self.owned: list[list[int]] = [[] for _ in range(max_seqs)]  # the tables, on the host
         self.refs, self.free = [0] * num_blocks, list(range(num_blocks - 1, 0, -1))
 
-    def allocate(self, seq: int, logical: int) -> None:
-        block = self.free.pop()
-        self.refs[block] = 1
-        self.owned[seq][logical: logical + 1] = [block]
-        self.tables[seq, logical] = block
-
     def share(self, source: int, dest: int) -> None:
         """dest starts with source's blocks (the prompt they have in common)."""
         self.owned[dest] = list(self.owned[source])
@@ -633,15 +616,17 @@ class PagedCache:
     def prepare_write(self, seq: int, position: int) -> int:
         """Make position's block writable for seq: a new block at a boundary, a private copy of a
         shared one (copy-on-write). Returns the blocks taken from the pool (0 or 1)."""
-        logical = position // self.block_size
-        if logical < len(self.owned[seq]) and self.refs[self.owned[seq][logical]] == 1:
+        logical, owned = position // self.block_size, self.owned[seq]
+        shared = owned[logical] if logical < len(owned) else None
+        if shared is not None and self.refs[shared] == 1:
             return 0
-        shared = self.owned[seq][logical] if logical < len(self.owned[seq]) else None
-        self.allocate(seq, logical)
+        block = self.free.pop()
+        self.refs[block], self.tables[seq, logical] = 1, block
+        owned[logical: logical + 1] = [block]
         if shared is not None:
             self.refs[shared] -= 1
             for buffer in (b for layer in self.layers for b in layer.values()):
-                buffer[self.owned[seq][logical]] = buffer[shared]
+                buffer[block] = buffer[shared]
         return 1
 
     def release(self, seq: int) -> None:
@@ -678,16 +663,13 @@ class Request:
 def serve(model: TransformerLM, tokenizer, requests: list[Request], sampling: Sampling,
           max_seqs: int = 64, block_size: int = 16, generator: torch.Generator | None = None,
           continuous: bool = True) -> list[list[Generation]]:
-    """Every step: admit waiting requests in order while rows and blocks are free, prefilling
-    each (its n samples share its blocks); one decode step for all running sequences; free the
-    blocks of those that finished. A request reserves the blocks its samples may need, so no
-    running sequence waits for memory (vLLM admits more and preempts). continuous=False is static
-    batching, the baseline: admit only into an empty batch. Returns generate_batch's rows."""
-    device, P = model_device(model), block_size
-    longest = max(len(r.prompt) + r.max_new_tokens for r in requests)
-    if longest > model.config.context_length:
-        raise ValueError(f"a request needs {longest} positions; the context holds "
-                         f"{model.config.context_length}")
+    """Each step: admit waiting requests in order while rows and blocks are free (prefilled, their
+    n samples sharing the blocks); decode one token for every running sequence; free finished
+    ones. Admission reserves the blocks a request may need, so nothing waits for memory (vLLM
+    admits more and preempts). continuous=False, the baseline: admit only into an empty batch."""
+    device, P, context = model_device(model), block_size, model.config.context_length
+    if (longest := max(len(r.prompt) + r.max_new_tokens for r in requests)) > context:
+        raise ValueError(f"a request needs {longest} positions; the context holds {context}")
     cache = PagedCache(model, max_seqs * -(-longest // P) + 1, P, max_seqs, -(-longest // P))
     results = [[Generation(i, r.max_new_tokens) for _ in range(r.n)]
                for i, r in enumerate(requests)]
@@ -706,8 +688,8 @@ def serve(model: TransformerLM, tokenizer, requests: list[Request], sampling: Sa
             if len(free_rows) < n or available < -(-length // P) + n * own:
                 break
             index, rows = waiting.pop(), [free_rows.pop() for _ in range(n)]
-            for logical in range(-(-length // P)):
-                cache.allocate(rows[0], logical)
+            for position in range(0, length, P):  # the prompt's blocks
+                cache.prepare_write(rows[0], position)
             logits = forward_cached(model, cache, torch.tensor([request.prompt], device=device),
                                     torch.arange(length, device=device)[None],
                                     torch.tensor(rows[:1], device=device), length, True)[:, -1]
@@ -760,19 +742,13 @@ def speculative_accept(p: Tensor, q: Tensor, draft: Tensor,
     return accepted, torch.multinomial(residual, 1, generator=generator)[:, 0]
 
 
-@dataclass
-class SpeculativeStats:
-    proposed: int = 0  # draft tokens checked by the target
-    accepted: int = 0
-    rounds: int = 0  # target forwards
-
-
 def speculative_generate(target: TransformerLM, draft: TransformerLM, prompt: list[int],
                          max_new_tokens: int, k: int = 4, temperature: float = 1.0,
                          top_k: int | None = None, top_p: float = 1.0,
                          eos_id: int | None = None, generator: torch.Generator | None = None,
-                         compile: bool = False) -> tuple[list[int], SpeculativeStats]:
-    """Continue one prompt with the target's distribution, k draft tokens per target forward.
+                         compile: bool = False) -> tuple[list[int], Counter]:
+    """Continue one prompt with the target's distribution, k draft tokens per target forward;
+    stats: draft tokens proposed and accepted, rounds (target forwards).
     A rejected suffix needs no undo: a slot holding a later position stays masked until it is
     rewritten (so softmax attention only: a linear-attention state cannot forget)."""
     check_sampling(temperature, top_k, top_p)
@@ -788,7 +764,7 @@ def speculative_generate(target: TransformerLM, draft: TransformerLM, prompt: li
     device = model_device(target)
     proposer = Decoder(draft, 1, max_len, compile)
     verifier = Decoder(target, 1, max_len, compile, tokens_per_step=k + 1)
-    out, stats, position = list(prompt), SpeculativeStats(), len(prompt) - 1
+    out, stats, position = list(prompt), Counter(), len(prompt) - 1
     drafted = position  # positions the draft's cache holds; the last token is fed each round
     ids, at = torch.tensor(prompt, device=device), torch.arange(max_len, device=device)
     with torch.no_grad():  # one host-device sync per round: draft tokens stay on the GPU
@@ -812,8 +788,7 @@ def speculative_generate(target: TransformerLM, draft: TransformerLM, prompt: li
             out += tokens[1: accepted + 1].tolist() + [int(token)]
             ids = torch.cat((ids[: position + 1], tokens[1: accepted + 1], token))
             position += accepted + 1
-            stats.proposed, stats.accepted, stats.rounds = (
-                stats.proposed + k, stats.accepted + accepted, stats.rounds + 1)
+            stats.update(proposed=k, accepted=accepted, rounds=1)
     new = out[len(prompt):]
     return new[: min(max_new_tokens, new.index(eos_id) + 1 if eos_id in new else len(new))], stats
 
@@ -995,14 +970,12 @@ def load_gpt2(folder: str | Path) -> tuple[TransformerLM, Tokenizer]:
         try:
             from safetensors.torch import load_file
         except ImportError:
-            raise ImportError("reading model.safetensors needs the safetensors package (pip "
-                              "install safetensors); or give pytorch_model.bin") from None
+            raise UsageError(f"{folder}/model.safetensors needs: pip install safetensors") from None
         weights = load_file(str(folder / "model.safetensors"))
     elif (folder / "pytorch_model.bin").exists():
         weights = torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True)
     else:
-        raise FileNotFoundError(f"GPT-2 folder {folder} has neither model.safetensors nor "
-                                "pytorch_model.bin")
+        raise FileNotFoundError(f"{folder} lacks model.safetensors and pytorch_model.bin")
     try:
         state = gpt2_state_dict(weights, config.num_layers)
     except KeyError as error:
@@ -1061,11 +1034,10 @@ def decode_roofline(config: ModelConfig, batch_size: int, seq_len: int, bandwidt
 
 def print_roofline(config: ModelConfig, gpu: str, batch_sizes: list[int], seq_len: int) -> None:
     hw = GPUS[gpu]
-    print(f"{count_params(config)['total'] / 1e9:.2f}B parameters on {gpu} "
-          f"({hw['bandwidth'] / 1e12:.2f} TB/s, {hw['peak_flops'] / 1e12:.0f} TFLOP/s, "
-          f"{hw['memory'] / 1e9:.0f} GB); bf16 weights "
-          f"and cache, {seq_len} tokens a sequence, {kv_bytes_per_token(config) / 1e6:.2f} MB of "
-          f"cache a token")
+    print(f"{count_params(config)['total'] / 1e9:.2f}B parameters on {gpu} ("
+          f"{hw['bandwidth'] / 1e12:.2f} TB/s, {hw['peak_flops'] / 1e12:.0f} TFLOP/s, "
+          f"{hw['memory'] / 1e9:.0f} GB); bf16 weights and cache, {seq_len} tokens a sequence, "
+          f"{kv_bytes_per_token(config) / 1e6:.2f} MB of cache a token")
     print(f"{'batch':>6} {'memory GB':>10} {'fits':>5} {'ms/step':>8} {'tokens/s':>10} bound")
     for batch in batch_sizes:
         r = decode_roofline(config, batch, seq_len, hw["bandwidth"], hw["peak_flops"])
@@ -1132,45 +1104,65 @@ def measure_decode(model: TransformerLM, batch_size: int, prompt_len: int, new_t
 def profile_decode(decoder: Decoder, step: float, steps: int = 20) -> str:
     """Where a greedy step's time goes: its kernels (CPU ops without a GPU) per step, their busy
     time against the step's, and the five slowest. Busy far below the step: launch gaps."""
-    cuda = decoder.token_ids.is_cuda
-    kind = torch.autograd.DeviceType.CUDA if cuda else torch.autograd.DeviceType.CPU
-    activity = torch.profiler.ProfilerActivity.CUDA if cuda else torch.profiler.ProfilerActivity.CPU
+    cuda, kind = decoder.token_ids.is_cuda, "CUDA" if decoder.token_ids.is_cuda else "CPU"
+    activity = getattr(torch.profiler.ProfilerActivity, kind)
     with torch.profiler.profile(activities=[activity]) as prof:
         for _ in range(steps):
             decoder.decode()
         if cuda:
             torch.cuda.synchronize()
-    events = sorted((e for e in prof.key_averages() if e.device_type == kind), key=lambda e: -(
-        e.self_device_time_total if cuda else e.self_cpu_time_total))
-    times = [(e.self_device_time_total if cuda else e.self_cpu_time_total) / steps for e in events]
-    lines = [f"    {sum(e.count for e in events) / steps:.0f} {'kernels' if cuda else 'ops'} a "
-             f"step, busy {sum(times):,.0f} us of {step * 1e6:,.0f} us; the slowest:"]
-    lines += [f"    {t:>8,.1f} us {e.count / steps:>5.1f}x  {e.key[:70]}"
-              for e, t in zip(events[:5], times)]
-    return "\n".join(lines)
+
+    def busy(event) -> float:  # microseconds a step
+        return (event.self_device_time_total if cuda else event.self_cpu_time_total) / steps
+
+    events = sorted((e for e in prof.key_averages()
+                     if e.device_type == getattr(torch.autograd.DeviceType, kind)),
+                    key=busy, reverse=True)
+    head = (f"    {sum(e.count for e in events) / steps:.0f} {'kernels' if cuda else 'ops'} a "
+            f"step, busy {sum(map(busy, events)):,.0f} us of {step * 1e6:,.0f} us; the slowest:")
+    return "\n".join([head] + [f"    {busy(e):>8,.1f} us {e.count / steps:>5.1f}x  {e.key[:70]}"
+                               for e in events[:5]])
 
 
-def bench_model(preset: str, device: torch.device, dtype: torch.dtype,
-                hf: bool = False) -> tuple[TransformerLM, nn.Module | None]:
-    """A randomly initialised model, a GPT-2 shape or a model.py preset; with hf=True also
-    transformers' GPT2LMHeadModel holding the same weights (for --compare_hf)."""
-    torch.manual_seed(0)
-    if preset not in GPT2_SHAPES:
-        return cast_weights(TransformerLM(ModelConfig.preset(preset)).to(device), dtype), None
-    config = gpt2_config(*GPT2_SHAPES[preset])
-    model = cast_weights(TransformerLM(config).to(device).eval(), dtype)
-    if not hf:
-        return model, None
-    try:
-        from transformers import GPT2Config, GPT2LMHeadModel
-    except ImportError:
-        raise ImportError("--compare_hf needs transformers (pip install transformers)") from None
-    hf_model = GPT2LMHeadModel(GPT2Config(
-        n_layer=config.num_layers, n_embd=config.d_model, n_head=config.num_heads,
-        vocab_size=config.vocab_size, n_positions=config.context_length))
-    hf_model = hf_model.to(device, dtype).eval()
-    model.load_state_dict(gpt2_state_dict(hf_model.state_dict(), config.num_layers))
-    return model, hf_model
+def speculative_speed(target: TransformerLM, draft: TransformerLM, prompt: list[int],
+                      new_tokens: int, k: int, compile: bool, **sampling) -> tuple[list[int], str]:
+    """speculative_generate's tokens, and its speed against plain decoding in one line."""
+    start = time.perf_counter()  # .tolist() in speculative_generate waits for the GPU
+    ids, stats = speculative_generate(target, draft, prompt, new_tokens, k, compile=compile,
+                                      **sampling)
+    seconds = time.perf_counter() - start
+    plain = measure_decode(target, 1, len(prompt), max(2, len(ids)), compile)["step"]
+    rate, per_round = stats["accepted"] / stats["proposed"], len(ids) / stats["rounds"]
+    return ids, (f"acceptance {rate:.2f}, {per_round:.2f} tokens a target forward, "
+                 f"{len(ids) / seconds:,.1f} tokens/s against {1 / plain:,.1f} plain "
+                 f"({plain * len(ids) / seconds:.2f}x)")
+
+
+def quantization_table(model: TransformerLM, group_size: int, prompt_len: int, new_tokens: int,
+                       compile: bool, held_out: Tensor | None = None) -> None:
+    """Unquantized, int8 and int4 weights: bytes a decode step reads, batch-1 decode speed, and
+    what is lost: perplexity on held-out tokens, or else the logits' error on random tokens."""
+    x = torch.randint(0, model.config.vocab_size, (4, prompt_len), device=model_device(model))
+    print(f"{'weights':>12} {'GB a step':>9} {'decode tok/s':>12} {'speed-up':>8}  "
+          + ("perplexity" if held_out is not None else "logits off, top-1 agrees"))
+    base = reference = None
+    for bits in (None, 8, 4):
+        quantized = model if bits is None else quantize_model(copy.deepcopy(model), bits,
+                                                               group_size)
+        r = measure_decode(quantized, 1, prompt_len, new_tokens, compile)
+        base = base or r
+        if held_out is not None:
+            context = min(256, model.config.context_length)
+            quality = f"{perplexity(quantized, held_out, context):.2f}"
+        else:
+            with torch.no_grad():
+                logits = quantized(x).float()
+            reference = logits if reference is None else reference
+            quality = (f"{float((logits - reference).norm() / reference.norm()):.1%}, "
+                       f"{float((logits.argmax(-1) == reference.argmax(-1)).float().mean()):.1%}")
+        name = {None: "unquantized", 8: "int8/channel", 4: f"int4/g{group_size}"}[bits]
+        print(f"{name:>12} {r['bytes'] / 1e9:>9.3f} {1 / r['step']:>12,.0f} "
+              f"{base['step'] / r['step']:>7.2f}x  {quality}", flush=True)
 
 
 def bench(cfg: dict) -> None:
@@ -1186,14 +1178,27 @@ def bench(cfg: dict) -> None:
                          f"{', '.join(GPT2_SHAPES)} or model.py's {', '.join(PRESETS)}")
     # "auto" on CUDA compiles the decode steps of the target model, plain and quantized;
     # speculative decoding's two more models (draft, k+1-token verify) only with --compile=True
-    compile = cfg["compile"] if isinstance(cfg["compile"], bool) else cuda
+    compile = use_compile(cfg["compile"], device)
     for limit in ("cache_size_limit", "recompile_limit"):  # a graph per model and step shape
         if hasattr(torch._dynamo.config, limit):
             setattr(torch._dynamo.config, limit, 64)
-    model, hf_model = bench_model(preset, device, dtype, cfg["compare_hf"])
-    prompt_len = new_tokens = min(128, model.config.context_length // 4)
+    torch.manual_seed(0)
+    config = (gpt2_config(*GPT2_SHAPES[preset]) if preset in GPT2_SHAPES
+              else ModelConfig.preset(preset))
+    model, hf_model = cast_weights(TransformerLM(config).to(device).eval(), dtype), None
+    if cfg["compare_hf"] and preset in GPT2_SHAPES:  # transformers' model, our weights
+        try:
+            from transformers import GPT2Config, GPT2LMHeadModel
+        except ImportError:
+            raise UsageError("--compare_hf needs: pip install transformers") from None
+        hf_model = GPT2LMHeadModel(GPT2Config(
+            n_layer=config.num_layers, n_embd=config.d_model, n_head=config.num_heads,
+            vocab_size=config.vocab_size, n_positions=config.context_length)).to(device, dtype)
+        hf_model.eval()  # no dropout
+        model.load_state_dict(gpt2_state_dict(hf_model.state_dict(), config.num_layers))
+    prompt_len = new_tokens = min(128, config.context_length // 4)
     bandwidth = copy_bandwidth(device)
-    print(f"{preset}: {count_params(model.config)['total'] / 1e6:.0f}M parameters, "
+    print(f"{preset}: {count_params(config)['total'] / 1e6:.0f}M parameters, "
           f"{str(dtype).removeprefix('torch.')} weights ({weight_bytes(model) / 1e9:.3f} GB read "
           f"a step), {torch.cuda.get_device_name(device) if cuda else 'CPU'}, measured copy "
           f"bandwidth {bandwidth / 1e9:,.0f} GB/s\n\nprefill {prompt_len} tokens, decode "
@@ -1213,7 +1218,7 @@ def bench(cfg: dict) -> None:
         print(f"\ntransformers {sys.modules['transformers'].__version__} generate against ours, "
               f"tokens/s end to end ({prompt_len} + {new_tokens} tokens, greedy, same weights)")
         for batch in (1, 16, 64):
-            prompt = torch.randint(0, model.config.vocab_size, (batch, prompt_len), device=device)
+            prompt = torch.randint(0, config.vocab_size, (batch, prompt_len), device=device)
             with torch.no_grad():
                 seconds = timed(lambda: hf_model.generate(
                     prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
@@ -1222,76 +1227,42 @@ def bench(cfg: dict) -> None:
             ours = batch * new_tokens / (r["ttft"] + new_tokens * r["step"])
             print(f"  batch {batch:>3}: transformers {batch * new_tokens / seconds:>8,.0f}, ours "
                   f"{ours:>8,.0f} ({ours * seconds / batch / new_tokens:.1f}x)", flush=True)
-    print(f"\n[{time.perf_counter() - start:.0f} s into the bench]", end="")
     if cfg["decode_only"]:
-        return print()
-    bench_serving(model, cfg["requests"] or (96 if cuda else 8), 32 if cuda else 4)
-    print(f"\n[{time.perf_counter() - start:.0f} s]", end="", flush=True)
-    draft = TransformerLM(ModelConfig(**{**asdict(model.config),
-                                         "num_layers": max(1, model.config.num_layers // 4)}))
-    draft.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith(
-        "layers.") or int(k.split(".")[1]) < draft.config.num_layers})  # the first layers
-    bench_speculative(model, cast_weights(draft.to(device).eval(), dtype), new_tokens,
-                      cfg["compile"] is True)
-    baseline = results.get(1) or measure_decode(model, 1, prompt_len, new_tokens, compile)
-    print(f"\n[{time.perf_counter() - start:.0f} s]\nweight-only quantization, batch 1 "
-          f"(perplexity: python infer.py quantize)")
-    x = torch.randint(0, model.config.vocab_size, (4, prompt_len), device=device)
-    with torch.no_grad():
-        reference = model(x).float()
-    for bits in (8, 4):
-        quantized = quantize_model(copy.deepcopy(model), bits, cfg["group_size"])
-        with torch.no_grad():
-            logits = quantized(x).float()
-        r = measure_decode(quantized, 1, prompt_len, new_tokens, compile)
-        name = "int8/channel" if bits == 8 else f"int4/g{cfg['group_size']}"
-        print(f"  {name:<12} {r['bytes'] / 1e9:.3f} GB a step, {1 / r['step']:>7,.0f} tokens/s "
-              f"({baseline['step'] / r['step']:.2f}x), logits off by "
-              f"{float((logits - reference).norm() / reference.norm()):.1%}, top-1 agrees "
-              f"{float((logits.argmax(-1) == reference.argmax(-1)).float().mean()):.1%}",
-              flush=True)
-    print(f"[{time.perf_counter() - start:.0f} s in all]")
-
-
-def bench_serving(model: TransformerLM, num_requests: int, max_seqs: int) -> None:
-    """Requests of mixed prompt and output lengths: static against continuous batching, on the
-    same paged cache and kernels."""
-    generator = torch.Generator().manual_seed(0)
-    top = min(256, model.config.context_length // 2)
+        return print(f"\n[{time.perf_counter() - start:.0f} s]")
+    # serving: requests of mixed prompt and output lengths, static against continuous batching
+    generator, top = torch.Generator().manual_seed(0), min(256, config.context_length // 2)
+    num_requests, max_seqs = cfg["requests"] or (96 if cuda else 8), 32 if cuda else 4
     lengths = torch.stack((torch.randint(16, top + 1, (num_requests,), generator=generator),
                            torch.randint(16, top // 2 + 1, (num_requests,), generator=generator)),
                           1).tolist()
-    requests = [Request(torch.randint(model.config.vocab_size, (p,), generator=generator).tolist(),
-                        m) for p, m in lengths]
+    requests = [Request(torch.randint(config.vocab_size, (p,), generator=generator).tolist(), m)
+                for p, m in lengths]
     tokens = sum(m for _, m in lengths)
-    print(f"\nserving {num_requests} requests, prompts of 16-{top} tokens, outputs of 16-{top // 2}"
-          f" ({tokens:,} to generate), {max_seqs} at a time, paged cache of 16-token blocks")
+    print(f"\n[{time.perf_counter() - start:.0f} s]\nserving {num_requests} requests, prompts of "
+          f"16-{top} tokens, outputs of 16-{top // 2} ({tokens:,} to generate), {max_seqs} at a "
+          "time, paged cache of 16-token blocks")
     for continuous in (False, True):
         with torch.no_grad():
             seconds = timed(lambda: serve(model, None, requests, Sampling(top, temperature=0),
-                                          max_seqs, continuous=continuous),
-                            model_device(model), warmup=False)
+                                          max_seqs, continuous=continuous), device, warmup=False)
         print(f"  {'continuous' if continuous else 'static':>10} batching: "
               f"{tokens / seconds:>9,.0f} tokens/s ({seconds:.1f} s)", flush=True)
-
-
-def bench_speculative(target: TransformerLM, draft: TransformerLM, new_tokens: int,
-                      compile: bool, k: int = 4) -> None:
-    print(f"\nspeculative decoding, batch 1, greedy, k={k}, draft: the target's first "
-          f"{draft.config.num_layers} layers (random weights: the acceptance says little; a "
-          f"trained pair: --draft_ckpt)", flush=True)
-    prompt = torch.randint(target.config.vocab_size, (16,)).tolist()
-    plain = measure_decode(target, 1, len(prompt), new_tokens, compile)
-    runs = []
-    speculative_generate(target, draft, prompt, 8, k, temperature=0, compile=compile)  # warm-up
-    seconds = timed(lambda: runs.append(speculative_generate(
-        target, draft, prompt, new_tokens, k, temperature=0, compile=compile)[1]),
-        model_device(target), warmup=False)
-    stats = runs[-1]
-    print(f"  acceptance {stats.accepted / stats.proposed:.2f}, "
-          f"{new_tokens / stats.rounds:.2f} tokens a target forward, {new_tokens / seconds:,.0f} "
-          f"tokens/s against {1 / plain['step']:,.0f} plain "
-          f"({plain['step'] * new_tokens / seconds:.2f}x)", flush=True)
+    draft = TransformerLM(ModelConfig(**{**asdict(config),
+                                         "num_layers": max(1, config.num_layers // 4)}))
+    draft.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith(
+        "layers.") or int(k.split(".")[1]) < draft.config.num_layers})  # the first layers
+    draft, prompt = cast_weights(draft.to(device).eval(), dtype), torch.randint(
+        config.vocab_size, (16,)).tolist()
+    print(f"\n[{time.perf_counter() - start:.0f} s]\nspeculative decoding, batch 1, greedy, k=4, "
+          f"draft: the target's first {draft.config.num_layers} layers (random weights: the "
+          "acceptance says little; a trained pair: --draft_ckpt)", flush=True)
+    speculative_generate(model, draft, prompt, 8, 4, temperature=0, compile=cfg["compile"] is True)
+    print("  " + speculative_speed(model, draft, prompt, new_tokens, 4, cfg["compile"] is True,
+                                   temperature=0)[1])  # timed after the warm-up run above
+    print(f"\n[{time.perf_counter() - start:.0f} s]\nweight-only quantization, batch 1 "
+          f"(perplexity: python infer.py quantize)")
+    quantization_table(model, cfg["group_size"], prompt_len, new_tokens, compile)
+    print(f"[{time.perf_counter() - start:.0f} s in all]")
 
 
 # Command line -------------------------------------------------------------------------------------
@@ -1348,24 +1319,19 @@ def generate_command(cfg: dict) -> None:
     prompt = tokenizer.encode(cfg["prompt"]) if cfg["prompt"] else [eos_of(tokenizer)]
     seed, stop = (None if cfg["seed"] < 0 else cfg["seed"]), [  # --stop='\n': a newline
         s.encode("latin-1", "backslashreplace").decode("unicode_escape") for s in cfg["stop"]]
-    compile = cfg["compile"] if isinstance(cfg["compile"], bool) else device.type == "cuda"
-    start = time.perf_counter()
+    compile = use_compile(cfg["compile"], device)
     if cfg["draft_ckpt"]:
         draft, draft_tokenizer = load_model({**cfg, "ckpt": cfg["draft_ckpt"], "hf_dir": ""},
                                             device)
         if draft_tokenizer.vocab != tokenizer.vocab:
             raise ValueError(f"{cfg['draft_ckpt']} was trained with another tokenizer")
         generator = None if seed is None else torch.Generator(device).manual_seed(seed)
-        ids, stats = speculative_generate(model, draft, prompt, cfg["max_new_tokens"],
-                                          cfg["speculate_k"], **sampling, generator=generator,
-                                          eos_id=eos_of(tokenizer), compile=compile)
-        seconds = time.perf_counter() - start
-        plain = measure_decode(model, 1, len(prompt), max(2, len(ids)), compile)
+        ids, report = speculative_speed(model, draft, prompt, cfg["max_new_tokens"],
+                                        cfg["speculate_k"], compile, **sampling,
+                                        generator=generator, eos_id=eos_of(tokenizer))
         print(cfg["prompt"] + tokenizer.decode([t for t in ids if t != eos_of(tokenizer)]))
-        print(f"speculative: acceptance {stats.accepted / stats.proposed:.2f}, "
-              f"{len(ids) / stats.rounds:.2f} tokens a target forward, {len(ids) / seconds:.1f} "
-              f"tokens/s (plain decoding: {1 / plain['step']:.1f})", file=sys.stderr)
-        return
+        return print(f"speculative: {report}", file=sys.stderr)
+    start = time.perf_counter()
     stream = StreamPrinter(cfg["prompt"], stop) if cfg["num_samples"] == 1 else None
     out = generate_batch(model, tokenizer, [prompt], n=cfg["num_samples"],
                          max_new_tokens=cfg["max_new_tokens"], **sampling, stop=stop,
@@ -1392,18 +1358,10 @@ def quantize_command(cfg: dict) -> None:
         raise FileNotFoundError(f"no held-out text at {path}: pass --text=FILE")
     text = path.read_text(encoding="utf-8")[-200_000:]
     tokens = torch.tensor(tokenizer.encode(text))
-    print(f"held-out text: the last {len(text):,} characters of {path} ({len(tokens):,} "
-          f"tokens)\n{'weights':>12} {'GB a step':>9} {'perplexity':>11} {'decode tok/s':>13}")
-    for bits in (None, 8, 4):
-        quantized = model if bits is None else quantize_model(copy.deepcopy(model), bits,
-                                                               cfg["group_size"])
-        name = {None: "unquantized", 8: "int8/channel", 4: f"int4/g{cfg['group_size']}"}[bits]
-        context = model.config.context_length
-        step = measure_decode(quantized, 1, min(16, context // 4), min(64, context // 2),
-                              device.type == "cuda")["step"]
-        ppl = perplexity(quantized, tokens, min(256, context))
-        print(f"{name:>12} {weight_bytes(quantized) / 1e9:>9.3f} {ppl:>11.2f} {1 / step:>13,.0f}",
-              flush=True)
+    print(f"held-out text: the last {len(text):,} characters of {path} ({len(tokens):,} tokens)")
+    context = model.config.context_length
+    quantization_table(model, cfg["group_size"], min(16, context // 4), min(64, context // 2),
+                       device.type == "cuda", tokens)
 
 
 def main(argv: list[str]) -> None:
@@ -1415,12 +1373,8 @@ def main(argv: list[str]) -> None:
             raise UsageError(f"unknown --gpu={cfg['gpu']}; choose from {', '.join(GPUS)}")
         print("Llama-2-13B: ", end="")
         print_roofline(ModelConfig(**LLAMA2_13B), cfg["gpu"], cfg["batch_sizes"], cfg["seq_len"])
-    elif command == "bench":
-        bench(cfg)
-    elif command == "quantize":
-        quantize_command(cfg)
     else:
-        generate_command(cfg)
+        {"bench": bench, "quantize": quantize_command, "generate": generate_command}[command](cfg)
 
 
 if __name__ == "__main__":

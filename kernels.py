@@ -1,19 +1,16 @@
 """Stage 4: systems, part one: measure where a training step's time goes, then beat PyTorch.
 
 CS336 lectures 5-6 and assignment 2, part 1, in teaching order:
-  1. Measure first. The CPU queues GPU work and moves on, so a timer must wait for the GPU
-     (CUDA events, synchronize), skip the first steps (they compile, autotune, fill the
-     allocator) and time each step on its own to show the spread. `bench` times the forward,
-     forward + backward and train.py's training step, eager or compiled, fp32 or bf16: ms,
-     tokens/s, TFLOP/s, MFU. `profile` shows where a step's time and memory go: the top kernels,
-     NVTX ranges, a memory snapshot, the peak with and without activation checkpointing.
-  2. The GPU, in code (`lesson`): arithmetic intensity and the roofline on this GPU's measured
-     bandwidth and matmul peak; GeLU five ways (eager, fused, compiled, Triton, its PTX); a fused
-     softmax; a tiled matmul with grouped tile order; floating-point formats and autocast.
-  3. Kernels that move fewer bytes: a fused RMSNorm (and residual add + RMSNorm), the SwiGLU
-     gate, a linear + cross-entropy that never holds the whole logits (`fused` times them), and
-     FlashAttention-2: a tiled PyTorch version to read, then Triton forward and backward kernels
-     (`attention` times them against PyTorch's). model.py uses them when asked:
+  1. Measure first: a timer must wait for the GPU (it only queues work), skip the first steps
+     (compiling, autotuning) and time each step to show the spread. `bench`: forward, forward +
+     backward and train.py's step, eager or compiled, fp32 or bf16: ms, tokens/s, TFLOP/s, MFU.
+     `profile`: the top kernels, NVTX ranges, a memory snapshot, checkpointing's peak memory.
+  2. The GPU, in code (`lesson`): the roofline on this GPU's measured bandwidth and matmul peak;
+     GeLU five ways (eager, fused, compiled, Triton, its PTX); a fused softmax; a tiled matmul
+     with grouped tile order; floating-point formats and autocast.
+  3. Kernels that move fewer bytes: fused RMSNorm (and add + RMSNorm), the SwiGLU gate, linear +
+     cross-entropy without the whole logits (`fused` times them), and FlashAttention-2, tiled in
+     PyTorch to read, then in Triton (`attention` times it). model.py uses them when asked:
      `--kernels=triton` (norms, gate, loss) and `--attn_impl=triton` (attention).
 On a CPU the Triton kernels run in Triton's interpreter (TRITON_INTERPRET=1): right, but slow.
 
@@ -27,10 +24,9 @@ Commands (CPU: add --device=cpu --preset=tiny to bench and profile, seconds; one
     python kernels.py lesson                          # the roofline, GeLU, softmax, matmul, floats
     python kernels.py fused                           # RMSNorm, add+RMSNorm, SwiGLU, linear+CE
     python kernels.py attention                       # ours vs SDPA flash/cuDNN; --quick=False: all
-bench and profile take any TrainConfig or ModelConfig field as --key=value (e.g.
---optimizer=muon); --preset, --mode, --context_length, --compile and --dtype take comma lists;
---preset=course runs the course's small, medium, large, xl and 2.7B (vocab 10,000, batch 4; eager
-unless --compile=True).
+bench and profile take any TrainConfig or ModelConfig field as --key=value (--optimizer=muon);
+--preset, --mode, --context_length, --compile, --dtype take comma lists; --preset=course: the
+course's small, medium, large, xl and 2.7B (vocab 10,000, batch 4; eager unless --compile=True).
 Writes  profile: memory_snapshot.pickle (CUDA only; --out=FILE), for https://pytorch.org/memory_viz
 Papers  Chowdhery et al. 2022 (MFU); Williams et al. 2009 (roofline); Micikevicius et al. 2018
         (mixed precision); Chen et al. 2016 (checkpointing); Tillet et al. 2019 (Triton); Dao et
@@ -46,7 +42,6 @@ import math
 import os
 import statistics
 import sys
-import time
 import timeit
 from collections.abc import Callable, Iterable
 from types import SimpleNamespace
@@ -91,33 +86,35 @@ BENCH_BATCH = {"nanogpt": 16, "tinystories": 128, **{name: 4 for name in COURSE}
 TINYSTORIES_TOKENS = 327_680_000  # the course's TinyStories budget: 5000 steps x 256 x 256
 
 
+def comma_list(key: str, value: object, allowed: Iterable[str] | None = None) -> list:
+    """--key=a,b -> ["a", "b"], each one of allowed; allowed=None: positive integers, as ints."""
+    items = [v.strip() for v in str(value).split(",") if v.strip()]
+    if not items or any(v not in allowed if allowed else not (v.isdigit() and int(v) > 0)
+                        for v in items):
+        raise UsageError(f"--{key}={value}: expected " + (
+            f"one or more of {', '.join(allowed)}" if allowed else "positive integers"))
+    return items if allowed else [int(v) for v in items]
+
+
 def bench_grid(cfg: BenchConfig, device: torch.device) -> tuple[list[tuple], list[str]]:
     """Each row's (preset, context_length, compiled, dtype), and the modes: all checked first."""
-    def comma_list(key: str, allowed: Iterable[str]) -> list[str]:
-        value = str(getattr(cfg, key))  # --mode=fwd,step -> ["fwd", "step"]
-        items = [v.strip() for v in value.split(",") if v.strip()]
-        if not items or any(v not in allowed for v in items):
-            raise UsageError(f"--{key}={value}: expected one or more of {', '.join(allowed)}")
-        return items
-    presets = [p for name in comma_list("preset", ["course", *PRESETS])
-               for p in (COURSE if name == "course" else [name])]
-    contexts = [c.strip() for c in str(cfg.context_length).split(",") if c.strip()]
-    if not all(c.isdigit() and int(c) > 0 for c in contexts):
-        raise UsageError(f"--context_length={cfg.context_length}: expected positive integers")
     if cfg.steps < 1 or cfg.warmup_steps < 0:
         raise UsageError(f"--steps={cfg.steps} must be >= 1 and --warmup_steps >= 0")
-    dtypes = [resolve_dtype(d, device) for d in comma_list("dtype", ("auto", "float32",
-                                                                     "bfloat16"))]
-    grid = itertools.product(presets, [int(c) for c in contexts] or [0],
-                             comma_list("compile", ("auto", "True", "False")), dtypes)
+    presets = [p for name in comma_list("preset", cfg.preset, ["course", *PRESETS])
+               for p in (COURSE if name == "course" else [name])]
+    grid = itertools.product(
+        presets, comma_list("context_length", cfg.context_length) if cfg.context_length else [0],
+        comma_list("compile", cfg.compile, ("auto", "True", "False")),
+        [resolve_dtype(d, device) for d in comma_list("dtype", cfg.dtype,
+                                                      ("auto", "float32", "bfloat16"))])
     return ([(p, T, c == "True" or c == "auto" and device.type == "cuda" and p not in COURSE, d)
-             for p, T, c, d in grid], comma_list("mode", ("fwd", "fwd_bwd", "step")))
+             for p, T, c, d in grid], comma_list("mode", cfg.mode, ("fwd", "fwd_bwd", "step")))
 
 
 def prepare(cfg: BenchConfig, name: str, context_length: int, compiled: bool,
-            dtype: torch.dtype, device: torch.device) -> tuple:
-    """(model, batch_size, batch, step_model, optimizer, autocast) for a row, made on the device
-    (filling a 2.7B model on a CPU is slow), the batch too: we time the step, not the loader."""
+            dtype: torch.dtype, device: torch.device) -> SimpleNamespace:
+    """A row's model, batch, step_model, optimizer and loss(), made on the device (filling a 2.7B
+    model on a CPU is slow), the batch too: we time the step, not the loader."""
     shape = {"vocab_size": cfg.vocab_size, "context_length": context_length}
     config = ModelConfig.preset(name, **{**cfg.model, **{k: v for k, v in shape.items() if v}})
     batch_size = cfg.batch_size or BENCH_BATCH.get(name, 8)
@@ -126,10 +123,17 @@ def prepare(cfg: BenchConfig, name: str, context_length: int, compiled: bool,
         model = TransformerLM(config)
         batch = tuple(torch.randint(config.vocab_size, (batch_size, config.context_length))
                       for _ in range(2))
-    return (model, batch_size, batch,
-            torch.compile(LossModel(model)) if compiled else LossModel(model),
-            build_optimizer(model, dataclasses.replace(cfg, compile=compiled), device),
-            autocast_for(device, dtype))
+    run = SimpleNamespace(model=model, batch_size=batch_size, batch=batch,
+                          step_model=torch.compile(LossModel(model)) if compiled else
+                          LossModel(model), autocast=autocast_for(device, dtype),
+                          optimizer=build_optimizer(model, dataclasses.replace(
+                              cfg, compile=compiled), device))
+
+    def loss(step_model: nn.Module = run.step_model) -> Tensor:
+        with run.autocast:
+            return sum(step_model(*batch))  # the loss and the MoE's auxiliary loss
+    run.loss = loss
+    return run
 
 
 def time_each(fn: Callable[[], object], n: int, device: torch.device) -> list[float]:
@@ -146,75 +150,62 @@ def time_each(fn: Callable[[], object], n: int, device: torch.device) -> list[fl
     return [start.elapsed_time(end) / 1e3 for start, end in events]
 
 
-def forward(step_model: nn.Module, batch: tuple[Tensor, Tensor],
-            autocast: contextlib.AbstractContextManager) -> Tensor:
-    with autocast:
-        loss, aux_loss = step_model(*batch)
-    return loss + aux_loss
-
-
 def bench(cfg: BenchConfig) -> list[dict]:
-    """Time each mode for each preset x context length x compile x dtype; returns the rows."""
+    """Time each mode for each preset x context length x compile x dtype; print and return rows."""
     device = resolve_device(cfg.device)
     grid, modes = bench_grid(cfg, device)
-    cuda, peak = device.type == "cuda", peak_flops(device)
+    cuda, peak, n = device.type == "cuda", peak_flops(device), cfg.steps
     torch.set_float32_matmul_precision("high")
     rows, shown = [], None
     for name, T, compiled, dtype in grid:
-        model, batch_size, batch, step_model, optimizer, autocast = prepare(
-            cfg, name, T, compiled, dtype, device)
-        params, T = list(model.parameters()), model.config.context_length
+        run = prepare(cfg, name, T, compiled, dtype, device)
+        params, config = list(run.model.parameters()), run.model.config
+        T, B = config.context_length, run.batch_size
         if (name, T) != shown:  # a new model: its header
             shown = (name, T)
-            print(f"{name}: {count_params(model.config)['total'] / 1e6:,.1f}M params, batch "
-                  f"{batch_size} x {T}, vocab {model.config.vocab_size:,}, "
-                  f"{torch.cuda.get_device_name(device) if cuda else device} | "
-                  f"{cfg.warmup_steps} warm-up + {cfg.steps} timed steps per row\n  {'mode':8}"
-                  f"{'compile':8}{'dtype':9}{'ms/step    std [min, max]':>33}{'tok/s':>12}"
-                  f"{'TFLOP/s':>9}{'MFU':>7}{'peak GB':>8}  first steps (ms)")
-        runs = {"fwd": lambda: forward(step_model, batch, autocast),  # fwd_bwd: no .grad kept
-                "fwd_bwd": lambda: torch.autograd.grad(forward(step_model, batch, autocast),
-                                                       params, allow_unused=True),
-                "step": lambda: train_step(step_model, optimizer, params, lambda: batch,
-                                           cfg.grad_accum_steps, cfg.grad_clip, autocast)}
+            where = torch.cuda.get_device_name(device) if cuda else device
+            print(f"{name}: {count_params(config)['total'] / 1e6:,.1f}M params, batch {B} x {T}, "
+                  f"vocab {config.vocab_size:,}, {where} | {cfg.warmup_steps} warm-up + {n} "
+                  f"timed steps per row\n  {'mode':8}{'compile':8}{'dtype':9}"
+                  f"{'ms/step    std [min, max]':>33}{'tok/s':>12}{'TFLOP/s':>9}{'MFU':>7}"
+                  f"{'peak GB':>8}  first steps (ms)")
+        runs = {"fwd": run.loss,  # fwd_bwd keeps no .grad
+                "fwd_bwd": lambda: torch.autograd.grad(run.loss(), params, allow_unused=True),
+                "step": lambda: train_step(run.step_model, run.optimizer, params,
+                                           lambda: run.batch, cfg.grad_accum_steps,
+                                           cfg.grad_clip, run.autocast)}
         for mode in modes:
             if cuda:
                 torch.cuda.reset_peak_memory_stats(device)
-            times = time_each(runs[mode], cfg.warmup_steps + cfg.steps, device)
-            timed, mean = times[cfg.warmup_steps:], statistics.fmean(times[cfg.warmup_steps:])
-            tokens = batch_size * T * (cfg.grad_accum_steps if mode == "step" else 1)
+            times = [t * 1e3 for t in time_each(runs[mode], cfg.warmup_steps + n, device)]
+            timed, ms = times[cfg.warmup_steps:], statistics.fmean(times[cfg.warmup_steps:])
+            tokens = B * T * (cfg.grad_accum_steps if mode == "step" else 1)
             # Training is 3x the forward's FLOPs: backward does two matmuls per forward one.
-            flops = mfu_flops_per_token(model.config, T) / (3 if mode == "fwd" else 1)
-            rows.append(report(cfg, dict(
-                preset=name, params=count_params(model.config)["total"], mode=mode,
-                batch_size=batch_size, context_length=T, compile=compiled, dtype=str(dtype)[6:],
-                optimizer=cfg.optimizer if mode == "step" else None, ms_per_step=mean * 1e3,
-                std_ms=statistics.pstdev(timed) * 1e3, min_ms=min(timed) * 1e3,
-                max_ms=max(timed) * 1e3, first_ms=[t * 1e3 for t in times[:3]],
-                tok_per_s=tokens / mean, tflops=flops * tokens / mean / 1e12,
-                mfu=flops * tokens / mean / peak if peak else None,
-                peak_gb=torch.cuda.max_memory_allocated(device) / 1e9 if cuda else None)))
+            flops = mfu_flops_per_token(config, T) / (3 if mode == "fwd" else 1) * tokens / ms * 1e3
+            row = dict(preset=name, params=count_params(config)["total"], mode=mode, batch_size=B,
+                       context_length=T, compile=compiled, dtype=str(dtype)[6:],
+                       optimizer=cfg.optimizer if mode == "step" else None, ms_per_step=ms,
+                       std_ms=statistics.pstdev(timed), min_ms=min(timed), max_ms=max(timed),
+                       first_ms=times[:3], tok_per_s=tokens / ms * 1e3, tflops=flops / 1e12,
+                       mfu=flops / peak if peak else None,
+                       peak_gb=torch.cuda.max_memory_allocated(device) / 1e9 if cuda else None)
+            spread = f"{ms:.2f} {row['std_ms']:6.2f} [{row['min_ms']:.2f}, {row['max_ms']:.2f}]"
+            print(f"  {mode:8}{str(compiled):8}{row['dtype']:9}{spread:>33}"
+                  f"{row['tok_per_s']:12,.0f}{row['tflops']:9.1f}"
+                  f"{'n/a' if row['mfu'] is None else format(row['mfu'], '.1%'):>7}"
+                  f"{'n/a' if row['peak_gb'] is None else format(row['peak_gb'], '.1f'):>8}  "
+                  + ", ".join(f"{t:,.1f}" for t in times[:3]))
+            if cfg.warmup_steps == 0 and n > 1:
+                row["mean_without_first_ms"] = rest = (ms * n - times[0]) / (n - 1)
+                print(f"    no warm-up: the first step ({times[0]:,.1f} ms) is "
+                      f"{times[0] / ms / n:.0%} of the timed total; the others average "
+                      f"{rest:,.2f} ms, not {ms:,.2f}")
+            if mode == "step" and name == "tinystories":
+                row["minutes_for_327M_tokens"] = TINYSTORIES_TOKENS / row["tok_per_s"] / 60
+                print(f"    {TINYSTORIES_TOKENS:,} tokens (the course's TinyStories run) take "
+                      f"{row['minutes_for_327M_tokens']:.1f} min at this speed")
+            rows.append(row)
     return rows
-
-
-def report(cfg: BenchConfig, row: dict) -> dict:
-    """Print a row of the table, and what to make of it."""
-    ms, first = row["ms_per_step"], row["first_ms"][0]
-    spread = f"{ms:.2f} {row['std_ms']:6.2f} [{row['min_ms']:.2f}, {row['max_ms']:.2f}]"
-    print(f"  {row['mode']:8}{str(row['compile']):8}{row['dtype']:9}{spread:>33}"
-          f"{row['tok_per_s']:12,.0f}{row['tflops']:9.1f}"
-          f"{'n/a' if row['mfu'] is None else format(row['mfu'], '.1%'):>7}"
-          f"{'n/a' if row['peak_gb'] is None else format(row['peak_gb'], '.1f'):>8}  "
-          + ", ".join(f"{t:,.1f}" for t in row["first_ms"]))
-    if cfg.warmup_steps == 0 and cfg.steps > 1:
-        row["mean_without_first_ms"] = rest = (ms * cfg.steps - first) / (cfg.steps - 1)
-        print(f"    no warm-up: the first step ({first:,.1f} ms) is {first / ms / cfg.steps:.0%}"
-              f" of the timed total; the others average {rest:,.2f} ms, not {ms:,.2f}")
-    if row["mode"] == "step" and row["preset"] == "tinystories":
-        row["minutes_for_327M_tokens"] = TINYSTORIES_TOKENS / row["tok_per_s"] / 60
-        print(f"    {TINYSTORIES_TOKENS:,} tokens (the course's TinyStories run) take "
-              f"{row['minutes_for_327M_tokens']:.1f} min at this speed")
-    return row
 
 
 # Measure first: where one step's time and memory go -----------------------------------------------
@@ -243,27 +234,28 @@ def profile(cfg: ProfileConfig) -> dict:
     if len(grid) > 1:
         raise UsageError("profile takes one preset, context_length, compile and dtype")
     (name, T, compiled, dtype), = grid
-    model, batch_size, batch, step_model, optimizer, autocast = prepare(cfg, name, T, compiled,
-                                                                        dtype, device)
+    run = prepare(cfg, name, T, compiled, dtype, device)
+
     nvtx = torch.cuda.nvtx.range if cuda else lambda label: contextlib.nullcontext()
 
-    def step(step_model: nn.Module) -> None:
-        """train_step's work in three named ranges: in the profiler's table, and in nsys (NVTX)."""
+    def step(step_model: nn.Module = run.step_model) -> None:
+        """train_step's work in three named ranges: in the profiler's table and in nsys (NVTX)."""
         with torch.profiler.record_function("forward"), nvtx("forward"):
-            loss = forward(step_model, batch, autocast)
+            loss = run.loss(step_model)
         with torch.profiler.record_function("backward"), nvtx("backward"):
             loss.backward()
         with torch.profiler.record_function("optimizer"), nvtx("optimizer"):
-            clip_grad_norm(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-    print(f"profile {name}: batch {batch_size} x {model.config.context_length}, {device}, "
-          f"{str(dtype)[6:]}, compile={compiled}, {cfg.optimizer}, {cfg.steps} steps")
+            clip_grad_norm(run.model.parameters(),
+                           cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+            run.optimizer.step()
+            run.optimizer.zero_grad(set_to_none=True)
+    print(f"profile {name}: batch {run.batch_size} x {run.model.config.context_length}, "
+          f"{device}, {str(dtype)[6:]}, compile={compiled}, {cfg.optimizer}, {cfg.steps} steps")
     for _ in range(cfg.warmup_steps):
-        step(step_model)
+        step()
     with torch.profiler.profile() as prof:  # CPU, and CUDA where there is one
         for _ in range(cfg.steps):
-            step(step_model)
+            step()
         if cuda:
             torch.cuda.synchronize(device)
     sort_by = "self_cuda_time_total" if cuda else "self_cpu_time_total"
@@ -274,14 +266,14 @@ def profile(cfg: ProfileConfig) -> dict:
         print("memory snapshot and peak memory: need CUDA (torch.cuda.memory), skipped")
         return result
     torch.cuda.memory._record_memory_history(stacks="python", max_entries=1_000_000)
-    step(step_model)
+    step()
     with atomic_output(cfg.out) as tmp:
         torch.cuda.memory._dump_snapshot(str(tmp))
     torch.cuda.memory._record_memory_history(enabled=None)
     print(f"wrote {cfg.out}: memory over one step, open it at https://pytorch.org/memory_viz")
     for kind in ("plain", "checkpointed"):  # eager: what the model itself keeps for backward
         torch.cuda.reset_peak_memory_stats(device)
-        step(LossModel(checkpoint_blocks(model) if kind == "checkpointed" else model))
+        step(LossModel(checkpoint_blocks(run.model) if kind == "checkpointed" else run.model))
         result["peak_gb"][kind] = torch.cuda.max_memory_allocated(device) / 1e9
     print("peak memory of an eager step: " + ", ".join(
         f"{kind} {gb:.2f} GB" for kind, gb in result["peak_gb"].items()))
@@ -322,11 +314,10 @@ def compare(title: str, ways: dict, x: torch.Tensor, ref: torch.Tensor, tol: flo
 
 # The roofline: is an op waiting on memory or on arithmetic? ---------------------------------------
 def classify(flops: float, bytes_moved: float, bandwidth: float, peak: float) -> dict:
-    """An op does `flops` FLOPs on `bytes_moved` bytes; the device moves `bandwidth` bytes/s and
-    does `peak` FLOP/s. Below the ridge point, peak / bandwidth FLOPs/byte, it waits on memory."""
-    intensity, ridge = flops / bytes_moved, peak / bandwidth
-    return {"intensity": intensity, "bound": "memory" if intensity < ridge else "compute",
-            "predicted_s": max(flops / peak, bytes_moved / bandwidth)}
+    """Below the ridge point, peak / bandwidth FLOPs per byte, an op waits on memory."""
+    intensity = flops / bytes_moved
+    return {"intensity": intensity, "bound": "memory" if intensity < peak / bandwidth else
+            "compute", "predicted_s": max(flops / peak, bytes_moved / bandwidth)}
 
 
 def matmul_cost(m: int, k: int, n: int, e: int = 2) -> tuple[int, int]:
@@ -335,16 +326,16 @@ def matmul_cost(m: int, k: int, n: int, e: int = 2) -> tuple[int, int]:
 
 
 def model_ops(tokens: int = 8192, d: int = 4096, e: int = 2) -> list[tuple[str, int, int]]:
-    """(name, FLOPs, bytes) of a model's ops on tokens x d activations of e-byte (bf16) numbers."""
-    n = tokens * d
+    """(name, FLOPs, bytes) of a model's ops on tokens x d activations of e-byte (bf16) numbers.
+    Attention scores: one head's (T, 128) @ (128, T), the T x T scores written to memory."""
+    n, mm = tokens * d, {"decode matvec 1x4096 @ 4096x4096": (1, d, d),
+                         "decode batch 64x4096 @ 4096x4096": (64, d, d),
+                         "square 4096x4096 @ 4096x4096": (d, d, d),
+                         f"training FFN {tokens}x4096 @ 4096x16384": (tokens, d, 4 * d),
+                         **{f"attention scores QK^T T={T}": (T, 128, T) for T in (1024, 4096)}}
     return [("add x + y", n, 3 * n * e), ("GeLU, ~8 FLOPs + a tanh per element", 8 * n, 2 * n * e),
             ("softmax over rows", 5 * n, 2 * n * e), ("RMSNorm", 4 * n, 2 * n * e),
-            ("decode matvec 1x4096 @ 4096x4096", *matmul_cost(1, d, d, e)),
-            ("decode batch 64x4096 @ 4096x4096", *matmul_cost(64, d, d, e)),
-            ("square 4096x4096 @ 4096x4096", *matmul_cost(d, d, d, e)),
-            (f"training FFN {tokens}x4096 @ 4096x16384", *matmul_cost(tokens, d, 4 * d, e)),
-            # one head's Q K^T, (T, 128) @ (128, T), with the T x T scores written to memory
-            *[(f"attention scores QK^T T={T}", *matmul_cost(T, 128, T, e)) for T in (1024, 4096)]]
+            *[(name, *matmul_cost(*shape, e)) for name, shape in mm.items()]]
 
 
 def roofline(device: torch.device | str | None = None) -> dict:
@@ -356,16 +347,15 @@ def roofline(device: torch.device | str | None = None) -> dict:
     n, dtype = (8192, torch.bfloat16) if cuda else (512, torch.float32)
     a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
     peak = 2 * n**3 / time_ms(lambda: a @ b, device) * 1e3
-    where = torch.cuda.get_device_name(device) if cuda else ("this CPU (fp32 matmul; Triton runs "
-                                                             "in its interpreter, a slow numpy)")
-    print(f"roofline of {where}: copy {bandwidth / 1e9:,.0f} GB/s, matmul {peak / 1e12:,.2f} "
-          f"TFLOP/s; ridge point {peak / bandwidth:,.0f} FLOPs/byte\n  {'op (bf16)':40} "
-          f"{'GFLOP':>9} {'MB':>9} {'FLOP/B':>7} {'bound':>8} {'predicted':>11}")
     rows = [{"op": name, "flops": f, "bytes": b, **classify(f, b, bandwidth, peak)}
             for name, f, b in model_ops()]
-    for r in rows:
-        print(f"  {r['op']:40} {r['flops'] / 1e9:9.2f} {r['bytes'] / 1e6:9.1f} "
-              f"{r['intensity']:7.1f} {r['bound']:>8} {r['predicted_s'] * 1e6:9,.1f} us")
+    print(f"roofline of {torch.cuda.get_device_name(device) if cuda else 'this CPU (fp32)'}: "
+          f"copy {bandwidth / 1e9:,.0f} GB/s, matmul {peak / 1e12:,.2f} TFLOP/s; ridge point "
+          f"{peak / bandwidth:,.0f} FLOPs/byte\n  {'op (bf16)':40} {'GFLOP':>9} {'MB':>9} "
+          f"{'FLOP/B':>7} {'bound':>8} {'predicted':>11}" + "".join(
+              f"\n  {r['op']:40} {r['flops'] / 1e9:9.2f} {r['bytes'] / 1e6:9.1f} "
+              f"{r['intensity']:7.1f} {r['bound']:>8} {r['predicted_s'] * 1e6:9,.1f} us"
+              for r in rows))
     # Below the ridge: every elementwise op and norm; decoding (each weight read for 2 FLOPs per
     # token in the batch); and attention scores, which is why FlashAttention keeps them on chip.
     return {"bandwidth": bandwidth, "peak": peak, "ridge": peak / bandwidth, "ops": rows}
@@ -399,20 +389,18 @@ def gelu_five_ways(n: int = 2**26, device: torch.device | str | None = None) -> 
     # the whole tensor; F.gelu is one kernel, torch.compile fuses the formula into one, ours too.
     ways = {"eager formula": gelu_tanh, "F.gelu(tanh)": lambda x: F.gelu(x, approximate="tanh"),
             "torch.compile": torch.compile(gelu_tanh), "Triton": gelu_triton}
-    tol = 1e-5 if dtype == torch.float32 else 2e-2  # bf16 eager rounds every intermediate
     gbps = compare(f"GeLU of {n:,} {str(dtype)[6:]} numbers on {device.type}:", ways, x,
-                   F.gelu(x.float(), approximate="tanh"), tol)
-    # The fifth way: the PTX (NVIDIA's virtual assembly) that Triton compiled gelu_kernel to. Its
-    # first ~30 lines are a header, so print the first instruction of each kind, in order.
-    head = x[:1024]  # same dtype and alignment: the cached compile of gelu_kernel comes back
+                   F.gelu(x.float(), approximate="tanh"), 1e-5 if dtype == torch.float32 else 2e-2)
+    # The fifth way: the PTX (NVIDIA's virtual assembly) Triton compiled gelu_kernel to (the same
+    # dtype and alignment fetch the cached compile), the first instruction of each kind in order.
+    head = x[:1024]
     kernel = gelu_kernel[(1,)](head, torch.empty_like(head), head.numel(), BLOCK=1024)
     ptx = kernel.asm["ptx"] if kernel is not None else ""  # None: interpreted, never compiled
-    lines = [" ".join(ln.split()) for ln in ptx.splitlines()  # instructions, not directives
-             if ln[:1].isspace() and ln.strip()[:1] not in "/.${}"]
     first = {}
-    for line in lines:
-        first.setdefault(line.split()[line.startswith("@")], line)  # opcode, after a predicate
-    print(f"  PTX of gelu_kernel, {len(lines)} instructions; the first of each kind:"
+    for line in ptx.splitlines():  # instructions, not directives
+        if line[:1].isspace() and line.strip()[:1] not in "/.${}":
+            first.setdefault(line.split()[line.strip().startswith("@")], " ".join(line.split()))
+    print("  PTX of gelu_kernel, the first instruction of each kind:"
           + "".join("\n    " + line for line in list(first.values())[:30]) if ptx else
           "  no PTX of gelu_kernel: Triton interprets it on a CPU")
     return {"gbps": gbps, "ptx": ptx}
@@ -495,8 +483,8 @@ def matmul_triton(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         raise ValueError("matmul_triton: Triton's interpreter gets bf16 tl.dot wrong; use fp16")
     (M, K), N = a.shape, b.shape[1]
     c = torch.empty(M, N, device=a.device, dtype=a.dtype)
-    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa
-    matmul_kernel[grid](a, b, c, M, N, K, *a.stride(), *b.stride(), *c.stride())
+    matmul_kernel[lambda cfg: (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)](
+        a, b, c, M, N, K, *a.stride(), *b.stride(), *c.stride())
     return c
 
 
@@ -504,7 +492,7 @@ def matmul_bench(device: torch.device, sizes: tuple[int, ...] = (2048, 4096, 819
     dtypes = (torch.bfloat16, torch.float16) if device.type == "cuda" else (torch.float32,)
     print(f"square matmuls on {device.type}, TFLOP/s (Triton autotunes on its first call):")
     tflops = {}
-    for dtype, n in ((dtype, n) for dtype in dtypes for n in sizes):
+    for dtype, n in itertools.product(dtypes, sizes):
         a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
         torch.testing.assert_close(matmul_triton(a, b).float(), a.float() @ b.float(),
                                    atol=0.05 * n**0.5, rtol=2e-2)
@@ -521,8 +509,7 @@ def floating_point(device: torch.device | str | None = None) -> dict:
     dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16,
               "fp8 e4m3": torch.float8_e4m3fn, "fp8 e5m2": torch.float8_e5m2}
     formats = {}
-    for name, dtype in dtypes.items():
-        info = torch.finfo(dtype)
+    for name, info in ((name, torch.finfo(dtype)) for name, dtype in dtypes.items()):
         mant = round(-math.log2(info.eps))  # eps = 2^-mantissa bits, the gap above 1.0
         formats[name] = {"bits": info.bits, "exponent": info.bits - 1 - mant, "mantissa": mant,
                          "max": info.max, "min_normal": info.tiny, "eps": info.eps}
@@ -530,14 +517,14 @@ def floating_point(device: torch.device | str | None = None) -> dict:
           + "".join(f"\n  {k:9}" + "".join(f"{v:11.3g}" for v in f.values())
                     for k, f in formats.items()))
     # 1.0 + 1e-4 + ... (10,000 times) = 2.0. fp16's and bf16's neighbours of 1.0 are 2^-10 and
-    # 2^-7 away, so each 1e-4 rounds away and the sum stays 1.0: accumulate in fp32.
+    # 2^-7 away, so each 1e-4 rounds away and the sum stays 1.0: accumulate in fp32, as torch.sum
+    # of fp16 numbers does inside its kernel, and tensor cores do.
     accumulate = {}
     for name in ("fp32", "fp16", "bf16"):
         total, step = torch.ones((), dtype=dtypes[name]), torch.tensor(1e-4, dtype=dtypes[name])
         for _ in range(10_000):
             total = total + step
         accumulate[name] = total.item()
-    # The cure: torch.sum of fp16 numbers adds them in fp32 inside the kernel, as tensor cores do.
     accumulate["torch.sum(fp16)"] = 1 + torch.full((10_000,), 1e-4).half().sum().item()
     print("1.0 + 1e-4 added 10,000 times (exactly 2.0): "
           + ", ".join(f"{k} {v:.4f}" for k, v in accumulate.items()))
@@ -570,10 +557,9 @@ def lesson(device: torch.device | str | None = None) -> dict:
 
 
 # Fused RMSNorm: forward and backward --------------------------------------------------------------
-# Eager RMSNorm launches ~6 kernels (cast, square, mean, rsqrt, two multiplies), each a trip through
-# memory. Here one program normalises a block of rows while they sit in registers: the forward
-# reads x once and writes y once, like a copy. With a residual it first adds the branch output,
-# writing the sum the residual stream carries on: the block's "x + attn(ln1(x))" then ln2, fused.
+# Eager RMSNorm is ~6 kernels (cast, square, mean, rsqrt, two multiplies), each a trip through
+# memory. Here a program normalises a block of rows in registers: x read once, y written once. With
+# a residual it first adds the branch output and writes that sum too: "x + attn(ln1(x))", ln2 fused.
 @triton.jit
 def _rmsnorm_fwd_kernel(X, R, W, Y, S, RSTD, n_rows, D, eps, HAS_RESIDUAL: tl.constexpr,
                         BLOCK_ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -593,10 +579,9 @@ def _rmsnorm_fwd_kernel(X, R, W, Y, S, RSTD, n_rows, D, eps, HAS_RESIDUAL: tl.co
     tl.store(RSTD + rows, rstd, mask=rows < n_rows)  # 4 bytes a row: backward skips the reduction
 
 
-# y = x_hat * w with x_hat = x * rstd gives dx = rstd * (g - x_hat * mean(g * x_hat)), g = dy * w,
-# per row; dw = sum over rows of dy * x_hat is a reduction across rows, so it cannot be finished by
-# any one program. Each program walks its own contiguous blocks of rows, keeps its share of dw in
-# registers and writes it once into a (programs, D) float32 buffer; a second pass sums that.
+# y = x_hat * w, x_hat = x * rstd: dx = rstd * (g - x_hat * mean(g * x_hat)), g = dy * w, per row;
+# dw = sum over rows of dy * x_hat crosses rows, so each program keeps its share for its own blocks
+# of rows in registers and writes it once into a (programs, D) float32 buffer; a second pass sums.
 @triton.jit
 def _rmsnorm_bwd_kernel(X, W, RSTD, DY, DS, DX, DW_PARTIAL, n_rows, D, blocks_per_program,
                         HAS_DS: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -622,31 +607,26 @@ def _rmsnorm_bwd_kernel(X, W, RSTD, DY, DS, DX, DW_PARTIAL, n_rows, D, blocks_pe
 
 
 @functools.cache
-def _rmsnorm_launch(D: int) -> dict:
-    """Rows per program (narrow rows batched to >= 2K elements) and warps (16 elements a thread):
-    the best of a sweep on an H200 (16384 x 4096 bf16: forward 92%, backward 81% of a copy)."""
+def _rmsnorm_launch(D: int, device: torch.device) -> tuple[dict, int]:
+    """Rows per program (narrow rows batched to >= 2K elements), warps (16 elements a thread), the
+    best of a sweep on an H200 (16384 x 4096 bf16: forward 92%, backward 81% of a copy); and the
+    backward's programs: a few per SM (more for narrow rows), each walking many rows."""
     if D > 65536:
         raise ValueError(f"the fused RMSNorm keeps a row in registers: D must be <= 65536, got {D}")
     block_d = triton.next_power_of_2(D)
     rows = max(1, min(16, 2048 // block_d))
-    return dict(BLOCK_ROWS=rows, BLOCK_D=block_d, num_warps=max(1, min(16, rows * block_d // 512)))
-
-
-@functools.cache
-def _backward_programs(device: torch.device, D: int) -> int:
-    """The backward's grid: a few programs per SM (more for narrow rows), each walking many rows."""
     cuda = device.type == "cuda"
     sms = torch.cuda.get_device_properties(device).multi_processor_count if cuda else 4
-    return sms * min(16, max(2, 8192 // triton.next_power_of_2(D)))
+    warps = max(1, min(16, rows * block_d // 512))
+    return (dict(BLOCK_ROWS=rows, BLOCK_D=block_d, num_warps=warps),
+            sms * min(16, max(2, 8192 // block_d)))
 
 
-# Our kernels as torch custom operators. An autograd.Function that launches Triton kernels is opaque
-# to torch.compile: every call was a graph break, so a compiled model ran as dozens of small graphs
-# with Python between them, unfused around our kernels (GPT-2 small's compiled step: 235K tokens/s,
-# plain PyTorch 500K). A custom operator is one node of one graph. Its fake version gives compile
-# the outputs' shapes without running a kernel (ours allocates the outputs as the op does, so the
-# two agree), and its registered backward calls another custom operator. Each op returns new
-# tensors only, never views of its inputs, so compile may place them freely.
+# Our kernels as torch custom operators. An autograd.Function launching Triton kernels is opaque to
+# torch.compile: a graph break at every call (GPT-2 small's compiled step: 235K tokens/s, plain
+# PyTorch 500K). A custom operator is one node of one graph; its fake gives compile the outputs'
+# shapes without running a kernel (ours allocate as the op does), its backward is another op.
+# Ops return new tensors, never views of their inputs, so compile may place them freely.
 def _rmsnorm_outputs(x: Tensor, weight: Tensor, residual: Tensor | None,
                      eps: float) -> tuple[Tensor, Tensor, Tensor]:
     """Unfilled y (..., D), x + residual (empty without a residual) and rstd (...,) float32."""
@@ -660,7 +640,7 @@ def _rmsnorm_outputs(x: Tensor, weight: Tensor, residual: Tensor | None,
 def _rmsnorm_fwd(x: Tensor, weight: Tensor, residual: Tensor | None,
                  eps: float) -> tuple[Tensor, Tensor, Tensor]:
     y, summed, rstd = _rmsnorm_outputs(x, weight, residual, eps)
-    D, launch = x.shape[-1], _rmsnorm_launch(x.shape[-1])
+    D, (launch, _) = x.shape[-1], _rmsnorm_launch(x.shape[-1], x.device)
     x2 = x.reshape(-1, D).contiguous()  # (M, D)
     r2 = x2 if residual is None else residual.reshape(-1, D).contiguous()
     _rmsnorm_fwd_kernel[(triton.cdiv(len(x2), launch["BLOCK_ROWS"]),)](
@@ -673,17 +653,17 @@ def _rmsnorm_fwd(x: Tensor, weight: Tensor, residual: Tensor | None,
 def _rmsnorm_bwd(dy: Tensor, x: Tensor, weight: Tensor, rstd: Tensor,
                  dsummed: Tensor | None) -> tuple[Tensor, Tensor]:
     """(dx, dweight); x is what was normalised, dsummed the gradient of x + residual."""
-    (M, D), launch = x.reshape(-1, x.shape[-1]).shape, _rmsnorm_launch(x.shape[-1])
+    (M, D), (launch, max_programs) = x.reshape(-1, x.shape[-1]).shape, _rmsnorm_launch(
+        x.shape[-1], x.device)
     num_blocks = triton.cdiv(M, launch["BLOCK_ROWS"])
-    per_program = triton.cdiv(num_blocks, min(num_blocks, _backward_programs(x.device, D)))
+    per_program = triton.cdiv(num_blocks, min(num_blocks, max_programs))
     programs = triton.cdiv(num_blocks, per_program)
     dx, dw_partial = torch.empty_like(x, memory_format=torch.contiguous_format), \
         x.new_empty((programs, D), dtype=torch.float32)
     flat = [t.reshape(-1, D).contiguous() for t in (x, dy, dx if dsummed is None else dsummed)]
     _rmsnorm_bwd_kernel[(programs,)](flat[0], weight, rstd, flat[1], flat[2], dx, dw_partial, M, D,
                                      per_program, HAS_DS=dsummed is not None, **launch)
-    # The second pass is torch's column sum: the buffer is small (264 rows at D=4096 on an
-    # H200, 4 MB), one bandwidth-bound kernel that a hand-written one could only match.
+    # The second pass is torch's column sum: a small buffer (H200, D=4096: 264 rows, 4 MB).
     return dx, dw_partial.sum(0).to(weight.dtype)
 
 
@@ -708,33 +688,30 @@ _rmsnorm_bwd.register_fake(lambda dy, x, weight, rstd, dsummed: (
 _rmsnorm_fwd.register_autograd(_rmsnorm_backward, setup_context=_rmsnorm_setup)
 
 
-class RMSNormTriton:
-    """y = rmsnorm(x) * weight for x (..., D); with a residual, (rmsnorm(x + residual) * weight,
-    x + residual). Statistics in float32, outputs in the (promoted) input dtype like model.py.
-    Called as the autograd.Function it once was: RMSNormTriton.apply(x, weight, eps)."""
-    @staticmethod
-    def apply(x: Tensor, weight: Tensor, eps: float,
-              residual: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
-        D = x.shape[-1]
-        check_input("RMSNorm", x, weight, *([] if residual is None else [residual]))
-        if weight.shape != (D,):
-            raise ValueError(f"RMSNorm weight must have shape ({D},), got {tuple(weight.shape)}")
-        if residual is not None and residual.shape != x.shape:
-            raise ValueError(f"residual shape {tuple(residual.shape)} != x shape {tuple(x.shape)}")
-        y, summed, _ = _rmsnorm_fwd(x, weight, residual, eps)
-        return y if residual is None else (y, summed)
+def rmsnorm_triton(x: Tensor, weight: Tensor, eps: float = 1e-5,
+                   residual: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
+    """rmsnorm(x) * weight for x (..., D); with a residual, (rmsnorm(x + residual) * weight,
+    x + residual). Statistics in float32, outputs in the (promoted) input dtype like model.py."""
+    check_input("RMSNorm", x, weight, *([] if residual is None else [residual]))
+    if weight.shape != x.shape[-1:]:
+        raise ValueError(f"RMSNorm weight must have shape ({x.shape[-1]},), got "
+                         f"{tuple(weight.shape)}")
+    if residual is not None and residual.shape != x.shape:
+        raise ValueError(f"residual shape {tuple(residual.shape)} != x shape {tuple(x.shape)}")
+    y, summed, _ = _rmsnorm_fwd(x, weight, residual, eps)
+    return y if residual is None else (y, summed)
 
 
 def fused_add_rmsnorm(x: Tensor, residual: Tensor, weight: Tensor,
                       eps: float = 1e-5) -> tuple[Tensor, Tensor]:
     """(rmsnorm(x + residual) * weight, x + residual) in one pass over memory, both directions."""
-    return RMSNormTriton.apply(x, weight, eps, residual)
+    return rmsnorm_triton(x, weight, eps, residual)
 
 
 class TritonRMSNorm(RMSNorm):
     """model.py's RMSNorm on the fused kernel: the same `weight`, so checkpoints load either way."""
     def forward(self, x: Tensor) -> Tensor:
-        return RMSNormTriton.apply(x, self.weight, self.eps)
+        return rmsnorm_triton(x, self.weight, self.eps)
 
     def add_and_norm(self, x: Tensor, residual: Tensor) -> tuple[Tensor, Tensor]:
         """(self(x + residual), x + residual): what a pre-norm block needs before its FFN."""
@@ -742,9 +719,8 @@ class TritonRMSNorm(RMSNorm):
 
 
 # Training fusions: the SwiGLU gate ----------------------------------------------------------------
-# silu(a) * b is three elementwise kernels in eager mode (sigmoid, multiply, multiply) and autograd
-# keeps their intermediates. Fused: forward reads a, b and writes h; backward recomputes the
-# sigmoid from the saved a, b and writes both gradients in one pass. The matmuls stay in cuBLAS.
+# silu(a) * b is three eager kernels (sigmoid, multiply, multiply) whose intermediates autograd
+# keeps. Fused: forward reads a, b and writes h; backward recomputes the sigmoid from a, b.
 @triton.jit
 def _swiglu_fwd_kernel(A, B, H, n, BLOCK: tl.constexpr):
     offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -809,14 +785,11 @@ class TritonSwiGLU(SwiGLU):
 
 
 # Training fusions: linear + cross-entropy without the logits --------------------------------------
-# The LM head's logits are the largest activation of a small model: GPT-2 small at 16 x 1024 tokens
-# has 16K x 50304 of them, 1.6 GB in bf16 plus float32 copies for the loss. Here the tokens go
-# through in chunks: each chunk's logits are made, turned in place by one Triton kernel into the
-# loss and d loss / d logits = (softmax - one_hot) / count, multiplied right away into the hidden
-# rows' gradient and the weight's, then dropped. Only a chunk of logits ever exists, and backward
-# merely scales the saved gradients by grad_output. The three matmuls are as in the unfused model
-# and take most of the time; the kernel reads a chunk's logits twice and writes them once, where
-# eager PyTorch (float copy, max, exp, sum, scatter, scale) would pass over them ~6 times.
+# The LM head's logits are a small model's largest activation (GPT-2 small, 16 x 1024 tokens: 16K x
+# 50304, 1.6 GB in bf16, plus float32 copies for the loss). Here tokens go through in chunks: one
+# kernel turns a chunk's logits in place into the loss and d loss / d logits = (softmax - one_hot)
+# / count, which is multiplied at once into the gradients of the hidden rows and the weight, then
+# dropped; backward only scales them. The kernel passes over the logits 3 times, eager PyTorch ~6.
 @triton.jit
 def _cross_entropy_kernel(LOGITS, TARGETS, LOSS, INV_COUNT, V, ignore_index,
                           BLOCK_V: tl.constexpr):
@@ -925,29 +898,18 @@ def bench_fused(device: torch.device | str | None = None, rows: int = 16384) -> 
 
     def norm(x: Tensor, w: Tensor) -> Tensor:  # model.py's RMSNorm, the weight an argument
         return RMSNorm.forward(SimpleNamespace(weight=w, eps=1e-5), x)
-
-    def add_norm(x: Tensor, r: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:
-        return norm(x + r, w), x + r
-
-    def gate(a: Tensor, b: Tensor) -> Tensor:
-        return silu(a) * b
-
-    cases = [("rmsnorm", lambda x, w: RMSNormTriton.apply(x, w, 1e-5), norm, (x, weight), 2, 5),
-             ("add+rmsnorm", fused_add_rmsnorm, add_norm, (x, dy, weight), 4, 8),
-             ("swiglu gate", swiglu_gate, gate, (x, dy), 3, 8)]
+    cases = [("rmsnorm", rmsnorm_triton, norm, (x, weight), 2, 5),
+             ("add+rmsnorm", fused_add_rmsnorm, lambda x, r, w: (norm(x + r, w), x + r),
+              (x, dy, weight), 4, 8),
+             ("swiglu gate", swiglu_gate, lambda a, b: silu(a) * b, (x, dy), 3, 8)]
     result = {"copy_gb_s": copy}
     for name, ours, eager, inputs, fwd_bytes, step_bytes in cases:  # bytes in units of x
         for impl, fn in (("ours", ours), ("eager", eager), ("compiled", torch.compile(eager))):
             leaves = [t.detach().requires_grad_() for t in inputs]
             outs = fn(*leaves)
             grads = [torch.randn_like(o) for o in (outs if isinstance(outs, tuple) else (outs,))]
-
-            def step() -> None:
-                results = fn(*leaves)
-                torch.autograd.backward(results if isinstance(results, tuple) else (results,),
-                                        grads)
-            for mode, run, units in (("fwd", lambda: fn(*inputs), fwd_bytes),
-                                     ("fwd+bwd", step, step_bytes)):
+            for mode, run, units in (("fwd", lambda: fn(*inputs), fwd_bytes), ("fwd+bwd", lambda:
+                                      torch.autograd.backward(fn(*leaves), grads), step_bytes)):
                 ms = triton.testing.do_bench(run)
                 rate = units * x.numel() * 2 / ms / 1e6
                 result[f"{name} {mode} {impl}"] = ms
@@ -1373,16 +1335,29 @@ ATTENTION_IMPLS = ("manual", "compiled", "triton", "sdpa-flash", "sdpa-cudnn")
 MODE_FLOPS = {"fwd": 1.0, "bwd": 2.5, "fwd+bwd": 3.5}  # the backward: 2.5x the forward matmuls
 
 
-def _attention_impl(name: str, causal: bool, T: int, device: torch.device):
+@dataclasses.dataclass
+class AttentionConfig:
+    quick: bool = True  # the README's cases (~1.5 minutes on an H200); False: the grid below
+    impls: str = ",".join(ATTENTION_IMPLS)
+    head_dims: str = "16,32,64,128"
+    seq_lens: str = "128,1024,4096,16384,65536"
+    dtypes: str = "bfloat16,float32"  # or float16
+    modes: str = ",".join(MODE_FLOPS)
+    batch: int = 1
+    heads: int = 16
+    causal: bool = True
+
+
+def _attention_impl(name: str, causal: bool, T: int, device: torch.device) -> Callable:
     """fn(q, k, v) -> output for one implementation of the benchmark."""
     if name == "triton":
         return lambda q, k, v: flash_attention(q, k, v, causal)
     if name.startswith("sdpa"):
         from torch.nn.attention import SDPBackend, sdpa_kernel
-        backend = SDPBackend.FLASH_ATTENTION if name == "sdpa-flash" else \
-            SDPBackend.CUDNN_ATTENTION
+        backend = {"sdpa-flash": SDPBackend.FLASH_ATTENTION,
+                   "sdpa-cudnn": SDPBackend.CUDNN_ATTENTION}[name]
 
-        def fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        def fused(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
             with sdpa_kernel(backend):
                 return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
         return fused
@@ -1394,7 +1369,7 @@ def _attention_impl(name: str, causal: bool, T: int, device: torch.device):
     return lambda q, k, v: attend(q, k, v, mask)
 
 
-def _measure(fn, mode: str, shape: tuple, dtype: torch.dtype,
+def _measure(fn: Callable, mode: str, shape: tuple, dtype: torch.dtype,
              device: torch.device) -> tuple[float, float | None]:
     """(ms, peak GB) of one mode; "bwd" replays the backward of one kept graph."""
     q, k, v = (torch.randn(shape, device=device, dtype=dtype, requires_grad=True)
@@ -1404,9 +1379,7 @@ def _measure(fn, mode: str, shape: tuple, dtype: torch.dtype,
             "fwd+bwd": lambda: fn(q, k, v).backward(dout)}[mode]
     step()  # compile and autotune first (the autotuner's buffers would spoil the peak)
     if device.type != "cuda":
-        start = time.perf_counter()
-        step()
-        return (time.perf_counter() - start) * 1e3, None
+        return timeit.timeit(step, number=1) * 1e3, None
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     step()
@@ -1414,23 +1387,19 @@ def _measure(fn, mode: str, shape: tuple, dtype: torch.dtype,
     return triton.testing.do_bench(step, grad_to_none=[q, k, v]), peak
 
 
-def bench_attention(impls: tuple[str, ...] = ATTENTION_IMPLS,
-                    head_dims: tuple[int, ...] = (16, 32, 64, 128),
-                    seq_lens: tuple[int, ...] = (128, 1024, 4096, 16384, 65536),
-                    dtypes: tuple[str, ...] = ("bfloat16", "float32"),
-                    modes: tuple[str, ...] = tuple(MODE_FLOPS), batch: int = 1,
-                    heads: int = 16, causal: bool = True, quick: bool = False) -> list[dict]:
-    """ms, TFLOP/s (causal counts half the matrix), peak GB of attention (batch, heads, T, d) per
-    implementation, head dim, length, dtype and mode; "OOM" where memory runs out, "n/a" where
-    there is no kernel; vs flash / vs cudnn = their time / ours. quick: ours vs SDPA at hd 64 and
-    128 and 4K-16K tokens (16 heads x 16384 x 64 is the course's leaderboard shape) and where the
-    hand-written attention runs out of memory. Returns the rows."""
-    dtype_names = ("bfloat16", "float16", "float32")
-    if unknown := (set(impls) - set(ATTENTION_IMPLS) or set(modes) - set(MODE_FLOPS)
-                   or set(dtypes) - set(dtype_names)):
-        raise ValueError(f"unknown {sorted(unknown)}: impls are {ATTENTION_IMPLS}, modes "
-                         f"{tuple(MODE_FLOPS)}, dtypes {dtype_names}")
+def bench_attention(cfg: AttentionConfig) -> list[dict]:
+    """ms, TFLOP/s (causal counts half the matrix) and peak GB of attention on (batch, heads, T, d)
+    per implementation, head dim, length, dtype and mode; "OOM" where memory runs out, "n/a" where
+    there is no kernel; vs flash / vs cudnn = their time / ours. quick: ours vs SDPA at head dims
+    64 and 128 and 4K-16K tokens (16 heads x 16384 x 64 is the course's leaderboard shape), and
+    where the hand-written attention runs out of memory. Returns the rows."""
+    impls, dtypes, modes = (comma_list(key, getattr(cfg, key), allowed) for key, allowed in (
+        ("impls", ATTENTION_IMPLS), ("dtypes", ("bfloat16", "float16", "float32")),
+        ("modes", MODE_FLOPS)))
+    head_dims, seq_lens = comma_list("head_dims", cfg.head_dims), comma_list("seq_lens",
+                                                                             cfg.seq_lens)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    batch, heads = cfg.batch, cfg.heads
     cases = [(dtype, d, T, mode, impls) for dtype in dtypes for d in head_dims for T in seq_lens
              for mode in modes]
     if device.type == "cpu":
@@ -1438,19 +1407,19 @@ def bench_attention(impls: tuple[str, ...] = ATTENTION_IMPLS,
               "the times mean nothing")
         batch, heads = 1, min(heads, 2)
         cases = [("float32", min(*head_dims, 32), 64, mode,
-                  tuple(i for i in impls if i in ("manual", "triton"))) for mode in modes]
-    elif quick:
+                  [i for i in impls if i in ("manual", "triton")]) for mode in modes]
+    elif cfg.quick:
         cases = [("bfloat16", d, T, mode, ("triton", "sdpa-flash", "sdpa-cudnn"))
-                 for d in (64, 128) for T in (4096, 8192, 16384) for mode in modes]
+                 for d in (64, 128) for T in (4096, 8192, 16384) for mode in MODE_FLOPS]
         cases += [("bfloat16", 64, T, "fwd+bwd", ("manual", "triton") if T > 16384 else
                    ("manual",)) for T in (16384, 32768, 65536)]
         cases += [("bfloat16", 64, 4096, "fwd+bwd", ("manual", "compiled"))]  # slow to start
-    print(f"attention, batch {batch} x {heads} heads, {'causal' if causal else 'not causal'}\n"
-          f"{'impl':>11} {'dtype':>8} {'hd':>4} {'seq':>6} {'mode':>8} {'ms':>9} {'TFLOP/s':>8} "
-          f"{'peak GB':>8} {'vs flash':>8} {'vs cudnn':>8}")
+    print(f"attention, batch {batch} x {heads} heads, {'causal' if cfg.causal else 'not causal'}"
+          f"\n{'impl':>11} {'dtype':>8} {'hd':>4} {'seq':>6} {'mode':>8} {'ms':>9} "
+          f"{'TFLOP/s':>8} {'peak GB':>8} {'vs flash':>8} {'vs cudnn':>8}")
     rows = []
     for dtype, d, T, mode, case_impls in cases:
-        flops = 4 * batch * heads * T * T * d * (0.5 if causal else 1) * MODE_FLOPS[mode]
+        flops = 4 * batch * heads * T * T * d * (0.5 if cfg.causal else 1) * MODE_FLOPS[mode]
         case = [dict(impl=impl, dtype=dtype, head_dim=d, seq_len=T, mode=mode, status="ok",
                      ms=None, tflops=None, peak_gb=None) for impl in case_impls]
         for row in case:
@@ -1458,7 +1427,7 @@ def bench_attention(impls: tuple[str, ...] = ATTENTION_IMPLS,
                 row["status"] = "n/a"  # FlashAttention and cuDNN kernels exist for half types
                 continue
             try:
-                fn = _attention_impl(row["impl"], causal, T, device)
+                fn = _attention_impl(row["impl"], cfg.causal, T, device)
                 row["ms"], row["peak_gb"] = _measure(fn, mode, (batch, heads, T, d),
                                                      getattr(torch, dtype), device)
                 row["tflops"] = flops / row["ms"] / 1e9
@@ -1469,11 +1438,11 @@ def bench_attention(impls: tuple[str, ...] = ATTENTION_IMPLS,
                 print(f"{row['impl']}: {str(error).splitlines()[0][:150]}")
             if device.type == "cuda":
                 torch.cuda.empty_cache()
+        theirs = {r["impl"]: r["ms"] for r in case if r["ms"]}
         for row in case:
             for name, key in (("sdpa-flash", "vs_flash"), ("sdpa-cudnn", "vs_cudnn")):
-                theirs = [r["ms"] for r in case if r["impl"] == name and r["ms"]]
-                if row["impl"] == "triton" and row["ms"] and theirs:
-                    row[key] = theirs[0] / row["ms"]
+                if row["impl"] == "triton" and row["ms"] and name in theirs:
+                    row[key] = theirs[name] / row["ms"]
             ms = f"{row['ms']:9.3f}" if row["ms"] else f"{row['status']:>9}"
             rest = " ".join(f"{row[key]:8.{digits}f}" if row.get(key) is not None else " " * 8
                             for key, digits in (("tflops", 1), ("peak_gb", 2), ("vs_flash", 2),
@@ -1489,49 +1458,21 @@ class DeviceConfig:
     device: str = "auto"
 
 
-@dataclasses.dataclass
-class AttentionConfig:
-    quick: bool = True  # the README's cases (~1.5 minutes on an H200); False: the grid below
-    impls: str = ",".join(ATTENTION_IMPLS)
-    head_dims: str = "16,32,64,128"
-    seq_lens: str = "128,1024,4096,16384,65536"
-    dtypes: str = "bfloat16,float32"
-    modes: str = ",".join(MODE_FLOPS)
-    batch: int = 1
-    heads: int = 16
-    causal: bool = True
-
-
-def attention(cfg: AttentionConfig) -> list[dict]:
-    ints = {}
-    for key in ("head_dims", "seq_lens"):
-        try:
-            ints[key] = tuple(int(v) for v in getattr(cfg, key).split(","))
-        except ValueError:
-            raise UsageError(f"--{key}={getattr(cfg, key)}: expected integers like 64,128"
-                             ) from None
-    return bench_attention(tuple(cfg.impls.split(",")), dtypes=tuple(cfg.dtypes.split(",")),
-                           modes=tuple(cfg.modes.split(",")), batch=cfg.batch, heads=cfg.heads,
-                           causal=cfg.causal, quick=cfg.quick, **ints)
-
-
 COMMANDS = {"bench": (BenchConfig, bench), "profile": (ProfileConfig, profile),  # settings, run
             "lesson": (DeviceConfig, lambda cfg: lesson(cfg.device)),
             "fused": (DeviceConfig, lambda cfg: bench_fused(cfg.device)),
-            "attention": (AttentionConfig, attention)}
+            "attention": (AttentionConfig, bench_attention)}
 
 
 def main(argv: list[str]) -> None:
     if not argv or "-h" in argv or "--help" in argv:
         return print(__doc__)
-    train_commands = {name for name, (config, _) in COMMANDS.items()
-                      if issubclass(config, TrainConfig)}
-    defaults = {name: option_defaults(config()) if name in train_commands
-                else dataclasses.asdict(config())
-                for name, (config, _) in COMMANDS.items()}
+    defaults = {name: option_defaults(config()) if issubclass(config, TrainConfig)
+                else dataclasses.asdict(config()) for name, (config, _) in COMMANDS.items()}
     command, settings, overrides, _ = parse_command(argv, defaults, "bench")
     config, run = COMMANDS[command]
-    run(with_overrides(config(), overrides) if command in train_commands else config(**settings))
+    run(with_overrides(config(), overrides) if issubclass(config, TrainConfig)
+        else config(**settings))
 
 
 if __name__ == "__main__":

@@ -21,9 +21,8 @@ Reads a UTF-8 file; ../shared/data: gpt2_vocab.json, gpt2_merges.txt, tinyshakes
 corpus.en. Writes, each whole or not at all: DIR/vocab.json, merges.txt, special_tokens.json
 (train); FILE.bin, FILE.bin.json = {"dtype", "vocab_size", "num_tokens", "tokenizer"} (encode).
 
-Papers: Sennrich et al. 2016, "Neural Machine Translation of Rare Words with Subword Units" (BPE);
-Radford et al. 2019, "Language Models are Unsupervised Multitask Learners" (GPT-2's byte-level
-BPE and its pre-tokenization regex).
+Papers: Sennrich et al. 2016 (BPE for subword units); Radford et al. 2019 (GPT-2: byte-level BPE
+and its pre-tokenization regex).
 """
 
 import ast
@@ -43,7 +42,8 @@ import tempfile
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from itertools import chain, repeat
+from functools import partial
+from itertools import chain, product, repeat
 from pathlib import Path
 
 import numpy as np
@@ -88,9 +88,8 @@ class ByteTokenizer:
 
 
 class WordTokenizer:
-    """One id per word (GPT-2 pre-token) seen in training; any other word becomes <unk> (id 0).
-    Short sequences, but the vocabulary grows with the corpus and unseen words are lost for good:
-    the problem BPE solves by falling back to smaller pieces, down to single bytes."""
+    """One id per word (GPT-2 pre-token) seen in training, any other <unk> (id 0): short sequences,
+    but the vocabulary grows with the corpus and unseen words are lost (BPE falls back to bytes)."""
     def __init__(self, training_text: str):
         self.id_to_word = ["<unk>"] + sorted(set(PRETOKEN_RE.findall(training_text)))
         self.word_to_id = {word: i for i, word in enumerate(self.id_to_word)}
@@ -113,10 +112,9 @@ def count_pretokens(text: str, special_tokens: Sequence[str] = (),
                     pretokenize: bool = True) -> Counter:
     """How often each pre-token occurs. Special tokens cut the text first and are dropped, so no
     merge ever touches them; pretokenize=False keeps the text between them whole."""
-    counts = Counter()
-    for segment in _special_re(special_tokens).split(text):
-        counts.update(PRETOKEN_RE.findall(segment) if pretokenize else [segment])
-    return counts
+    segments = _special_re(special_tokens).split(text)
+    return Counter(chain.from_iterable(map(PRETOKEN_RE.findall, segments)) if pretokenize
+                   else segments)
 
 
 def merge(ids: Sequence[int], pair: tuple[int, int], new_id: int) -> list[int]:
@@ -138,10 +136,8 @@ def merge(ids: Sequence[int], pair: tuple[int, int], new_id: int) -> list[int]:
 def train_bpe_reference(input_path: str | os.PathLike, vocab_size: int, special_tokens: list[str],
                         pretokenize: bool = True, verbose: bool = False) -> tuple[Vocab, Merges]:
     """Byte-level BPE as the lecture describes it: (vocab id -> bytes, merges in creation order).
-    Every pre-token starts as its UTF-8 bytes, ids 0-255. Until the vocabulary is full: count each
-    pair of neighbouring tokens in every pre-token (times its count), make the most frequent pair
-    (ties: the greater pair of bytes) a new token and merge it everywhere. Special tokens come
-    last. Slow: every merge recounts every pair of the corpus."""
+    Pre-tokens start as UTF-8 bytes (ids 0-255); until the vocabulary is full, the most frequent
+    pair of neighbours (ties: the greater bytes) becomes a new token, merged everywhere."""
     path, special_tokens, num_merges = _check_training(input_path, vocab_size, special_tokens)
     counts = count_pretokens(path.read_text(encoding="utf-8"), special_tokens, pretokenize)
     words = {tuple(pretoken.encode("utf-8")): count for pretoken, count in counts.items()}
@@ -183,19 +179,17 @@ def train_bpe(input_path: str | os.PathLike, vocab_size: int, special_tokens: li
 
 def bpe_merges(words: list[list[int]], freqs: list[int], vocab: Vocab,
                num_merges: int, progress: bool = True) -> Merges:
-    """Up to num_merges merges learned from distinct words (as ids) and their frequencies; adds
-    the new tokens to vocab. Only the words holding the merged pair are recounted; pair_words may
-    list words that lost a pair (cheaper than keeping it exact). A heap finds the top pair: an
-    entry too high is refiled when it reaches the top, and every increase pushes a new one."""
+    """Up to num_merges merges learned from distinct words (as ids) and their frequencies, added to
+    vocab. Only words holding the merged pair are recounted (pair_words may list a few that lost
+    it). A heap finds the top pair: a stale entry is refiled at the top, an increase pushes anew."""
     pair_counts: dict[tuple[int, int], int] = defaultdict(int)
     pair_words: dict[tuple[int, int], set[int]] = defaultdict(set)
     for w, (word, freq) in enumerate(zip(words, freqs)):
         for pair in zip(word, word[1:]):
             pair_counts[pair] += freq
             pair_words[pair].add(w)
-    # Ties between equal counts go to the greater pair of bytes, which the min-heap pops first
-    # with each token keyed by its negated bytes, then a 1: larger than any negated byte, so a
-    # prefix (b"a" < b"ab") sorts after the longer token.
+    # Ties go to the greater pair of bytes: the min-heap keys a token by its negated bytes, then a
+    # 1 (above any negated byte, so a prefix such as b"a" < b"ab" sorts after the longer token).
     reverse = [tuple(-b for b in vocab[i]) + (1,) for i in range(len(vocab))]
     heap = [(-count, reverse[a], reverse[b], a, b) for (a, b), count in pair_counts.items()]
     heapq.heapify(heap)
@@ -238,10 +232,8 @@ def bpe_merges(words: list[list[int]], freqs: list[int], vocab: Vocab,
 
 # 3. The tokenizer: encode, encode_iterable, decode ------------------------------------------------
 class _PretokenCache(dict):
-    """pre-token -> ids; a missing pre-token is encoded once. Cleared when full: bounded memory."""
-    def __init__(self, bpe: Callable[[str], list[int]]):
-        super().__init__()
-        self.bpe = bpe
+    """pre-token -> ids, a missing one encoded once by self.bpe; cleared when full (bounded)."""
+    bpe: Callable[[str], list[int]]
 
     def __missing__(self, pretoken: str) -> list[int]:
         if len(self) >= CACHE_ENTRIES:
@@ -278,7 +270,8 @@ class Tokenizer:
             self._merged_id.append(self._ids[a + b])
         self._special_ids = {s: self._ids[s.encode("utf-8")] for s in self.special_tokens}
         self._special_re = _special_re(self.special_tokens)
-        self._cache = _PretokenCache(self._bpe)
+        self._cache = _PretokenCache()
+        self._cache.bpe = self._bpe
 
     def token_id(self, special_token: str) -> int:
         """The id of a special token, e.g. tokenizer.token_id("<|endoftext|>")."""
@@ -304,9 +297,9 @@ class Tokenizer:
         return ids
 
     def _bpe(self, pretoken: str) -> list[int]:
-        """_bpe_reference, twice as fast on words: merges one pair at a time and re-ranks only its
-        neighbours (quadratic in the length: long pre-tokens go to the reference). Same ids while
-        no merge creates a pair ranked before it: true of trained merges and of GPT-2's."""
+        """_bpe_reference, twice as fast on words: re-ranks only the merged pair's neighbours
+        (quadratic in the length: long pre-tokens go to the reference). Same ids while no merge
+        creates a pair ranked before it: true of trained merges and of GPT-2's."""
         if len(pretoken) > LONG_PRETOKEN:
             return self._bpe_reference(pretoken)
         ids = list(map(self._byte_ids.__getitem__, pretoken.encode("utf-8")))
@@ -328,9 +321,8 @@ class Tokenizer:
 
     def _encode_ordinary(self, text: str) -> list[int]:
         """Encode text without special tokens; most pre-tokens repeat, so their ids are cached."""
-        pretokens = PRETOKEN_RE.findall(text)
         # the cache's __getitem__ and the chaining run in C; only a miss calls back into Python
-        return list(chain.from_iterable(map(self._cache.__getitem__, pretokens)))
+        return list(chain.from_iterable(map(self._cache.__getitem__, PRETOKEN_RE.findall(text))))
 
     def encode(self, text: str) -> list[int]:
         ids, start = [], 0
@@ -370,8 +362,34 @@ class Tokenizer:
     def from_files(cls, vocab_path: str | os.PathLike, merges_path: str | os.PathLike,
                    special_tokens: Iterable[str] | None = None) -> "Tokenizer":
         """Load a vocab.json and merges.txt in GPT-2's format or ours (told apart by vocab.json)."""
-        special_tokens = _check_specials(special_tokens)
-        return cls(*_read_files(vocab_path, merges_path, special_tokens), special_tokens)
+        special_tokens, raw = _check_specials(special_tokens), _read_json(vocab_path)
+        if not isinstance(raw, dict) or not raw:
+            raise ValueError(f"{vocab_path}: expected a non-empty JSON object")
+        if all(type(v) is int for v in raw.values()):  # GPT-2's: token -> id
+            # HF writes added (special) tokens as they are, not byte-encoded
+            vocab = {i: token.encode("utf-8") if token in special_tokens
+                     else _from_text(token, str(vocab_path)) for token, i in raw.items()}
+            if len(vocab) != len(raw):
+                raise ValueError(f"{vocab_path}: two tokens have the same id")
+        elif all(type(v) is str for v in raw.values()) and all(k.isdigit() for k in raw):  # ours
+            vocab = {int(i): _from_text(token, f"{vocab_path}, id {i}") for i, token in raw.items()}
+        else:
+            raise ValueError(f"{vocab_path}: expected token -> id (GPT-2's vocab.json) or id -> "
+                             "token (ours)")
+        try:
+            lines = Path(merges_path).read_text(encoding="utf-8").split("\n")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{merges_path}: not valid UTF-8 ({e})") from None
+        merges = []
+        for number, line in enumerate(lines, 1):
+            if not line or (number == 1 and line.startswith("#version")):
+                continue
+            parts, where = line.split(" "), f"{merges_path}, line {number}"
+            if len(parts) != 2 or not all(parts):
+                raise ValueError(f"{where}: expected two tokens separated by one space, got "
+                                 f"{line!r}")
+            merges.append(tuple(_from_text(part, where) for part in parts))
+        return cls(vocab, merges, special_tokens)
 
     def save(self, vocab_path: str | os.PathLike, merges_path: str | os.PathLike,
              gpt2_format: bool = False) -> None:
@@ -432,42 +450,11 @@ def _from_text(text: str, where: str) -> bytes:
                          "byte-to-unicode table") from None
 
 
-def _read_json(path: Path):
+def _read_json(path: str | os.PathLike, error: type[Exception] = ValueError):
     try:
         return json.loads(Path(path).read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
-
-
-def _read_files(vocab_path: str | os.PathLike, merges_path: str | os.PathLike,
-                special_tokens: list[str]) -> tuple[Vocab, Merges]:
-    raw = _read_json(vocab_path)
-    if not isinstance(raw, dict) or not raw:
-        raise ValueError(f"{vocab_path}: expected a non-empty JSON object")
-    if all(type(v) is int for v in raw.values()):  # GPT-2's: token -> id
-        # HF writes added (special) tokens as they are, not byte-encoded
-        vocab = {i: token.encode("utf-8") if token in special_tokens
-                 else _from_text(token, str(vocab_path)) for token, i in raw.items()}
-        if len(vocab) != len(raw):
-            raise ValueError(f"{vocab_path}: two tokens have the same id")
-    elif all(type(v) is str for v in raw.values()) and all(k.isdigit() for k in raw):  # ours
-        vocab = {int(i): _from_text(token, f"{vocab_path}, id {i}") for i, token in raw.items()}
-    else:
-        raise ValueError(f"{vocab_path}: expected token -> id (GPT-2's vocab.json) or id -> token "
-                         "(ours)")
-    try:
-        lines = Path(merges_path).read_text(encoding="utf-8").split("\n")
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{merges_path}: not valid UTF-8 ({e})") from None
-    merges = []
-    for number, line in enumerate(lines, 1):
-        if not line or (number == 1 and line.startswith("#version")):
-            continue
-        parts, where = line.split(" "), f"{merges_path}, line {number}"
-        if len(parts) != 2 or not all(parts):
-            raise ValueError(f"{where}: expected two tokens separated by one space, got {line!r}")
-        merges.append(tuple(_from_text(part, where) for part in parts))
-    return vocab, merges
+        raise error(f"{path}: not valid JSON ({e})") from None
 
 
 def gpt2_tokenizer(data_dir: Path = DATA_DIR) -> Tokenizer:
@@ -508,9 +495,8 @@ def _encode_text(text: str, tokenizer: Tokenizer, dtype: np.dtype) -> np.ndarray
 
 def encode_file(tokenizer: Tokenizer, input_path: str | os.PathLike, out_path: str | os.PathLike,
                 num_workers: int | None = None, progress: bool = True) -> int:
-    """Encode a UTF-8 file to a flat token_dtype array at out_path; returns the token count.
-    Processes encode its chunks, written in order: the ids of encoding it whole. Input and output
-    are checked before any work; out_path and its sidecar out_path.json appear only when whole."""
+    """Encode a UTF-8 file to a token_dtype array at out_path (chunks in processes, written in
+    order); returns the token count. out_path and its sidecar .json appear only when whole."""
     out_path = Path(out_path)
     path, dtype = _check_input(input_path, out_path.parent), token_dtype(tokenizer.vocab_size)
     with atomic_output(out_path) as tmp, open(tmp, "wb") as out:
@@ -524,8 +510,8 @@ def encode_file(tokenizer: Tokenizer, input_path: str | os.PathLike, out_path: s
     return num_tokens
 
 
-# Processes handle a file in chunks, encode_iterable its stream in pieces: a cut must change
-# nothing. A cut before text[c] is safe when
+# Processes handle a file in chunks, encode_iterable a stream in pieces: a cut before text[c]
+# must change nothing, and does not when
 #   (1) text[c-1] is not whitespace and text[c] is: no GPT-2 pre-token contains that pair, and
 #       every pattern that looked at text[c] (the end of a letter, digit or punctuation run, the
 #       letter after an apostrophe, the `(?!\S)` look-ahead) decides the same at the end of text;
@@ -563,39 +549,30 @@ def _chunk_bounds(path: Path, num_chunks: int, special_tokens: Sequence[str],
     return bounds + [size]
 
 
-_worker_args: tuple = ()  # what a pool process needs besides its chunk: sent to it once
-
-
-def _init_worker(*args) -> None:
-    global _worker_args
-    _worker_args = args
-
-
 def _chunk_job(job: tuple[Callable, str, int, int], args: tuple | None = None):
-    """fn(the chunk's text, *args); in a pool process, args came once through _init_worker."""
+    """fn(the chunk's text, *args); in a pool, args came once (the initializer set .args)."""
     fn, path, start, end = job
     with open(path, "rb") as f:
         f.seek(start)  # the text is UTF-8: _check_input made sure
-        return fn(f.read(end - start).decode("utf-8"), *(_worker_args if args is None else args))
+        return fn(f.read(end - start).decode("utf-8"), *(_chunk_job.args if args is None else args))
 
 
 def _map_chunks(fn: Callable, args: tuple, path: Path, special_tokens: Sequence[str],
                 num_workers: int | None, desc: str, progress: bool) -> Iterator:
-    """fn(text, *args) on each chunk of the file, in order, in num_workers processes (default:
-    one per CHUNK_BYTES of file, up to the core count)."""
+    """fn(text, *args) on each chunk, in order, in num_workers processes (default: one per
+    CHUNK_BYTES of file, up to the core count)."""
     size = path.stat().st_size
     num_workers = num_workers or max(1, min(os.cpu_count() or 1, math.ceil(size / CHUNK_BYTES)))
     num_chunks = num_workers * math.ceil(size / (num_workers * CHUNK_BYTES))  # chunks <= ~4 MB
     bounds = _chunk_bounds(path, num_chunks, special_tokens)
     jobs = [(fn, str(path), a, b) for a, b in zip(bounds, bounds[1:])]
-    # On Linux, fork starts a worker in milliseconds and hands it the tokenizer without pickling
-    # (spawn re-imports this file and unpickles it: about 1 s). Fork's hazard, a lock held by
-    # another thread, cannot bite: workers run regex and numpy code only. imap keeps the order.
+    # On Linux, fork starts a worker in milliseconds, tokenizer included (spawn unpickles it: ~1 s);
+    # its hazard, a lock held by another thread, cannot bite: workers run only regex and numpy.
     context = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
     parallel = num_workers > 1 and len(jobs) > 1
     with (tqdm(total=size, unit="B", unit_scale=True, desc=desc, disable=not progress) as bar,
-          context.Pool(min(num_workers, len(jobs)), _init_worker, args) if parallel
-          else contextlib.nullcontext() as pool):
+          context.Pool(min(num_workers, len(jobs)), partial(setattr, _chunk_job, "args"),
+                       (args,)) if parallel else contextlib.nullcontext() as pool):
         results = pool.imap(_chunk_job, jobs) if parallel else (_chunk_job(j, args) for j in jobs)
         for (_, _, start, end), result in zip(jobs, results):
             bar.update(end - start)
@@ -639,8 +616,7 @@ def _check_training(input_path: str | os.PathLike, vocab_size: int, special_toke
 
 
 def _special_re(special_tokens: Sequence[str]) -> regex.Pattern:
-    """Matches any special token, the longest first (the longest overlap wins); with none, never
-    (\\A: it fails at once, not at every position)."""
+    """Any special token, longest first (it wins an overlap); with none, \\A(?!): fails at once."""
     by_length = sorted(special_tokens, key=len, reverse=True)
     return regex.compile("|".join(map(regex.escape, by_length)) or r"\A(?!)")
 
@@ -649,9 +625,8 @@ def _check_specials(special_tokens: Iterable[str] | None) -> list[str]:
     if isinstance(special_tokens, (str, bytes)):  # list("<|endoftext|>") would be its characters
         raise TypeError(f"special_tokens must be a list of strings, e.g. [{special_tokens!r}]")
     specials = list(dict.fromkeys(special_tokens or []))  # drop repeats, keep the order
-    for s in specials:
-        if not isinstance(s, str) or not s:
-            raise ValueError(f"special tokens must be non-empty strings, got {s!r}")
+    if bad := [s for s in specials if not isinstance(s, str) or not s]:
+        raise ValueError(f"special tokens must be non-empty strings, got {bad[0]!r}")
     return specials
 
 
@@ -713,18 +688,6 @@ def compare(path: str | os.PathLike, vocab_size: int = 1000, data_dir: Path = DA
               f"{compression_ratio(text, tokenizer):>11.2f}")
 
 
-def _best_times(fns: dict, repeat: int) -> tuple[dict, dict]:
-    """({name: fastest of repeat runs in seconds}, {name: a result}). The functions take turns, so
-    load from other work on the machine falls on all of them alike."""
-    best, results = dict.fromkeys(fns, math.inf), {}
-    for _ in range(repeat):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            results[name] = fn()
-            best[name] = min(best[name], time.perf_counter() - start)
-    return best, results
-
-
 def _hf_train(path: Path, vocab_size: int, special_tokens: list[str]) -> None:
     """HuggingFace tokenizers' byte-level BPE trainer (benchmark only, never a dependency)."""
     from tokenizers import Tokenizer as HFTokenizer, models, pre_tokenizers, trainers
@@ -736,31 +699,40 @@ def _hf_train(path: Path, vocab_size: int, special_tokens: list[str]) -> None:
 
 
 def bench(data_dir: Path = DATA_DIR, repeat: int = 3, file_copies: int = 8) -> None:
-    """Training and encoding speed, each next to its baseline measured in the same run."""
+    """Training and encoding speed, each next to its baseline measured in the same run. The runs
+    take turns, the fastest of `repeat` kept, so load from other work falls on all of them alike."""
     shakespeare, eos = data_dir / "tinyshakespeare.txt", ["<|endoftext|>"]
-    print(f"{os.cpu_count()} CPUs; fastest of {repeat} runs, taking turns")
+    text, tokenizer = shakespeare.read_text(encoding="utf-8"), gpt2_tokenizer(data_dir)
+    megabytes, tmp = len(text.encode("utf-8")) / 1e6, tempfile.TemporaryDirectory()
+    big, size = Path(tmp.name) / "big.txt", megabytes * file_copies
+    big.write_text(text * file_copies, encoding="utf-8")
     runs = {"ours": lambda: train_bpe(shakespeare, 10_000, eos, progress=False),
-            "corpus.en": lambda: train_bpe(data_dir / "corpus.en", 500, eos, progress=False)}
+            "corpus.en": lambda: train_bpe(data_dir / "corpus.en", 500, eos, progress=False),
+            # cold: every pre-token is new to the tokenizer, the harder case
+            "cold": lambda: tokenizer._cache.clear() or tokenizer.encode(text),
+            "warm": lambda: tokenizer.encode(text)}
+    runs |= {n: lambda n=n: encode_file(tokenizer, big, f"{big}.{n}", n, progress=False)
+             for n in (1, 2)}  # processes
     if importlib.util.find_spec("tokenizers"):
         runs["HF"] = lambda: _hf_train(shakespeare, 10_000, eos)
-    t, _ = _best_times(runs, repeat)
-    print(f"train tinyshakespeare vocab 10,000: ours {t['ours']:.2f} s | " + (
-        f"HF tokenizers {t['HF']:.2f} s | ours/HF {t['ours'] / t['HF']:.1f}x (target <= 4x)"
-        if "HF" in t else "HF tokenizers not installed (pip install tokenizers)"))
-    print(f"train corpus.en vocab 500: ours {t['corpus.en']:.3f} s (target < 0.5 s)")
-
-    text, tokenizer = shakespeare.read_text(encoding="utf-8"), gpt2_tokenizer(data_dir)
-    megabytes = len(text.encode("utf-8")) / 1e6
-    # cold: every pre-token is new to the tokenizer, the harder case
-    runs = {"cold": lambda: tokenizer._cache.clear() or tokenizer.encode(text),
-            "warm": lambda: tokenizer.encode(text)}
     if importlib.util.find_spec("tiktoken"):  # built offline from GPT-2's files, as ours is
         import tiktoken
         ranks = {token: i for i, token in tokenizer.vocab.items() if i != 50256}
         encoding = tiktoken.Encoding(name="gpt2", pat_str=GPT2_PAT, mergeable_ranks=ranks,
                                      special_tokens={"<|endoftext|>": 50256})
         runs["tiktoken"] = lambda: encoding.encode(text, allowed_special="all")
-    t, ids = _best_times(runs, repeat)
+    print(f"{os.cpu_count()} CPUs; fastest of {repeat} runs, taking turns")
+    t, ids = dict.fromkeys(runs, math.inf), {}
+    with tmp:
+        for _, (name, run) in product(range(repeat), runs.items()):
+            start = time.perf_counter()
+            ids[name] = run()
+            t[name] = min(t[name], time.perf_counter() - start)
+        same = np.array_equal(*(np.fromfile(f"{big}.{n}", np.uint16) for n in (1, 2)))
+    print(f"train tinyshakespeare vocab 10,000: ours {t['ours']:.2f} s | " + (
+        f"HF tokenizers {t['HF']:.2f} s | ours/HF {t['ours'] / t['HF']:.1f}x (target <= 4x)"
+        if "HF" in t else "HF tokenizers not installed (pip install tokenizers)"))
+    print(f"train corpus.en vocab 500: ours {t['corpus.en']:.3f} s (target < 0.5 s)")
     speed = {name: megabytes / seconds for name, seconds in t.items()}
     print(f"encode tinyshakespeare, GPT-2 vocab: ours {speed['cold']:.2f} MB/s from a cold "
           f"cache, {speed['warm']:.2f} MB/s warm | " + (
@@ -768,20 +740,11 @@ def bench(data_dir: Path = DATA_DIR, repeat: int = 3, file_copies: int = 8) -> N
               f"{speed['cold'] / speed['tiktoken']:.2f} (target >= 0.25) | ids identical: "
               f"{ids['cold'] == ids['tiktoken']}" if "tiktoken" in t else
               "tiktoken not installed (pip install tiktoken)"))
-
-    with tempfile.TemporaryDirectory() as tmp:
-        big, size = Path(tmp) / "big.txt", megabytes * file_copies
-        big.write_text(text * file_copies, encoding="utf-8")
-        t, _ = _best_times({n: lambda n=n: encode_file(tokenizer, big, f"{tmp}/{n}.bin", n,
-                                                       progress=False) for n in (1, 2)}, repeat)
-        same = np.array_equal(*(np.fromfile(f"{tmp}/{n}.bin", np.uint16) for n in (1, 2)))
-        print(f"encode_file {size:.1f} MB: 1 process {size / t[1]:.2f} MB/s, 2 processes "
-              f"{size / t[2]:.2f} MB/s, speedup {t[1] / t[2]:.2f}x | ids identical: {same}")
+    print(f"encode_file {size:.1f} MB: 1 process {size / t[1]:.2f} MB/s, 2 processes "
+          f"{size / t[2]:.2f} MB/s, speedup {t[1] / t[2]:.2f}x | ids identical: {same}")
 
 
-# 7. The command line, shared by every stage ------------------------------------------------------
-# One style, `--key=value` (and `--flag` for True), typed from the defaults; config files; one-line
-# errors. Later stages import these from here.
+# 7. The command line, shared by every stage (they import it from here) ----------------------------
 class UsageError(ValueError):
     """Bad command-line input: reported as one `error:` line with exit code 2."""
 
@@ -789,30 +752,25 @@ class UsageError(ValueError):
 def typed(key: str, value, default):
     """A command-line string or config-file value as the type of the default: `--lr=1` is a
     float, `--compile=False` a bool, `--max_iters=1e4` an int; literals only, never exec."""
-    def bad(value) -> UsageError:
-        kind = {int: "an integer", float: "a number", bool: "True or False", str: "a string",
-                list: "a list", tuple: "a tuple", dict: "a dict"}.get(type(default))
-        return UsageError(f"--{key} expects {kind or type(default).__name__}, got {value!r}")
     if isinstance(value, str) and value.lower() in ("true", "false") and (
             default is None or isinstance(default, bool) or default == "auto"):
         return value.lower() == "true"
     if isinstance(value, str) and not isinstance(default, str):
         try:
             value = ast.literal_eval(value)
-        except (ValueError, SyntaxError):
+        except (ValueError, SyntaxError):  # a word stays text: the type check below rejects it
             if isinstance(default, (list, tuple)):
                 value = value.split(",")  # --special_tokens=a,b
-            elif default is not None:
-                raise bad(value)
     if default is None or (default == "auto" and isinstance(value, bool)):
         return value
-    if isinstance(default, float) and type(value) is int or type(default) is int and \
-            isinstance(value, float) and value.is_integer():
-        return type(default)(value)
-    if isinstance(default, (list, tuple)) and isinstance(value, (list, tuple)):
+    if (isinstance(default, float) and type(value) is int or type(default) is int and
+            isinstance(value, float) and value.is_integer() or
+            isinstance(default, (list, tuple)) and isinstance(value, (list, tuple))):
         return type(default)(value)
     if type(value) is not type(default):
-        raise bad(value)
+        kind = {int: "an integer", float: "a number", bool: "True or False", str: "a string",
+                list: "a list", tuple: "a tuple", dict: "a dict"}.get(type(default))
+        raise UsageError(f"--{key} expects {kind or type(default).__name__}, got {value!r}")
     return value
 
 
@@ -821,17 +779,12 @@ def read_config_file(path: str | os.PathLike) -> dict:
     p = Path(path)
     if not p.is_file():
         raise UsageError(f"config file {path} does not exist")
-    text = p.read_text(encoding="utf-8")
     if p.suffix == ".json":
-        try:
-            values = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise UsageError(f"{path}: not valid JSON ({e})") from None
-        if not isinstance(values, dict):
+        if not isinstance(values := _read_json(path, UsageError), dict):
             raise UsageError(f"{path}: expected a JSON object of settings")
         return values
     values = {}
-    for n, line in enumerate(text.splitlines(), 1):
+    for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
         key, sep, value = line.partition("=")
         if not line.strip() or line.lstrip().startswith("#"):
             continue
@@ -846,9 +799,8 @@ def read_config_file(path: str | os.PathLike) -> dict:
 
 def parse_args(argv: Sequence[str], defaults: dict, config_files: bool = False
                ) -> tuple[list[str], dict]:
-    """Split argv into positional arguments and {key: value} overrides typed from `defaults`.
-    With config_files=True each positional argument is a config file, applied in order with
-    the flags (later wins). An unknown key names a valid key only when it is really close."""
+    """argv -> (positional arguments, {key: value} typed from `defaults`); with config_files each
+    positional is a config file, applied in order with the flags. Suggests only close keys."""
     positional, overrides = [], {}
     for arg in argv:
         if not arg.startswith("--"):
@@ -870,9 +822,8 @@ def parse_args(argv: Sequence[str], defaults: dict, config_files: bool = False
 
 def parse_command(argv: Sequence[str], commands: dict[str, dict], default: str,
                   positional: Sequence[str] = ()) -> tuple[str, dict, dict, list[str]]:
-    """`[COMMAND] [--key=value ...]` -> (command, its settings over its defaults, the settings
-    given, positional arguments). No command word runs `default`; only the commands in
-    `positional` take positional arguments (e.g. `compare FILE`), the others refuse them."""
+    """`[COMMAND] [--key=value ...]` -> (command, its settings, the settings given, positional
+    arguments); no command runs `default`; only `positional`'s commands take arguments."""
     argv = list(argv)
     command = argv.pop(0) if argv and not argv[0].startswith("-") else default
     if command not in commands:
@@ -917,9 +868,8 @@ COMMANDS = {
 }
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str]) -> None:
     """`python tokenizer.py [COMMAND] [--key=value ...]`; no command runs the tour."""
-    argv = list(sys.argv[1:] if argv is None else argv)
     if "-h" in argv or "--help" in argv:
         return print(__doc__)
     command, cfg, _, files = parse_command(argv, COMMANDS, "tour", positional=["compare"])
