@@ -19,7 +19,7 @@ and the division by the group's std (which favours too easy and too hard questio
 
 Commands (settings are --key=value; --size picks a row of SIZES, flags override it)
     python align.py                     # CPU, a few minutes: task, base model, SFT, EI, GRPO, DPO
-    python align.py --size=gpu          # one GPU, ~5 minutes: a harder task, a bigger model
+    python align.py --size=gpu          # one GPU, ~3 minutes: a harder task, a bigger model
     python align.py --loss_type=reinforce_with_baseline --normalize_by_std=False   # ablations
     python align.py eval --model=out/align/grpo.pt --data=gsm8k.jsonl   # or mmlu.csv, task.jsonl
     python align.py bench               # rollout tokens/s; a GRPO step's generating vs training
@@ -114,8 +114,8 @@ class AlignConfig:
 
 SIZES = {
     "cpu": {},  # the defaults: ~4 minutes on 2 CPU cores
-    "gpu": dict(max_steps=4, max_number=30, train_problems=20000, heldout_problems=500,
-                pretrain_stories=30000, vocab_size=1024, pretrain_iters=2000, pretrain_batch=32,
+    "gpu": dict(max_steps=5, max_number=60, train_problems=20000, heldout_problems=500,
+                pretrain_stories=20000, vocab_size=1024, pretrain_iters=2000, pretrain_batch=32,
                 pretrain_lr=1e-3, max_new_tokens=64, eval_samples=8, eval_interval=25,
                 model=dict(context_length=256, d_model=256, num_layers=6, num_heads=8, d_ff=768),
                 batch_size=64, sft_examples=500, sft_steps=60, sft_lr=3e-4, ei_steps=4,

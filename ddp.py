@@ -4,34 +4,30 @@ memory and traffic accounting.
 
 CS336 lectures 7-8 and assignment 2 part 2. Data parallelism runs the same model on every process,
 each on its own slice of the batch; averaging the gradients makes the step the one a single process
-takes on the whole batch. The wrappers differ only in *when* and *how* the gradients travel: naive
-(one all-reduce per gradient after backward), flat (one for all of them), individual parameters
-(each launched from backward as soon as its gradient is ready, so communication overlaps
-computation) and bucketed (overlap with fewer, larger messages, as torch's DistributedDataParallel
-does). ShardedOptimizer stops every process keeping the whole AdamW state (ZeRO stage 1); FSDP (ZeRO
-stage 3) shards the weights too, all-gathering each layer's just before it runs. Tensor parallelism
-splits the layers themselves (Megatron: attention heads and MLP units across ranks, one all-reduce
-per sub-block), sequence parallelism the activations between them, and pipeline parallelism gives
-each rank a run of blocks fed with micro-batches (GPipe). The accounting shows what each scheme
-costs in memory and bytes moved.
+takes on the whole batch. The four wrappers (naive, flat, per parameter, bucketed) differ only in
+*when* and *how* the gradients travel; bucketed, the design of torch's DistributedDataParallel,
+overlaps a few large all-reduces with backward. ShardedOptimizer (ZeRO stage 1) shards the AdamW
+state, FSDP (ZeRO stage 3) the weights too; tensor parallelism (Megatron) splits the layers,
+sequence parallelism the activations between them, pipeline parallelism (GPipe) the stack of
+blocks. The accounting predicts what each scheme costs in memory and bytes moved; the bench
+measures it.
 
 Commands (CPU with gloo, or NCCL when CUDA is there; the demos spawn their own processes):
     python ddp.py collectives                  # what each collective does, 4 ranks (~10 s)
     python ddp.py bench_collectives --sizes_mb=1,16,64 --world_sizes=2,4   # all-reduce bandwidth
     python ddp.py accounting --preset=xl --num_gpus=8 --bandwidth_gbps=450
     python ddp.py accounting --example=course  # the course's 16,384-wide, 126-block model
+    python ddp.py bench --trace=traces  # DDPBucketed vs torch's DDP: ms/step, share spent
+                                        # communicating; ZeRO-1 and FSDP memory vs the accounting
 The wrappers are used from code run under torchrun (or any initialised process group):
     model = DDPBucketed(model, bucket_size_mb=25); loss.backward()
     model.finish_gradient_synchronization(); optimizer.step()
     model = FSDP(model, compute_dtype=torch.bfloat16)  # the same; save model.gather_full_params()
     model = tensor_parallel(model, sequence_parallel=True)  # then sync_norm_grads(model)
     loss, idle = gpipe_step(PipelineStage(model), token_ids, targets, num_microbatches=8)
-Each is tested against one process on the whole model in test_all.py (2 gloo processes); no
-files are read or written.
-
-`torchrun --nproc_per_node=N train.py --parallel=ddp|zero1|fsdp` trains with them (parallelize);
-the checkpoints hold the whole state, so any number of processes resumes them.
-Comes next (issue 11): `python ddp.py bench` on GPUs against torch's DDP.
+Each is tested against one process on the whole model in test_all.py (2 gloo processes). Only
+bench --trace writes files. `torchrun --nproc_per_node=N train.py --parallel=ddp|zero1|fsdp` trains
+with them (parallelize); the checkpoints hold the whole state, so any number of processes resumes.
 
 Papers  Li et al. 2020 (PyTorch DDP: buckets, overlap); Rajbhandari et al. 2020 (ZeRO); Zhao et al.
         2023 (PyTorch FSDP); Shoeybi et al. 2019 (Megatron-LM: tensor parallelism); Korthikanti
@@ -40,6 +36,7 @@ Papers  Li et al. 2020 (PyTorch DDP: buckets, overlap); Rajbhandari et al. 2020 
 """
 
 import contextlib
+import gc
 import math
 import os
 import socket
@@ -55,7 +52,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import Tensor, nn
 
-from model import Embedding, Linear, ModelConfig, count_params
+from model import Embedding, Linear, ModelConfig, TransformerLM, count_params
 from tokenizer import UsageError, parse_command, run_cli
 
 
@@ -160,7 +157,7 @@ def bench_all_reduce(rank: int, world_size: int, sizes_mb: list[float], repeats:
         for _ in range(repeats):
             dist.all_reduce(x)
         sync()
-        seconds = torch.tensor((time.perf_counter() - start) / repeats)
+        seconds = torch.tensor((time.perf_counter() - start) / repeats, device=device)
         dist.all_reduce(seconds, op=dist.ReduceOp.MAX)  # the slowest rank sets the pace
         algbw = x.numel() * 4 / seconds.item() / 1e9
         if rank == 0:
@@ -174,8 +171,7 @@ class _DataParallel(nn.Module):
     """What the wrappers share: rank 0's parameters and buffers broadcast at construction, the
     module as .module, forward unchanged, and a batch-size check on the first forward. Gradients
     are averaged over ranks; parameters with requires_grad=False are left alone; a tied parameter
-    appears once in module.parameters(), so it is reduced once. Each wrapper's
-    finish_gradient_synchronization() is called after backward() and before optimizer.step()."""
+    appears once in module.parameters(), so it is reduced once."""
     def __init__(self, module: nn.Module) -> None:
         super().__init__()
         if not (dist.is_available() and dist.is_initialized()):
@@ -898,6 +894,101 @@ def gpus_needed(params: int, scheme: str, gpu_bytes: float) -> int | None:
     return max(1, math.ceil(params * sharded / room)) if sharded else 1
 
 
+# Benchmark: our bucketed DDP against torch's; ZeRO-1 and FSDP memory against the accounting -------
+# Each rank also times the step alone: the bare model on its own batch, no wrapper, no collective.
+# What a wrapper adds to that is communication its overlap did not hide (and its copies), so the
+# share of the step spent communicating is 1 - alone / step.
+BENCH_ROWS = {"alone": ("alone (no communication)", "DDP"), "ours": ("DDPBucketed", "DDP"),
+              "torch": ("torch DistributedDataParallel", "DDP"), "fsdp": ("FSDP", "ZeRO-3/FSDP"),
+              "zero1": ("ZeRO-1 (+ ShardedOptimizer)", "ZeRO-1")}  # (label, accounting's row)
+
+
+def _train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: Tensor, y: Tensor) -> None:
+    with torch.autocast(x.device.type, torch.bfloat16, enabled=x.is_cuda):
+        logits = model(x)  # (B, T, V)
+    nn.functional.cross_entropy(logits.flatten(0, 1).float(), y.flatten()).backward()
+    getattr(model, "finish_gradient_synchronization", lambda: None)()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    if x.is_cuda:
+        torch.cuda.synchronize(x.device)  # the step ends when the GPU is done
+
+
+def bench_data_parallel(rank: int, world_size: int, config: ModelConfig, cfg: dict,
+                        results: mp.SimpleQueue) -> None:
+    """For each of BENCH_ROWS, AdamW steps of TransformerLM(config) as `bench`'s cfg says, on
+    random tokens; rank 0 puts {name: (seconds a step, peak bytes a rank; 0 on CPU)} in results."""
+    cuda, warmup, steps = torch.cuda.is_available(), cfg["warmup"], cfg["steps"]
+    device = torch.device("cuda", rank) if cuda else torch.device("cpu")
+    x, y = torch.randint(config.vocab_size, (2, cfg["batch_size"], cfg["seq_len"]), device=device)
+    adamw, rows = partial(torch.optim.AdamW, lr=1e-5, fused=cuda), {}  # fused: no temporaries
+    for name in BENCH_ROWS:
+        torch.manual_seed(0)
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(device)
+        with device:  # built where it runs: 2B parameters on one CPU thread take minutes
+            model = TransformerLM(config)
+        if name == "torch":
+            model = nn.parallel.DistributedDataParallel(
+                model, device_ids=[rank] if cuda else None, bucket_cap_mb=cfg["bucket_size_mb"])
+        elif name != "alone":  # FSDP gathers bf16 weights on GPUs, as it would train there
+            model = FSDP(model, torch.bfloat16 if cuda else None) if name == "fsdp" else \
+                DDPBucketed(model, cfg["bucket_size_mb"])
+        optimizer = ShardedOptimizer(model.parameters(), adamw) if name == "zero1" else \
+            adamw(model.parameters())
+        times = []
+        for _ in range(warmup + steps):
+            begin = time.perf_counter()
+            _train_step(model, optimizer, x, y)
+            times.append(time.perf_counter() - begin)
+        if cfg["trace"]:  # one more step, traced: the all-reduces overlapping backward show
+            with torch.profiler.profile() as profiler:
+                _train_step(model, optimizer, x, y)
+            profiler.export_chrome_trace(os.path.join(cfg["trace"], f"{name}_rank{rank}.json"))
+        measured = torch.tensor([sum(times[warmup:]) / steps, torch.cuda.max_memory_allocated(
+            device) if cuda else 0], dtype=torch.float64, device=device)
+        dist.all_reduce(measured, op=dist.ReduceOp.MAX)  # the slowest rank sets the pace
+        rows[name] = tuple(measured.tolist())
+        del model, optimizer
+        gc.collect()  # now, not later: the wrappers' hooks make cycles that hold the model
+    if rank == 0:
+        results.put(rows)
+
+
+def run_bench(cfg: dict, overrides: dict) -> dict[str, tuple[float, float]]:
+    """`python ddp.py bench`: spawn the ranks, print the table, return BENCH_ROWS' numbers."""
+    gpus = torch.cuda.device_count()
+    world_size, most = cfg["world_size"] or gpus or 2, gpus or 16
+    if not 1 <= world_size <= most:
+        raise UsageError(f"--world_size must be between 1 and {most} "
+                         f"({'GPUs here' if gpus else 'CPU processes'}), got {world_size}")
+    preset = cfg["preset"] or ("xl" if gpus else "tiny")
+    config = _model_config(preset, overrides)
+    cfg = {**cfg, "seq_len": cfg["seq_len"] or config.context_length}
+    if min(cfg["batch_size"], cfg["seq_len"], cfg["steps"], cfg["bucket_size_mb"]) <= 0 or \
+            cfg["warmup"] < 0 or cfg["seq_len"] > config.context_length:
+        raise UsageError("need --batch_size, --steps, --bucket_size_mb > 0, --warmup >= 0 and "
+                         f"--seq_len <= context_length ({config.context_length})")
+    if cfg["trace"]:
+        os.makedirs(cfg["trace"], exist_ok=True)
+    results = mp.get_context("spawn").SimpleQueue()
+    spawn(bench_data_parallel, world_size, config, cfg, results, backend="nccl" if gpus else "gloo")
+    rows, params = results.get(), count_params(config)["total"]
+    predicted = accounting(params, world_size)
+    print(f"{preset}: {params:,} parameters, {world_size} {'GPU' if gpus else 'CPU rank'}(s), "
+          f"{cfg['batch_size']} x {cfg['seq_len']} tokens a rank, mean of {cfg['steps']} AdamW "
+          f"steps after {cfg['warmup']}; comm = 1 - alone / step\n  {'':<30}{'ms/step':>9}"
+          f"{'comm':>6}{'peak GB/rank':>14}{'accounting':>12}")
+    for name, (seconds, peak) in rows.items():
+        comm = f"{1 - rows['alone'][0] / seconds:.0%}" if name != "alone" else "-"
+        print(f"  {BENCH_ROWS[name][0]:<30}{seconds * 1e3:>9.1f}{comm:>6}"
+              f"{f'{peak / 1e9:.4g}' if gpus else 'not measured':>14}"
+              f"{predicted[BENCH_ROWS[name][1]]['memory'] / 1e9:>12.4g}")
+    print("accounting: GB of weights, gradients and AdamW moments; the peak adds activations and "
+          "buffers")
+    return rows
+
+
 # Command line: `python ddp.py COMMAND [--key=value ...]` ------------------------------------------
 COMMANDS = {
     "collectives": {"world_size": 4},
@@ -907,6 +998,12 @@ COMMANDS = {
                    "bandwidth_gbps": 450.0,  # GB/s each GPU sends (H100 NVLink: 450)
                    "batch_size": 8, "seq_len": 0,  # tokens for TP's traffic; 0: context length
                    **asdict(ModelConfig())},
+    "bench": {"world_size": 0,  # 0: one process per GPU, or 2 on CPU
+              "preset": "",  # "": xl on GPUs, tiny on CPU; ModelConfig fields override it
+              "batch_size": 4, "seq_len": 0,  # sequences a rank, of seq_len tokens (0: context)
+              "bucket_size_mb": 25.0, "warmup": 2, "steps": 5,
+              "trace": "",  # a folder: a profiler trace (chrome://tracing) per row and rank
+              **asdict(ModelConfig())},
 }
 
 
@@ -920,21 +1017,23 @@ def _numbers(key: str, text: str, kind: type) -> list:
     return values
 
 
+def _model_config(preset: str, overrides: dict) -> ModelConfig:
+    """The preset ("": ModelConfig's defaults) with the ModelConfig fields among overrides."""
+    fields = {k: v for k, v in overrides.items() if k in ModelConfig.__dataclass_fields__}
+    try:
+        return ModelConfig.preset(preset, **fields) if preset else ModelConfig(**fields)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+
+
 def print_accounting(cfg: dict, overrides: dict) -> None:
     """`python ddp.py accounting`: the table for --example, or --preset and ModelConfig fields."""
-    overrides = {k: v for k, v in overrides.items() if k in ModelConfig.__dataclass_fields__}
     if cfg["example"] and cfg["example"] not in EXAMPLES:
         raise UsageError(f"unknown --example {cfg['example']!r}; choose from {list(EXAMPLES)}")
     if cfg["num_gpus"] < 1 or cfg["gpu_memory_gb"] <= 0 or cfg["bandwidth_gbps"] <= 0:
         raise UsageError("need --num_gpus >= 1, --gpu_memory_gb > 0 and --bandwidth_gbps > 0")
-    try:
-        if cfg["example"]:
-            config = ModelConfig(**{**EXAMPLES[cfg["example"]], **overrides})
-        else:
-            config = ModelConfig.preset(cfg["preset"], **overrides) if cfg["preset"] \
-                else ModelConfig(**overrides)
-    except ValueError as error:
-        raise UsageError(str(error)) from None
+    config = _model_config("" if cfg["example"] else cfg["preset"],
+                           {**EXAMPLES.get(cfg["example"], {}), **overrides})
     counts = count_params(config)
     params, what = counts["total"], cfg["preset"] or "ModelConfig"
     if cfg["example"] == "course":
@@ -961,7 +1060,7 @@ def print_accounting(cfg: dict, overrides: dict) -> None:
         print("never: what that scheme keeps whole on every GPU is already too big for one")
 
 
-def main(argv: list[str]) -> None:
+def main(argv: list[str]) -> dict | None:
     """`python ddp.py [COMMAND] [--key=value ...]`; no command shows the collectives."""
     if "-h" in argv or "--help" in argv:
         return print(__doc__)
@@ -982,6 +1081,8 @@ def main(argv: list[str]) -> None:
               "busbw = algbw x 2(n-1)/n (what each link of a ring carries)")
         for world_size in world_sizes:
             spawn(bench_all_reduce, world_size, sizes, cfg["repeats"], backend, backend=backend)
+    elif command == "bench":
+        return run_bench(cfg, overrides)
     else:
         print_accounting(cfg, overrides)
 

@@ -3598,8 +3598,8 @@ def test_triton_model_has_no_graph_breaks_and_compiles_to_eager():
     ops = {str(node.target) for node in graphs[0].graph.nodes}
     assert len(graphs) == 1 and {f"cs336.{name}.default" for name in (
         "rmsnorm_fwd", "swiglu_fwd", "flash_attention_fwd", "linear_cross_entropy")} <= ops, ops
-    for got, want in zip(*results, strict=True):
-        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+    for got, want in zip(*results, strict=True):  # inductor sums in another order than eager
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
 def op_cases() -> list[tuple]:
@@ -3956,36 +3956,6 @@ def test_accounting_known_answers(capsys):
         ddp.main(["accounting", "--num_gpu=3"])
 
 
-# _par_cfg, _par_cache and _par_rows copy test_all.py's _cfg, _cache and _rows (rename on merge).
-
-
-import ddp  # noqa: E402
-from train import AdamW, Muon  # noqa: E402
-
-_PAR_TINY = dict(context_length=16, d_model=32, num_layers=1, num_heads=2, d_ff=64)
-
-
-def _par_cfg(cache_dir: Path, out_dir: Path, **overrides) -> train.TrainConfig:
-    cfg = train.TrainConfig(dataset="pydoc", cache_dir=str(cache_dir), out_dir=str(out_dir),
-                            max_text_mb=0.1, vocab_size=300, batch_size=4, max_iters=6,
-                            warmup_iters=2, eval_interval=3, eval_iters=2, log_interval=1,
-                            checkpoint_interval=0, num_samples=1, sample_tokens=8, device="cpu")
-    cfg.model = dict(_PAR_TINY)
-    return train.with_overrides(cfg, overrides)
-
-
-@pytest.fixture(scope="module")
-def _par_cache(tmp_path_factory) -> Path:
-    cache = tmp_path_factory.mktemp("cache")
-    train.prepare_data(_par_cfg(cache, cache / "unused"))
-    return cache
-
-
-def _par_rows(path: Path, key: str) -> dict[int, float]:
-    rows = [json.loads(line) for line in path.read_text().splitlines()]
-    return {r["iter"]: r[key] for r in rows if key in r}
-
-
 # A constant learning rate (no warm-up, min_lr = lr): the first 3 steps of a 5-step run are a
 # 3-step run, so a run stopped at 3 and resumed to 5 can be compared with one of 5.
 _PAR_RUN = dict(lr=1e-2, min_lr=1e-2, warmup_iters=0, grad_accum_steps=2, eval_interval=3,
@@ -3997,7 +3967,7 @@ def _parallel_worker(rank: int, world_size: int, port: int, cache: str, out: str
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    result = train.train(_par_cfg(Path(cache), Path(out), parallel=parallel, max_iters=3,
+    result = train.train(_cfg(Path(cache), Path(out), parallel=parallel, max_iters=3,
                                   **_PAR_RUN))
     torch.save({k: v.detach() for k, v in result["model"].state_dict().items()},
                Path(out, f"rank{rank}.pt"))
@@ -4006,15 +3976,15 @@ def _parallel_worker(rank: int, world_size: int, port: int, cache: str, out: str
 
 
 @pytest.fixture(scope="module")
-def _one_process_run(_par_cache, tmp_path_factory) -> tuple[Path, dict]:
+def _one_process_run(_cache, tmp_path_factory) -> tuple[Path, dict]:
     """One process on the global batch (2 x 4), 5 steps: what torch's DDP also equals."""
     out = tmp_path_factory.mktemp("one")
-    result = train.train(_par_cfg(_par_cache, out, batch_size=8, max_iters=5, **_PAR_RUN))
+    result = train.train(_cfg(_cache, out, batch_size=8, max_iters=5, **_PAR_RUN))
     return out, result["model"].state_dict()
 
 
 @pytest.mark.parametrize("parallel", ["ddp", "zero1", "fsdp"])
-def test_parallel_train_equals_one_process_and_resumes_in_one(_par_cache, _one_process_run,
+def test_parallel_train_equals_one_process_and_resumes_in_one(_cache, _one_process_run,
                                                                tmp_path, parallel):
     """Two gloo processes of 4 sequences with ddp.py's wrapper (2 accumulated micro-batches,
     clipped gradients, AdamW) take the steps one process takes on 8; their checkpoint holds the
@@ -4023,14 +3993,14 @@ def test_parallel_train_equals_one_process_and_resumes_in_one(_par_cache, _one_p
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     two = tmp_path / "two"
-    torch.multiprocessing.spawn(_parallel_worker, args=(2, port, str(_par_cache), str(two),
+    torch.multiprocessing.spawn(_parallel_worker, args=(2, port, str(_cache), str(two),
                                                         parallel), nprocs=2, join=True)
     one_dir, one_final = _one_process_run
     r0, r1 = (torch.load(two / f"rank{r}.pt") for r in range(2))
     assert r0.keys() == r1.keys() == one_final.keys()
     assert all(torch.equal(r0[k], r1[k]) for k in r0)  # the replicas (or the shards) agree
     for key in ("loss", "grad_norm"):
-        two_rows, one_rows = (_par_rows(d / "metrics.jsonl", key) for d in (two, one_dir))
+        two_rows, one_rows = (_rows(d / "metrics.jsonl", key) for d in (two, one_dir))
         assert sorted(two_rows) == [1, 2, 3]
         assert two_rows == pytest.approx({i: one_rows[i] for i in (1, 2, 3)}, rel=1e-5)
     state = train.read_checkpoint(two / "ckpt.pt")
@@ -4038,29 +4008,29 @@ def test_parallel_train_equals_one_process_and_resumes_in_one(_par_cache, _one_p
     assert state["model"].keys() == one_final.keys()  # full weights, under the model's names
     assert (two / "samples.txt").exists()  # rank 0 sampled alone (FSDP: after unsharding)
 
-    resumed = train.train(_par_cfg(_par_cache, two, batch_size=8, max_iters=5, resume=True,
+    resumed = train.train(_cfg(_cache, two, batch_size=8, max_iters=5, resume=True,
                                    **_PAR_RUN))
     # AdamW divides by sqrt(v): where a gradient is ~0, float rounding of the averaging can move
     # an element by a fraction of lr = 1e-2; a wrong step would move whole tensors by ~lr.
     for name, value in one_final.items():
         torch.testing.assert_close(resumed["model"].state_dict()[name], value, rtol=1e-3,
                                    atol=1e-4, msg=name)
-    loss_two, loss_one = (_par_rows(d / "metrics.jsonl", "loss") for d in (two, one_dir))
+    loss_two, loss_one = (_rows(d / "metrics.jsonl", "loss") for d in (two, one_dir))
     assert loss_two == pytest.approx(loss_one, rel=1e-5) and sorted(loss_two) == [1, 2, 3, 4, 5]
 
 
-def test_resume_at_another_world_size_needs_the_same_global_batch(_par_cache, tmp_path):
-    train.train(_par_cfg(_par_cache, tmp_path, max_iters=1, eval_interval=0, num_samples=0))
+def test_resume_at_another_world_size_needs_the_same_global_batch(_cache, tmp_path):
+    train.train(_cfg(_cache, tmp_path, max_iters=1, eval_interval=0, num_samples=0))
     state = train.read_checkpoint(tmp_path / "ckpt.pt")
     state["world_size"] = 2  # as if 2 processes of 4 had written it
-    cfg = _par_cfg(_par_cache, tmp_path, max_iters=2, resume=True)
+    cfg = _cfg(_cache, tmp_path, max_iters=2, resume=True)
     with pytest.raises(train.UsageError, match=r"batch_size=4 in the checkpoint but 4 now, with 2 "
                        r"process\(es\) then and 1 now \(the product must stay\)"):
         train.check_resumable(state, cfg, 1)
-    train.check_resumable(state, _par_cfg(_par_cache, tmp_path, batch_size=8), 1)
-    train.check_resumable(state, _par_cfg(_par_cache, tmp_path, parallel="fsdp"), 2)
+    train.check_resumable(state, _cfg(_cache, tmp_path, batch_size=8), 1)
+    train.check_resumable(state, _cfg(_cache, tmp_path, parallel="fsdp"), 2)
     with pytest.raises(train.UsageError, match=r"--parallel='zero2': expected one of"):
-        train.check_config(_par_cfg(_par_cache, tmp_path, parallel="zero2"))
+        train.check_config(_cfg(_cache, tmp_path, parallel="zero2"))
 
 
 @pytest.fixture
@@ -4076,7 +4046,7 @@ def _one_rank_group():
 
 
 def test_parallelize_refuses_what_it_cannot_do(_one_rank_group):
-    model = train.LossModel(train.TransformerLM(train.ModelConfig(vocab_size=32, **_PAR_TINY)))
+    model = train.LossModel(train.TransformerLM(train.ModelConfig(vocab_size=32, **_TINY_MODEL)))
     muon = Muon(train.param_groups_for_muon(model.model, lr=1e-2))
     with pytest.raises(ValueError, match="--parallel=fsdp steps flat shards of each matrix"):
         ddp.parallelize("fsdp", model, muon)
@@ -4108,6 +4078,49 @@ def test_data_parallel_refuses_parameters_of_other_shapes_on_other_ranks(tmp_pat
         assert (tmp_path / f"rank{r}.txt").read_text() == (
             "the parameter or buffer shapes differ across ranks: build the same model on every "
             "rank (rank 0's values are then copied to all)")
+
+
+import re  # noqa: E402
+
+
+_BENCH_TINY = ["--preset=tiny", "--vocab_size=64", "--context_length=16", "--d_model=32",
+               "--num_layers=2", "--num_heads=2", "--d_ff=64", "--batch_size=2"]
+
+
+def test_bench_times_our_ddp_next_to_torchs_and_predicts_memory(capsys, tmp_path):
+    world_size = 1 if torch.cuda.is_available() else 2  # the GPU machine may have one GPU
+    rows = ddp.main(["bench", f"--world_size={world_size}", *_BENCH_TINY, "--warmup=1",
+                     "--steps=1", f"--trace={tmp_path}"])
+    out = capsys.readouterr().out
+    assert list(rows) == list(ddp.BENCH_ROWS) == ["alone", "ours", "torch", "fsdp", "zero1"]
+    assert all(seconds > 0 for seconds, _ in rows.values())
+    params = M.count_params(M.ModelConfig.preset("tiny", vocab_size=64, context_length=16,
+                                                 d_model=32, num_layers=2, num_heads=2, d_ff=64))
+    assert f"tiny: {params['total']:,} parameters, {world_size} " in out
+    predicted = ddp.accounting(params["total"], world_size)
+    for name, (seconds, peak) in rows.items():
+        label, scheme = ddp.BENCH_ROWS[name]
+        line = next(line for line in out.splitlines() if line.startswith(f"  {label}  "))
+        ms, comm, *memory = line[2 + 30:].split(maxsplit=2)
+        assert float(ms) == pytest.approx(seconds * 1e3, abs=0.051)
+        # the share spent communicating: what the step adds to the same step run alone
+        assert comm == "-" if name == "alone" else comm == f"{1 - rows['alone'][0] / seconds:.0%}"
+        assert memory[0].endswith(f"{predicted[scheme]['memory'] / 1e9:.4g}")
+        assert (peak > 0) == torch.cuda.is_available()
+        assert ("not measured" in memory[0]) != torch.cuda.is_available()
+    for name in ("ours", "torch"):  # a chrome trace per row and rank, where overlap shows
+        trace = json.loads((tmp_path / f"{name}_rank0.json").read_text())
+        assert any(re.search("all_?reduce", e.get("name", ""), re.I) for e in trace["traceEvents"])
+
+
+def test_bench_refuses_a_bad_world_size():
+    most = torch.cuda.device_count() or 16
+    for bad in (-1, most + 1):
+        with pytest.raises(UsageError, match=rf"--world_size must be between 1 and {most} "
+                                             rf"\(.*\), got {bad}$"):
+            ddp.main(["bench", f"--world_size={bad}", *_BENCH_TINY])
+    with pytest.raises(UsageError, match=r"--seq_len <= context_length \(16\)"):
+        ddp.main(["bench", *_BENCH_TINY, "--seq_len=17"])
 
 
 # =================================================================================================
