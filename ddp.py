@@ -432,8 +432,8 @@ class _Unit:
         if self.full is None and self._pending is None:
             flat = torch.empty(self.shard.numel() * dist.get_world_size(), dtype=self.dtype,
                                device=self.shard.device)
-            work = dist.all_gather_single(flat, self.shard.detach().to(self.dtype),
-                                          async_op=True)
+            work = dist.all_gather_into_tensor(flat, self.shard.detach().to(self.dtype),
+                                               async_op=True)
             self._pending = (work, flat)
 
     def gather(self) -> Tensor:
@@ -546,7 +546,7 @@ class FSDP(DDPFlat):
     def _unsharded(self, unit: _Unit, piece: Tensor) -> Tensor:
         """A tensor cut like unit.shard (the weight, or its optimizer state), whole again."""
         flat = piece.new_empty(piece.numel() * self.world_size)
-        dist.all_gather_single(flat, piece.detach().contiguous())
+        dist.all_gather_into_tensor(flat, piece.detach().contiguous())
         return flat[:unit.numel].view(unit.shape)
 
     @torch.no_grad()
