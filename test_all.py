@@ -4080,6 +4080,20 @@ def test_data_parallel_refuses_parameters_of_other_shapes_on_other_ranks(tmp_pat
             "rank (rank 0's values are then copied to all)")
 
 
+def _dying_worker(rank: int, world_size: int) -> None:
+    if rank == 1:
+        raise RuntimeError("rank 1 died")
+    torch.distributed.all_reduce(torch.ones(1))  # waits for a rank that is gone
+
+
+def test_a_rank_that_dies_ends_the_others_with_a_clear_error():
+    """Rank 0, waiting in its all-reduce, does not hang: either gloo sees the dead rank's closed
+    connection ("typically caused by a remote worker crashing") or spawn() raises the dead rank's
+    own error first and ends rank 0; the process group's 120 s timeout is the last resort."""
+    with pytest.raises(Exception, match="rank 1 died|remote worker crashing"):
+        ddp.spawn(_dying_worker, 2)
+
+
 import re  # noqa: E402
 
 
