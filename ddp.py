@@ -609,6 +609,10 @@ def parallelize(name: str, step_model: nn.Module, optimizer: torch.optim.Optimiz
         if type(optimizer).__name__ != "AdamW":
             raise ValueError("--parallel=fsdp steps flat shards of each matrix: use --optimizer="
                              "adamw (Muon and SOAP need whole matrices, which zero1 keeps)")
+        config = getattr(step_model, "_orig_mod", step_model).model.config
+        if config.positions == "learned" or config.kernels == "triton":  # they read a weight
+            raise ValueError("--parallel=fsdp gathers a weight only when its layer runs: learned "
+                             "positions and kernels='triton' read one directly; use zero1")
         model = FSDP(getattr(step_model, "_orig_mod", step_model))  # dynamo cannot trace the
         return model, model.shard_optimizer(optimizer)  # gathering hooks: compile is skipped
     if name not in ("ddp", "zero1"):

@@ -4050,6 +4050,10 @@ def test_parallelize_refuses_what_it_cannot_do(_one_rank_group):
     muon = Muon(train.param_groups_for_muon(model.model, lr=1e-2))
     with pytest.raises(ValueError, match="--parallel=fsdp steps flat shards of each matrix"):
         ddp.parallelize("fsdp", model, muon)
+    learned = train.LossModel(train.TransformerLM(train.ModelConfig(
+        vocab_size=32, positions="learned", **_TINY_MODEL)))
+    with pytest.raises(ValueError, match="learned positions and kernels='triton' read one"):
+        ddp.parallelize("fsdp", learned, AdamW(learned.parameters()))
     with pytest.raises(ValueError, match="parallel='zero2': expected 'ddp', 'zero1' or 'fsdp'"):
         ddp.parallelize("zero2", model, muon)
     # zero1 keeps the optimizer's class, groups and hyperparameters, and its restored state
