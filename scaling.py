@@ -141,7 +141,7 @@ def shapes_for_budget(budget: float, min_params: float, max_params: float,
     return found
 
 
-# Runs: the file the fits read, checked row by row ------------------------------------------------
+# Runs: the file the fits read, checked row by row -------------------------------------------------
 @dataclass
 class Runs:
     """One row per training run: parameters N, compute budget C and final loss L."""
@@ -634,7 +634,7 @@ def plot_envelope(curves: list[tuple[float, np.ndarray, np.ndarray]], out_dir: s
     return out / "envelope.png"
 
 
-# Synthetic runs from a known law: the check that every method recovers what it should ------------
+# Synthetic runs from a known law: the check that every method recovers what it should -------------
 CHINCHILLA = LossLaw(E=1.69, A=406.4, B=410.7, alpha=0.34, beta=0.28)  # Hoffmann et al.'s fit
 
 
@@ -676,7 +676,7 @@ def demo(noise: float = 0.002, seed: int = 0) -> dict:
     return {"approach1_a": a1, "approach2": laws, "approach3": law3}
 
 
-# Sweeps with a hard budget: our own model's runs, chosen, trained, recorded and fitted -----------
+# Sweeps with a hard budget: our own model's runs, chosen, trained, recorded and fitted ------------
 # Per compute budget C (a few, below the total) `sizes` shapes of the family spread over
 # [min_params, max_params], each trained by train.py on D = C / 6N tokens (or on the tokens
 # model.py's exact count affords) with one cosine schedule as long as the run, for every learning

@@ -3324,7 +3324,7 @@ def assert_close_all(ours: tuple, ref: tuple, atol: float, rtol: float = 0.0) ->
         torch.testing.assert_close(a.double(), b.double(), atol=atol, rtol=rtol, msg=name)
 
 
-# The PyTorch version -----------------------------------------------------------------------------
+# The PyTorch version ------------------------------------------------------------------------------
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("q_shape,kv_shape", [((2, 37, 16), (2, 37, 16)),
@@ -3352,7 +3352,7 @@ def test_flash_pytorch_causal_needs_enough_keys():
         kernels.FlashAttentionPytorch.apply(q, k, k, True)
 
 
-# The Triton kernels (interpreted on a CPU) -------------------------------------------------------
+# The Triton kernels (interpreted on a CPU) --------------------------------------------------------
 @pytest.mark.parametrize("B,H,H_kv,T,S,d,causal", [
     (1, 2, 2, 37, 37, 16, True),  # uneven length, several query and key tiles
     (1, 2, 2, 21, 50, 32, False),  # fewer queries than keys, ragged on both sides
@@ -3433,7 +3433,7 @@ def test_bench_attention_rows():
         kernels.bench_attention(kernels.AttentionConfig(impls="xformers"))
 
 
-# On a GPU: realistic shapes in bfloat16, against the same reference ------------------------------
+# On a GPU: realistic shapes in bfloat16, against the same reference -------------------------------
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
@@ -4311,7 +4311,7 @@ def test_paged_continuous_batching_equals_one_by_one(variant):
 def test_paged_cache_shares_prefix_blocks_and_copies_on_write():
     cache = infer.PagedCache(_tiny_lm(), num_blocks=6, block_size=4, max_seqs=2,
                              max_blocks_per_seq=3)
-    cache.prepare_write(0, 0), cache.prepare_write(0, 4)  # a 6-token prompt: 1 full block, 1 partial
+    cache.prepare_write(0, 0), cache.prepare_write(0, 4)  # a 6-token prompt: 1 full, 1 partial
     cache.layers[0]["k"][cache.owned[0][1]] = 7.0
     cache.share(0, 1)
     assert cache.owned[1] == cache.owned[0] and cache.refs[cache.owned[0][1]] == 2
