@@ -1156,7 +1156,7 @@ def compare(out: str = "", crawls: int = 60, max_iters: int = 200,
 
 def bench(crawls: int = 20, repeat: int = 3, num_hashes: int = 128) -> None:
     """Documents/s of extraction, language id, MinHash, beside resiliparse and datasketch, and of
-    the whole pipeline with one worker process and with one per core."""
+    the pipeline's per-file stage with one worker process and with one per core."""
     pages = [r.body for seed in range(crawls) for r in synthetic_crawl(seed)]
     texts = [t for p in pages if (t := extract_text_from_html_bytes(p))]
     sets, (a, b) = [shingles(t, 5) for t in texts], hash_functions(num_hashes)
@@ -1182,17 +1182,21 @@ def bench(crawls: int = 20, repeat: int = 3, num_hashes: int = 128) -> None:
         speed = tool and len(tool[1]) / min(timeit.repeat(
             lambda: deque(map(*tool), maxlen=0), number=1, repeat=repeat))
         print(f"{name:<46}" + (f"{speed:>8,.0f} documents/s" if tool else "not installed"))
-    with tempfile.TemporaryDirectory() as tmp:  # the whole pipeline; its first stage in processes
+    with tempfile.TemporaryDirectory() as tmp:  # the pipeline's per-file stage, in processes
         (crawl := Path(tmp, "crawl")).mkdir()
-        for seed in range(crawls):
-            write_warc(crawl / f"{seed}.warc.gz", synthetic_crawl(seed))
+        sizes = []
+        for seed in range(6 * crawls):
+            sizes.append(len(records := synthetic_crawl(seed)))
+            write_warc(crawl / f"{seed:04d}.warc.gz", records)
+        docs = sum(sizes[::2])  # shard 0/2: stage 1 alone, on every other file
         for workers in sorted({1, os.cpu_count() or 1}):
             start = timeit.default_timer()
             with open(os.devnull, "w") as null, contextlib.redirect_stdout(null):
-                pipeline(str(crawl), f"{tmp}/out{workers}", workers, progress=False,
+                pipeline(str(crawl), f"{tmp}/{workers}", workers, "0/2", progress=False,
                          **PIPELINE_OPTIONS)
-            speed = len(pages) / (timeit.default_timer() - start)
-            print(f"{f'pipeline, {workers} worker process(es)':<46}{speed:>8,.0f} documents/s")
+            speed = docs / (timeit.default_timer() - start)
+            print(f"{f'pipeline stage 1, {workers} worker process(es)':<46}{speed:>8,.0f} "
+                  "documents/s")
 
 
 # 13. Commands -------------------------------------------------------------------------------------

@@ -5275,7 +5275,7 @@ def test_data_bench_runs(capsys):
     data.bench(crawls=2, repeat=1)
     out = capsys.readouterr().out
     assert "MinHash x128: data.py" in out and "documents/s" in out
-    assert "pipeline, 1 worker process(es)" in out
+    assert "pipeline stage 1, 1 worker process(es)" in out
 
 
 def test_data_compare_runs(tmp_path, capsys):
