@@ -889,6 +889,17 @@ def accounting(params: int, num_gpus: int, tokens: int = 0, d_model: int = 0,
             for scheme, (whole, cut) in MEMORY.items()}
 
 
+def best_buckets(grad_bytes: float, bandwidth: float, call_overhead: float) -> tuple[int, float]:
+    """Bucketed DDP's overhead model: (the best number of buckets, the time it leaves after
+    backward). Each bucket's all-reduce starts when its gradients are ready and runs while backward
+    goes on, so what is left is the last bucket's transfer, s / (n_b w) (s gradient bytes, w the
+    all-reduce's algorithm bandwidth), plus every call's fixed cost o, which queues on the one
+    communication stream: overhead(n_b) = n_b o + s / (n_b w), least at n_b = sqrt(s / (w o)),
+    buckets of sqrt(s w o) bytes. Fewer buckets expose more transfer; more pay more calls."""
+    n_b = max(1, round(math.sqrt(grad_bytes / (bandwidth * call_overhead))))
+    return n_b, n_b * call_overhead + grad_bytes / (n_b * bandwidth)
+
+
 def gpus_needed(params: int, scheme: str, gpu_bytes: float) -> int | None:
     """The fewest GPUs whose memory holds the weights and AdamW states; None: no number does."""
     replicated, sharded = MEMORY[scheme]
@@ -1000,6 +1011,7 @@ COMMANDS = {
     "accounting": {"example": "",  # a name from EXAMPLES; else --preset and model fields
                    "preset": "", "num_gpus": 8, "gpu_memory_gb": 80.0,
                    "bandwidth_gbps": 450.0,  # GB/s each GPU sends (H100 NVLink: 450)
+                   "call_overhead_us": 50.0,  # fixed cost of one all-reduce call (bucket model)
                    "batch_size": 8, "seq_len": 0,  # tokens for TP's traffic; 0: context length
                    **asdict(ModelConfig())},
     "bench": {"world_size": 0,  # 0: one process per GPU, or 2 on CPU
@@ -1034,8 +1046,10 @@ def print_accounting(cfg: dict, overrides: dict) -> None:
     """`python ddp.py accounting`: the table for --example, or --preset and ModelConfig fields."""
     if cfg["example"] and cfg["example"] not in EXAMPLES:
         raise UsageError(f"unknown --example {cfg['example']!r}; choose from {list(EXAMPLES)}")
-    if cfg["num_gpus"] < 1 or cfg["gpu_memory_gb"] <= 0 or cfg["bandwidth_gbps"] <= 0:
-        raise UsageError("need --num_gpus >= 1, --gpu_memory_gb > 0 and --bandwidth_gbps > 0")
+    if cfg["num_gpus"] < 1 or min(cfg["gpu_memory_gb"], cfg["bandwidth_gbps"],
+                                  cfg["call_overhead_us"]) <= 0:
+        raise UsageError("need --num_gpus >= 1, and --gpu_memory_gb, --bandwidth_gbps and "
+                         "--call_overhead_us > 0")
     config = _model_config("" if cfg["example"] else cfg["preset"],
                            {**EXAMPLES.get(cfg["example"], {}), **overrides})
     counts = count_params(config)
@@ -1058,10 +1072,18 @@ def print_accounting(cfg: dict, overrides: dict) -> None:
               f"{row['traffic'] / 1e9:>14,.2f}{row['traffic'] / (bandwidth_gbps * 1e9):>13.3f}"
               f"{needed[scheme] or 'never':>14}")
     fsdp = needed["ZeRO-3/FSDP"]
-    print(f"FSDP: {fsdp} GPU{'s' if fsdp > 1 else ''} of {gpu_gb:g} GB hold the states "
+    print(f"FSDP: {fsdp} GPU{'s' if fsdp > 1 else ''} of {gpu_gb:g} GB "
+          f"{'hold' if fsdp > 1 else 'holds'} the states "
           f"(fewer cannot), {params * 16 / fsdp / 1e9:,.1f} GB each")
     if None in needed.values():
         print("never: what that scheme keeps whole on every GPU is already too big for one")
+    if (n := cfg["num_gpus"]) > 1:  # busbw = algbw x 2(n-1)/n: what a ring's all-reduce reaches
+        algbw, call = bandwidth_gbps * 1e9 * n / (2 * (n - 1)), cfg["call_overhead_us"] * 1e-6
+        n_b, overhead = best_buckets(4 * params, algbw, call)
+        print(f"bucketed DDP: overhead = n_b o + s / (n_b w), o = {cfg['call_overhead_us']:g} us a "
+              f"call\n  {n_b} buckets of {4 * params / n_b / 2**20:,.0f} MB leave "
+              f"{overhead * 1e3:,.2f} ms after backward; one bucket would leave "
+              f"{(call + 4 * params / algbw) * 1e3:,.2f} ms")
 
 
 def main(argv: list[str]) -> dict | None:
