@@ -76,6 +76,8 @@ class BenchConfig(TrainConfig):
     context_length: str = ""  # one or more, e.g. 128,256,512,1024; "" = the preset's own
     mode: str = "fwd,fwd_bwd,step"  # forward; forward + backward; the step with the optimizer
     compile: str = "auto"  # "auto": on CUDA, the course sizes eager (as its table); or False,True
+    # or "graphs": compiled with mode="reduce-overhead", the forward and backward replayed as CUDA
+    # graphs, so no Python runs per kernel (our custom ops are host-bound without them)
     dtype: str = "auto"  # "auto": bf16 autocast on CUDA, else float32; or float32,bfloat16
     steps: int = 20  # timed steps per row
     warmup_steps: int = 5  # untimed steps first: compilation, allocator and autotuning settle
@@ -104,14 +106,15 @@ def bench_grid(cfg: BenchConfig, device: torch.device) -> tuple[list[tuple], lis
                for p in (COURSE if name == "course" else [name])]
     grid = itertools.product(
         presets, comma_list("context_length", cfg.context_length) if cfg.context_length else [0],
-        comma_list("compile", cfg.compile, ("auto", "True", "False")),
+        comma_list("compile", cfg.compile, ("auto", "True", "False", "graphs")),
         [resolve_dtype(d, device) for d in comma_list("dtype", cfg.dtype,
                                                       ("auto", "float32", "bfloat16"))])
-    return ([(p, T, c == "True" or c == "auto" and device.type == "cuda" and p not in COURSE, d)
-             for p, T, c, d in grid], comma_list("mode", cfg.mode, ("fwd", "fwd_bwd", "step")))
+    return ([(p, T, c if c == "graphs" else c == "True" or c == "auto" and device.type == "cuda"
+              and p not in COURSE, d) for p, T, c, d in grid],
+            comma_list("mode", cfg.mode, ("fwd", "fwd_bwd", "step")))
 
 
-def prepare(cfg: BenchConfig, name: str, context_length: int, compiled: bool,
+def prepare(cfg: BenchConfig, name: str, context_length: int, compiled: bool | str,
             dtype: torch.dtype, device: torch.device) -> SimpleNamespace:
     """A row's model, batch, step_model, optimizer and loss(), made on the device (filling a 2.7B
     model on a CPU is slow), the batch too: we time the step, not the loader."""
@@ -124,10 +127,11 @@ def prepare(cfg: BenchConfig, name: str, context_length: int, compiled: bool,
         batch = tuple(torch.randint(config.vocab_size, (batch_size, config.context_length))
                       for _ in range(2))
     run = SimpleNamespace(model=model, batch_size=batch_size, batch=batch,
-                          step_model=torch.compile(LossModel(model)) if compiled else
-                          LossModel(model), autocast=autocast_for(device, dtype),
+                          step_model=torch.compile(LossModel(model), mode=(
+                              "reduce-overhead" if compiled == "graphs" else None)) if compiled
+                          else LossModel(model), autocast=autocast_for(device, dtype),
                           optimizer=build_optimizer(model, dataclasses.replace(
-                              cfg, compile=compiled), device))
+                              cfg, compile=bool(compiled)), device))
 
     def loss(step_model: nn.Module = run.step_model) -> Tensor:
         with run.autocast:

@@ -2661,6 +2661,11 @@ def test_bench_grid_expands_course_and_lists():
     auto = kernels.BenchConfig(preset="small,nanogpt")
     assert [g[2] for g in kernels.bench_grid(auto, torch.device("cpu"))[0]] == [False, False]
     assert [g[2] for g in kernels.bench_grid(auto, torch.device("cuda"))[0]] == [False, True]
+    graphs = kernels.BenchConfig(preset="tiny", compile="graphs", mode="fwd", steps=1,
+                                 warmup_steps=1)  # reduce-overhead: CUDA graphs where there is CUDA
+    assert [g[2] for g in kernels.bench_grid(graphs, torch.device("cpu"))[0]] == ["graphs"]
+    run = kernels.prepare(graphs, "tiny", 16, "graphs", torch.float32, torch.device("cpu"))
+    assert hasattr(run.step_model, "_orig_mod")  # compiled (lazily: nothing runs here)
     assert M.PRESETS["2.7B"]["d_model"] == 2560 and kernels.BENCH_BATCH["xl"] == 4
 
 
