@@ -561,6 +561,7 @@ def train(cfg: TrainConfig,
     wrap_model is --parallel=torch's data-parallel hook (torch's DDP by default)."""
     check_config(cfg)  # every knob, before any work
     rank, _, world_size, device = setup_distributed(cfg.device)
+    run = None
     try:
         run = setup(cfg, rank, world_size, device, wrap_model or wrap_ddp)
         bar = tqdm(total=cfg.max_iters, initial=run.start_iter, disable=rank != 0, desc="train",
@@ -591,7 +592,6 @@ def train(cfg: TrainConfig,
         bar.close()
         if hasattr(run.step_model, "unshard"):  # FSDP: whole weights, for samples on rank 0
             run.step_model.unshard()
-        run.loader.shutdown()  # the prefetch thread: none left behind by runs in one process
         samples = (write_samples(run.model, run.tok, cfg, device, run.autocast, run.out_dir)
                    if rank == 0 else [])
         if dist.is_initialized():  # leave together: a rank that tears its connections down
@@ -600,6 +600,8 @@ def train(cfg: TrainConfig,
                 "iteration": max(run.start_iter, cfg.max_iters),
                 "unigram_entropy": run.baseline, "samples": samples}
     finally:
+        if run is not None:  # the prefetch thread, also after an error or Ctrl-C
+            run.loader.shutdown(cancel_futures=True)
         if dist.is_initialized():
             dist.destroy_process_group()
 
@@ -1468,8 +1470,8 @@ def prepare_data(cfg: TrainConfig) -> tuple[str, str, str]:
         digest.update(f.read(1 << 20))
         f.seek(max(0, text.stat().st_size - (1 << 20)))
         digest.update(f.read())
-    work = Path(cfg.cache_dir) / f"{text.stem}-{digest.hexdigest()[:10]}-{max_bytes}-" \
-                                 f"{cfg.val_fraction}"
+    name = f"{text.stem}-{digest.hexdigest()[:10]}-{max_bytes}-{cfg.val_fraction}"
+    work = Path(cfg.cache_dir) / name
     text, val_text = split_text(text, work, cfg.val_fraction, max_bytes)
     tok_dir = work / f"bpe{cfg.vocab_size}"
     if not tok_dir.exists():  # written under a temporary name, so it exists only when complete
