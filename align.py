@@ -23,9 +23,10 @@ Commands (settings are --key=value; --size picks a row of SIZES, flags override 
     python align.py --loss_type=reinforce_with_baseline --normalize_by_std=False   # ablations
     python align.py eval --model=out/align/grpo.pt --data=gsm8k.jsonl   # or mmlu.csv, task.jsonl
     python align.py bench               # rollout tokens/s; a GRPO step's generating vs training
-Reads   nothing for the demo (it writes its own task); eval: a checkpoint (ours or train.py's)
-        and its tokenizer folder, GSM8K JSONL ({"question", "answer": "... #### 72"}) or MMLU CSV
-        (question, A, B, C, D, answer); get_packed_sft_dataset: Alpaca JSONL.
+Reads   nothing for the demo (it writes its own task); eval: a checkpoint (ours or train.py's;
+        its tokenizer found as infer.py finds it, or --tokenizer_dir), GSM8K JSONL
+        ({"question", "answer": "... #### 72"}) or MMLU CSV (question, A, B, C, D, answer);
+        get_packed_sft_dataset: Alpaca JSONL.
 Writes  out/align/: {train,val}.{txt,bin}, tokenizer/, base/ (train.py's run), sft.pt, ei.pt,
         grpo.pt, dpo.pt, results.json (every number and logged step), rewards.png.
 
@@ -51,12 +52,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from infer import Completion, generate_batch
+from infer import (Completion, eos_of, generate_batch, load_checkpoint_model, model_device,
+                   model_logits)
 from model import Linear, ModelConfig, TransformerLM
 from tokenizer import (Tokenizer, UsageError, atomic_output, encode_file, parse_command, run_cli,
                        train_bpe, write_atomic)
-from train import (EOT, AdamW, TrainConfig, autocast_for, clip_grad_norm, read_checkpoint,
-                   resolve_device, resolve_dtype, train)
+from train import (EOT, AdamW, TrainConfig, autocast_for, clip_grad_norm, resolve_device,
+                   resolve_dtype, train)
 
 
 # Config: the demo's every knob, the rows that --size picks, the prompt templates ------------------
@@ -113,12 +115,12 @@ class AlignConfig:
 
 
 SIZES = {
-    "cpu": {},  # the defaults: ~4 minutes on 2 CPU cores
+    "cpu": {},  # the defaults: ~3 minutes on 2 CPU cores
     "gpu": dict(max_steps=5, max_number=60, train_problems=20000, heldout_problems=500,
                 pretrain_stories=20000, vocab_size=1024, pretrain_iters=2000, pretrain_batch=32,
                 pretrain_lr=1e-3, max_new_tokens=64, eval_samples=8, eval_interval=25,
                 model=dict(context_length=256, d_model=256, num_layers=6, num_heads=8, d_ff=768),
-                batch_size=64, sft_examples=500, sft_steps=60, sft_lr=3e-4, ei_steps=4,
+                batch_size=64, sft_examples=500, sft_lr=3e-4, ei_steps=4,
                 ei_questions=256, ei_lr=7e-5, grpo_steps=200, rollout_batch_size=256,
                 train_batch_size=128, grpo_lr=7e-5, dpo_questions=1024, dpo_steps=100,
                 dpo_lr=7e-6, rm_steps=100)}
@@ -144,24 +146,17 @@ def encode(tokenizer, text: str) -> list[int]:
 
 
 def eos_id(tokenizer) -> int:
-    """The end-of-text id: Hugging Face's eos_token_id, or our <|endoftext|> special token."""
-    eos = getattr(tokenizer, "eos_token_id", None)
-    return eos if eos is not None else tokenizer.token_id(EOT)
-
-
-def model_logits(model: nn.Module, input_ids: Tensor) -> Tensor:
-    """Our TransformerLM returns logits; a Hugging Face model, an object holding .logits."""
-    out = model(input_ids)
-    return out if isinstance(out, Tensor) else out.logits
+    """The end-of-text id (padding and the separator of packed data): one the tokenizer has."""
+    eos = eos_of(tokenizer)
+    if eos is None:
+        raise ValueError(f"the tokenizer has no end-of-text token: give it {EOT!r} as a special "
+                         "token (or a Hugging Face eos_token)")
+    return eos
 
 
 def context_length(model: nn.Module) -> int | None:
     config = getattr(model, "config", None)  # ours, or a Hugging Face config
     return getattr(config, "context_length", getattr(config, "max_position_embeddings", None))
-
-
-def device_of(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
 
 
 def pack_prompt_and_output(prompt_ids: Sequence[Sequence[int]], output_ids: Sequence[Sequence[int]],
@@ -255,7 +250,12 @@ def sft_microbatch_train_step(policy_log_probs: Tensor, response_mask: Tensor,
 
 
 def autocast(model: nn.Module):
-    return autocast_for(device_of(model), resolve_dtype("auto", device_of(model)))
+    return autocast_for(model_device(model), resolve_dtype("auto", model_device(model)))
+
+
+def adamw(model: nn.Module, lr: float) -> AdamW:
+    """The AdamW of SFT, GRPO and preference training: betas (0.9, 0.95), no weight decay."""
+    return AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
 
 
 def optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer) -> float:
@@ -268,8 +268,8 @@ def optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer) -> float:
 def sft(policy: nn.Module, tokenizer, examples: Sequence[tuple[str, str]], steps: int,
         cfg: AlignConfig, evaluate_fn: Callable | None = None, lr: float = 0.0) -> list[dict]:
     """Fine-tune on (prompt, response) pairs; the loss is a mean over response tokens."""
-    optimizer = AdamW(policy.parameters(), lr=lr or cfg.sft_lr, betas=(0.9, 0.95), weight_decay=0)
-    rng, rows, device = random.Random(cfg.seed), [], device_of(policy)
+    optimizer = adamw(policy, lr or cfg.sft_lr)
+    rng, rows, device = random.Random(cfg.seed), [], model_device(policy)
     policy.train()
     for step in range(1, steps + 1):
         loss = entropy = 0.0
@@ -581,8 +581,9 @@ def grpo_train(policy: nn.Module, tokenizer, prompts: Sequence[str], truths: Seq
                          "rollout_batch_size, batch_size | train_batch_size, and at least "
                          f"rollout_batch_size / group_size questions (got {len(prompts)})")
     check_reference(policy, ref_model if cfg.kl_coef else None)  # before the first rollout
-    optimizer = AdamW(policy.parameters(), lr=cfg.grpo_lr, betas=(0.9, 0.95), weight_decay=0.0)
-    rng, rows, device, pad = random.Random(cfg.seed + 2), [], device_of(policy), eos_id(tokenizer)
+    optimizer = adamw(policy, cfg.grpo_lr)
+    rng, rows, pad = random.Random(cfg.seed + 2), [], eos_id(tokenizer)
+    device = model_device(policy)
     constant = None if cfg.length_normalization == "masked_mean" else float(cfg.max_new_tokens)
     for step in range(1, cfg.grpo_steps + 1):
         start = time.perf_counter()
@@ -647,7 +648,7 @@ def make_reward_model(lm: nn.Module) -> nn.Module:
     rm = copy.deepcopy(lm)
     d_model = rm.lm_head.weight.shape[1]
     rm.lm_head = (Linear(d_model, 1) if isinstance(lm, TransformerLM)
-                  else nn.Linear(d_model, 1, bias=False)).to(device_of(lm))
+                  else nn.Linear(d_model, 1, bias=False)).to(model_device(lm))
     return rm
 
 
@@ -668,19 +669,17 @@ def bradley_terry_loss(reward_chosen: Tensor, reward_rejected: Tensor) -> Tensor
 def preference_rewards(model: nn.Module, ref: nn.Module | None, tokenizer,
                        pairs: Sequence[tuple[str, str, str]], beta: float) -> Tensor:
     """Rewards (2, n) of chosen, rejected: the RM's scores, or DPO's beta log pi / pi_ref."""
-    if ref is not None:
-        check_reference(model, ref)
     max_len = context_length(model)
     max_len = max_len - 1 if max_len and ref is None else max_len  # reward_scores reads 1 more
     data = tokenize_prompt_and_output([p for p, _, _ in pairs] * 2, [c for _, c, _ in pairs]
                                       + [r for _, _, r in pairs], tokenizer, max_len)
+    on_model = {k: v.to(model_device(model)) for k, v in data.items()}
     with autocast(model):
         if ref is None:
-            scores = reward_scores(model, {k: v.to(device_of(model)) for k, v in data.items()})
-            return scores.view(2, -1)
-        policy = sequence_log_probs(model, {k: v.to(device_of(model)) for k, v in data.items()})
+            return reward_scores(model, on_model).view(2, -1)
+        policy = sequence_log_probs(model, on_model)
     with torch.no_grad(), autocast(ref):  # the reference may live on another device
-        ref_lp = sequence_log_probs(ref, {k: v.to(device_of(ref)) for k, v in data.items()})
+        ref_lp = sequence_log_probs(ref, {k: v.to(model_device(ref)) for k, v in data.items()})
     return beta * (policy - ref_lp.to(policy.device)).view(2, -1)
 
 
@@ -688,8 +687,24 @@ def compute_per_instance_dpo_loss(lm: nn.Module, lm_ref: nn.Module, tokenizer, b
                                   prompt: str, response_chosen: str,
                                   response_rejected: str) -> Tensor:
     """DPO's loss on one pair, lm_ref frozen; format the strings first (e.g. Alpaca's template)."""
+    check_reference(lm, lm_ref)
     pair = (prompt, response_chosen, response_rejected)
     return bradley_terry_loss(*preference_rewards(lm, lm_ref, tokenizer, [pair], beta))
+
+
+def preference_pairs(model: nn.Module, tokenizer, prompts: Sequence[str], truths: Sequence[str],
+                     references: Sequence[str], reward_fn: Callable,
+                     cfg: AlignConfig) -> list[tuple[str, str, str]]:
+    """(prompt, right answer (sampled, else the reference), wrong answer); no wrong, no pair."""
+    groups = rollouts(model, tokenizer, prompts, cfg, cfg.group_size, cfg.seed + 7)
+    pairs = []
+    for prompt, truth, ref, group in zip(prompts, truths, references, groups):
+        ok = [reward_fn(c.text, truth)["reward"] == 1 for c in group]  # each scored once
+        right = [c.text for c, good in zip(group, ok) if good]
+        wrong = [c.text for c, good in zip(group, ok) if not good]
+        if wrong:
+            pairs.append((prompt, (right or [ref])[0], wrong[0]))
+    return pairs
 
 
 def train_preferences(model: nn.Module, tokenizer, pairs: Sequence[tuple[str, str, str]],
@@ -697,7 +712,8 @@ def train_preferences(model: nn.Module, tokenizer, pairs: Sequence[tuple[str, st
                       ref: nn.Module | None = None) -> dict:
     """Bradley-Terry on the RM's scores or, given ref, DPO's implicit reward; pair accuracies."""
     lr, steps = (cfg.dpo_lr, cfg.dpo_steps) if ref is not None else (cfg.sft_lr, cfg.rm_steps)
-    optimizer = AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
+    check_reference(model, ref)  # a no-op for the reward model (no ref)
+    optimizer = adamw(model, lr)
     rng, rows, half = random.Random(cfg.seed + 3), [], max(1, cfg.batch_size // 2)
     model.train()
     for step in range(1, steps + 1):
@@ -778,16 +794,6 @@ def response(p: Problem) -> str:
 
 
 # The demo: base -> SFT -> expert iteration, GRPO, DPO (each from SFT), with held-out accuracy -----
-def load_policy(path: str | Path, device: torch.device) -> TransformerLM:
-    """Our checkpoints and train.py's ckpt.pt: {"model": state dict, "model_config": ...}."""
-    state = read_checkpoint(path)
-    if "model_config" not in state:
-        raise ValueError(f"{path} holds no model_config: not a train.py or align.py checkpoint")
-    model = TransformerLM(ModelConfig(**state["model_config"]))
-    model.load_state_dict(state["model"])
-    return model.to(device)
-
-
 def pretrain(cfg: AlignConfig, stories: list[str], out: Path) -> tuple[TransformerLM, Tokenizer]:
     """BPE with the tags as special tokens (as chat models: SFT teaches them), then train.py."""
     specials, cut = [EOT, *TAGS], max(1, len(stories) // 20)
@@ -861,8 +867,10 @@ def demo(cfg: AlignConfig) -> dict:
         curves[name] = run(policy)
         times[name] = time.perf_counter() - start
         results[name] = measure(policy)
-        with atomic_output(out / f"{name}.pt") as tmp:  # load_policy reads it
-            torch.save({"model": policy.state_dict(), "model_config": asdict(policy.config)}, tmp)
+        with atomic_output(out / f"{name}.pt") as tmp:  # infer.load_checkpoint_model reads it
+            torch.save({"model": policy.state_dict(), "model_config": asdict(policy.config),
+                        "tokenizer": tok.fingerprint(),  # the fields infer.find_tokenizer reads
+                        "config": {"tokenizer_dir": str(out / "tokenizer")}}, tmp)
         print(f"{name}: held-out accuracy {results[name]['accuracy']:.3f}")
     rm = train_preferences(make_reward_model(sft_model), tok, pairs, held_pairs, cfg)
     k = f"pass@{cfg.eval_samples}"
@@ -880,20 +888,6 @@ def demo(cfg: AlignConfig) -> dict:
          "seconds": times}, indent=1, default=str))
     plot_rewards(curves, results, out / "rewards.png")
     return {s: r["accuracy"] for s, r in results.items()} | {"dpo_pairs": dpo, "rm_pairs": rm_acc}
-
-
-def preference_pairs(model: nn.Module, tokenizer, prompts: Sequence[str], truths: Sequence[str],
-                     references: Sequence[str], reward_fn: Callable,
-                     cfg: AlignConfig) -> list[tuple[str, str, str]]:
-    """(prompt, right answer (sampled, else the reference), wrong answer); no wrong, no pair."""
-    groups = rollouts(model, tokenizer, prompts, cfg, cfg.group_size, cfg.seed + 7)
-    pairs = []
-    for prompt, truth, ref, group in zip(prompts, truths, references, groups):
-        right = [c.text for c in group if reward_fn(c.text, truth)["reward"] == 1]
-        wrong = [c.text for c in group if reward_fn(c.text, truth)["reward"] != 1]
-        if wrong:
-            pairs.append((prompt, (right or [ref])[0], wrong[0]))
-    return pairs
 
 
 def plot_rewards(curves: dict, results: dict, path: Path) -> None:
@@ -942,7 +936,7 @@ def bench(cfg: AlignConfig) -> dict:
 
 
 # Command line: `python align.py [demo|eval|bench] [--key=value ...]` ------------------------------
-EVAL_DEFAULTS = dict(model="", tokenizer="", data="", prompt="r1_zero", n=1, max_new_tokens=256,
+EVAL_DEFAULTS = dict(model="", tokenizer_dir="", data="", prompt="r1_zero", n=1, max_new_tokens=256,
                      temperature=0.0, limit=0, batch_size=64, device="auto", seed=0)
 COMMANDS = {"demo": asdict(AlignConfig()), "bench": asdict(AlignConfig()), "eval": EVAL_DEFAULTS}
 
@@ -967,8 +961,8 @@ def eval_command(cfg: dict) -> dict:
         raise UsageError(f"--prompt must be one of {', '.join(PROMPTS)}, got {cfg['prompt']!r}")
     examples = (load_mmlu if task == "mmlu" else load_gsm8k)(cfg["data"])
     examples = examples[:cfg["limit"]] if cfg["limit"] > 0 else examples
-    model = load_policy(cfg["model"], resolve_device(cfg["device"]))
-    tok = Tokenizer.from_dir(cfg["tokenizer"] or Path(cfg["model"]).parent / "tokenizer")
+    model, tok = load_checkpoint_model(cfg["model"], cfg["tokenizer_dir"])
+    model.to(resolve_device(cfg["device"]))
     if task == "mmlu":
         prompts = [MMLU_PROMPT.format(*e["options"], question=e["question"]) for e in examples]
         truths, score = examples, lambda text, e: {

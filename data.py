@@ -18,7 +18,8 @@ A classifier: FastTextClassifier.train(open("lines.txt")).save("M.npz"), lines `
     or fastText's own .bin (lid.176.bin: --lid_model=); --extractor=resiliparse when installed.
 Reads   WARC/WET files, gzipped (a member per record, as Common Crawl) or plain; a folder, a glob.
 Writes  DIR/train.bin, val.bin (+ .json), tokenizer/, train.txt, val.txt, report.json, and a shard
-        DIR/shards/i-of-n.json.gz. Every file whole or not at all.
+        DIR/shards/i-of-n.json.gz. Every file whole or not at all; a re-run on the same text
+        keeps the tokenizer and .bin files (DIR/tokenized.json: the texts they were made from).
 Papers  Rae et al. 2021 (Gopher); Joulin et al. 2017 (fastText); Chen & Goodman 1998 (Kneser-
         Ney); Wenzek et al. 2020 (CCNet); Xie et al. 2023 (DSIR); Broder 1997 (MinHash); Leskovec
         et al., Mining of Massive Datasets ch. 3 (LSH); Bloom 1970; Brown et al. 2020 (13-gram
@@ -38,6 +39,7 @@ import mmap
 import multiprocessing
 import os
 import random
+import shutil
 import struct
 import sys
 import tempfile
@@ -55,8 +57,9 @@ import regex
 from tqdm import tqdm
 
 from tokenizer import (PRETOKEN_RE, Tokenizer, UsageError, atomic_output, encode_file,
-                       parse_command, run_cli, train_bpe, write_atomic)
-from train import EOT, TrainConfig, download, perplexity
+                       parse_command, run_cli, write_atomic)
+from train import (EOT, TrainConfig, build_model_config, download, perplexity,
+                   tokenize_splits)
 from train import train as train_model
 
 
@@ -149,7 +152,7 @@ BLOCK_TAGS = {"p", "div", "br", "li", "ul", "ol", "h1", "h2", "h3", "h4", "h5", 
               "table", "section", "article", "main", "blockquote", "pre", "dd", "dt", "hr",
               "body", "figcaption", "td", "th"}  # each starts a new line in the text
 META_CHARSET = regex.compile(rb"""<meta[^>]+charset\s*=\s*["']?\s*([\w.:-]+)""", regex.I)
-WHITESPACE, PUNCTUATION = regex.compile(r"\s+"), regex.compile(r"[\p{P}\p{S}]+")
+WHITESPACE = regex.compile(r"\s+")
 HEADER_CHARSET = regex.compile(r"charset\s*=\s*[\"']?([\w.:-]+)", regex.I)
 
 
@@ -572,6 +575,18 @@ classify_quality = functools.partial(_classify, labels=("wiki", "cc"))
 
 
 # 7. Perplexity and importance filters: a Kneser-Ney n-gram LM, DSIR -------------------------------
+PUNCTUATION = regex.compile(r"[\p{P}\p{S}]+")
+
+
+def normalize_text(text: str) -> str:
+    """Lowercase, NFD, accents and punctuation dropped, whitespace collapsed: "Café, déjà-vu!"
+    and "cafe deja vu" become the same words, so the n-gram models here and the dedup shingles
+    of section 8 ignore trivial edits."""
+    text = unicodedata.normalize("NFD", text.lower())
+    text = "".join(c for c in text if not unicodedata.combining(c))
+    return " ".join(PUNCTUATION.sub(" ", text).split())
+
+
 class KneserNeyLM:
     """Interpolated Kneser-Ney (Chen & Goodman 1998) on normalised words, a sentence per line:
         P(w | h) = max(c(h w) - D, 0) / c(h.) + D N(h.) / c(h.) P(w | h without its first word)
@@ -647,29 +662,25 @@ def _inputs_and_out_dir(input_files: Sequence[str | os.PathLike],
     return paths, out_dir
 
 
+def line_key(line: bytes) -> bytes:
+    """What exact line dedup counts: 8 bytes a distinct line, whatever its length; the line
+    ending is not part of the line."""
+    return hashlib.blake2b(line.rstrip(b"\r\n"), digest_size=8).digest()
+
+
 def exact_line_deduplication(input_files: Sequence[str | os.PathLike],
                              output_directory: str | os.PathLike) -> int:
     """Keep only the lines that occur once across all files (a line repeated anywhere, like a
     cookie notice, goes everywhere): pass 1 counts line hashes, pass 2 writes. Lines removed."""
-    def key(line: bytes) -> bytes:  # 8 bytes a distinct line, whatever its length; \n not counted
-        return hashlib.blake2b(line.rstrip(b"\r\n"), digest_size=8).digest()
     paths, out_dir, counts = *_inputs_and_out_dir(input_files, output_directory), Counter()
     for path in paths:
         with open(path, "rb") as f:
-            counts.update(map(key, f))
+            counts.update(map(line_key, f))
     for path in paths:
         with open(path, "rb") as f, atomic_output(out_dir / path.name) as tmp, \
                 open(tmp, "wb") as out:
-            out.writelines(line for line in f if counts[key(line)] == 1)
+            out.writelines(line for line in f if counts[line_key(line)] == 1)
     return sum(n for n in counts.values() if n > 1)
-
-
-def normalize_text(text: str) -> str:
-    """Lowercase, NFD, accents and punctuation dropped, whitespace collapsed: "Café, déjà-vu!"
-    and "cafe deja vu" become the same words, so shingles ignore trivial edits."""
-    text = unicodedata.normalize("NFD", text.lower())
-    text = "".join(c for c in text if not unicodedata.combining(c))
-    return " ".join(PUNCTUATION.sub(" ", text).split())
 
 
 def shingles(text: str, ngrams: int) -> set[str]:
@@ -913,19 +924,21 @@ def finish(out: Path, opts: dict, num_shards: int, workers: int, progress: bool 
     for i in sorted(set(range(len(texts))) - set(keep)):
         _drop(report, "near-duplicates", texts[i], f"{urls[i]}: ")
     urls, texts = [urls[i] for i in keep], [texts[i] for i in keep]
-    deduped = texts
+    lines = [t.splitlines() for t in texts]
+    drops = [[False] * len(doc) for doc in lines]  # per line: does it go? (--line_dedup=none)
     if opts["line_dedup"] == "exact":  # every copy of a repeated line goes, as in
-        counts = Counter(line for t in texts for line in t.splitlines())  # exact_line_dedup...
-        deduped = ["\n".join(ln for ln in t.splitlines() if counts[ln] == 1) for t in texts]
+        keys = [[line_key(ln.encode()) for ln in doc] for doc in lines]  # exact_line_dedup...
+        counts = Counter(key for doc in keys for key in doc)
+        drops = [[counts[key] > 1 for key in doc] for doc in keys]
     elif opts["line_dedup"] == "bloom":  # ... while Bloom streams, keeping first copies
-        bloom = BloomFilter(sum(t.count("\n") + 1 for t in texts), 1e-6)
-        deduped = list(bloom_line_deduplication(texts, bloom))
-    for before, after in zip(texts, deduped):
-        if before != after:
-            gone = "\n".join(ln for ln in before.splitlines() if ln not in after.splitlines())
-            _drop(report, "repeated lines", gone)
-            report["removed"]["repeated lines"] -= bool(after)  # a document goes when emptied
-    urls, texts = [u for u, t in zip(urls, deduped) if t], [t for t in deduped if t]
+        bloom = BloomFilter(max(1, sum(map(len, lines))), 1e-6)
+        drops = [[bloom.add(ln) for ln in doc] for doc in lines]
+    for i, (doc, drop) in enumerate(zip(lines, drops)):
+        if any(drop):  # the one mask splits the document into what stays and what goes
+            texts[i] = "\n".join(ln for ln, gone in zip(doc, drop) if not gone)
+            _drop(report, "repeated lines", "\n".join(ln for ln, gone in zip(doc, drop) if gone))
+            report["removed"]["repeated lines"] -= bool(texts[i])  # a document goes when emptied
+    urls, texts = [u for u, t in zip(urls, texts) if t], [t for t in texts if t]
     if opts["eval"]:
         examples = [t for t in Path(opts["eval"]).read_text(encoding="utf-8").splitlines() if t]
         found = contamination(texts, examples, opts["eval_ngrams"])
@@ -941,8 +954,8 @@ def finish(out: Path, opts: dict, num_shards: int, workers: int, progress: bool 
         val = [i == len(texts) - 1 for i in range(len(texts))]
     for name, flag in (("train", False), ("val", True)):
         write_atomic(out / f"{name}.txt", "".join(t + EOT for t, v in zip(texts, val) if v == flag))
-    tok_dir, bin_tokens = tokenize_splits(out, opts["tokenizer"], opts["vocab_size"], workers,
-                                          progress)
+    tok_dir, bin_tokens = tokenize_out_dir(out, opts["tokenizer"], opts["vocab_size"], workers,
+                                           progress)
     report.update(kept=len(texts), kept_tokens=sum(len(PRETOKEN_RE.findall(t)) for t in texts),
                   val_docs=sum(val), tokenizer=tok_dir, bin_tokens=bin_tokens)
     report["removed"]["bad input"], report["examples"]["bad input"] = sum(
@@ -951,18 +964,33 @@ def finish(out: Path, opts: dict, num_shards: int, workers: int, progress: bool 
     return report
 
 
-def tokenize_splits(out: Path, tokenizer: str, vocab_size: int, workers: int,
-                    progress: bool = True) -> tuple[str, dict[str, int]]:
+def tokenize_out_dir(out: Path, tokenizer: str, vocab_size: int, workers: int,
+                     progress: bool = True) -> tuple[str, dict[str, int]]:
     """out/train.txt and val.txt -> train.py's out/train.bin and val.bin (+ .json sidecars), with
-    the tokenizer folder `tokenizer`, or one trained on train.txt into out/tokenizer."""
+    the tokenizer folder `tokenizer`, or one trained on train.txt into out/tokenizer. What a
+    previous run finished is kept (train.py's tokenize_splits), as long as out/tokenized.json,
+    the texts' hashes, says it was made from these texts; else it is made again."""
     tok_dir = Path(tokenizer or out / "tokenizer")
-    if not tokenizer:
-        vocab, merges = train_bpe(out / "train.txt", vocab_size, [EOT], workers, progress)
-        Tokenizer(vocab, merges, [EOT]).save_dir(tok_dir)
-    if EOT not in (tok := Tokenizer.from_dir(tok_dir)).special_tokens:
+    if tokenizer and EOT not in Tokenizer.from_dir(tok_dir).special_tokens:
         raise ValueError(f"the tokenizer in {tok_dir} has no {EOT} special token")
-    return str(tok_dir), {split: encode_file(tok, out / f"{split}.txt", out / f"{split}.bin",
-                                             workers, progress) for split in ("train", "val")}
+    stamp = out / "tokenized.json"
+    made_from = {"vocab_size": None if tokenizer else vocab_size}  # matters when it trains
+    for name in ("train.txt", "val.txt"):
+        digest = hashlib.blake2b()
+        with open(out / name, "rb") as f:
+            while chunk := f.read(1 << 22):
+                digest.update(chunk)
+        made_from[name] = digest.hexdigest()
+    if not stamp.exists() or json.loads(stamp.read_text()) != made_from:  # other text: redo all
+        for split in ("train", "val"):
+            (out / f"{split}.bin").unlink(missing_ok=True)
+        if not tokenizer:
+            shutil.rmtree(tok_dir, ignore_errors=True)
+        write_atomic(stamp, json.dumps(made_from))
+    bins = tokenize_splits(out / "train.txt", out / "val.txt", tok_dir, vocab_size, out, workers,
+                           progress)
+    return str(tok_dir), {split: json.loads(Path(f"{path}.json").read_text())["num_tokens"]
+                          for split, path in zip(("train", "val"), bins)}
 
 
 def pipeline(input: str, out: str, workers: int = 1, shard: str = "0/1", merge: bool = False,
@@ -981,8 +1009,10 @@ def pipeline(input: str, out: str, workers: int = 1, shard: str = "0/1", merge: 
     for key in (*CLASSIFIERS, "lid_model", "tokenizer", "eval"):  # fail now, not mid-corpus
         if opts[key] and not Path(opts[key]).exists():
             raise UsageError(f"--{key}={opts[key]} does not exist")
-        if key in (*CLASSIFIERS, "lid_model") and opts[key]:
-            (CLASSIFIERS.get(key) or [identify_language])[0]("", opts[key])  # loads, checks it
+        if key in CLASSIFIERS and opts[key]:  # a call on "" loads the model, checks its labels
+            CLASSIFIERS[key][0]("", opts[key])
+        elif key == "lid_model" and opts[key]:  # a call on "" loads the model
+            identify_language("", opts[key])
     if merge:
         if not (found := sorted(out_dir.glob("shards/*-of-*.json.gz"))):
             raise UsageError(f"no shard outputs in {out_dir / 'shards'}: run --shard=i/n first")
@@ -1038,7 +1068,7 @@ def openwebtext(out: str = "data_cache/owt", cache_dir: str = "data_cache", max_
             cap = int(max_mb * 2**20)
             while not 0 < cap <= fout.tell() and (chunk := fin.read(min(cap or 1 << 22, 1 << 22))):
                 fout.write(chunk + fin.readline())  # whole lines
-    tok_dir, bin_tokens = tokenize_splits(out_dir, tokenizer, vocab_size, workers, progress)
+    tok_dir, bin_tokens = tokenize_out_dir(out_dir, tokenizer, vocab_size, workers, progress)
     print(f"{out_dir}/train.bin: {bin_tokens['train']:,} tokens, val.bin: {bin_tokens['val']:,}; "
           f"python train.py --train_bin={out_dir}/train.bin --val_bin={out_dir}/val.bin "
           f"--tokenizer_dir={tok_dir}")
@@ -1142,13 +1172,17 @@ def compare(out: str = "", crawls: int = 60, max_iters: int = 200,
                            ("heldout", "".join("\n".join(_article(rng)) + EOT for _ in range(50)))):
             write_atomic(root / f"{name}.txt", text)
             encode_file(tok, root / f"{name}.txt", root / f"{name}.bin", progress=False)
-        ppl = {name: perplexity(train_model(TrainConfig(
+        cfgs = {name: TrainConfig(
             train_bin=str(path), val_bin=str(root / "heldout.bin"), max_iters=max_iters,
             tokenizer_dir=report["tokenizer"], batch_size=batch_size, eval_interval=max_iters,
             eval_iters=20, checkpoint_interval=0, num_samples=0, out_dir=str(root / name),
-            overwrite=True, device="cpu"))["val_loss"]) for name, path in (
+            overwrite=True, device="cpu") for name, path in (
                 ("unfiltered", root / "raw.bin"), ("filtered", root / "filtered" / "train.bin"))}
-        print(f"the same {max_iters * batch_size * 128:,} training tokens; perplexity on held-out "
+        ppl = {name: perplexity(train_model(cfg)["val_loss"]) for name, cfg in cfgs.items()}
+        cfg = cfgs["filtered"]  # the same steps, batches and sequence length as the other
+        tokens = (cfg.max_iters * cfg.grad_accum_steps * cfg.batch_size
+                  * build_model_config(cfg, tok.vocab_size).context_length)
+        print(f"the same {tokens:,} training tokens; perplexity on held-out "
               f"clean text: unfiltered ({len(records)} pages) {ppl['unfiltered']:.2f}, filtered "
               f"({report['kept']} pages) {ppl['filtered']:.2f}")
         return ppl

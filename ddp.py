@@ -172,6 +172,8 @@ class _DataParallel(nn.Module):
     module as .module, forward unchanged, and a batch-size check on the first forward. Gradients
     are averaged over ranks; parameters with requires_grad=False are left alone; a tied parameter
     appears once in module.parameters(), so it is reduced once."""
+    shards: tuple[nn.Parameter, ...] = ()  # FSDP: this rank's pieces of the sharded weights
+
     def __init__(self, module: nn.Module) -> None:
         super().__init__()
         if not (dist.is_available() and dist.is_initialized()):
@@ -208,11 +210,13 @@ class _DataParallel(nn.Module):
         their global L2 norm (FSDP: with every rank's shards) is at most max_norm; return it."""
         self.finish_gradient_synchronization()
         grads = [p.grad for p in params if p.grad is not None]  # the same on every rank
-        shards = [p.grad for p in getattr(self, "shards", []) if p.grad is not None]
-        squares = torch.stack([g.float().square().sum() for g in grads + shards] or [
-            torch.zeros(())])
+        shards = [p.grad for p in self.shards if p.grad is not None]
+        if not grads + shards:
+            return torch.zeros(())
+        # As train.clip_grad_norm: the norm of the per-tensor norms, nothing concatenated.
+        squares = torch.stack(torch._foreach_norm(grads + shards, dtype=torch.float32)).square()
         sharded = squares[len(grads):].sum()
-        if shards:
+        if self.shards:  # each rank's squares of its own pieces, summed over the ranks
             dist.all_reduce(sharded)
         total = (squares[:len(grads)].sum() + sharded).sqrt()
         torch._foreach_mul_(grads + shards, (max_norm / (total + 1e-6)).clamp(max=1.0))
@@ -237,8 +241,13 @@ class DDPNaive(_DataParallel):
                 p.grad /= self.world_size
 
 
+def _flatten(tensors: list[Tensor]) -> Tensor:
+    """One flat tensor of them all, in order: one message instead of one each."""
+    return torch.cat([t.reshape(-1) for t in tensors])
+
+
 def _copy_back(flat: Tensor, tensors: list[Tensor]) -> None:
-    """Unflatten: each tensor takes back its piece of flat (torch.cat of them all)."""
+    """Unflatten: each tensor takes back its piece of flat (_flatten of them all)."""
     for tensor, part in zip(tensors, flat.split([t.numel() for t in tensors])):
         tensor.copy_(part.view_as(tensor))
 
@@ -249,7 +258,7 @@ class DDPFlat(_DataParallel):
     def finish_gradient_synchronization(self) -> None:
         grads = [p.grad for p in self.params if p.grad is not None]
         if grads:
-            flat = torch.cat([g.reshape(-1) for g in grads]) / self.world_size
+            flat = _flatten(grads) / self.world_size
             dist.all_reduce(flat)
             _copy_back(flat, grads)
 
@@ -301,8 +310,10 @@ class DDPBucketed(_DataParallel):
     def no_sync(self):
         """Gradient accumulation: backwards inside only add to .grad; the next sends the sums."""
         self._sync = False
-        yield
-        self._sync = True
+        try:
+            yield
+        finally:  # an exception inside must not leave every later backward unsynchronised
+            self._sync = True
 
     def _reset(self) -> None:
         self._waiting = [len(bucket) for bucket in self.buckets]  # gradients still to arrive
@@ -322,7 +333,7 @@ class DDPBucketed(_DataParallel):
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
         grads = [p.grad for p in self.buckets[index]]
-        flat = torch.cat([g.reshape(-1) for g in grads]) / self.world_size  # as DDPFlat's
+        flat = _flatten(grads) / self.world_size  # as DDPFlat's
         self._pending.append((dist.all_reduce(flat, async_op=True), flat, grads))
         self._next += 1
 
@@ -385,7 +396,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
         loss = self.local.step(closure)
         for owner, params in enumerate(self.owned):  # one broadcast per owner, flattened
             if params:
-                flat = torch.cat([p.reshape(-1) for p in params])
+                flat = _flatten(params)
                 dist.broadcast(flat, src=owner)
                 _copy_back(flat, params)
         return loss
@@ -496,7 +507,10 @@ class FSDP(DDPFlat):
             layer.weight = None
             self._hooks += [layer.register_forward_pre_hook(partial(self._gather_hook, index)),
                             layer.register_forward_hook(partial(self._free_hook, unit))]
-        self.shards = nn.ParameterList(unit.shard for unit in units.values())
+        # Registered, for .parameters() and .to(); .shards is a tuple, since nn.Module files a
+        # submodule away from the instance, where _DataParallel's class attribute would hide it.
+        self.shard_list = nn.ParameterList(unit.shard for unit in units.values())
+        self.shards = tuple(self.shard_list)
         self.params = [p for p in module.parameters() if p.requires_grad]  # replicated ones
         self._live: dict[int, _Unit] = {}  # storage address of a gathered weight -> its unit
         self._next: dict[int, int] = {}  # layer index -> the index that ran after it

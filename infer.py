@@ -5,9 +5,9 @@ the whole KV cache to make one token per sequence, so decode is memory-bound and
 arithmetic (bytes moved / bandwidth) predicts its speed. In teaching order: 1. sampling
 (temperature, top-k, top-p); 2. a static KV cache: prefill, then one token per step, each row at
 its own position, the step compiled once and replayed as a CUDA graph; 3. generate_batch: many
-prompts, n samples each, stop strings, log-probs (align.py's rollouts); 4. continuous batching over
-a paged KV cache; 5. speculative decoding; 6. int8 and int4 weights; 7. checkpoints, ours and
-GPT-2's; 8. the roofline (`python infer.py roofline`) and the benchmark (`python infer.py bench`).
+prompts, n samples each, stop strings, log-probs; 4. continuous batching over a paged KV
+cache; 5. speculative decoding; 6. int8 and int4 weights; 7. checkpoints, ours and GPT-2's;
+8. the roofline (`python infer.py roofline`) and the benchmark (`python infer.py bench`).
 
 Commands (CPU or one GPU, chosen automatically; settings are --key=value):
     python infer.py --prompt="Once upon a time" --max_new_tokens=256 --temperature=0.8 \\
@@ -522,15 +522,17 @@ def generate_cached(model: TransformerLM, prompts: list[list[int]], rows: list[G
     decode_loop(rows, logits, advance, tokenizer, sampling, generator, on_token)
 
 
+def model_logits(model: nn.Module, input_ids: Tensor) -> Tensor:
+    """Our TransformerLM returns logits; a Hugging Face model, an object holding .logits."""
+    out = model(input_ids)
+    return out if isinstance(out, Tensor) else out.logits
+
+
 def generate_recompute(model, prompts: list[list[int]], rows: list[Generation], n: int,
                        tokenizer, sampling: Sampling, generator: torch.Generator | None,
                        on_token: Callable | None = None) -> None:
     """Any causal LM returning logits (or .logits), and Hyena: each step re-runs the forward on
     the whole sequence. Prompts of one length form a batch: equally long forever, no padding."""
-    def logits_of(ids: Tensor) -> Tensor:
-        out = model(ids)
-        return (out if isinstance(out, Tensor) else out.logits)[:, -1]
-
     for length in sorted(set(map(len, prompts))):
         group = [i * n + j for i, p in enumerate(prompts) if len(p) == length for j in range(n)]
         ids = torch.tensor([prompts[r // n] for r in group], device=model_device(model))
@@ -538,10 +540,11 @@ def generate_recompute(model, prompts: list[list[int]], rows: list[Generation], 
         def advance(tokens: Tensor) -> Tensor:
             nonlocal ids
             ids = torch.cat((ids, tokens[:, None]), dim=1)
-            return logits_of(ids)
+            return model_logits(model, ids)[:, -1]
 
-        decode_loop([rows[r] for r in group], logits_of(ids), advance, tokenizer, sampling,
-                    generator, on_token and (lambda i, row: on_token(group[i], row)))
+        decode_loop([rows[r] for r in group], model_logits(model, ids)[:, -1], advance,
+                    tokenizer, sampling, generator,
+                    on_token and (lambda i, row: on_token(group[i], row)))
 
 
 def generate_batch(model, tokenizer, prompts: Sequence[str] | Sequence[Sequence[int]], *,

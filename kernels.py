@@ -52,6 +52,7 @@ from torch import Tensor, nn
 
 if not torch.cuda.is_available():  # before the first @triton.jit: run the kernels on the CPU
     os.environ.setdefault("TRITON_INTERPRET", "1")
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # Triton reads it at each @triton.jit
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
@@ -77,7 +78,7 @@ class BenchConfig(TrainConfig):
     mode: str = "fwd,fwd_bwd,step"  # forward; forward + backward; the step with the optimizer
     compile: str = "auto"  # "auto": on CUDA, the course sizes eager (as its table); or False,True
     # or "graphs": compiled with mode="reduce-overhead", the forward and backward replayed as CUDA
-    # graphs, so no Python runs per kernel (our custom ops are host-bound without them)
+    # graphs, so no Python runs per kernel (to test whether our custom ops are host-bound)
     dtype: str = "auto"  # "auto": bf16 autocast on CUDA, else float32; or float32,bfloat16
     steps: int = 20  # timed steps per row
     warmup_steps: int = 5  # untimed steps first: compilation, allocator and autotuning settle
@@ -285,9 +286,6 @@ def profile(cfg: ProfileConfig) -> dict:
 
 
 # The GPU, in code: timing a kernel, and checking what it is given ---------------------------------
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-
-
 def time_ms(fn: Callable[[], object], device: torch.device) -> float:
     """ms per call: do_bench on CUDA (it syncs and clears L2 between calls), else the best of 5."""
     if device.type == "cuda":
@@ -298,9 +296,10 @@ def time_ms(fn: Callable[[], object], device: torch.device) -> float:
 def check_input(name: str, *tensors: Tensor, contiguous: bool = False) -> None:
     """One clear error instead of a crash or a silently wrong result deep inside Triton."""
     for t in tensors:
-        if not (t.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
-            raise ValueError(f"{name}: Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 to "
-                             f"run on the CPU), got a tensor on {t.device}")
+        if not (t.is_cuda or INTERPRET):
+            raise ValueError(f"{name}: Triton kernels need CUDA tensors (or TRITON_INTERPRET=1, "
+                             f"set before triton is imported, to run on the CPU), got a tensor "
+                             f"on {t.device}")
         if t.dtype not in (torch.float32, torch.float16, torch.bfloat16):
             raise ValueError(f"{name}: dtype {t.dtype}; expected float32, float16 or bfloat16")
         if contiguous and not t.is_contiguous():
@@ -822,24 +821,29 @@ def _cross_entropy_kernel(LOGITS, TARGETS, LOSS, INV_COUNT, V, ignore_index,
 
 @torch.library.custom_op("cs336::linear_cross_entropy", mutates_args=())
 def _linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, ignore_index: int,
-                          chunk_size: int, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
-    """(mean loss, its gradient for hidden, for weight in float32); the matmuls run in dtype."""
+                          chunk_size: int, dtype: torch.dtype,
+                          grads: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """(mean loss, its gradient for hidden, for weight in float32); the matmuls run in dtype.
+    grads=False (validation, no_grad): the loss alone, two empty tensors, a third of the FLOPs."""
     kept = targets[targets != ignore_index] if not targets.is_cuda else None  # a GPU would sync
     if kept is not None and kept.numel() and (kept.min() < 0 or kept.max() >= len(weight)):
         raise ValueError(f"targets must lie in [0, {len(weight)}) or be {ignore_index}")
     h_all, w = hidden.to(dtype), weight.to(dtype)  # one cast, not one per chunk
     inv_count = 1.0 / (targets != ignore_index).sum().clamp(min=1).float()  # no host sync
     losses = torch.empty(len(hidden), dtype=torch.float32, device=hidden.device)
-    grad_hidden = torch.empty_like(hidden)
-    grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+    grad_hidden, grad_weight = hidden.new_empty(0), hidden.new_empty(0)
+    if grads:
+        grad_hidden = torch.empty_like(hidden)
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
     for start in range(0, len(hidden), chunk_size):
         h = h_all[start:start + chunk_size]  # (C, D)
         logits = h @ w.T  # (C, V): becomes d loss / d logits in place
         _cross_entropy_kernel[(len(h),)](logits, targets[start:], losses[start:], inv_count,
                                          w.shape[0], ignore_index, num_warps=8,
                                          BLOCK_V=min(4096, triton.next_power_of_2(len(w))))
-        grad_hidden[start:start + chunk_size] = logits @ w  # (C, D)
-        grad_weight += logits.T @ h  # (V, D), accumulated in float32 across chunks
+        if grads:
+            grad_hidden[start:start + chunk_size] = logits @ w  # (C, D)
+            grad_weight += logits.T @ h  # (V, D), accumulated in float32 across chunks
     return losses.sum() * inv_count, grad_hidden, grad_weight
 
 
@@ -855,12 +859,14 @@ def _linear_cross_entropy_backward(ctx, grad_loss: Tensor, *_) -> tuple:
     """The gradients were made in the forward: scale them by the loss's gradient."""
     grad_hidden, grad_weight = ctx.saved_tensors
     return (grad_hidden * grad_loss, (grad_weight * grad_loss).to(ctx.weight_dtype),
-            None, None, None, None)
+            None, None, None, None, None)
 
 
-_linear_cross_entropy.register_fake(lambda hidden, weight, *_: (
-    hidden.new_empty((), dtype=torch.float32), torch.empty_like(hidden),
-    weight.new_empty(weight.shape, dtype=torch.float32)))
+_linear_cross_entropy.register_fake(lambda hidden, weight, targets, ignore_index, chunk_size,
+                                    dtype, grads: (
+    hidden.new_empty((), dtype=torch.float32),
+    torch.empty_like(hidden) if grads else hidden.new_empty(0),
+    weight.new_empty(weight.shape, dtype=torch.float32) if grads else hidden.new_empty(0)))
 _linear_cross_entropy.register_autograd(_linear_cross_entropy_backward,
                                         setup_context=_linear_cross_entropy_setup)
 
@@ -869,8 +875,8 @@ def fused_linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor,
                                ignore_index: int = -100, chunk_size: int = 8192) -> Tensor:
     """Mean cross-entropy of hidden (N, D) @ weight (V, D).T against targets (N,) over the
     targets that are not ignore_index (all ignored: 0, with zero gradients). GPT-2 small's head,
-    16K tokens, bf16 on an H200: 7.7 ms forward + backward and 1.8 GB, where the logits and
-    F.cross_entropy take 15.7 ms and 9.3 GB; smaller chunks save memory (2048: 8.5 ms, 0.6 GB)."""
+    16K tokens, bf16 on an H200 (`python kernels.py fused`): 7.16 ms forward + backward and 1.70
+    GiB, where the logits and F.cross_entropy take 15.37 ms and 9.21 GiB."""
     check_input("fused_linear_cross_entropy", hidden, weight)
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
         raise ValueError(f"need hidden (N, D) and weight (V, D), got {tuple(hidden.shape)} and "
@@ -882,8 +888,9 @@ def fused_linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor,
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     device = hidden.device.type  # the matmuls run in the autocast dtype, as unfused
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
+    grads = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     return _linear_cross_entropy(hidden, weight, targets.contiguous(), ignore_index, chunk_size,
-                                 dtype)[0]
+                                 dtype, grads)[0]
 
 
 # Measured: our kernels next to eager and compiled PyTorch, and the copy they should match ---------
@@ -1018,7 +1025,7 @@ def _autotune(tiles: dict[int, list[tuple[int, int, int, int]]], interpreted: tu
     """triton.autotune over the tiles of the padded head dim, keyed on head dim, causal and the
     length bucket (the autotuner adds dtypes). The interpreter gets one small, unequal tile."""
     key = ["SEQ_BUCKET", "HEAD_DIM", "IS_CAUSAL"]
-    if os.environ.get("TRITON_INTERPRET") == "1":
+    if INTERPRET:
         return triton.autotune([triton.Config(dict(BLOCK_M=interpreted[0],
                                                    BLOCK_N=interpreted[1]))], key=key)
     by_dim = {d: [triton.Config(dict(BLOCK_M=m, BLOCK_N=n), num_warps=w, num_stages=s)
@@ -1235,18 +1242,13 @@ def _flash_inputs(q: Tensor, k: Tensor, v: Tensor, is_causal: bool) -> tuple[Ten
         if not isinstance(x, Tensor) or x.dim() < 3:
             raise ValueError(f"{name} must be a tensor (..., heads, seq, d), got "
                              f"{tuple(x.shape) if isinstance(x, Tensor) else type(x)}")
-        if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-            raise ValueError(f"{name} has dtype {x.dtype}; flash_attention supports float32, "
-                             f"bfloat16 and float16")
+    if not q.device == k.device == v.device:  # first: it says more than "need CUDA tensors"
+        raise ValueError(f"q, k, v devices differ: {q.device}, {k.device}, {v.device}")
+    check_input("flash_attention", q, k, v)
     (H, T, d), (H_kv, S) = q.shape[-3:], k.shape[-3:-1]
     for problem, message in [
         (not q.dtype == k.dtype == v.dtype, f"q, k, v dtypes differ: {q.dtype}, {k.dtype}, "
                                             f"{v.dtype}"),
-        (not q.device == k.device == v.device, f"q, k, v devices differ: {q.device}, "
-                                               f"{k.device}, {v.device}"),
-        (q.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1",
-         f"q is on {q.device}: the Triton kernels need a CUDA tensor (or TRITON_INTERPRET=1 "
-         f"set before triton is imported)"),
         (k.shape != v.shape or q.shape[:-3] != k.shape[:-3] or d != k.shape[-1],
          f"shapes q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} do not fit "
          f"q (..., H, T, d) with k, v (..., H_kv, S, d)"),
@@ -1327,11 +1329,6 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, is_causal: bool = True) -> 
     or float16. Causal queries are the last T of the S positions. Bad input: ValueError."""
     O, _ = _flash_fwd(*_flash_inputs(q, k, v, is_causal), is_causal)
     return O if q.dim() == 4 else O.reshape(q.shape)
-
-
-class FlashAttentionTriton:
-    """Called as the autograd.Function it once was: FlashAttentionTriton.apply(q, k, v, causal)."""
-    apply = staticmethod(flash_attention)
 
 
 # The attention benchmark: ours against the hand-written, compiled and torch's fused kernels -------

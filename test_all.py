@@ -3181,6 +3181,33 @@ def test_fused_linear_cross_entropy_all_ignored_is_zero_not_nan():
     assert not hidden.grad.any() and not weight.grad.any()
 
 
+def test_fused_linear_cross_entropy_without_gradients_skips_them(monkeypatch):
+    """Validation runs under no_grad: the same loss, but the op makes no gradients (its two
+    gradient outputs are empty), nor for inputs that do not require one."""
+    torch.manual_seed(0)
+    hidden = torch.randn(20, 16, device=DEV, requires_grad=True)
+    weight = torch.randn(30, 16, device=DEV, requires_grad=True)
+    targets = torch.randint(30, (20,), device=DEV)
+    op, outputs = kernels._linear_cross_entropy, []
+
+    def keep_outputs(*args):
+        outputs.append(op(*args))
+        return outputs[-1]
+    monkeypatch.setattr(kernels, "_linear_cross_entropy", keep_outputs)
+    losses = [kernels.fused_linear_cross_entropy(hidden, weight, targets, chunk_size=8)]
+    with torch.no_grad():
+        losses.append(kernels.fused_linear_cross_entropy(hidden, weight, targets, chunk_size=8))
+    losses.append(kernels.fused_linear_cross_entropy(hidden.detach(), weight.detach(), targets,
+                                                     chunk_size=8))
+    assert [o[1].shape for o in outputs] == [hidden.shape, (0,), (0,)]
+    assert [o[2].shape for o in outputs] == [weight.shape, (0,), (0,)]
+    assert losses[0].requires_grad and not losses[1].requires_grad
+    want = reference_linear_cross_entropy(hidden, weight, targets)
+    for loss in losses:
+        torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(loss, losses[0], rtol=0, atol=0)
+
+
 def test_fused_kernels_reject_bad_input(monkeypatch):
     x = torch.randn(4, 8, device=DEV)
     with pytest.raises(ValueError, match=r"weight must have shape \(8,\)"):
@@ -3197,7 +3224,7 @@ def test_fused_kernels_reject_bad_input(monkeypatch):
     if DEV == "cpu":  # a value check needs the data on the host
         with pytest.raises(ValueError, match=r"targets must lie in \[0, 4\)"):
             kernels.fused_linear_cross_entropy(x, x, torch.tensor([0, 1, -100, 4]))
-    monkeypatch.setenv("TRITON_INTERPRET", "0")  # a CPU tensor, on a GPU machine or not
+    monkeypatch.setattr(kernels, "INTERPRET", False)  # a CPU tensor, on a GPU machine or not
     with pytest.raises(ValueError, match="need CUDA tensors"):
         kernels.swiglu_gate(x.cpu(), x.cpu())
     with pytest.raises(ValueError, match="kernels must be one of"):
@@ -3366,7 +3393,7 @@ def test_flash_pytorch_causal_needs_enough_keys():
     (1, 2, 2, 20, 20, 48, True),  # head dim padded to 64
 ])
 def test_flash_triton_matches_reference(B, H, H_kv, T, S, d, causal):
-    ours, ref = run_flash(kernels.FlashAttentionTriton.apply, (B, H, T, d), (B, H_kv, S, d),
+    ours, ref = run_flash(kernels.flash_attention, (B, H, T, d), (B, H_kv, S, d),
                           causal, torch.float32)
     assert ours[0].dtype == torch.float32 and ours[1].dtype == torch.float32
     assert_close_all(ours, ref, atol=2e-5)
@@ -3402,8 +3429,8 @@ def test_flash_triton_strided_inputs():
 
 
 @pytest.mark.parametrize("change,match", [
-    (dict(q=torch.zeros(1, 2, 8, 16, dtype=torch.float64)), "q has dtype torch.float64"),
-    (dict(k=torch.zeros(1, 2, 8, 16, dtype=torch.int32)), "k has dtype torch.int32"),
+    (dict(q=torch.zeros(1, 2, 8, 16, dtype=torch.float64)), "dtype torch.float64; expected"),
+    (dict(k=torch.zeros(1, 2, 8, 16, dtype=torch.int32)), "dtype torch.int32; expected"),
     (dict(v=torch.zeros(1, 2, 8, 16, dtype=torch.float16)), "dtypes differ"),
     (dict(k=torch.zeros(1, 2, 8, 16, device="meta")), "devices differ"),
     (dict(q=torch.zeros(1, 2, 8, 8), k=torch.zeros(1, 2, 8, 8), v=torch.zeros(1, 2, 8, 8)),
@@ -3417,14 +3444,15 @@ def test_flash_triton_bad_inputs_name_the_problem(change, match):
     args = dict(q=torch.zeros(1, 2, 8, 16), k=torch.zeros(1, 2, 8, 16),
                 v=torch.zeros(1, 2, 8, 16), causal=False)
     args.update(change)
+    q, k, v = (args[n].to(DEV) if args[n].device.type == "cpu" else args[n] for n in "qkv")
     with pytest.raises(ValueError, match=match):
-        kernels.flash_attention(args["q"], args["k"], args["v"], args["causal"])
+        kernels.flash_attention(q, k, v, args["causal"])
 
 
 def test_flash_triton_cpu_without_interpreter_is_an_error(monkeypatch):
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(kernels, "INTERPRET", False)
     x = torch.zeros(1, 2, 8, 16)
-    with pytest.raises(ValueError, match="need a CUDA tensor"):
+    with pytest.raises(ValueError, match="need CUDA tensors"):
         kernels.flash_attention(x, x, x)
 
 
@@ -3501,10 +3529,10 @@ def _flash_float32_and_float16() -> None:
 
 @cuda
 def test_flash_triton_cuda_rejects_cpu_tensors():
-    if os.environ.get("TRITON_INTERPRET") == "1":
+    if kernels.INTERPRET:
         pytest.skip("the interpreter is on")
     x = torch.zeros(1, 2, 8, 16)
-    with pytest.raises(ValueError, match="need a CUDA tensor"):
+    with pytest.raises(ValueError, match="need CUDA tensors"):
         kernels.flash_attention(x, x, x)
 
 
@@ -3619,21 +3647,22 @@ def op_cases() -> list[tuple]:
             (kernels._rmsnorm_bwd, (r, x, w, rstd, None)),
             (kernels._rmsnorm_bwd, (r, x, w, rstd, torch.randn(3, 8))),
             (kernels._swiglu_fwd, (a, b)), (kernels._swiglu_bwd, (torch.randn(2, 8), a, b)),
-            (kernels._linear_cross_entropy, (torch.randn(6, 8), torch.randn(10, 8),
-                                             torch.tensor([1, 2, -100, 4, 5, 9]), -100, 4,
-                                             torch.float32)),
+            *((kernels._linear_cross_entropy, (torch.randn(6, 8), torch.randn(10, 8),
+                                               torch.tensor([1, 2, -100, 4, 5, 9]), -100, 4,
+                                               torch.float32, grads)) for grads in (True, False)),
             (kernels._flash_fwd, (q, kv, kv, True)),
             (kernels._flash_bwd, (torch.randn_like(O), q, kv, kv, O, L, True))]
 
 
-@pytest.mark.parametrize("index", range(9))
+@pytest.mark.parametrize("index", range(10))
 def test_custom_ops_pass_opcheck(index):
     """torch.library.opcheck: the schema, the fake against the real op, the autograd
     registration, and tracing with dynamic shapes (what compile relies on)."""
     op, args = op_cases()[index]
-    args = [a.to(DEV).requires_grad_(a.is_floating_point() and op in (
-        kernels._rmsnorm_fwd, kernels._swiglu_fwd, kernels._flash_fwd,
-        kernels._linear_cross_entropy)) if isinstance(a, torch.Tensor) else a for a in args]
+    differentiable = op in (kernels._rmsnorm_fwd, kernels._swiglu_fwd, kernels._flash_fwd) or (
+        op is kernels._linear_cross_entropy and args[-1])  # grads=False: only for no gradient
+    args = [a.to(DEV).requires_grad_(a.is_floating_point() and differentiable)
+            if isinstance(a, torch.Tensor) else a for a in args]
     torch.library.opcheck(op, args)
 
 
@@ -5194,6 +5223,30 @@ def test_data_pipeline_shards_classifiers_and_contamination(tmp_path, capsys):
         _run_pipeline(tmp_path, quality="nowhere.npz")
 
 
+def test_data_line_dedup_counts_a_line_repeated_inside_one_document(tmp_path):
+    """Page 0 has a line twice, every page "Share this story...": Bloom keeps first copies and
+    counts the tokens of the rest, exact dedup drops and counts every copy."""
+    rng, repeated = random.Random(3), "Subscribe to our letter for more stories."
+    pages = [data._page(f"Story {i}", data._article(rng) + [repeated] * (2 if i == 0 else 0))
+             for i in range(3)]
+    data.write_warc(tmp_path / "crawl.warc", [data.make_response_record(
+        f"https://valley.example/{i}", page, record_id=i) for i, page in enumerate(pages)])
+    share = "Share this story with your friends."
+
+    def tokens(*lines: str) -> int:  # what a document's removed lines count, joined
+        return len(data.PRETOKEN_RE.findall("\n".join(lines)))
+
+    for mode, expected in (("bloom", tokens(repeated) + 2 * tokens(share)),
+                           ("exact", tokens(repeated, repeated, share) + 2 * tokens(share))):
+        report = data.pipeline(str(tmp_path / "crawl.warc"), str(tmp_path / mode),
+                               progress=False, **{**data.PIPELINE_OPTIONS, "line_dedup": mode,
+                                                  "vocab_size": 300})
+        assert report["kept"] == 3 and report["removed"]["repeated lines"] == 0
+        assert report["tokens"]["repeated lines"] == expected, mode
+        text = "".join((tmp_path / mode / f"{s}.txt").read_text() for s in ("train", "val"))
+        assert text.count(repeated) == (mode == "bloom") and text.count(share) == (mode == "bloom")
+
+
 def test_data_pipeline_demo_and_commands(tmp_path, capsys):
     """Replaces test_data_demo_and_commands (the demo now runs the pipeline; extract and dedup
     commands gave way to `pipeline`, the functions behind them stay)."""
@@ -5514,6 +5567,34 @@ def test_data_openwebtext_prepares_train_bins(tmp_path, monkeypatch, capsys):
     cut, whole = (tmp_path / "cut" / "train.txt").read_text(), (out / "train.txt").read_text()
     assert 105 <= len(cut.encode()) < 400 and whole.startswith(cut) and cut.endswith("\n")
     assert json.loads((tmp_path / "cut" / "train.bin.json").read_text())["num_tokens"] > 0
+
+
+def test_data_rerun_reuses_tokenizer_and_bins_only_for_the_same_text(tmp_path, monkeypatch):
+    (cache := tmp_path / "cache").mkdir()
+    _owt_archives(cache)
+    monkeypatch.setattr(data, "download", lambda url, dest: dest)
+    out, real = tmp_path / "owt", (train.train_bpe, train.encode_file)
+
+    def run(max_mb: float) -> dict[str, int]:
+        return data.openwebtext(str(out), str(cache), max_mb, vocab_size=300, workers=1,
+                                progress=False)
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("the same text was tokenized again")
+
+    first = run(0)
+    monkeypatch.setattr(train, "train_bpe", no_work)
+    monkeypatch.setattr(train, "encode_file", no_work)
+    assert run(0) == first  # the same text: nothing redone
+    monkeypatch.setattr(train, "train_bpe", real[0])
+    monkeypatch.setattr(train, "encode_file", real[1])
+    cut = run(1e-4)  # other text: tokenizer and .bin files made again, never the stale ones
+    tok = Tokenizer.from_dir(out / "tokenizer")
+    for split in ("train", "val"):
+        tokens = train.load_tokens(out / f"{split}.bin", tok)
+        assert len(tokens) == cut[split] and tok.decode(tokens.tolist()) == (
+            out / f"{split}.txt").read_text()
+    assert cut["train"] < first["train"]
 
 
 def test_data_openwebtext_says_when_offline(tmp_path, monkeypatch):
@@ -5877,8 +5958,14 @@ def test_align_demo_smoke_run(tmp_path, capsys):
     assert set(saved["results"]) == {"base", "base_q", "sft", "ei", "grpo", "dpo"}
     assert len(saved["curves"]["grpo"]) == cfg.grpo_steps
     assert "held-out accuracy" in capsys.readouterr().out
-    model = align.load_policy(tmp_path / "grpo.pt", torch.device("cpu"))
-    assert model.config.d_model == 32
+    model, tok = infer.load_checkpoint_model(str(tmp_path / "grpo.pt"))  # its tokenizer found
+    assert model.config.d_model == 32 and tok.vocab_size == model.config.vocab_size
+    data = tmp_path / "gsm8k.jsonl"
+    data.write_text(json.dumps({"question": "Tom has 2 pens.", "answer": "#### 2"}) + "\n")
+    for ckpt in ("grpo.pt", "base/ckpt.pt"):  # ours and train.py's, no --tokenizer_dir
+        result = align.main(["eval", f"--model={tmp_path / ckpt}", f"--data={data}",
+                             "--max_new_tokens=4", "--device=cpu"])
+        assert 0 <= result["accuracy"] <= 1
 
 
 def test_align_grpo_ablations_and_kl_run_and_stay_finite():

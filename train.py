@@ -1474,25 +1474,35 @@ def prepare_data(cfg: TrainConfig) -> tuple[str, str, str]:
     work = Path(cfg.cache_dir) / name
     text, val_text = split_text(text, work, cfg.val_fraction, max_bytes)
     tok_dir = work / f"bpe{cfg.vocab_size}"
+    return str(tok_dir), *tokenize_splits(text, val_text, tok_dir, cfg.vocab_size, tok_dir)
+
+
+def tokenize_splits(train_text: Path, val_text: Path, tok_dir: Path, vocab_size: int,
+                    bin_dir: Path, workers: int | None = None,
+                    progress: bool = True) -> tuple[str, str]:
+    """A vocab_size BPE tokenizer trained on train_text into tok_dir, unless one is there, and
+    both texts encoded with it into bin_dir/train.bin and val.bin, unless load_tokens accepts
+    the ones there: (train_bin, val_bin). That they came from these very texts is the caller's
+    to ensure (prepare_data: the folder's name holds the text's hash)."""
     if not tok_dir.exists():  # written under a temporary name, so it exists only when complete
-        print(f"training a {cfg.vocab_size}-token BPE tokenizer on {text}")
-        vocab, merges = train_bpe(str(text), cfg.vocab_size, [EOT])
+        print(f"training a {vocab_size}-token BPE tokenizer on {train_text}")
+        vocab, merges = train_bpe(str(train_text), vocab_size, [EOT], workers, progress)
         tmp = tok_dir.with_name(tok_dir.name + ".tmp")
         Tokenizer(vocab, merges, [EOT]).save_dir(str(tmp))  # a stale tmp is overwritten
         os.replace(tmp, tok_dir)
     tok = Tokenizer.from_dir(str(tok_dir))
     bins = []
-    for split, path in (("train", text), ("val", val_text)):
-        out = tok_dir / f"{split}.bin"
+    for split, path in (("train", train_text), ("val", val_text)):
+        out = bin_dir / f"{split}.bin"
         try:
             load_tokens(out, tok)
         except FileNotFoundError:
-            encode_file(tok, str(path), str(out))
+            encode_file(tok, str(path), str(out), workers, progress)
         except ValueError as e:  # written by another version of the tokenizer: never reuse it
             print(f"{e}; re-encoding")
-            encode_file(tok, str(path), str(out))
+            encode_file(tok, str(path), str(out), workers, progress)
         bins.append(str(out))
-    return str(tok_dir), bins[0], bins[1]
+    return bins[0], bins[1]
 
 
 # Reading a run: `python train.py plot [out_dir]` --------------------------------------------------
