@@ -2,21 +2,19 @@
 
 CS336 lectures 9 and 11 and assignment 3, in teaching order: the napkin math of training (FLOPs,
 parameters, days on a cluster, tokens per parameter); the model shapes that spend a budget; then
-the three ways Hoffmann et al. find the compute-optimal model size N_opt and token count D_opt:
-approach 2 (IsoFLOPs: a parabola per budget, power laws through the minima), approach 3 (a
-parametric loss L(N, D) = E + A/N^a + B/D^b, fitted with a Huber loss and L-BFGS) and approach 1
-(the envelope of training curves from train.py's metrics.jsonl); Kaplan et al.'s forms fitted to
-the same runs, and why their allocation differs from Chinchilla's; last, a sweep of our own model
-within a hard FLOPs budget, as assignment 3 frames it: IsoFLOP runs of train.py chosen and priced
-before any runs, resumable, then fitted, predicting the best shape, N, D and loss at --target.
+Hoffmann et al.'s three ways to the compute-optimal size N_opt and token count D_opt: approach 2
+(IsoFLOPs: a parabola per budget, power laws through the minima), approach 3 (L(N, D) = E + A/N^a
++ B/D^b, fitted with a Huber loss and L-BFGS) and approach 1 (the envelope of training curves);
+Kaplan et al.'s forms on the same runs, and why their allocation differs; last, a sweep of our own
+model within a hard FLOPs budget, as assignment 3 frames it: runs chosen and priced before any
+runs, resumable, fitted, predicting the best shape, N, D and loss at --target, and checked there.
 
 Learning rate and batch size decide whether a sweep means anything: a size trained at a rate that
-suits another size loses to its neighbours for the wrong reason and bends the parabola. Under the
-standard parametrisation the best AdamW rate falls as models widen (roughly as 1 / d_model for the
-hidden matrices), so it must be swept per scale (--lrs) or set from a rule fitted on small runs,
-and the batch size grows with the loss (the critical batch size). muP (Yang et al. 2022) scales
-each layer's initialisation and rate with width so that one rate, tuned on the smallest model, is
-the best at every width: the sweep then needs one --lr, and only depth and batch size still move.
+suits another size loses for the wrong reason and bends the parabola. Under the standard
+parametrisation the best AdamW rate falls as models widen (roughly as 1 / d_model for hidden
+matrices), so it is swept per scale (--lrs), and the best batch grows as the loss falls (the
+critical batch size). muP (Yang et al. 2022) scales each layer's initialisation and rate with
+width so that one rate, tuned on the smallest model, is best at every width: one --lr suffices.
 
 Commands (CPU, seconds; a runs file is a JSON list of {parameters, compute_budget, final_loss} or a
 CSV with those columns; settings as --key=value; --plot=DIR writes PNGs if matplotlib is there):
@@ -27,16 +25,13 @@ CSV with those columns; settings as --key=value; --plot=DIR writes PNGs if matpl
     python scaling.py shapes --budget=1e19 --min_params=2e7 --max_params=5e8
     python scaling.py envelope out/a out/b out/c:1.2e7  # approach 1 from train.py's run folders
     python scaling.py sweep --target=1e17 --budget=2e16 --runs=sweep/runs.json --lrs=1e-3,3e-3 \
-        --dataset=pycode [--budgets=... --sizes=5 --min_params=5e5 --max_params=2e7 --exact=True]
-        # any train.py setting passes through (--batch_size, --train_bin ...); on the GPU machine
-        # the same command, with bigger budgets, shapes (--aspect_ratio=64 --head_dim=64) and data
+        --dataset=pycode --sizes=5 --jobs=2 --check=True  # and any train.py setting; README: GPU
 Reads   a runs file (default ../shared/data/isoflops_curves.json), or run folders (metrics.jsonl,
         and ckpt.pt for the model's shape unless given as DIR:N, N the parameter count).
         sweep: train.py's data (--dataset, --data or --train_bin/--val_bin/--tokenizer_dir).
 Writes  with --plot: DIR/isoflops.png, power_laws.png, loss_surface.png (envelope: envelope.png);
-        sweep: the runs file, a row per run as it finishes, and a train.py out_dir per run beside
-        it (sweep/runs/C...-L...-d...-lr.../metrics.jsonl, ckpt.pt).
-Next    the README's real sweep on the GPU machine (4 budgets x 5 sizes, checked at 10x).
+        sweep: the runs file, a row per finished run, a train.py out_dir per run beside it
+        (sweep/runs/C...-L...-d...-lr.../metrics.jsonl, ckpt.pt); --check: runs-check.json.
 
 Papers  Kaplan et al. 2020 (Scaling Laws for Neural Language Models); Hoffmann et al. 2022
         (Chinchilla: Training Compute-Optimal Large Language Models); Besiroglu et al. 2024
@@ -45,10 +40,13 @@ Papers  Kaplan et al. 2020 (Scaling Laws for Neural Language Models); Hoffmann e
 """
 
 import csv
+import dataclasses
 import json
 import math
+import subprocess
 import sys
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,7 +55,7 @@ import torch
 
 from model import ModelConfig, count_params, flops_per_token
 import train  # the sweep calls train.train (a test replaces it)
-from tokenizer import DATA_DIR, UsageError, parse_command, run_cli, write_atomic
+from tokenizer import DATA_DIR, Tokenizer, UsageError, parse_command, run_cli, write_atomic
 from train import (PEAK_BF16_FLOPS, TrainConfig, build_model_config, check_config, option_defaults,
                    prepare_data, read_checkpoint, with_overrides)
 
@@ -355,12 +353,12 @@ def fit_with_lbfgs(model_log_loss: Callable[[torch.Tensor], torch.Tensor], grid:
 
 def fit_approach3(runs: Runs, delta: float = 1e-3) -> LossLaw:
     """Hoffmann et al.'s grid: alpha, beta in 0..2, ln E in -1..1.5, ln A, ln B in 0..25."""
-    log_N, log_D = (torch.tensor(np.log(x), dtype=torch.float64) for x in (runs.N, runs.D))
+    log_N, log_D, log_L = (torch.tensor(np.log(x), dtype=torch.float64)
+                           for x in (runs.N, runs.D, runs.L))
     axes = [torch.arange(-1.0, 1.51, 0.5), torch.arange(0.0, 25.1, 5.0),
             torch.arange(0.0, 25.1, 5.0), *[torch.arange(0.0, 2.01, 0.5)] * 2]
     grid = torch.cartesian_prod(*axes).to(torch.float64)
-    theta = fit_with_lbfgs(lambda t: _chinchilla_log_loss(t, log_N, log_D), grid,
-                           torch.tensor(np.log(runs.L), dtype=torch.float64), delta)
+    theta = fit_with_lbfgs(lambda t: _chinchilla_log_loss(t, log_N, log_D), grid, log_L, delta)
     e, a, b, alpha, beta = theta.tolist()
     return LossLaw(math.exp(e), math.exp(a), math.exp(b), alpha, beta)
 
@@ -445,7 +443,8 @@ class KaplanLaw:
 
 
 def fit_kaplan(runs: Runs, delta: float = 1e-3) -> KaplanLaw:
-    log_N, log_D = (torch.tensor(np.log(x), dtype=torch.float64) for x in (runs.N, runs.D))
+    log_N, log_D, log_L = (torch.tensor(np.log(x), dtype=torch.float64)
+                           for x in (runs.N, runs.D, runs.L))
 
     def log_loss(theta: torch.Tensor) -> torch.Tensor:  # theta = (ln N_c, ln D_c, a_N, a_D)
         n_c, d_c, a_n, a_d = (t[..., None] for t in theta.unbind(-1))
@@ -455,8 +454,7 @@ def fit_kaplan(runs: Runs, delta: float = 1e-3) -> KaplanLaw:
     axes = [torch.arange(10.0, 40.1, 5.0), torch.arange(10.0, 40.1, 5.0),
             *[torch.tensor([0.03, 0.1, 0.3, 0.6])] * 2]
     grid = torch.cartesian_prod(*axes).to(torch.float64)
-    theta = fit_with_lbfgs(log_loss, grid, torch.tensor(np.log(runs.L), dtype=torch.float64),
-                           delta)
+    theta = fit_with_lbfgs(log_loss, grid, log_L, delta)
     n_c, d_c, a_n, a_d = theta.tolist()
     return KaplanLaw(math.exp(n_c), math.exp(d_c), a_n, a_d)
 
@@ -538,7 +536,8 @@ def fit_report(runs: Runs, budgets: list[float], samples: int = 200, seed: int =
     return result
 
 
-def _pyplot():
+def _pyplot(out_dir: str | Path):
+    """matplotlib's pyplot, drawing to files only, and the folder made for them."""
     try:
         import matplotlib
     except ImportError:
@@ -546,15 +545,22 @@ def _pyplot():
                          "the tables above have the same numbers") from None
     matplotlib.use("Agg")  # files only: no display needed
     import matplotlib.pyplot as plt
-    return plt
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    return plt, Path(out_dir)
+
+
+def _save(plt, fig, path: Path) -> Path:
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    print(f"plot: {path}")
+    return path
 
 
 def plot_fits(runs: Runs, points: list[IsoFlopsPoint], laws: PowerLaws, out_dir: str | Path,
               up_to: float = 1e24) -> list[Path]:
     """isoflops.png: loss against N per budget with its parabola; power_laws.png: N_opt and D_opt
     against C, the fitted laws extrapolated to `up_to`."""
-    plt, out = _pyplot(), Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    plt, out = _pyplot(out_dir)
     fig, ax = plt.subplots(figsize=(7, 5))
     for p, color in zip(points, plt.cm.viridis(np.linspace(0, 1, len(points)))):
         at = runs.C == p.budget
@@ -563,8 +569,9 @@ def plot_fits(runs: Runs, points: list[IsoFlopsPoint], laws: PowerLaws, out_dir:
         ax.plot(np.exp(x), np.polyval(p.parabola, x), color=color, lw=1)
         ax.scatter([p.N_opt], [p.loss_opt], color=color, marker="x", s=40)
     ax.set(xscale="log", xlabel="parameters N", ylabel="final loss", title="IsoFLOPs profiles")
+    ax.xaxis.set_minor_formatter(plt.NullFormatter())  # labels at powers of ten only
     ax.legend(title="FLOPs", fontsize=7)
-    fig.savefig(out / "isoflops.png", dpi=120, bbox_inches="tight")
+    paths = [_save(plt, fig, out / "isoflops.png")]
     fig2, axes = plt.subplots(1, 2, figsize=(11, 4.5))
     C = np.array([p.budget for p in points])
     N = np.array([p.N_opt for p in points])
@@ -576,18 +583,13 @@ def plot_fits(runs: Runs, points: list[IsoFlopsPoint], laws: PowerLaws, out_dir:
         ax.plot(grid, fitted, color="C1", label="power law")
         ax.set(xscale="log", yscale="log", xlabel="compute C (FLOPs)", ylabel=name)
         ax.legend()
-    fig2.savefig(out / "power_laws.png", dpi=120, bbox_inches="tight")
-    plt.close("all")
-    paths = [out / "isoflops.png", out / "power_laws.png"]
-    print("plots: " + ", ".join(map(str, paths)))
-    return paths
+    return paths + [_save(plt, fig2, out / "power_laws.png")]
 
 
 def plot_surface(runs: Runs, law: LossLaw, out_dir: str | Path) -> Path:
     """loss_surface.png: approach 3's L(N, D) as contours over the runs, the IsoFLOP lines
     through them and the compute-optimal frontier the law puts across the lines."""
-    plt, out = _pyplot(), Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    plt, out = _pyplot(out_dir)
     log_N = np.linspace(np.log10(runs.N.min()) - 1, np.log10(runs.N.max()) + 1, 120)
     log_D = np.linspace(np.log10(runs.D.min()) - 1, np.log10(runs.D.max()) + 1, 120)
     grid_N, grid_D = np.meshgrid(10**log_N, 10**log_D)
@@ -605,17 +607,13 @@ def plot_surface(runs: Runs, law: LossLaw, out_dir: str | Path) -> Path:
            ylim=(10**log_D[0], 10**log_D[-1]), xlabel="parameters N", ylabel="tokens D",
            title="approach 3: the fitted loss surface")
     ax.legend(fontsize=8)
-    fig.savefig(out / "loss_surface.png", dpi=120, bbox_inches="tight")
-    plt.close(fig)
-    print(f"plot: {out / 'loss_surface.png'}")
-    return out / "loss_surface.png"
+    return _save(plt, fig, out / "loss_surface.png")
 
 
 def plot_envelope(curves: list[tuple[float, np.ndarray, np.ndarray]], out_dir: str | Path
                   ) -> Path:
     """envelope.png: every run's loss against FLOPs spent, and the envelope approach 1 fits."""
-    plt, out = _pyplot(), Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    plt, out = _pyplot(out_dir)
     fig, ax = plt.subplots(figsize=(7, 5))
     sizes = sorted({N for N, _, _ in curves})
     colors = dict(zip(sizes, plt.cm.viridis(np.linspace(0, 1, len(sizes)))))
@@ -628,10 +626,7 @@ def plot_envelope(curves: list[tuple[float, np.ndarray, np.ndarray]], out_dir: s
     ax.legend(unique.values(), unique.keys(), fontsize=7)
     ax.set(xscale="log", xlabel="compute C (FLOPs)", ylabel="training loss",
            title="approach 1: the envelope of training curves")
-    fig.savefig(out / "envelope.png", dpi=120, bbox_inches="tight")
-    plt.close(fig)
-    print(f"plot: {out / 'envelope.png'}")
-    return out / "envelope.png"
+    return _save(plt, fig, out / "envelope.png")
 
 
 # Synthetic runs from a known law: the check that every method recovers what it should -------------
@@ -677,11 +672,10 @@ def demo(noise: float = 0.002, seed: int = 0) -> dict:
 
 
 # Sweeps with a hard budget: our own model's runs, chosen, trained, recorded and fitted ------------
-# Per compute budget C (a few, below the total) `sizes` shapes of the family spread over
-# [min_params, max_params], each trained by train.py on D = C / 6N tokens (or on the tokens
-# model.py's exact count affords) with one cosine schedule as long as the run, for every learning
-# rate in --lrs. The plan is priced before anything runs; each result lands in the runs file at
-# once, so a killed sweep resumes where it stopped and a repeated configuration costs nothing.
+# Per budget C, `sizes` shapes of the family over [min_params, max_params], each trained by
+# train.py on D = C / 6N tokens with one cosine schedule as long as the run, at every rate in
+# --lrs. The plan is priced before any run; each result lands in the runs file at once, so a
+# killed sweep resumes where it stopped and a repeated configuration costs nothing.
 SWEEP = {"target": 1e17, "budget": 2e16, "runs": "sweep/runs.json",
          "budgets": "",  # FLOPs per IsoFLOP profile; "" = 4 budgets a factor 2 apart that fit
          "sizes": 5, "min_params": 5e5, "max_params": 2e7,  # shapes per budget, and their range
@@ -689,7 +683,9 @@ SWEEP = {"target": 1e17, "budget": 2e16, "runs": "sweep/runs.json",
          "warmup_frac": 0.1,  # warm-up as a share of each run (runs differ tenfold in length)
          "exact": False,  # price tokens with model.py's FLOPs count, not 6N
          "aspect_ratio": 32, "head_dim": 32,  # the family: d_model 32 x layers, 32-wide heads
-         "samples": 200, "plot": ""}  # bootstrap resamples; a folder for the PNGs
+         "samples": 200, "plot": "",  # bootstrap resamples; a folder for the PNGs
+         "jobs": 1,  # train.py processes at once (small models leave a GPU idle: try 8)
+         "check": False}  # then train the predicted best shape at --target: how close was it?
 SWEEP_TRAIN = {"eval_interval": 10**9, "checkpoint_interval": 0, "num_samples": 0,
                "overwrite": True}  # validate once, at the end; a run not recorded starts over
 RUN_KEY = ("compute_budget", "d_model", "num_layers", "num_heads", "d_ff", "context_length",
@@ -706,16 +702,39 @@ def _numbers(text: str, name: str) -> list[float]:
     return values
 
 
+def planned_run(budget: float, config: ModelConfig, lr: float, cfg: dict,
+                train_settings: dict) -> tuple[dict, TrainConfig]:
+    """One run: its runs-file row (without the results) and its TrainConfig, training `config`
+    at rate `lr` for as many whole steps as `budget` FLOPs buy, with one cosine schedule."""
+    fields = {k: getattr(config, k) for k in ("d_model", "num_layers", "num_heads", "d_ff",
+                                              "context_length")}
+    train_cfg = with_overrides(TrainConfig(), {**SWEEP_TRAIN, **train_settings, "lr": lr,
+                                               "min_lr": lr / 10})
+    train_cfg.model.update(fields)
+    model_config = check_config(train_cfg)  # with --vocab_size, as the plan is
+    per_token = (flops_per_token(model_config, config.context_length)["train"] if cfg["exact"]
+                 else 6.0 * count_params(model_config)["total"])
+    step = train_cfg.batch_size * config.context_length * train_cfg.grad_accum_steps
+    iterations = max(1, int(budget / per_token / step))
+    train_cfg.max_iters = iterations
+    train_cfg.warmup_iters = round(cfg["warmup_frac"] * iterations)
+    train_cfg.out_dir = str(Path(cfg["runs"]).with_suffix("") / f"C{budget:.3g}-L"
+                            f"{config.num_layers}-d{config.d_model}-lr{lr:g}")
+    return ({"compute_budget": budget, **fields, "lr": lr, "batch_size": train_cfg.batch_size,
+             "iterations": iterations, "tokens": iterations * step,
+             "flops": iterations * step * per_token}, train_cfg)
+
+
 def plan_sweep(cfg: dict, train_settings: dict) -> list[tuple[dict, TrainConfig]]:
     """Every run of the sweep: its runs-file row (without the results) and its TrainConfig. Raises,
     before any work, when a budget has too few shapes or the plan costs more than --budget."""
-    family = ShapeFamily(cfg["aspect_ratio"], cfg["head_dim"], cfg["vocab_size"],
-                         cfg["context_length"])
+    family = ShapeFamily(**{k: cfg[k] for k in vars(ShapeFamily())})
     lrs = _numbers(cfg["lrs"], "lrs") or [cfg["lr"]]
+    if cfg["jobs"] < 1:
+        raise UsageError(f"--jobs must be at least 1, got {cfg['jobs']}")
     per_budget = cfg["sizes"] * len(lrs)
     budgets = _numbers(cfg["budgets"], "budgets") or [cfg["budget"] / (15 * per_budget) * 2**i
                                                       for i in range(4)]
-    folder = Path(cfg["runs"]).with_suffix("")
     plan = []
     for budget in budgets:
         found = shapes_for_budget(budget, cfg["min_params"], cfg["max_params"], family)
@@ -725,25 +744,7 @@ def plan_sweep(cfg: dict, train_settings: dict) -> list[tuple[dict, TrainConfig]
                              f"needs --sizes={cfg['sizes']} (at least 3): widen the range")
         picks = np.unique(np.round(np.linspace(0, len(found) - 1, cfg["sizes"]))).astype(int)
         for config, _, _ in (found[i] for i in picks):
-            for lr in lrs:
-                fields = {k: getattr(config, k) for k in ("d_model", "num_layers", "num_heads",
-                                                          "d_ff", "context_length")}
-                train_cfg = with_overrides(TrainConfig(), {**SWEEP_TRAIN, **train_settings,
-                                                           "lr": lr, "min_lr": lr / 10})
-                train_cfg.model.update(fields)
-                model_config = check_config(train_cfg)  # with --vocab_size, as the plan is
-                per_token = (flops_per_token(model_config, config.context_length)["train"]
-                             if cfg["exact"] else 6.0 * count_params(model_config)["total"])
-                step = train_cfg.batch_size * config.context_length * train_cfg.grad_accum_steps
-                iterations = max(1, int(budget / per_token / step))
-                train_cfg.max_iters = iterations
-                train_cfg.warmup_iters = round(cfg["warmup_frac"] * iterations)
-                train_cfg.out_dir = str(folder / f"C{budget:.3g}-L{config.num_layers}-"
-                                                 f"d{config.d_model}-lr{lr:g}")
-                plan.append(({"compute_budget": budget, **fields, "lr": lr,
-                              "batch_size": train_cfg.batch_size, "iterations": iterations,
-                              "tokens": iterations * step, "flops": iterations * step * per_token},
-                             train_cfg))
+            plan += [planned_run(budget, config, lr, cfg, train_settings) for lr in lrs]
     total = sum(row["flops"] for row, _ in plan)
     if total > cfg["budget"]:
         raise UsageError(f"the sweep's {len(plan)} runs need {total:.3g} FLOPs, over --budget="
@@ -761,28 +762,56 @@ def read_sweep_rows(path: Path) -> list[dict]:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
-def run_sweep(plan: list[tuple[dict, TrainConfig]], runs_path: Path) -> list[dict]:
+def train_in_subprocess(train_cfg: TrainConfig) -> float:
+    """`python train.py CONFIG` (output in out_dir/train.log); the final validation loss. Small
+    models leave a GPU idle while Python launches kernels: several processes use it better."""
+    out = Path(train_cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    write_atomic(out / "config.json", json.dumps(dataclasses.asdict(train_cfg)))
+    with open(out / "train.log", "w") as log:
+        code = subprocess.run([sys.executable, train.__file__, str(out / "config.json")],
+                              stdout=log, stderr=subprocess.STDOUT).returncode
+    if code != 0:
+        last = (out / "train.log").read_text(errors="replace").strip().splitlines()[-1:]
+        raise RuntimeError(f"exit status {code}: {' '.join(last)} (see {out / 'train.log'})")
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r["val_loss"] for r in rows if "val_loss" in r][-1]
+
+
+def run_sweep(plan: list[tuple[dict, TrainConfig]], runs_path: Path, jobs: int = 1) -> list[dict]:
     """Train each planned run not in the runs file yet; append its row (atomically) as it lands.
-    The data is prepared once, and every run reads the same token arrays."""
+    The data is prepared once, and every run reads the same token arrays. jobs > 1: that many
+    train.py processes at a time, longest first; a failed run is reported after the others."""
     rows = read_sweep_rows(runs_path)
     done = [p for p in plan if any(all(r.get(k) == p[0][k] for k in RUN_KEY) for r in rows)]
-    todo = [p for p in plan if p not in done]
+    todo = sorted((p for p in plan if p not in done), key=lambda p: -p[0]["tokens"])
     print(f"sweep: {len(plan)} runs, {sum(r['flops'] for r, _ in plan):.3g} FLOPs; "
-          f"{len(done)} in {runs_path} already, {len(todo)} to train")
-    data = {}
-    for i, (row, train_cfg) in enumerate(todo, 1):
-        if not data:
-            tok_dir, train_bin, val_bin = prepare_data(train_cfg)
-            data = {"tokenizer_dir": tok_dir, "train_bin": train_bin, "val_bin": val_bin}
-        with_overrides(train_cfg, data)
-        print(f"[{i}/{len(todo)}] C {row['compute_budget']:.3g}: d_model {row['d_model']}, "
-              f"{row['num_layers']} layers, lr {row['lr']:g}, {row['iterations']} steps")
-        result = train.train(train_cfg)
-        model_config = build_model_config(train_cfg, result["tokenizer"].vocab_size)
-        rows.append({"parameters": count_params(model_config)["total"], **row,
-                     "final_loss": result["val_loss"], "out_dir": train_cfg.out_dir})
-        runs_path.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(runs_path, json.dumps(rows, indent=1))
+          f"{len(done)} in {runs_path} already, {len(todo)} to train"
+          + (f", {jobs} at a time" if jobs > 1 and todo else ""))
+    if not todo:
+        return rows
+    data = dict(zip(("tokenizer_dir", "train_bin", "val_bin"), prepare_data(todo[0][1])))
+    vocab_size = Tokenizer.from_dir(data["tokenizer_dir"]).vocab_size
+    train_one = train_in_subprocess if jobs > 1 else lambda c: train.train(c)["val_loss"]
+    failed = []
+    with ThreadPoolExecutor(jobs) as pool:
+        futures = {pool.submit(train_one, with_overrides(c, data)): (r, c) for r, c in todo}
+        for i, future in enumerate(as_completed(futures), 1):
+            (row, train_cfg), error = futures[future], future.exception()
+            print(f"[{i}/{len(todo)}] C {row['compute_budget']:.3g}: d_model {row['d_model']}, "
+                  f"{row['num_layers']} layers, lr {row['lr']:g}, {row['iterations']} steps: "
+                  + (f"failed: {error}" if error else f"loss {future.result():.4f}"), flush=True)
+            if error:
+                failed.append(f"{train_cfg.out_dir}: {error}")
+                continue
+            model_config = build_model_config(train_cfg, vocab_size)
+            rows.append({"parameters": count_params(model_config)["total"], **row,
+                         "final_loss": future.result(), "out_dir": train_cfg.out_dir})
+            runs_path.parent.mkdir(parents=True, exist_ok=True)
+            write_atomic(runs_path, json.dumps(rows, indent=1))
+    if failed:
+        raise RuntimeError(f"{len(failed)} of the sweep's runs failed (the others are in "
+                           f"{runs_path}; run the sweep again to retry): " + "; ".join(failed))
     return rows
 
 
@@ -801,13 +830,11 @@ def sweep_report(rows: list[dict], cfg: dict, source: str) -> dict:
     """The fits on the sweep's runs, and the shape, learning rate and loss they predict."""
     runs, best = best_over_lrs(rows, source)
     result = fit_report(runs, [cfg["target"]], cfg["samples"], cfg["seed"], cfg["plot"])
-    family = ShapeFamily(cfg["aspect_ratio"], cfg["head_dim"], cfg["vocab_size"],
-                         cfg["context_length"])
+    family = ShapeFamily(**{k: cfg[k] for k in vars(ShapeFamily())})
     three = result["predictions"][cfg["target"]]["approach3"]  # from all runs, not the minima
-    N_opt = three["N"]
+    N_opt, top = three["N"], max(runs.C)
     config = min((shape(n, family) for n in range(1, 257)),
                  key=lambda c: abs(math.log(count_params(c)["total"] / N_opt)))
-    top = max(runs.C)
     lr = min(((r["final_loss"], r["lr"]) for (c, _), r in best.items() if c == top))[1]
     N = count_params(config)["total"]
     if edges := [p for p in result["points"] if p.warning]:
@@ -829,10 +856,31 @@ def sweep_report(rows: list[dict], cfg: dict, source: str) -> dict:
     return {**result, "shape": config, "lr": lr}
 
 
+def check_prediction(report: dict, cfg: dict, train_settings: dict) -> dict:
+    """The test of the whole method: train the predicted best shape at --target with the chosen
+    rate (compile="auto": one long run pays back compiling), and compare its loss with approach
+    3's L(N, D) for that very N and D, and with approach 2's. The run is kept in RUNS-check.json:
+    trained once, and out of the runs file that the fits read."""
+    planned = planned_run(cfg["target"], report["shape"], report["lr"], cfg,
+                          {**train_settings, "compile": "auto"})
+    path = Path(cfg["runs"]).with_name(Path(cfg["runs"]).stem + "-check.json")
+    run = next(r for r in run_sweep([planned], path) if all(r[k] == planned[0][k] for k in RUN_KEY))
+    predicted = float(report["approach3"].loss(run["parameters"], run["tokens"]))
+    two = report["predictions"][cfg["target"]]["approach2"]["loss"]
+    loss, top = run["final_loss"], max(p.budget for p in report["points"])
+    print(f"\ncheck at {cfg['target']:.3g} FLOPs ({cfg['target'] / top:.3g}x the largest sweep "
+          f"budget): N {run['parameters']:,} on {run['tokens']:,} tokens reached validation "
+          f"loss {loss:.4f};\napproach 3 predicted {predicted:.4f} ({loss / predicted - 1:+.1%}), "
+          f"approach 2 {two:.4f} ({loss / two - 1:+.1%})")
+    return {**run, "predicted_loss": predicted, "approach2_loss": two}
+
+
 def sweep(cfg: dict, train_settings: dict) -> dict:
-    plan = plan_sweep(cfg, train_settings)
-    rows = run_sweep(plan, Path(cfg["runs"]))
-    return sweep_report(rows, cfg, cfg["runs"])
+    rows = run_sweep(plan_sweep(cfg, train_settings), Path(cfg["runs"]), cfg["jobs"])
+    report = sweep_report(rows, cfg, cfg["runs"])
+    if cfg["check"]:
+        report["check"] = check_prediction(report, cfg, train_settings)
+    return report
 
 
 # Commands: the tour, fit, demo, napkin, shapes, envelope ------------------------------------------
@@ -863,7 +911,8 @@ def napkin_tour() -> None:
     print(f"nanogpt preset on 1e9 tokens: 6 N D = {approx:.4g} FLOPs; model.py's count = "
           f"{exact:.4g}\n(attention's T x T in, the input embedding's lookup out); non-embedding "
           f"N = 12 L d^2 = {non_embedding_params_approx(config.num_layers, config.d_model):,.0f},"
-          f"\nexactly {non_embedding_params(config):,} (the norms' gains)")
+          f"\nexactly {non_embedding_params(config):,} (the norms' gains)\n")
+    print_shapes(1e19, 2e7, 5e8, ShapeFamily())
 
 
 def print_shapes(budget: float, min_params: float, max_params: float,
@@ -914,18 +963,10 @@ def main(argv: list[str]) -> None:
     if cfg.get("runs", None) == "":
         raise UsageError("fit needs a runs file: python scaling.py fit RUNS")
     if "budgets" in cfg and command != "sweep":
-        try:
-            cfg["budgets"] = [float(b) for b in cfg["budgets"].split(",")]
-        except ValueError:
-            cfg["budgets"] = [0.0]
-        if min(cfg["budgets"]) <= 0 or not all(map(math.isfinite, cfg["budgets"])):
-            raise UsageError(f"--budgets must be positive FLOPs like 1e23,1e24, got "
-                             f"{overrides['budgets']!r}")
+        cfg["budgets"] = _numbers(cfg["budgets"] or "none", "budgets")  # FLOPs to predict at
     if command in ("tour", "fit"):
         if command == "tour":
             napkin_tour()
-            print()
-            print_shapes(1e19, 2e7, 5e8, ShapeFamily())
         fit_report(load_runs(cfg["runs"]), cfg["budgets"], cfg["samples"], cfg["seed"],
                    cfg["plot"])
     elif command == "demo":
@@ -946,8 +987,7 @@ def main(argv: list[str]) -> None:
         if not positional:
             raise UsageError("envelope needs run folders: python scaling.py envelope DIR DIR ...")
         curves = [load_curve(*_folder_and_params(arg)) for arg in positional]
-        C, N, loss = envelope(curves)
-        k, a = fit_approach1(curves)
+        (C, N, loss), (k, a) = envelope(curves), fit_approach1(curves)
         for c, n, value in zip(C, N, loss):
             print(f"  C {c:10.3e}  best N {n:12.4g}  loss {value:.4f}")
         print(f"approach 1: N_opt = {k:.4g} C^{a:.4f}")

@@ -4893,6 +4893,44 @@ def test_scaling_sweep_trains_within_budget_resumes_and_fits(tmp_path, _cache, c
     assert json.loads(runs.read_text()) == rows[:7] + [{**r, "final_loss": 9.0} for r in rows[7:]]
 
 
+def test_scaling_sweep_in_processes_equals_in_process_and_checks_the_prediction(tmp_path, _cache,
+                                                                                capsys,
+                                                                                monkeypatch):
+    runs = tmp_path / "sweep" / "runs.json"
+    spawned = []  # one run as its own process (each costs seconds of imports), the rest here
+
+    def one_process(train_cfg):
+        spawned.append(train_cfg.out_dir)
+        if len(spawned) == 1:
+            return subprocess_run(train_cfg)
+        return train.train(train_cfg)["val_loss"]
+    subprocess_run = scaling.train_in_subprocess
+    monkeypatch.setattr(scaling, "train_in_subprocess", one_process)
+    report = scaling.main(_sweep_args(_cache, runs, "--jobs=3", "--check=True", "--target=2e10"))
+    out = capsys.readouterr().out
+    rows = json.loads(runs.read_text())
+    assert len(rows) == 9 and "9 to train, 3 at a time" in out and out.count("loss ") >= 9
+    assert len(spawned) == 9 and spawned[0] == max(rows, key=lambda r: r["tokens"])["out_dir"]
+    # a run trained by `python train.py CONFIG` gives what train.train gives in this process
+    first = next(r for r in rows if r["out_dir"] == spawned[0])
+    assert Path(first["out_dir"], "train.log").is_file()
+    cfg = json.loads(Path(first["out_dir"], "config.json").read_text())
+    result = train.train(train.with_overrides(train.TrainConfig(), {**cfg, "out_dir": str(
+        tmp_path / "again")}))
+    assert result["val_loss"] == pytest.approx(first["final_loss"], abs=1e-4)
+    # the check: the predicted shape trained at the target, compared with the fits' loss
+    [check] = json.loads((tmp_path / "sweep" / "runs-check.json").read_text())
+    assert check["compute_budget"] == 2e10 and check["flops"] <= 2e10
+    assert check["tokens"] == check["iterations"] * 8 * 32 and math.isfinite(check["final_loss"])
+    assert "check at 2e+10 FLOPs (2.5x the largest sweep budget)" in out
+    assert f"validation loss {check['final_loss']:.4f}" in out and "approach 3 predicted" in out
+    assert report is None  # main prints; the check is kept in its file: a rerun trains nothing
+    scaling.main(_sweep_args(_cache, runs, "--jobs=3", "--check=True", "--target=2e10"))
+    again = capsys.readouterr().out
+    assert "9 in" in again and "1 in" in again and "0 to train" in again
+    assert f"validation loss {check['final_loss']:.4f}" in again
+
+
 def test_scaling_sweep_refuses_before_any_work(tmp_path, _cache, monkeypatch):
     monkeypatch.setattr(train, "train", _no_training)
     monkeypatch.setattr(scaling, "prepare_data", _no_training)
