@@ -25,7 +25,7 @@ CSV with those columns; settings as --key=value; --plot=DIR writes PNGs if matpl
     python scaling.py shapes --budget=1e19 --min_params=2e7 --max_params=5e8
     python scaling.py envelope out/a out/b out/c:1.2e7  # approach 1 from train.py's run folders
     python scaling.py sweep --target=1e17 --budget=2e16 --runs=sweep/runs.json --lrs=1e-3,3e-3 \
-        --dataset=pycode --sizes=5 --jobs=2 --check=True  # and any train.py setting; README: GPU
+        --batch_sizes=16,32 --dataset=pycode --jobs=2 --check=True  # any train.py setting too
 Reads   a runs file (default ../shared/data/isoflops_curves.json), or run folders (metrics.jsonl,
         and ckpt.pt for the model's shape unless given as DIR:N, N the parameter count).
         sweep: train.py's data (--dataset, --data or --train_bin/--val_bin/--tokenizer_dir).
@@ -680,6 +680,7 @@ SWEEP = {"target": 1e17, "budget": 2e16, "runs": "sweep/runs.json",
          "budgets": "",  # FLOPs per IsoFLOP profile; "" = 4 budgets a factor 2 apart that fit
          "sizes": 5, "min_params": 5e5, "max_params": 2e7,  # shapes per budget, and their range
          "lrs": "",  # learning rates to try at every shape ("" = --lr); min_lr is a tenth of each
+         "batch_sizes": "",  # and batch sizes, in sequences ("" = --batch_size)
          "warmup_frac": 0.1,  # warm-up as a share of each run (runs differ tenfold in length)
          "exact": False,  # price tokens with model.py's FLOPs count, not 6N
          "aspect_ratio": 32, "head_dim": 32,  # the family: d_model 32 x layers, 32-wide heads
@@ -716,10 +717,9 @@ def planned_run(budget: float, config: ModelConfig, lr: float, cfg: dict,
                  else 6.0 * count_params(model_config)["total"])
     step = train_cfg.batch_size * config.context_length * train_cfg.grad_accum_steps
     iterations = max(1, int(budget / per_token / step))
-    train_cfg.max_iters = iterations
-    train_cfg.warmup_iters = round(cfg["warmup_frac"] * iterations)
-    train_cfg.out_dir = str(Path(cfg["runs"]).with_suffix("") / f"C{budget:.3g}-L"
-                            f"{config.num_layers}-d{config.d_model}-lr{lr:g}")
+    train_cfg.max_iters, train_cfg.warmup_iters = iterations, round(cfg["warmup_frac"] * iterations)
+    name = f"C{budget:.3g}-L{config.num_layers}-d{config.d_model}-lr{lr:g}-b{train_cfg.batch_size}"
+    train_cfg.out_dir = str(Path(cfg["runs"]).with_suffix("") / name)
     return ({"compute_budget": budget, **fields, "lr": lr, "batch_size": train_cfg.batch_size,
              "iterations": iterations, "tokens": iterations * step,
              "flops": iterations * step * per_token}, train_cfg)
@@ -730,9 +730,10 @@ def plan_sweep(cfg: dict, train_settings: dict) -> list[tuple[dict, TrainConfig]
     before any work, when a budget has too few shapes or the plan costs more than --budget."""
     family = ShapeFamily(**{k: cfg[k] for k in vars(ShapeFamily())})
     lrs = _numbers(cfg["lrs"], "lrs") or [cfg["lr"]]
+    batches = [int(b) for b in _numbers(cfg["batch_sizes"], "batch_sizes")] or [cfg["batch_size"]]
     if cfg["jobs"] < 1:
         raise UsageError(f"--jobs must be at least 1, got {cfg['jobs']}")
-    per_budget = cfg["sizes"] * len(lrs)
+    per_budget = cfg["sizes"] * len(lrs) * len(batches)
     budgets = _numbers(cfg["budgets"], "budgets") or [cfg["budget"] / (15 * per_budget) * 2**i
                                                       for i in range(4)]
     plan = []
@@ -744,12 +745,13 @@ def plan_sweep(cfg: dict, train_settings: dict) -> list[tuple[dict, TrainConfig]
                              f"needs --sizes={cfg['sizes']} (at least 3): widen the range")
         picks = np.unique(np.round(np.linspace(0, len(found) - 1, cfg["sizes"]))).astype(int)
         for config, _, _ in (found[i] for i in picks):
-            plan += [planned_run(budget, config, lr, cfg, train_settings) for lr in lrs]
+            plan += [planned_run(budget, config, lr, cfg, {**train_settings, "batch_size": b})
+                     for lr in lrs for b in batches]
     total = sum(row["flops"] for row, _ in plan)
     if total > cfg["budget"]:
         raise UsageError(f"the sweep's {len(plan)} runs need {total:.3g} FLOPs, over --budget="
-                         f"{cfg['budget']:.3g}: use fewer or smaller --budgets, fewer --sizes or "
-                         f"--lrs, or raise --budget")
+                         f"{cfg['budget']:.3g}: use fewer or smaller --budgets, fewer --sizes, "
+                         f"--lrs or --batch_sizes, or raise --budget")
     return plan
 
 
@@ -815,8 +817,8 @@ def run_sweep(plan: list[tuple[dict, TrainConfig]], runs_path: Path, jobs: int =
     return rows
 
 
-def best_over_lrs(rows: list[dict], source: str) -> tuple[Runs, dict]:
-    """One point per (C, N) for the fits, its best learning rate's loss; and that lr per point."""
+def best_settings(rows: list[dict], source: str) -> tuple[Runs, dict]:
+    """One point per (C, N) for the fits, the loss of its best rate and batch; and that run."""
     best = {}
     for r in rows:
         key = (r["compute_budget"], r["parameters"])
@@ -828,14 +830,15 @@ def best_over_lrs(rows: list[dict], source: str) -> tuple[Runs, dict]:
 
 def sweep_report(rows: list[dict], cfg: dict, source: str) -> dict:
     """The fits on the sweep's runs, and the shape, learning rate and loss they predict."""
-    runs, best = best_over_lrs(rows, source)
+    runs, best = best_settings(rows, source)
     result = fit_report(runs, [cfg["target"]], cfg["samples"], cfg["seed"], cfg["plot"])
     family = ShapeFamily(**{k: cfg[k] for k in vars(ShapeFamily())})
     three = result["predictions"][cfg["target"]]["approach3"]  # from all runs, not the minima
     N_opt, top = three["N"], max(runs.C)
     config = min((shape(n, family) for n in range(1, 257)),
                  key=lambda c: abs(math.log(count_params(c)["total"] / N_opt)))
-    lr = min(((r["final_loss"], r["lr"]) for (c, _), r in best.items() if c == top))[1]
+    _, lr, batch = min((r["final_loss"], r["lr"], r["batch_size"])
+                       for (c, _), r in best.items() if c == top)
     N = count_params(config)["total"]
     if edges := [p for p in result["points"] if p.warning]:
         low = [p.best_run_N == runs.N[runs.C == p.budget].min() for p in edges]
@@ -846,23 +849,21 @@ def sweep_report(rows: list[dict], cfg: dict, source: str) -> dict:
     print(f"\nbest shape at {cfg['target']:.3g} FLOPs (approach 3's N_opt {N_opt:.3g}): d_model "
           f"{config.d_model}, {config.num_layers} layers, {config.num_heads} heads, d_ff "
           f"{config.d_ff} (N {N:,}),\non {cfg['target'] / (6 * N):.3g} tokens, predicted loss "
-          f"{three['loss']:.3f};\nlearning rate {lr:g} (the best run's at "
-          f"{top:.3g} FLOPs), batch size "
-          f"{cfg['batch_size']} sequences of {cfg['context_length']} tokens")
+          f"{three['loss']:.3f};\nlearning rate {lr:g} and batch size {batch} sequences of "
+          f"{cfg['context_length']} tokens (the best run's at {top:.3g} FLOPs)")
     if cfg["plot"]:
         curves = [load_curve(r["out_dir"], r["parameters"]) for r in best.values()
                   if Path(r.get("out_dir", ""), "metrics.jsonl").is_file()]
         plot_envelope(curves, cfg["plot"])
-    return {**result, "shape": config, "lr": lr}
+    return {**result, "shape": config, "lr": lr, "batch_size": batch}
 
 
 def check_prediction(report: dict, cfg: dict, train_settings: dict) -> dict:
-    """The test of the whole method: train the predicted best shape at --target with the chosen
-    rate (compile="auto": one long run pays back compiling), and compare its loss with approach
-    3's L(N, D) for that very N and D, and with approach 2's. The run is kept in RUNS-check.json:
-    trained once, and out of the runs file that the fits read."""
+    """The test of the whole method: train the predicted best shape at --target (compile="auto":
+    one long run pays back compiling) and compare its loss with approach 3's L(N, D) for that N
+    and D, and approach 2's. Kept in RUNS-check.json: trained once, and out of the fits."""
     planned = planned_run(cfg["target"], report["shape"], report["lr"], cfg,
-                          {**train_settings, "compile": "auto"})
+                          {**train_settings, "compile": "auto", "batch_size": report["batch_size"]})
     path = Path(cfg["runs"]).with_name(Path(cfg["runs"]).stem + "-check.json")
     run = next(r for r in run_sweep([planned], path) if all(r[k] == planned[0][k] for k in RUN_KEY))
     predicted = float(report["approach3"].loss(run["parameters"], run["tokens"]))

@@ -15,6 +15,7 @@ import random
 import socket
 import subprocess
 import sys
+import threading
 import time
 import tracemalloc
 import urllib.error
@@ -4872,7 +4873,8 @@ def test_scaling_sweep_trains_within_budget_resumes_and_fits(tmp_path, _cache, c
         assert r["tokens"] == r["iterations"] * 8 * 32 and r["lr"] == 3e-3
         assert math.isfinite(r["final_loss"]) and Path(r["out_dir"], "metrics.jsonl").is_file()
     assert "IsoFLOPs (approach 2) on" in out and "approach 3: L(N, D)" in out
-    assert "best shape at 1e+11 FLOPs (approach 3's N_opt" in out and "learning rate 0.003" in out
+    assert "best shape at 1e+11 FLOPs (approach 3's N_opt" in out
+    assert "learning rate 0.003 and batch size 8 sequences of 32 tokens" in out
     assert "predicted loss" in out
     # a second invocation finds every run in the file: nothing is trained, the same rows are fitted
     monkeypatch.setattr(train, "train", _no_training)
@@ -4897,20 +4899,21 @@ def test_scaling_sweep_in_processes_equals_in_process_and_checks_the_prediction(
                                                                                 capsys,
                                                                                 monkeypatch):
     runs = tmp_path / "sweep" / "runs.json"
-    spawned = []  # one run as its own process (each costs seconds of imports), the rest here
+    spawned, lock = [], threading.Lock()  # one run as its own process (seconds of imports each)
 
     def one_process(train_cfg):
-        spawned.append(train_cfg.out_dir)
-        if len(spawned) == 1:
-            return subprocess_run(train_cfg)
-        return train.train(train_cfg)["val_loss"]
+        with lock:
+            spawned.append(train_cfg.out_dir)
+            if len(spawned) > 1:  # the rest here, one at a time: seeded like a process of its own
+                return train.train(train_cfg)["val_loss"]
+        return subprocess_run(train_cfg)
     subprocess_run = scaling.train_in_subprocess
     monkeypatch.setattr(scaling, "train_in_subprocess", one_process)
     report = scaling.main(_sweep_args(_cache, runs, "--jobs=3", "--check=True", "--target=2e10"))
     out = capsys.readouterr().out
     rows = json.loads(runs.read_text())
     assert len(rows) == 9 and "9 to train, 3 at a time" in out and out.count("loss ") >= 9
-    assert len(spawned) == 9 and spawned[0] == max(rows, key=lambda r: r["tokens"])["out_dir"]
+    assert sorted(spawned) == sorted(r["out_dir"] for r in rows)
     # a run trained by `python train.py CONFIG` gives what train.train gives in this process
     first = next(r for r in rows if r["out_dir"] == spawned[0])
     assert Path(first["out_dir"], "train.log").is_file()
@@ -4940,6 +4943,18 @@ def test_scaling_sweep_refuses_before_any_work(tmp_path, _cache, monkeypatch):
         scaling.main(_sweep_args(_cache, runs, "--budget=2e10"))
     with pytest.raises(UsageError, match="the sweep's 18 runs need"):  # two rates: twice the runs
         scaling.main(_sweep_args(_cache, runs, "--lrs=1e-3,3e-3"))
+    with pytest.raises(UsageError, match="the sweep's 36 runs need"):  # and two batch sizes
+        scaling.main(_sweep_args(_cache, runs, "--lrs=1e-3,3e-3", "--batch_sizes=4,8"))
+    with pytest.raises(UsageError, match="--jobs must be at least 1"):
+        scaling.main(_sweep_args(_cache, runs, "--jobs=0"))
+    plans = []  # batch sizes are swept like rates: every shape at each, priced by its own steps
+    monkeypatch.setattr(scaling, "run_sweep", lambda plan, *args: plans.append(plan) or [])
+    monkeypatch.setattr(scaling, "sweep_report", lambda *args: {})
+    scaling.main(_sweep_args(_cache, runs, "--budget=1e11", "--batch_sizes=4,8"))
+    assert sorted({(row["batch_size"], cfg.batch_size) for row, cfg in plans[0]}) == [(4, 4),
+                                                                                      (8, 8)]
+    assert all(row["tokens"] == row["iterations"] * row["batch_size"] * 32 for row, _ in plans[0])
+    assert len({cfg.out_dir for _, cfg in plans[0]}) == len(plans[0]) == 18
     with pytest.raises(UsageError, match=r"budget 2e\+09: 2 shapes of the family"):
         scaling.main(_sweep_args(_cache, runs, "--max_params=5e4"))
     with pytest.raises(UsageError, match="the sweep sets --d_model, --max_iters per run"):
