@@ -445,9 +445,12 @@ def evaluate(model: nn.Module, tokenizer, prompts: Sequence[str], truths: Sequen
 # Expert iteration: sample, keep what the reward accepts, imitate it, repeat -----------------------
 def rollouts(policy: nn.Module, tokenizer, prompts: Sequence[str], cfg: AlignConfig, n: int,
              seed: int) -> list[list[Completion]]:
+    """n samples per prompt, from the very ids that training packs the prompt into (`encode`: a
+    Hugging Face tokenizer's BOS would otherwise be in the sampled context and not the trained)."""
     policy.eval()
-    groups = generate_batch(policy, tokenizer, prompts, n=n, max_new_tokens=cfg.max_new_tokens,
-                            temperature=cfg.temperature, stop=STOP, include_stop=True, seed=seed)
+    groups = generate_batch(policy, tokenizer, [encode(tokenizer, p) for p in prompts], n=n,
+                            max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                            stop=STOP, include_stop=True, seed=seed)
     policy.train()
     return groups
 
