@@ -17,9 +17,8 @@ Commands (CPU; settings are --key=value; an error is one line, --debug shows the
 A classifier: FastTextClassifier.train(open("lines.txt")).save("M.npz"), lines `__label__X text`;
     or fastText's own .bin (lid.176.bin: --lid_model=); --extractor=resiliparse when installed.
 Reads   WARC/WET files, gzipped (a member per record, as Common Crawl) or plain; a folder, a glob.
-Writes  DIR/train.bin, val.bin (+ .json), tokenizer/, train.txt, val.txt, report.json, and a shard
-        DIR/shards/i-of-n.json.gz. Every file whole or not at all; a re-run on the same text
-        keeps the tokenizer and .bin files (DIR/tokenized.json: the texts they were made from).
+Writes  DIR/train.bin, val.bin (+ .json), tokenizer/, train.txt, val.txt, report.json, shards/,
+        each whole or not at all; a re-run on the same text keeps tokenizer/ and the .bin files.
 Papers  Rae et al. 2021 (Gopher); Joulin et al. 2017 (fastText); Chen & Goodman 1998 (Kneser-
         Ney); Wenzek et al. 2020 (CCNet); Xie et al. 2023 (DSIR); Broder 1997 (MinHash); Leskovec
         et al., Mining of Massive Datasets ch. 3 (LSH); Bloom 1970; Brown et al. 2020 (13-gram
@@ -58,16 +57,14 @@ from tqdm import tqdm
 
 from tokenizer import (PRETOKEN_RE, Tokenizer, UsageError, atomic_output, encode_file,
                        parse_command, run_cli, write_atomic)
-from train import (EOT, TrainConfig, build_model_config, download, perplexity,
-                   tokenize_splits)
+from train import EOT, TrainConfig, build_model_config, download, perplexity, tokenize_splits
 from train import train as train_model
 
 
 # 1. Crawl files: WARC records, streamed -----------------------------------------------------------
 @dataclass
 class WarcRecord:
-    """One WARC record. For `response` records, `http_headers` and `body` split the HTTP reply;
-    for every other type `body` is the whole payload (a WET `conversion` record's text)."""
+    """One WARC record; `body` is the HTTP reply's body in a `response`, else the whole payload."""
     headers: dict[str, str]  # WARC header lines as written, e.g. {"WARC-Type": "response", ...}
     payload: bytes  # the content block, Content-Length bytes
     http_headers: dict[str, str] = field(default_factory=dict)  # lower-case names
@@ -77,8 +74,7 @@ class WarcRecord:
 
 
 def _split_http(payload: bytes) -> tuple[dict[str, str], bytes]:
-    """An HTTP reply's header lines (lower-case names; the status line dropped) and its body."""
-    # some crawlers end header lines with a bare \n
+    """An HTTP reply's headers (lower-case names, no status line) and body; lines may end in LF."""
     head, sep, body = payload.partition(b"\r\n\r\n" if b"\r\n\r\n" in payload else b"\n\n")
     if not sep or not head.startswith(b"HTTP/"):
         return {}, payload
@@ -88,9 +84,8 @@ def _split_http(payload: bytes) -> tuple[dict[str, str], bytes]:
 
 def iter_warc_records(path: str | os.PathLike,
                       errors: Counter | None = None) -> Iterator[WarcRecord]:
-    """Yield a WARC/WET file's records one at a time (memory holds one record, never the file).
-    Bad input never raises: a wrong Content-Length, or bytes that are no record, are skipped to
-    the next `WARC/` line; a file cut short ends it; each is logged and counted in `errors`."""
+    """A WARC/WET file's records, streamed. Never raises: a wrong Content-Length or stray bytes
+    skip to the next `WARC/` line, a cut file ends the file; each is logged, counted in `errors`."""
     def bad(reason: str, detail: str) -> None:
         (Counter() if errors is None else errors)[reason] += 1
         print(f"warning: {path}: {detail}", file=sys.stderr)
@@ -157,9 +152,8 @@ HEADER_CHARSET = regex.compile(r"charset\s*=\s*[\"']?([\w.:-]+)", regex.I)
 
 
 def decode_html_bytes(html_bytes: bytes, declared: str | None = None, strict: bool = False) -> str:
-    """UTF-8 if the bytes are valid UTF-8 (most of the web, ASCII too); else the charset the HTTP
-    header or a <meta> tag declares; else Windows-1252 with undefined bytes replaced: never fails,
-    unless strict=True and every declared charset is unknown (ValueError: the pipeline skips it)."""
+    """UTF-8 if valid (most of the web), else the charset the HTTP header or a <meta> declares,
+    else Windows-1252; never fails unless strict=True and every declared charset is unknown."""
     with contextlib.suppress(UnicodeDecodeError):
         return html_bytes.decode("utf-8")
     meta = META_CHARSET.search(html_bytes[:4096])
@@ -176,16 +170,14 @@ class _TextParser(html.parser.HTMLParser):
     """Collect text outside SKIP_TAGS; a block tag ends the current line."""
     def __init__(self) -> None:
         super().__init__(convert_charrefs=True)  # &amp; -> & and &#233; -> é for us
-        self.parts: list[str] = []
-        self.skip_depth = 0  # > 0 inside <script>, <nav>, ...
+        self.parts, self.skip_depth = [], 0  # skip_depth > 0 inside <script>, <nav>, ...
 
-    def handle_starttag(self, tag: str, attrs) -> None:  # the two tag sets are disjoint
-        self.skip_depth += tag in SKIP_TAGS
+    def handle_starttag(self, tag: str, attrs, step: int = 1) -> None:
+        self.skip_depth = max(0, self.skip_depth + step * (tag in SKIP_TAGS))  # a stray </nav>
         self.parts += ["\n"] if tag in BLOCK_TAGS else []
 
-    def handle_endtag(self, tag: str) -> None:  # a stray </nav> must not go negative
-        self.skip_depth = max(0, self.skip_depth - (tag in SKIP_TAGS))
-        self.parts += ["\n"] if tag in BLOCK_TAGS else []
+    def handle_endtag(self, tag: str) -> None:
+        self.handle_starttag(tag, [], -1)
 
     def handle_data(self, data: str) -> None:
         if not self.skip_depth:  # a newline in the source is a space; only blocks break lines
@@ -226,8 +218,8 @@ def extract_record(record: WarcRecord, strict: bool = False,
     content_type = record.http_headers.get("content-type", "")
     if record.type != "response" or (content_type and "html" not in content_type):
         return None  # warcinfo, request and metadata records, images, PDFs
-    charset = (HEADER_CHARSET.search(content_type) or [None, None])[1]
-    return extract_text_from_html_bytes(record.body, charset, strict, extractor)
+    return extract_text_from_html_bytes(
+        record.body, (HEADER_CHARSET.search(content_type) or [None, None])[1], strict, extractor)
 
 
 # 3. Language identification: the script, then character n-grams -----------------------------------
@@ -308,8 +300,7 @@ _latin_model = functools.cache(lambda: NaiveBayesLanguageId(  # built at first u
 
 def identify_language(text: str, model=None) -> tuple[str, float]:
     """(ISO 639-1 code, score in [0, 1]): the script decides zh ja ko ru ar, naive Bayes en de fr
-    es pt it; other scripts' letters lower the score. A trained `model`, or the path of one (such
-    as fastText's lid.176.bin: `pipeline --lid_model=lid.176.bin`), replaces the default."""
+    es pt it; other scripts' letters lower the score. A `model` (or path: lid.176.bin) overrides."""
     text = text[:LID_CHARS]
     if model:
         return _as_model(model).predict(text)
@@ -322,12 +313,10 @@ def identify_language(text: str, model=None) -> tuple[str, float]:
     if not groups[script]:
         return "unknown", 0.0
     share = groups[script] / sum(n)
-    if script == "latin":
-        lang, score = _latin_model().predict(text)
-        return lang, score * share
     if script == "cjk":  # Japanese mixes kana into Han; Korean may mix in a few Han characters
         script = "ko" if hangul >= max(kana, 1) else "ja" if 20 * kana >= groups["cjk"] else "zh"
-    return script, share
+    lang, score = _latin_model().predict(text) if script == "latin" else (script, 1.0)
+    return lang, score * share
 
 
 # 4. PII: emails, phone numbers, IP addresses ------------------------------------------------------
@@ -339,8 +328,6 @@ INTL_PHONE = r"\+[2-9]\d{0,2}(?:[-. ]?\(?\d{1,4}\)?){2,5}"  # +44 20 7946 0958, 
 PHONE_RE = regex.compile(rf"(?<![\w+(])(?:{US_PHONE}|{INTL_PHONE})(?![\w])")
 OCTET = r"(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)"  # 0-255, no leading zeros
 IP_RE = regex.compile(rf"(?<![\w.]){OCTET}(?:\.{OCTET}){{3}}(?!\.?\d)")
-
-
 # Each mask: text -> (the masked text, how many it masked).
 mask_emails = functools.partial(EMAIL_RE.subn, "|||EMAIL_ADDRESS|||")
 mask_ips = functools.partial(IP_RE.subn, "|||IP_ADDRESS|||")
@@ -365,8 +352,7 @@ def mask_pii(text: str) -> tuple[str, dict[str, int]]:
 # are whitespace-separated tokens (the paper tokenizes; the thresholds hardly notice).
 def gopher_rules(text: str) -> dict[str, bool]:
     """Each rule on its own, True where the text passes it."""
-    words = text.split()
-    lines = [line for line in text.splitlines() if line.strip()]
+    words, lines = text.split(), [line for line in text.splitlines() if line.strip()]
     mean_length = sum(map(len, words)) / len(words) if words else 0.0
     ellipsis = sum(line.rstrip().endswith(("...", "\u2026")) for line in lines)
     alphabetic = sum(any(c.isalpha() for c in word) for word in words)
@@ -441,10 +427,10 @@ class FastTextClassifier:
                     raise ValueError(f"format {str(z['format'])!r}")
                 model = cls(json.loads(str(z["labels"])), **json.loads(str(z["config"])))
                 model.embeddings, model.output = z["embeddings"], z["output"]
+                return model
         except Exception as e:  # not a zip, no such array, a cut .bin...: all one answer
             raise ValueError(f"{path} is not a classifier saved by data.py or fastText ({e})"
                              ) from None
-        return model
 
 
 # Official fastText .bin files: lid.176.bin, the course's NSFW, toxic and quality models. Layout
@@ -467,9 +453,8 @@ def fnv1a(data: bytes) -> int:
 
 class FastTextBin:
     """A supervised model from fastText's .bin, predicting as the fasttext package: the mean input
-    row of the words (EOS `</s>` ends the line), the character n-grams of "<word>" and the word
-    n-grams; then softmax, hierarchical softmax (hs) or a sigmoid per label (ns, ova). Scores are
-    probabilities (fastText's own add 1e-5 before a log). Quantized .ftz files are refused."""
+    row of the words (`</s>` ends a line), the n-grams of "<word>" and the word n-grams; then
+    softmax, hierarchical softmax (hs) or a sigmoid per label (ns, ova). .ftz files are refused."""
     def __init__(self, path: str | os.PathLike):
         with open(path, "rb") as f:  # mapped, not read: the course's classifiers are ~1 GB
             buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
@@ -478,10 +463,9 @@ class FastTextBin:
             return struct.unpack("<" + fmt, buf.read(struct.calcsize("<" + fmt)))
 
         def matrix() -> np.ndarray:  # a view of the file: no copy
-            rows, cols = read("2q")
-            buf.seek(4 * rows * cols, os.SEEK_CUR)
-            return np.frombuffer(buf, np.float32, rows * cols, buf.tell() - 4 * rows * cols
-                                 ).reshape(rows, cols)
+            start, (rows, cols) = buf.tell() + 16, read("2q")
+            buf.seek(start + 4 * rows * cols)
+            return np.frombuffer(buf, np.float32, rows * cols, start).reshape(rows, cols)
         magic, version = read("2i")
         if magic != FASTTEXT_MAGIC or not 11 <= version <= 12:
             raise ValueError(f"not a fastText model of a version this reads ({version})")
@@ -530,8 +514,7 @@ class FastTextBin:
             ids += [self.word_ids[token]] if token in self.word_ids else []
             ids += self._subwords(token) if token != b"</s>" else []
             hashes.append((fnv1a(token) ^ 1 << 31) - (1 << 31))  # as C++'s int32
-        for i in range(len(hashes)):  # word n-grams: a 64-bit rolling hash of int32 hashes
-            h = hashes[i]
+        for i, h in enumerate(hashes):  # word n-grams: a 64-bit rolling hash of int32 hashes
             for j in range(i + 1, min(i + self.args["word_ngrams"], len(hashes))):
                 h = (h * 116049371 + hashes[j]) % 2**64
                 ids.append(self.nwords + h % self.args["bucket"])
@@ -579,9 +562,8 @@ PUNCTUATION = regex.compile(r"[\p{P}\p{S}]+")
 
 
 def normalize_text(text: str) -> str:
-    """Lowercase, NFD, accents and punctuation dropped, whitespace collapsed: "Café, déjà-vu!"
-    and "cafe deja vu" become the same words, so the n-gram models here and the dedup shingles
-    of section 8 ignore trivial edits."""
+    """Lowercase, NFD, accents and punctuation dropped, whitespace collapsed: "Café, déjà-vu!" is
+    "cafe deja vu", so the n-gram models and dedup shingles ignore trivial edits."""
     text = unicodedata.normalize("NFD", text.lower())
     text = "".join(c for c in text if not unicodedata.combining(c))
     return " ".join(PUNCTUATION.sub(" ", text).split())
@@ -591,18 +573,16 @@ class KneserNeyLM:
     """Interpolated Kneser-Ney (Chen & Goodman 1998) on normalised words, a sentence per line:
         P(w | h) = max(c(h w) - D, 0) / c(h.) + D N(h.) / c(h.) P(w | h without its first word)
     with N(h.) the number of distinct w after h. Below the top order c counts distinct left
-    neighbours: "Francisco", frequent but only after "San", is no likely novel continuation.
-    The bottom order backs off to uniform over the vocabulary (<unk> included). CCNet keeps the
-    pages a Wikipedia-trained LM finds least perplexing."""
+    neighbours ("Francisco", frequent but only after "San", is no likely novel continuation),
+    down to uniform over the vocabulary (<unk> included). CCNet keeps the pages a Wikipedia LM
+    finds least perplexing."""
     def __init__(self, texts: Iterable[str], order: int = 3, discount: float = 0.75):
         self.order, self.discount = order, discount
         self.counts = [Counter() for _ in range(order + 1)]  # [k]: k-gram -> (continuation) count
-        for text in texts:
-            for tokens in self._sentences(text):
-                self.counts[order].update(zip(*(tokens[i:] for i in range(order))))
+        self.counts[order].update(gram for text in texts for tokens in self._sentences(text)
+                                  for gram in zip(*(tokens[i:] for i in range(order))))
         for k in range(order - 1, 0, -1):
-            for gram in self.counts[k + 1]:
-                self.counts[k][gram[1:]] += 1
+            self.counts[k].update(gram[1:] for gram in self.counts[k + 1])
         self.vocab = sorted({gram[0] for gram in self.counts[1]} | {"<unk>"})
         self.types = [Counter(gram[:-1] for gram in c) for c in self.counts]  # context -> N(h.)
         self.totals = [Counter() for _ in self.counts]  # [k]: context -> c(h.)
@@ -663,8 +643,7 @@ def _inputs_and_out_dir(input_files: Sequence[str | os.PathLike],
 
 
 def line_key(line: bytes) -> bytes:
-    """What exact line dedup counts: 8 bytes a distinct line, whatever its length; the line
-    ending is not part of the line."""
+    """What exact line dedup counts: 8 bytes a line, however long; the line ending is no part."""
     return hashlib.blake2b(line.rstrip(b"\r\n"), digest_size=8).digest()
 
 
@@ -754,16 +733,13 @@ def minhash_signature(shingle_set: set[str], a: np.ndarray, b: np.ndarray,
 # Candidates are verified by their true Jaccard, so the curve trades work for recall only.
 def lsh_clusters(signatures: np.ndarray, texts: Sequence[str], num_bands: int, ngrams: int,
                  jaccard_threshold: float) -> list[list[int]]:
-    """Near-duplicate clusters without all pairs: documents whose signatures (num_docs,
-    num_hashes) share any band are candidates, verified by true Jaccard, verified pairs joined."""
+    """Clusters without all pairs: documents whose signatures share a band are candidates."""
     if num_bands < 1 or (hashes := signatures.shape[1]) % num_bands:
         raise UsageError(f"num_hashes={hashes} must split into num_bands={num_bands} equal bands")
-    rows = hashes // num_bands
     buckets: dict[tuple[int, bytes], list[int]] = {}
     for doc, signature in enumerate(signatures):  # empty documents share one signature: merged
-        for band in range(num_bands):
-            key = (band, signature[band * rows:(band + 1) * rows].tobytes())
-            buckets.setdefault(key, []).append(doc)
+        for band, rows in enumerate(np.split(signature, num_bands)):
+            buckets.setdefault((band, rows.tobytes()), []).append(doc)
     candidates = {(docs[i], docs[j]) for docs in buckets.values() if len(docs) > 1
                   for i in range(len(docs)) for j in range(i + 1, len(docs))}
     sets = {i: shingles(texts[i], ngrams) for pair in candidates for i in pair}
@@ -782,8 +758,7 @@ def minhash_clusters(texts: Sequence[str], num_hashes: int, num_bands: int, ngra
 def minhash_deduplication(input_files: Sequence[str | os.PathLike], num_hashes: int,
                           num_bands: int, ngrams: int, jaccard_threshold: float,
                           output_directory: str | os.PathLike, seed: int = 0) -> list[Path]:
-    """Copy one document of each near-duplicate cluster, picked at random with a fixed seed, to
-    output_directory; the kept paths."""
+    """Copy one document of each cluster (random, seeded) to output_directory; the kept paths."""
     paths, out_dir = _inputs_and_out_dir(input_files, output_directory)
     texts = [p.read_text(encoding="utf-8", errors="replace") for p in paths]
     clusters = minhash_clusters(texts, num_hashes, num_bands, ngrams, jaccard_threshold, seed)
@@ -854,7 +829,7 @@ CLASSIFIERS = {"nsfw": (classify_nsfw, "nsfw"), "toxic": (classify_toxic_speech,
                "quality": (classify_quality, "cc")}  # step -> (classifier, the label dropped)
 
 
-def _short(text: str, width: int = 92) -> str:
+def _short(text: str, width: int) -> str:
     text = text.replace("\n", " / ")
     return text if len(text) <= width else text[:width - 3] + "..."
 
@@ -868,14 +843,13 @@ def _merge(total: dict, part: dict) -> dict:
     return total
 
 
-def _drop(report: dict, step: str, text: str, note: str = "", tokens: int | None = None) -> None:
+def _drop(report: dict, step: str, text: str, note: str = "") -> None:
     _merge(report, {"removed": {step: 1}, "examples": {step: note + _short(text, 70)},
-                    "tokens": {step: len(PRETOKEN_RE.findall(text)) if tokens is None else tokens}})
+                    "tokens": {step: len(PRETOKEN_RE.findall(text))}})
 
 
 def filter_file(path: str, opts: dict) -> dict:
-    """Stage 1 on one crawl file: the pages that pass every filter, masked, with their MinHash
-    signatures, and what each step removed. A bad page is counted, never fatal."""
+    """Stage 1 on one crawl file: pages that pass, masked, with MinHash signatures; a report."""
     report = _merge({}, dict.fromkeys(("removed", "tokens", "errors", "pii", "examples"), {}))
     report["docs"], (a, b) = [], hash_functions(opts["num_hashes"], opts["seed"])
     for record in iter_warc_records(path, report["errors"]):
@@ -887,7 +861,7 @@ def filter_file(path: str, opts: dict) -> dict:
             continue
         if text is None:
             if record.type in ("response", "conversion"):
-                _drop(report, "no text", f"{record.url} (empty)", tokens=0)
+                _drop(report, "no text", "", f"{record.url} (empty)")
             continue
         lang, score = identify_language(text, opts["lid_model"])
         if opts["languages"] and (lang not in opts["languages"]
@@ -897,9 +871,9 @@ def filter_file(path: str, opts: dict) -> dict:
         if failed := [rule for rule, ok in gopher_rules(text).items() if not ok]:
             _drop(report, "gopher rules", text, f"{failed[0]}: ")
             continue
-        verdicts = [(step, *classify(text, opts[step])) for step, (classify, bad)
+        verdicts = [(step, *classify(text, opts[step])) for step, (classify, _)
                     in CLASSIFIERS.items() if opts[step]]
-        if bad := [v for v in verdicts if v[1] == CLASSIFIERS[v[0]][1]]:
+        if bad := [v for v in verdicts if v[1] == CLASSIFIERS[v[0]][1]]:  # the label it drops
             _drop(report, bad[0][0], text, f"{bad[0][1]} {bad[0][2]:.2f}: ")
             continue
         text, found = mask_pii(text)
@@ -920,32 +894,26 @@ def finish(out: Path, opts: dict, num_shards: int, workers: int, progress: bool 
     signatures = np.array(signatures, np.uint64).reshape(len(texts), opts["num_hashes"])
     clusters = lsh_clusters(signatures, texts, *(opts[k] for k in (
         "num_bands", "ngrams", "jaccard_threshold")))
-    keep = sorted(random.Random(opts["seed"]).choice(c) for c in clusters)  # one of each
-    for i in sorted(set(range(len(texts))) - set(keep)):
+    keep, texts = sorted(random.Random(opts["seed"]).choice(c) for c in clusters), list(texts)
+    for i in sorted(set(range(len(texts))) - set(keep)):  # one of each cluster stays
         _drop(report, "near-duplicates", texts[i], f"{urls[i]}: ")
-    urls, texts = [urls[i] for i in keep], [texts[i] for i in keep]
-    lines = [t.splitlines() for t in texts]
-    drops = [[False] * len(doc) for doc in lines]  # per line: does it go? (--line_dedup=none)
-    if opts["line_dedup"] == "exact":  # every copy of a repeated line goes, as in
-        keys = [[line_key(ln.encode()) for ln in doc] for doc in lines]  # exact_line_dedup...
-        counts = Counter(key for doc in keys for key in doc)
-        drops = [[counts[key] > 1 for key in doc] for doc in keys]
-    elif opts["line_dedup"] == "bloom":  # ... while Bloom streams, keeping first copies
-        bloom = BloomFilter(max(1, sum(map(len, lines))), 1e-6)
-        drops = [[bloom.add(ln) for ln in doc] for doc in lines]
-    for i, (doc, drop) in enumerate(zip(lines, drops)):
-        if any(drop):  # the one mask splits the document into what stays and what goes
+        texts[i] = ""  # a text emptied here or below leaves the corpus
+    # Bloom streams, keeping first copies; exact drops every copy (none: `counts` stays empty)
+    lines, mode = [t.splitlines() for t in texts], opts["line_dedup"]
+    counts = Counter(line_key(ln.encode()) for doc in lines for ln in doc if mode == "exact")
+    goes = (BloomFilter(max(1, sum(map(len, lines))), 1e-6).add if mode == "bloom"
+            else lambda ln: counts[line_key(ln.encode())] > 1)
+    for i, doc in enumerate(lines):
+        if any(drop := [goes(ln) for ln in doc]):  # the one mask splits what stays and goes
             texts[i] = "\n".join(ln for ln, gone in zip(doc, drop) if not gone)
             _drop(report, "repeated lines", "\n".join(ln for ln, gone in zip(doc, drop) if gone))
             report["removed"]["repeated lines"] -= bool(texts[i])  # a document goes when emptied
-    urls, texts = [u for u, t in zip(urls, texts) if t], [t for t in texts if t]
     if opts["eval"]:
         examples = [t for t in Path(opts["eval"]).read_text(encoding="utf-8").splitlines() if t]
-        found = contamination(texts, examples, opts["eval_ngrams"])
-        for i in found:
+        for i in contamination(texts, examples, opts["eval_ngrams"]):
             _drop(report, "contamination", texts[i], f"{urls[i]}: ")
-        urls, texts = [u for i, u in enumerate(urls) if i not in found], [
-            t for i, t in enumerate(texts) if i not in found]
+            texts[i] = ""
+    urls, texts = [u for u, t in zip(urls, texts) if t], [t for t in texts if t]
     if len(texts) < 2:
         raise ValueError(f"only {len(texts)} document(s) left after filtering: nothing to split")
     # The split hashes the URL, so a page keeps its split as the crawl grows.
@@ -966,21 +934,16 @@ def finish(out: Path, opts: dict, num_shards: int, workers: int, progress: bool 
 
 def tokenize_out_dir(out: Path, tokenizer: str, vocab_size: int, workers: int,
                      progress: bool = True) -> tuple[str, dict[str, int]]:
-    """out/train.txt and val.txt -> train.py's out/train.bin and val.bin (+ .json sidecars), with
-    the tokenizer folder `tokenizer`, or one trained on train.txt into out/tokenizer. What a
-    previous run finished is kept (train.py's tokenize_splits), as long as out/tokenized.json,
-    the texts' hashes, says it was made from these texts; else it is made again."""
+    """out/{train,val}.txt -> train.py's out/{train,val}.bin, with the tokenizer folder `tokenizer`
+    or one trained into out/tokenizer. A previous run's files are kept (train.py's
+    tokenize_splits) only if out/tokenized.json says they were made from these texts."""
     tok_dir = Path(tokenizer or out / "tokenizer")
     if tokenizer and EOT not in Tokenizer.from_dir(tok_dir).special_tokens:
         raise ValueError(f"the tokenizer in {tok_dir} has no {EOT} special token")
-    stamp = out / "tokenized.json"
-    made_from = {"vocab_size": None if tokenizer else vocab_size}  # matters when it trains
+    stamp, made_from = out / "tokenized.json", {"vocab_size": None if tokenizer else vocab_size}
     for name in ("train.txt", "val.txt"):
-        digest = hashlib.blake2b()
         with open(out / name, "rb") as f:
-            while chunk := f.read(1 << 22):
-                digest.update(chunk)
-        made_from[name] = digest.hexdigest()
+            made_from[name] = hashlib.file_digest(f, "blake2b").hexdigest()
     if not stamp.exists() or json.loads(stamp.read_text()) != made_from:  # other text: redo all
         for split in ("train", "val"):
             (out / f"{split}.bin").unlink(missing_ok=True)
@@ -995,24 +958,22 @@ def tokenize_out_dir(out: Path, tokenizer: str, vocab_size: int, workers: int,
 
 def pipeline(input: str, out: str, workers: int = 1, shard: str = "0/1", merge: bool = False,
              progress: bool = True, **opts) -> dict | None:
-    """The whole pipeline on `input` (a folder, a glob, or files separated by commas); with
-    --shard=i/n only stage 1 on every n-th file (a Slurm array runs i = 0..n-1 on n machines),
-    and with --merge stage 2 over all n shards' outputs."""
-    match, out_dir = regex.fullmatch(r"(\d+)/(\d+)", shard), Path(out)
-    if not match or not int(match[1]) < int(match[2]):
+    """The pipeline on `input` (a folder, globs or files, comma-separated); --shard=i/n: stage 1 on
+    every n-th file (a Slurm array runs i = 0..n-1), then --merge: stage 2 over all shards."""
+    index, num_shards = map(int, shard.split("/") if regex.fullmatch(r"\d+/\d+", shard) else (0, 0))
+    if not index < num_shards:
         raise UsageError(f"--shard expects i/n with 0 <= i < n, got {shard!r}")
-    index, num_shards = int(match[1]), int(match[2])
-    opts["languages"] = [lang for lang in opts["languages"] if lang]
+    out_dir, opts["languages"] = Path(out), [lang for lang in opts["languages"] if lang]
     if opts["line_dedup"] not in ("exact", "bloom", "none"):
         raise UsageError(f"--line_dedup must be exact, bloom or none, got {opts['line_dedup']!r}")
     extract_text_from_html_bytes(b"", extractor=opts["extractor"])  # a bad name, or missing
-    for key in (*CLASSIFIERS, "lid_model", "tokenizer", "eval"):  # fail now, not mid-corpus
+    models = {**{key: classify for key, (classify, _) in CLASSIFIERS.items()},
+              "lid_model": identify_language}
+    for key in (*models, "tokenizer", "eval"):  # fail now, not mid-corpus
         if opts[key] and not Path(opts[key]).exists():
             raise UsageError(f"--{key}={opts[key]} does not exist")
-        if key in CLASSIFIERS and opts[key]:  # a call on "" loads the model, checks its labels
-            CLASSIFIERS[key][0]("", opts[key])
-        elif key == "lid_model" and opts[key]:  # a call on "" loads the model
-            identify_language("", opts[key])
+        if opts[key] and key in models:  # a call on "" loads the model, checks its labels
+            models[key]("", opts[key])
     if merge:
         if not (found := sorted(out_dir.glob("shards/*-of-*.json.gz"))):
             raise UsageError(f"no shard outputs in {out_dir / 'shards'}: run --shard=i/n first")
@@ -1052,9 +1013,8 @@ def pipeline(input: str, out: str, workers: int = 1, shard: str = "0/1", merge: 
 def openwebtext(out: str = "data_cache/owt", cache_dir: str = "data_cache", max_mb: float = 0,
                 tokenizer: str = "", vocab_size: int = 32000, workers: int = 1,
                 progress: bool = True) -> dict[str, int]:
-    """The course's OpenWebText sample (owt_train and owt_valid, gzipped text, documents ending
-    in <|endoftext|>), downloaded into cache_dir (an interrupted download resumes) and prepared
-    into out/train.bin, val.bin and tokenizer/; max_mb caps each split's text (0: all, ~12 GB)."""
+    """The course's OpenWebText sample downloaded into cache_dir (resuming) and prepared into
+    out/train.bin, val.bin and tokenizer/; max_mb caps each split's text (0: all, ~12 GB)."""
     (out_dir := Path(out)).mkdir(parents=True, exist_ok=True)
     for split, file in (("train", "owt_train.txt.gz"), ("val", "owt_valid.txt.gz")):
         try:
@@ -1106,9 +1066,8 @@ def _article(rng: random.Random, sentences: int = 12) -> list[str]:
 
 
 def _page(title: str, paragraphs: list[str], charset: str = "utf-8") -> bytes:
-    body = "".join(f"<p>{p}</p>" for p in paragraphs)
     return (f"<html><head><meta charset='{charset}'><title>{title}</title></head><body>"
-            f"{BOILERPLATE}<article><h1>{title}</h1>{body}"
+            f"{BOILERPLATE}<article><h1>{title}</h1>{''.join(f'<p>{p}</p>' for p in paragraphs)}"
             f"<p>Share this story with your friends.</p></article>{FOOTER}</body></html>"
             ).encode(charset)
 
@@ -1158,9 +1117,8 @@ def demo(out: str = "", workers: int = 2) -> dict:
 
 def compare(out: str = "", crawls: int = 60, max_iters: int = 200,
             batch_size: int = 16) -> dict[str, float]:
-    """Does filtering help? The tiny model trained on the synthetic crawl's text as extracted and
-    after the pipeline, for the same tokens; perplexity on fresh clean articles. Both use the
-    filtered run's tokenizer: perplexities per token compare only under one tokenizer."""
+    """Does filtering help? The tiny model trained for the same tokens on the synthetic crawl as
+    extracted and as filtered; perplexity on fresh clean articles, one tokenizer for both."""
     with tempfile.TemporaryDirectory() as tmp:
         (root := Path(out or tmp)).mkdir(parents=True, exist_ok=True)
         records = [r for seed in range(1, 1 + crawls) for r in synthetic_crawl(seed)]
@@ -1189,8 +1147,8 @@ def compare(out: str = "", crawls: int = 60, max_iters: int = 200,
 
 
 def bench(crawls: int = 20, repeat: int = 3, num_hashes: int = 128) -> None:
-    """Documents/s of extraction, language id, MinHash, beside resiliparse and datasketch, and of
-    the pipeline's per-file stage with one worker process and with one per core."""
+    """Documents/s of extraction, language id, MinHash (beside resiliparse, datasketch) and of
+    the pipeline's stage 1 with one worker process and with one per core."""
     pages = [r.body for seed in range(crawls) for r in synthetic_crawl(seed)]
     texts = [t for p in pages if (t := extract_text_from_html_bytes(p))]
     sets, (a, b) = [shingles(t, 5) for t in texts], hash_functions(num_hashes)
@@ -1216,21 +1174,18 @@ def bench(crawls: int = 20, repeat: int = 3, num_hashes: int = 128) -> None:
         speed = tool and len(tool[1]) / min(timeit.repeat(
             lambda: deque(map(*tool), maxlen=0), number=1, repeat=repeat))
         print(f"{name:<46}" + (f"{speed:>8,.0f} documents/s" if tool else "not installed"))
-    with tempfile.TemporaryDirectory() as tmp:  # the pipeline's per-file stage, in processes
+    with tempfile.TemporaryDirectory() as tmp, open(os.devnull, "w") as null:
         (crawl := Path(tmp, "crawl")).mkdir()
-        sizes = []
+        docs = 0  # shard 0/2 below: the pipeline's per-file stage alone, on every other file
         for seed in range(6 * crawls):
-            sizes.append(len(records := synthetic_crawl(seed)))
-            write_warc(crawl / f"{seed:04d}.warc.gz", records)
-        docs = sum(sizes[::2])  # shard 0/2: stage 1 alone, on every other file
+            write_warc(crawl / f"{seed:04d}.warc.gz", records := synthetic_crawl(seed))
+            docs += len(records) * (seed % 2 == 0)
         for workers in sorted({1, os.cpu_count() or 1}):
-            start = timeit.default_timer()
-            with open(os.devnull, "w") as null, contextlib.redirect_stdout(null):
-                pipeline(str(crawl), f"{tmp}/{workers}", workers, "0/2", progress=False,
-                         **PIPELINE_OPTIONS)
-            speed = docs / (timeit.default_timer() - start)
-            print(f"{f'pipeline stage 1, {workers} worker process(es)':<46}{speed:>8,.0f} "
-                  "documents/s")
+            with contextlib.redirect_stdout(null):
+                seconds = timeit.timeit(lambda: pipeline(str(crawl), f"{tmp}/{workers}", workers,
+                                        "0/2", progress=False, **PIPELINE_OPTIONS), number=1)
+            print(f"{f'pipeline stage 1, {workers} worker process(es)':<46}"
+                  f"{docs / seconds:>8,.0f} documents/s")
 
 
 # 13. Commands -------------------------------------------------------------------------------------

@@ -1,38 +1,30 @@
-"""Stage 5: parallel training by hand on torch.distributed: collectives, four data-parallel
-wrappers, optimizer-state sharding, FSDP, tensor, sequence and pipeline parallelism, and the
-memory and traffic accounting.
+"""Stage 5: parallel training by hand on torch.distributed (CS336 lectures 7-8, assignment 2).
 
-CS336 lectures 7-8 and assignment 2 part 2. Data parallelism runs the same model on every process,
-each on its own slice of the batch; averaging the gradients makes the step the one a single process
-takes on the whole batch. The four wrappers (naive, flat, per parameter, bucketed) differ only in
-*when* and *how* the gradients travel; bucketed, the design of torch's DistributedDataParallel,
-overlaps a few large all-reduces with backward. ShardedOptimizer (ZeRO stage 1) shards the AdamW
-state, FSDP (ZeRO stage 3) the weights too; tensor parallelism (Megatron) splits the layers,
-sequence parallelism the activations between them, pipeline parallelism (GPipe) the stack of
-blocks. The accounting predicts what each scheme costs in memory and bytes moved; the bench
-measures it.
+Data parallelism runs the same model on every process, each on its slice of the batch; averaged
+gradients make the step the one a single process takes on the whole batch. The four wrappers
+(naive, flat, per parameter, bucketed: torch DDP's design) differ in *when* and *how* gradients
+travel. ShardedOptimizer (ZeRO-1) shards the AdamW state, FSDP (ZeRO-3) the weights too; tensor
+parallelism (Megatron) splits the layers, sequence parallelism the activations between them,
+pipeline parallelism (GPipe) the stack of blocks. The accounting predicts the costs; bench measures.
 
 Commands (CPU with gloo, or NCCL when CUDA is there; the demos spawn their own processes):
     python ddp.py collectives                  # what each collective does, 4 ranks (~10 s)
     python ddp.py bench_collectives --sizes_mb=1,16,64 --world_sizes=2,4   # all-reduce bandwidth
     python ddp.py accounting --preset=xl --num_gpus=8 --bandwidth_gbps=450
     python ddp.py accounting --example=course  # the course's 16,384-wide, 126-block model
-    python ddp.py bench --trace=traces  # DDPBucketed vs torch's DDP: ms/step, share spent
-                                        # communicating; ZeRO-1 and FSDP memory vs the accounting
+    python ddp.py bench --trace=traces  # DDPBucketed vs torch's DDP; ZeRO-1, FSDP memory
 The wrappers are used from code run under torchrun (or any initialised process group):
     model = DDPBucketed(model, bucket_size_mb=25); loss.backward()
     model.finish_gradient_synchronization(); optimizer.step()
     model = FSDP(model, compute_dtype=torch.bfloat16)  # the same; save model.gather_full_params()
     model = tensor_parallel(model, sequence_parallel=True)  # then sync_norm_grads(model)
     loss, idle = gpipe_step(PipelineStage(model), token_ids, targets, num_microbatches=8)
-Each is tested against one process on the whole model in test_all.py (2 gloo processes). Only
-bench --trace writes files. `torchrun --nproc_per_node=N train.py --parallel=ddp|zero1|fsdp` trains
-with them (parallelize); the checkpoints hold the whole state, so any number of processes resumes.
+Each is tested against one process on the whole model (2 gloo processes); only bench --trace
+writes files. `torchrun --nproc_per_node=N train.py --parallel=ddp|zero1|fsdp` trains with them.
 
-Papers  Li et al. 2020 (PyTorch DDP: buckets, overlap); Rajbhandari et al. 2020 (ZeRO); Zhao et al.
-        2023 (PyTorch FSDP); Shoeybi et al. 2019 (Megatron-LM: tensor parallelism); Korthikanti
-        et al. 2022 (sequence parallelism); Huang et al. 2019 (GPipe); Patarasuk & Yuan 2009
-        (bandwidth-optimal all-reduce: the ring); Thakur et al. 2005 (MPICH collectives).
+Papers  Li et al. 2020 (PyTorch DDP); Rajbhandari et al. 2020 (ZeRO); Zhao et al. 2023 (FSDP);
+        Shoeybi et al. 2019 (Megatron-LM); Korthikanti et al. 2022 (sequence parallelism); Huang
+        et al. 2019 (GPipe); Patarasuk & Yuan 2009 (the ring all-reduce); Thakur et al. 2005.
 """
 
 import contextlib
@@ -63,10 +55,8 @@ def _process(rank: int, world_size: int, port: int, backend: str, fn: Callable,
     torch.set_num_threads(1)  # N processes share the cores: more threads only spin
     if backend == "nccl":
         torch.cuda.set_device(rank)
-    # A rank that dies leaves the others waiting in a collective: the timeout turns the hang
-    # into an error (and spawn() then ends every process).
-    dist.init_process_group(backend, rank=rank, world_size=world_size,
-                            timeout=timedelta(seconds=120))
+    # The timeout turns a dead rank's hang in a collective into an error (spawn() then ends all).
+    dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timedelta(minutes=2))
     try:
         fn(rank, world_size, *args)
         dist.barrier()  # rank 0 hosts the rendezvous store: nobody leaves while others still work
@@ -84,14 +74,12 @@ def spawn(fn: Callable, world_size: int, *args, backend: str = "gloo") -> None:
 
 
 # Collectives: what each does, shown on small tensors ----------------------------------------------
-# A collective is one call that every rank of the group makes; the data each ends up with is
-# fixed by the call. With n ranks and a tensor of S bytes, the ring algorithms move per rank:
-# broadcast, all-gather and reduce-scatter (n-1)/n S each, all-reduce 2(n-1)/n S (it *is* a
-# reduce-scatter followed by an all-gather): the basis of every cost in the accounting below.
+# A collective is one call that every rank of the group makes. With n ranks and S bytes, the ring
+# algorithms move per rank: broadcast, all-gather and reduce-scatter (n-1)/n S, all-reduce
+# 2(n-1)/n S (it *is* a reduce-scatter then an all-gather): the basis of the accounting below.
 def show_collectives(rank: int, world_size: int, echo: bool = False) -> list[str]:
-    """Run each collective on rank r's tensor [10r, 10r+1, ..., 10r+n-1]; returns (and with echo
-    prints), on rank 0, the lines that say what every rank held before and after. Checks that
-    all-reduce equals reduce-scatter followed by all-gather."""
+    """Each collective on rank r's tensor [10r, ..., 10r+n-1]: rank 0 returns (echo: prints) what
+    every rank held after it; checks that all-reduce = reduce-scatter then all-gather."""
     n, lines = world_size, []
 
     def record(name: str, what: str, result: Tensor | None) -> None:
@@ -141,9 +129,8 @@ def show_collectives(rank: int, world_size: int, echo: bool = False) -> list[str
 
 
 # Benchmark: all-reduce time, algorithm and bus bandwidth ------------------------------------------
-# Algorithm bandwidth is size / time. A ring all-reduce sends 2(n-1)/n of the tensor out of every
-# rank, so bus bandwidth = algbw * 2(n-1)/n is what each link carried: comparable across n, and
-# against the hardware's figure (NCCL's nccl-tests report the same two numbers).
+# algbw = size / time. A ring all-reduce sends 2(n-1)/n of the tensor out of every rank, so busbw =
+# algbw * 2(n-1)/n is what each link carried: comparable across n and with the hardware's figure.
 def bench_all_reduce(rank: int, world_size: int, sizes_mb: list[float], repeats: int,
                      backend: str) -> None:
     device = torch.device("cuda", rank) if backend == "nccl" else torch.device("cpu")
@@ -168,10 +155,8 @@ def bench_all_reduce(rank: int, world_size: int, sizes_mb: list[float], repeats:
 
 # Data parallel: four wrappers with one interface --------------------------------------------------
 class _DataParallel(nn.Module):
-    """What the wrappers share: rank 0's parameters and buffers broadcast at construction, the
-    module as .module, forward unchanged, and a batch-size check on the first forward. Gradients
-    are averaged over ranks; parameters with requires_grad=False are left alone; a tied parameter
-    appears once in module.parameters(), so it is reduced once."""
+    """Rank 0's parameters and buffers broadcast at construction, .module, and the first forward's
+    batch-size check. Gradients are averaged; frozen ones are left alone; tied ones reduced once."""
     shards: tuple[nn.Parameter, ...] = ()  # FSDP: this rank's pieces of the sharded weights
 
     def __init__(self, module: nn.Module) -> None:
@@ -192,10 +177,8 @@ class _DataParallel(nn.Module):
                 dist.broadcast(tensor, src=0)
 
     def forward(self, *args, **kwargs):
-        if not self._batch_checked:
-            # Averaging assumes equal batches: ranks of other sizes would weigh examples
-            # unequally. Checked once (a tiny blocking all-reduce); later batches are trusted.
-            self._batch_checked = True
+        if not self._batch_checked:  # averaging needs equal batches: checked once, a tiny
+            self._batch_checked = True  # blocking all-reduce; later batches are trusted
             batch = next((a for a in args if isinstance(a, Tensor)), None)
             size = batch.shape[0] if batch is not None and batch.dim() else 0
             sizes = torch.tensor([size, -size], device=batch.device if batch is not None else None)
@@ -223,8 +206,8 @@ class _DataParallel(nn.Module):
         return total
 
     def full_state(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple:
-        """For train.py's checkpoints (every rank calls it, rank 0 saves): model and optimizer, or
-        stand-ins whose state_dict() is the whole, unsharded one, as one process would save."""
+        """For train.py's checkpoints (every rank calls it): model and optimizer, or stand-ins
+        whose state_dict() is the whole, unsharded one, as one process would save."""
         if isinstance(optimizer, ShardedOptimizer):
             state = optimizer.full_state_dict() or {}
             optimizer = SimpleNamespace(state_dict=lambda: state)
@@ -232,8 +215,7 @@ class _DataParallel(nn.Module):
 
 
 class DDPNaive(_DataParallel):
-    """After backward, one blocking all-reduce per gradient: correct, and the slowest, since
-    the network waits for backward to end and each small message pays the full latency."""
+    """After backward, one blocking all-reduce per gradient: no overlap, a full latency each."""
     def finish_gradient_synchronization(self) -> None:
         for p in self.params:
             if p.grad is not None:
@@ -241,20 +223,17 @@ class DDPNaive(_DataParallel):
                 p.grad /= self.world_size
 
 
-def _flatten(tensors: list[Tensor]) -> Tensor:
-    """One flat tensor of them all, in order: one message instead of one each."""
+def _flatten(tensors: list[Tensor]) -> Tensor:  # one message instead of one each
     return torch.cat([t.reshape(-1) for t in tensors])
 
 
-def _copy_back(flat: Tensor, tensors: list[Tensor]) -> None:
-    """Unflatten: each tensor takes back its piece of flat (_flatten of them all)."""
+def _copy_back(flat: Tensor, tensors: list[Tensor]) -> None:  # each takes back its piece of flat
     for tensor, part in zip(tensors, flat.split([t.numel() for t in tensors])):
         tensor.copy_(part.view_as(tensor))
 
 
 class DDPFlat(_DataParallel):
-    """After backward, every gradient flattened into one buffer, averaged by one all-reduce:
-    one latency instead of one per gradient."""
+    """After backward, all gradients flattened into one buffer, one all-reduce: one latency."""
     def finish_gradient_synchronization(self) -> None:
         grads = [p.grad for p in self.params if p.grad is not None]
         if grads:
@@ -264,9 +243,8 @@ class DDPFlat(_DataParallel):
 
 
 class DDPIndividualParameters(_DataParallel):
-    """Each gradient's all-reduce starts, asynchronously, the moment backward has finished
-    accumulating it (a post-accumulate-grad hook), so communication of the last layers overlaps
-    backward through the first. finish_gradient_synchronization() only waits."""
+    """Each gradient's asynchronous all-reduce starts once backward has accumulated it (a hook),
+    overlapping backward through earlier layers; finish_gradient_synchronization() only waits."""
     def __init__(self, module: nn.Module) -> None:
         super().__init__(module)
         self._pending: list[dist.Work] = []
@@ -284,11 +262,9 @@ class DDPIndividualParameters(_DataParallel):
 
 
 class DDPBucketed(_DataParallel):
-    """Overlap and few messages: parameters in reverse order (about the order backward produces
-    their gradients) grouped into buckets of at most bucket_size_mb (a larger parameter gets a
-    bucket of its own); a bucket's flat all-reduce starts as soon as its last gradient is in.
-    Buckets start in order, so every rank issues the same collectives in the same order. Small
-    buckets approach DDPIndividualParameters, one bucket holding everything DDPFlat."""
+    """Overlap and few messages: parameters in reverse order (about backward's) in buckets of at
+    most bucket_size_mb (a larger one alone); a bucket's flat all-reduce starts once its gradients
+    are in, in bucket order, so every rank issues the same collectives in the same order."""
     def __init__(self, module: nn.Module, bucket_size_mb: float) -> None:
         super().__init__(module)
         if not bucket_size_mb > 0:
@@ -321,15 +297,13 @@ class DDPBucketed(_DataParallel):
         self._pending: list[tuple[dist.Work, Tensor, list[Tensor]]] = []
 
     def _mark_ready(self, p: Tensor) -> None:
-        if not self._sync:
-            return
-        self._waiting[self._bucket_of[id(p)]] -= 1
-        while self._next < len(self.buckets) and self._waiting[self._next] == 0:
-            self._launch(self._next)
+        if self._sync:  # inside no_sync() gradients only accumulate
+            self._waiting[self._bucket_of[id(p)]] -= 1
+            while self._next < len(self.buckets) and self._waiting[self._next] == 0:
+                self._launch(self._next)
 
     def _launch(self, index: int) -> None:
-        # A parameter backward did not reach (unused this step) contributes zeros.
-        for p in self.buckets[index]:
+        for p in self.buckets[index]:  # one backward did not reach (unused) contributes zeros
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
         grads = [p.grad for p in self.buckets[index]]
@@ -348,20 +322,13 @@ class DDPBucketed(_DataParallel):
 
 # Optimizer-state sharding -------------------------------------------------------------------------
 class ShardedOptimizer(torch.optim.Optimizer):
-    """Any optimizer, its state split across ranks: each parameter has one owner (greedily, largest
-    first, the rank holding the fewest elements so far); each rank's optimizer_cls(**kwargs)
-    keeps state for and steps only its own parameters, then every rank broadcasts those. Use it
-    after a data-parallel wrapper has averaged the gradients. For AdamW (16 bytes a parameter in
-    fp32, 8 of them moments) each of n ranks saves 8 (n-1)/n bytes a parameter, for one
-    broadcast of the parameters per step.
-
-    ZeRO (Rajbhandari et al. 2020) has three stages. Stage 1 shards the optimizer state: this
-    class. Stage 2 also shards the gradients: a rank needs only its own parameters' averaged
-    gradient, so a reduce-scatter replaces the all-reduce and the rest is freed at once. Stage 3
-    (FSDP) also shards the parameters, all-gathering each layer's just before it runs. Stages 1
-    and 2 move DDP's bytes (all-reduce = reduce-scatter + all-gather, the all-gather being our
-    broadcast); stage 3 gathers the parameters twice (forward and backward): 1.5x DDP's traffic.
-    state_dict() is this rank's shard."""
+    """Any optimizer, its state split across ranks: each parameter has one owner (largest first,
+    to the least loaded rank), whose optimizer_cls(**kwargs) keeps its state and steps it; owners
+    then broadcast their parameters. Use it after a data-parallel wrapper averaged the gradients.
+    ZeRO (Rajbhandari et al. 2020): stage 1 shards the optimizer state (this class: AdamW's 8 of
+    16 bytes a parameter); stage 2 also the gradients (a reduce-scatter replaces the all-reduce);
+    stage 3 (FSDP) also the parameters. Stages 1 and 2 move DDP's bytes (all-reduce = reduce-scatter
+    + all-gather, here a broadcast); stage 3 gathers the parameters twice (forward, backward)."""
     def __init__(self, params: Iterable, optimizer_cls: type[torch.optim.Optimizer],
                  **kwargs) -> None:
         if not (dist.is_available() and dist.is_initialized()):
@@ -375,15 +342,12 @@ class ShardedOptimizer(torch.optim.Optimizer):
 
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)  # fills in the defaults, checks for duplicates
-        group = self.param_groups[-1]
-        mine = []
+        group, before = self.param_groups[-1], len(self.owned[self.rank])
         for p in sorted(group["params"], key=lambda p: -p.numel()):  # stable: same on all ranks
             owner = min(range(self.world_size), key=self._load.__getitem__)
             self._load[owner] += p.numel()
             self.owned[owner].append(p)
-            if owner == self.rank:
-                mine.append(p)
-        local_group = {**group, "params": mine}  # may be empty: the groups stay aligned
+        local_group = {**group, "params": self.owned[self.rank][before:]}  # maybe none: aligned
         if self.local is None:
             self.local = self.optimizer_cls([local_group], **self.kwargs)
         else:
@@ -396,17 +360,15 @@ class ShardedOptimizer(torch.optim.Optimizer):
         loss = self.local.step(closure)
         for owner, params in enumerate(self.owned):  # one broadcast per owner, flattened
             if params:
-                flat = _flatten(params)
-                dist.broadcast(flat, src=owner)
+                dist.broadcast(flat := _flatten(params), src=owner)
                 _copy_back(flat, params)
         return loss
 
-    def state_dict(self) -> dict:
+    def state_dict(self) -> dict:  # this rank's shard
         return self.local.state_dict()
 
     def full_state_dict(self) -> dict | None:
-        """The state_dict one unsharded optimizer would have, every rank's share gathered on rank
-        0 (None elsewhere): any number of processes resumes from it."""
+        """One unsharded optimizer's state_dict, gathered on rank 0 (None elsewhere): resumable."""
         index = {id(p): i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
         mine = {index[id(p)]: {k: v.cpu() if isinstance(v, Tensor) else v for k, v in s.items()}
                 for p, s in self.local.state.items()}
@@ -423,37 +385,30 @@ class ShardedOptimizer(torch.optim.Optimizer):
 # FSDP: every rank keeps a shard of each weight, gathered just in time -----------------------------
 def _my_shard(full: Tensor) -> Tensor:
     """This rank's piece of full, flattened; the last piece is padded with zeros."""
-    rank, n = dist.get_rank(), dist.get_world_size()
-    size = math.ceil(full.numel() / n)
-    flat = nn.functional.pad(full.detach().reshape(-1), (0, size * n - full.numel()))
-    return flat[rank * size:(rank + 1) * size].clone()
+    n = dist.get_world_size()
+    flat = nn.functional.pad(full.detach().reshape(-1), (0, -full.numel() % n))
+    return flat.view(n, -1)[dist.get_rank()].clone()
 
 
 class _Unit:
-    """One sharded weight: this rank's fp32 master shard (a Parameter the optimizer steps) and,
-    while a layer that uses it runs, the full weight in the compute dtype."""
+    """One sharded weight: this rank's fp32 shard (a Parameter), and the full one while in use."""
     def __init__(self, weight: Tensor, dtype: torch.dtype) -> None:
         self.shape, self.numel, self.dtype = weight.shape, weight.numel(), dtype
         self.shard = nn.Parameter(_my_shard(weight))
-        self.full: Tensor | None = None
-        self._pending: tuple[dist.Work, Tensor] | None = None
+        self.full = self._pending = None  # the gathered weight; (work, flat) of one in flight
 
-    def start_gather(self) -> None:
-        """Launch the all-gather asynchronously: it runs while the current layer computes."""
+    def start_gather(self) -> None:  # asynchronous: it runs while the current layer computes
         if self.full is None and self._pending is None:
-            flat = torch.empty(self.shard.numel() * dist.get_world_size(), dtype=self.dtype,
-                               device=self.shard.device)
-            work = dist.all_gather_into_tensor(flat, self.shard.detach().to(self.dtype),
-                                               async_op=True)
-            self._pending = (work, flat)
+            shard = self.shard.detach().to(self.dtype)
+            flat = shard.new_empty(shard.numel() * dist.get_world_size())
+            self._pending = (dist.all_gather_into_tensor(flat, shard, async_op=True), flat)
 
     def gather(self) -> Tensor:
         """The full weight, (shape) in the compute dtype: prefetched, or gathered now."""
         self.start_gather()
         if self._pending is not None:
-            work, flat = self._pending
-            work.wait()
-            self.full, self._pending = flat[:self.numel].view(self.shape), None
+            self._pending[0].wait()
+            self.full, self._pending = self._pending[1][:self.numel].view(self.shape), None
         return self.full
 
     def free(self) -> None:
@@ -462,10 +417,15 @@ class _Unit:
             self._pending[0].wait()
         self.full = self._pending = None
 
+    def whole(self, piece: Tensor) -> Tensor:
+        """A tensor cut like the shard (the weight, or its optimizer state), whole again."""
+        flat = piece.new_empty(piece.numel() * dist.get_world_size())
+        dist.all_gather_into_tensor(flat, piece.detach().contiguous())
+        return flat[:self.numel].view(self.shape)
+
 
 class _GatheredWeight(torch.autograd.Function):
-    """Forward: the unit's full weight. Backward: its full gradient reduce-scattered, in fp32,
-    into the shard's gradient, averaged over ranks (each rank saw its own slice of the batch)."""
+    """Forward: the unit's full weight; backward: its gradient reduce-scattered (fp32), averaged."""
     @staticmethod
     def forward(ctx, shard: Tensor, unit: _Unit) -> Tensor:
         ctx.unit = unit
@@ -475,53 +435,43 @@ class _GatheredWeight(torch.autograd.Function):
     def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
         shard, n = ctx.unit.shard, dist.get_world_size()
         flat = nn.functional.pad(grad.reshape(-1).float(), (0, shard.numel() * n - grad.numel()))
-        shard_grad = torch.empty_like(shard)
-        dist.reduce_scatter(shard_grad, list(flat.chunk(n)))
+        dist.reduce_scatter(shard_grad := torch.empty_like(shard), list(flat.chunk(n)))
         return shard_grad / n, None
 
 
 class FSDP(DDPFlat):
-    """Fully sharded data parallel (ZeRO stage 3) for model.py's models: the weight of every Linear
-    and Embedding is flattened, padded to a multiple of the world size and cut into one fp32
-    shard per rank; the optimizer steps the shards (.shards) and the replicated rest (norm
-    gains). A layer's forward pre-hook all-gathers its weight (in compute_dtype: half the bytes
-    in bf16) and starts gathering the weight of the layer that ran next in the previous forward,
-    so communication overlaps computation; its post-hook frees the full weight. Autograd would
-    keep that alive for backward, so a saved-tensor hook stores only its unit and gathers it
-    again when backward needs it. Gradients return through a reduce-scatter into the shards;
-    finish_gradient_synchronization() (DDPFlat's) averages the replicated ones. Memory per rank:
-    the shards plus the one or two full weights in flight."""
+    """Fully sharded data parallel (ZeRO-3) for model.py's models: every Linear and Embedding
+    weight is flattened, padded and cut into one fp32 shard per rank; the optimizer steps the
+    shards (.shards) and the replicated rest (norm gains). A layer's pre-hook all-gathers its
+    weight (in compute_dtype) and prefetches the next layer's; its post-hook frees it, and a
+    saved-tensor hook keeps only the unit for backward, which gathers it again. Gradients are
+    reduce-scattered into the shards; DDPFlat's finish_gradient_synchronization() does the rest."""
     def __init__(self, module: nn.Module, compute_dtype: torch.dtype | None = None) -> None:
         super().__init__(module)  # every rank starts from rank 0's weights, then shards them
-        self.compute_dtype = compute_dtype or torch.float32
-        units: dict[int, _Unit] = {}  # a tied weight is one unit used by two layers
-        self._layers: list[tuple[nn.Module, _Unit]] = []  # in the order they were registered
+        dtype = self.compute_dtype = compute_dtype or torch.float32
+        self._units: dict[int, _Unit] = {}  # a tied weight is one unit used by two layers
+        self._layers, self._hooks = [], []  # (layer, unit) in the order they were registered
         for layer in module.modules():
             if isinstance(layer, (Linear, Embedding)) and layer.weight.requires_grad:
-                weight = layer.weight
-                units.setdefault(id(weight), _Unit(weight, self.compute_dtype))
-                self._layers.append((layer, units[id(weight)]))
-        self._units, self._hooks = units, []
+                unit = self._units.setdefault(id(layer.weight), _Unit(layer.weight, dtype))
+                self._layers.append((layer, unit))
         for index, (layer, unit) in enumerate(self._layers):
             del layer.weight  # no longer a Parameter: a plain attribute set by the pre-hook
             layer.weight = None
             self._hooks += [layer.register_forward_pre_hook(partial(self._gather_hook, index)),
                             layer.register_forward_hook(partial(self._free_hook, unit))]
-        # Registered, for .parameters() and .to(); .shards is a tuple, since nn.Module files a
-        # submodule away from the instance, where _DataParallel's class attribute would hide it.
-        self.shard_list = nn.ParameterList(unit.shard for unit in units.values())
+        # Registered for .parameters() and .to(); .shards, a tuple, is what _DataParallel reads.
+        self.shard_list = nn.ParameterList(unit.shard for unit in self._units.values())
         self.shards = tuple(self.shard_list)
         self.params = [p for p in module.parameters() if p.requires_grad]  # replicated ones
         self._live: dict[int, _Unit] = {}  # storage address of a gathered weight -> its unit
-        self._next: dict[int, int] = {}  # layer index -> the index that ran after it
-        self._previous: int | None = None
+        self._next, self._previous = {}, None  # layer index -> the one that ran after it; the last
 
     def _gather_hook(self, index: int, layer: nn.Module, args: tuple) -> None:
         unit = self._layers[index][1]
         layer.weight = _GatheredWeight.apply(unit.shard, unit)
         self._live[layer.weight.untyped_storage().data_ptr()] = unit
-        # Layers run in an order of their own (SwiGLU: w1, w3, w2), so the previous forward
-        # taught us which comes next: prefetch it, its gather overlapping this layer's work.
+        # Layers run in their own order (SwiGLU: w1, w3, w2): the last forward taught us the next.
         if self._previous is not None:
             self._next[self._previous] = index
         self._previous = index
@@ -529,14 +479,12 @@ class FSDP(DDPFlat):
             self._layers[self._next[index]][1].start_gather()
 
     def _free_hook(self, unit: _Unit, layer: nn.Module, args: tuple, output: Tensor) -> None:
-        # The memory may be reused at once: forget the address before it is.
-        self._live.pop(layer.weight.untyped_storage().data_ptr())
+        self._live.pop(layer.weight.untyped_storage().data_ptr())  # reusable at once: forget it
         layer.weight = None
         unit.free()  # the saved-tensor hook kept only a reference
 
     def _pack(self, tensor: Tensor) -> Tensor | tuple:
-        unit = self._live.get(tensor.untyped_storage().data_ptr())
-        if unit is None:
+        if (unit := self._live.get(tensor.untyped_storage().data_ptr())) is None:
             return tensor
         return unit, tensor.size(), tensor.stride(), tensor.storage_offset()
 
@@ -557,55 +505,39 @@ class FSDP(DDPFlat):
             unit.free()
         return out
 
-    def _unsharded(self, unit: _Unit, piece: Tensor) -> Tensor:
-        """A tensor cut like unit.shard (the weight, or its optimizer state), whole again."""
-        flat = piece.new_empty(piece.numel() * self.world_size)
-        dist.all_gather_into_tensor(flat, piece.detach().contiguous())
-        return flat[:unit.numel].view(unit.shape)
-
-    @torch.no_grad()
     def gather_full_params(self, root: nn.Module | None = None) -> dict[str, Tensor]:
-        """The unsharded fp32 state_dict of the wrapped module, or of root, a module inside it
-        (every rank gets it; save on 0)."""
+        """The unsharded fp32 state_dict of the module, or of root inside it, on every rank."""
         root = root or self.module
         state, unit_of = root.state_dict(), {id(m): u for m, u in self._layers}
-        for name, layer in root.named_modules():
-            unit = unit_of.get(id(layer))
-            if unit is not None:  # a tied weight is gathered under each of its names
-                state[f"{name}.weight" if name else "weight"] = self._unsharded(unit, unit.shard)
+        for name, layer in root.named_modules():  # a tied weight: gathered under each name
+            if (unit := unit_of.get(id(layer))) is not None:
+                state[f"{name}.weight" if name else "weight"] = unit.whole(unit.shard)
         return state
 
     def shard_optimizer(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
-        """An optimizer built on the unwrapped module, changed in place to step the shards: each
-        sharded weight replaced by its shard in the same group, its state (from a checkpoint)
-        cut alike. Element-wise optimizers only (AdamW, SGD): Muon and SOAP need whole matrices."""
+        """An optimizer of the unwrapped module made, in place, to step the shards instead (its
+        state cut alike). Element-wise optimizers only (AdamW, SGD): not Muon or SOAP."""
         for group in optimizer.param_groups:
             for i, p in enumerate(group["params"]):
-                unit = self._units.get(id(p))
-                if unit is not None:
+                if (unit := self._units.get(id(p))) is not None:
                     optimizer.state[unit.shard] = {
                         k: _my_shard(v) if isinstance(v, Tensor) and v.shape == p.shape else v
                         for k, v in optimizer.state.pop(p, {}).items()}
                     group["params"][i] = unit.shard
         return optimizer
 
-    @torch.no_grad()
     def full_state(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple:
         state, unit_of = optimizer.state_dict(), {id(u.shard): u for u in self._units.values()}
-        params = [p for group in optimizer.param_groups for p in group["params"]]
-        for i, p in enumerate(params):  # state_dict() numbers the parameters in this order
+        for i, p in enumerate(p for g in optimizer.param_groups for p in g["params"]):  # numbered
             if id(p) in unit_of and i in state["state"]:
-                state["state"][i] = {k: self._unsharded(unit_of[id(p)], v) if isinstance(v, Tensor)
-                                     and v.shape == p.shape else v
-                                     for k, v in state["state"][i].items()}
+                state["state"][i] = {k: unit_of[id(p)].whole(v) if isinstance(v, Tensor) and v.shape
+                                     == p.shape else v for k, v in state["state"][i].items()}
         full = self.gather_full_params(model)
         return SimpleNamespace(state_dict=lambda: full), SimpleNamespace(state_dict=lambda: state)
 
-    @torch.no_grad()
     def unshard(self) -> None:
-        """The full weights back in the module as Parameters, and no more hooks: after training,
-        one rank may run it alone (samples)."""
-        full = {id(u): nn.Parameter(self._unsharded(u, u.shard)) for u in self._units.values()}
+        """Whole Parameters back in the module, hooks removed: one rank may then run it alone."""
+        full = {id(u): nn.Parameter(u.whole(u.shard)) for u in self._units.values()}
         for handle in self._hooks:
             handle.remove()
         for layer, unit in self._layers:  # a tied weight is one Parameter again
@@ -615,10 +547,9 @@ class FSDP(DDPFlat):
 # train.py's --parallel: these wrappers in its loop ------------------------------------------------
 def parallelize(name: str, step_model: nn.Module, optimizer: torch.optim.Optimizer,
                 bucket_size_mb: float = 25.0) -> tuple[nn.Module, torch.optim.Optimizer]:
-    """`train.py --parallel=ddp|zero1|fsdp` under torchrun: train.py's LossModel wrapped, and its
-    optimizer (maybe restored from a checkpoint) made to fit. ddp: DDPBucketed; zero1: that and
-    ShardedOptimizer; fsdp: FSDP stepping the shards. The loop calls the wrapper's no_sync,
-    clip_grad_norm (which finishes the gradients' averaging) and full_state (for checkpoints)."""
+    """`train.py --parallel=ddp|zero1|fsdp`: its LossModel wrapped (ddp: DDPBucketed; zero1: that
+    and a ShardedOptimizer; fsdp: FSDP), its optimizer (maybe restored) made to fit. The loop calls
+    the wrapper's no_sync, clip_grad_norm (finishing the averaging) and full_state (checkpoints)."""
     if name == "fsdp":
         if type(optimizer).__name__ != "AdamW":
             raise ValueError("--parallel=fsdp steps flat shards of each matrix: use --optimizer="
@@ -635,40 +566,32 @@ def parallelize(name: str, step_model: nn.Module, optimizer: torch.optim.Optimiz
     if name == "zero1":
         sharded = ShardedOptimizer([{**g} for g in optimizer.param_groups], type(optimizer),
                                    **optimizer.defaults)
-        for p in sharded.owned[sharded.rank]:  # a restored checkpoint's state: this rank's share
-            if p in optimizer.state:
-                sharded.local.state[p] = optimizer.state[p]
+        sharded.local.state.update({p: optimizer.state[p] for p in sharded.owned[sharded.rank]
+                                    if p in optimizer.state})  # restored state: this rank's share
         optimizer = sharded
     return model, optimizer
 
 
 # Tensor parallelism (Megatron): each rank holds a slice of every block ----------------------------
-# A column-parallel linear keeps rows r of W (output features r): from the full input it makes
-# its slice of the output. A row-parallel linear keeps columns r: from that slice it makes a
-# partial sum of the full output, and one all-reduce adds the partials. Attention heads and the
-# MLP's hidden units are independent, so column then row needs no communication in between:
-# one all-reduce per sub-block in forward, and (the conjugate) one in backward at its entry.
+# A column-parallel linear keeps rows r of W: from the full input it makes its slice of the output.
+# A row-parallel linear keeps columns r: from that slice it makes a partial sum of the output, and
+# one all-reduce adds the partials. Heads and hidden units are independent, so column then row
+# needs nothing in between: one all-reduce per sub-block forward, one (the conjugate) backward.
 class _Conjugate(torch.autograd.Function):
-    """Forward runs one op, backward its conjugate. TP's entry: identity <-> all-reduce (each
-    rank's slice gives part of the input's gradient); exit: all-reduce <-> identity. SP's, along
-    the sequence: all-gather <-> reduce-scatter, split <-> all-gather."""
+    """Forward runs one op, backward its conjugate (None: identity). TP's entry: identity <->
+    all-reduce, exit: all-reduce <-> identity; SP's: all-gather <-> reduce-scatter along T."""
     @staticmethod
-    def forward(ctx, x: Tensor, forward_op: Callable, backward_op: Callable) -> Tensor:
-        ctx.backward_op = backward_op
-        return forward_op(x)
+    def forward(ctx, x: Tensor, op: Callable | None, conjugate: Callable | None) -> Tensor:
+        ctx.conjugate = conjugate
+        return x if op is None else op(x)
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:
-        return ctx.backward_op(grad), None, None
-
-
-def _identity(x: Tensor) -> Tensor:
-    return x
+        return grad if ctx.conjugate is None else ctx.conjugate(grad), None, None
 
 
 def _all_reduce(x: Tensor) -> Tensor:  # (..., D) partial sums -> their sum, on every rank
-    x = x.contiguous()
-    dist.all_reduce(x)
+    dist.all_reduce(x := x.contiguous())
     return x
 
 
@@ -688,48 +611,41 @@ def _split_seq(x: Tensor) -> Tensor:  # (B, T, D), the same on every rank -> thi
     return x.chunk(dist.get_world_size(), dim=1)[dist.get_rank()].contiguous()
 
 
-def _shard_of(weight: Tensor, dim: int, what: str) -> nn.Parameter:
-    n = dist.get_world_size()
-    if weight.shape[dim] % n:
-        raise ValueError(f"{what}: {weight.shape[dim]} does not divide into {n} ranks")
-    return nn.Parameter(weight.detach().chunk(n, dim=dim)[dist.get_rank()].clone())
-
-
 class ColumnParallelLinear(nn.Module):
     """Rows r of a Linear's W: x (..., d_in), the same on every rank -> (..., d_out / n). The
     input enters the sub-block (TensorParallelBlock._enter) once, since q, k and v share it."""
-    def __init__(self, full: nn.Module) -> None:
+    dim, features = 0, "output features"  # the dimension of W cut (RowParallelLinear: 1)
+
+    def __init__(self, full: nn.Module, sequence_parallel: bool = False) -> None:
         super().__init__()
-        self.weight = _shard_of(full.weight, 0, "output features")
+        n, size = dist.get_world_size(), full.weight.shape[self.dim]
+        if size % n:
+            raise ValueError(f"{self.features}: {size} does not divide into {n} ranks")
+        self.weight = nn.Parameter(full.weight.detach().chunk(n, self.dim)[dist.get_rank()].clone())
+        self.sequence_parallel = sequence_parallel
 
     def forward(self, x: Tensor) -> Tensor:
         return x @ self.weight.T
 
 
-class RowParallelLinear(nn.Module):
-    """Columns r of a Linear's W: x (..., d_in / n) -> (..., d_out), summed over ranks by one
-    all-reduce (TP), or by a reduce-scatter that leaves each rank its part of the sequence (SP)."""
-    def __init__(self, full: nn.Module, sequence_parallel: bool = False) -> None:
-        super().__init__()
-        self.weight = _shard_of(full.weight, 1, "input features")
-        self.sequence_parallel = sequence_parallel
+class RowParallelLinear(ColumnParallelLinear):
+    """Columns r of W: x (..., d_in / n) -> (..., d_out), summed over ranks by one all-reduce
+    (TP), or by a reduce-scatter that leaves each rank its part of the sequence (SP)."""
+    dim, features = 1, "input features"
 
     def forward(self, x: Tensor) -> Tensor:
         partial = x @ self.weight.T
         if self.sequence_parallel:
             return _Conjugate.apply(partial, _reduce_scatter_seq, _all_gather_seq)
-        return _Conjugate.apply(partial, _all_reduce, _identity)
+        return _Conjugate.apply(partial, _all_reduce, None)
 
 
 class TensorParallelBlock(nn.Module):
-    """A pre-norm TransformerBlock with its heads and hidden units split across ranks. With
-    sequence_parallel the residual stream between sub-blocks is cut along the sequence, so the
-    norms work on T/n tokens and no rank stores the whole (B, T, D) activation: the entry
-    all-gathers it (its backward reduce-scatters) and the exit reduce-scatters (the all-reduce's
-    two halves, so the traffic is unchanged). The first block splits the sequence, the last
-    gathers it back for the replicated head."""
-    def __init__(self, block: nn.Module, sequence_parallel: bool, first: bool,
-                 last: bool) -> None:
+    """A pre-norm TransformerBlock, its heads and hidden units split across ranks. With
+    sequence_parallel the residual stream is cut along the sequence: norms see T/n tokens, no rank
+    stores the whole (B, T, D); the entry all-gathers, the exit reduce-scatters (the all-reduce's
+    halves: same traffic). The first block splits the sequence, the last gathers it back."""
+    def __init__(self, block: nn.Module, sequence_parallel: bool, first: bool, last: bool) -> None:
         super().__init__()
         attn, ffn, n = block.attn, block.ffn, dist.get_world_size()
         if not block.pre_norm or not hasattr(attn, "q_proj") or not hasattr(ffn, "w1"):
@@ -750,7 +666,7 @@ class TensorParallelBlock(nn.Module):
     def _enter(self, x: Tensor) -> Tensor:
         if self.sequence_parallel:
             return _Conjugate.apply(x, _all_gather_seq, _reduce_scatter_seq)
-        return _Conjugate.apply(x, _identity, _all_reduce)
+        return _Conjugate.apply(x, None, _all_reduce)
 
     def forward(self, x: Tensor, rope: tuple | None = None, cache: dict | None = None,
                 start: int = 0) -> Tensor:
@@ -767,10 +683,8 @@ class TensorParallelBlock(nn.Module):
 
 
 def tensor_parallel(model: nn.Module, sequence_parallel: bool = False) -> nn.Module:
-    """Turn a model.py TransformerLM, the same on every rank, into a tensor-parallel one over
-    the process group, in place; embeddings, final norm and head stay replicated. With
-    sequence_parallel each rank's norm gains see only its tokens: call sync_norm_grads(model)
-    after backward, as a data-parallel wrapper would for a batch."""
+    """A TransformerLM, the same on every rank, made tensor-parallel in place (embeddings, final
+    norm and head replicated). With sequence_parallel call sync_norm_grads(model) after backward."""
     layers = model.layers
     for i, block in enumerate(layers):
         layers[i] = TensorParallelBlock(block, sequence_parallel, i == 0, i == len(layers) - 1)
@@ -778,28 +692,24 @@ def tensor_parallel(model: nn.Module, sequence_parallel: bool = False) -> nn.Mod
 
 
 def sync_norm_grads(model: nn.Module) -> None:
-    """Sum the gradients of the parameters that sequence parallelism leaves replicated inside
-    the blocks (the norms), each rank having seen T/n of the tokens."""
+    """Sum the blocks' norm gains' gradients: with sequence parallelism each saw T/n tokens."""
     for block in model.layers:
-        for norm in (block.block.ln1, block.block.ln2):
-            for p in norm.parameters():
-                if p.grad is not None:
-                    dist.all_reduce(p.grad)
+        for p in [*block.block.ln1.parameters(), *block.block.ln2.parameters()]:
+            if p.grad is not None:
+                dist.all_reduce(p.grad)
 
 
 # Pipeline parallelism: each rank holds a run of consecutive blocks --------------------------------
-# GPipe (Huang et al. 2019): the batch is cut into m micro-batches; stage s runs the forward of
-# each as soon as stage s-1 sends its activations, then the backwards run in reverse, each stage
-# sending its input's gradient back. Stages wait at the start of the forwards and at the end of
-# the backwards: with p stages the bubble, the share of a step a stage idles, is (p-1)/(m+p-1).
+# GPipe: the batch is cut into m micro-batches; stage s runs each forward once stage s-1 sends its
+# activations, then the backwards in reverse, sending its input's gradient back. Stages idle at the
+# start of the forwards and the end of the backwards: with p stages the bubble is (p-1)/(m+p-1).
 def bubble_fraction(num_stages: int, num_microbatches: int) -> float:
     return (num_stages - 1) / (num_microbatches + num_stages - 1)
 
 
 class PipelineStage(nn.Module):
-    """This rank's part of a TransformerLM (untied, RoPE, same weights on every rank at
-    construction): the embedding on the first stage, an equal run of blocks, and the final norm
-    and head on the last. Other parts are dropped."""
+    """This rank's part of a TransformerLM (untied, RoPE, the same on every rank): the embedding
+    on the first stage, an equal run of blocks, the final norm and head on the last."""
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.rank, self.num_stages = dist.get_rank(), dist.get_world_size()
@@ -816,8 +726,7 @@ class PipelineStage(nn.Module):
         self.ln_final, self.lm_head = (model.ln_final, model.lm_head) if self.last else (None, None)
 
     def forward(self, x: Tensor, seq_len: int) -> Tensor:
-        """Token ids (B, T) on the first stage, else activations (B, T, D); returns activations,
-        or logits on the last stage."""
+        """Ids (B, T) on the first stage, else activations (B, T, D) -> activations or logits."""
         if self.first:
             x = self.token_embeddings(x)
         rope = self.rope.cos_sin(None, seq_len)
@@ -828,14 +737,11 @@ class PipelineStage(nn.Module):
 
 def gpipe_step(stage: PipelineStage, token_ids: Tensor, targets: Tensor,
                num_microbatches: int) -> tuple[float | None, float]:
-    """Forward and backward of one batch (every rank passes the same one; only the first stage
-    reads token_ids, only the last targets), gradients accumulated in stage's parameters as one
-    process would on the whole batch. Returns (the mean loss on the last stage, else None;
-    the measured share of the step this rank spent waiting for its neighbours)."""
-    start, waited = time.perf_counter(), 0.0
-    inputs, outputs, loss_sum = [], [], 0.0
+    """Forward and backward of one batch (the same on every rank), accumulating the gradients one
+    process would; returns (the mean loss on the last stage, else None; the share spent waiting)."""
+    start, waited, seq_len = time.perf_counter(), 0.0, token_ids.shape[-1]
+    saved, loss_sum = [], 0.0  # each micro-batch's (input, output), for its backward
     micro_ids, micro_targets = token_ids.chunk(num_microbatches), targets.chunk(num_microbatches)
-    seq_len = token_ids.shape[-1]
 
     def receive(shape: tuple, src: int) -> Tensor:
         nonlocal waited
@@ -854,13 +760,9 @@ def gpipe_step(stage: PipelineStage, token_ids: Tensor, targets: Tensor,
             out = loss / num_microbatches  # the mean over micro-batches is the batch mean
         else:
             dist.send(out.detach(), dst=stage.rank + 1)
-        inputs.append(x)
-        outputs.append(out)
-    for x, out in zip(reversed(inputs), reversed(outputs)):  # then all backwards
-        if stage.last:
-            out.backward()
-        else:
-            out.backward(receive(out.shape, stage.rank + 1))
+        saved.append((x, out))
+    for x, out in reversed(saved):  # then all backwards
+        out.backward(None if stage.last else receive(out.shape, stage.rank + 1))
         if not stage.first:
             dist.send(x.grad, dst=stage.rank - 1)
     idle = waited / (time.perf_counter() - start)
@@ -868,23 +770,18 @@ def gpipe_step(stage: PipelineStage, token_ids: Tensor, targets: Tensor,
 
 
 # Accounting: memory per GPU and bytes moved per step ----------------------------------------------
-# fp32 training with AdamW: 4 bytes of weights, 4 of gradient, 8 of moments per parameter (16 in
-# all); activations are left out (they depend on batch and recomputation). Per scheme, the bytes
-# of a parameter that every GPU keeps whole, and those cut n ways:
+# fp32 AdamW: 4 bytes of weights, 4 of gradient, 8 of moments a parameter (activations left out:
+# they depend on batch and recomputation). Per scheme, bytes each GPU keeps whole, and cut n ways:
 MEMORY = {"DDP": (16, 0), "ZeRO-1": (4 + 4, 8), "ZeRO-2": (4, 4 + 8), "ZeRO-3/FSDP": (0, 16),
           "TP": (0, 16)}
-# Traffic per GPU per step with ring collectives on n GPUs and P parameters of 4 bytes:
-#   DDP, ZeRO-1, ZeRO-2: one all-reduce of the gradients, 2 (n-1)/n * 4P
-#   ZeRO-3 / FSDP: all-gather weights in forward and again in backward, reduce-scatter
-#                  gradients, 3 (n-1)/n * 4P
-#   TP over n GPUs: the block weights split n ways; per block two all-reduces of the (B, T, D)
-#                  activations in forward and two in backward, 4 * 2 (n-1)/n * 4BTD
+# Traffic per GPU per step, ring collectives, P parameters of 4 bytes: DDP, ZeRO-1 and ZeRO-2
+# all-reduce the gradients, 2 (n-1)/n 4P; ZeRO-3/FSDP all-gathers the weights in forward and in
+# backward and reduce-scatters the gradients, 3 (n-1)/n 4P; TP all-reduces the (B, T, D)
+# activations twice a block in forward and twice in backward, 4 * 2 (n-1)/n * 4BTD.
 EXAMPLES = {
-    # CS336 assignment 2's exercise: only the FFNs count (2 matrices a block, no attention,
-    # no embeddings): 126 x 2 x 16,384 x 53,248 = 219,848,638,464 parameters. At 16 bytes
-    # each that is 3,517.6 GB: more than any one 80 GB GPU, so DDP (and ZeRO-1, 8P = 1,759 GB
-    # replicated, and ZeRO-2, 4P = 879 GB) cannot hold it at any scale; FSDP shards all 16
-    # bytes, 3,517.6 / n GB each, and needs n >= 44 GPUs just for the states.
+    # CS336 assignment 2's exercise, FFNs only: 126 x 2 x 16,384 x 53,248 = 219,848,638,464
+    # parameters, 3,517.6 GB at 16 bytes: DDP, ZeRO-1 (8P = 1,759 GB replicated) and ZeRO-2 (879 GB)
+    # never fit 80 GB GPUs; FSDP shards all 16 bytes and needs n >= 44 GPUs just for the states.
     "course": dict(d_model=16384, d_ff=53248, num_layers=126, num_heads=128, ffn="gelu",
                    vocab_size=10000, context_length=512),
 }
@@ -892,10 +789,8 @@ EXAMPLES = {
 
 def accounting(params: int, num_gpus: int, tokens: int = 0, d_model: int = 0,
                num_layers: int = 0) -> dict[str, dict[str, float]]:
-    """{scheme: {"memory": bytes per GPU, "traffic": bytes sent per GPU per step}} for fp32
-    AdamW training of `params` parameters on num_gpus; TP's traffic needs the batch's tokens."""
-    n = num_gpus
-    ring = (n - 1) / n
+    """{scheme: {"memory": bytes per GPU, "traffic": bytes each sends a step}} (TP: needs tokens)"""
+    n, ring = num_gpus, (num_gpus - 1) / num_gpus
     traffic = {"DDP": 2 * ring * params * 4, "ZeRO-3/FSDP": 3 * ring * params * 4,
                "TP": num_layers * 4 * 2 * ring * tokens * d_model * 4}
     traffic["ZeRO-1"] = traffic["ZeRO-2"] = traffic["DDP"]
@@ -904,12 +799,9 @@ def accounting(params: int, num_gpus: int, tokens: int = 0, d_model: int = 0,
 
 
 def best_buckets(grad_bytes: float, bandwidth: float, call_overhead: float) -> tuple[int, float]:
-    """Bucketed DDP's overhead model: (the best number of buckets, the time it leaves after
-    backward). Each bucket's all-reduce starts when its gradients are ready and runs while backward
-    goes on, so what is left is the last bucket's transfer, s / (n_b w) (s gradient bytes, w the
-    all-reduce's algorithm bandwidth), plus every call's fixed cost o, which queues on the one
-    communication stream: overhead(n_b) = n_b o + s / (n_b w), least at n_b = sqrt(s / (w o)),
-    buckets of sqrt(s w o) bytes. Fewer buckets expose more transfer; more pay more calls."""
+    """Bucketed DDP's overhead model -> (best number of buckets, the time left after backward): the
+    last bucket's transfer s / (n_b w) (s gradient bytes, w algbw) plus every call's fixed cost o,
+    n_b o + s / (n_b w), is least at n_b = sqrt(s / (w o)), buckets of sqrt(s w o) bytes."""
     n_b = max(1, round(math.sqrt(grad_bytes / (bandwidth * call_overhead))))
     return n_b, n_b * call_overhead + grad_bytes / (n_b * bandwidth)
 
@@ -924,9 +816,8 @@ def gpus_needed(params: int, scheme: str, gpu_bytes: float) -> int | None:
 
 
 # Benchmark: our bucketed DDP against torch's; ZeRO-1 and FSDP memory against the accounting -------
-# Each rank also times the step alone: the bare model on its own batch, no wrapper, no collective.
-# What a wrapper adds to that is communication its overlap did not hide (and its copies), so the
-# share of the step spent communicating is 1 - alone / step.
+# Each rank also times the bare model alone on its batch. What a wrapper adds to that is the
+# communication its overlap did not hide (and its copies): the share is 1 - alone / step.
 BENCH_ROWS = {"alone": ("alone (no communication)", "DDP"), "ours": ("DDPBucketed", "DDP"),
               "torch": ("torch DistributedDataParallel", "DDP"), "fsdp": ("FSDP", "ZeRO-3/FSDP"),
               "zero1": ("ZeRO-1 (+ ShardedOptimizer)", "ZeRO-1")}  # (label, accounting's row)
@@ -991,8 +882,7 @@ def run_bench(cfg: dict, overrides: dict) -> dict[str, tuple[float, float]]:
     if not 1 <= world_size <= most:
         raise UsageError(f"--world_size must be between 1 and {most} "
                          f"({'GPUs here' if gpus else 'CPU processes'}), got {world_size}")
-    preset = cfg["preset"] or ("xl" if gpus else "tiny")
-    config = _model_config(preset, overrides)
+    config = _model_config(preset := cfg["preset"] or ("xl" if gpus else "tiny"), overrides)
     cfg = {**cfg, "seq_len": cfg["seq_len"] or config.context_length}
     if min(cfg["batch_size"], cfg["seq_len"], cfg["steps"], cfg["bucket_size_mb"]) <= 0 or \
             cfg["warmup"] < 0 or cfg["seq_len"] > config.context_length:
@@ -1038,13 +928,10 @@ COMMANDS = {
 
 
 def _numbers(key: str, text: str, kind: type) -> list:
-    try:
-        values = [kind(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        values = []
-    if not values or min(values) <= 0:
-        raise UsageError(f"--{key} expects positive numbers separated by commas, got {text!r}")
-    return values
+    with contextlib.suppress(ValueError):
+        if (values := [kind(v) for v in text.split(",") if v.strip()]) and min(values) > 0:
+            return values
+    raise UsageError(f"--{key} expects positive numbers separated by commas, got {text!r}")
 
 
 def _model_config(preset: str, overrides: dict) -> ModelConfig:
@@ -1060,8 +947,8 @@ def print_accounting(cfg: dict, overrides: dict) -> None:
     """`python ddp.py accounting`: the table for --example, or --preset and ModelConfig fields."""
     if cfg["example"] and cfg["example"] not in EXAMPLES:
         raise UsageError(f"unknown --example {cfg['example']!r}; choose from {list(EXAMPLES)}")
-    if cfg["num_gpus"] < 1 or min(cfg["gpu_memory_gb"], cfg["bandwidth_gbps"],
-                                  cfg["call_overhead_us"]) <= 0:
+    n, gpu_gb, bandwidth_gbps = cfg["num_gpus"], cfg["gpu_memory_gb"], cfg["bandwidth_gbps"]
+    if n < 1 or min(gpu_gb, bandwidth_gbps, cfg["call_overhead_us"]) <= 0:
         raise UsageError("need --num_gpus >= 1, and --gpu_memory_gb, --bandwidth_gbps and "
                          "--call_overhead_us > 0")
     config = _model_config("" if cfg["example"] else cfg["preset"],
@@ -1071,27 +958,24 @@ def print_accounting(cfg: dict, overrides: dict) -> None:
     if cfg["example"] == "course":
         params, what = counts["ffn"], "the course's exercise (FFNs only, 126 x 2 x d_model x d_ff)"
     tokens = cfg["batch_size"] * (cfg["seq_len"] or config.context_length)
-    gpu_gb, bandwidth_gbps = cfg["gpu_memory_gb"], cfg["bandwidth_gbps"]
     print(f"{what}: {params:,} parameters\n{params * 16 / 1e9:,.1f} GB of fp32 weights, "
-          f"gradients and AdamW moments (16 bytes a parameter; no activations)\n"
-          f"{cfg['num_gpus']} GPUs of {gpu_gb:g} GB, each sending {bandwidth_gbps:g} GB/s; "
-          f"TP's traffic is the activations of {tokens:,} tokens")
-    print(f"  {'scheme':<12}{'GB per GPU':>12}{'fits':>6}{'GB sent/step':>14}{'comm s/step':>13}"
-          f"{'GPUs to hold':>14}")
+          f"gradients and AdamW moments (16 bytes a parameter; no activations)\n{n} GPUs of "
+          f"{gpu_gb:g} GB, each sending {bandwidth_gbps:g} GB/s; TP's traffic is the activations "
+          f"of {tokens:,} tokens\n  {'scheme':<12}{'GB per GPU':>12}{'fits':>6}"
+          f"{'GB sent/step':>14}{'comm s/step':>13}{'GPUs to hold':>14}")
     needed = {scheme: gpus_needed(params, scheme, gpu_gb * 1e9) for scheme in MEMORY}
-    rows = accounting(params, cfg["num_gpus"], tokens, config.d_model, config.num_layers)
+    rows = accounting(params, n, tokens, config.d_model, config.num_layers)
     for scheme, row in rows.items():
         print(f"  {scheme:<12}{row['memory'] / 1e9:>12,.1f}"
               f"{'yes' if row['memory'] <= gpu_gb * 1e9 else 'no':>6}"
               f"{row['traffic'] / 1e9:>14,.2f}{row['traffic'] / (bandwidth_gbps * 1e9):>13.3f}"
               f"{needed[scheme] or 'never':>14}")
     fsdp = needed["ZeRO-3/FSDP"]
-    print(f"FSDP: {fsdp} GPU{'s' if fsdp > 1 else ''} of {gpu_gb:g} GB "
-          f"{'hold' if fsdp > 1 else 'holds'} the states "
-          f"(fewer cannot), {params * 16 / fsdp / 1e9:,.1f} GB each")
+    print(f"FSDP: {fsdp} GPU{'s' if fsdp > 1 else ''} of {gpu_gb:g} GB hold{'s' * (fsdp == 1)} "
+          f"the states (fewer cannot), {params * 16 / fsdp / 1e9:,.1f} GB each")
     if None in needed.values():
         print("never: what that scheme keeps whole on every GPU is already too big for one")
-    if (n := cfg["num_gpus"]) > 1:  # busbw = algbw x 2(n-1)/n: what a ring's all-reduce reaches
+    if n > 1:  # busbw = algbw x 2(n-1)/n: what a ring's all-reduce reaches
         algbw, call = bandwidth_gbps * 1e9 * n / (2 * (n - 1)), cfg["call_overhead_us"] * 1e-6
         n_b, overhead = best_buckets(4 * params, algbw, call)
         print(f"bucketed DDP: overhead = n_b o + s / (n_b w), o = {cfg['call_overhead_us']:g} us a "

@@ -5704,6 +5704,19 @@ def test_align_tokenize_prompt_and_output_masks_and_shift():
         align.tokenize_prompt_and_output([""], ["x"], tok)
 
 
+def test_align_rollouts_sample_from_the_ids_training_packs(monkeypatch):
+    class BOSTokenizer:  # like a Hugging Face tokenizer: BOS first unless add_special_tokens=False
+        eos_token_id = 0
+
+        def encode(self, text, add_special_tokens=True):
+            return [1] * add_special_tokens + [ord(c) for c in text]
+    seen = []
+    monkeypatch.setattr(align, "generate_batch", lambda m, t, prompts, **kw: seen.append(prompts))
+    align.rollouts(_align_lm(), BOSTokenizer(), ["ab", "c"], align.AlignConfig(), 2, seed=0)
+    packed = align.tokenize_prompt_and_output(["ab", "c"], ["x", "y"], BOSTokenizer())
+    assert seen == [[[97, 98], [99]]] and packed["input_ids"][0, :2].tolist() == [97, 98]
+
+
 def test_align_response_longer_than_context_is_truncated_with_a_warning():
     tok = _byte_tokenizer()
     with pytest.warns(UserWarning, match="1 of 2 .* truncated"):

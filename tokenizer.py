@@ -17,12 +17,9 @@ Commands (CPU only; settings are --key=value; an error is one line, --debug show
   python tokenizer.py compare --input=../shared/data/tinyshakespeare.txt   [--vocab_size=1000]
   python tokenizer.py bench          # speed next to HuggingFace tokenizers and tiktoken
 
-Reads a UTF-8 file; ../shared/data: gpt2_vocab.json, gpt2_merges.txt, tinyshakespeare.txt,
-corpus.en. Writes, each whole or not at all: DIR/vocab.json, merges.txt, special_tokens.json
-(train); FILE.bin, FILE.bin.json = {"dtype", "vocab_size", "num_tokens", "tokenizer"} (encode).
-
-Papers: Sennrich et al. 2016 (BPE for subword units); Radford et al. 2019 (GPT-2: byte-level BPE
-and its pre-tokenization regex).
+Reads UTF-8 (../shared/data: gpt2_vocab.json, gpt2_merges.txt, tinyshakespeare.txt, corpus.en).
+Writes, whole or not at all: DIR/{vocab.json,merges.txt,special_tokens.json}; FILE.bin(.json).
+Papers: Sennrich et al. 2016 (BPE for subword units); Radford et al. 2019 (GPT-2, byte-level BPE).
 """
 
 import ast
@@ -50,9 +47,9 @@ import numpy as np
 import regex
 from tqdm import tqdm
 
-# GPT-2's pre-tokenizer: a contraction, or a run of letters, digits or punctuation (each may take
-# one leading space), or a run of whitespace that leaves its last space to the next word.
-# BPE never merges across two pre-tokens, so " the" and "the" stay different tokens, not " t"+"he".
+# GPT-2's pre-tokenizer: a contraction, a run of letters, digits or punctuation (each may take one
+# leading space), or a run of whitespace that leaves its last space to the next word. BPE never
+# merges across two pre-tokens, so " the" and "the" stay different tokens, not " t"+"he".
 GPT2_PAT = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 PRETOKEN_RE = regex.compile(GPT2_PAT)
 DATA_DIR = Path(__file__).resolve().parent.parent / "shared" / "data"  # the shared corpora
@@ -108,13 +105,10 @@ def compression_ratio(text: str, tokenizer) -> float:
 
 
 # 2. Training byte-level BPE: the algorithm as described, then the same merges fast ----------------
-def count_pretokens(text: str, special_tokens: Sequence[str] = (),
-                    pretokenize: bool = True) -> Counter:
-    """How often each pre-token occurs. Special tokens cut the text first and are dropped, so no
-    merge ever touches them; pretokenize=False keeps the text between them whole."""
-    segments = _special_re(special_tokens).split(text)
-    return Counter(chain.from_iterable(map(PRETOKEN_RE.findall, segments)) if pretokenize
-                   else segments)
+def count_pretokens(text: str, special_tokens: Sequence[str], pretokenize: bool = True) -> Counter:
+    """Pre-token counts; special tokens cut the text and are dropped, so no merge touches them."""
+    pieces = _special_re(special_tokens).split(text)  # pretokenize=False keeps each piece whole
+    return Counter(chain.from_iterable(map(PRETOKEN_RE.findall, pieces)) if pretokenize else pieces)
 
 
 def merge(ids: Sequence[int], pair: tuple[int, int], new_id: int) -> list[int]:
@@ -158,32 +152,22 @@ def train_bpe_reference(input_path: str | os.PathLike, vocab_size: int, special_
                   f"{_show(vocab[new_id])}  (count {pairs[a, b]})")
         # distinct words stay distinct: splitting new_id again undoes the merge
         words = {tuple(merge(word, (a, b), new_id)): count for word, count in words.items()}
-    specials = {len(vocab) + k: s.encode("utf-8") for k, s in enumerate(special_tokens)}
-    return vocab | specials, merges
+    return vocab | {len(vocab) + k: s.encode("utf-8") for k, s in enumerate(special_tokens)}, merges
 
 
 def train_bpe(input_path: str | os.PathLike, vocab_size: int, special_tokens: list[str],
               num_workers: int | None = None, progress: bool = True) -> tuple[Vocab, Merges]:
-    """train_bpe_reference's vocabulary and merges, fast: processes count the pre-tokens of the
-    file's chunks in parallel, and bpe_merges updates the pair counts instead of recounting."""
+    """train_bpe_reference's result, fast: processes count the file chunks' pre-tokens in parallel;
+    a merge recounts only the words with its pair (pair_words may list a few that lost it), and a
+    heap finds the top pair: a stale entry is refiled at the top, an increase pushes anew."""
     path, special_tokens, num_merges = _check_training(input_path, vocab_size, special_tokens)
     counts = Counter()
     for chunk_counts in _map_chunks(count_pretokens, (special_tokens,), path, special_tokens,
                                     num_workers, "pre-tokenize", progress):
         counts.update(chunk_counts)
-    words, vocab = [list(p.encode("utf-8")) for p in counts], {i: bytes([i]) for i in range(256)}
-    merges = bpe_merges(words, list(counts.values()), vocab, num_merges, progress)
-    specials = {len(vocab) + k: s.encode("utf-8") for k, s in enumerate(special_tokens)}
-    return vocab | specials, merges
-
-
-def bpe_merges(words: list[list[int]], freqs: list[int], vocab: Vocab,
-               num_merges: int, progress: bool = True) -> Merges:
-    """Up to num_merges merges learned from distinct words (as ids) and their frequencies, added to
-    vocab. Only words holding the merged pair are recounted (pair_words may list a few that lost
-    it). A heap finds the top pair: a stale entry is refiled at the top, an increase pushes anew."""
-    pair_counts: dict[tuple[int, int], int] = defaultdict(int)
-    pair_words: dict[tuple[int, int], set[int]] = defaultdict(set)
+    words, freqs = [list(p.encode("utf-8")) for p in counts], list(counts.values())
+    vocab, merges = {i: bytes([i]) for i in range(256)}, []
+    pair_counts, pair_words = defaultdict(int), defaultdict(set)  # pair -> count; -> words with it
     for w, (word, freq) in enumerate(zip(words, freqs)):
         for pair in zip(word, word[1:]):
             pair_counts[pair] += freq
@@ -193,7 +177,6 @@ def bpe_merges(words: list[list[int]], freqs: list[int], vocab: Vocab,
     reverse = [tuple(-b for b in vocab[i]) + (1,) for i in range(len(vocab))]
     heap = [(-count, reverse[a], reverse[b], a, b) for (a, b), count in pair_counts.items()]
     heapq.heapify(heap)
-    merges = []
     for _ in tqdm(range(num_merges), desc="merges", disable=not progress):
         while heap:
             neg_count, _, _, a, b = heap[0]
@@ -227,26 +210,22 @@ def bpe_merges(words: list[list[int]], freqs: list[int], vocab: Vocab,
                     new_pairs.add(pair)
         for pair in new_pairs:
             heapq.heappush(heap, (-pair_counts[pair], reverse[pair[0]], reverse[pair[1]], *pair))
-    return merges
+    return vocab | {len(vocab) + k: s.encode("utf-8") for k, s in enumerate(special_tokens)}, merges
 
 
 # 3. The tokenizer: encode, encode_iterable, decode ------------------------------------------------
 class _PretokenCache(dict):
     """pre-token -> ids, a missing one encoded once by self.bpe; cleared when full (bounded)."""
-    bpe: Callable[[str], list[int]]
-
     def __missing__(self, pretoken: str) -> list[int]:
         if len(self) >= CACHE_ENTRIES:
             self.clear()
-        ids = self[pretoken] = self.bpe(pretoken)
-        return ids
+        return self.setdefault(pretoken, self.bpe(pretoken))
 
 
 class Tokenizer:
     """Byte-level BPE: a vocabulary (id -> bytes), its merges, special tokens kept whole (the
     first in the text wins, then the longest; any missing from vocab get the next ids)."""
-    def __init__(self, vocab: Vocab, merges: Iterable[tuple[bytes, bytes]],
-                 special_tokens: Iterable[str] | None = None):
+    def __init__(self, vocab: Vocab, merges: Merges, special_tokens: Iterable[str] | None = None):
         self.vocab = {int(i): bytes(token) for i, token in vocab.items()}
         self.merges = [(bytes(a), bytes(b)) for a, b in merges]
         self.special_tokens = _check_specials(special_tokens)
@@ -261,8 +240,7 @@ class Tokenizer:
         if any(bytes([b]) not in self._ids for b in range(256)):
             raise ValueError("the vocabulary lacks some of the 256 single bytes")
         self._byte_ids = [self._ids[bytes([b])] for b in range(256)]
-        self._ranks: dict[tuple[int, int], int] = {}  # pair of ids -> rank (merge order)
-        self._merged_id: list[int] = []  # rank -> id of the merged token
+        self._ranks, self._merged_id = {}, []  # pair of ids -> rank (merge order); rank -> id
         for rank, (a, b) in enumerate(self.merges):
             if not {a, b, a + b} <= self._ids.keys():
                 raise ValueError(f"merge {rank} ({a!r}, {b!r}) uses a token not in the vocabulary")
@@ -298,8 +276,8 @@ class Tokenizer:
 
     def _bpe(self, pretoken: str) -> list[int]:
         """_bpe_reference, twice as fast on words: re-ranks only the merged pair's neighbours
-        (quadratic in the length: long pre-tokens go to the reference). Same ids while no merge
-        creates a pair ranked before it: true of trained merges and of GPT-2's."""
+        (quadratic: long pre-tokens take the reference). Same ids while no merge creates a pair
+        ranked before it: true of trained merges and of GPT-2's."""
         if len(pretoken) > LONG_PRETOKEN:
             return self._bpe_reference(pretoken)
         ids = list(map(self._byte_ids.__getitem__, pretoken.encode("utf-8")))
@@ -345,14 +323,12 @@ class Tokenizer:
                 cut = _find_cut(text, self.special_tokens, last=True)
                 yield from self.encode(text[:cut])
                 pending, size = [text[cut:]], len(text) - cut
-                # a text with no cut (one enormous pre-token) doubles the buffer, not O(n^2)
-                limit = max(buffer_chars, 2 * size)
+                limit = max(buffer_chars, 2 * size)  # no cut in text: double it, no O(n^2)
         yield from self.encode("".join(pending))
 
     def decode(self, ids: Iterable[int]) -> str:
         """Ids back to text; bytes that are not valid UTF-8 and unknown ids become U+FFFD."""
-        if hasattr(ids, "tolist"):  # numpy arrays, torch tensors
-            ids = ids.tolist()
+        ids = ids.tolist() if hasattr(ids, "tolist") else ids  # numpy arrays, torch tensors
         if isinstance(ids, (str, bytes)):
             raise TypeError(f"decode takes token ids, got {type(ids).__name__}")
         data = b"".join(self.vocab.get(operator.index(i), b"\xef\xbf\xbd") for i in ids)  # U+FFFD
@@ -362,7 +338,7 @@ class Tokenizer:
     def from_files(cls, vocab_path: str | os.PathLike, merges_path: str | os.PathLike,
                    special_tokens: Iterable[str] | None = None) -> "Tokenizer":
         """Load a vocab.json and merges.txt in GPT-2's format or ours (told apart by vocab.json)."""
-        special_tokens, raw = _check_specials(special_tokens), _read_json(vocab_path)
+        special_tokens, raw = _check_specials(special_tokens), _read_file(vocab_path)
         if not isinstance(raw, dict) or not raw:
             raise ValueError(f"{vocab_path}: expected a non-empty JSON object")
         if all(type(v) is int for v in raw.values()):  # GPT-2's: token -> id
@@ -376,32 +352,28 @@ class Tokenizer:
         else:
             raise ValueError(f"{vocab_path}: expected token -> id (GPT-2's vocab.json) or id -> "
                              "token (ours)")
-        try:
-            lines = Path(merges_path).read_text(encoding="utf-8").split("\n")
-        except UnicodeDecodeError as e:
-            raise ValueError(f"{merges_path}: not valid UTF-8 ({e})") from None
         merges = []
-        for number, line in enumerate(lines, 1):
+        for number, line in enumerate(_read_file(merges_path, parse=None).split("\n"), 1):
             if not line or (number == 1 and line.startswith("#version")):
                 continue
-            parts, where = line.split(" "), f"{merges_path}, line {number}"
+            parts, at = line.split(" "), f"{merges_path}, line {number}"
             if len(parts) != 2 or not all(parts):
-                raise ValueError(f"{where}: expected two tokens separated by one space, got "
-                                 f"{line!r}")
-            merges.append(tuple(_from_text(part, where) for part in parts))
+                raise ValueError(f"{at}: expected two tokens separated by one space, got {line!r}")
+            merges.append(tuple(_from_text(part, at) for part in parts))
         return cls(vocab, merges, special_tokens)
 
     def save(self, vocab_path: str | os.PathLike, merges_path: str | os.PathLike,
              gpt2_format: bool = False) -> None:
         """Write vocab.json and merges.txt atomically. Ours maps id -> token; GPT-2's maps
         token -> id, which cannot hold two ids with the same bytes (training can make such)."""
-        items = sorted(self.vocab.items())
-        vocab_json = ({_to_text(token): i for i, token in items} if gpt2_format
-                      else {str(i): _to_text(token) for i, token in items})
+        items = sorted(self.vocab.items())  # text: each token as GPT-2's files write it (section 4)
+        text = {token: token.decode("latin-1").translate(_BYTE_TO_CHAR) for _, token in items}
+        vocab_json = ({text[token]: i for i, token in items} if gpt2_format
+                      else {str(i): text[token] for i, token in items})
         if len(vocab_json) != len(self.vocab):
             raise ValueError("two ids have the same bytes; GPT-2's vocab.json cannot hold that, "
                              "save with gpt2_format=False")
-        merges_txt = "".join(f"{_to_text(a)} {_to_text(b)}\n" for a, b in self.merges)
+        merges_txt = "".join(f"{text[a]} {text[b]}\n" for a, b in self.merges)
         # both files are renamed only after both are written: Ctrl-C leaves the old pair
         with atomic_output(vocab_path) as vocab_tmp, atomic_output(merges_path) as merges_tmp:
             vocab_tmp.write_text(json.dumps(vocab_json, ensure_ascii=False, indent=0), "utf-8")
@@ -410,11 +382,10 @@ class Tokenizer:
     @classmethod
     def from_dir(cls, path: str | os.PathLike) -> "Tokenizer":
         """Load what save_dir (and `python tokenizer.py train --out=DIR`) wrote."""
-        path = Path(path)
-        if not path.is_dir():
+        if not (path := Path(path)).is_dir():
             raise FileNotFoundError(f"tokenizer directory not found: {path}")
         specials = path / "special_tokens.json"
-        special_tokens = _read_json(specials) if specials.exists() else []
+        special_tokens = _read_file(specials) if specials.exists() else []
         if not isinstance(special_tokens, list):
             raise ValueError(f"{specials}: expected a JSON list of strings")
         return cls.from_files(path / "vocab.json", path / "merges.txt", special_tokens)
@@ -428,18 +399,12 @@ class Tokenizer:
 
 
 # 4. Files: GPT-2's format, and ours ---------------------------------------------------------------
-# GPT-2 writes each token as text, one printable character per byte: printable Latin-1 bytes
-# stand for themselves, the others (controls, space) are shifted to characters from U+0100 on,
-# which is why a space shows up as "Ġ" in GPT-2's files.
-_PRINTABLE = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
-              *range(ord("®"), ord("ÿ") + 1)]
+# GPT-2 writes each token as text, one printable character per byte: printable Latin-1 bytes stand
+# for themselves, the others (controls, space) shift to U+0100 on: a space shows up as "Ġ".
+_PRINTABLE = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]  # ! to ~, ¡ to ¬, ® to ÿ
 _SHIFTED = [b for b in range(256) if b not in _PRINTABLE]
 _BYTE_TO_CHAR = {b: chr(b) for b in _PRINTABLE} | {b: chr(256 + i) for i, b in enumerate(_SHIFTED)}
 _CHAR_TO_BYTE = {c: b for b, c in _BYTE_TO_CHAR.items()}
-
-
-def _to_text(token: bytes) -> str:
-    return "".join(_BYTE_TO_CHAR[b] for b in token)
 
 
 def _from_text(text: str, where: str) -> bytes:
@@ -450,11 +415,12 @@ def _from_text(text: str, where: str) -> bytes:
                          "byte-to-unicode table") from None
 
 
-def _read_json(path: str | os.PathLike, error: type[Exception] = ValueError):
+def _read_file(path: str | Path, error: type = ValueError, parse: Callable | None = json.loads):
     try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
+        text = Path(path).read_text(encoding="utf-8")
+        return parse(text) if parse else text
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise error(f"{path}: not valid JSON ({e})") from None
+        raise error(f"{path}: not valid {'JSON' if parse else 'UTF-8'} ({e})") from None
 
 
 def gpt2_tokenizer(data_dir: Path = DATA_DIR) -> Tokenizer:
@@ -497,26 +463,22 @@ def encode_file(tokenizer: Tokenizer, input_path: str | os.PathLike, out_path: s
                 num_workers: int | None = None, progress: bool = True) -> int:
     """Encode a UTF-8 file to a token_dtype array at out_path (chunks in processes, written in
     order); returns the token count. out_path and its sidecar .json appear only when whole."""
-    out_path = Path(out_path)
-    path, dtype = _check_input(input_path, out_path.parent), token_dtype(tokenizer.vocab_size)
+    path, dtype = _check_input(input_path, Path(out_path).parent), token_dtype(tokenizer.vocab_size)
     with atomic_output(out_path) as tmp, open(tmp, "wb") as out:
         for ids in _map_chunks(_encode_text, (tokenizer, dtype), path, tokenizer.special_tokens,
                                num_workers, f"encode {path.name}", progress):
             ids.tofile(out)
         num_tokens = out.tell() // dtype.itemsize
-    meta = {"dtype": dtype.name, "vocab_size": tokenizer.vocab_size, "num_tokens": num_tokens,
-            "tokenizer": tokenizer.fingerprint()}
-    write_atomic(f"{out_path}.json", json.dumps(meta))
+    meta = {"dtype": dtype.name, "vocab_size": tokenizer.vocab_size, "num_tokens": num_tokens}
+    write_atomic(f"{out_path}.json", json.dumps(meta | {"tokenizer": tokenizer.fingerprint()}))
     return num_tokens
 
 
 # Processes handle a file in chunks, encode_iterable a stream in pieces: a cut before text[c]
-# must change nothing, and does not when
-#   (1) text[c-1] is not whitespace and text[c] is: no GPT-2 pre-token contains that pair, and
-#       every pattern that looked at text[c] (the end of a letter, digit or punctuation run, the
-#       letter after an apostrophe, the `(?!\S)` look-ahead) decides the same at the end of text;
-#   (2) no special token occurs within its length of c, so no special token spans the cut.
-# The course cuts only at "<|endoftext|>"; this rule also cuts files that have no special tokens.
+# changes nothing when (1) text[c-1] is not whitespace and text[c] is: no GPT-2 pre-token holds
+# that pair, and each pattern that looked at text[c] (end of a letter, digit or punctuation run,
+# letter after an apostrophe, `(?!\S)`) decides the same at the end of text; (2) no special token
+# is within its length of c. The course cuts only at "<|endoftext|>"; this rule works without.
 def _find_cut(text: str, special_tokens: Sequence[str], last: bool = False) -> int:
     """The first (or last) safe cut in text, away from its ends by a special token's length."""
     longest, special_re = max(map(len, special_tokens), default=0), _special_re(special_tokens)
@@ -528,10 +490,9 @@ def _find_cut(text: str, special_tokens: Sequence[str], last: bool = False) -> i
     return 0
 
 
-def _chunk_bounds(path: Path, num_chunks: int, special_tokens: Sequence[str],
-                  window: int = 1 << 16) -> list[int]:
+def _chunk_bounds(path: Path, num_chunks: int, special_tokens: Sequence[str]) -> list[int]:
     """Byte offsets [0, ..., size] cutting the file into about num_chunks safe chunks."""
-    size, bounds = path.stat().st_size, [0]
+    size, bounds, window = path.stat().st_size, [0], 1 << 16
     with open(path, "rb") as f:
         for i in range(1, num_chunks):
             pos = max(size * i // num_chunks, bounds[-1] + 1)
@@ -559,8 +520,7 @@ def _chunk_job(job: tuple[Callable, str, int, int], args: tuple | None = None):
 
 def _map_chunks(fn: Callable, args: tuple, path: Path, special_tokens: Sequence[str],
                 num_workers: int | None, desc: str, progress: bool) -> Iterator:
-    """fn(text, *args) on each chunk, in order, in num_workers processes (default: one per
-    CHUNK_BYTES of file, up to the core count)."""
+    """fn(text, *args) on each chunk, in order, in num_workers processes (default: as needed)."""
     size = path.stat().st_size
     num_workers = num_workers or max(1, min(os.cpu_count() or 1, math.ceil(size / CHUNK_BYTES)))
     num_chunks = num_workers * math.ceil(size / (num_workers * CHUNK_BYTES))  # chunks <= ~4 MB
@@ -580,10 +540,8 @@ def _map_chunks(fn: Callable, args: tuple, path: Path, special_tokens: Sequence[
 
 
 def _check_input(path: str | os.PathLike, out_dir: Path | None = None) -> Path:
-    """Checks before any work: the user's input file exists, is not empty, is UTF-8; out_dir, if
-    given, is created and takes a probe file, so a bad --out fails before the work too."""
-    path = Path(path)
-    if not path.is_file():
+    """Before any work: the input exists, is not empty, is UTF-8; out_dir takes a probe file."""
+    if not (path := Path(path)).is_file():
         raise FileNotFoundError(f"input file not found: {path}")
     if (size := path.stat().st_size) == 0:
         raise ValueError(f"input file is empty: {path}")
@@ -639,19 +597,17 @@ def tour(data_dir: Path = DATA_DIR) -> None:
     """The lecture in examples: `python tokenizer.py` with no arguments prints this."""
     text = "Hello 👋 世界!"  # ASCII, an emoji (4 UTF-8 bytes) and CJK (3 bytes a character)
     toy, num_merges = "the cat in the hat. the cat sat on the mat.", 10
-    shakespeare = data_dir / "tinyshakespeare.txt"
     print(f"1. One string, four tokenizers: {text!r}, {len(text.encode())} UTF-8 bytes")
-    gpt2, words = gpt2_tokenizer(data_dir), WordTokenizer(shakespeare.read_text("utf-8"))
+    gpt2 = gpt2_tokenizer(data_dir)
+    words = WordTokenizer((data_dir / "tinyshakespeare.txt").read_text("utf-8"))
     for name, tokenizer in [("characters", CharTokenizer()), ("bytes", ByteTokenizer()),
                             ("words of tinyshakespeare", words), ("BPE GPT-2", gpt2)]:
-        ids = tokenizer.encode(text)
         print(f"  {name:<24} vocab {tokenizer.vocab_size:>9,}  "
-              f"{compression_ratio(text, tokenizer):.2f} bytes/token  ids {ids}")
+              f"{compression_ratio(text, tokenizer):.2f} bytes/token  ids {tokenizer.encode(text)}")
     print(f"  words decode back to {words.decode(words.encode(text))!r}: unseen words are lost")
     pieces = [gpt2.vocab[i] for i in gpt2.encode(text)]
     print(f"  GPT-2's tokens are bytes, not characters: {pieces}")
     assert gpt2.decode(gpt2.encode(text)) == text  # BPE falls back to bytes: nothing is lost
-
     print(f"\n2. BPE learns merges from counts, here on {toy!r}")
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "toy.txt"
@@ -667,9 +623,8 @@ def tour(data_dir: Path = DATA_DIR) -> None:
     print(f"  with:    {' '.join(_show(a + b) for a, b in merges)}")
     print(f"  because BPE then merges only inside the pre-tokens {PRETOKEN_RE.findall(toy)}")
     assert not any(b" " in (a + b)[1:] for a, b in merges)  # a space can only start a token
-
     print("\n4. Compression on a real file (BPE trained here with vocab 1000):")
-    compare(shakespeare, 1000, data_dir)
+    compare(data_dir / "tinyshakespeare.txt", 1000, data_dir)
 
 
 def compare(path: str | os.PathLike, vocab_size: int = 1000, data_dir: Path = DATA_DIR) -> None:
@@ -698,18 +653,16 @@ def _hf_train(path: Path, vocab_size: int, special_tokens: list[str]) -> None:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
 
 
-def bench(data_dir: Path = DATA_DIR, repeat: int = 3, file_copies: int = 8) -> None:
+def bench(data_dir: str | Path = DATA_DIR, repeat: int = 3, file_copies: int = 8) -> None:
     """Training and encoding speed, each next to its baseline measured in the same run. The runs
     take turns, the fastest of `repeat` kept, so load from other work falls on all of them alike."""
-    shakespeare, eos = data_dir / "tinyshakespeare.txt", ["<|endoftext|>"]
+    shakespeare, eos = (data_dir := Path(data_dir)) / "tinyshakespeare.txt", ["<|endoftext|>"]
     text, tokenizer = shakespeare.read_text(encoding="utf-8"), gpt2_tokenizer(data_dir)
     megabytes, tmp = len(text.encode("utf-8")) / 1e6, tempfile.TemporaryDirectory()
-    big, size = Path(tmp.name) / "big.txt", megabytes * file_copies
-    big.write_text(text * file_copies, encoding="utf-8")
+    (big := Path(tmp.name) / "big.txt").write_text(text * file_copies, encoding="utf-8")
     runs = {"ours": lambda: train_bpe(shakespeare, 10_000, eos, progress=False),
             "corpus.en": lambda: train_bpe(data_dir / "corpus.en", 500, eos, progress=False),
-            # cold: every pre-token is new to the tokenizer, the harder case
-            "cold": lambda: tokenizer._cache.clear() or tokenizer.encode(text),
+            "cold": lambda: tokenizer._cache.clear() or tokenizer.encode(text),  # nothing cached
             "warm": lambda: tokenizer.encode(text)}
     runs |= {n: lambda n=n: encode_file(tokenizer, big, f"{big}.{n}", n, progress=False)
              for n in (1, 2)}  # processes
@@ -733,7 +686,7 @@ def bench(data_dir: Path = DATA_DIR, repeat: int = 3, file_copies: int = 8) -> N
         f"HF tokenizers {t['HF']:.2f} s | ours/HF {t['ours'] / t['HF']:.1f}x (target <= 4x)"
         if "HF" in t else "HF tokenizers not installed (pip install tokenizers)"))
     print(f"train corpus.en vocab 500: ours {t['corpus.en']:.3f} s (target < 0.5 s)")
-    speed = {name: megabytes / seconds for name, seconds in t.items()}
+    speed, size = {name: megabytes / s for name, s in t.items()}, megabytes * file_copies
     print(f"encode tinyshakespeare, GPT-2 vocab: ours {speed['cold']:.2f} MB/s from a cold "
           f"cache, {speed['warm']:.2f} MB/s warm | " + (
               f"tiktoken (1 thread) {speed['tiktoken']:.2f} MB/s | ours cold/tiktoken "
@@ -776,11 +729,10 @@ def typed(key: str, value, default):
 
 def read_config_file(path: str | os.PathLike) -> dict:
     """A JSON object, or `key = value` lines holding Python literals (# comments allowed)."""
-    p = Path(path)
-    if not p.is_file():
+    if not (p := Path(path)).is_file():
         raise UsageError(f"config file {path} does not exist")
     if p.suffix == ".json":
-        if not isinstance(values := _read_json(path, UsageError), dict):
+        if not isinstance(values := _read_file(path, UsageError), dict):
             raise UsageError(f"{path}: expected a JSON object of settings")
         return values
     values = {}
@@ -857,15 +809,12 @@ def run_cli(main: Callable[[list[str]], object], argv: Sequence[str] | None = No
         sys.exit(2 if isinstance(e, UsageError) else 1)
 
 
-# Each command's settings and their defaults; "" marks a setting the command needs.
-COMMANDS = {
-    "tour": {},
-    "train": {"input": "", "vocab_size": 10_000, "special_tokens": [],  # e.g. '<|endoftext|>'
-              "out": "", "workers": 0, "gpt2_format": False},  # workers=0: one per core
-    "encode": {"tokenizer": "", "input": "", "out": "", "workers": 0},
-    "compare": {"input": str(DATA_DIR / "tinyshakespeare.txt"), "vocab_size": 1000},
-    "bench": {"data_dir": str(DATA_DIR), "repeat": 3},
-}
+# Each command's settings and their defaults; "" marks a setting it needs; workers=0: one per core.
+COMMANDS = {"tour": {}, "train": {"input": "", "vocab_size": 10_000, "special_tokens": [],
+                                  "out": "", "workers": 0, "gpt2_format": False},
+            "encode": {"tokenizer": "", "input": "", "out": "", "workers": 0},
+            "compare": {"input": str(DATA_DIR / "tinyshakespeare.txt"), "vocab_size": 1000},
+            "bench": {"data_dir": str(DATA_DIR), "repeat": 3}}
 
 
 def main(argv: list[str]) -> None:
@@ -879,28 +828,22 @@ def main(argv: list[str]) -> None:
         cfg["input"] = files[0]  # `compare FILE` reads naturally
     if missing := [key for key, value in cfg.items() if value == ""]:
         raise UsageError(f"{command} needs --{missing[0]}=...; see python tokenizer.py --help")
-    if command == "tour":
-        tour()
-    elif command == "train":
-        # --special_tokens= means none; every check comes before the work
-        specials, out = [s for s in cfg["special_tokens"] if s], Path(cfg["out"])
-        _check_training(cfg["input"], cfg["vocab_size"], specials, out)
+    if command in ("tour", "compare", "bench"):  # their settings are their arguments, in order
+        return {"tour": tour, "compare": compare, "bench": bench}[command](*cfg.values())
+    if command == "train":
+        specials, out = [s for s in cfg["special_tokens"] if s], Path(cfg["out"])  # "" means none
+        _check_training(cfg["input"], cfg["vocab_size"], specials, out)  # checks before the work
         start = time.perf_counter()
         vocab, merges = train_bpe(cfg["input"], cfg["vocab_size"], specials, cfg["workers"] or None)
         Tokenizer(vocab, merges, specials).save_dir(out, cfg["gpt2_format"])
         print(f"trained vocab {len(vocab):,} ({len(merges):,} merges) in "
               f"{time.perf_counter() - start:.2f} s -> {out}")
     elif command == "encode":
-        tokenizer = Tokenizer.from_dir(cfg["tokenizer"])
-        start = time.perf_counter()
+        tokenizer, start = Tokenizer.from_dir(cfg["tokenizer"]), time.perf_counter()
         num_tokens = encode_file(tokenizer, cfg["input"], cfg["out"], cfg["workers"] or None)
         seconds, size = time.perf_counter() - start, Path(cfg["input"]).stat().st_size
         print(f"{num_tokens:,} tokens ({size / max(1, num_tokens):.2f} bytes/token) -> "
               f"{cfg['out']} in {seconds:.2f} s ({size / 1e6 / seconds:.2f} MB/s)")
-    elif command == "compare":
-        compare(cfg["input"], cfg["vocab_size"])
-    else:
-        bench(Path(cfg["data_dir"]), cfg["repeat"])
 
 
 if __name__ == "__main__":
