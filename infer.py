@@ -1,13 +1,11 @@
 """Stage 6: inference, from a checkpoint to text as fast as memory bandwidth allows (lecture 10).
 
-Training reads each weight once per batch of thousands of tokens; decoding reads every weight and
-the whole KV cache to make one token per sequence, so decode is memory-bound and the lecture's
-arithmetic (bytes moved / bandwidth) predicts its speed. In teaching order: 1. sampling
-(temperature, top-k, top-p); 2. a static KV cache: prefill, then one token per step, each row at
-its own position, the step compiled once and replayed as a CUDA graph; 3. generate_batch: many
-prompts, n samples each, stop strings, log-probs; 4. continuous batching over a paged KV
-cache; 5. speculative decoding; 6. int8 and int4 weights; 7. checkpoints, ours and GPT-2's;
-8. the roofline (`python infer.py roofline`) and the benchmark (`python infer.py bench`).
+Decoding reads every weight and the whole KV cache to make one token per sequence, so it is
+memory-bound and the lecture's arithmetic (bytes moved / bandwidth) predicts its speed. In teaching
+order: 1. sampling; 2. a static KV cache: prefill, then one token a step, each row at its own
+position, the step compiled once and replayed as a CUDA graph; 3. generate_batch: many prompts, n
+samples each, stop strings, log-probs; 4. continuous batching over a paged KV cache; 5. speculative
+decoding; 6. int8 and int4 weights; 7. checkpoints, ours and GPT-2's; 8. roofline and benchmark.
 
 Commands (CPU or one GPU, chosen automatically; settings are --key=value):
     python infer.py --prompt="Once upon a time" --max_new_tokens=256 --temperature=0.8 \\
@@ -38,7 +36,7 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -97,9 +95,8 @@ def check_sampling(temperature: float, top_k: int | None, top_p: float) -> None:
 
 
 # 2. A static KV cache: each row keeps the token at position p in slot p ---------------------------
-# Rows sit at their own positions, so prompts of different lengths decode together without padding.
-# The mask comes from the position each slot holds (-1: empty): a query at position p sees slots
-# holding positions <= p (and > p - W with a sliding window). A sliding window needs only
+# Rows sit at their own positions, so prompts of different lengths decode together without padding;
+# the mask comes from the position each slot holds (-1: empty). A sliding window W needs only
 # W + chunk - 1 slots, used as a ring (slot = position mod slots), since a forward writes at most
 # `chunk` tokens before attending. Token-carrying buffers are (B, slots, ...).
 PREFILL_CHUNK = 512  # the most tokens one forward writes into a sliding-window ring
@@ -138,9 +135,8 @@ def causal_mask(key_positions: Tensor, positions: Tensor, window: int | None) ->
 
 
 class StaticCache:
-    """Buffers for batch_size rows of up to max_len tokens, in the autocast dtype under autocast,
-    else the weights'. A forward calls begin(positions) once (where the new tokens go, and the
-    mask), then each layer writes and reads; `rows` restricts a forward to some rows."""
+    """batch_size rows of up to max_len tokens, in the autocast (else the weights') dtype. A forward
+    calls begin(positions, rows) once (slots and mask), then each layer writes and reads."""
     def __init__(self, model: TransformerLM, batch_size: int, max_len: int,
                  prefill_chunk: int = PREFILL_CHUNK) -> None:
         device, self.window = model_device(model), model.config.sliding_window
@@ -205,19 +201,6 @@ def fuse_qkv(model: TransformerLM) -> list[tuple | None]:
     return fused
 
 
-def project_fused(attn: MultiHeadSelfAttention, x: Tensor, rope: tuple | None,
-                  fused: tuple[Tensor, Tensor | None]) -> tuple[Tensor, Tensor, Tensor]:
-    """attn.project(x, rope) with fuse_qkv's matrix."""
-    qkv = x @ fused[0].T if fused[1] is None else x @ fused[0].T + fused[1]
-    kv_width = attn.num_kv_heads * attn.head_dim
-    q, k, v = qkv.split([qkv.shape[-1] - 2 * kv_width, kv_width, kv_width], dim=-1)
-    q, k, v = (_split_heads(t, h) for t, h in ((q, attn.num_heads), (k, attn.num_kv_heads),
-                                               (v, attn.num_kv_heads)))
-    if attn.use_rope and rope is not None:
-        q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
-    return q, k, v
-
-
 def mixer_step(attn: nn.Module, x: Tensor, rope: tuple | None, buffers: dict,
                cache: StaticCache, mask: Tensor, fused: tuple | None = None) -> Tensor:
     """One layer's sequence mixer on new tokens x (B, T, D), reading and extending the cache."""
@@ -238,8 +221,16 @@ def mixer_step(attn: nn.Module, x: Tensor, rope: tuple | None, buffers: dict,
         k = torch.cat((k, k_rope[:, None].expand(*k.shape[:-1], -1).to(x.dtype)), -1)
         v = _split_heads(attn.v_up_proj(latent), attn.num_heads)
     else:  # softmax attention, MHA / GQA / MQA, with or without a sliding window
-        q, k, v = (attn.project(x, rope) if fused is None  # (B, H, T, d), (B, H_kv, T, d)
-                   else project_fused(attn, x, rope, fused))
+        if fused is None:
+            q, k, v = attn.project(x, rope)  # (B, H, T, d), (B, H_kv, T, d)
+        else:  # attn.project with fuse_qkv's one matrix
+            qkv = x @ fused[0].T if fused[1] is None else x @ fused[0].T + fused[1]
+            kv_width = attn.num_kv_heads * attn.head_dim
+            q, k, v = qkv.split([qkv.shape[-1] - 2 * kv_width, kv_width, kv_width], dim=-1)
+            heads = (attn.num_heads, attn.num_kv_heads, attn.num_kv_heads)
+            q, k, v = (_split_heads(t, h) for t, h in zip((q, k, v), heads))
+            if attn.use_rope and rope is not None:
+                q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         cache.write(buffers["k"], k.transpose(1, 2))
         cache.write(buffers["v"], v.transpose(1, 2))
         k, v = cache.read(buffers["k"]).transpose(1, 2), cache.read(buffers["v"]).transpose(1, 2)
@@ -302,10 +293,9 @@ def decode_step(model: TransformerLM, cache: StaticCache, token_ids: Tensor, pos
 
 @functools.cache
 def compiled_decode_step() -> Callable:
-    """One compiled function, a graph per batch size and cache length (static shapes: a dynamic
-    batch compiles slower code, and on the H200 its compile failed). Coordinate-descent tuning
-    makes Inductor write each batch-1 matrix-vector product as a tuned reduction that folds in
-    biases, activations and int8/int4 unpacking."""
+    """One compiled function, a graph per batch size and cache length (a dynamic batch compiles
+    slower code, and failed on the H200). Coordinate-descent tuning makes each batch-1 matrix-vector
+    product a tuned reduction folding in biases, activations and int8/int4 unpacking."""
     return torch.compile(decode_step, dynamic=False, options={"coordinate_descent_tuning": True})
 
 
@@ -478,8 +468,7 @@ def choose_tokens(logits: Tensor, rows: list[Generation], sampling: Sampling,
 def decode_loop(rows: list[Generation], logits: Tensor, advance: Callable[[Tensor], Tensor],
                 tokenizer, sampling: Sampling, generator: torch.Generator | None,
                 on_token: Callable[[int, Generation], None] | None = None) -> None:
-    """Sample a token per row and feed them back (advance: tokens (B,) -> logits (B, V)) until
-    every row has stopped."""
+    """Sample a token per row and feed them back (advance: (B,) -> logits (B, V)) until all stop."""
     while True:
         tokens, logprobs = choose_tokens(logits, rows, sampling, generator)
         for i, (row, token, logprob) in enumerate(zip(rows, tokens.tolist(), logprobs)):
@@ -495,8 +484,8 @@ def decode_loop(rows: list[Generation], logits: Tensor, advance: Callable[[Tenso
 def generate_cached(model: TransformerLM, prompts: list[list[int]], rows: list[Generation],
                     n: int, tokenizer, sampling: Sampling, generator: torch.Generator | None,
                     compile: bool = False, on_token: Callable | None = None) -> None:
-    """Our model: prompts of one length are prefilled as a batch into their first sample's rows,
-    copied to the other samples' rows; then every row decodes at its own position."""
+    """Our model: prompts of one length prefill together into their first samples' rows, copied
+    to the other samples'; then every row decodes at its own position."""
     device = model_device(model)
     lengths = torch.tensor([len(p) for p in prompts for _ in range(n)], device=device)
     max_len = min(model.config.context_length, int(lengths.max()) + sampling.max_new_tokens)
@@ -531,8 +520,8 @@ def model_logits(model: nn.Module, input_ids: Tensor) -> Tensor:
 def generate_recompute(model, prompts: list[list[int]], rows: list[Generation], n: int,
                        tokenizer, sampling: Sampling, generator: torch.Generator | None,
                        on_token: Callable | None = None) -> None:
-    """Any causal LM returning logits (or .logits), and Hyena: each step re-runs the forward on
-    the whole sequence. Prompts of one length form a batch: equally long forever, no padding."""
+    """Any causal LM (and Hyena): each step re-runs the whole forward. Prompts of one length form
+    a batch: equally long forever, no padding."""
     for length in sorted(set(map(len, prompts))):
         group = [i * n + j for i, p in enumerate(prompts) if len(p) == length for j in range(n)]
         ids = torch.tensor([prompts[r // n] for r in group], device=model_device(model))
@@ -587,10 +576,9 @@ def generate_batch(model, tokenizer, prompts: Sequence[str] | Sequence[Sequence[
 
 
 # 4. Continuous batching over a paged KV cache -----------------------------------------------------
-# A static batch waits for its longest sequence and reserves max_len slots per row. A paged cache
-# (vLLM) keeps keys and values in a pool of fixed-size blocks: a sequence holds the blocks it has
-# filled, listed in its block table, and attention gathers them. The scheduler (Orca's continuous
-# batching) runs one decode step for the running sequences, admits waiting requests as soon as
+# A static batch waits for its longest sequence and reserves max_len slots a row. A paged cache
+# (vLLM) pools fixed-size blocks of keys and values: a sequence's block table lists the blocks it
+# filled, and attention gathers them. Continuous batching (Orca) admits waiting requests as soon as
 # rows and blocks free up, and retires each sequence at the step it finishes.
 class PagedCache:
     """Buffers (num_blocks, block_size, ...) per layer for up to max_seqs sequences. Sequence r's
@@ -640,8 +628,7 @@ class PagedCache:
         self.owned[seq] = []
 
     def begin(self, positions: Tensor, rows: Tensor, kv_len: int) -> Tensor:
-        """As StaticCache.begin for sequences `rows`: attention reads their first
-        ceil(kv_len / P) blocks, gathered through the block tables."""
+        """As StaticCache.begin for sequences rows, reading their first ceil(kv_len / P) blocks."""
         table = self.tables[rows]
         self.write_at = (table.gather(1, positions // self.block_size),
                          positions % self.block_size)
@@ -712,9 +699,8 @@ def serve(model: TransformerLM, tokenizer, requests: list[Request], sampling: Sa
         positions = [start + len(seq.ids) - 1 for seq, start in running.values()]  # last token
         for row, position in zip(rows, positions):
             reserved[row] -= cache.prepare_write(row, position)
-        logits = forward_cached(model, cache, torch.tensor([[s.ids[-1]] for s in sequences],
-                                                           device=device),
-                                torch.tensor(positions, device=device)[:, None],
+        last = torch.tensor([[s.ids[-1]] for s in sequences], device=device)
+        logits = forward_cached(model, cache, last, torch.tensor(positions, device=device)[:, None],
                                 torch.tensor(rows, device=device), max(positions) + 1)[:, 0]
         tokens, logprobs = choose_tokens(logits, sequences, sampling, generator)
         for sequence, token, logprob in zip(sequences, tokens.tolist(), logprobs):
@@ -724,10 +710,9 @@ def serve(model: TransformerLM, tokenizer, requests: list[Request], sampling: Sa
 
 # 5. Speculative decoding: a small draft proposes, the target checks k tokens in one forward -------
 # Decode is memory-bound, so the target scores k + 1 positions for about the price of one. Draft
-# tokens x_i ~ q_i pass with probability min(1, p_i(x) / q_i(x)); at the first rejection the token
-# is drawn from norm(max(0, p_i - q_i)) instead, and if all k pass a bonus token comes from
-# p_{k+1}. Every token then has exactly the target's distribution (Leviathan et al. 2023, Chen et
-# al. 2023), whatever the draft; a good draft only lets more of them pass.
+# tokens x_i ~ q_i pass with probability min(1, p_i(x) / q_i(x)); the first rejected one is redrawn
+# from norm(max(0, p_i - q_i)), and if all k pass a bonus token comes from p_{k+1}. Every token then
+# has exactly the target's distribution, whatever the draft; a good draft only lets more pass.
 def speculative_accept(p: Tensor, q: Tensor, draft: Tensor,
                        generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
     """For B rows: target distributions p (B, k+1, V), the draft's q (B, k, V), draft tokens
@@ -859,8 +844,7 @@ def quantize_model(model: TransformerLM, bits: int, group_size: int = 128) -> Tr
 
 
 def weight_bytes(model: TransformerLM) -> int:
-    """Bytes of weights a decode step reads: all but the lookup tables (a lookup reads B rows),
-    a tied head counted once."""
+    """Weight bytes a decode step reads: all but lookup tables (B rows each), a tied head once."""
     lookups = [model.token_embeddings.weight, getattr(model, "sinusoidal", None),
                getattr(getattr(model, "position_embeddings", None), "weight", None),
                *((model.rope.cos, model.rope.sin) if model.rope is not None else ())]
@@ -900,8 +884,7 @@ def find_tokenizer(state: dict, tokenizer_dir: str = "") -> tuple[Tokenizer, Pat
 
 
 def load_checkpoint_model(path: str, tokenizer_dir: str = "") -> tuple[TransformerLM, Tokenizer]:
-    """A train.py checkpoint as (model on the CPU, tokenizer), or an error naming what does not
-    fit: the file, the model config, the weights, the vocabulary."""
+    """A train.py checkpoint as (model on the CPU, tokenizer), or an error naming what misfits."""
     if not Path(path).exists():
         raise FileNotFoundError(f"no checkpoint at {path}: train one with `python train.py` "
                                 "(it writes out/ckpt.pt), or pass --ckpt=PATH or --hf_dir=DIR")
@@ -927,8 +910,7 @@ GPT2_SHAPES = {"gpt2": (12, 768, 12), "gpt2-medium": (24, 1024, 16),  # layers, 
 def gpt2_config(num_layers: int, d_model: int, num_heads: int, vocab_size: int = 50257,
                 context_length: int = 1024, d_ff: int | None = None,
                 norm_eps: float = 1e-5) -> ModelConfig:
-    """GPT-2 in ModelConfig's terms: pre-LayerNorm, biases, a tanh-GELU MLP of 4 d_model,
-    learned positions, the head tied to the token embeddings."""
+    """GPT-2 as a ModelConfig: pre-LayerNorm, biases, tanh-GELU, learned positions, tied head."""
     return ModelConfig(vocab_size=vocab_size, context_length=context_length, d_model=d_model,
                        num_layers=num_layers, num_heads=num_heads, d_ff=d_ff or 4 * d_model,
                        norm="layernorm", norm_eps=norm_eps, ffn="gelu_tanh", positions="learned",
@@ -957,8 +939,7 @@ def gpt2_state_dict(hf: dict[str, Tensor], num_layers: int) -> dict[str, Tensor]
 
 
 def load_gpt2(folder: str | Path) -> tuple[TransformerLM, Tokenizer]:
-    """A GPT-2 folder as Hugging Face saves it (config.json, vocab.json, merges.txt, and
-    model.safetensors or pytorch_model.bin) as our (TransformerLM, Tokenizer)."""
+    """A GPT-2 folder in Hugging Face's layout as our (TransformerLM, Tokenizer)."""
     folder = Path(folder)
     if missing := [n for n in ("config.json", "vocab.json", "merges.txt")
                    if not (folder / n).exists()]:
@@ -1035,14 +1016,18 @@ def decode_roofline(config: ModelConfig, batch_size: int, seq_len: int, bandwidt
                                    else math.inf)}
 
 
-def print_roofline(config: ModelConfig, gpu: str, batch_sizes: list[int], seq_len: int) -> None:
+def roofline_command(cfg: dict) -> None:
+    """The lecture's Llama-2-13B table, batch by batch, on the chosen GPU."""
+    gpu, seq_len, config = cfg["gpu"], cfg["seq_len"], ModelConfig(**LLAMA2_13B)
+    if gpu not in GPUS:
+        raise UsageError(f"unknown --gpu={gpu}; choose from {', '.join(GPUS)}")
     hw = GPUS[gpu]
-    print(f"{count_params(config)['total'] / 1e9:.2f}B parameters on {gpu} ("
+    print(f"Llama-2-13B: {count_params(config)['total'] / 1e9:.2f}B parameters on {gpu} ("
           f"{hw['bandwidth'] / 1e12:.2f} TB/s, {hw['peak_flops'] / 1e12:.0f} TFLOP/s, "
           f"{hw['memory'] / 1e9:.0f} GB); bf16 weights and cache, {seq_len} tokens a sequence, "
           f"{kv_bytes_per_token(config) / 1e6:.2f} MB of cache a token")
     print(f"{'batch':>6} {'memory GB':>10} {'fits':>5} {'ms/step':>8} {'tokens/s':>10} bound")
-    for batch in batch_sizes:
+    for batch in cfg["batch_sizes"]:
         r = decode_roofline(config, batch, seq_len, hw["bandwidth"], hw["peak_flops"])
         fits = "yes" if r["memory"] <= hw["memory"] else "no"
         print(f"{batch:>6} {r['memory'] / 1e9:>10.1f} {fits:>5} {r['step'] * 1e3:>8.2f} "
@@ -1169,12 +1154,11 @@ def quantization_table(model: TransformerLM, group_size: int, prompt_len: int, n
 
 
 def bench(cfg: dict) -> None:
-    """Decode speed by batch size against the copy bandwidth (--profile: where a step's time
-    goes), transformers (--compare_hf), continuous batching, speculative decoding and
-    quantization (not with --decode_only), on one random model."""
+    """On one random model: decode speed by batch size against the copy bandwidth (--profile:
+    where a step goes), transformers (--compare_hf), and unless --decode_only continuous
+    batching, speculative decoding and quantization."""
     device, start = resolve_device(cfg["device"]), time.perf_counter()
-    cuda = device.type == "cuda"
-    dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float32
+    cuda, dtype = device.type == "cuda", resolve_dtype("auto", device)
     preset = cfg["preset"] or ("gpt2-medium" if cuda else "tiny")
     if preset not in {**GPT2_SHAPES, **PRESETS}:
         raise UsageError(f"unknown --preset={preset}; choose from GPT-2's own "
@@ -1249,8 +1233,7 @@ def bench(cfg: dict) -> None:
                                           max_seqs, continuous=continuous), device, warmup=False)
         print(f"  {'continuous' if continuous else 'static':>10} batching: "
               f"{tokens / seconds:>9,.0f} tokens/s ({seconds:.1f} s)", flush=True)
-    draft = TransformerLM(ModelConfig(**{**asdict(config),
-                                         "num_layers": max(1, config.num_layers // 4)}))
+    draft = TransformerLM(replace(config, num_layers=max(1, config.num_layers // 4)))
     draft.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith(
         "layers.") or int(k.split(".")[1]) < draft.config.num_layers})  # the first layers
     draft, prompt = cast_weights(draft.to(device).eval(), dtype), torch.randint(
@@ -1370,13 +1353,8 @@ def main(argv: list[str]) -> None:
     if "-h" in argv or "--help" in argv:
         return print(__doc__)
     command, cfg, _, _ = parse_command(argv, COMMANDS, "generate")
-    if command == "roofline":
-        if cfg["gpu"] not in GPUS:
-            raise UsageError(f"unknown --gpu={cfg['gpu']}; choose from {', '.join(GPUS)}")
-        print("Llama-2-13B: ", end="")
-        print_roofline(ModelConfig(**LLAMA2_13B), cfg["gpu"], cfg["batch_sizes"], cfg["seq_len"])
-    else:
-        {"bench": bench, "quantize": quantize_command, "generate": generate_command}[command](cfg)
+    {"generate": generate_command, "quantize": quantize_command, "roofline": roofline_command,
+     "bench": bench}[command](cfg)
 
 
 if __name__ == "__main__":

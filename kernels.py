@@ -76,9 +76,8 @@ class BenchConfig(TrainConfig):
     vocab_size: int = 0  # 0 = the preset's own
     context_length: str = ""  # one or more, e.g. 128,256,512,1024; "" = the preset's own
     mode: str = "fwd,fwd_bwd,step"  # forward; forward + backward; the step with the optimizer
-    compile: str = "auto"  # "auto": on CUDA, the course sizes eager (as its table); or False,True
-    # or "graphs": compiled with mode="reduce-overhead", the forward and backward replayed as CUDA
-    # graphs, so no Python runs per kernel (to test whether our custom ops are host-bound)
+    compile: str = "auto"  # "auto": compiled on CUDA but the course sizes (eager, as its table);
+    # False,True; "graphs": mode="reduce-overhead", CUDA graphs (are our custom ops host-bound?)
     dtype: str = "auto"  # "auto": bf16 autocast on CUDA, else float32; or float32,bfloat16
     steps: int = 20  # timed steps per row
     warmup_steps: int = 5  # untimed steps first: compilation, allocator and autotuning settle
@@ -240,7 +239,6 @@ def profile(cfg: ProfileConfig) -> dict:
         raise UsageError("profile takes one preset, context_length, compile and dtype")
     (name, T, compiled, dtype), = grid
     run = prepare(cfg, name, T, compiled, dtype, device)
-
     nvtx = torch.cuda.nvtx.range if cuda else lambda label: contextlib.nullcontext()
 
     def step(step_model: nn.Module = run.step_model) -> None:
@@ -250,8 +248,7 @@ def profile(cfg: ProfileConfig) -> dict:
         with torch.profiler.record_function("backward"), nvtx("backward"):
             loss.backward()
         with torch.profiler.record_function("optimizer"), nvtx("optimizer"):
-            clip_grad_norm(run.model.parameters(),
-                           cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+            clip_grad_norm(run.model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
             run.optimizer.step()
             run.optimizer.zero_grad(set_to_none=True)
     print(f"profile {name}: batch {run.batch_size} x {run.model.config.context_length}, "
@@ -297,9 +294,8 @@ def check_input(name: str, *tensors: Tensor, contiguous: bool = False) -> None:
     """One clear error instead of a crash or a silently wrong result deep inside Triton."""
     for t in tensors:
         if not (t.is_cuda or INTERPRET):
-            raise ValueError(f"{name}: Triton kernels need CUDA tensors (or TRITON_INTERPRET=1, "
-                             f"set before triton is imported, to run on the CPU), got a tensor "
-                             f"on {t.device}")
+            raise ValueError(f"{name}: Triton kernels need CUDA tensors (on a CPU: TRITON_"
+                             f"INTERPRET=1 before triton is imported), got one on {t.device}")
         if t.dtype not in (torch.float32, torch.float16, torch.bfloat16):
             raise ValueError(f"{name}: dtype {t.dtype}; expected float32, float16 or bfloat16")
         if contiguous and not t.is_contiguous():
@@ -519,9 +515,8 @@ def floating_point(device: torch.device | str | None = None) -> dict:
     print(f"number formats (torch.finfo)\n  {'':9}" + "".join(f"{k:>11}" for k in formats["fp32"])
           + "".join(f"\n  {k:9}" + "".join(f"{v:11.3g}" for v in f.values())
                     for k, f in formats.items()))
-    # 1.0 + 1e-4 + ... (10,000 times) = 2.0. fp16's and bf16's neighbours of 1.0 are 2^-10 and
-    # 2^-7 away, so each 1e-4 rounds away and the sum stays 1.0: accumulate in fp32, as torch.sum
-    # of fp16 numbers does inside its kernel, and tensor cores do.
+    # fp16's and bf16's next numbers above 1.0 are 2^-10 and 2^-7 away: each 1e-4 rounds off and
+    # the sum stays 1.0. So accumulate in fp32, as torch.sum of fp16 does inside, and tensor cores.
     accumulate = {}
     for name in ("fp32", "fp16", "bf16"):
         total, step = torch.ones((), dtype=dtypes[name]), torch.tensor(1e-4, dtype=dtypes[name])
@@ -625,11 +620,10 @@ def _rmsnorm_launch(D: int, device: torch.device) -> tuple[dict, int]:
             sms * min(16, max(2, 8192 // block_d)))
 
 
-# Our kernels as torch custom operators. An autograd.Function launching Triton kernels is opaque to
-# torch.compile: a graph break at every call (GPT-2 small's compiled step: 235K tokens/s, plain
-# PyTorch 500K). A custom operator is one node of one graph; its fake gives compile the outputs'
-# shapes without running a kernel (ours allocate as the op does), its backward is another op.
-# Ops return new tensors, never views of their inputs, so compile may place them freely.
+# Our kernels as torch custom operators. An autograd.Function launching Triton kernels breaks the
+# torch.compile graph at every call (GPT-2 small's compiled step: 235K tokens/s, plain torch 500K).
+# A custom op is one node of one graph; its fake gives compile the output shapes without a kernel
+# (allocating as the op does); its backward is another op. Ops return new tensors, never views.
 def _rmsnorm_outputs(x: Tensor, weight: Tensor, residual: Tensor | None,
                      eps: float) -> tuple[Tensor, Tensor, Tensor]:
     """Unfilled y (..., D), x + residual (empty without a residual) and rstd (...,) float32."""
@@ -961,8 +955,7 @@ class FlashAttentionPytorch(torch.autograd.Function):
     TILES = (16, 16)  # B_q, B_k: tiny, so that the tests cross many tile edges
 
     @staticmethod
-    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                is_causal: bool = False) -> torch.Tensor:
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, is_causal: bool = False) -> Tensor:
         (T, d), S, Bq, Bk = q.shape[-2:], k.shape[-2], *FlashAttentionPytorch.TILES
         if is_causal and T > S:
             raise ValueError(f"causal attention needs n_queries <= n_keys, got {T} > {S}")
@@ -1236,36 +1229,9 @@ def _dense(x: Tensor, like: Tensor | None = None) -> Tensor:
     return x if same else torch.empty_like(x if like is None else like).copy_(x)
 
 
-def _flash_inputs(q: Tensor, k: Tensor, v: Tensor, is_causal: bool) -> tuple[Tensor, ...]:
-    """Check q (..., H, T, d), k, v (..., H_kv, S, d); return them as (B, H, T, d) tensors."""
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(x, Tensor) or x.dim() < 3:
-            raise ValueError(f"{name} must be a tensor (..., heads, seq, d), got "
-                             f"{tuple(x.shape) if isinstance(x, Tensor) else type(x)}")
-    if not q.device == k.device == v.device:  # first: it says more than "need CUDA tensors"
-        raise ValueError(f"q, k, v devices differ: {q.device}, {k.device}, {v.device}")
-    check_input("flash_attention", q, k, v)
-    (H, T, d), (H_kv, S) = q.shape[-3:], k.shape[-3:-1]
-    for problem, message in [
-        (not q.dtype == k.dtype == v.dtype, f"q, k, v dtypes differ: {q.dtype}, {k.dtype}, "
-                                            f"{v.dtype}"),
-        (k.shape != v.shape or q.shape[:-3] != k.shape[:-3] or d != k.shape[-1],
-         f"shapes q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} do not fit "
-         f"q (..., H, T, d) with k, v (..., H_kv, S, d)"),
-        (H_kv == 0 or H % H_kv, f"{H} query heads is not a multiple of {H_kv} key-value heads"),
-        (not 16 <= d <= 128, f"head dim {d} is not supported: flash_attention needs 16..128"),
-        (T == 0 or S == 0, f"empty sequence: {T} queries, {S} keys"),
-        (is_causal and T > S, f"causal attention needs n_queries <= n_keys (the queries are the "
-                              f"last of the key positions), got {T} > {S}")]:
-        if problem:
-            raise ValueError(message)
-    return tuple(x.reshape(-1, *x.shape[-3:]) for x in (q, k, v))
-
-
 def _kernel_args(q: Tensor, k: Tensor, is_causal: bool) -> tuple[tuple, dict]:
-    """Strides, sizes and scales every kernel takes, and the constants: head dim padded to a
-    power of two, and fp32 dots in true fp32 unless torch allows TF32 (set_float32_matmul_
-    precision("high"))."""
+    """Strides, sizes and scale every kernel takes, and its constants: head dim padded to a power
+    of two; fp32 dots in true fp32 unless torch allows TF32 (set_float32_matmul_precision)."""
     (H, T, d), (H_kv, S) = q.shape[1:], k.shape[1:3]
     exact = q.dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest"
     args = (*q.stride()[:3], *k.stride()[:3], H, H // H_kv, T, S, LOG2E / math.sqrt(d))
@@ -1327,7 +1293,28 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, is_causal: bool = True) -> 
     """softmax(q k^T / sqrt(d)) v by our Triton FlashAttention-2; q (..., H, T, d), k and v
     (..., H_kv, S, d), H % H_kv == 0 (GQA without copies); any T, S; d 16..128; float32, bfloat16
     or float16. Causal queries are the last T of the S positions. Bad input: ValueError."""
-    O, _ = _flash_fwd(*_flash_inputs(q, k, v, is_causal), is_causal)
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(x, Tensor) or x.dim() < 3:
+            raise ValueError(f"{name} must be a tensor (..., heads, seq, d), got "
+                             f"{tuple(x.shape) if isinstance(x, Tensor) else type(x)}")
+    if not q.device == k.device == v.device:  # first: it says more than "need CUDA tensors"
+        raise ValueError(f"q, k, v devices differ: {q.device}, {k.device}, {v.device}")
+    check_input("flash_attention", q, k, v)
+    (H, T, d), (H_kv, S) = q.shape[-3:], k.shape[-3:-1]
+    for problem, message in [
+        (not q.dtype == k.dtype == v.dtype, f"q, k, v dtypes differ: {q.dtype}, {k.dtype}, "
+                                            f"{v.dtype}"),
+        (k.shape != v.shape or q.shape[:-3] != k.shape[:-3] or d != k.shape[-1],
+         f"shapes q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} do not fit "
+         f"q (..., H, T, d) with k, v (..., H_kv, S, d)"),
+        (H_kv == 0 or H % H_kv, f"{H} query heads is not a multiple of {H_kv} key-value heads"),
+        (not 16 <= d <= 128, f"head dim {d} is not supported: flash_attention needs 16..128"),
+        (T == 0 or S == 0, f"empty sequence: {T} queries, {S} keys"),
+        (is_causal and T > S, f"causal attention needs n_queries <= n_keys (the queries are the "
+                              f"last of the key positions), got {T} > {S}")]:
+        if problem:
+            raise ValueError(message)
+    O, _ = _flash_fwd(*(x.reshape(-1, *x.shape[-3:]) for x in (q, k, v)), is_causal)
     return O if q.dim() == 4 else O.reshape(q.shape)
 
 
@@ -1389,23 +1376,19 @@ def _measure(fn: Callable, mode: str, shape: tuple, dtype: torch.dtype,
 
 
 def bench_attention(cfg: AttentionConfig) -> list[dict]:
-    """ms, TFLOP/s (causal counts half the matrix) and peak GB of attention on (batch, heads, T, d)
-    per implementation, head dim, length, dtype and mode; "OOM" where memory runs out, "n/a" where
-    there is no kernel; vs flash / vs cudnn = their time / ours. quick: ours vs SDPA at head dims
-    64 and 128 and 4K-16K tokens (16 heads x 16384 x 64 is the course's leaderboard shape), and
-    where the hand-written attention runs out of memory. Returns the rows."""
-    impls, dtypes, modes = (comma_list(key, getattr(cfg, key), allowed) for key, allowed in (
-        ("impls", ATTENTION_IMPLS), ("dtypes", ("bfloat16", "float16", "float32")),
-        ("modes", MODE_FLOPS)))
-    head_dims, seq_lens = comma_list("head_dims", cfg.head_dims), comma_list("seq_lens",
-                                                                             cfg.seq_lens)
+    """Rows of ms, TFLOP/s (causal: half the matrix) and peak GB of attention on (batch, heads, T,
+    d) per implementation, head dim, length, dtype and mode; "OOM": out of memory, "n/a": no kernel;
+    vs flash / vs cudnn = their time / ours. quick: ours vs SDPA at head dims 64 and 128, 4K-16K
+    tokens (16 heads x 16384 x 64: the course's leaderboard shape), and where the naive one OOMs."""
+    impls, dtypes, modes, head_dims, seq_lens = (  # allowed None: positive integers
+        comma_list(key, getattr(cfg, key), allowed) for key, allowed in (
+            ("impls", ATTENTION_IMPLS), ("dtypes", ("bfloat16", "float16", "float32")),
+            ("modes", MODE_FLOPS), ("head_dims", None), ("seq_lens", None)))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     batch, heads = cfg.batch, cfg.heads
-    cases = [(dtype, d, T, mode, impls) for dtype in dtypes for d in head_dims for T in seq_lens
-             for mode in modes]
+    cases = [(*case, impls) for case in itertools.product(dtypes, head_dims, seq_lens, modes)]
     if device.type == "cpu":
-        print("no CUDA GPU: the kernels run in the Triton interpreter, on tiny cases only, and "
-              "the times mean nothing")
+        print("no CUDA GPU: Triton's interpreter runs tiny cases only; the times mean nothing")
         batch, heads = 1, min(heads, 2)
         cases = [("float32", min(*head_dims, 32), 64, mode,
                   [i for i in impls if i in ("manual", "triton")]) for mode in modes]
