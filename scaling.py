@@ -26,17 +26,13 @@ CSV with those columns; settings as --key=value; --plot=DIR writes PNGs if matpl
     python scaling.py envelope out/a out/b out/c:1.2e7  # approach 1 from train.py's run folders
     python scaling.py sweep --target=1e17 --budget=2e16 --runs=sweep/runs.json --lrs=1e-3,3e-3 \
         --batch_sizes=16,32 --dataset=pycode --jobs=2 --check=True  # any train.py setting too
-Reads   a runs file (default ../shared/data/isoflops_curves.json), or run folders (metrics.jsonl,
-        and ckpt.pt for the model's shape unless given as DIR:N, N the parameter count).
-        sweep: train.py's data (--dataset, --data or --train_bin/--val_bin/--tokenizer_dir).
-Writes  with --plot: DIR/isoflops.png, power_laws.png, loss_surface.png (envelope: envelope.png);
-        sweep: the runs file, a row per finished run, a train.py out_dir per run beside it
-        (sweep/runs/C...-L...-d...-lr.../metrics.jsonl, ckpt.pt); --check: runs-check.json.
-
+Reads   a runs file (default ../shared/data/isoflops_curves.json), run folders (metrics.jsonl;
+        ckpt.pt for the shape, or DIR:N with N parameters); sweep: train.py's data settings.
+Writes  --plot: DIR/isoflops.png, power_laws.png, loss_surface.png, envelope.png; sweep: the runs
+        file, a row per finished run, a train.py out_dir per run beside it; RUNS-check.json.
 Papers  Kaplan et al. 2020 (Scaling Laws for Neural Language Models); Hoffmann et al. 2022
-        (Chinchilla: Training Compute-Optimal Large Language Models); Besiroglu et al. 2024
-        (Chinchilla Scaling: A replication attempt); Pearce & Song 2024, Porian et al. 2024
-        (reconciling Kaplan and Chinchilla); Sardana et al. 2024 (inference-aware scaling).
+        (Chinchilla); Besiroglu et al. 2024 (Chinchilla Scaling: A replication attempt); Pearce
+        & Song 2024, Porian et al. 2024 (reconciling Kaplan and Chinchilla); Sardana et al. 2024.
 """
 
 import csv
@@ -781,9 +777,8 @@ def train_in_subprocess(train_cfg: TrainConfig) -> float:
 
 
 def run_sweep(plan: list[tuple[dict, TrainConfig]], runs_path: Path, jobs: int = 1) -> list[dict]:
-    """Train each planned run not in the runs file yet; append its row (atomically) as it lands.
-    The data is prepared once, and every run reads the same token arrays. jobs > 1: that many
-    train.py processes at a time, longest first; a failed run is reported after the others."""
+    """Train each planned run not in the runs file yet (on data prepared once), appending its row
+    atomically as it lands; jobs > 1: that many train.py processes at a time, longest first."""
     rows = read_sweep_rows(runs_path)
     done = [p for p in plan if any(all(r.get(k) == p[0][k] for k in RUN_KEY) for r in rows)]
     todo = sorted((p for p in plan if p not in done), key=lambda p: -p[0]["tokens"])
@@ -793,24 +788,31 @@ def run_sweep(plan: list[tuple[dict, TrainConfig]], runs_path: Path, jobs: int =
     if not todo:
         return rows
     data = dict(zip(("tokenizer_dir", "train_bin", "val_bin"), prepare_data(todo[0][1])))
-    vocab_size = Tokenizer.from_dir(data["tokenizer_dir"]).vocab_size
-    train_one = train_in_subprocess if jobs > 1 else lambda c: train.train(c)["val_loss"]
-    failed = []
-    with ThreadPoolExecutor(jobs) as pool:
-        futures = {pool.submit(train_one, with_overrides(c, data)): (r, c) for r, c in todo}
-        for i, future in enumerate(as_completed(futures), 1):
-            (row, train_cfg), error = futures[future], future.exception()
+    vocab_size, failed = Tokenizer.from_dir(data["tokenizer_dir"]).vocab_size, []
+    if jobs == 1:  # here, where Ctrl-C reaches train.py: it saves the run, the sweep stops
+        finished = ((r, c, train.train(with_overrides(c, data))["val_loss"]) for r, c in todo)
+    else:  # a failed run does not stop the others; Ctrl-C starts no more (running ones get it)
+        pool = ThreadPoolExecutor(jobs)
+        futures = {pool.submit(train_in_subprocess, with_overrides(c, data)): (r, c)
+                   for r, c in todo}
+        finished = ((*futures[f], f.exception() or f.result()) for f in as_completed(futures))
+    try:
+        for i, (row, train_cfg, loss) in enumerate(finished, 1):
             print(f"[{i}/{len(todo)}] C {row['compute_budget']:.3g}: d_model {row['d_model']}, "
                   f"{row['num_layers']} layers, lr {row['lr']:g}, {row['iterations']} steps: "
-                  + (f"failed: {error}" if error else f"loss {future.result():.4f}"), flush=True)
-            if error:
-                failed.append(f"{train_cfg.out_dir}: {error}")
+                  + (f"failed: {loss}" if isinstance(loss, Exception) else f"loss {loss:.4f}"),
+                  flush=True)
+            if isinstance(loss, Exception):
+                failed.append(f"{train_cfg.out_dir}: {loss}")
                 continue
             model_config = build_model_config(train_cfg, vocab_size)
             rows.append({"parameters": count_params(model_config)["total"], **row,
-                         "final_loss": future.result(), "out_dir": train_cfg.out_dir})
+                         "final_loss": loss, "out_dir": train_cfg.out_dir})
             runs_path.parent.mkdir(parents=True, exist_ok=True)
             write_atomic(runs_path, json.dumps(rows, indent=1))
+    finally:
+        if jobs > 1:
+            pool.shutdown(cancel_futures=True)
     if failed:
         raise RuntimeError(f"{len(failed)} of the sweep's runs failed (the others are in "
                            f"{runs_path}; run the sweep again to retry): " + "; ".join(failed))
@@ -887,9 +889,8 @@ def sweep(cfg: dict, train_settings: dict) -> dict:
 # Commands: the tour, fit, demo, napkin, shapes, envelope ------------------------------------------
 def napkin(params: float, tokens: float, gpus: int, mfu: float, peak_flops: float) -> None:
     if min(params, tokens, gpus, mfu, peak_flops) <= 0 or mfu > 1:
-        raise UsageError("napkin needs positive --params, --tokens, --gpus, --peak_flops and "
-                         f"0 < --mfu <= 1, got {params:g}, {tokens:g}, {gpus}, {peak_flops:g}, "
-                         f"{mfu:g}")
+        raise UsageError(f"napkin needs positive --params, --tokens, --gpus, --peak_flops and 0 < "
+                         f"--mfu <= 1, got {params:g}, {tokens:g}, {gpus}, {peak_flops:g}, {mfu:g}")
     flops = training_flops(params, tokens)
     days = training_days(params, tokens, gpus, mfu, peak_flops)
     print(f"{params:.3g} parameters on {tokens:.3g} tokens: 6 N D = {flops:.3g} FLOPs;\n"
@@ -916,8 +917,7 @@ def napkin_tour() -> None:
     print_shapes(1e19, 2e7, 5e8, ShapeFamily())
 
 
-def print_shapes(budget: float, min_params: float, max_params: float,
-                 family: ShapeFamily) -> None:
+def print_shapes(budget: float, min_params: float, max_params: float, family: ShapeFamily) -> None:
     found = shapes_for_budget(budget, min_params, max_params, family)
     print(f"shapes for C = {budget:.3g} FLOPs (aspect ratio {family.aspect_ratio}, head dim "
           f"{family.head_dim}, vocab {family.vocab_size}):")

@@ -4934,6 +4934,20 @@ def test_scaling_sweep_in_processes_equals_in_process_and_checks_the_prediction(
     assert f"validation loss {check['final_loss']:.4f}" in again
 
 
+def test_scaling_sweep_records_the_other_runs_when_one_fails(tmp_path, _cache, monkeypatch):
+    def fake(train_cfg):  # every run of one shape fails; the others finish in any order
+        if "-d32-" in train_cfg.out_dir:
+            raise RuntimeError("exit status 1: out of memory")
+        return 4.0 + train_cfg.max_iters / 1e4
+    monkeypatch.setattr(scaling, "train_in_subprocess", fake)
+    runs = tmp_path / "runs.json"
+    with pytest.raises(RuntimeError, match=r"3 of the sweep's runs failed .*out of memory"):
+        scaling.main(_sweep_args(_cache, runs, "--jobs=2"))
+    rows = json.loads(runs.read_text())
+    assert len(rows) == 6 and {r["d_model"] for r in rows} == {16, 48}
+    assert all(r["final_loss"] == 4.0 + r["iterations"] / 1e4 for r in rows)
+
+
 def test_scaling_sweep_refuses_before_any_work(tmp_path, _cache, monkeypatch):
     monkeypatch.setattr(train, "train", _no_training)
     monkeypatch.setattr(scaling, "prepare_data", _no_training)
