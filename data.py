@@ -1025,8 +1025,8 @@ def openwebtext(out: str = "data_cache/owt", cache_dir: str = "data_cache", max_
                              f"{file} in {cache_dir}/ and run again") from None
         with gzip.open(archive, "rb") as fin, atomic_output(out_dir / f"{split}.txt") as tmp, \
                 open(tmp, "wb") as fout:
-            cap = int(max_mb * 2**20)
-            while not 0 < cap <= fout.tell() and (chunk := fin.read(min(cap or 1 << 22, 1 << 22))):
+            cap = int(max_mb * 2**20) or math.inf  # max_mb=0: all of it
+            while fout.tell() < cap and (chunk := fin.read(min(cap, 1 << 22))):
                 fout.write(chunk + fin.readline())  # whole lines
     tok_dir, bin_tokens = tokenize_out_dir(out_dir, tokenizer, vocab_size, workers, progress)
     print(f"{out_dir}/train.bin: {bin_tokens['train']:,} tokens, val.bin: {bin_tokens['val']:,}; "

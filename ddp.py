@@ -360,7 +360,8 @@ class ShardedOptimizer(torch.optim.Optimizer):
         loss = self.local.step(closure)
         for owner, params in enumerate(self.owned):  # one broadcast per owner, flattened
             if params:
-                dist.broadcast(flat := _flatten(params), src=owner)
+                flat = _flatten(params)
+                dist.broadcast(flat, src=owner)
                 _copy_back(flat, params)
         return loss
 
@@ -435,7 +436,8 @@ class _GatheredWeight(torch.autograd.Function):
     def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
         shard, n = ctx.unit.shard, dist.get_world_size()
         flat = nn.functional.pad(grad.reshape(-1).float(), (0, shard.numel() * n - grad.numel()))
-        dist.reduce_scatter(shard_grad := torch.empty_like(shard), list(flat.chunk(n)))
+        shard_grad = torch.empty_like(shard)
+        dist.reduce_scatter(shard_grad, list(flat.chunk(n)))
         return shard_grad / n, None
 
 
@@ -591,7 +593,8 @@ class _Conjugate(torch.autograd.Function):
 
 
 def _all_reduce(x: Tensor) -> Tensor:  # (..., D) partial sums -> their sum, on every rank
-    dist.all_reduce(x := x.contiguous())
+    x = x.contiguous()
+    dist.all_reduce(x)
     return x
 
 
@@ -882,7 +885,8 @@ def run_bench(cfg: dict, overrides: dict) -> dict[str, tuple[float, float]]:
     if not 1 <= world_size <= most:
         raise UsageError(f"--world_size must be between 1 and {most} "
                          f"({'GPUs here' if gpus else 'CPU processes'}), got {world_size}")
-    config = _model_config(preset := cfg["preset"] or ("xl" if gpus else "tiny"), overrides)
+    preset = cfg["preset"] or ("xl" if gpus else "tiny")
+    config = _model_config(preset, overrides)
     cfg = {**cfg, "seq_len": cfg["seq_len"] or config.context_length}
     if min(cfg["batch_size"], cfg["seq_len"], cfg["steps"], cfg["bucket_size_mb"]) <= 0 or \
             cfg["warmup"] < 0 or cfg["seq_len"] > config.context_length:

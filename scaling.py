@@ -689,13 +689,13 @@ RUN_KEY = ("compute_budget", "d_model", "num_layers", "num_heads", "d_ff", "cont
            "lr", "batch_size", "iterations")
 
 
-def _numbers(text: str, name: str) -> list[float]:
-    try:
-        values = [float(v) for v in text.split(",")] if text else []
+def _numbers(text: str, name: str, kind: type = float) -> list:
+    try:  # kind=int: "2.5" is refused, not rounded
+        values = [kind(v) for v in text.split(",")] if text else []
     except ValueError:
         values = [0.0]
     if not all(math.isfinite(v) and v > 0 for v in values):
-        raise UsageError(f"--{name} must be positive numbers like 1e15,2e15, got {text!r}")
+        raise UsageError(f"--{name} must be positive {kind.__name__}s, comma-separated: {text!r}")
     return values
 
 
@@ -726,7 +726,7 @@ def plan_sweep(cfg: dict, train_settings: dict) -> list[tuple[dict, TrainConfig]
     before any work, when a budget has too few shapes or the plan costs more than --budget."""
     family = ShapeFamily(**{k: cfg[k] for k in vars(ShapeFamily())})
     lrs = _numbers(cfg["lrs"], "lrs") or [cfg["lr"]]
-    batches = [int(b) for b in _numbers(cfg["batch_sizes"], "batch_sizes")] or [cfg["batch_size"]]
+    batches = _numbers(cfg["batch_sizes"], "batch_sizes", int) or [cfg["batch_size"]]
     if cfg["jobs"] < 1:
         raise UsageError(f"--jobs must be at least 1, got {cfg['jobs']}")
     per_budget = cfg["sizes"] * len(lrs) * len(batches)
