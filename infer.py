@@ -3,7 +3,8 @@
 Decoding reads every weight and the whole KV cache to make one token per sequence, so it is
 memory-bound and the lecture's arithmetic (bytes moved / bandwidth) predicts its speed. In teaching
 order: 1. sampling; 2. a static KV cache: prefill, then one token a step, each row at its own
-position, the step compiled once and replayed as a CUDA graph; 3. generate_batch: many prompts, n
+position, the step compiled once and replayed as a CUDA graph (at batch 1 on CUDA: kernels.py's
+one persistent kernel for all the layers); 3. generate_batch: many prompts, n
 samples each, stop strings, log-probs; 4. continuous batching over a paged KV cache; 5. speculative
 decoding; 6. int8 and int4 weights; 7. checkpoints, ours and GPT-2's; 8. roofline and benchmark.
 
@@ -45,7 +46,8 @@ from torch import Tensor, nn
 
 from model import (PRESETS, Linear, LinearAttention, ModelConfig, MultiHeadLatentAttention,
                    MultiHeadSelfAttention, TransformerLM, _split_heads, apply_rotary,
-                   causal_linear_attention, count_params, linear_attention_feature_map)
+                   causal_linear_attention, count_params, linear_attention_feature_map,
+                   triton_kernels)
 from tokenizer import DATA_DIR, Tokenizer, UsageError, parse_command, run_cli
 from train import EOT, read_checkpoint, resolve_device, resolve_dtype, use_compile
 
@@ -299,30 +301,57 @@ def compiled_decode_step() -> Callable:
     return torch.compile(decode_step, dynamic=False, options={"coordinate_descent_tuning": True})
 
 
+# Even compiled, a batch-1 step is ~400 kernels, and each one's ramp-up, drain and wait for its
+# inputs costs more than its bytes (bench --profile). kernels.py's FusedDecode runs the layers as
+# one persistent kernel (a program per SM, grid barriers between dependent phases, each phase's
+# weights loaded while waiting for the last) and the head as a second: fused=None uses it on CUDA
+# at batch 1 when the model is one it supports (GPT-2's and Llama's blocks), else says why.
 class Decoder:
     """A StaticCache and its decode step of tokens_per_step tokens per row (speculative decoding
-    verifies several): eager, or compiled; on CUDA captured as a CUDA graph. A failed compile or
-    capture is reported in one line (and in .mode) and the step falls back to the eager one."""
+    verifies several): eager, compiled, or (batch 1) the fused kernel; on CUDA captured as a CUDA
+    graph. A failed compile or capture is reported in one line (and in .mode) and the step falls
+    back: the fused kernel to the compiled step, that to the eager one."""
     def __init__(self, model: TransformerLM, batch_size: int, max_len: int, compile: bool = False,
                  cuda_graph: bool | None = None, tokens_per_step: int = 1,
-                 greedy: bool = False) -> None:
+                 greedy: bool = False, fused: bool | None = None) -> None:
         self.model, self.cache, self.greedy = model, StaticCache(model, batch_size, max_len), greedy
         self.cache.fused = fuse_qkv(model)
         device = model_device(model)
+        self.step, self.failed = None, ""  # kernels.py's one-kernel step: batch 1, CUDA (auto)
+        wanted = device.type == "cuda" if fused is None else fused
+        if wanted and batch_size == tokens_per_step == 1:
+            try:
+                kernels = triton_kernels("the fused decode step")
+                why = kernels.fused_decode_unsupported(model, kernels.decode_programs(device))
+            except ImportError as error:  # no triton: auto falls back, a request fails
+                if fused:
+                    raise
+                why = str(error)
+            if why:
+                self.failed = f" ({why})" if fused else ""
+            else:
+                self.step = kernels.FusedDecode(model, self.cache.layers)
         self.token_ids = torch.zeros(batch_size, tokens_per_step, dtype=torch.long, device=device)
         self.positions = torch.zeros_like(self.token_ids)
         self.fn = compiled_decode_step() if compile else decode_step
         self.use_graph = device.type == "cuda" if cuda_graph is None else cuda_graph
-        self.graph, self.logits, self.failed = None, None, ""
-        self.ready = not (self.use_graph or compile)
+        self.graph, self.logits = None, None
+        self.ready = not (self.use_graph or compile or self.step)
 
     @property
     def mode(self) -> str:
-        return ("compiled" if self.fn is not decode_step else "eager") + (
-            " + CUDA graph" if self.graph is not None else "") + self.failed
+        return ("fused kernel" if self.step else "compiled" if self.fn is not decode_step
+                else "eager") + (" + CUDA graph" if self.graph is not None else "") + self.failed
 
     def _run(self, kv_len: int | None = None) -> Tensor:
-        return self.fn(self.model, self.cache, self.token_ids, self.positions, self.greedy, kv_len)
+        if self.step is None:
+            return self.fn(self.model, self.cache, self.token_ids, self.positions, self.greedy,
+                           kv_len)
+        logits = self.step(self.token_ids, self.positions)
+        if self.greedy:  # as decode_step does
+            self.token_ids.copy_(logits.argmax(-1).view_as(self.token_ids))
+            self.positions.add_(1)
+        return logits
 
     def _prepare(self) -> None:
         """Compile and capture. Warm-up steps rewrite the same slots with the same tokens, but
@@ -344,12 +373,14 @@ class Decoder:
                     with torch.cuda.graph(self.graph):
                         self.logits = self._run()
             except Exception as error:
-                if stage == "compile" and self.fn is decode_step:
+                if stage == "compile" and self.fn is decode_step and self.step is None:
                     raise
                 self.failed += f" ({stage} failed: {type(error).__name__})"
                 print(f"warning: {stage} failed, decoding without it ({type(error).__name__}: "
                       f"{str(error).strip().splitlines()[0][:200]})", file=sys.stderr)
-                self.fn, self.graph = (decode_step if stage == "compile" else self.fn), None
+                if stage == "compile":  # the fused step falls back to the compiled one
+                    self.fn, self.step = (self.fn if self.step else decode_step), None
+                self.graph = None
             for buffer, saved in states:
                 buffer.copy_(saved)
         self.ready = True
@@ -1067,12 +1098,13 @@ def cast_weights(model: nn.Module, dtype: torch.dtype) -> nn.Module:
 
 
 def measure_decode(model: TransformerLM, batch_size: int, prompt_len: int, new_tokens: int,
-                   compile: bool, profile: bool = False) -> dict:
+                   compile: bool, profile: bool = False, fused: bool | None = None) -> dict:
     """Prefill a random batch, time the first decode step (it compiles and captures) apart, then
     time greedy steps chained inside the step: nothing leaves the GPU between them, so the time
     is the GPU's. bytes: what a step reads, every weight and every cache slot."""
     device = model_device(model)
-    decoder = Decoder(model, batch_size, prompt_len + new_tokens, compile, greedy=True)
+    decoder = Decoder(model, batch_size, prompt_len + new_tokens, compile, greedy=True,
+                      fused=fused)
     prompt = torch.randint(0, model.config.vocab_size, (batch_size, prompt_len), device=device)
     first = torch.full((batch_size,), prompt_len, device=device)
     with torch.no_grad():
@@ -1137,7 +1169,7 @@ def quantization_table(model: TransformerLM, group_size: int, prompt_len: int, n
     for bits in (None, 8, 4):
         quantized = model if bits is None else quantize_model(copy.deepcopy(model), bits,
                                                                group_size)
-        r = measure_decode(quantized, 1, prompt_len, new_tokens, compile)
+        r = measure_decode(quantized, 1, prompt_len, new_tokens, compile, fused=False)  # alike
         base = base or r
         if held_out is not None:
             context = min(256, model.config.context_length)
@@ -1192,10 +1224,12 @@ def bench(cfg: dict) -> None:
           f"{new_tokens} (greedy); roofline = batch x copy bandwidth / bytes read a step")
     print(f"{'batch':>5} {'TTFT ms':>8} {'prefill tok/s':>13} {'ms/token':>9} {'decode tok/s':>12} "
           f"{'GB/step':>8} {'GB/s':>6} {'of copy':>7} {'roofline tok/s':>14}  mode")
-    results = {}
+    results, runs = {}, []
     for batch in cfg["batch_sizes"] or ([1, 16, 64, 256] if cuda else [1, 4]):
-        r = results[batch] = measure_decode(model, batch, prompt_len, new_tokens, compile,
-                                            cfg["profile"])
+        runs += [(batch, None)] + [(batch, False)] * (batch == 1 and cuda)  # fused, compiled
+    for batch, fused in runs:
+        r = measure_decode(model, batch, prompt_len, new_tokens, compile, cfg["profile"], fused)
+        results[batch] = results.get(batch, r)
         print(f"{batch:>5} {r['ttft'] * 1e3:>8.1f} {batch * prompt_len / r['ttft']:>13,.0f} "
               f"{r['step'] * 1e3:>9.3f} {batch / r['step']:>12,.0f} {r['bytes'] / 1e9:>8.3f} "
               f"{r['bytes'] / r['step'] / 1e9:>6,.1f} {r['bytes'] / r['step'] / bandwidth:>7.1%} "

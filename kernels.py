@@ -56,7 +56,7 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # Triton reads it at each
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
-from model import (PRESETS, ModelConfig, RMSNorm, SwiGLU, TransformerLM,  # noqa: E402
+from model import (PRESETS, Linear, ModelConfig, RMSNorm, SwiGLU, TransformerLM,  # noqa: E402
                    attention_mask, count_params, gelu_tanh, mfu_flops_per_token,
                    scaled_dot_product_attention, silu, softmax)
 from tokenizer import UsageError, atomic_output, parse_command, run_cli  # noqa: E402
@@ -888,6 +888,18 @@ def fused_linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor,
 
 
 # Measured: our kernels next to eager and compiled PyTorch, and the copy they should match ---------
+def kernel_ms(fn: Callable[[], object], n: int = 10) -> float:
+    """GPU ms of one call: its kernels' time in the profiler, without the host's launch gaps (a
+    small op's Python and dispatch can take longer than its kernels)."""
+    fn()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(n):
+            fn()
+        torch.cuda.synchronize()
+    return sum(e.self_device_time_total for e in prof.key_averages()
+               if e.device_type == torch.autograd.DeviceType.CUDA) / n / 1e3
+
+
 def bench_fused(device: torch.device | str | None = None, rows: int = 16384) -> dict:
     """`python kernels.py fused`: each fused kernel, forward and forward + backward, against
     eager and compiled PyTorch in bf16, as GB/s and a share of the copy bandwidth measured in the
@@ -908,18 +920,20 @@ def bench_fused(device: torch.device | str | None = None, rows: int = 16384) -> 
               (x, dy, weight), 4, 8),
              ("swiglu gate", swiglu_gate, lambda a, b: silu(a) * b, (x, dy), 3, 8)]
     result = {"copy_gb_s": copy}
+    print("  GPU time: the profiler's sum of the kernels; with host: do_bench's, Python and "
+          "launches included")
     for name, ours, eager, inputs, fwd_bytes, step_bytes in cases:  # bytes in units of x
         for impl, fn in (("ours", ours), ("eager", eager), ("compiled", torch.compile(eager))):
             leaves = [t.detach().requires_grad_() for t in inputs]
             outs = fn(*leaves)
             grads = [torch.randn_like(o) for o in (outs if isinstance(outs, tuple) else (outs,))]
             for mode, run, units in (("fwd", lambda: fn(*inputs), fwd_bytes), ("fwd+bwd", lambda:
-                                      torch.autograd.backward(fn(*leaves), grads), step_bytes)):
-                ms = triton.testing.do_bench(run)
+                                      torch.autograd.grad(fn(*leaves), leaves, grads), step_bytes)):
+                ms, host_ms = kernel_ms(run), triton.testing.do_bench(run)
                 rate = units * x.numel() * 2 / ms / 1e6
                 result[f"{name} {mode} {impl}"] = ms
                 print(f"  {name:12} {mode:8} {impl:9} {ms * 1e3:8.1f} us {rate:8,.0f} GB/s "
-                      f"= {rate / copy:4.0%} of copy")
+                      f"= {rate / copy:4.0%} of copy; with host {host_ms * 1e3:8.1f} us")
     N, D, V = 16 * 1024, 768, 50304  # GPT-2 small's head over a 16 x 1,024 batch
     h = torch.randn(N, D, device=device, dtype=torch.bfloat16, requires_grad=True)
     w = (0.05 * torch.randn(V, D, device=device, dtype=torch.bfloat16)).requires_grad_()
@@ -1434,6 +1448,328 @@ def bench_attention(cfg: AttentionConfig) -> list[dict]:
             print(f"{row['impl']:>11} {dtype:>8} {d:>4} {T:>6} {mode:>8} {ms} {rest}".rstrip())
         rows += case
     return rows
+
+
+# Decoding at batch 1 as one persistent kernel (infer.py's fused step) -----------------------------
+# A batch-1 decode step reads every weight once for 2 FLOPs each: it is pure bandwidth, and its
+# enemy is fixed cost. Compiled, it is ~400 kernels, each ramping up, draining and waiting for its
+# inputs (infer.py bench --profile). Here one program per SM walks all the layers. Phases that
+# need each other's outputs (q/k/v, then attention, then its projection, ...) are separated by a
+# grid barrier: a global counter each program increments and then polls. The trick is what happens
+# while polling: every program has already issued the loads of its rows of the next phase's
+# weights, which depend on nothing, so the memory system streams weights while the barrier
+# settles. Activations live in a small float32 scratch vector S: the residual x, then q|k|v, the
+# attention output and the FFN hidden. The interpreter runs programs one after another, where a
+# barrier would wait forever: there (SYNC=False) the host launches the kernel once per phase.
+@triton.jit
+def _wait(BAR, target):
+    seen = tl.atomic_add(BAR, 0, sem="acquire")  # acquire: later loads see what others stored
+    while seen < target:
+        seen = tl.atomic_add(BAR, 0, sem="acquire")
+
+
+@triton.jit
+def _enter(BAR, phase, PHASE, NPROG, SYNC: tl.constexpr):
+    """Wait until every program finished the phases before `phase`; is it this launch's (1 or
+    0; SYNC: one launch runs them all)? Phases limit their stores by it rather than branch on
+    it: a load used only inside a branch may be sunk into it, after the wait: no prefetch."""
+    if SYNC:
+        _wait(BAR, phase * NPROG)
+    return (PHASE < 0) | (PHASE == phase)
+
+
+@triton.jit
+def _leave(BAR, SYNC: tl.constexpr):
+    if SYNC:  # release: this program's stores are visible before its arrival is
+        tl.atomic_add(BAR, 1, sem="release")
+
+
+@triton.jit
+def _row_tile(W, layer, layers, pid, rows_per, N, K, R: tl.constexpr, KP: tl.constexpr):
+    """This program's block of rows of an (L, N, K) weight stack's layer (zeros unless layer <
+    layers), (R, KP)."""
+    r, cols = tl.arange(0, R), tl.arange(0, KP)
+    rows = pid * rows_per + r
+    ok = (r < rows_per) & (rows < N) & (tl.full([R], layer, tl.int32) < layers)
+    return tl.load(W + layer * N * K + rows[:, None] * K + cols[None, :],
+                   mask=ok[:, None] & (cols[None, :] < K), other=0.0)
+
+
+@triton.jit
+def _matvec(w, v, B, layer, pid, rows_per, N, R: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """w (R, K) @ v (K,) + bias in float32; and which rows of the output they are."""
+    r = tl.arange(0, R)
+    rows = pid * rows_per + r
+    ok = (r < rows_per) & (rows < N)
+    y = tl.sum(w.to(tl.float32) * v[None, :], axis=1)
+    if HAS_BIAS:
+        y += tl.load(B + layer * N + rows, mask=ok, other=0.0).to(tl.float32)
+    return y, rows, ok
+
+
+@triton.jit
+def _vector(S, offset, n, NP: tl.constexpr):
+    cols = tl.arange(0, NP)  # .cg: from L2, never a stale L1 line of another SM's store
+    return tl.load(S + offset + cols, mask=cols < n, other=0.0, cache_modifier=".cg")
+
+
+@triton.jit
+def _normed(S, NW, NB, layer, D, eps, DP: tl.constexpr, NORM: tl.constexpr):
+    """The residual x (S[:D]) through a layer's norm: 1 LayerNorm, 2 RMSNorm, 0 none."""
+    cols = tl.arange(0, DP)
+    ok = cols < D
+    x = _vector(S, 0, D, DP)
+    if NORM == 1:
+        xc = tl.where(ok, x - tl.sum(x, 0) / D, 0.0)
+        y = xc * tl.rsqrt(tl.sum(xc * xc, 0) / D + eps)
+        y = (y * tl.load(NW + layer * D + cols, mask=ok, other=0.0).to(tl.float32)
+             + tl.load(NB + layer * D + cols, mask=ok, other=0.0).to(tl.float32))
+    elif NORM == 2:
+        y = x * tl.rsqrt(tl.sum(x * x, 0) / D + eps)
+        y = y * tl.load(NW + layer * D + cols, mask=ok, other=0.0).to(tl.float32)
+    else:
+        y = x
+    return y
+
+
+@triton.jit
+def _add_to_x(S, y, rows, ok):
+    """x[rows] += y: each program owns its rows of the residual stream, so no atomics."""
+    tl.store(S + rows, tl.load(S + rows, mask=ok, other=0.0, cache_modifier=".cg") + y, mask=ok)
+
+
+@triton.jit
+def _attend_one(S, KC, VC, COS, SIN, layer, h, pos, D, HKV, GROUP, SLOTS, scale, live,
+                HD: tl.constexpr, BS: tl.constexpr, ROPE: tl.constexpr):
+    """Head h's query over the cache slots 0..pos-1 of its key-value head and the new token's
+    key and value (which it writes at slot pos, once per group): an online softmax."""
+    d = tl.arange(0, HD)
+    kvh = h // GROUP
+    q_at, k_at = D + h * HD, 2 * D + kvh * HD
+    q, k = _vector(S, q_at, HD, HD), _vector(S, k_at, HD, HD)
+    v = _vector(S, k_at + HKV * HD, HD, HD)
+    if ROPE:  # rotate adjacent pairs (x[2i], x[2i+1]) by pos * theta^(-2i/d), as model.py does
+        cos = tl.load(COS + pos * (HD // 2) + d // 2)
+        sin = tl.load(SIN + pos * (HD // 2) + d // 2) * tl.where(d % 2 == 0, -1.0, 1.0)
+        q = q * cos + tl.load(S + q_at + (d ^ 1), cache_modifier=".cg") * sin
+        k = k * cos + tl.load(S + k_at + (d ^ 1), cache_modifier=".cg") * sin
+    dtype = KC.dtype.element_ty  # round as the unfused step does: the cache holds this dtype
+    q, k, v = q.to(dtype).to(tl.float32), k.to(dtype).to(tl.float32), v.to(dtype).to(tl.float32)
+    base, stride = layer * SLOTS * HKV * HD + kvh * HD, HKV * HD
+    write = d < HD * live * (h % GROUP == 0)
+    tl.store(KC + base + pos * stride + d, k.to(dtype), mask=write)
+    tl.store(VC + base + pos * stride + d, v.to(dtype), mask=write)
+    m = tl.sum(q * k, 0) * scale  # start from the new token: no empty-softmax case
+    total, acc = tl.zeros_like(m) + 1.0, v
+    for start in range(0, pos, BS):
+        slots = start + tl.arange(0, BS)
+        ok = slots < pos
+        offsets = base + slots[:, None] * stride + d[None, :]
+        keys = tl.load(KC + offsets, mask=ok[:, None], other=0.0).to(tl.float32)
+        values = tl.load(VC + offsets, mask=ok[:, None], other=0.0).to(tl.float32)
+        s = tl.where(ok, tl.sum(keys * q[None, :], 1) * scale, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, 0))
+        p, alpha = tl.exp(s - m_new), tl.exp(m - m_new)
+        total = total * alpha + tl.sum(p, 0)
+        acc = acc * alpha + tl.sum(p[:, None] * values, 0)
+        m = m_new
+    tl.store(S + 2 * D + 2 * HKV * HD + h * HD + d, acc / total, mask=d < HD * live)
+
+
+@triton.jit
+def _activate(a, ACT: tl.constexpr):
+    if ACT == 1:  # GPT-2's tanh GELU: 0.5 (1 + tanh z) = sigmoid(2z)
+        return a * tl.sigmoid(1.5957691216057308 * (a + 0.044715 * a * a * a))
+    elif ACT == 2:
+        return 0.5 * a * (1.0 + tl.erf(a * 0.7071067811865476))
+    elif ACT == 3:
+        return tl.maximum(a, 0.0)
+    else:  # SwiGLU's silu
+        return a * tl.sigmoid(a)
+
+
+@triton.jit
+def _decode_layers_kernel(TOKEN, POS, S, BAR, WTE, WPE, COS, SIN, KC, VC, LN1_W, LN1_B, W_QKV,
+                          B_QKV, W_O, B_O, LN2_W, LN2_B, W_1, B_1, W_3, W_2, B_2, L, D, QKV_N, F,
+                          H, HKV, SLOTS, eps, scale, PHASE, NPROG, R_QKV: tl.constexpr,
+                          R_O: tl.constexpr, R_F: tl.constexpr, DP: tl.constexpr,
+                          FP: tl.constexpr, HD: tl.constexpr, BS: tl.constexpr,
+                          NORM: tl.constexpr, ACT: tl.constexpr, BIAS: tl.constexpr,
+                          LEARNED_POS: tl.constexpr, ROPE: tl.constexpr, SYNC: tl.constexpr):
+    """Phase 0 embeds the token; layer l is phases 5l+1..5l+5: q|k|v, attention, its output
+    projection, the FFN's first matrix (and SwiGLU's gate), its second. Each phase's weights
+    are loaded before waiting for the phase before it: one phase ahead, no more, lest the
+    tiles held at once spill out of registers."""
+    pid = tl.program_id(0)
+    rows_qkv, rows_o, rows_f = tl.cdiv(QKV_N, NPROG), tl.cdiv(D, NPROG), tl.cdiv(F, NPROG)
+    pos = tl.minimum(tl.load(POS), SLOTS - 1)  # past the cache: wrong, but never out of bounds
+    w_qkv = _row_tile(W_QKV, 0, L, pid, rows_qkv, QKV_N, D, R_QKV, DP)
+    cols = tl.arange(0, DP)  # phase 0, program 0: x = the token's embedding (+ its position's)
+    x = tl.load(WTE + tl.load(TOKEN) * D + cols, mask=cols < D, other=0.0).to(tl.float32)
+    if LEARNED_POS:
+        x += tl.load(WPE + pos * D + cols, mask=cols < D, other=0.0).to(tl.float32)
+    tl.store(S + cols, x, mask=cols < D * _enter(BAR, 0, PHASE, NPROG, False) * (pid == 0))
+    _leave(BAR, SYNC)
+    for layer in range(L):
+        phase = 5 * layer
+        live = _enter(BAR, phase + 1, PHASE, NPROG, SYNC)  # q|k|v = ln1(x) @ W_qkv^T
+        y, rows, ok = _matvec(w_qkv, _normed(S, LN1_W, LN1_B, layer, D, eps, DP, NORM), B_QKV,
+                              layer, pid, rows_qkv, QKV_N, R_QKV, BIAS)
+        tl.store(S + D + rows, y, mask=ok & (rows < QKV_N * live))
+        _leave(BAR, SYNC)
+        w_o = _row_tile(W_O, layer, L, pid, rows_o, D, D, R_O, DP)
+        live = _enter(BAR, phase + 2, PHASE, NPROG, SYNC)
+        if pid < H:  # a head a program
+            _attend_one(S, KC, VC, COS, SIN, layer, pid, pos, D, HKV, H // HKV, SLOTS, scale,
+                        live, HD, BS, ROPE)
+        _leave(BAR, SYNC)
+        live = _enter(BAR, phase + 3, PHASE, NPROG, SYNC)  # x += attention @ W_o^T
+        y, rows, ok = _matvec(w_o, _vector(S, D + QKV_N, D, DP), B_O, layer, pid, rows_o, D, R_O,
+                              BIAS)
+        _add_to_x(S, y, rows, ok & (rows < D * live))
+        _leave(BAR, SYNC)
+        w_1 = _row_tile(W_1, layer, L, pid, rows_f, F, D, R_F, DP)
+        if ACT == 4:  # SwiGLU's second matrix; else no registers for it
+            w_3 = _row_tile(W_3, layer, L, pid, rows_f, F, D, R_F, DP)
+        else:
+            w_3 = w_1
+        live = _enter(BAR, phase + 4, PHASE, NPROG, SYNC)  # act(ln2(x) @ W_1^T) (* gate)
+        v = _normed(S, LN2_W, LN2_B, layer, D, eps, DP, NORM)
+        y, rows, ok = _matvec(w_1, v, B_1, layer, pid, rows_f, F, R_F, BIAS)
+        y = _activate(y, ACT)
+        if ACT == 4:
+            gate, _, _ = _matvec(w_3, v, B_1, layer, pid, rows_f, F, R_F, False)
+            y *= gate
+        tl.store(S + D + QKV_N + D + rows, y, mask=ok & (rows < F * live))
+        _leave(BAR, SYNC)
+        w_2 = _row_tile(W_2, layer, L, pid, rows_o, D, F, R_O, FP)
+        live = _enter(BAR, phase + 5, PHASE, NPROG, SYNC)  # x += hidden @ W_2^T
+        y, rows, ok = _matvec(w_2, _vector(S, D + QKV_N + D, F, FP), B_2, layer, pid, rows_o, D,
+                              R_O, BIAS)
+        _add_to_x(S, y, rows, ok & (rows < D * live))
+        _leave(BAR, SYNC)
+        w_qkv = _row_tile(W_QKV, layer + 1, L, pid, rows_qkv, QKV_N, D, R_QKV, DP)
+
+
+@triton.jit
+def _decode_head_kernel(S, NW, NB, W, LOGITS, V, D, eps, ROWS: tl.constexpr, DP: tl.constexpr,
+                        NORM: tl.constexpr):
+    """logits = final_norm(x) @ W^T: a plain wide matrix-vector product, many programs."""
+    rows, cols = tl.program_id(0) * ROWS + tl.arange(0, ROWS), tl.arange(0, DP)
+    w = tl.load(W + rows[:, None] * D + cols[None, :],
+                mask=(rows[:, None] < V) & (cols[None, :] < D), other=0.0)
+    v = _normed(S, NW, NB, 0, D, eps, DP, NORM)
+    tl.store(LOGITS + rows, tl.sum(w.to(tl.float32) * v[None, :], axis=1), mask=rows < V)
+
+
+MAX_TILE = 32768  # elements of one weight tile a program holds in registers (64 KB in bf16)
+
+
+def decode_programs(device: torch.device) -> int:
+    """One program an SM: all must run at once, or a barrier would wait for one never started."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == \
+        "cuda" else 4
+
+
+def fused_decode_unsupported(model: TransformerLM, num_programs: int) -> str:
+    """Why FusedDecode cannot run this model ("" if it can)."""
+    c = model.config
+    D, H, kv = c.d_model, c.num_heads, c.num_kv_heads or c.num_heads
+    tiles = {"q|k|v": (D + 2 * kv * (D // H), D), "FFN": (c.d_ff, D), "FFN out": (D, c.d_ff)}
+    if c.mixer != "attention" or c.kv_latent_dim or c.num_experts:
+        return ("the fused decode step does not support linear attention, Hyena, MLA or MoE: "
+                "plain softmax attention and a dense FFN only")
+    for problem, why in [
+        (any(type(m) is not Linear for b in model.layers for m in (
+            b.attn.q_proj, b.attn.k_proj, b.attn.v_proj, b.attn.output_proj, *(
+                getattr(b.ffn, name) for name in ("w1", "w2", "w3") if hasattr(b.ffn, name)))),
+         "quantized weights"),
+        (c.sliding_window, "a sliding window"), (c.norm_position != "pre", "post-norm blocks"),
+        (c.positions == "sinusoidal", "sinusoidal positions"),
+        (c.ffn not in ("gelu_tanh", "gelu", "relu", "swiglu"), f"the {c.ffn} FFN"),
+        (D // H not in (16, 32, 64, 128, 256) or D % H, f"head dim {D / H:g} (a power of 2 "
+         "from 16 to 256)"),
+        (c.num_layers * max(n * k for n, k in tiles.values()) >= 2**31, "int32 offsets"),
+        (any(triton.next_power_of_2(-(-n // num_programs)) * triton.next_power_of_2(k) > MAX_TILE
+             for n, k in tiles.values()), f"d_model {D}: a program's weight rows would not fit "
+         f"in registers ({MAX_TILE:,} elements)")]:
+        if problem:
+            return f"the fused decode step does not support {why}"
+    return ""
+
+
+class FusedDecode:
+    """A batch-1 decode step in two launches: the persistent kernel over all layers, then the
+    head. Holds (L, N, K) stacks of the weights (a copy: q|k|v fused, FFN matrices) and
+    re-homes the cache's keys and values into (L, slots, H_kv, d) stacks, which the cache keeps
+    using; slots before a step's position must hold this sequence's tokens (prefill's)."""
+    def __init__(self, model: TransformerLM, cache_layers: list[dict],
+                 num_programs: int | None = None, num_warps: int = 8) -> None:
+        c, device = model.config, model.token_embeddings.weight.device
+        self.num_programs = num_programs or decode_programs(device)
+        if why := fused_decode_unsupported(model, self.num_programs):
+            raise ValueError(why)
+        layers, D, F, self.c = model.layers, c.d_model, c.d_ff, c
+        H, HKV = c.num_heads, c.num_kv_heads or c.num_heads
+        dtype = model.token_embeddings.weight.dtype
+        empty = torch.zeros(1, device=device, dtype=dtype)
+
+        def stack(get) -> Tensor:  # one tensor over the layers, or a placeholder
+            parts = [get(layer) for layer in layers]
+            return empty if parts[0] is None else torch.stack(parts).to(dtype).contiguous()
+        self.weights = dict(
+            LN1_W=stack(lambda b: getattr(b.ln1, "weight", None)),
+            LN1_B=stack(lambda b: getattr(b.ln1, "bias", None)),
+            W_QKV=stack(lambda b: torch.cat([b.attn.q_proj.weight, b.attn.k_proj.weight,
+                                             b.attn.v_proj.weight])),
+            B_QKV=stack(lambda b: None if b.attn.q_proj.bias is None else torch.cat(
+                [b.attn.q_proj.bias, b.attn.k_proj.bias, b.attn.v_proj.bias])),
+            W_O=stack(lambda b: b.attn.output_proj.weight),
+            B_O=stack(lambda b: b.attn.output_proj.bias),
+            LN2_W=stack(lambda b: getattr(b.ln2, "weight", None)),
+            LN2_B=stack(lambda b: getattr(b.ln2, "bias", None)),
+            W_1=stack(lambda b: b.ffn.w1.weight), B_1=stack(lambda b: b.ffn.w1.bias),
+            W_3=stack(lambda b: getattr(b.ffn, "w3", None) and b.ffn.w3.weight),
+            W_2=stack(lambda b: b.ffn.w2.weight), B_2=stack(lambda b: b.ffn.w2.bias))
+        self.kv = [torch.stack([layer[name][0] for layer in cache_layers]) for name in "kv"]
+        for i, layer in enumerate(cache_layers):  # the cache now writes into the stacks
+            layer["k"], layer["v"] = self.kv[0][i][None], self.kv[1][i][None]
+        qkv_n = D + 2 * HKV * (D // H)
+        self.scratch = torch.zeros(2 * D + qkv_n + F, device=device)  # x, q|k|v, attn, hidden
+        self.barrier = torch.zeros(1, dtype=torch.int32, device=device)
+        self.logits = torch.empty(1, c.vocab_size, device=device)
+        rope = model.rope if c.positions == "rope" else None
+        self.args = (model.token_embeddings.weight, getattr(
+            model, "position_embeddings", SimpleNamespace(weight=empty)).weight,
+            empty if rope is None else rope.cos, empty if rope is None else rope.sin, *self.kv)
+        self.sizes = (c.num_layers, D, qkv_n, F, H, HKV, self.kv[0].shape[1], c.norm_eps,
+                      1 / math.sqrt(D // H))
+        rows = [triton.next_power_of_2(-(-n // self.num_programs)) for n in (qkv_n, D, F)]
+        self.meta = dict(
+            R_QKV=rows[0], R_O=rows[1], R_F=rows[2], DP=triton.next_power_of_2(D),
+            FP=triton.next_power_of_2(F), HD=D // H, BS=32 if INTERPRET else 128,
+            NORM={"layernorm": 1, "rmsnorm": 2}.get(c.norm, 0),
+            ACT={"gelu_tanh": 1, "gelu": 2, "relu": 3, "swiglu": 4}[c.ffn],
+            BIAS=c.bias, LEARNED_POS=c.positions == "learned", ROPE=rope is not None,
+            num_warps=num_warps)
+        self.head = (model.ln_final, model.lm_head.weight)
+        self.sync = not INTERPRET  # the interpreter: a launch per phase, no barrier
+
+    def __call__(self, token: Tensor, position: Tensor) -> Tensor:
+        """Logits (1, V) in float32 after token (1,) at position (1,): no host sync."""
+        norm, weight = self.head
+        grid = (self.num_programs,)
+        self.barrier.zero_()
+        for phase in ([-1] if self.sync else range(5 * self.c.num_layers + 1)):
+            _decode_layers_kernel[grid](token, position, self.scratch, self.barrier, *self.args,
+                                        *self.weights.values(), *self.sizes, phase,
+                                        self.num_programs, SYNC=self.sync, **self.meta)
+        rows = 32
+        _decode_head_kernel[(triton.cdiv(self.c.vocab_size, rows),)](
+            self.scratch, getattr(norm, "weight", weight), getattr(norm, "bias", weight), weight,
+            self.logits, self.c.vocab_size, self.c.d_model, self.c.norm_eps, ROWS=rows,
+            DP=self.meta["DP"], NORM=self.meta["NORM"], num_warps=8)
+        return self.logits
 
 
 # Command line: `python kernels.py [bench|profile|lesson|fused|attention] [--key=value ...]` -------

@@ -4616,9 +4616,63 @@ def test_compiled_greedy_graph_chains_like_eager_on_gpu(batch):
     prompt = torch.randint(0, 257, (batch, 5), device="cuda")
     out = []
     for compile in (False, True):
-        decoder = infer.Decoder(model, batch, 16, compile=compile, greedy=True)
+        decoder = infer.Decoder(model, batch, 16, compile=compile, greedy=True, fused=False)
         out.append(_chained(decoder, model, prompt, 8))
         assert decoder.mode == ("compiled" if compile else "eager") + " + CUDA graph"
+    assert torch.equal(out[0], out[1])
+
+
+_FUSED_VARIANTS = {"gpt2": dict(positions="learned", norm="layernorm", bias=True, ffn="gelu_tanh"),
+                   "llama_gqa": dict(num_kv_heads=2, d_ff=80),  # RoPE, RMSNorm, SwiGLU
+                   "plain": dict(positions="none", norm="none", ffn="relu", num_kv_heads=1)}
+
+
+@pytest.mark.parametrize("variant", _FUSED_VARIANTS)
+def test_fused_decode_step_equals_the_unfused_one(variant):
+    """kernels.py's one-kernel step (in Triton's interpreter: a launch per phase) against
+    forward_cached: the same logits and greedy tokens, the cache filled alike."""
+    model = _tiny_lm(d_model=64, **_FUSED_VARIANTS[variant])
+    prompt = torch.randint(0, 257, (1, 6), generator=torch.Generator().manual_seed(0))
+    tokens, logits, caches = [], [], []
+    for fused in (False, True):
+        decoder = infer.Decoder(model, 1, 12, greedy=True, fused=fused)
+        assert decoder.mode == ("fused kernel" if fused else "eager")
+        tokens.append(_chained(decoder, model, prompt, 3))
+        logits.append(decoder.logits if decoder.graph else decoder.decode().clone())
+        caches.append(decoder.cache.layers[1]["v"][0, :9].clone())
+    assert torch.equal(tokens[0], tokens[1])
+    torch.testing.assert_close(logits[1].float(), logits[0].float(), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(caches[1], caches[0], atol=1e-5, rtol=1e-5)
+
+
+def test_fused_decode_names_what_it_cannot_run():
+    for overrides, why in [(dict(sliding_window=4), "sliding window"),
+                           (dict(mixer="linear_attention"), "linear attention"),
+                           (dict(norm_position="post"), "post-norm"), ({}, "head dim 8"),
+                           (dict(d_model=4096, num_heads=32), "registers")]:
+        assert why in kernels.fused_decode_unsupported(_tiny_lm(**overrides), 4)
+    quantized = infer.quantize_model(_tiny_lm(d_model=64), 8)
+    assert "quantized" in kernels.fused_decode_unsupported(quantized, 4)
+    decoder = infer.Decoder(_tiny_lm(sliding_window=4), 1, 8, fused=True)  # asked: says why
+    assert decoder.step is None and "sliding window" in decoder.mode
+    assert infer.Decoder(_tiny_lm(d_model=64), 1, 8).step is None  # auto: CUDA only
+    assert infer.Decoder(_tiny_lm(d_model=64), 2, 8, fused=True).step is None  # batch 1 only
+
+
+@_CUDA
+@pytest.mark.parametrize("variant", ["gpt2", "llama_gqa"])
+def test_fused_decode_on_gpu_equals_the_compiled_step(variant):
+    """At a GPU shape in bf16, as a CUDA graph with the grid barrier (the interpreter cannot run
+    it): logits close to the unfused step's for 20 greedy steps, the tokens the same."""
+    model = _tiny_lm(d_model=512, num_heads=8, num_layers=4, vocab_size=1000,
+                     context_length=128, **_FUSED_VARIANTS[variant])
+    model = infer.cast_weights(model.cuda(), torch.bfloat16)
+    prompt = torch.randint(0, 1000, (1, 40), device="cuda")
+    out = []
+    for fused in (False, True):
+        decoder = infer.Decoder(model, 1, 64, greedy=True, fused=fused)
+        out.append(_chained(decoder, model, prompt, 20))
+        assert decoder.mode == ("fused kernel" if fused else "eager") + " + CUDA graph"
     assert torch.equal(out[0], out[1])
 
 
