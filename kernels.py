@@ -12,6 +12,7 @@ CS336 lectures 5-6 and assignment 2, part 1, in teaching order:
      cross-entropy without the whole logits (`fused` times them), and FlashAttention-2, tiled in
      PyTorch to read, then in Triton (`attention` times it). model.py uses them when asked:
      `--kernels=triton` (norms, gate, loss) and `--attn_impl=triton` (attention).
+  4. For infer.py: a batch-1 decode step as one persistent kernel over all the layers.
 On a CPU the Triton kernels run in Triton's interpreter (TRITON_INTERPRET=1): right, but slow.
 
 Commands (CPU: add --device=cpu --preset=tiny to bench and profile, seconds; one GPU: as written)
@@ -1690,6 +1691,7 @@ def fused_decode_unsupported(model: TransformerLM, num_programs: int) -> str:
         (D // H not in (16, 32, 64, 128, 256) or D % H, f"head dim {D / H:g} (a power of 2 "
          "from 16 to 256)"),
         (c.num_layers * max(n * k for n, k in tiles.values()) >= 2**31, "int32 offsets"),
+        (H > num_programs, f"{H} heads on {num_programs} programs (a head a program)"),
         (any(triton.next_power_of_2(-(-n // num_programs)) * triton.next_power_of_2(k) > MAX_TILE
              for n, k in tiles.values()), f"d_model {D}: a program's weight rows would not fit "
          f"in registers ({MAX_TILE:,} elements)")]:

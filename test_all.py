@@ -4650,7 +4650,9 @@ def test_fused_decode_names_what_it_cannot_run():
                            (dict(mixer="linear_attention"), "linear attention"),
                            (dict(norm_position="post"), "post-norm"), ({}, "head dim 8"),
                            (dict(d_model=4096, num_heads=32), "registers")]:
-        assert why in kernels.fused_decode_unsupported(_tiny_lm(**overrides), 4)
+        assert why in kernels.fused_decode_unsupported(_tiny_lm(**overrides), 132)
+    assert "8 heads on 4 programs" in kernels.fused_decode_unsupported(
+        _tiny_lm(d_model=128, num_heads=8), 4)
     quantized = infer.quantize_model(_tiny_lm(d_model=64), 8)
     assert "quantized" in kernels.fused_decode_unsupported(quantized, 4)
     decoder = infer.Decoder(_tiny_lm(sliding_window=4), 1, 8, fused=True)  # asked: says why
