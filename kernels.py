@@ -1663,7 +1663,7 @@ def _decode_head_kernel(S, NW, NB, W, LOGITS, V, D, eps, ROWS: tl.constexpr, DP:
     tl.store(LOGITS + rows, tl.sum(w.to(tl.float32) * v[None, :], axis=1), mask=rows < V)
 
 
-MAX_TILE = 32768  # elements of one weight tile a program holds in registers (64 KB in bf16)
+MAX_TILE_BYTES = 65536  # of one weight tile a program holds in registers: 32K bf16 weights
 
 
 def decode_programs(device: torch.device) -> int:
@@ -1674,7 +1674,7 @@ def decode_programs(device: torch.device) -> int:
 
 def fused_decode_unsupported(model: TransformerLM, num_programs: int) -> str:
     """Why FusedDecode cannot run this model ("" if it can)."""
-    c = model.config
+    c, size = model.config, model.token_embeddings.weight.element_size()
     D, H, kv = c.d_model, c.num_heads, c.num_kv_heads or c.num_heads
     tiles = {"q|k|v": (D + 2 * kv * (D // H), D), "FFN": (c.d_ff, D), "FFN out": (D, c.d_ff)}
     if c.mixer != "attention" or c.kv_latent_dim or c.num_experts:
@@ -1692,9 +1692,9 @@ def fused_decode_unsupported(model: TransformerLM, num_programs: int) -> str:
          "from 16 to 256)"),
         (c.num_layers * max(n * k for n, k in tiles.values()) >= 2**31, "int32 offsets"),
         (H > num_programs, f"{H} heads on {num_programs} programs (a head a program)"),
-        (any(triton.next_power_of_2(-(-n // num_programs)) * triton.next_power_of_2(k) > MAX_TILE
-             for n, k in tiles.values()), f"d_model {D}: a program's weight rows would not fit "
-         f"in registers ({MAX_TILE:,} elements)")]:
+        (any(triton.next_power_of_2(-(-n // num_programs)) * triton.next_power_of_2(k) * size
+             > MAX_TILE_BYTES for n, k in tiles.values()), f"d_model {D} in {size}-byte weights: "
+         f"a program's weight rows would not fit in registers ({MAX_TILE_BYTES:,} bytes)")]:
         if problem:
             return f"the fused decode step does not support {why}"
     return ""

@@ -4653,6 +4653,9 @@ def test_fused_decode_names_what_it_cannot_run():
         assert why in kernels.fused_decode_unsupported(_tiny_lm(**overrides), 132)
     assert "8 heads on 4 programs" in kernels.fused_decode_unsupported(
         _tiny_lm(d_model=128, num_heads=8), 4)
+    gpt2_medium = _tiny_lm(d_model=1024, num_heads=16, d_ff=4096, num_layers=1)
+    assert "4-byte weights" in kernels.fused_decode_unsupported(gpt2_medium, 132)  # float32
+    assert kernels.fused_decode_unsupported(gpt2_medium.to(torch.bfloat16), 132) == ""
     quantized = infer.quantize_model(_tiny_lm(d_model=64), 8)
     assert "quantized" in kernels.fused_decode_unsupported(quantized, 4)
     decoder = infer.Decoder(_tiny_lm(sliding_window=4), 1, 8, fused=True)  # asked: says why
