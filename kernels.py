@@ -1059,7 +1059,7 @@ def _key_range(start_m, T, S, IS_CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr,
 
 
 @triton.jit
-def _fwd_tiles(o, m, l, q, K, V, skt, q_pos, offs_n, offs_d, d_ok, lo, hi, S, qk_scale,
+def _fwd_tiles(o, m, l, q, K, V, skt, svt, q_pos, offs_n, offs_d, d_ok, lo, hi, S, qk_scale,
                IS_CAUSAL: tl.constexpr, MASKED: tl.constexpr, PRECISION: tl.constexpr,
                BLOCK_N: tl.constexpr):
     """Online softmax of a query tile over key tiles lo..hi in log2 units (exp2 is the fast
@@ -1076,7 +1076,7 @@ def _fwd_tiles(o, m, l, q, K, V, skt, q_pos, offs_n, offs_d, d_ok, lo, hi, S, qk
         alpha = tl.exp2(m - m_new)  # rescales what the earlier tiles accumulated
         p = tl.exp2(s * qk_scale - m_new[:, None])  # one fused multiply-add per score
         l = l * alpha + tl.sum(p, 1)
-        v = tl.load(V + cols[:, None] * skt + offs_d[None, :],
+        v = tl.load(V + cols[:, None] * svt + offs_d[None, :],
                     mask=(cols[:, None] < S) & d_ok[None, :], other=0.0)
         o = tl.dot(p.to(v.dtype), v, o * alpha[:, None], input_precision=PRECISION)  # o += P V
         m = m_new
@@ -1085,15 +1085,16 @@ def _fwd_tiles(o, m, l, q, K, V, skt, q_pos, offs_n, offs_d, d_ok, lo, hi, S, qk
 
 @_autotune(FWD_TILES, (32, 16))
 @triton.jit(do_not_specialize=["T", "S"])
-def _flash_fwd_kernel(Q, K, V, O, L, sqb, sqh, sqt, skb, skh, skt, H, GROUP, T, S, qk_scale,
-                      SEQ_BUCKET, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
-                      IS_CAUSAL: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
-                      BLOCK_N: tl.constexpr):
+def _flash_fwd_kernel(Q, K, V, O, L, sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot,
+                      H, GROUP, T, S, qk_scale, SEQ_BUCKET, HEAD_DIM: tl.constexpr,
+                      D_PAD: tl.constexpr, IS_CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """One program per (batch x head, query tile), the longest causal tiles launched first.
-    q and O share strides sq*; k and v share sk* (the wrapper sees to it)."""
+    Each of q, k, v, O has its own strides (batch, head, row); the last dim is contiguous."""
     bh, start_m = tl.program_id(0), (tl.num_programs(1) - 1 - tl.program_id(1)) * BLOCK_M
     b, h = (bh // H).to(tl.int64), (bh % H).to(tl.int64)
-    kv = b * skb + (h // GROUP) * skh  # GQA: query head h reads key-value head h // GROUP
+    kv_h = h // GROUP  # GQA: query head h reads key-value head h // GROUP
+    K, V = K + b * skb + kv_h * skh, V + b * svb + kv_h * svh
     offs_m, offs_n, offs_d = start_m + tl.arange(0, BLOCK_M), tl.arange(0, BLOCK_N), \
         tl.arange(0, D_PAD)
     d_ok = offs_d < HEAD_DIM  # head dims such as 96 are padded to a power of two
@@ -1103,23 +1104,24 @@ def _flash_fwd_kernel(Q, K, V, O, L, sqb, sqh, sqt, skb, skh, skt, H, GROUP, T, 
     m = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l, o = tl.zeros([BLOCK_M], tl.float32), tl.zeros([BLOCK_M, D_PAD], tl.float32)
     full, end = _key_range(start_m, T, S, IS_CAUSAL, BLOCK_M, BLOCK_N)
-    o, m, l = _fwd_tiles(o, m, l, q, K + kv, V + kv, skt, offs_m + S - T, offs_n, offs_d, d_ok,
-                         0, full, S, qk_scale, IS_CAUSAL, False, PRECISION, BLOCK_N)
-    o, m, l = _fwd_tiles(o, m, l, q, K + kv, V + kv, skt, offs_m + S - T, offs_n, offs_d, d_ok,
-                         full, end, S, qk_scale, IS_CAUSAL, True, PRECISION, BLOCK_N)
-    tl.store(O + q_ptrs, (o / l[:, None]).to(O.dtype.element_ty), mask=q_ok)
+    o, m, l = _fwd_tiles(o, m, l, q, K, V, skt, svt, offs_m + S - T, offs_n, offs_d, d_ok, 0,
+                         full, S, qk_scale, IS_CAUSAL, False, PRECISION, BLOCK_N)
+    o, m, l = _fwd_tiles(o, m, l, q, K, V, skt, svt, offs_m + S - T, offs_n, offs_d, d_ok, full,
+                         end, S, qk_scale, IS_CAUSAL, True, PRECISION, BLOCK_N)
+    o_ptrs = b * sob + h * soh + offs_m[:, None] * sot + offs_d[None, :]
+    tl.store(O + o_ptrs, (o / l[:, None]).to(O.dtype.element_ty), mask=q_ok)
     # L in natural-log units, as in the PyTorch version: ln(sum exp) = (m + log2 l) * ln 2
     tl.store(L + bh.to(tl.int64) * T + offs_m, (m + tl.log2(l)) * 0.6931471805599453,
              mask=offs_m < T)
 
 
 @triton.jit
-def _bwd_preprocess_kernel(O, dO, Delta, sqb, sqh, sqt, H, T, HEAD_DIM: tl.constexpr,
+def _bwd_preprocess_kernel(O, dO, Delta, sob, soh, sot, H, T, HEAD_DIM: tl.constexpr,
                            D_PAD: tl.constexpr, BLOCK_M: tl.constexpr):
-    """Delta = rowsum(dO * O), the backward's D, one float32 per query."""
+    """Delta = rowsum(dO * O), the backward's D, one float32 per query (O, dO: strides so*)."""
     bh, rows = tl.program_id(0), tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D_PAD)
-    ptrs = (bh // H).to(tl.int64) * sqb + (bh % H).to(tl.int64) * sqh + rows[:, None] * sqt
+    ptrs = (bh // H).to(tl.int64) * sob + (bh % H).to(tl.int64) * soh + rows[:, None] * sot
     ok = (rows[:, None] < T) & (offs_d[None, :] < HEAD_DIM)
     o = tl.load(O + ptrs + offs_d[None, :], mask=ok, other=0.0).to(tl.float32)
     do = tl.load(dO + ptrs + offs_d[None, :], mask=ok, other=0.0).to(tl.float32)
@@ -1127,7 +1129,7 @@ def _bwd_preprocess_kernel(O, dO, Delta, sqb, sqh, sqt, H, T, HEAD_DIM: tl.const
 
 
 @triton.jit
-def _dkdv_tiles(dk, dv, k, v, Q, dO, L, Delta, sqt, k_pos, offs_m, offs_d, d_ok, lo, hi, T, S,
+def _dkdv_tiles(dk, dv, k, v, Q, dO, L, Delta, sqt, sot, k_pos, offs_m, offs_d, d_ok, lo, hi, T, S,
                 qk_scale, MASKED: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr):
     """A key tile's dK, dV over query tiles lo..hi, computed transposed (keys as rows) so that
     P^T, dP^T and dS^T come out as the products need them. Query rows past T load zeros for
@@ -1136,7 +1138,7 @@ def _dkdv_tiles(dk, dv, k, v, Q, dO, L, Delta, sqt, k_pos, offs_m, offs_d, d_ok,
         rows = start_m + offs_m  # (BLOCK_M,) query indices
         qT = tl.load(Q + offs_d[:, None] + rows[None, :] * sqt,
                      mask=d_ok[:, None] & (rows[None, :] < T), other=0.0)  # (D, BLOCK_M)
-        do = tl.load(dO + rows[:, None] * sqt + offs_d[None, :],
+        do = tl.load(dO + rows[:, None] * sot + offs_d[None, :],
                      mask=(rows[:, None] < T) & d_ok[None, :], other=0.0)  # (BLOCK_M, D)
         lse = tl.load(L + rows, mask=rows < T, other=0.0) * 1.4426950408889634  # log2 units
         delta = tl.load(Delta + rows, mask=rows < T, other=0.0)
@@ -1152,13 +1154,15 @@ def _dkdv_tiles(dk, dv, k, v, Q, dO, L, Delta, sqt, k_pos, offs_m, offs_d, d_ok,
 
 @_autotune(DKDV_TILES, (16, 32))
 @triton.jit(do_not_specialize=["T", "S"])
-def _flash_bwd_dkdv_kernel(Q, K, V, dO, L, Delta, dK, dV, sqb, sqh, sqt, skb, skh, skt, H, GROUP,
-                           T, S, qk_scale, sm_scale, SEQ_BUCKET, HEAD_DIM: tl.constexpr,
+def _flash_bwd_dkdv_kernel(Q, K, V, dO, L, Delta, dK, dV, sqb, sqh, sqt, skb, skh, skt, svb, svh,
+                           svt, sob, soh, sot, H, GROUP, T, S, qk_scale, sm_scale, SEQ_BUCKET,
+                           HEAD_DIM: tl.constexpr,
                            D_PAD: tl.constexpr, IS_CAUSAL: tl.constexpr,
                            PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
                            BLOCK_N: tl.constexpr):
     """One program per (batch x key-value head, key tile), over the query heads of its GQA group
-    and their query tiles from the diagonal on: dK, dV summed in registers, no atomics."""
+    and their query tiles from the diagonal on: dK, dV summed in registers, no atomics. dK is
+    laid out as k, dV as v."""
     bh_kv, start_n = tl.program_id(0), tl.program_id(1) * BLOCK_N
     b, kv_h = (bh_kv // (H // GROUP)).to(tl.int64), (bh_kv % (H // GROUP)).to(tl.int64)
     k_pos, offs_m, offs_d = start_n + tl.arange(0, BLOCK_N), tl.arange(0, BLOCK_M), \
@@ -1166,8 +1170,9 @@ def _flash_bwd_dkdv_kernel(Q, K, V, dO, L, Delta, dK, dV, sqb, sqh, sqt, skb, sk
     d_ok = offs_d < HEAD_DIM
     k_ok = (k_pos[:, None] < S) & d_ok[None, :]
     k_ptrs = b * skb + kv_h * skh + k_pos[:, None] * skt + offs_d[None, :]
+    v_ptrs = b * svb + kv_h * svh + k_pos[:, None] * svt + offs_d[None, :]
     k = tl.load(K + k_ptrs, mask=k_ok, other=0.0)  # (BLOCK_N, D)
-    v = tl.load(V + k_ptrs, mask=k_ok, other=0.0)
+    v = tl.load(V + v_ptrs, mask=k_ok, other=0.0)
     dk, dv = tl.zeros([BLOCK_N, D_PAD], tl.float32), tl.zeros([BLOCK_N, D_PAD], tl.float32)
     lo, full = T * 0, T * 0  # not causal: every query sees every key
     if IS_CAUSAL:  # queries before lo see none of these keys; from `full` on, all of them
@@ -1176,20 +1181,21 @@ def _flash_bwd_dkdv_kernel(Q, K, V, dO, L, Delta, dK, dV, sqb, sqh, sqt, skb, sk
                           * BLOCK_M, T)
     for g in range(GROUP):
         h = kv_h * GROUP + g
-        q_off, lse_off = b * sqb + h * sqh, (b * H + h) * T
+        Qh, dOh, lse_off = Q + b * sqb + h * sqh, dO + b * sob + h * soh, (b * H + h) * T
         if IS_CAUSAL:
-            dk, dv = _dkdv_tiles(dk, dv, k, v, Q + q_off, dO + q_off, L + lse_off,
-                                 Delta + lse_off, sqt, k_pos, offs_m, offs_d, d_ok, lo, full, T,
-                                 S, qk_scale, True, PRECISION, BLOCK_M)  # the diagonal
-        dk, dv = _dkdv_tiles(dk, dv, k, v, Q + q_off, dO + q_off, L + lse_off, Delta + lse_off,
-                             sqt, k_pos, offs_m, offs_d, d_ok, full, T, T, S, qk_scale, False,
-                             PRECISION, BLOCK_M)  # below it: no mask
+            dk, dv = _dkdv_tiles(dk, dv, k, v, Qh, dOh, L + lse_off, Delta + lse_off, sqt, sot,
+                                 k_pos, offs_m, offs_d, d_ok, lo, full, T, S, qk_scale, True,
+                                 PRECISION, BLOCK_M)  # the diagonal
+        dk, dv = _dkdv_tiles(dk, dv, k, v, Qh, dOh, L + lse_off, Delta + lse_off, sqt, sot, k_pos,
+                             offs_m, offs_d, d_ok, full, T, T, S, qk_scale, False, PRECISION,
+                             BLOCK_M)  # below it: no mask
     tl.store(dK + k_ptrs, (dk * sm_scale).to(dK.dtype.element_ty), mask=k_ok)
-    tl.store(dV + k_ptrs, dv.to(dV.dtype.element_ty), mask=k_ok)
+    tl.store(dV + v_ptrs, dv.to(dV.dtype.element_ty), mask=k_ok)
 
 
 @triton.jit
-def _dq_tiles(dq, q, do, lse, delta, K, V, skt, q_pos, offs_n, offs_d, d_ok, lo, hi, S, qk_scale,
+def _dq_tiles(dq, q, do, lse, delta, K, V, skt, svt, q_pos, offs_n, offs_d, d_ok, lo, hi, S,
+              qk_scale,
               IS_CAUSAL: tl.constexpr, MASKED: tl.constexpr, PRECISION: tl.constexpr,
               BLOCK_N: tl.constexpr):
     """A query tile's dQ over key tiles lo..hi: dS = P * (dO V^T - Delta), dQ += dS K."""
@@ -1197,7 +1203,7 @@ def _dq_tiles(dq, q, do, lse, delta, K, V, skt, q_pos, offs_n, offs_d, d_ok, lo,
         cols = start_n + offs_n
         ok = d_ok[:, None] & (cols[None, :] < S)  # (D, BLOCK_N)
         kT = tl.load(K + offs_d[:, None] + cols[None, :] * skt, mask=ok, other=0.0)
-        vT = tl.load(V + offs_d[:, None] + cols[None, :] * skt, mask=ok, other=0.0)
+        vT = tl.load(V + offs_d[:, None] + cols[None, :] * svt, mask=ok, other=0.0)
         p = tl.exp2(tl.dot(q, kT, input_precision=PRECISION) * qk_scale - lse[:, None])
         if MASKED:
             keep = (cols[None, :] <= q_pos[:, None]) | (not IS_CAUSAL)
@@ -1209,61 +1215,78 @@ def _dq_tiles(dq, q, do, lse, delta, K, V, skt, q_pos, offs_n, offs_d, d_ok, lo,
 
 @_autotune(DQ_TILES, (32, 16))
 @triton.jit(do_not_specialize=["T", "S"])
-def _flash_bwd_dq_kernel(Q, K, V, dO, L, Delta, dQ, sqb, sqh, sqt, skb, skh, skt, H, GROUP, T, S,
-                         qk_scale, sm_scale, SEQ_BUCKET, HEAD_DIM: tl.constexpr,
-                         D_PAD: tl.constexpr, IS_CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
-                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _flash_bwd_dq_kernel(Q, K, V, dO, L, Delta, dQ, sqb, sqh, sqt, skb, skh, skt, svb, svh, svt,
+                         sob, soh, sot, H, GROUP, T, S, qk_scale, sm_scale, SEQ_BUCKET,
+                         HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, IS_CAUSAL: tl.constexpr,
+                         PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """One program per (batch x head, query tile), over the key ranges of the forward."""
     bh, start_m = tl.program_id(0), (tl.num_programs(1) - 1 - tl.program_id(1)) * BLOCK_M
     b, h = (bh // H).to(tl.int64), (bh % H).to(tl.int64)
-    kv = b * skb + (h // GROUP) * skh
+    K, V = K + b * skb + (h // GROUP) * skh, V + b * svb + (h // GROUP) * svh
     offs_m, offs_n, offs_d = start_m + tl.arange(0, BLOCK_M), tl.arange(0, BLOCK_N), \
         tl.arange(0, D_PAD)
     d_ok = offs_d < HEAD_DIM
     q_ok = (offs_m[:, None] < T) & d_ok[None, :]
     q_ptrs = b * sqb + h * sqh + offs_m[:, None] * sqt + offs_d[None, :]
     q = tl.load(Q + q_ptrs, mask=q_ok, other=0.0)
-    do = tl.load(dO + q_ptrs, mask=q_ok, other=0.0)
+    do = tl.load(dO + b * sob + h * soh + offs_m[:, None] * sot + offs_d[None, :], mask=q_ok,
+                 other=0.0)
     lse = tl.load(L + bh.to(tl.int64) * T + offs_m, mask=offs_m < T, other=0.0)
     lse = lse * 1.4426950408889634  # log2 units
     delta = tl.load(Delta + bh.to(tl.int64) * T + offs_m, mask=offs_m < T, other=0.0)
     dq = tl.zeros([BLOCK_M, D_PAD], tl.float32)
     full, end = _key_range(start_m, T, S, IS_CAUSAL, BLOCK_M, BLOCK_N)
-    dq = _dq_tiles(dq, q, do, lse, delta, K + kv, V + kv, skt, offs_m + S - T, offs_n, offs_d,
-                   d_ok, 0, full, S, qk_scale, IS_CAUSAL, False, PRECISION, BLOCK_N)
-    dq = _dq_tiles(dq, q, do, lse, delta, K + kv, V + kv, skt, offs_m + S - T, offs_n, offs_d,
-                   d_ok, full, end, S, qk_scale, IS_CAUSAL, True, PRECISION, BLOCK_N)
+    dq = _dq_tiles(dq, q, do, lse, delta, K, V, skt, svt, offs_m + S - T, offs_n, offs_d, d_ok,
+                   0, full, S, qk_scale, IS_CAUSAL, False, PRECISION, BLOCK_N)
+    dq = _dq_tiles(dq, q, do, lse, delta, K, V, skt, svt, offs_m + S - T, offs_n, offs_d, d_ok,
+                   full, end, S, qk_scale, IS_CAUSAL, True, PRECISION, BLOCK_N)
     tl.store(dQ + q_ptrs, (dq * sm_scale).to(dQ.dtype.element_ty), mask=q_ok)
 
 
-def _dense(x: Tensor, like: Tensor | None = None) -> Tensor:
-    """x itself if it is laid out as `like` (default: as torch.empty_like lays x out, so that
-    transposed views pass without a copy), else a copy that is; size-1 dims do not count."""
-    strides = torch.empty_like(x if like is None else like, device="meta").stride()
+def _layout(x: Tensor) -> tuple[int, ...]:
+    """The strides the kernels read x with: those torch.empty_like gives it (a transposed view
+    keeps its own, and the gradients, made by empty_like, share them), unless its last dim would
+    not be contiguous (x.mT): then x's contiguous strides."""
+    strides = torch.empty_like(x, device="meta").stride()
+    return strides if strides[-1] == 1 else torch.empty(x.shape, device="meta").stride()
+
+
+def _readable(x: Tensor, strides: tuple[int, ...]) -> Tensor:
+    """x itself if it has these strides (size-1 dims do not count), else a copy that has them."""
     same = all(a == b for a, b, n in zip(x.stride(), strides, x.shape) if n > 1)
-    return x if same else torch.empty_like(x if like is None else like).copy_(x)
+    return x if same else x.new_empty_strided(x.shape, strides).copy_(x)
 
 
-def _kernel_args(q: Tensor, k: Tensor, is_causal: bool) -> tuple[tuple, dict]:
+def _attention_output(q: Tensor) -> Tensor:
+    """O (B, H, T, d) laid out as (B, T, H, d): merging the heads after attention is then a view,
+    not a copy, and O's gradient arrives in the same layout."""
+    B, H, T, d = q.shape
+    return q.new_empty(B, T, H, d).transpose(1, 2)
+
+
+def _kernel_args(q: Tensor, k: Tensor, v: Tensor, O: Tensor,
+                 is_causal: bool) -> tuple[tuple, dict]:
     """Strides, sizes and scale every kernel takes, and its constants: head dim padded to a power
     of two; fp32 dots in true fp32 unless torch allows TF32 (set_float32_matmul_precision)."""
     (H, T, d), (H_kv, S) = q.shape[1:], k.shape[1:3]
     exact = q.dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest"
-    args = (*q.stride()[:3], *k.stride()[:3], H, H // H_kv, T, S, LOG2E / math.sqrt(d))
+    args = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *O.stride()[:3], H, H // H_kv,
+            T, S, LOG2E / math.sqrt(d))
     return args, dict(SEQ_BUCKET=min(triton.next_power_of_2(max(T, S)), 4096), HEAD_DIM=d,
                       D_PAD=max(16, triton.next_power_of_2(d)), IS_CAUSAL=bool(is_causal),
                       PRECISION="ieee" if exact else "tf32")
 
 
-# The custom operators (why: above the fused RMSNorm). The kernels take q's strides for O, dO and
-# dQ and k's for v, dK and dV, so each op first lays its inputs out so (a no-op for model.py's
-# transposed q, k, v); its fake allocates the outputs as the op would after that.
+# The custom operators (why: above the fused RMSNorm). The kernels take strides for each of q, k,
+# v and O (dQ, dK, dV and dO share them), so model.py's head-split views pass without a copy;
+# the fakes allocate the outputs as the ops do.
 @torch.library.custom_op("cs336::flash_attention_fwd", mutates_args=())
 def _flash_fwd(q: Tensor, k: Tensor, v: Tensor, is_causal: bool) -> tuple[Tensor, Tensor]:
-    """(O laid out as q, L (B, H, T) float32: the log-sum-exp of each query's scores)."""
-    q, k, v = _dense(q), _dense(k), _dense(v, k)
-    (B, H, T), (args, meta) = q.shape[:3], _kernel_args(q, k, is_causal)
-    O, L = torch.empty_like(q), q.new_empty((B, H, T), dtype=torch.float32)
+    """(O, L (B, H, T) float32: the log-sum-exp of each query's scores)."""
+    q, k, v = (_readable(x, _layout(x)) for x in (q, k, v))
+    (B, H, T), O = q.shape[:3], _attention_output(q)
+    args, meta = _kernel_args(q, k, v, O, is_causal)
+    L = q.new_empty((B, H, T), dtype=torch.float32)
     _flash_fwd_kernel[lambda c: (B * H, triton.cdiv(T, c["BLOCK_M"]))](q, k, v, O, L, *args,
                                                                         **meta)
     return O, L
@@ -1272,14 +1295,14 @@ def _flash_fwd(q: Tensor, k: Tensor, v: Tensor, is_causal: bool) -> tuple[Tensor
 @torch.library.custom_op("cs336::flash_attention_bwd", mutates_args=())
 def _flash_bwd(dO: Tensor, q: Tensor, k: Tensor, v: Tensor, O: Tensor, L: Tensor,
                is_causal: bool) -> tuple[Tensor, Tensor, Tensor]:
-    q, k, v = _dense(q), _dense(k), _dense(v, k)
-    O, dO = _dense(O, q), _dense(dO, q)
+    q, k, v = (_readable(x, _layout(x)) for x in (q, k, v))
+    dO = _readable(dO, O.stride())  # O is the forward's: its layout is the kernels' own
     (B, H, T, d), (H_kv, S) = q.shape, k.shape[1:3]
-    args, meta = _kernel_args(q, k, is_causal)
+    args, meta = _kernel_args(q, k, v, O, is_causal)
     Delta = torch.empty((B, H, T), device=q.device, dtype=torch.float32)
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(k)
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     _bwd_preprocess_kernel[(B * H, triton.cdiv(T, 64))](
-        O, dO, Delta, *q.stride()[:3], H, T, HEAD_DIM=d, D_PAD=meta["D_PAD"], BLOCK_M=64)
+        O, dO, Delta, *O.stride()[:3], H, T, HEAD_DIM=d, D_PAD=meta["D_PAD"], BLOCK_M=64)
     _flash_bwd_dkdv_kernel[lambda c: (B * H_kv, triton.cdiv(S, c["BLOCK_N"]))](
         q, k, v, dO, L, Delta, dk, dv, *args, 1 / math.sqrt(d), **meta)
     _flash_bwd_dq_kernel[lambda c: (B * H, triton.cdiv(T, c["BLOCK_M"]))](
@@ -1298,9 +1321,9 @@ def _flash_backward(ctx, dO: Tensor, _) -> tuple:
 
 
 _flash_fwd.register_fake(lambda q, k, v, is_causal: (
-    torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)))
-_flash_bwd.register_fake(lambda dO, q, k, v, O, L, is_causal: (
-    torch.empty_like(q), torch.empty_like(k), torch.empty_like(k)))
+    _attention_output(q), q.new_empty(q.shape[:3], dtype=torch.float32)))
+_flash_bwd.register_fake(lambda dO, q, k, v, O, L, is_causal: tuple(
+    x.new_empty_strided(x.shape, _layout(x)) for x in (q, k, v)))
 _flash_fwd.register_autograd(_flash_backward, setup_context=_flash_setup)
 
 

@@ -1072,9 +1072,17 @@ def test_compiled_model_equals_eager_on_cuda(dtype, bound):
 
 
 @pytest.mark.parametrize("num_kv_heads", [None, 2])
-def test_triton_attention_model_equals_manual(num_kv_heads):
+def test_triton_attention_model_equals_manual(num_kv_heads, monkeypatch):
     """attn_impl="triton" (kernels.py's FlashAttention, in Triton's interpreter on a CPU, GQA
-    inside the kernel) gives the hand-written attention's logits and gradients."""
+    inside the kernel) gives the hand-written attention's logits and gradients, and reads
+    model.py's q, k, v and the output's gradient where they lie: no copies."""
+    copies, readable = [], kernels._readable
+
+    def counting(x, strides):
+        y = readable(x, strides)
+        copies.extend([tuple(x.stride())] if y is not x else [])
+        return y
+    monkeypatch.setattr(kernels, "_readable", counting)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     ids = _tokens((2, 20), vocab=64).to(device)
     models = [_model(attn_impl=impl, vocab_size=64, context_length=32, d_model=64, num_heads=4,
@@ -1086,6 +1094,7 @@ def test_triton_attention_model_equals_manual(num_kv_heads):
         out.square().mean().backward()
     for (name, p), q in zip(models[0].named_parameters(), models[1].parameters()):
         torch.testing.assert_close(q.grad, p.grad, rtol=1e-3, atol=1e-5, msg=name)
+    assert copies == []
 
 
 @pytest.mark.parametrize("name", list(_VARIANTS))
@@ -1445,9 +1454,12 @@ def test_adamw_fused_compiles_once_for_all_steps() -> None:
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.compile's import
 def test_muon_and_soap_adamw_groups_take_the_fused_path() -> None:
-    """Muon's AdamW groups and SOAP's vectors run the same fused update when asked."""
+    """fused=True gives the same steps: Muon's compiled update (a tall, a square and a wide
+    matrix, with Nesterov and without) and its AdamW groups; SOAP's vectors."""
     for make in (lambda m, fused: Muon(param_groups_for_muon(m, lr=2e-2, weight_decay=0.01),
                                        fused=fused),
+                 lambda m, fused: Muon(param_groups_for_muon(m, lr=2e-2, weight_decay=0.01),
+                                       nesterov=False, fused=fused),
                  lambda m, fused: SOAP(decay_param_groups(m, 0.01), lr=1e-2, fused=fused)):
         models = [_two_group_mlp(), _two_group_mlp()]
         optimizers = [make(models[0], False), make(models[1], True)]
@@ -2857,9 +2869,19 @@ def test_bench_profile_and_compiled_muon_on_gpu(tmp_path, capsys):
          "--warmup_steps=1"], kernels.ProfileConfig()))  # 4 layers of 128 wide, 8 x 128 tokens
     assert out.stat().st_size > 0 and "CUDA" in result["table"]
     assert 0 < result["peak_gb"]["checkpointed"] < result["peak_gb"]["plain"]
-    G = torch.randn(6, 64, 96, device="cuda", generator=torch.Generator("cuda").manual_seed(0))
-    compiled = train._compiled_newtonschulz()(G, 5)
-    torch.testing.assert_close(compiled, zeropower_via_newtonschulz(G), rtol=0.05, atol=0.02)
+    steps = []  # Muon's compiled update (bf16 on the GPU) against the foreach one
+    for fused in (False, True):
+        gen = torch.Generator("cuda").manual_seed(0)
+        weights = [nn.Parameter(torch.randn(*shape, device="cuda", generator=gen))
+                   for shape in ((64, 32), (32, 64), (48, 48))]
+        for w in weights:
+            w.grad = torch.randn(w.shape, device="cuda", generator=gen)
+        before = [w.detach().clone() for w in weights]
+        Muon(weights, lr=0.01, fused=fused).step()
+        steps.append([(b - w.detach()) / (0.01 * 0.2 * max(w.shape) ** 0.5)
+                      for w, b in zip(weights, before)])
+    for foreach_step, fused_step in zip(*steps):
+        torch.testing.assert_close(fused_step, foreach_step, rtol=0.05, atol=0.02)
     tokens = (np.arange(500) % 97).astype(np.uint16)
     run, gen = _run(tokens, torch.Generator().manual_seed(5), 0, "cuda"), torch.Generator()
     gen.manual_seed(5)
@@ -3410,8 +3432,8 @@ def test_flash_triton_float16():
 
 
 def test_flash_triton_strided_inputs():
-    """model.py's layout: q, k, v are transposed views of (B, T, H, d); the output keeps q's
-    layout. A strided last dim is copied, not misread."""
+    """model.py's layout: q, k, v are transposed views of (B, T, H, d); the output is laid out
+    so too. A strided last dim is copied, not misread, also where the tensor is dense (x.mT)."""
     torch.manual_seed(0)
     q, k, v = (torch.randn(1, 21, 2, 16, requires_grad=True) for _ in range(3))
     qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
@@ -3425,8 +3447,10 @@ def test_flash_triton_strided_inputs():
     for a, b in zip(grads, ref_grads):
         torch.testing.assert_close(a, b, atol=2e-5, rtol=0)
     wide = torch.randn(1, 2, 21, 32)[..., ::2]  # last-dim stride 2
-    torch.testing.assert_close(kernels.flash_attention(wide, wide, wide, False).double(),
-                               flash_reference(wide, wide, wide, False)[0], atol=2e-5, rtol=0)
+    transposed = torch.randn(1, 2, 16, 21).mT  # dense, but the last dim has stride 21
+    for x in (wide, transposed):
+        torch.testing.assert_close(kernels.flash_attention(x, x, x, False).double(),
+                                   flash_reference(x, x, x, False)[0], atol=2e-5, rtol=0)
 
 
 @pytest.mark.parametrize("change,match", [
