@@ -1156,8 +1156,7 @@ def _dkdv_tiles(dk, dv, k, v, Q, dO, L, Delta, sqt, sot, k_pos, offs_m, offs_d, 
 @triton.jit(do_not_specialize=["T", "S"])
 def _flash_bwd_dkdv_kernel(Q, K, V, dO, L, Delta, dK, dV, sqb, sqh, sqt, skb, skh, skt, svb, svh,
                            svt, sob, soh, sot, H, GROUP, T, S, qk_scale, sm_scale, SEQ_BUCKET,
-                           HEAD_DIM: tl.constexpr,
-                           D_PAD: tl.constexpr, IS_CAUSAL: tl.constexpr,
+                           HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, IS_CAUSAL: tl.constexpr,
                            PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
                            BLOCK_N: tl.constexpr):
     """One program per (batch x key-value head, key tile), over the query heads of its GQA group
@@ -1195,8 +1194,7 @@ def _flash_bwd_dkdv_kernel(Q, K, V, dO, L, Delta, dK, dV, sqb, sqh, sqt, skb, sk
 
 @triton.jit
 def _dq_tiles(dq, q, do, lse, delta, K, V, skt, svt, q_pos, offs_n, offs_d, d_ok, lo, hi, S,
-              qk_scale,
-              IS_CAUSAL: tl.constexpr, MASKED: tl.constexpr, PRECISION: tl.constexpr,
+              qk_scale, IS_CAUSAL: tl.constexpr, MASKED: tl.constexpr, PRECISION: tl.constexpr,
               BLOCK_N: tl.constexpr):
     """A query tile's dQ over key tiles lo..hi: dS = P * (dO V^T - Delta), dQ += dS K."""
     for start_n in range(lo, hi, BLOCK_N):
