@@ -883,14 +883,16 @@ def zeropower_via_newtonschulz(G: Tensor, steps: int = 5) -> Tensor:
     return (X.mT if tall else X).to(G.dtype)
 
 
-def _muon_fused_math(params: list[Tensor], grads: list[Tensor], bufs: list[Tensor],
-                     numbers: Tensor, nesterov: bool, ns_steps: int) -> None:
-    """Muon._update's lines for one stack of equal-shaped matrices (tall ones transposed), with
-    the step's numbers read from one float32 tensor (see adamw_update_fused)."""
+def _muon_math(params: list[Tensor], grads: list[Tensor], bufs: list[Tensor], numbers: Tensor,
+               nesterov: bool, ns_steps: int) -> None:
+    """Muon's update (the class docstring's lines) for one stack of equal-shaped matrices, tall
+    ones transposed, so that a (2048, 768) matrix joins the (768, 2048) ones. The step's numbers
+    come in one float32 tensor: compiled, floats would be baked in (see adamw_update_fused)."""
     decay, one_minus_momentum, momentum, step_size = numbers.unbind()
     updates = []
     for p, g, buf in zip(params, grads, bufs):
         buf.lerp_(g, one_minus_momentum)
+        # Nesterov: mix the fresh gradient back in, into a new tensor (p.grad stays the caller's)
         u = (g.lerp(buf, momentum) if nesterov else buf).reshape(p.size(0), -1)
         updates.append(u.mT if u.size(0) > u.size(1) else u)
     ortho = zeropower_via_newtonschulz(torch.stack(updates), ns_steps)
@@ -901,16 +903,15 @@ def _muon_fused_math(params: list[Tensor], grads: list[Tensor], bufs: list[Tenso
 
 @functools.cache
 def _compiled_muon_math() -> Callable:  # one compilation per stack shape
-    return torch.compile(_muon_fused_math, dynamic=False)
+    return torch.compile(_muon_math, dynamic=False)
 
 
-def muon_update_fused(params: list[Tensor], grads: list[Tensor], bufs: list[Tensor], *,
-                      lr: float, momentum: float, nesterov: bool, ns_steps: int,
-                      weight_decay: float) -> None:
-    """Muon's update compiled: the momentum, the stacking, the casts and the weight update fuse
-    into a few kernels around cuBLAS's batched matmuls, which are most of the time (the README
-    has the numbers). A (2048, 768) and a (768, 2048) matrix share one stack, one transposed:
-    fewer, larger batched matmuls."""
+def muon_update(params: list[Tensor], grads: list[Tensor], bufs: list[Tensor], *, lr: float,
+                momentum: float, nesterov: bool, ns_steps: int, weight_decay: float,
+                fused: bool) -> None:
+    """A Muon group's step: one stack per matrix shape, orthogonalised in one batched call.
+    fused=True compiles it: the momentum, stacking, casts and weight update fuse into a few
+    kernels around cuBLAS's batched matmuls, which then are most of the time."""
     stacks: dict[tuple[int, int], list[int]] = {}
     for i, p in enumerate(params):
         rows, cols = p.size(0), p[0].numel()
@@ -918,8 +919,8 @@ def muon_update_fused(params: list[Tensor], grads: list[Tensor], bufs: list[Tens
     for (_, longest), idx in stacks.items():
         numbers = _to_device(torch.tensor([1 - lr * weight_decay, 1 - momentum, momentum,
                                            lr * 0.2 * longest ** 0.5]), params[idx[0]].device)
-        _compiled_muon_math()(*([lst[i] for i in idx] for lst in (params, grads, bufs)),
-                              numbers, nesterov, ns_steps)
+        (_compiled_muon_math() if fused else _muon_math)(
+            *([lst[i] for i in idx] for lst in (params, grads, bufs)), numbers, nesterov, ns_steps)
 
 
 class Muon(_Optimizer):
@@ -961,24 +962,9 @@ class Muon(_Optimizer):
             for p in [p for p in params if "momentum_buffer" not in self.state[p]]:
                 self.state[p]["momentum_buffer"] = torch.zeros_like(p)
             bufs = [self.state[p]["momentum_buffer"] for p in params]
-            if group["fused"]:
-                muon_update_fused(params, grads, bufs, lr=lr, momentum=momentum,
-                                  nesterov=group["nesterov"], ns_steps=group["ns_steps"],
-                                  weight_decay=group["weight_decay"])
-                continue
-            torch._foreach_lerp_(bufs, grads, 1 - momentum)
-            # Nesterov: mix the fresh gradient back in, into new tensors (p.grad stays the caller's)
-            updates = torch._foreach_lerp(grads, bufs, momentum) if group["nesterov"] else bufs
-            torch._foreach_mul_(params, 1 - lr * group["weight_decay"])
-            by_shape: dict[torch.Size, list[int]] = {}  # one stack (k, rows, cols) per shape
-            for i, p in enumerate(params):
-                by_shape.setdefault(p.shape, []).append(i)
-            for shape, index in by_shape.items():
-                stack = torch.stack([updates[i].reshape(shape[0], -1) for i in index])
-                ortho = zeropower_via_newtonschulz(stack, group["ns_steps"])
-                ortho = ortho.view(len(index), *shape)
-                torch._foreach_add_([params[i] for i in index], list(ortho.unbind(0)),
-                                    alpha=-lr * 0.2 * max(stack.shape[1:]) ** 0.5)
+            muon_update(params, grads, bufs, lr=lr, momentum=momentum, nesterov=group["nesterov"],
+                        ns_steps=group["ns_steps"], weight_decay=group["weight_decay"],
+                        fused=group["fused"])
 
 
 def _rotate_second_moment(v: Tensor, rotation_left: Tensor | None,
