@@ -625,19 +625,20 @@ def _rmsnorm_launch(D: int, device: torch.device) -> tuple[dict, int]:
 # torch.compile graph at every call (GPT-2 small's compiled step: 235K tokens/s, plain torch 500K).
 # A custom op is one node of one graph; its fake gives compile the output shapes without a kernel
 # (allocating as the op does); its backward is another op. Ops return new tensors, never views.
-def _rmsnorm_outputs(x: Tensor, weight: Tensor, residual: Tensor | None,
-                     eps: float) -> tuple[Tensor, Tensor, Tensor]:
-    """Unfilled y (..., D), x + residual (empty without a residual) and rstd (...,) float32."""
+def _rmsnorm_outputs(x: Tensor, weight: Tensor, residual: Tensor | None, eps: float,
+                     out_dtype: torch.dtype | None) -> tuple[Tensor, Tensor, Tensor]:
+    """Unfilled y (..., D) in out_dtype (None: the promoted input dtype), x + residual (empty
+    without a residual) and rstd (...,) float32."""
     dtype = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
-    y = torch.empty(x.shape, dtype=dtype, device=x.device)
-    summed = y.new_empty(0) if residual is None else torch.empty_like(y)
+    y = torch.empty(x.shape, dtype=out_dtype or dtype, device=x.device)
+    summed = y.new_empty(0) if residual is None else torch.empty_like(y, dtype=dtype)
     return y, summed, x.new_empty(x.shape[:-1], dtype=torch.float32)
 
 
 @torch.library.custom_op("cs336::rmsnorm_fwd", mutates_args=())
-def _rmsnorm_fwd(x: Tensor, weight: Tensor, residual: Tensor | None,
-                 eps: float) -> tuple[Tensor, Tensor, Tensor]:
-    y, summed, rstd = _rmsnorm_outputs(x, weight, residual, eps)
+def _rmsnorm_fwd(x: Tensor, weight: Tensor, residual: Tensor | None, eps: float,
+                 out_dtype: torch.dtype | None) -> tuple[Tensor, Tensor, Tensor]:
+    y, summed, rstd = _rmsnorm_outputs(x, weight, residual, eps, out_dtype)
     D, (launch, _) = x.shape[-1], _rmsnorm_launch(x.shape[-1], x.device)
     x2 = x.reshape(-1, D).contiguous()  # (M, D)
     r2 = x2 if residual is None else residual.reshape(-1, D).contiguous()
@@ -666,7 +667,7 @@ def _rmsnorm_bwd(dy: Tensor, x: Tensor, weight: Tensor, rstd: Tensor,
 
 
 def _rmsnorm_setup(ctx, inputs: tuple, output: tuple) -> None:
-    x, weight, residual, _ = inputs
+    x, weight, residual, _, _ = inputs
     _, summed, rstd = output
     ctx.save_for_backward(x if residual is None else summed, weight, rstd)
     ctx.dtypes = x.dtype, None if residual is None else residual.dtype
@@ -677,7 +678,7 @@ def _rmsnorm_setup(ctx, inputs: tuple, output: tuple) -> None:
 def _rmsnorm_backward(ctx, dy: Tensor, dsummed: Tensor | None, _) -> tuple:
     x_dtype, residual_dtype = ctx.dtypes  # the add passes dx on to the residual too
     dx, dw = _rmsnorm_bwd(dy, *ctx.saved_tensors, None if residual_dtype is None else dsummed)
-    return dx.to(x_dtype), dw, None if residual_dtype is None else dx.to(residual_dtype), None
+    return dx.to(x_dtype), dw, None if residual_dtype is None else dx.to(residual_dtype), None, None
 
 
 _rmsnorm_fwd.register_fake(_rmsnorm_outputs)
@@ -686,34 +687,47 @@ _rmsnorm_bwd.register_fake(lambda dy, x, weight, rstd, dsummed: (
 _rmsnorm_fwd.register_autograd(_rmsnorm_backward, setup_context=_rmsnorm_setup)
 
 
-def rmsnorm_triton(x: Tensor, weight: Tensor, eps: float = 1e-5,
-                   residual: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
+def rmsnorm_triton(x: Tensor, weight: Tensor, eps: float = 1e-5, residual: Tensor | None = None,
+                   out_dtype: torch.dtype | None = None) -> Tensor | tuple[Tensor, Tensor]:
     """rmsnorm(x) * weight for x (..., D); with a residual, (rmsnorm(x + residual) * weight,
-    x + residual). Statistics in float32, outputs in the (promoted) input dtype like model.py."""
+    x + residual). Statistics in float32, outputs in the (promoted) input dtype like model.py;
+    out_dtype sets the normed output's (the cast a matmul after it would make, for free)."""
     check_input("RMSNorm", x, weight, *([] if residual is None else [residual]))
     if weight.shape != x.shape[-1:]:
         raise ValueError(f"RMSNorm weight must have shape ({x.shape[-1]},), got "
                          f"{tuple(weight.shape)}")
     if residual is not None and residual.shape != x.shape:
         raise ValueError(f"residual shape {tuple(residual.shape)} != x shape {tuple(x.shape)}")
-    y, summed, _ = _rmsnorm_fwd(x, weight, residual, eps)
+    y, summed, _ = _rmsnorm_fwd(x, weight, residual, eps, out_dtype)
     return y if residual is None else (y, summed)
 
 
-def fused_add_rmsnorm(x: Tensor, residual: Tensor, weight: Tensor,
-                      eps: float = 1e-5) -> tuple[Tensor, Tensor]:
+def fused_add_rmsnorm(x: Tensor, residual: Tensor, weight: Tensor, eps: float = 1e-5,
+                      out_dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
     """(rmsnorm(x + residual) * weight, x + residual) in one pass over memory, both directions."""
-    return rmsnorm_triton(x, weight, eps, residual)
+    return rmsnorm_triton(x, weight, eps, residual, out_dtype)
 
 
 class TritonRMSNorm(RMSNorm):
-    """model.py's RMSNorm on the fused kernel: the same `weight`, so checkpoints load either way."""
+    """model.py's RMSNorm on the fused kernel: the same `weight`, so checkpoints load either way.
+    feeds_matmul=True (model.py's pre-norm blocks, where the output goes only into matmuls): under
+    autocast the output is written in the autocast dtype, the matmul's own cast, which would
+    otherwise cost a pass over memory (and its backward another)."""
+    def __init__(self, d_model: int, eps: float = 1e-5, feeds_matmul: bool = False) -> None:
+        super().__init__(d_model, eps)
+        self.feeds_matmul = feeds_matmul
+
+    def out_dtype(self, x: Tensor) -> torch.dtype | None:
+        device = x.device.type
+        return (torch.get_autocast_dtype(device)
+                if self.feeds_matmul and torch.is_autocast_enabled(device) else None)
+
     def forward(self, x: Tensor) -> Tensor:
-        return rmsnorm_triton(x, self.weight, self.eps)
+        return rmsnorm_triton(x, self.weight, self.eps, out_dtype=self.out_dtype(x))
 
     def add_and_norm(self, x: Tensor, residual: Tensor) -> tuple[Tensor, Tensor]:
         """(self(x + residual), x + residual): what a pre-norm block needs before its FFN."""
-        return fused_add_rmsnorm(x, residual, self.weight, self.eps)
+        return fused_add_rmsnorm(x, residual, self.weight, self.eps, self.out_dtype(x))
 
 
 # Training fusions: the SwiGLU gate ----------------------------------------------------------------

@@ -267,9 +267,13 @@ def make_ffn(config: ModelConfig) -> nn.Module:
 
 
 def make_norm(config: ModelConfig) -> nn.Module:
+    if config.norm == "rmsnorm" and config.kernels == "triton":
+        # pre-norm with a dense FFN: the output goes only into matmuls (post-norm: it is the
+        # residual stream; MoE sums experts in its dtype), so it may leave in their dtype
+        return triton_kernels().TritonRMSNorm(config.d_model, config.norm_eps, feeds_matmul=(
+            config.norm_position == "pre" and not config.num_experts))
     if config.norm == "rmsnorm":
-        rmsnorm = triton_kernels().TritonRMSNorm if config.kernels == "triton" else RMSNorm
-        return rmsnorm(config.d_model, config.norm_eps)
+        return RMSNorm(config.d_model, config.norm_eps)
     if config.norm == "layernorm":
         return LayerNorm(config.d_model, config.norm_eps)
     return nn.Identity()

@@ -3168,6 +3168,27 @@ def test_triton_modules_are_drop_in():
         torch.testing.assert_close(fused(x), plain(x), rtol=1e-5, atol=1e-5)
 
 
+def test_triton_rmsnorm_leaves_in_the_autocast_dtype_when_it_feeds_matmuls():
+    """Under autocast a pre-norm block's norm writes the dtype its matmuls would cast it to (the
+    same values and gradients as the cast after it); the residual sum stays in its own dtype."""
+    torch.manual_seed(0)
+    x, residual = torch.randn(2, 5, 24, device=DEV), torch.randn(2, 5, 24, device=DEV)
+    norm, plain = kernels.TritonRMSNorm(24, feeds_matmul=True).to(DEV), M.RMSNorm(24).to(DEV)
+    with torch.autocast(DEV, dtype=torch.bfloat16):
+        for fn, ref in ((norm, lambda x: plain(x).bfloat16()),
+                        (lambda x: norm.add_and_norm(x, residual),
+                         lambda x: (plain(x + residual).bfloat16(), x + residual))):
+            assert_same(fn, ref, x, tol=TOL[torch.bfloat16])
+        normed, summed = norm.add_and_norm(x, residual)
+        assert normed.dtype == torch.bfloat16 and summed.dtype == torch.float32
+        norm.feeds_matmul = False
+        assert norm(x).dtype == torch.float32
+    configs = {"pre": dict(), "post": dict(norm_position="post"), "moe": dict(num_experts=2)}
+    feeds = {name: _model(kernels="triton", **extra).layers[0].ln1.feeds_matmul
+             for name, extra in configs.items()}
+    assert feeds == {"pre": True, "post": False, "moe": False}
+
+
 def reference_linear_cross_entropy(hidden, weight, targets):
     return F.cross_entropy((hidden @ weight.T).float(), targets, ignore_index=-100)
 
@@ -3665,10 +3686,12 @@ def op_cases() -> list[tuple]:
     x, r, w = torch.randn(3, 8), torch.randn(3, 8), torch.randn(8)
     q, kv = torch.randn(1, 2, 8, 16), torch.randn(1, 1, 8, 16)
     x, r, w, q, kv = (t.to(DEV) for t in (x, r, w, q, kv))  # the kernels run where the GPU is
-    _, _, rstd = kernels._rmsnorm_fwd(x, w, None, 1e-5)
+    _, _, rstd = kernels._rmsnorm_fwd(x, w, None, 1e-5, None)
     O, L = kernels._flash_fwd(q, kv, kv, True)
     a, b = torch.randn(2, 8), torch.randn(2, 8)
-    return [(kernels._rmsnorm_fwd, (x, w, None, 1e-5)), (kernels._rmsnorm_fwd, (x, w, r, 1e-5)),
+    return [(kernels._rmsnorm_fwd, (x, w, None, 1e-5, None)),
+            (kernels._rmsnorm_fwd, (x, w, r, 1e-5, None)),
+            (kernels._rmsnorm_fwd, (x, w, r, 1e-5, torch.float16)),
             (kernels._rmsnorm_bwd, (r, x, w, rstd, None)),
             (kernels._rmsnorm_bwd, (r, x, w, rstd, torch.randn(3, 8))),
             (kernels._swiglu_fwd, (a, b)), (kernels._swiglu_bwd, (torch.randn(2, 8), a, b)),
@@ -3679,7 +3702,7 @@ def op_cases() -> list[tuple]:
             (kernels._flash_bwd, (torch.randn_like(O), q, kv, kv, O, L, True))]
 
 
-@pytest.mark.parametrize("index", range(10))
+@pytest.mark.parametrize("index", range(11))
 def test_custom_ops_pass_opcheck(index):
     """torch.library.opcheck: the schema, the fake against the real op, the autograd
     registration, and tracing with dynamic shapes (what compile relies on)."""
