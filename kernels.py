@@ -1408,8 +1408,10 @@ def _attention_impl(name: str, causal: bool, T: int, device: torch.device) -> Ca
 
 
 def _measure(fn: Callable, mode: str, shape: tuple, dtype: torch.dtype,
-             device: torch.device) -> tuple[float, float | None]:
-    """(ms, peak GB) of one mode; "bwd" replays the backward of one kept graph."""
+             device: torch.device) -> tuple[float, float | None, float | None]:
+    """(ms, peak GB, GPU ms) of one mode; "bwd" replays the backward of one kept graph. ms is a
+    call's time as the caller sees it (do_bench), GPU ms its kernels' time alone (kernel_ms): at
+    short lengths the first is mostly the host's Python and launches."""
     q, k, v = (torch.randn(shape, device=device, dtype=dtype, requires_grad=True)
                for _ in range(3))
     dout, out = torch.randn_like(q), fn(q, k, v) if mode == "bwd" else None
@@ -1417,19 +1419,24 @@ def _measure(fn: Callable, mode: str, shape: tuple, dtype: torch.dtype,
             "fwd+bwd": lambda: fn(q, k, v).backward(dout)}[mode]
     step()  # compile and autotune first (the autotuner's buffers would spoil the peak)
     if device.type != "cuda":
-        return timeit.timeit(step, number=1) * 1e3, None
+        return timeit.timeit(step, number=1) * 1e3, None, None
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     step()
     peak = torch.cuda.max_memory_allocated() / 1e9
-    return triton.testing.do_bench(step, grad_to_none=[q, k, v]), peak
+
+    def fresh() -> None:  # gradients written, not added to: as do_bench's grad_to_none
+        step()
+        q.grad = k.grad = v.grad = None
+    return triton.testing.do_bench(step, grad_to_none=[q, k, v]), peak, kernel_ms(fresh, 5)
 
 
 def bench_attention(cfg: AttentionConfig) -> list[dict]:
-    """Rows of ms, TFLOP/s (causal: half the matrix) and peak GB of attention on (batch, heads, T,
-    d) per implementation, head dim, length, dtype and mode; "OOM": out of memory, "n/a": no kernel;
-    vs flash / vs cudnn = their time / ours. quick: ours vs SDPA at head dims 64 and 128, 4K-16K
-    tokens (16 heads x 16384 x 64: the course's leaderboard shape), and where the naive one OOMs."""
+    """Rows of ms, TFLOP/s (causal: half the matrix), peak GB and GPU ms of attention on (batch,
+    heads, T, d) per implementation, head dim, length, dtype and mode; "OOM": out of memory, "n/a":
+    no kernel; vs flash / vs cudnn = their time / ours. quick: ours vs SDPA at head dims 64 and
+    128, 4K-16K tokens (16 heads x 16384 x 64: the course's leaderboard shape), and where the naive
+    one OOMs."""
     impls, dtypes, modes, head_dims, seq_lens = (  # allowed None: positive integers
         comma_list(key, getattr(cfg, key), allowed) for key, allowed in (
             ("impls", ATTENTION_IMPLS), ("dtypes", ("bfloat16", "float16", "float32")),
@@ -1450,20 +1457,20 @@ def bench_attention(cfg: AttentionConfig) -> list[dict]:
         cases += [("bfloat16", 64, 4096, "fwd+bwd", ("manual", "compiled"))]  # slow to start
     print(f"attention, batch {batch} x {heads} heads, {'causal' if cfg.causal else 'not causal'}"
           f"\n{'impl':>11} {'dtype':>8} {'hd':>4} {'seq':>6} {'mode':>8} {'ms':>9} "
-          f"{'TFLOP/s':>8} {'peak GB':>8} {'vs flash':>8} {'vs cudnn':>8}")
+          f"{'TFLOP/s':>8} {'peak GB':>8} {'vs flash':>8} {'vs cudnn':>8} {'GPU ms':>8}")
     rows = []
     for dtype, d, T, mode, case_impls in cases:
         flops = 4 * batch * heads * T * T * d * (0.5 if cfg.causal else 1) * MODE_FLOPS[mode]
         case = [dict(impl=impl, dtype=dtype, head_dim=d, seq_len=T, mode=mode, status="ok",
-                     ms=None, tflops=None, peak_gb=None) for impl in case_impls]
+                     ms=None, tflops=None, peak_gb=None, gpu_ms=None) for impl in case_impls]
         for row in case:
             if row["impl"].startswith("sdpa") and dtype == "float32":
                 row["status"] = "n/a"  # FlashAttention and cuDNN kernels exist for half types
                 continue
             try:
                 fn = _attention_impl(row["impl"], cfg.causal, T, device)
-                row["ms"], row["peak_gb"] = _measure(fn, mode, (batch, heads, T, d),
-                                                     getattr(torch, dtype), device)
+                row["ms"], row["peak_gb"], row["gpu_ms"] = _measure(
+                    fn, mode, (batch, heads, T, d), getattr(torch, dtype), device)
                 row["tflops"] = flops / row["ms"] / 1e9
             except torch.cuda.OutOfMemoryError:
                 row["status"] = "OOM"
@@ -1480,7 +1487,7 @@ def bench_attention(cfg: AttentionConfig) -> list[dict]:
             ms = f"{row['ms']:9.3f}" if row["ms"] else f"{row['status']:>9}"
             rest = " ".join(f"{row[key]:8.{digits}f}" if row.get(key) is not None else " " * 8
                             for key, digits in (("tflops", 1), ("peak_gb", 2), ("vs_flash", 2),
-                                                ("vs_cudnn", 2)))
+                                                ("vs_cudnn", 2), ("gpu_ms", 3)))
             print(f"{row['impl']:>11} {dtype:>8} {d:>4} {T:>6} {mode:>8} {ms} {rest}".rstrip())
         rows += case
     return rows
