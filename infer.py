@@ -46,8 +46,8 @@ from torch import Tensor, nn
 
 from model import (PRESETS, Linear, LinearAttention, ModelConfig, MultiHeadLatentAttention,
                    MultiHeadSelfAttention, TransformerLM, _split_heads, apply_rotary,
-                   causal_linear_attention, count_params, linear_attention_feature_map,
-                   triton_kernels)
+                   autocast_dtype, causal_linear_attention, count_params,
+                   linear_attention_feature_map, triton_kernels)
 from tokenizer import DATA_DIR, Tokenizer, UsageError, parse_command, run_cli
 from train import EOT, read_checkpoint, resolve_device, resolve_dtype, use_compile
 
@@ -144,8 +144,7 @@ class StaticCache:
         device, self.window = model_device(model), model.config.sliding_window
         self.prefill_chunk = prefill_chunk if self.window else max_len
         self.num_slots = min(max_len, self.window + prefill_chunk - 1) if self.window else max_len
-        dtype = (torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type)
-                 else next(model.parameters()).dtype)
+        dtype = autocast_dtype(device.type, next(model.parameters()).dtype)
         self.layers = [cache_buffers(layer.attn, batch_size, self.num_slots, device, dtype)
                        for layer in model.layers]
         self.slot_positions = torch.full((batch_size, self.num_slots), -1, device=device)

@@ -58,7 +58,7 @@ import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
 from model import (PRESETS, Linear, ModelConfig, RMSNorm, SwiGLU, TransformerLM,  # noqa: E402
-                   attention_mask, count_params, gelu_tanh, mfu_flops_per_token,
+                   attention_mask, autocast_dtype, count_params, gelu_tanh, mfu_flops_per_token,
                    scaled_dot_product_attention, silu, softmax)
 from tokenizer import UsageError, atomic_output, parse_command, run_cli  # noqa: E402
 from train import (LossModel, TrainConfig, autocast_for, build_optimizer,  # noqa: E402
@@ -718,9 +718,7 @@ class TritonRMSNorm(RMSNorm):
         self.feeds_matmul = feeds_matmul
 
     def out_dtype(self, x: Tensor) -> torch.dtype | None:
-        device = x.device.type
-        return (torch.get_autocast_dtype(device)
-                if self.feeds_matmul and torch.is_autocast_enabled(device) else None)
+        return autocast_dtype(x.device.type) if self.feeds_matmul else None
 
     def forward(self, x: Tensor) -> Tensor:
         return rmsnorm_triton(x, self.weight, self.eps, out_dtype=self.out_dtype(x))
@@ -895,8 +893,7 @@ def fused_linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor,
                          f"{tuple(targets.shape)} {targets.dtype}")
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    device = hidden.device.type  # the matmuls run in the autocast dtype, as unfused
-    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
+    dtype = autocast_dtype(hidden.device.type, hidden.dtype)  # the matmuls' dtype, as unfused
     grads = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     return _linear_cross_entropy(hidden, weight, targets.contiguous(), ignore_index, chunk_size,
                                  dtype, grads)[0]

@@ -445,6 +445,12 @@ def make_mixer(config: ModelConfig) -> nn.Module:
 
 
 # The language model: embeddings, the blocks, the final norm and the head --------------------------
+def autocast_dtype(device_type: str, default: torch.dtype | None = None) -> torch.dtype | None:
+    """The dtype autocast runs matmuls in on this device type, or default where it is off."""
+    return (torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type)
+            else default)
+
+
 class KVCache:
     """Per-layer buffers for incremental decoding, from model.make_kv_cache. Token n lives in slot
     n; seq_len counts the slots filled and advances with every forward given this cache."""
@@ -549,8 +555,7 @@ class TransformerLM(nn.Module):
         weight = self.lm_head.weight
         device = torch.device(device) if device is not None else weight.device
         if dtype is None:  # the dtype keys and values are computed in, so no cast per step
-            autocast = torch.is_autocast_enabled(device.type)
-            dtype = torch.get_autocast_dtype(device.type) if autocast else weight.dtype
+            dtype = autocast_dtype(device.type, weight.dtype)
         layers = [layer.attn.make_cache(batch_size, max_seq_len, device, dtype)
                   for layer in self.layers]
         return KVCache(layers, batch_size, max_seq_len)
