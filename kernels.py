@@ -50,6 +50,7 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.library import wrap_triton
 
 if not torch.cuda.is_available():  # before the first @triton.jit: run the kernels on the CPU
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -572,7 +573,8 @@ def _rmsnorm_fwd_kernel(X, R, W, Y, S, RSTD, n_rows, D, eps, HAS_RESIDUAL: tl.co
         summed = summed.to(S.dtype.element_ty)
         tl.store(S + offsets, summed, mask=mask)
         x = summed.to(tl.float32)  # normalise the rounded sum, as the unfused block does
-    rstd = tl.rsqrt(tl.sum(x * x, axis=1) / D + eps)  # (R,) in float32
+    # float32: torch.compile passes a Python float (eps, a softmax scale) to a kernel as fp64
+    rstd = tl.rsqrt(tl.sum(x * x, axis=1) / D + tl.cast(eps, tl.float32))  # (R,)
     w = tl.load(W + cols, mask=cols < D, other=0.0).to(tl.float32)
     tl.store(Y + offsets, (x * rstd[:, None] * w[None, :]).to(Y.dtype.element_ty), mask=mask)
     tl.store(RSTD + rows, rstd, mask=rows < n_rows)  # 4 bytes a row: backward skips the reduction
@@ -625,6 +627,15 @@ def _rmsnorm_launch(D: int, device: torch.device) -> tuple[dict, int]:
 # torch.compile graph at every call (GPT-2 small's compiled step: 235K tokens/s, plain torch 500K).
 # A custom op is one node of one graph; its fake gives compile the output shapes without a kernel
 # (allocating as the op does); its backward is another op. Ops return new tensors, never views.
+# On a GPU each is a triton_op: compile traces into it, sees the kernels (through wrap_triton) and
+# launches them from its own generated code. A plain custom op is called through torch's
+# dispatcher and our Python at every step, ~200 us of host time a call: GPT-2 small's step makes
+# ~100 calls and its compiled loop fell to 270K tokens/s. The interpreter cannot be traced into.
+def _op(name: str) -> Callable:
+    make = torch.library.custom_op if INTERPRET else torch.library.triton_op
+    return lambda fn: make(name, fn, mutates_args=())
+
+
 def _rmsnorm_outputs(x: Tensor, weight: Tensor, residual: Tensor | None, eps: float,
                      out_dtype: torch.dtype | None) -> tuple[Tensor, Tensor, Tensor]:
     """Unfilled y (..., D) in out_dtype (None: the promoted input dtype), x + residual (empty
@@ -635,33 +646,35 @@ def _rmsnorm_outputs(x: Tensor, weight: Tensor, residual: Tensor | None, eps: fl
     return y, summed, x.new_empty(x.shape[:-1], dtype=torch.float32)
 
 
-@torch.library.custom_op("cs336::rmsnorm_fwd", mutates_args=())
+@_op("cs336::rmsnorm_fwd")
 def _rmsnorm_fwd(x: Tensor, weight: Tensor, residual: Tensor | None, eps: float,
                  out_dtype: torch.dtype | None) -> tuple[Tensor, Tensor, Tensor]:
     y, summed, rstd = _rmsnorm_outputs(x, weight, residual, eps, out_dtype)
-    D, (launch, _) = x.shape[-1], _rmsnorm_launch(x.shape[-1], x.device)
+    D, (launch, _) = x.shape[-1], _rmsnorm_launch(int(x.shape[-1]), x.device)
     x2 = x.reshape(-1, D).contiguous()  # (M, D)
     r2 = x2 if residual is None else residual.reshape(-1, D).contiguous()
-    _rmsnorm_fwd_kernel[(triton.cdiv(len(x2), launch["BLOCK_ROWS"]),)](
-        x2, r2, weight, y, y if residual is None else summed, rstd, len(x2), D, eps,
+    M = x2.shape[0]
+    wrap_triton(_rmsnorm_fwd_kernel)[(triton.cdiv(M, launch["BLOCK_ROWS"]),)](
+        x2, r2, weight, y, y if residual is None else summed, rstd, M, D, eps,
         HAS_RESIDUAL=residual is not None, **launch)
     return y, summed, rstd
 
 
-@torch.library.custom_op("cs336::rmsnorm_bwd", mutates_args=())
+@_op("cs336::rmsnorm_bwd")
 def _rmsnorm_bwd(dy: Tensor, x: Tensor, weight: Tensor, rstd: Tensor,
                  dsummed: Tensor | None) -> tuple[Tensor, Tensor]:
     """(dx, dweight); x is what was normalised, dsummed the gradient of x + residual."""
     (M, D), (launch, max_programs) = x.reshape(-1, x.shape[-1]).shape, _rmsnorm_launch(
-        x.shape[-1], x.device)
+        int(x.shape[-1]), x.device)
     num_blocks = triton.cdiv(M, launch["BLOCK_ROWS"])
     per_program = triton.cdiv(num_blocks, min(num_blocks, max_programs))
     programs = triton.cdiv(num_blocks, per_program)
     dx, dw_partial = torch.empty_like(x, memory_format=torch.contiguous_format), \
         x.new_empty((programs, D), dtype=torch.float32)
     flat = [t.reshape(-1, D).contiguous() for t in (x, dy, dx if dsummed is None else dsummed)]
-    _rmsnorm_bwd_kernel[(programs,)](flat[0], weight, rstd, flat[1], flat[2], dx, dw_partial, M, D,
-                                     per_program, HAS_DS=dsummed is not None, **launch)
+    wrap_triton(_rmsnorm_bwd_kernel)[(programs,)](flat[0], weight, rstd, flat[1], flat[2], dx,
+                                                  dw_partial, M, D, per_program,
+                                                  HAS_DS=dsummed is not None, **launch)
     # The second pass is torch's column sum: a small buffer (H200, D=4096: 264 rows, 4 MB).
     return dx, dw_partial.sum(0).to(weight.dtype)
 
@@ -756,18 +769,18 @@ def _swiglu_outputs(a: Tensor, *_) -> Tensor:
     return torch.empty(a.shape, dtype=a.dtype, device=a.device)
 
 
-@torch.library.custom_op("cs336::swiglu_fwd", mutates_args=())
+@_op("cs336::swiglu_fwd")
 def _swiglu_fwd(a: Tensor, b: Tensor) -> Tensor:
     h = _swiglu_outputs(a)
-    _swiglu_fwd_kernel[(triton.cdiv(a.numel(), 1024),)](a.contiguous(), b.contiguous(), h,
-                                                        a.numel(), BLOCK=1024)
+    wrap_triton(_swiglu_fwd_kernel)[(triton.cdiv(a.numel(), 1024),)](
+        a.contiguous(), b.contiguous(), h, a.numel(), BLOCK=1024)
     return h
 
 
-@torch.library.custom_op("cs336::swiglu_bwd", mutates_args=())
+@_op("cs336::swiglu_bwd")
 def _swiglu_bwd(dh: Tensor, a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
     da, db = _swiglu_outputs(a), _swiglu_outputs(a)
-    _swiglu_bwd_kernel[(triton.cdiv(a.numel(), 1024),)](
+    wrap_triton(_swiglu_bwd_kernel)[(triton.cdiv(a.numel(), 1024),)](
         a.contiguous(), b.contiguous(), dh.contiguous(), da, db, a.numel(), BLOCK=1024)
     return da, db
 
@@ -801,10 +814,10 @@ class TritonSwiGLU(SwiGLU):
 # / count, which is multiplied at once into the gradients of the hidden rows and the weight, then
 # dropped; backward only scales them. The kernel passes over the logits 3 times, eager PyTorch ~6.
 @triton.jit
-def _cross_entropy_kernel(LOGITS, TARGETS, LOSS, INV_COUNT, V, ignore_index,
+def _cross_entropy_kernel(LOGITS, TARGETS, LOSS, INV_COUNT, V, row_stride, ignore_index,
                           BLOCK_V: tl.constexpr):
     row = tl.program_id(0)
-    ptr = LOGITS + row.to(tl.int64) * V
+    ptr = LOGITS + row.to(tl.int64) * row_stride
     target = tl.load(TARGETS + row)
     # log-sum-exp in one streaming pass (the online softmax): rescale the sum when the max grows
     row_max, sum_exp = tl.full((), -float("inf"), tl.float32), tl.zeros((), tl.float32)
@@ -826,6 +839,8 @@ def _cross_entropy_kernel(LOGITS, TARGETS, LOSS, INV_COUNT, V, ignore_index,
         tl.store(ptr + cols, grad.to(LOGITS.dtype.element_ty), mask=cols < V)
 
 
+# A plain custom op, not a triton_op: called once a step, its host cost is small (and its kernel,
+# writing into slices of buffers, was not tried under compile's tracing of Triton calls).
 @torch.library.custom_op("cs336::linear_cross_entropy", mutates_args=())
 def _linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, ignore_index: int,
                           chunk_size: int, dtype: torch.dtype,
@@ -835,7 +850,10 @@ def _linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, ignor
     kept = targets[targets != ignore_index] if not targets.is_cuda else None  # a GPU would sync
     if kept is not None and kept.numel() and (kept.min() < 0 or kept.max() >= len(weight)):
         raise ValueError(f"targets must lie in [0, {len(weight)}) or be {ignore_index}")
-    h_all, w = hidden.to(dtype), weight.to(dtype)  # one cast, not one per chunk
+    # One cast, not one per chunk, into rows padded with zeros to a multiple of 64 (GPT-2's 50,257
+    # is slow on tensor cores): the padded logits are then exactly 0, and so are their gradients.
+    V = len(weight)
+    h_all, w = hidden.to(dtype), nn.functional.pad(weight.to(dtype), (0, 0, 0, -V % 64))
     inv_count = 1.0 / (targets != ignore_index).sum().clamp(min=1).float()  # no host sync
     losses = torch.empty(len(hidden), dtype=torch.float32, device=hidden.device)
     grad_hidden, grad_weight = hidden.new_empty(0), hidden.new_empty(0)
@@ -844,13 +862,13 @@ def _linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, ignor
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
     for start in range(0, len(hidden), chunk_size):
         h = h_all[start:start + chunk_size]  # (C, D)
-        logits = h @ w.T  # (C, V): becomes d loss / d logits in place
-        _cross_entropy_kernel[(len(h),)](logits, targets[start:], losses[start:], inv_count,
-                                         w.shape[0], ignore_index, num_warps=8,
-                                         BLOCK_V=min(4096, triton.next_power_of_2(len(w))))
+        logits = h @ w.T  # (C, V + pad): its first V columns become d loss / d logits in place
+        _cross_entropy_kernel[(len(h),)](logits, targets[start:], losses[start:], inv_count, V,
+                                         logits.stride(0), ignore_index, num_warps=8,
+                                         BLOCK_V=min(4096, triton.next_power_of_2(V)))
         if grads:
             grad_hidden[start:start + chunk_size] = logits @ w  # (C, D)
-            grad_weight += logits.T @ h  # (V, D), accumulated in float32 across chunks
+            grad_weight += logits[:, :V].T @ h  # (V, D), accumulated in float32 across chunks
     return losses.sum() * inv_count, grad_hidden, grad_weight
 
 
@@ -1102,6 +1120,7 @@ def _flash_fwd_kernel(Q, K, V, O, L, sqb, sqh, sqt, skb, skh, skt, svb, svh, svt
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """One program per (batch x head, query tile), the longest causal tiles launched first.
     Each of q, k, v, O has its own strides (batch, head, row); the last dim is contiguous."""
+    qk_scale = tl.cast(qk_scale, tl.float32)  # a Python float, fp64 when compile launches it
     bh, start_m = tl.program_id(0), (tl.num_programs(1) - 1 - tl.program_id(1)) * BLOCK_M
     b, h = (bh // H).to(tl.int64), (bh % H).to(tl.int64)
     kv_h = h // GROUP  # GQA: query head h reads key-value head h // GROUP
@@ -1173,6 +1192,7 @@ def _flash_bwd_dkdv_kernel(Q, K, V, dO, L, Delta, dK, dV, sqb, sqh, sqt, skb, sk
     """One program per (batch x key-value head, key tile), over the query heads of its GQA group
     and their query tiles from the diagonal on: dK, dV summed in registers, no atomics. dK is
     laid out as k, dV as v."""
+    qk_scale, sm_scale = tl.cast(qk_scale, tl.float32), tl.cast(sm_scale, tl.float32)
     bh_kv, start_n = tl.program_id(0), tl.program_id(1) * BLOCK_N
     b, kv_h = (bh_kv // (H // GROUP)).to(tl.int64), (bh_kv % (H // GROUP)).to(tl.int64)
     k_pos, offs_m, offs_d = start_n + tl.arange(0, BLOCK_N), tl.arange(0, BLOCK_M), \
@@ -1229,6 +1249,7 @@ def _flash_bwd_dq_kernel(Q, K, V, dO, L, Delta, dQ, sqb, sqh, sqt, skb, skh, skt
                          HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, IS_CAUSAL: tl.constexpr,
                          PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """One program per (batch x head, query tile), over the key ranges of the forward."""
+    qk_scale, sm_scale = tl.cast(qk_scale, tl.float32), tl.cast(sm_scale, tl.float32)
     bh, start_m = tl.program_id(0), (tl.num_programs(1) - 1 - tl.program_id(1)) * BLOCK_M
     b, h = (bh // H).to(tl.int64), (bh % H).to(tl.int64)
     K, V = K + b * skb + (h // GROUP) * skh, V + b * svb + (h // GROUP) * svh
@@ -1278,10 +1299,11 @@ def _kernel_args(q: Tensor, k: Tensor, v: Tensor, O: Tensor,
     """Strides, sizes and scale every kernel takes, and its constants: head dim padded to a power
     of two; fp32 dots in true fp32 unless torch allows TF32 (set_float32_matmul_precision)."""
     (H, T, d), (H_kv, S) = q.shape[1:], k.shape[1:3]
+    d = int(d)  # the kernels' constants: traced with symbolic sizes (compile), specialised here
     exact = q.dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest"
     args = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *O.stride()[:3], H, H // H_kv,
             T, S, LOG2E / math.sqrt(d))
-    return args, dict(SEQ_BUCKET=min(triton.next_power_of_2(max(T, S)), 4096), HEAD_DIM=d,
+    return args, dict(SEQ_BUCKET=min(triton.next_power_of_2(int(max(T, S))), 4096), HEAD_DIM=d,
                       D_PAD=max(16, triton.next_power_of_2(d)), IS_CAUSAL=bool(is_causal),
                       PRECISION="ieee" if exact else "tf32")
 
@@ -1289,19 +1311,19 @@ def _kernel_args(q: Tensor, k: Tensor, v: Tensor, O: Tensor,
 # The custom operators (why: above the fused RMSNorm). The kernels take strides for each of q, k,
 # v and O (dQ, dK, dV and dO share them), so model.py's head-split views pass without a copy;
 # the fakes allocate the outputs as the ops do.
-@torch.library.custom_op("cs336::flash_attention_fwd", mutates_args=())
+@_op("cs336::flash_attention_fwd")
 def _flash_fwd(q: Tensor, k: Tensor, v: Tensor, is_causal: bool) -> tuple[Tensor, Tensor]:
     """(O, L (B, H, T) float32: the log-sum-exp of each query's scores)."""
     q, k, v = (_readable(x, _layout(x)) for x in (q, k, v))
     (B, H, T), O = q.shape[:3], _attention_output(q)
     args, meta = _kernel_args(q, k, v, O, is_causal)
     L = q.new_empty((B, H, T), dtype=torch.float32)
-    _flash_fwd_kernel[lambda c: (B * H, triton.cdiv(T, c["BLOCK_M"]))](q, k, v, O, L, *args,
-                                                                        **meta)
+    wrap_triton(_flash_fwd_kernel)[lambda c: (B * H, triton.cdiv(T, c["BLOCK_M"]))](
+        q, k, v, O, L, *args, **meta)
     return O, L
 
 
-@torch.library.custom_op("cs336::flash_attention_bwd", mutates_args=())
+@_op("cs336::flash_attention_bwd")
 def _flash_bwd(dO: Tensor, q: Tensor, k: Tensor, v: Tensor, O: Tensor, L: Tensor,
                is_causal: bool) -> tuple[Tensor, Tensor, Tensor]:
     q, k, v = (_readable(x, _layout(x)) for x in (q, k, v))
@@ -1310,11 +1332,11 @@ def _flash_bwd(dO: Tensor, q: Tensor, k: Tensor, v: Tensor, O: Tensor, L: Tensor
     args, meta = _kernel_args(q, k, v, O, is_causal)
     Delta = torch.empty((B, H, T), device=q.device, dtype=torch.float32)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    _bwd_preprocess_kernel[(B * H, triton.cdiv(T, 64))](
+    wrap_triton(_bwd_preprocess_kernel)[(B * H, triton.cdiv(T, 64))](
         O, dO, Delta, *O.stride()[:3], H, T, HEAD_DIM=d, D_PAD=meta["D_PAD"], BLOCK_M=64)
-    _flash_bwd_dkdv_kernel[lambda c: (B * H_kv, triton.cdiv(S, c["BLOCK_N"]))](
+    wrap_triton(_flash_bwd_dkdv_kernel)[lambda c: (B * H_kv, triton.cdiv(S, c["BLOCK_N"]))](
         q, k, v, dO, L, Delta, dk, dv, *args, 1 / math.sqrt(d), **meta)
-    _flash_bwd_dq_kernel[lambda c: (B * H, triton.cdiv(T, c["BLOCK_M"]))](
+    wrap_triton(_flash_bwd_dq_kernel)[lambda c: (B * H, triton.cdiv(T, c["BLOCK_M"]))](
         q, k, v, dO, L, Delta, dq, *args, 1 / math.sqrt(d), **meta)
     return dq, dk, dv
 

@@ -33,7 +33,8 @@ import model as M
 import train
 from model import ModelConfig, TransformerLM
 from tokenizer import (ByteTokenizer, CharTokenizer, Tokenizer, WordTokenizer, _chunk_bounds,
-                       compression_ratio, encode_file, main, token_dtype, train_bpe)
+                       compression_ratio, encode_file, gpt2_tokenizer, main, token_dtype,
+                       train_bpe)
 from train import (SOAP, AdamW, Muon, _power_iteration, _rotate_second_moment,
                    adamw_update_foreach, adamw_update_reference, decay_param_groups,
                    param_groups_for_muon, zeropower_via_newtonschulz)
@@ -2259,6 +2260,21 @@ def test_nan_loss_stops_with_message_and_keeps_last_good_checkpoint(_cache, tmp_
     assert all(torch.isfinite(v).all() for v in state["model"].values())
 
 
+def test_tokenizer_dir_alone_encodes_the_text_with_that_tokenizer(_cache, tmp_path):
+    gpt2 = gpt2_tokenizer()
+    gpt2.save_dir(tmp_path / "gpt2", gpt2_format=True)
+    cfg = _cfg(_cache, tmp_path / "out", tokenizer_dir=str(tmp_path / "gpt2"))
+    tok_dir, train_bin, val_bin = train.prepare_data(cfg)
+    assert tok_dir == str(tmp_path / "gpt2") and not (tmp_path / "gpt2" / "train.bin").exists()
+    for split, path in (("train", train_bin), ("val", val_bin)):
+        tokens = train.load_tokens(path, gpt2)  # the sidecar names GPT-2's tokenizer
+        text = (Path(path).parent.parent / f"{split}.txt").read_text()
+        assert tokens.tolist() == gpt2.encode(text)
+    assert train.prepare_data(cfg) == (tok_dir, train_bin, val_bin)  # cached: encoded once
+    with pytest.raises(FileNotFoundError, match="tokenizer directory not found"):
+        train.prepare_data(_cfg(_cache, tmp_path / "out", tokenizer_dir=str(tmp_path / "none")))
+
+
 def test_tokenizer_without_endoftext_fails_before_training(tmp_path):
     tok_dir = tmp_path / "tok"
     Tokenizer({i: bytes([i]) for i in range(256)}, []).save_dir(str(tok_dir))
@@ -2577,6 +2593,25 @@ def test_plot_draws_losses_and_learning_rate(tmp_path, monkeypatch, capsys):
         train.run_cli(train.main, ["plot", str(tmp_path)])
     assert exit.value.code == 2
     assert capsys.readouterr().err == "error: plot needs matplotlib: pip install matplotlib\n"
+
+
+def test_loss_model_pads_the_head_to_a_multiple_of_64_without_changing_loss_or_gradients():
+    torch.manual_seed(6)
+    config = ModelConfig(**{**_TINY_MODEL, "vocab_size": 97, "tie_weights": True})
+    model = TransformerLM(config)
+    step_model = train.LossModel(model)
+    assert step_model.pad_rows == 31  # the matmul runs with 128 rows; the model keeps 97
+    x, y = torch.randint(97, (2, 8)), torch.randint(97, (2, 8))
+    loss, _ = step_model(x, y)
+    loss.backward()
+    got = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    expected = F.cross_entropy(model(x).view(-1, 97), y.view(-1))
+    expected.backward()
+    torch.testing.assert_close(loss, expected)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(got[name], p.grad, rtol=1e-5, atol=1e-7)
+    assert model.lm_head.weight.shape == (97, config.d_model)
 
 
 _CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -3381,10 +3416,11 @@ def flash_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: b
 
 def run_flash(fn, q_shape: tuple, kv_shape: tuple, causal: bool, dtype: torch.dtype,
               seed: int = 0) -> tuple:
-    """Output, L and the three gradients of fn and of the float64 reference on the same data."""
+    """Output, L and the three gradients of fn and of the float64 reference on the same data
+    (on the GPU where there is one, else in the interpreter)."""
     torch.manual_seed(seed)
-    q, k, v = (torch.randn(s, dtype=dtype, requires_grad=True) for s in (q_shape, kv_shape,
-                                                                          kv_shape))
+    q, k, v = (torch.randn(s, dtype=dtype, device=DEV, requires_grad=True)
+               for s in (q_shape, kv_shape, kv_shape))
     out = fn(q, k, v, causal)
     L = out.grad_fn.saved_tensors[-1]
     dout = torch.randn_like(out)
@@ -3456,7 +3492,7 @@ def test_flash_triton_strided_inputs():
     """model.py's layout: q, k, v are transposed views of (B, T, H, d); the output is laid out
     so too. A strided last dim is copied, not misread, also where the tensor is dense (x.mT)."""
     torch.manual_seed(0)
-    q, k, v = (torch.randn(1, 21, 2, 16, requires_grad=True) for _ in range(3))
+    q, k, v = (torch.randn(1, 21, 2, 16, device=DEV, requires_grad=True) for _ in range(3))
     qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
     out = kernels.flash_attention(qt, kt, vt, True)
     assert out.transpose(1, 2).is_contiguous()
@@ -3467,8 +3503,8 @@ def test_flash_triton_strided_inputs():
     ref_grads = torch.autograd.grad(ref, (q, k, v), dout.double())
     for a, b in zip(grads, ref_grads):
         torch.testing.assert_close(a, b, atol=2e-5, rtol=0)
-    wide = torch.randn(1, 2, 21, 32)[..., ::2]  # last-dim stride 2
-    transposed = torch.randn(1, 2, 16, 21).mT  # dense, but the last dim has stride 21
+    wide = torch.randn(1, 2, 21, 32, device=DEV)[..., ::2]  # last-dim stride 2
+    transposed = torch.randn(1, 2, 16, 21, device=DEV).mT  # dense; the last dim's stride is 21
     for x in (wide, transposed):
         torch.testing.assert_close(kernels.flash_attention(x, x, x, False).double(),
                                    flash_reference(x, x, x, False)[0], atol=2e-5, rtol=0)

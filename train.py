@@ -16,7 +16,8 @@ parallelism under torchrun); then Muon and SOAP, the pre-run checks, the data an
 one line (`--debug`: the traceback); Ctrl-C saves a checkpoint and exits with 130.
 
 Reads   data_cache/ (made on first use: text, BPE tokenizer, token .bin arrays), or the
-        --train_bin/--val_bin/--tokenizer_dir written by `python tokenizer.py encode` or data.py.
+        --train_bin/--val_bin/--tokenizer_dir written by `python tokenizer.py encode` or data.py;
+        --tokenizer_dir alone: that tokenizer (GPT-2's: tokenizer.gpt2_tokenizer) encodes the text.
 Writes  out_dir/ckpt.pt (model, optimizer, config, RNG and data state), metrics.jsonl, samples.txt;
         another run's results are replaced only with --overwrite. Resuming repeats the
         uninterrupted run bit for bit on one CPU thread (tested). kernels.py benchmarks the step.
@@ -66,7 +67,7 @@ class TrainConfig:
     data: str = ""  # a UTF-8 text file to train on instead of `dataset`
     train_bin: str = ""  # token arrays from `tokenizer.py encode` instead of text...
     val_bin: str = ""  # ...with their validation split...
-    tokenizer_dir: str = ""  # ...and the tokenizer that wrote them
+    tokenizer_dir: str = ""  # ...and the tokenizer that wrote them; alone: it encodes the text
     cache_dir: str = "data_cache"  # downloads, tokenizers and .bin arrays are kept here
     max_text_mb: float = 8.0  # train on at most this much text (0 = all): keeps CPU runs short
     val_fraction: float = 0.05  # share of a single text file held out for validation
@@ -517,14 +518,26 @@ class LossModel(nn.Module):
         # kernels="triton": kernels.py's head and loss in one, never making the (B, T, V) logits
         self.linear_cross_entropy = (triton_kernels().fused_linear_cross_entropy
                                      if model.config.kernels == "triton" else None)
+        # Tensor cores like sizes that are multiples of 64: GPT-2's 50,257-token head made the
+        # step 9% slower than 50,304 (nanoGPT pads its vocabulary). Here the head's matmul alone
+        # runs padded, with zero rows, and the extra logits are cut off before the loss: the
+        # model, its checkpoints and its samples keep the tokenizer's vocabulary.
+        self.pad_rows = -model.config.vocab_size % 64 if model.lm_head.bias is None else 0
 
     def forward(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:  # (loss, auxiliary loss)
         if self.linear_cross_entropy is not None:
             hidden = self.model(x, return_hidden=True)  # (B, T, D)
             loss = self.linear_cross_entropy(hidden.flatten(0, -2), self.model.lm_head.weight,
                                              y.flatten())
-            return loss, self.model.aux_loss
-        return fused_cross_entropy(self.model(x), y), self.model.aux_loss
+        # (ddp.py's FSDP gathers the head's weight only inside lm_head's call: None here)
+        elif self.pad_rows and self.model.lm_head.weight is not None:
+            hidden = self.model(x, return_hidden=True)
+            weight = nn.functional.pad(self.model.lm_head.weight, (0, 0, 0, self.pad_rows))
+            logits = hidden @ weight.T  # (B, T, V + pad_rows)
+            loss = fused_cross_entropy(logits[..., :self.model.config.vocab_size], y)
+        else:
+            loss = fused_cross_entropy(self.model(x), y)
+        return loss, self.model.aux_loss
 
 
 def train_step(step_model: nn.Module, optimizer: torch.optim.Optimizer, params: list[Tensor],
@@ -1489,9 +1502,10 @@ def source_text(cfg: TrainConfig) -> Path:
 
 
 def prepare_data(cfg: TrainConfig) -> tuple[str, str, str]:
-    """Text -> BPE tokenizer -> train/val .bin arrays: (tokenizer_dir, train_bin, val_bin). Each
-    is cached under a name made of the text's hash and the settings: never stale."""
-    if cfg.train_bin or cfg.val_bin or cfg.tokenizer_dir:
+    """Text -> BPE tokenizer (or --tokenizer_dir's) -> train/val .bin arrays: (tokenizer_dir,
+    train_bin, val_bin). Each is cached under a name made of the text's hash and the settings (and
+    the given tokenizer's fingerprint): never stale."""
+    if cfg.train_bin or cfg.val_bin:
         if not (cfg.train_bin and cfg.val_bin and cfg.tokenizer_dir):
             raise UsageError("--train_bin, --val_bin and --tokenizer_dir go together")
         return cfg.tokenizer_dir, cfg.train_bin, cfg.val_bin
@@ -1505,6 +1519,11 @@ def prepare_data(cfg: TrainConfig) -> tuple[str, str, str]:
     name = f"{text.stem}-{digest.hexdigest()[:10]}-{max_bytes}-{cfg.val_fraction}"
     work = Path(cfg.cache_dir) / name
     text, val_text = split_text(text, work, cfg.val_fraction, max_bytes)
+    if cfg.tokenizer_dir:  # a given tokenizer (GPT-2's, say) encodes the text; none is trained
+        tok_dir = Path(cfg.tokenizer_dir)
+        bin_dir = work / f"tokenizer-{Tokenizer.from_dir(tok_dir).fingerprint()}"  # checks it
+        bin_dir.mkdir(exist_ok=True)
+        return str(tok_dir), *tokenize_splits(text, val_text, tok_dir, 0, bin_dir)
     tok_dir = work / f"bpe{cfg.vocab_size}"
     return str(tok_dir), *tokenize_splits(text, val_text, tok_dir, cfg.vocab_size, tok_dir)
 
