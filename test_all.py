@@ -2271,8 +2271,11 @@ def test_tokenizer_dir_alone_encodes_the_text_with_that_tokenizer(_cache, tmp_pa
         text = (Path(path).parent.parent / f"{split}.txt").read_text()
         assert tokens.tolist() == gpt2.encode(text)
     assert train.prepare_data(cfg) == (tok_dir, train_bin, val_bin)  # cached: encoded once
+    before = sorted(_cache.rglob("*"))
     with pytest.raises(FileNotFoundError, match="tokenizer directory not found"):
-        train.prepare_data(_cfg(_cache, tmp_path / "out", tokenizer_dir=str(tmp_path / "none")))
+        train.prepare_data(_cfg(_cache, tmp_path / "out", tokenizer_dir=str(tmp_path / "none"),
+                                max_text_mb=0.2))  # another text: nothing of it is written
+    assert sorted(_cache.rglob("*")) == before
 
 
 def test_tokenizer_without_endoftext_fails_before_training(tmp_path):

@@ -1510,6 +1510,9 @@ def prepare_data(cfg: TrainConfig) -> tuple[str, str, str]:
             raise UsageError("--train_bin, --val_bin and --tokenizer_dir go together")
         return cfg.tokenizer_dir, cfg.train_bin, cfg.val_bin
     require_writable(Path(cfg.cache_dir), "cache_dir")
+    # A given tokenizer (GPT-2's, say) encodes the text and none is trained; loaded first to fail
+    # before a download or a copy.
+    given = Tokenizer.from_dir(cfg.tokenizer_dir) if cfg.tokenizer_dir else None
     text, max_bytes = source_text(cfg), int(cfg.max_text_mb * 2**20)
     digest = hashlib.sha256(str(text.stat().st_size).encode())  # size, first and last MB
     with open(text, "rb") as f:
@@ -1519,11 +1522,11 @@ def prepare_data(cfg: TrainConfig) -> tuple[str, str, str]:
     name = f"{text.stem}-{digest.hexdigest()[:10]}-{max_bytes}-{cfg.val_fraction}"
     work = Path(cfg.cache_dir) / name
     text, val_text = split_text(text, work, cfg.val_fraction, max_bytes)
-    if cfg.tokenizer_dir:  # a given tokenizer (GPT-2's, say) encodes the text; none is trained
-        tok_dir = Path(cfg.tokenizer_dir)
-        bin_dir = work / f"tokenizer-{Tokenizer.from_dir(tok_dir).fingerprint()}"  # checks it
+    if given is not None:
+        bin_dir = work / f"tokenizer-{given.fingerprint()}"
         bin_dir.mkdir(exist_ok=True)
-        return str(tok_dir), *tokenize_splits(text, val_text, tok_dir, 0, bin_dir)
+        return cfg.tokenizer_dir, *tokenize_splits(text, val_text, Path(cfg.tokenizer_dir), 0,
+                                                   bin_dir)
     tok_dir = work / f"bpe{cfg.vocab_size}"
     return str(tok_dir), *tokenize_splits(text, val_text, tok_dir, cfg.vocab_size, tok_dir)
 
