@@ -57,7 +57,8 @@ from tqdm import tqdm
 
 from tokenizer import (PRETOKEN_RE, Tokenizer, UsageError, atomic_output, encode_file,
                        parse_command, run_cli, write_atomic)
-from train import EOT, TrainConfig, build_model_config, download, perplexity, tokenize_splits
+from train import (EOT, TrainConfig, build_model_config, download, perplexity, tokenize_splits,
+                   tokenizer_with_eot)
 from train import train as train_model
 
 
@@ -938,8 +939,8 @@ def tokenize_out_dir(out: Path, tokenizer: str, vocab_size: int, workers: int,
     or one trained into out/tokenizer. A previous run's files are kept (train.py's
     tokenize_splits) only if out/tokenized.json says they were made from these texts."""
     tok_dir = Path(tokenizer or out / "tokenizer")
-    if tokenizer and EOT not in Tokenizer.from_dir(tok_dir).special_tokens:
-        raise ValueError(f"the tokenizer in {tok_dir} has no {EOT} special token")
+    if tokenizer:
+        tokenizer_with_eot(str(tok_dir))  # fails before any encoding
     stamp, made_from = out / "tokenized.json", {"vocab_size": None if tokenizer else vocab_size}
     for name in ("train.txt", "val.txt"):
         with open(out / name, "rb") as f:

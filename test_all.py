@@ -2272,9 +2272,12 @@ def test_tokenizer_dir_alone_encodes_the_text_with_that_tokenizer(_cache, tmp_pa
         assert tokens.tolist() == gpt2.encode(text)
     assert train.prepare_data(cfg) == (tok_dir, train_bin, val_bin)  # cached: encoded once
     before = sorted(_cache.rglob("*"))
-    with pytest.raises(FileNotFoundError, match="tokenizer directory not found"):
-        train.prepare_data(_cfg(_cache, tmp_path / "out", tokenizer_dir=str(tmp_path / "none"),
-                                max_text_mb=0.2))  # another text: nothing of it is written
+    Tokenizer({i: bytes([i]) for i in range(256)}, []).save_dir(str(tmp_path / "no_eot"))
+    for folder, error, match in (("none", FileNotFoundError, "tokenizer directory not found"),
+                                 ("no_eot", ValueError, "no <\\|endoftext\\|> special token")):
+        with pytest.raises(error, match=match):  # another text: nothing of it is written
+            train.prepare_data(_cfg(_cache, tmp_path / "out", max_text_mb=0.2,
+                                    tokenizer_dir=str(tmp_path / folder)))
     assert sorted(_cache.rglob("*")) == before
 
 

@@ -1269,11 +1269,16 @@ def load_data(cfg: TrainConfig, master: bool,
     if error is not None or isinstance(paths[0], str):
         raise error or RuntimeError(paths[0])
     tok_dir, train_bin, val_bin = paths[0]
+    tok = tokenizer_with_eot(tok_dir)
+    return tok, load_tokens(train_bin, tok), load_tokens(val_bin, tok)
+
+
+def tokenizer_with_eot(tok_dir: str) -> Tokenizer:
     tok = Tokenizer.from_dir(tok_dir)
     if EOT not in tok.special_tokens:  # fail now, not when sampling after the whole run
         raise ValueError(f"the tokenizer in {tok_dir} has no {EOT} special token; samples start "
                          f"from it (python tokenizer.py train --special_tokens='{EOT}' ...)")
-    return tok, load_tokens(train_bin, tok), load_tokens(val_bin, tok)
+    return tok
 
 
 # Dense bf16 tensor-core peaks (FLOP/s) from the vendors' data sheets, for MFU. Unknown GPU -> None.
@@ -1512,7 +1517,7 @@ def prepare_data(cfg: TrainConfig) -> tuple[str, str, str]:
     require_writable(Path(cfg.cache_dir), "cache_dir")
     # A given tokenizer (GPT-2's, say) encodes the text and none is trained; loaded first to fail
     # before a download or a copy.
-    given = Tokenizer.from_dir(cfg.tokenizer_dir) if cfg.tokenizer_dir else None
+    given = tokenizer_with_eot(cfg.tokenizer_dir) if cfg.tokenizer_dir else None
     text, max_bytes = source_text(cfg), int(cfg.max_text_mb * 2**20)
     digest = hashlib.sha256(str(text.stat().st_size).encode())  # size, first and last MB
     with open(text, "rb") as f:
@@ -1525,8 +1530,8 @@ def prepare_data(cfg: TrainConfig) -> tuple[str, str, str]:
     if given is not None:
         bin_dir = work / f"tokenizer-{given.fingerprint()}"
         bin_dir.mkdir(exist_ok=True)
-        return cfg.tokenizer_dir, *tokenize_splits(text, val_text, Path(cfg.tokenizer_dir), 0,
-                                                   bin_dir)
+        return cfg.tokenizer_dir, *tokenize_splits(text, val_text, Path(cfg.tokenizer_dir),
+                                                   given.vocab_size, bin_dir)
     tok_dir = work / f"bpe{cfg.vocab_size}"
     return str(tok_dir), *tokenize_splits(text, val_text, tok_dir, cfg.vocab_size, tok_dir)
 
