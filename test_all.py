@@ -4486,6 +4486,12 @@ def test_greedy_speculative_decoding_equals_the_target_alone():
         out, stats = infer.speculative_generate(target, proposer, prompt, 12, k=3, temperature=0)
         assert out == want
         assert (stats["accepted"] == stats["proposed"]) == all_pass
+        # the steady speed's clock starts after the first round, which compiles and captures
+        assert stats["steady_seconds"] > 0 and 0 < stats["steady_tokens"] < len(out)
+    # sampling: a draft equal to the target has every token accepted (p = q)
+    out, stats = infer.speculative_generate(target, target, prompt, 12, k=3, temperature=0.8,
+                                            generator=torch.Generator().manual_seed(0))
+    assert len(out) == 12 and stats["accepted"] == stats["proposed"]
 
 
 def test_quantized_matmuls_within_half_a_step():
