@@ -1165,7 +1165,7 @@ def speculative_speed(target: TransformerLM, draft: TransformerLM, prompt: list[
                       new_tokens: int, k: int, compile: bool, **sampling) -> tuple[list[int], str]:
     """speculative_generate's tokens, and its speed against plain decoding in one line: both
     after their first step, which compiles, captures and tunes (timing it made a trained pair
-    on an H200 look 500x slower than plain decoding)."""
+    on an H200 look hundreds of times slower than plain decoding)."""
     start = time.perf_counter()
     ids, stats = speculative_generate(target, draft, prompt, new_tokens, k, compile=compile,
                                       **sampling)
