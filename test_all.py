@@ -4478,6 +4478,24 @@ def test_speculative_sampling_keeps_the_targets_distribution():
     assert abs(float((accepted > 0).float().mean()) - float(torch.minimum(p, q).sum())) < 0.01
 
 
+def test_speculative_generation_samples_the_targets_joint_distribution():
+    """The whole loop, not only the accept rule: two sampled tokens against the target's law."""
+    target, draft = _tiny_lm(0, vocab_size=5), _tiny_lm(1, vocab_size=5, num_layers=1)
+    # T = 3 flattens these random models enough that every pair is expected >= 5 times; the
+    # draft's own law then scores ~650, far above the bound
+    prompt, vocab, runs, temperature = [1, 2, 3], 5, 800, 3.0
+    with torch.no_grad():  # the target's P(t1, t2 | prompt), by two plain forwards
+        first = infer.probabilities(target(torch.tensor([prompt]))[0, -1], temperature)
+        second = infer.probabilities(target(torch.tensor(
+            [prompt + [t] for t in range(vocab)]))[:, -1], temperature)
+    expected = (first[:, None] * second).flatten() * runs
+    generator = torch.Generator().manual_seed(0)
+    pairs = [infer.speculative_generate(target, draft, prompt, 2, k=2, temperature=temperature,
+                                        generator=generator)[0] for _ in range(runs)]
+    counts = torch.bincount(torch.tensor([a * vocab + b for a, b in pairs]), minlength=vocab**2)
+    assert float(((counts - expected) ** 2 / expected).sum()) < 52.6  # 24 dof, p = 0.001
+
+
 def test_greedy_speculative_decoding_equals_the_target_alone():
     target, draft = _tiny_lm(0), _tiny_lm(1, num_layers=1, num_kv_heads=2)
     prompt = _BYTES.encode("hello")
