@@ -891,7 +891,7 @@ def zeropower_via_newtonschulz(G: Tensor, steps: int = 5) -> Tensor:
         A = flat @ flat.mT
         # X <- a X + (b A + c A A) X. baddbmm(C, P, Q, beta=s, alpha=t) = s C + t P Q in the
         # matmul itself: the sums cost no extra pass over memory. A is symmetric, so A A = A A^T,
-        # whose operands both run along the summed dimension in memory: cuBLAS is faster so
+        # whose operands both lie contiguous along the summed dimension, which cuBLAS runs faster
         # (GPT-2 small's five iterations on an H200: 3.71 ms against 3.94).
         flat = torch.baddbmm(flat, torch.baddbmm(A, A, A.mT, beta=b, alpha=c), flat, beta=a)
     X = flat.view(X.shape)
