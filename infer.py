@@ -1115,20 +1115,23 @@ def cast_weights(model: nn.Module, dtype: torch.dtype) -> nn.Module:
 
 
 def measure_decode(model: TransformerLM, batch_size: int, prompt_len: int, new_tokens: int,
-                   compile: bool, profile: bool = False, fused: bool | None = None) -> dict:
+                   compile: bool, profile: bool = False, fused: bool | None = None,
+                   tokens_per_step: int = 1) -> dict:
     """Prefill a random batch, time the first decode step (it compiles and captures) apart, then
     time greedy steps chained inside the step: nothing leaves the GPU between them, so the time
-    is the GPU's. bytes: what a step reads, every weight and every cache slot."""
-    device = model_device(model)
-    decoder = Decoder(model, batch_size, prompt_len + new_tokens, compile, greedy=True,
-                      fused=fused)
+    is the GPU's. bytes: what a step reads, every weight and every cache slot. tokens_per_step
+    > 1: steps as speculative decoding's verifier takes them (their cache as long as its)."""
+    device, per = model_device(model), tokens_per_step
+    decoder = Decoder(model, batch_size, prompt_len + new_tokens + per - 1, compile, greedy=True,
+                      fused=fused, tokens_per_step=per)
     prompt = torch.randint(0, model.config.vocab_size, (batch_size, prompt_len), device=device)
-    first = torch.full((batch_size,), prompt_len, device=device)
+    first = prompt_len + torch.arange(per, device=device).expand(batch_size, per)
     with torch.no_grad():
         tokens = []  # the warm-up prefill fills the same slots with the same values
         ttft = timed(lambda: tokens.append(prefill(model, decoder.cache, prompt).argmax(-1)),
                      device)
-        setup = timed(lambda: decoder.decode(tokens[-1], first), device, warmup=False)
+        setup = timed(lambda: decoder.decode(tokens[-1][:, None].expand(-1, per), first), device,
+                      warmup=False)
         step = timed(lambda: [decoder.decode() for _ in range(new_tokens - 1)], device,
                      warmup=False) / (new_tokens - 1)
     kv_bytes = sum(b.numel() * b.element_size() for layer in decoder.cache.layers
@@ -1161,22 +1164,45 @@ def profile_decode(decoder: Decoder, step: float, steps: int = 20) -> str:
                                for e in events[:5]])
 
 
+def tokens_per_round(acceptance: float, k: int) -> float:
+    """Expected tokens a round when each draft passes with this probability, independently:
+    1 + a + ... + a^k (Leviathan et al.: the accepted drafts, and one token from the target)."""
+    return sum(acceptance ** i for i in range(k + 1))
+
+
 def speculative_speed(target: TransformerLM, draft: TransformerLM, prompt: list[int],
                       new_tokens: int, k: int, compile: bool, **sampling) -> tuple[list[int], str]:
-    """speculative_generate's tokens, and its speed against plain decoding in one line: both
-    after their first step, which compiles, captures and tunes (timing it made a trained pair
-    on an H200 look hundreds of times slower than plain decoding)."""
+    """speculative_generate's tokens, and a report: its speed against plain decoding, both after
+    their first step, which compiles, captures and tunes (timing it made a trained pair on an
+    H200 look hundreds of times slower); then where a round's time goes, and the tokens a round
+    (and the acceptance) at which speculation would pay: a round must make more tokens than
+    plain decoding makes in the same time."""
     start = time.perf_counter()
     ids, stats = speculative_generate(target, draft, prompt, new_tokens, k, compile=compile,
                                       **sampling)
-    seconds, tokens = stats["steady_seconds"], stats["steady_tokens"]
+    seconds, tokens, rounds = stats["steady_seconds"], stats["steady_tokens"], stats["rounds"] - 1
     if not seconds:  # one round in all: nothing but it to time
-        seconds, tokens = time.perf_counter() - start, len(ids)
-    plain = measure_decode(target, 1, len(prompt), max(2, len(ids)), compile)["step"]
+        seconds, tokens, rounds = time.perf_counter() - start, len(ids), 1
+    n = len(prompt)  # the two below with caches as long as speculative_generate's: no recompile
+    plain = measure_decode(target, 1, n, max(2, len(ids)), compile)["step"]
+    drafting = measure_decode(draft, 1, n, new_tokens + k + 1, compile)["step"]
+    verify = measure_decode(target, 1, n, new_tokens + 1, compile, tokens_per_step=k + 1)["step"]
     rate, per_round = stats["accepted"] / stats["proposed"], len(ids) / stats["rounds"]
+    round_s = seconds / rounds
+    need = round_s / plain  # tokens a round must make to beat plain decoding
+    low, high = 0.0, 1.0  # the acceptance that makes them: tokens_per_round rises with it
+    for _ in range(40):
+        mid = (low + high) / 2
+        low, high = (mid, high) if tokens_per_round(mid, k) < need else (low, mid)
+    pays = (f"(acceptance {high:.2f})" if need <= k + 1 else
+            f": more than k + 1 = {k + 1}, so not at any acceptance")
     return ids, (f"acceptance {rate:.2f}, {per_round:.2f} tokens a target forward, "
                  f"{tokens / seconds:,.1f} tokens/s against {1 / plain:,.1f} plain "
-                 f"({plain * tokens / seconds:.2f}x)")
+                 f"({plain * tokens / seconds:.2f}x)\n  a round {round_s * 1e3:.3f} ms: {k} draft "
+                 f"steps of {drafting * 1e3:.3f}, a verify step ({k + 1} tokens) of "
+                 f"{verify * 1e3:.3f}, the rest {(round_s - k * drafting - verify) * 1e3:.3f} "
+                 f"(catching up, launches, waits); a plain step {plain * 1e3:.3f} ms, so "
+                 f"speculation pays above {need:.2f} tokens a round {pays}")
 
 
 def quantization_table(model: TransformerLM, group_size: int, prompt_len: int, new_tokens: int,

@@ -2246,9 +2246,9 @@ def test_nan_loss_stops_with_message_and_keeps_last_good_checkpoint(_cache, tmp_
     calls = {"n": 0}
     real_loss = train.fused_cross_entropy  # the training loss LossModel calls
 
-    def nan_from_step_5(logits, targets, ignore_index=-100):
+    def nan_from_step_5(logits, targets, ignore_index=-100, vocab_size=None):
         calls["n"] += 1
-        loss = real_loss(logits, targets, ignore_index)
+        loss = real_loss(logits, targets, ignore_index, vocab_size)
         return loss * math.nan if calls["n"] >= 5 else loss
 
     monkeypatch.setattr(train, "fused_cross_entropy", nan_from_step_5)
@@ -2599,6 +2599,20 @@ def test_plot_draws_losses_and_learning_rate(tmp_path, monkeypatch, capsys):
         train.run_cli(train.main, ["plot", str(tmp_path)])
     assert exit.value.code == 2
     assert capsys.readouterr().err == "error: plot needs matplotlib: pip install matplotlib\n"
+
+
+def test_fused_cross_entropy_gives_padded_logits_no_probability_and_no_gradient():
+    torch.manual_seed(7)
+    logits = (torch.randn(2, 5, 16) * 3).requires_grad_(True)  # 11 real logits, 5 of padding
+    targets = torch.randint(11, (2, 5))
+    targets[0, 0] = -100
+    (train.fused_cross_entropy(logits, targets, vocab_size=11) * 2.0).backward()
+    real = logits.detach()[..., :11].clone().requires_grad_(True)
+    expected = F.cross_entropy(real.view(-1, 11), targets.view(-1))
+    (expected * 2.0).backward()
+    torch.testing.assert_close(train.fused_cross_entropy(logits, targets, vocab_size=11), expected)
+    torch.testing.assert_close(logits.grad[..., :11], real.grad)
+    assert torch.equal(logits.grad[..., 11:], torch.zeros(2, 5, 5))
 
 
 def test_loss_model_pads_the_head_to_a_multiple_of_64_without_changing_loss_or_gradients():
@@ -4510,6 +4524,27 @@ def test_greedy_speculative_decoding_equals_the_target_alone():
     out, stats = infer.speculative_generate(target, target, prompt, 12, k=3, temperature=0.8,
                                             generator=torch.Generator().manual_seed(0))
     assert len(out) == 12 and stats["accepted"] == stats["proposed"]
+
+
+def test_speculative_report_splits_a_round_and_says_where_speculation_pays():
+    assert infer.tokens_per_round(0.0, 4) == 1 and infer.tokens_per_round(1.0, 3) == 4
+    assert infer.tokens_per_round(0.5, 2) == 1.75  # 1 + 1/2 + 1/4
+    target, draft = _tiny_lm(0), _tiny_lm(1, num_layers=1)
+    prompt = _BYTES.encode("hello")
+    ids, report = infer.speculative_speed(target, draft, prompt, 12, 3, False, temperature=0)
+    assert ids == _greedy_by_recompute(target, prompt, 12)
+    numbers = regex.search(r"a round ([\d.]+) ms: 3 draft steps of ([\d.]+), a verify step \(4 "
+                           r"tokens\) of ([\d.]+), the rest (-?[\d.]+) .* a plain step ([\d.]+) "
+                           r"ms, so speculation pays above ([\d.]+) tokens a round", report)
+    round_ms, draft_ms, verify_ms, rest_ms, plain_ms, need = map(float, numbers.groups())
+    assert min(draft_ms, verify_ms, plain_ms) > 0
+    assert abs(round_ms - 3 * draft_ms - verify_ms - rest_ms) < 3e-3  # the parts add up
+    assert abs(need - round_ms / plain_ms) < 0.01 * need + 0.01
+    acceptance = regex.search(r"round \(acceptance ([\d.]+)\)", report)
+    if need <= 4:  # the acceptance printed makes those tokens a round
+        assert abs(infer.tokens_per_round(float(acceptance[1]), 3) - need) < 0.04
+    else:
+        assert acceptance is None and "not at any acceptance" in report
 
 
 def test_quantized_matmuls_within_half_a_step():
