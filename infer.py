@@ -1180,29 +1180,33 @@ def speculative_speed(target: TransformerLM, draft: TransformerLM, prompt: list[
     start = time.perf_counter()
     ids, stats = speculative_generate(target, draft, prompt, new_tokens, k, compile=compile,
                                       **sampling)
-    seconds, tokens, rounds = stats["steady_seconds"], stats["steady_tokens"], stats["rounds"] - 1
+    seconds, tokens = stats["steady_seconds"], stats["steady_tokens"]
     if not seconds:  # one round in all: nothing but it to time
-        seconds, tokens, rounds = time.perf_counter() - start, len(ids), 1
-    n = len(prompt)  # the two below with caches as long as speculative_generate's: no recompile
-    plain = measure_decode(target, 1, n, max(2, len(ids)), compile)["step"]
-    drafting = measure_decode(draft, 1, n, new_tokens + k + 1, compile)["step"]
-    verify = measure_decode(target, 1, n, new_tokens + 1, compile, tokens_per_step=k + 1)["step"]
+        seconds, tokens = time.perf_counter() - start, len(ids)
+    plain = measure_decode(target, 1, len(prompt), max(2, len(ids)), compile)["step"]
     rate, per_round = stats["accepted"] / stats["proposed"], len(ids) / stats["rounds"]
-    round_s = seconds / rounds
+    report = (f"acceptance {rate:.2f}, {per_round:.2f} tokens a target forward, "
+              f"{tokens / seconds:,.1f} tokens/s against {1 / plain:,.1f} plain "
+              f"({plain * tokens / seconds:.2f}x)")
+    if stats["rounds"] == 1:  # its time includes compiling: nothing to split
+        return ids, report
+    # the steps timed alone, with caches as long as speculative_generate's (a step reads them all)
+    drafting = measure_decode(draft, 1, len(prompt), new_tokens + k + 1, compile)["step"]
+    verify = measure_decode(target, 1, len(prompt), new_tokens + 1, compile,
+                            tokens_per_step=k + 1)["step"]
+    round_s = seconds / (stats["rounds"] - 1)
     need = round_s / plain  # tokens a round must make to beat plain decoding
     low, high = 0.0, 1.0  # the acceptance that makes them: tokens_per_round rises with it
     for _ in range(40):
         mid = (low + high) / 2
         low, high = (mid, high) if tokens_per_round(mid, k) < need else (low, mid)
-    pays = (f"(acceptance {high:.2f})" if need <= k + 1 else
+    pays = (f" (acceptance {high:.2f})" if need <= k + 1 else
             f": more than k + 1 = {k + 1}, so not at any acceptance")
-    return ids, (f"acceptance {rate:.2f}, {per_round:.2f} tokens a target forward, "
-                 f"{tokens / seconds:,.1f} tokens/s against {1 / plain:,.1f} plain "
-                 f"({plain * tokens / seconds:.2f}x)\n  a round {round_s * 1e3:.3f} ms: {k} draft "
-                 f"steps of {drafting * 1e3:.3f}, a verify step ({k + 1} tokens) of "
-                 f"{verify * 1e3:.3f}, the rest {(round_s - k * drafting - verify) * 1e3:.3f} "
-                 f"(catching up, launches, waits); a plain step {plain * 1e3:.3f} ms, so "
-                 f"speculation pays above {need:.2f} tokens a round {pays}")
+    return ids, (f"{report}\n  a round {round_s * 1e3:.3f} ms: {k} draft steps of "
+                 f"{drafting * 1e3:.3f}, a verify step ({k + 1} tokens) of {verify * 1e3:.3f}, "
+                 f"the rest {(round_s - k * drafting - verify) * 1e3:.3f} (catching up, "
+                 f"launches, waits); a plain step {plain * 1e3:.3f} ms, so speculation pays "
+                 f"above {need:.2f} tokens a round{pays}")
 
 
 def quantization_table(model: TransformerLM, group_size: int, prompt_len: int, new_tokens: int,
