@@ -139,6 +139,15 @@ def cross_entropy(logits: Tensor, targets: Tensor, ignore_index: int = -100) -> 
     return ((log_sum_exp - target_logit) * keep).sum() / keep.sum().clamp(min=1)
 
 
+def _float_masked(logits: Tensor, vocab_size: int) -> Tensor:
+    """float32 logits; those past vocab_size (a head padded for speed: LossModel) set to -inf,
+    probability 0, in the one float32 copy."""
+    if vocab_size >= logits.shape[-1]:
+        return logits.float()
+    padding = torch.arange(logits.shape[-1], device=logits.device) >= vocab_size
+    return logits.to(torch.float32, copy=True).masked_fill_(padding, -math.inf)
+
+
 class _FusedCrossEntropy(torch.autograd.Function):
     """cross_entropy with a hand-written backward: d loss / d logits = softmax - one_hot.
     Autograd through the reference saves float32 log-probabilities: 3.3 GB written and read again
@@ -167,15 +176,6 @@ class _FusedCrossEntropy(torch.autograd.Function):
         grad.sub_((vocab == safe_targets.unsqueeze(-1)).to(grad.dtype))
         grad.mul_((keep * grad_loss / count).unsqueeze(-1))  # ignored rows get no gradient
         return grad.to(logits.dtype), None, None, None
-
-
-def _float_masked(logits: Tensor, vocab_size: int) -> Tensor:
-    """float32 logits; those past vocab_size (a head padded for speed: LossModel) set to -inf,
-    probability 0, in the one float32 copy."""
-    if vocab_size >= logits.shape[-1]:
-        return logits.float()
-    padding = torch.arange(logits.shape[-1], device=logits.device) >= vocab_size
-    return logits.to(torch.float32, copy=True).masked_fill_(padding, -math.inf)
 
 
 def fused_cross_entropy(logits: Tensor, targets: Tensor, ignore_index: int = -100,
