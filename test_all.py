@@ -4520,10 +4520,32 @@ def test_greedy_speculative_decoding_equals_the_target_alone():
         assert (stats["accepted"] == stats["proposed"]) == all_pass
         # the steady speed's clock starts after the first round, which compiles and captures
         assert stats["steady_seconds"] > 0 and 0 < stats["steady_tokens"] < len(out)
+    # rounds are queued without waiting, so eos is found after the fact: the output still stops
+    eos = want[7]
+    out = infer.speculative_generate(target, draft, prompt, 12, k=3, temperature=0, eos_id=eos)[0]
+    assert out == want[: want.index(eos) + 1]
     # sampling: a draft equal to the target has every token accepted (p = q)
     out, stats = infer.speculative_generate(target, target, prompt, 12, k=3, temperature=0.8,
                                             generator=torch.Generator().manual_seed(0))
     assert len(out) == 12 and stats["accepted"] == stats["proposed"]
+
+
+@_CUDA
+def test_speculative_decoding_compiled_on_gpu_equals_the_target_alone():
+    """The rounds are queued with no wait, their positions updated in place on the device: under
+    CUDA graphs a step must read the position of its own round."""
+    target, draft = _tiny_lm(0), _tiny_lm(1, num_layers=1)
+    prompt = _BYTES.encode("hello")
+    want = _greedy_by_recompute(target, prompt, 20)
+    target, draft = target.cuda(), draft.cuda()
+    for k in (1, 3):
+        out, stats = infer.speculative_generate(target, draft, prompt, 20, k=k, temperature=0,
+                                                compile=True)
+        assert out == want and 20 <= stats["accepted"] + stats["rounds"] <= 20 + k
+    out, stats = infer.speculative_generate(target, target, prompt, 20, k=3, temperature=0.8,
+                                            generator=torch.Generator("cuda").manual_seed(0),
+                                            compile=True)
+    assert len(out) == 20 and stats["accepted"] == stats["proposed"]
 
 
 def test_speculative_report_splits_a_round_and_says_where_speculation_pays(monkeypatch):
@@ -4537,14 +4559,14 @@ def test_speculative_report_splits_a_round_and_says_where_speculation_pays(monke
     # the arithmetic, on set timings: 4 steady rounds of 2 ms against plain steps of 1 ms
     stats = dict(proposed=15, accepted=6, rounds=5, steady_seconds=0.008, steady_tokens=9)
     monkeypatch.setattr(infer, "speculative_generate", lambda *a, **kw: ([7] * 11, stats))
-    steps = {(id(target), 1): 1e-3, (id(draft), 1): 2e-4, (id(target), 4): 1.2e-3}
+    steps = {(id(target), 1): 1e-3, (id(draft), 1): 1.5e-4, (id(target), 4): 1.2e-3}
     monkeypatch.setattr(infer, "measure_decode", lambda model, *a, tokens_per_step=1, **kw: {
         "step": steps[id(model), tokens_per_step]})
     line = infer.speculative_speed(target, draft, prompt, 12, 3, False)[1].splitlines()[1]
     # 1 + a + a^2 + a^3 = 2 at a = 0.5437
-    assert line == ("  a round 2.000 ms: 3 draft steps of 0.200, a verify step (4 tokens) of "
-                    "1.200, the rest 0.200 (catching up, launches, waits); a plain step 1.000 "
-                    "ms, so speculation pays above 2.00 tokens a round (acceptance 0.54)")
+    assert line == ("  a round 2.000 ms: 4 draft steps of 0.150, a verify step (4 tokens) of "
+                    "1.200, the rest 0.200 (the accept rule, launches, waits); a plain step "
+                    "1.000 ms, so speculation pays above 2.00 tokens a round (acceptance 0.54)")
     stats["steady_seconds"] = 0.024  # rounds of 6 ms: even 4 tokens each would not pay
     assert infer.speculative_speed(target, draft, prompt, 12, 3, False)[1].endswith(
         "pays above 6.00 tokens a round: more than k + 1 = 4, so not at any acceptance")
