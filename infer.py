@@ -790,7 +790,7 @@ def speculative_generate(target: TransformerLM, draft: TransformerLM, prompt: li
     # a round of a 24 x 1,024 target took 1.76 ms this way, 1.96-2.10 waiting every round).
     ids, steps = torch.tensor(prompt, device=device), torch.arange(k + 1, device=device)
     out = torch.zeros(max_new_tokens + k + 1, dtype=torch.long, device=device)
-    count, accepted = (torch.zeros(1, dtype=torch.long, device=device) for _ in range(2))
+    count, passed_sum = (torch.zeros(1, dtype=torch.long, device=device) for _ in range(2))
     position, last = torch.full((1,), len(prompt) - 1, device=device), ids[-1:]
     stats, done = Counter(), 0
     with torch.no_grad():
@@ -798,9 +798,12 @@ def speculative_generate(target: TransformerLM, draft: TransformerLM, prompt: li
             prefill(target, verifier.cache, ids[None, :-1])
             prefill(draft, proposer.cache, ids[None, :-1])
         while done < max_new_tokens:
-            # Rounds that cannot overshoot max_new_tokens (each makes at most k + 1), then one
-            # wait; the first round goes alone, as it compiles and captures the steps.
-            for _ in range(max(1, (max_new_tokens - done) // (k + 1)) if done else 1):
+            # A chunk of rounds, then one wait. The first round goes alone: it compiles and
+            # captures the steps, and the steady clock starts after it. Then as many rounds as
+            # cannot pass max_new_tokens (each makes at most k + 1 tokens; at least one, whose
+            # surplus is cut at the end), and at most 8 when an end-of-text would stop us early.
+            rounds = max(1, (max_new_tokens - done) // (k + 1)) if done else 1
+            for _ in range(min(rounds, 8) if eos_id is not None else rounds):
                 tokens, q = [last], []
                 for i in range(k + 1):
                     logits = proposer.decode(tokens[-1], position + i)
@@ -814,27 +817,26 @@ def speculative_generate(target: TransformerLM, draft: TransformerLM, prompt: li
                 tokens = torch.cat(tokens)  # (k + 1,): the last token and k drafts
                 logits = verifier.decode(tokens[None], (position + steps)[None])
                 if temperature == 0:  # one-hot p and q: drafts equal to the argmax pass
-                    best = logits[0].argmax(-1)
-                    passed = (best[:k] == tokens[1:]).long().cumprod(0).sum().view(1)
-                    new = best  # best[:passed] are the drafts that passed, best[passed] the next
+                    made = logits[0].argmax(-1)  # [:passed]: the drafts; [passed]: the next
+                    passed = (made[:k] == tokens[1:]).long().cumprod(0).sum().view(1)
                 else:
                     passed, token = speculative_accept(
                         probabilities(logits, temperature, top_k, top_p), torch.stack(q, 1),
                         tokens[None, 1:], generator)
-                    new = torch.where(steps < passed, torch.cat((tokens[1:], token)), token)
+                    made = torch.where(steps < passed, torch.cat((tokens[1:], token)), token)
                 # All k + 1 written: those past the round's passed + 1 are overwritten next round.
-                out.scatter_(0, count + steps, new)
-                last = new.gather(0, passed)
+                out.scatter_(0, count + steps, made)
+                last = made.gather(0, passed)
                 count += passed + 1
                 position += passed + 1
-                accepted += passed
+                passed_sum += passed
                 stats["rounds"] += 1
-            done = int(count)  # the one wait for the GPU per chunk of rounds
+            before, done = done, int(count)  # the one wait for the GPU per chunk of rounds
             if stats["rounds"] == 1:  # the clock is honest: int() waited for the GPU
                 first_round = time.perf_counter(), done
-            if eos_id is not None and eos_id in out[:done].tolist():
-                break
-        stats.update(proposed=k * stats["rounds"], accepted=int(accepted))
+            if eos_id is not None and eos_id in out[before:done].tolist():
+                break  # (the stats count the chunk's rounds after it)
+        stats.update(proposed=k * stats["rounds"], accepted=int(passed_sum))
         if stats["rounds"] > 1:
             stats.update(steady_seconds=time.perf_counter() - first_round[0],
                          steady_tokens=done - first_round[1])
@@ -1197,7 +1199,9 @@ def speculative_speed(target: TransformerLM, draft: TransformerLM, prompt: list[
     if not seconds:  # one round in all: nothing but it to time
         seconds, tokens = time.perf_counter() - start, len(ids)
     plain = measure_decode(target, 1, len(prompt), max(2, len(ids)), compile)["step"]
-    rate, per_round = stats["accepted"] / stats["proposed"], len(ids) / stats["rounds"]
+    # tokens the rounds made, with any surplus past max_new_tokens or an end-of-text
+    rate = stats["accepted"] / stats["proposed"]
+    per_round = (stats["accepted"] + stats["rounds"]) / stats["rounds"]
     report = (f"acceptance {rate:.2f}, {per_round:.2f} tokens a target forward, "
               f"{tokens / seconds:,.1f} tokens/s against {1 / plain:,.1f} plain "
               f"({plain * tokens / seconds:.2f}x)")

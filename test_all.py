@@ -4524,6 +4524,10 @@ def test_greedy_speculative_decoding_equals_the_target_alone():
     eos = want[7]
     out = infer.speculative_generate(target, draft, prompt, 12, k=3, temperature=0, eos_id=eos)[0]
     assert out == want[: want.index(eos) + 1]
+    # a prompt that ends with it still generates (the command line's default prompt is eos alone)
+    then = _greedy_by_recompute(target, prompt + [eos], 6)
+    assert infer.speculative_generate(target, draft, prompt + [eos], 6, k=3, temperature=0,
+                                      eos_id=eos)[0] == then[: (then + [eos]).index(eos) + 1]
     # sampling: a draft equal to the target has every token accepted (p = q)
     out, stats = infer.speculative_generate(target, target, prompt, 12, k=3, temperature=0.8,
                                             generator=torch.Generator().manual_seed(0))
