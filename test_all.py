@@ -35,9 +35,10 @@ from model import ModelConfig, TransformerLM
 from tokenizer import (ByteTokenizer, CharTokenizer, Tokenizer, WordTokenizer, _chunk_bounds,
                        compression_ratio, encode_file, gpt2_tokenizer, main, token_dtype,
                        train_bpe)
-from train import (SOAP, AdamW, Muon, _power_iteration, _rotate_second_moment,
-                   adamw_update_foreach, adamw_update_reference, decay_param_groups,
-                   param_groups_for_muon, zeropower_via_newtonschulz)
+from train import (SOAP, AdamW, Muon, _newtonschulz_polynomial, _power_iteration,
+                   _rotate_second_moment, adamw_update_foreach, adamw_update_reference,
+                   decay_param_groups, newtonschulz_gram, param_groups_for_muon,
+                   zeropower_via_newtonschulz)
 
 
 @pytest.fixture(autouse=True)
@@ -1539,6 +1540,51 @@ def test_newtonschulz_zero_matrix_stays_zero() -> None:
     assert torch.equal(zeropower_via_newtonschulz(torch.zeros(4, 6)), torch.zeros(4, 6))
 
 
+def test_newtonschulz_gram_equals_the_plain_iteration_and_needs_its_restart(monkeypatch) -> None:
+    gen = torch.Generator().manual_seed(0)
+    m, n = 128, 384  # wide enough for the Gram path; a power-law spectrum, like a gradient's
+    U = torch.linalg.qr(torch.randn(2, m, m, generator=gen, dtype=torch.float64))[0]
+    V = torch.linalg.qr(torch.randn(2, n, m, generator=gen, dtype=torch.float64))[0]
+    G = (U * torch.arange(1, m + 1, dtype=torch.float64) ** -1.0) @ V.mT
+    X = G / G.norm(dim=(-2, -1), keepdim=True)
+
+    def plain_iteration(X: torch.Tensor, steps: int = 5) -> torch.Tensor:
+        for _ in range(steps):
+            X = _newtonschulz_polynomial(X @ X.mT) @ X
+        return X
+
+    def error(out: torch.Tensor, steps: int = 5) -> float:
+        exact = plain_iteration(X, steps)
+        return float((out.double() - exact).norm() / exact.norm())
+    # the same algebra: equal in float64; zeropower_via_newtonschulz takes this path when
+    # n >= 2.5 m, for wide and (transposed) tall matrices, in float32 on a CPU
+    plain = plain_iteration(X)
+    torch.testing.assert_close(newtonschulz_gram(X), plain, rtol=0, atol=1e-12)
+    calls = []
+    monkeypatch.setattr(train, "newtonschulz_gram", lambda X, steps: calls.append(
+        (tuple(X.shape), X.dtype)) or newtonschulz_gram(X, steps))
+    torch.testing.assert_close(zeropower_via_newtonschulz(G).double(), plain, rtol=0, atol=1e-5)
+    tall = zeropower_via_newtonschulz(G.mT.float())
+    torch.testing.assert_close(tall.double(), plain.mT, rtol=0, atol=1e-5)
+    zeropower_via_newtonschulz(torch.ones(40, 99))  # under 2.5x as wide: the plain iteration
+    zeropower_via_newtonschulz(torch.ones(40, 100).half())  # normalised in float32 first
+    assert calls == [((2, m, n), torch.float32)] * 2 + [((1, 40, 100), torch.float32)]
+    huge = torch.randn(16, 64, generator=gen).half() * 3000  # norm over float16's 65504
+    torch.testing.assert_close(zeropower_via_newtonschulz(huge).float(),
+                               zeropower_via_newtonschulz(huge.float()), rtol=0, atol=2e-3)
+    # In float16 the restart keeps it near float64; never restarting, R's rounding swamps the
+    # small singular values (squared in R) and the result drifts far off. With more steps, a
+    # restart every 3 keeps it as precise as the plain iteration in float16.
+    assert error(newtonschulz_gram(X.half())) < 0.01
+    assert error(newtonschulz_gram(X.half(), restart=99)) > 0.05
+    for steps in (12, 20):
+        half_error = error(plain_iteration(X.half(), steps), steps)
+        assert error(newtonschulz_gram(X.half(), steps), steps) < 1.5 * half_error
+        assert error(newtonschulz_gram(X.float(), steps), steps) < 1e-4
+        zero = torch.zeros(1, 8, 24, dtype=torch.float16)  # Q ~ 3.44^steps if never folded
+        assert torch.equal(newtonschulz_gram(zero, steps), zero)
+
+
 @pytest.mark.parametrize("nesterov", [True, False])
 def test_muon_update_is_scaled_near_orthogonal(nesterov: bool) -> None:
     torch.manual_seed(0)
@@ -2674,6 +2720,24 @@ def test_fused_adamw_on_cuda_matches_torch_fused_adamw():
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
 
 
+@_CUDA
+def test_newtonschulz_on_cuda_near_float64():
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    for shape in [(3, 64, 64), (3, 64, 192), (3, 192, 64)]:  # bf16 plain; float16 Gram, both ways
+        G = torch.randn(shape, device="cuda", generator=gen)
+        if shape[1] == shape[2]:  # random square matrices have singular values near 0
+            G = G + 24 * torch.eye(shape[1], device="cuda")
+        X = (G.mT if shape[1] > shape[2] else G).double()
+        X = X / X.norm(dim=(-2, -1), keepdim=True)
+        for _ in range(5):
+            X = _newtonschulz_polynomial(X @ X.mT) @ X
+        expected = X.mT if shape[1] > shape[2] else X
+        out = zeropower_via_newtonschulz(G)
+        assert out.dtype == G.dtype and out.shape == G.shape
+        error = float((out.double() - expected).norm() / expected.norm())
+        assert error < (0.01 if shape[1] != shape[2] else 0.08), (shape, error)  # bf16: 2-4%
+
+
 # =================================================================================================
 # kernels.py
 # =================================================================================================
@@ -2928,7 +2992,7 @@ def test_bench_profile_and_compiled_muon_on_gpu(tmp_path, capsys):
     for fused in (False, True):
         gen = torch.Generator("cuda").manual_seed(0)
         weights = [nn.Parameter(torch.randn(*shape, device="cuda", generator=gen))
-                   for shape in ((64, 32), (32, 64), (48, 48))]
+                   for shape in ((64, 32), (32, 64), (48, 48), (32, 96))]  # last: Gram
         for w in weights:
             w.grad = torch.randn(w.shape, device="cuda", generator=gen)
         before = [w.detach().clone() for w in weights]
