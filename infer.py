@@ -1415,6 +1415,9 @@ def generate_command(cfg: dict) -> None:
         if draft_tokenizer.vocab != tokenizer.vocab:
             raise ValueError(f"{cfg['draft_ckpt']} was trained with another tokenizer")
         generator = None if seed is None else torch.Generator(device).manual_seed(seed)
+        if compile:  # a 24-layer target's three compiles took minutes on an H200, silently
+            print("speculative decoding: compiling the draft's step, the target's verify step "
+                  "and its plain step (for the report) before any text", file=sys.stderr)
         ids, report = speculative_speed(model, draft, prompt, cfg["max_new_tokens"],
                                         cfg["speculate_k"], compile, **sampling,
                                         generator=generator, eos_id=eos_of(tokenizer))

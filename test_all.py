@@ -4702,7 +4702,7 @@ def _save_checkpoint(tmp_path, model, tokenizer, **changes):
     return str(tmp_path / "ckpt.pt")
 
 
-def test_checkpoint_generation_from_the_command_line(tmp_path, capsys):
+def test_checkpoint_generation_from_the_command_line(tmp_path, capsys, monkeypatch):
     model = _tiny_lm()
     path = _save_checkpoint(tmp_path, model, _BYTES)
     infer.main([f"--ckpt={path}", "--prompt=hello", "--max_new_tokens=6", "--temperature=0"])
@@ -4718,6 +4718,13 @@ def test_checkpoint_generation_from_the_command_line(tmp_path, capsys):
                 "--max_new_tokens=6", "--speculate_k=2"])
     captured = capsys.readouterr()
     assert captured.out.startswith("hello" + want[:1]) and "acceptance" in captured.err
+    assert "compiling" not in captured.err
+    # compiled (as on a GPU), it says first what the silent minutes before any text are for
+    monkeypatch.setattr(infer, "use_compile", lambda setting, device: True)
+    monkeypatch.setattr(infer, "speculative_speed", lambda *a, **k: ([104], "a report"))
+    infer.main([f"--ckpt={path}", f"--draft_ckpt={draft}", "--prompt=hello"])
+    captured = capsys.readouterr()
+    assert captured.err.index("compiling the draft's step") < captured.err.index("a report")
 
 
 def test_bad_checkpoints_and_folders_get_one_clear_error(tmp_path, monkeypatch):
