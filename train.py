@@ -901,8 +901,8 @@ def zeropower_via_newtonschulz(G: Tensor, steps: int = 5) -> Tensor:
     m, n = X.shape[-2:]
     flat = X.reshape(-1, m, n)  # one batch dim, as baddbmm wants
     if n >= 2.5 * m:  # see newtonschulz_gram: a fifth of the flops or more saved
-        # normalised in float32 before the cast: tiny gradients would underflow float16
-        flat = flat.float() / (flat.float().norm(dim=(-2, -1), keepdim=True) + 1e-7)
+        flat = flat.float()  # normalised before the cast: tiny gradients would underflow float16
+        flat = flat / (flat.norm(dim=(-2, -1), keepdim=True) + 1e-7)
         flat = newtonschulz_gram(flat.to(torch.float16 if G.is_cuda else torch.float32), steps)
     else:
         flat = flat.to(torch.bfloat16 if G.is_cuda else torch.float32)
