@@ -899,14 +899,15 @@ def zeropower_via_newtonschulz(G: Tensor, steps: int = 5) -> Tensor:
     tall = G.size(-2) > G.size(-1)
     X = G.mT if tall else G  # work with the smaller Gram matrix X X^T: (min, min), not (max, max)
     m, n = X.shape[-2:]
-    flat = X.reshape(-1, m, n)  # one batch dim, as baddbmm wants
-    if n >= 2.5 * m:  # see newtonschulz_gram: a fifth of the flops or more saved
-        flat = flat.float()  # normalised before the cast: tiny gradients would underflow float16
-        flat = flat / (flat.norm(dim=(-2, -1), keepdim=True) + 1e-7)
-        flat = newtonschulz_gram(flat.to(torch.float16 if G.is_cuda else torch.float32), steps)
+    gram = n >= 2.5 * m  # see newtonschulz_gram: a fifth of the flops or more saved
+    # one batch dim, as baddbmm wants; normalised in float32 before the cast, where a tiny
+    # gradient would underflow float16 (eps: a zero gradient stays zero, no NaN)
+    flat = X.reshape(-1, m, n).float()
+    flat = flat / (flat.norm(dim=(-2, -1), keepdim=True) + 1e-7)
+    flat = flat.to((torch.float16 if gram else torch.bfloat16) if G.is_cuda else torch.float32)
+    if gram:
+        flat = newtonschulz_gram(flat, steps)
     else:
-        flat = flat.to(torch.bfloat16 if G.is_cuda else torch.float32)
-        flat = flat / (flat.norm(dim=(-2, -1), keepdim=True) + 1e-7)  # eps: zero stays zero
         for _ in range(steps):
             flat = _newtonschulz_polynomial(flat @ flat.mT) @ flat
     X = flat.view(X.shape)
