@@ -1476,6 +1476,44 @@ def test_muon_and_soap_adamw_groups_take_the_fused_path() -> None:
             torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.compile's import
+def test_clip_and_step_scales_inside_the_update_as_clipping_would() -> None:
+    """clip_and_step hands clipping's factor to our optimizers (step's grad_scale): the fused
+    updates apply it as they read each gradient, leaving p.grad as backward wrote it (the pass
+    saved); every optimizer and path takes the very step of clip_grad_norm, then step(). A
+    wrapper with its own clip_grad_norm (ddp.py's) clips as before."""
+    makes = {"adamw": lambda m: AdamW(decay_param_groups(m, 0.01), lr=1e-2),
+             "adamw foreach": lambda m: AdamW(decay_param_groups(m, 0.01), lr=1e-2, foreach=True),
+             "adamw fused": lambda m: AdamW(decay_param_groups(m, 0.01), lr=1e-2, fused=True),
+             "muon": lambda m: Muon(param_groups_for_muon(m, lr=2e-2, weight_decay=0.01)),
+             "muon fused": lambda m: Muon(param_groups_for_muon(m, lr=2e-2, weight_decay=0.01),
+                                          fused=True),
+             "soap": lambda m: SOAP(decay_param_groups(m, 0.01), lr=1e-2)}
+    for name, make in makes.items():
+        models = [_two_group_mlp(), _two_group_mlp()]
+        reference, ours = (make(m) for m in models)
+        gen = torch.Generator().manual_seed(0)
+        for _ in range(3):
+            x, y = torch.randn(16, 8, generator=gen), 100 * torch.randn(16, 4, generator=gen)
+            for model in models:
+                model.zero_grad()
+                ((model(x) - y) ** 2).mean().backward()
+            written = [p.grad.clone() for p in models[1].parameters()]
+            expected = train.clip_grad_norm(models[0].parameters(), 0.1)
+            reference.step()
+            norm = train.clip_and_step(models[1], ours, list(models[1].parameters()), 0.1)
+            assert norm.item() == pytest.approx(expected.item(), rel=1e-6) and norm > 1, name
+            if "fused" in name:
+                assert all(torch.equal(p.grad, g) for p, g in zip(models[1].parameters(), written))
+        for p, q in zip(*(m.parameters() for m in models)):
+            torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
+    wrapper, calls = _two_group_mlp(), []
+    wrapper.clip_grad_norm = lambda params, max_norm: calls.append(max_norm) or torch.ones(())
+    ((wrapper(torch.randn(2, 8)) - 1) ** 2).mean().backward()
+    train.clip_and_step(wrapper, AdamW(wrapper.parameters()), list(wrapper.parameters()), 0.0)
+    assert calls == [math.inf]
+
+
 def test_optimizer_load_keeps_runtime_choices() -> None:
     """foreach/fused say how to compute a step, not which step: a checkpoint of a fused (GPU) run
     loads into a loop (CPU) optimizer as a loop optimizer, and a state_dict saved before the
@@ -2930,10 +2968,10 @@ def test_muon_skips_a_group_without_gradients():
 
 class _PerMatrixMuon(Muon):
     """The previous Muon step, one matrix at a time: the reference for the batched one."""
-    def _update(self) -> None:
+    def _update(self, grad_scale: torch.Tensor | None) -> None:
         for group, params in self._groups_with_grads():
             if not group["use_muon"]:
-                self._adamw_step(group, params)
+                self._adamw_step(group, params, grad_scale)
                 continue
             lr, momentum = group["lr"], group["momentum"]
             for p in params:
