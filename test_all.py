@@ -1507,11 +1507,24 @@ def test_clip_and_step_scales_inside_the_update_as_clipping_would() -> None:
                 assert all(torch.equal(p.grad, g) for p, g in zip(models[1].parameters(), written))
         for p, q in zip(*(m.parameters() for m in models)):
             torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
-    wrapper, calls = _two_group_mlp(), []
-    wrapper.clip_grad_norm = lambda params, max_norm: calls.append(max_norm) or torch.ones(())
-    ((wrapper(torch.randn(2, 8)) - 1) ** 2).mean().backward()
-    train.clip_and_step(wrapper, AdamW(wrapper.parameters()), list(wrapper.parameters()), 0.0)
-    assert calls == [math.inf]
+    wrapper, reference, calls = _two_group_mlp(), _two_group_mlp(), []
+
+    def wrapper_clip(params, max_norm):  # as ddp.py's: in place, after its own averaging
+        calls.append(max_norm)
+        return train.clip_grad_norm(params, max_norm)
+    wrapper.clip_grad_norm = wrapper_clip
+    optimizers = [AdamW(m.parameters(), lr=0.1) for m in (wrapper, reference)]
+    wrapper_step, optimizers[0].step = optimizers[0].step, (
+        lambda **kwargs: calls.append(kwargs) or wrapper_step(**kwargs))
+    for m in (wrapper, reference):
+        ((m(torch.randn(2, 8, generator=torch.Generator().manual_seed(1))) - 9) ** 2).mean(
+            ).backward()
+    train.clip_and_step(wrapper, optimizers[0], list(wrapper.parameters()), 0.1)
+    train.clip_grad_norm(reference.parameters(), 0.1)
+    optimizers[1].step()
+    assert calls == [0.1, {}]  # the wrapper clipped; the step got no factor to apply again
+    for p, q in zip(wrapper.parameters(), reference.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
 
 
 def test_optimizer_load_keeps_runtime_choices() -> None:
@@ -2453,7 +2466,7 @@ def _recording_get_batch(seen: list) -> "train.Callable":
 
 
 _DDP_RUN = dict(max_iters=3, grad_accum_steps=2, eval_interval=3, checkpoint_interval=3,
-                num_samples=1)
+                num_samples=1, grad_clip=0.1)  # norms ~0.5: clipped, the factor in the update
 
 
 def _ddp_worker(rank: int, world_size: int, port: int, cache: str, out: str) -> None:
@@ -2970,8 +2983,9 @@ class _PerMatrixMuon(Muon):
     """The previous Muon step, one matrix at a time: the reference for the batched one."""
     def _update(self, grad_scale: torch.Tensor | None) -> None:
         for group, params in self._groups_with_grads():
+            self._scale_in_place([p.grad for p in params], grad_scale)
             if not group["use_muon"]:
-                self._adamw_step(group, params, grad_scale)
+                self._adamw_step(group, params, None)
                 continue
             lr, momentum = group["lr"], group["momentum"]
             for p in params:
@@ -4206,7 +4220,7 @@ def test_accounting_known_answers(capsys):
 # A constant learning rate (no warm-up, min_lr = lr): the first 3 steps of a 5-step run are a
 # 3-step run, so a run stopped at 3 and resumed to 5 can be compared with one of 5.
 _PAR_RUN = dict(lr=1e-2, min_lr=1e-2, warmup_iters=0, grad_accum_steps=2, eval_interval=3,
-                grad_clip=0.5, weight_decay=0.1)
+                grad_clip=0.05, weight_decay=0.1)  # norms ~0.5: the wrappers' clips matter
 
 
 def _parallel_worker(rank: int, world_size: int, port: int, cache: str, out: str,

@@ -343,9 +343,10 @@ class _Optimizer(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor] | None = None,
              grad_scale: Tensor | None = None) -> Tensor | None:
-        """grad_scale: a factor for every gradient (clipping's: train_step). Fused updates apply
-        it as they read each gradient, which saves clipping's own pass over all of them (0.27 ms
-        of a GPT-2-small step on an H200); the others scale the gradients in place first."""
+        """grad_scale: a factor for every gradient (clipping's: train_step). Fused AdamW and Muon
+        apply it as they read each gradient, which saves clipping's own pass over all of them
+        (0.27 ms of a GPT-2-small step on an H200); other paths scale the gradients in place
+        first. A subclass's _update must apply it."""
         with torch.enable_grad():
             loss = closure() if closure is not None else None
         self._update(grad_scale)
