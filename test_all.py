@@ -1514,8 +1514,8 @@ def test_clip_and_step_scales_inside_the_update_as_clipping_would() -> None:
         return train.clip_grad_norm(params, max_norm)
     wrapper.clip_grad_norm = wrapper_clip
     optimizers = [AdamW(m.parameters(), lr=0.1) for m in (wrapper, reference)]
-    wrapper_step, optimizers[0].step = optimizers[0].step, (
-        lambda **kwargs: calls.append(kwargs) or wrapper_step(**kwargs))
+    real_step, optimizers[0].step = optimizers[0].step, (  # records what the step is given
+        lambda **kwargs: calls.append(kwargs) or real_step(**kwargs))
     for m in (wrapper, reference):
         ((m(torch.randn(2, 8, generator=torch.Generator().manual_seed(1))) - 9) ** 2).mean(
             ).backward()
