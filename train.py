@@ -240,7 +240,8 @@ def adamw_update_foreach(params: list[Tensor], grads: list[Tensor], exp_avgs: li
 
 
 def _adamw_fused_math(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
-                      exp_avg_sqs: list[Tensor], numbers: Tensor, grad_scale: Tensor | None) -> None:
+                      exp_avg_sqs: list[Tensor], numbers: Tensor,
+                      grad_scale: Tensor | None) -> None:
     """The reference's lines, with the step's numbers read from one float32 tensor; each
     gradient times grad_scale (clipping's factor) as it is read."""
     decay, one_minus_beta1, beta2, one_minus_beta2, sqrt_bias_correction2, eps, step_size = (
@@ -383,9 +384,10 @@ class _Optimizer(torch.optim.Optimizer):
             update = functools.partial(adamw_update_fused, grad_scale=grad_scale)
         else:
             self._scale_in_place(grads, grad_scale)
-            update = (adamw_update_foreach if (all(p.is_cuda for p in params)
-                                               if group["foreach"] is None else group["foreach"])
-                      else adamw_update_reference)
+            foreach = group["foreach"]
+            if foreach is None:  # the default: foreach when every tensor is on a GPU
+                foreach = all(p.is_cuda for p in params)
+            update = adamw_update_foreach if foreach else adamw_update_reference
         beta1, beta2 = group["betas"]
         update(params, grads, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
                [s["step"] for s in states], lr=group["lr"], beta1=beta1, beta2=beta2,
@@ -460,24 +462,6 @@ def grad_norm_and_clip_scale(grads: list[Tensor], max_norm: float) -> tuple[Tens
     # The norm of the per-tensor norms is the norm of everything, without concatenating.
     total = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
     return total, (max_norm / (total + 1e-6)).clamp(max=1.0)
-
-
-def clip_and_step(step_model: nn.Module, optimizer: torch.optim.Optimizer, params: list[Tensor],
-                  grad_clip: float) -> Tensor:
-    """Clip the gradients to a global norm of grad_clip (0: no clipping), then step; return the
-    norm. Our optimizers take clipping's factor into their update (step's grad_scale), so the
-    gradients are not rewritten first; ddp.py's wrappers clip themselves, having to finish
-    averaging the gradients first (FSDP: the norm spans every rank's shards)."""
-    max_norm = grad_clip if grad_clip > 0 else math.inf
-    clip = getattr(step_model, "clip_grad_norm", None)
-    if clip is None and isinstance(optimizer, _Optimizer):
-        grad_norm, scale = grad_norm_and_clip_scale(
-            [p.grad for p in params if p.grad is not None], max_norm)
-        optimizer.step(grad_scale=scale)
-    else:
-        grad_norm = (clip or clip_grad_norm)(params, max_norm)
-        optimizer.step()
-    return grad_norm
 
 
 # Batches: random windows of a token array ---------------------------------------------------------
@@ -594,6 +578,24 @@ class LossModel(nn.Module):
         else:
             loss = fused_cross_entropy(self.model(x), y)
         return loss, self.model.aux_loss
+
+
+def clip_and_step(step_model: nn.Module, optimizer: torch.optim.Optimizer, params: list[Tensor],
+                  grad_clip: float) -> Tensor:
+    """Clip the gradients to a global norm of grad_clip (0: no clipping), then step; return the
+    norm. Our optimizers take clipping's factor into their update (step's grad_scale), so the
+    gradients are not rewritten first; ddp.py's wrappers clip themselves, having to finish
+    averaging the gradients first (FSDP: the norm spans every rank's shards)."""
+    max_norm = grad_clip if grad_clip > 0 else math.inf
+    clip = getattr(step_model, "clip_grad_norm", None)
+    if clip is None and isinstance(optimizer, _Optimizer):
+        grad_norm, scale = grad_norm_and_clip_scale(
+            [p.grad for p in params if p.grad is not None], max_norm)
+        optimizer.step(grad_scale=scale)
+    else:
+        grad_norm = (clip or clip_grad_norm)(params, max_norm)
+        optimizer.step()
+    return grad_norm
 
 
 def train_step(step_model: nn.Module, optimizer: torch.optim.Optimizer, params: list[Tensor],
