@@ -61,6 +61,7 @@ class ModelConfig:
     bias: bool = False  # biases in the attention and FFN linears (GPT-2 has them)
     attn_impl: str = "sdpa"  # "manual" (hand-written) | "sdpa" (torch, flash) | "triton" (kernels)
     kernels: str = "torch"  # "torch" | "triton" (kernels.py: fused RMSNorm, add+norm, SwiGLU, CE)
+    fp8: bool = False  # train the FFN's and the head's matmuls in FP8 (kernels.py; Ada, Hopper)
 
     def __post_init__(self) -> None:
         """Fail at construction, naming the field: types first, then the rules between fields."""
@@ -92,6 +93,8 @@ class ModelConfig:
              f"make {width} even, as RoPE rotates pairs (it is {self.rope_dim})"),
             ("experts_top_k", not self.num_experts or self.experts_top_k <= self.num_experts,
              f"be <= num_experts ({self.num_experts})"),
+            ("fp8", not (self.fp8 and (self.num_experts or self.d_model % 16 or self.d_ff % 16)),
+             "be False unless the FFN is dense and d_model and d_ff are multiples of 16"),
         ]
         for name, holds, requirement in rules:
             if not holds:
@@ -150,6 +153,8 @@ PRESETS = {
 # The parts, hand-written on purpose: no nn.Linear, nn.Embedding or nn.LayerNorm -------------------
 class Linear(nn.Module):
     """y = x W^T, + b with bias=True (GPT-2); W is (d_out, d_in) like the course and torch."""
+    fp8 = False  # set on the FFN's linears by fp8=True: their training matmuls run in FP8
+
     def __init__(self, d_in: int, d_out: int, bias: bool = False) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.empty(d_out, d_in))
@@ -159,7 +164,8 @@ class Linear(nn.Module):
         nn.init.trunc_normal_(self.weight, std=std, a=-3 * std, b=3 * std)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = x @ self.weight.T
+        fp8 = self.fp8 and self.training  # evaluation and inference keep autocast's dtype
+        y = triton_kernels("fp8=True").fp8_linear(x, self.weight) if fp8 else x @ self.weight.T
         return y if self.bias is None else y + self.bias.to(y.dtype)  # autocast: y's dtype
 
 
@@ -484,6 +490,8 @@ class TransformerLM(nn.Module):
         self.rope = (RotaryEmbedding(config.rope_theta, config.rope_dim, config.context_length)
                      if config.positions == "rope" and config.mixer != "hyena" else None)
         self.layers = nn.ModuleList(TransformerBlock(config) for _ in range(config.num_layers))
+        for linear in [m for b in self.layers for m in b.ffn.modules() if isinstance(m, Linear)]:
+            linear.fp8 = config.fp8  # the head's: train.py's LossModel (not kernels.py's CE)
         # Post-norm blocks already end in a norm, so only pre-norm needs a final one.
         self.ln_final = make_norm(config) if config.norm_position == "pre" else nn.Identity()
         self.lm_head = Linear(config.d_model, config.vocab_size)

@@ -3531,6 +3531,93 @@ def test_triton_kernels_model_under_bf16_autocast_on_gpu(fused_in_kernels):
         assert (q.grad - p.grad).norm() <= 3e-2 * p.grad.norm(), name
 
 
+def fp8_rounded(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """t as FP8 matmuls see it: scaled, rounded to the format, scaled back (float32)."""
+    fmax = torch.finfo(dtype).max
+    scale = fmax / t.detach().abs().amax().float()
+    return (t.detach().float() * scale).clamp(-fmax, fmax).to(dtype).float() / scale
+
+
+def test_fp8_linear_is_the_matmul_of_its_rounded_operands():
+    """Forward x w^T with e4m3 operands, backward with the gradient in e5m2: exactly the float32
+    matmuls of the rounded tensors (up to summation order), near the exact ones, any scale."""
+    if DEV == "cuda" and torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("FP8 matmuls need compute capability 8.9+")
+    torch.manual_seed(0)
+    e4, e5 = torch.float8_e4m3fn, torch.float8_e5m2
+    x = torch.randn(2, 24, 64, device=DEV, requires_grad=True)
+    w = torch.randn(48, 64, device=DEV, requires_grad=True)
+    y = kernels.fp8_linear(x, w)
+    g = torch.randn_like(y)
+    y.backward(g)
+    assert y.shape == (2, 24, 48) and y.dtype == x.grad.dtype == w.grad.dtype == torch.float32
+    x2, g2 = x.detach().flatten(0, 1), g.flatten(0, 1)
+    want = {"y": fp8_rounded(x2, e4) @ fp8_rounded(w, e4).T,
+            "dx": fp8_rounded(g2, e5) @ fp8_rounded(w, e4),
+            "dw": fp8_rounded(g2, e5).T @ fp8_rounded(x2, e4)}
+    got = {"y": y.detach().flatten(0, 1), "dx": x.grad.flatten(0, 1), "dw": w.grad}
+    exact = {"y": x2 @ w.detach().T, "dx": g2 @ w.detach(), "dw": g2.T @ x2}
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-4, msg=name)
+        error = ((got[name] - exact[name]).norm() / exact[name].norm()).item()
+        assert 0.005 < error < (0.06 if name == "y" else 0.1), (name, error)  # 3 or 2 bits
+    # Scaled per tensor: a power of two changes no rounded digit; zeros stay zeros, not NaN
+    torch.testing.assert_close(kernels.fp8_linear(x.detach() * 2.0**40, w.detach()),
+                               y.detach() * 2.0**40, rtol=1e-6, atol=0)
+    assert not kernels.fp8_linear(torch.zeros(16, 64, device=DEV), w.detach()).any()
+    with torch.autocast(DEV, dtype=torch.bfloat16):  # autocast's dtype out, as x @ w.T gives
+        assert kernels.fp8_linear(x.detach(), w.detach()).dtype == torch.bfloat16
+    a8, b8 = (kernels.to_fp8(t, e4)[0] for t in (x2, w.detach()))
+    one, half = torch.ones((), device=DEV), torch.full((), 0.5, device=DEV)
+    torch.testing.assert_close(kernels.fp8_mm(a8, b8.t(), one, half, torch.float32),  # CPU: ours
+                               torch._scaled_mm(a8.cpu(), b8.cpu().t(), one.cpu(), half.cpu(),
+                                                out_dtype=torch.float32).to(DEV))
+    with pytest.raises(ValueError, match="multiples of 16"):
+        kernels.fp8_linear(x[..., :24], w[:, :24])
+    with pytest.raises(ValueError, match="fp8 must be False unless"):
+        ModelConfig(fp8=True, d_ff=50)
+
+
+def test_fp8_model_trains_in_fp8_and_evaluates_in_its_own_dtype(tmp_path):
+    """fp8=True: the FFN's and the head's training matmuls in FP8 (near the plain model's loss
+    and gradients), evaluation exactly the plain model; `train.py --fp8=True` trains."""
+    if DEV == "cuda" and torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("FP8 matmuls need compute capability 8.9+")
+    torch.manual_seed(0)
+    plain = TransformerLM(tiny_config(vocab_size=100)).to(DEV)
+    fp8 = TransformerLM(tiny_config(vocab_size=100, fp8=True)).to(DEV)
+    fp8.load_state_dict(plain.state_dict())
+    assert [n for n, m in fp8.named_modules() if isinstance(m, M.Linear) and m.fp8] == [
+        f"layers.{i}.ffn.{w}" for i in range(2) for w in ("w1", "w2", "w3")]
+    h, w1 = torch.randn(3, 32, device=DEV), fp8.layers[0].ffn.w1
+    torch.testing.assert_close(w1(h), kernels.fp8_linear(h, w1.weight), rtol=0, atol=0)
+    x, y = (torch.randint(100, (4, 16), device=DEV) for _ in range(2))
+    assert not torch.equal(fp8(x, return_hidden=True), plain(x, return_hidden=True))
+    for lm in (plain, fp8):
+        loss, _ = train.LossModel(lm)(x, y)
+        loss.backward()
+    torch.testing.assert_close(loss, train.LossModel(plain)(x, y)[0], rtol=2e-2, atol=0)
+    for (name, p), q in zip(plain.named_parameters(), fp8.parameters(), strict=True):
+        assert (q.grad - p.grad).norm() <= 0.15 * p.grad.norm(), name
+    head = F.pad(fp8.lm_head.weight, (0, 0, 0, 28))  # the head too, its rows padded to 128
+    logits = kernels.fp8_linear(fp8(x, return_hidden=True), head)[..., :100]
+    torch.testing.assert_close(loss, F.cross_entropy(logits.flatten(0, 1), y.flatten()),
+                               rtol=1e-6, atol=0)
+    plain.eval(), fp8.eval()
+    torch.testing.assert_close(train.LossModel(fp8)(x, y)[0], train.LossModel(plain)(x, y)[0],
+                               rtol=0, atol=0)
+    cfg = train.parse_config(
+        ["--fp8=True", "--dataset=pydoc", "--max_text_mb=0.05", "--vocab_size=300",
+         "--max_iters=30", "--warmup_iters=3", "--batch_size=4", "--eval_interval=30",
+         "--eval_iters=4", "--num_samples=0", "--lr=3e-3",
+         f"--cache_dir={tmp_path / 'cache'}", f"--out_dir={tmp_path / 'out'}", f"--device={DEV}",
+         "--compile=False", "--d_model=32", "--num_layers=1", "--num_heads=2", "--d_ff=48",
+         "--context_length=16"], train.TrainConfig())
+    result = train.train(cfg)
+    assert result["model"].config.fp8 and result["model"].layers[0].ffn.w1.fp8
+    assert result["val_loss"] < math.log(300) - 0.2  # evaluated in float32, it learned
+
+
 from model import attention_mask, scaled_dot_product_attention  # noqa: E402
 
 

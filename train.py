@@ -563,6 +563,9 @@ class LossModel(nn.Module):
         # model, its checkpoints and its samples keep the tokenizer's vocabulary. (Slicing the
         # logits back to 50,257 for the loss instead: 33.94 ms a step against 33.07 on an H200.)
         self.pad_rows = -model.config.vocab_size % 64 if model.lm_head.bias is None else 0
+        # fp8=True: the head's matmul in FP8 too while training (sizes padded to 64 as FP8 needs)
+        self.fp8_linear = (triton_kernels("fp8=True").fp8_linear
+                           if model.config.fp8 and model.lm_head.bias is None else None)
 
     def forward(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:  # (loss, auxiliary loss)
         if self.linear_cross_entropy is not None:
@@ -570,10 +573,11 @@ class LossModel(nn.Module):
             loss = self.linear_cross_entropy(hidden.flatten(0, -2), self.model.lm_head.weight,
                                              y.flatten())
         # (ddp.py's FSDP gathers the head's weight only inside lm_head's call: None here)
-        elif self.pad_rows and self.model.lm_head.weight is not None:
+        elif (self.pad_rows or self.fp8_linear) and self.model.lm_head.weight is not None:
             hidden = self.model(x, return_hidden=True)
             weight = nn.functional.pad(self.model.lm_head.weight, (0, 0, 0, self.pad_rows))
-            logits = hidden @ weight.T  # (B, T, V + pad_rows)
+            logits = (self.fp8_linear(hidden, weight) if self.fp8_linear and self.model.training
+                      else hidden @ weight.T)  # (B, T, V + pad_rows)
             loss = fused_cross_entropy(logits, y, vocab_size=self.model.config.vocab_size)
         else:
             loss = fused_cross_entropy(self.model(x), y)
