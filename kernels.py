@@ -931,13 +931,13 @@ def fused_linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor,
 # torch._scaled_mm multiplies in FP8, accumulates in fp32 and divides the scales back out. Backward
 # needs transposed layouts, which cost copies. GPT-2 small's compiled step on an H200 (16 x 1,024
 # tokens, 100 steps, one run each): 33.88 ms in bf16, 33.18 with the head in FP8, 32.12 with the
-# FFN's matmuls too, but 44.04 with the attention's four 768-wide ones as well: their casts cost
-# more than FP8 saves. So fp8=True leaves attention in bf16.
+# FFN's matmuls too, but 44.04 (std 6.12, not looked into) with the attention's four 768-wide
+# ones as well. So fp8=True leaves attention in bf16.
 def to_fp8(t: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """(t scaled and cast to an FP8 dtype, the float32 scale that undoes the scaling)."""
     fmax = torch.finfo(dtype).max
     scale = fmax / t.detach().abs().amax().float().clamp(min=1e-12)
-    # clamp: a product rounding just above fmax would become NaN (e4m3fn has no infinity)
+    # clamp: a product rounding just past fmax must not become inf (e5m2 casts overflow to inf)
     return (t.float() * scale).clamp(-fmax, fmax).to(dtype), scale.reciprocal()
 
 
@@ -945,10 +945,16 @@ def fp8_mm(a8: Tensor, b8: Tensor, scale_a: Tensor, scale_b: Tensor,
            out_dtype: torch.dtype) -> Tensor:
     """a8 @ b8 * scale_a * scale_b, with fp32 sums: FP8 tensor cores on a GPU. A CPU has none
     (torch's CPU _scaled_mm, a slow reference, took 83 s where a float32 matmul took 0.03): the
-    same exact products and fp32 sums there, as a float32 matmul of the FP8 values."""
+    same exact products and fp32 sums there, as a float32 matmul of the FP8 values, under the
+    GPU's rules, so that tests on a CPU catch what a GPU would reject."""
     if a8.is_cuda:
         return torch._scaled_mm(a8, b8, scale_a, scale_b, out_dtype=out_dtype)
-    return ((a8.float() @ b8.float()) * (scale_a * scale_b)).to(out_dtype)
+    if a8.stride(1) != 1 or b8.stride(0) != 1 or a8.shape[1] % 16 or b8.shape[1] % 16:
+        raise RuntimeError(f"_scaled_mm needs a row-major (M, K) and a column-major (K, N), K and "
+                           f"N multiples of 16: got {tuple(a8.shape)} {a8.stride()} and "
+                           f"{tuple(b8.shape)} {b8.stride()}")
+    with torch.autocast(a8.device.type, enabled=False):  # not a second rounding, nor fp16's range
+        return ((a8.float() @ b8.float()) * (scale_a * scale_b)).to(out_dtype)
 
 
 class FP8Linear(torch.autograd.Function):
@@ -965,10 +971,12 @@ class FP8Linear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor, None]:
         x8, sx, w8, sw = ctx.saved_tensors
-        g8, sg = to_fp8(grad, torch.float8_e5m2)
+        g8, sg = to_fp8(grad.contiguous(), torch.float8_e5m2)
         column_major = lambda t: t.t().contiguous().t()  # noqa: E731 (same shape, other layout)
-        dx = fp8_mm(g8, column_major(w8), sg, sw, ctx.dtypes[0])  # g w
-        dw = fp8_mm(g8.t().contiguous(), column_major(x8), sg, sx, ctx.dtypes[1])  # g^T x
+        dx = (fp8_mm(g8, column_major(w8), sg, sw, ctx.dtypes[0])  # g w
+              if ctx.needs_input_grad[0] else None)
+        dw = (fp8_mm(g8.t().contiguous(), column_major(x8), sg, sx, ctx.dtypes[1])  # g^T x
+              if ctx.needs_input_grad[1] else None)
         return dx, dw, None
 
 
@@ -980,9 +988,11 @@ def fp8_linear(x: Tensor, weight: Tensor) -> Tensor:
     if x.is_cuda and torch.cuda.get_device_capability(x.device) < (8, 9):
         raise ValueError(f"fp8=True needs FP8 tensor cores (compute capability 8.9+: Ada, "
                          f"Hopper), not {torch.cuda.get_device_name(x.device)}")
-    out_dtype = autocast_dtype(x.device.type, x.dtype)
-    return FP8Linear.apply(x.reshape(-1, x.shape[-1]), weight, out_dtype).unflatten(
-        0, x.shape[:-1])
+    rows = x.reshape(-1, x.shape[-1])
+    pad = -len(rows) % 16  # the rows are the weight gradient's inner size: a multiple of 16 too
+    rows = F.pad(rows, (0, 0, 0, pad)) if pad else rows.contiguous()  # zero rows add nothing
+    y = FP8Linear.apply(rows, weight.contiguous(), autocast_dtype(x.device.type, x.dtype))
+    return y[:len(y) - pad].unflatten(0, x.shape[:-1])
 
 
 # Measured: our kernels next to eager and compiled PyTorch, and the copy they should match ---------

@@ -3545,12 +3545,16 @@ def test_fp8_linear_is_the_matmul_of_its_rounded_operands():
         pytest.skip("FP8 matmuls need compute capability 8.9+")
     torch.manual_seed(0)
     e4, e5 = torch.float8_e4m3fn, torch.float8_e5m2
-    x = torch.randn(2, 24, 64, device=DEV, requires_grad=True)
+    # 2 x 30 rows: not a multiple of 16, as the weight gradient's inner size must be (padded)
+    x = torch.randn(2, 30, 64, device=DEV, requires_grad=True)
     w = torch.randn(48, 64, device=DEV, requires_grad=True)
     y = kernels.fp8_linear(x, w)
-    g = torch.randn_like(y)
+    g = torch.randn(48, 30, 2, device=DEV).permute(2, 1, 0)  # not contiguous either
     y.backward(g)
-    assert y.shape == (2, 24, 48) and y.dtype == x.grad.dtype == w.grad.dtype == torch.float32
+    assert y.shape == (2, 30, 48) and y.dtype == x.grad.dtype == w.grad.dtype == torch.float32
+    x16, w16 = x.detach()[0, :16].clone().requires_grad_(), w.detach().requires_grad_()
+    kernels.FP8Linear.apply(x16, w16, torch.float32).backward(  # given a transposed gradient
+        torch.randn(48, 16, device=DEV).t())
     x2, g2 = x.detach().flatten(0, 1), g.flatten(0, 1)
     want = {"y": fp8_rounded(x2, e4) @ fp8_rounded(w, e4).T,
             "dx": fp8_rounded(g2, e5) @ fp8_rounded(w, e4),
@@ -3562,11 +3566,14 @@ def test_fp8_linear_is_the_matmul_of_its_rounded_operands():
         error = ((got[name] - exact[name]).norm() / exact[name].norm()).item()
         assert 0.005 < error < (0.06 if name == "y" else 0.1), (name, error)  # 3 or 2 bits
     # Scaled per tensor: a power of two changes no rounded digit; zeros stay zeros, not NaN
-    torch.testing.assert_close(kernels.fp8_linear(x.detach() * 2.0**40, w.detach()),
-                               y.detach() * 2.0**40, rtol=1e-6, atol=0)
+    for factor in (2.0**40, 2.0**-30):
+        torch.testing.assert_close(kernels.fp8_linear(x.detach() * factor, w.detach()),
+                                   y.detach() * factor, rtol=1e-6, atol=0)
     assert not kernels.fp8_linear(torch.zeros(16, 64, device=DEV), w.detach()).any()
-    with torch.autocast(DEV, dtype=torch.bfloat16):  # autocast's dtype out, as x @ w.T gives
-        assert kernels.fp8_linear(x.detach(), w.detach()).dtype == torch.bfloat16
+    for dtype in (torch.bfloat16, torch.float16):  # autocast's dtype out, as x @ w.T gives
+        with torch.autocast(DEV, dtype=dtype):
+            torch.testing.assert_close(kernels.fp8_linear(x.detach() * 1e3, w.detach()),
+                                       (y.detach() * 1e3).to(dtype), rtol=1e-2, atol=0)
     a8, b8 = (kernels.to_fp8(t, e4)[0] for t in (x2, w.detach()))
     one, half = torch.ones((), device=DEV), torch.full((), 0.5, device=DEV)
     torch.testing.assert_close(kernels.fp8_mm(a8, b8.t(), one, half, torch.float32),  # CPU: ours
@@ -3574,8 +3581,12 @@ def test_fp8_linear_is_the_matmul_of_its_rounded_operands():
                                                 out_dtype=torch.float32).to(DEV))
     with pytest.raises(ValueError, match="multiples of 16"):
         kernels.fp8_linear(x[..., :24], w[:, :24])
-    with pytest.raises(ValueError, match="fp8 must be False unless"):
-        ModelConfig(fp8=True, d_ff=50)
+    if DEV == "cpu":  # a GPU's rules for the operands' layouts hold on the CPU too
+        with pytest.raises(RuntimeError, match="row-major"):
+            kernels.fp8_mm(a8, b8, one, half, torch.float32)
+    for bad in (dict(d_ff=50), dict(d_model=40, num_heads=2), dict(num_experts=4)):
+        with pytest.raises(ValueError, match="fp8 must be False unless"):
+            ModelConfig(fp8=True, **bad)
 
 
 def test_fp8_model_trains_in_fp8_and_evaluates_in_its_own_dtype(tmp_path):
@@ -3613,6 +3624,8 @@ def test_fp8_model_trains_in_fp8_and_evaluates_in_its_own_dtype(tmp_path):
          f"--cache_dir={tmp_path / 'cache'}", f"--out_dir={tmp_path / 'out'}", f"--device={DEV}",
          "--compile=False", "--d_model=32", "--num_layers=1", "--num_heads=2", "--d_ff=48",
          "--context_length=16"], train.TrainConfig())
+    with pytest.raises(UsageError, match="--parallel must be other than fsdp with --fp8=True"):
+        train.check_config(dataclasses.replace(cfg, parallel="fsdp"))
     result = train.train(cfg)
     assert result["model"].config.fp8 and result["model"].layers[0].ffn.w1.fp8
     assert result["val_loss"] < math.log(300) - 0.2  # evaluated in float32, it learned

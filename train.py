@@ -1297,7 +1297,9 @@ def check_config(cfg: TrainConfig) -> ModelConfig:
         ("val_fraction", 0 < cfg.val_fraction < 1, "in (0, 1)"),
         ("beta1", 0 <= cfg.beta1 < 1, "in [0, 1)"), ("beta2", 0 <= cfg.beta2 < 1, "in [0, 1)"),
         ("decay_frac", 0 < cfg.decay_frac <= 1, "in (0, 1]"), ("eps", cfg.eps > 0, "> 0"),
-        ("temperature", cfg.temperature > 0, "> 0")) if not ok]
+        ("temperature", cfg.temperature > 0, "> 0"),  # FSDP would keep FP8 copies whole:
+        ("parallel", cfg.parallel != "fsdp" or not cfg.model.get("fp8"),
+         "other than fsdp with --fp8=True")) if not ok]
     if problems:
         raise UsageError("; ".join(problems))
     try:
