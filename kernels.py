@@ -13,7 +13,8 @@ CS336 lectures 5-6 and assignment 2, part 1, in teaching order:
   3. Kernels that move fewer bytes: fused RMSNorm (and add + RMSNorm), the SwiGLU gate, linear +
      cross-entropy without the whole logits (`fused` times them), and FlashAttention-2, tiled in
      PyTorch to read, then in Triton (`attention` times it). model.py uses them when asked:
-     `--kernels=triton` (norms, gate, loss) and `--attn_impl=triton` (attention).
+     `--kernels=triton` (norms, gate, loss) and `--attn_impl=triton` (attention). And training
+     matmuls in FP8 with per-tensor scales (`--fp8=True`: the FFN's and the head's).
   4. For infer.py: a batch-1 decode step as one persistent kernel over all the layers.
 On a CPU the Triton kernels run in Triton's interpreter (TRITON_INTERPRET=1): right, but slow.
 
@@ -24,6 +25,7 @@ Commands (CPU: add --device=cpu --preset=tiny to bench and profile, seconds; one
     python kernels.py bench --preset=small --compile=False,True --dtype=float32,bfloat16
     python kernels.py bench --preset=nanogpt --warmup_steps=0 --steps=5    # why we warm up
     python kernels.py bench --preset=nanogpt --mode=step --steps=300  # at the GPU's power limit
+    python kernels.py bench --preset=nanogpt --mode=step --fp8=True  # FP8 matmuls (Ada, Hopper)
     nsys profile -o step python kernels.py profile    # nanogpt, NVTX ranges on a timeline
     python kernels.py lesson                          # the roofline, GeLU, softmax, matmul, floats
     python kernels.py fused                           # RMSNorm, add+RMSNorm, SwiGLU, linear+CE
@@ -35,7 +37,7 @@ Writes  profile: memory_snapshot.pickle (CUDA only; --out=FILE), for https://pyt
 Papers  Chowdhery et al. 2022 (MFU); Williams et al. 2009 (roofline); Micikevicius et al. 2018
         (mixed precision); Chen et al. 2016 (checkpointing); Tillet et al. 2019 (Triton); Dao et
         al. 2022, Dao 2023 (FlashAttention, -2); Zhang & Sennrich 2019 (RMSNorm); Shazeer 2020
-        (SwiGLU); Wijmans et al. 2025 (cut cross-entropy).
+        (SwiGLU); Wijmans et al. 2025 (cut cross-entropy); Micikevicius et al. 2022 (FP8 formats).
 """
 
 import contextlib
@@ -535,6 +537,13 @@ def floating_point(device: torch.device | str | None = None) -> dict:
     accumulate["torch.sum(fp16)"] = 1 + torch.full((10_000,), 1e-4).half().sum().item()
     print("1.0 + 1e-4 added 10,000 times (exactly 2.0): "
           + ", ".join(f"{k} {v:.4f}" for k, v in accumulate.items()))
+    # FP8 needs a scale per tensor: values of ~1e-4 lie below e4m3's smallest number (2^-9)
+    small = torch.randn(4096, generator=torch.Generator().manual_seed(0)) * 1e-4
+    scale = torch.finfo(torch.float8_e4m3fn).max / small.abs().max()  # amax onto 448
+    fp8 = {name: ((v.to(torch.float8_e4m3fn).float() / s - small).norm() / small.norm()).item()
+           for name, v, s in (("as is", small, 1.0), ("scaled", small * scale, scale))}
+    print("N(0, 1e-4) values in e4m3, relative error: "
+          + ", ".join(f"{k} {v:.1%}" for k, v in fp8.items()) + " (kernels.fp8_linear scales)")
     x, w = torch.randn(8, 16, device=device), torch.randn(16, 16, device=device)
     target = torch.randint(16, (8,), device=device)
     ops = {"matmul": lambda a: a @ w, "linear": lambda a: F.linear(a, w),
@@ -549,7 +558,7 @@ def floating_point(device: torch.device | str | None = None) -> dict:
                     for name, op in ops.items()}
     print(f"torch.autocast({device.type!r}, bfloat16): output dtype for an fp32 / a bf16 input"
           + "".join(f"\n  {name:14} {a:9} / {b}" for name, (a, b) in autocast.items()))
-    return {"formats": formats, "accumulate": accumulate, "autocast": autocast}
+    return {"formats": formats, "accumulate": accumulate, "fp8": fp8, "autocast": autocast}
 
 
 # The lesson, in order: `python kernels.py lesson` -------------------------------------------------

@@ -3213,6 +3213,7 @@ def test_floating_point_facts(capsys):
     assert fp["accumulate"]["fp16"] == 1.0 and fp["accumulate"]["bf16"] == 1.0
     assert fp["accumulate"]["fp32"] == pytest.approx(2.0, abs=1e-3)
     assert fp["accumulate"]["torch.sum(fp16)"] == pytest.approx(2.0, abs=1e-3)  # adds in fp32
+    assert fp["fp8"]["as is"] == 1.0 and fp["fp8"]["scaled"] < 0.05  # all zeros; 3 bits' worth
     # CPU autocast (torch 2.13): matmul and linear run in bf16 whatever comes in; softmax, sum,
     # exp, layer_norm, add are not on its lists, so they keep their input's dtype (CUDA autocast
     # upcasts softmax, log_softmax, layer_norm, sum and exp to fp32); cross_entropy is on CPU
