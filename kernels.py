@@ -946,7 +946,7 @@ def to_fp8(t: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """(t scaled and cast to an FP8 dtype, the float32 scale that undoes the scaling)."""
     fmax = torch.finfo(dtype).max
     scale = fmax / t.detach().abs().amax().float().clamp(min=1e-12)
-    # clamp: a product rounding just past fmax must not become inf (e5m2 casts overflow to inf)
+    # clamp, defensive: amax * scale may land an ulp past fmax (e5m2 casts overflow to inf)
     return (t.float() * scale).clamp(-fmax, fmax).to(dtype), scale.reciprocal()
 
 
@@ -998,10 +998,12 @@ def fp8_linear(x: Tensor, weight: Tensor) -> Tensor:
         raise ValueError(f"fp8=True needs FP8 tensor cores (compute capability 8.9+: Ada, "
                          f"Hopper), not {torch.cuda.get_device_name(x.device)}")
     rows = x.reshape(-1, x.shape[-1])
+    if not len(rows):  # no rows: no amax to scale by
+        return x @ weight.T
     pad = -len(rows) % 16  # the rows are the weight gradient's inner size: a multiple of 16 too
     rows = F.pad(rows, (0, 0, 0, pad)) if pad else rows.contiguous()  # zero rows add nothing
     y = FP8Linear.apply(rows, weight.contiguous(), autocast_dtype(x.device.type, x.dtype))
-    return y[:len(y) - pad].unflatten(0, x.shape[:-1])
+    return y[:len(y) - pad].view(*x.shape[:-1], len(weight))
 
 
 # Measured: our kernels next to eager and compiled PyTorch, and the copy they should match ---------

@@ -3556,6 +3556,15 @@ def test_fp8_linear_is_the_matmul_of_its_rounded_operands():
     x16, w16 = x.detach()[0, :16].clone().requires_grad_(), w.detach().requires_grad_()
     kernels.FP8Linear.apply(x16, w16, torch.float32).backward(  # given a transposed gradient
         torch.randn(48, 16, device=DEV).t())
+    # transposed inputs, one of them frozen, 21 rows and 16: the GPU's layout rules still hold
+    # (the CPU path checks them too), and each gradient asked for comes back
+    for n, x_grad, w_grad in ((21, True, False), (21, False, True), (16, True, True)):
+        xt = torch.randn(64, n, device=DEV).t().requires_grad_(x_grad)
+        wt = torch.randn(64, 48, device=DEV).t().requires_grad_(w_grad)
+        kernels.fp8_linear(xt, wt).sum().backward()
+        assert (xt.grad is not None, wt.grad is not None) == (x_grad, w_grad)
+    assert kernels.fp8_linear(x.detach()[0, 0], w.detach()).shape == (48,)
+    assert kernels.fp8_linear(x.detach()[:, :0], w.detach()).shape == (2, 0, 48)
     x2, g2 = x.detach().flatten(0, 1), g.flatten(0, 1)
     want = {"y": fp8_rounded(x2, e4) @ fp8_rounded(w, e4).T,
             "dx": fp8_rounded(g2, e5) @ fp8_rounded(w, e4),
@@ -3625,7 +3634,7 @@ def test_fp8_model_trains_in_fp8_and_evaluates_in_its_own_dtype(tmp_path):
          f"--cache_dir={tmp_path / 'cache'}", f"--out_dir={tmp_path / 'out'}", f"--device={DEV}",
          "--compile=False", "--d_model=32", "--num_layers=1", "--num_heads=2", "--d_ff=48",
          "--context_length=16"], train.TrainConfig())
-    with pytest.raises(UsageError, match="--parallel must be other than fsdp with --fp8=True"):
+    with pytest.raises(UsageError, match="--parallel must be torch, ddp or zero1 with --fp8=True"):
         train.check_config(dataclasses.replace(cfg, parallel="fsdp"))
     result = train.train(cfg)
     assert result["model"].config.fp8 and result["model"].layers[0].ffn.w1.fp8

@@ -1299,7 +1299,7 @@ def check_config(cfg: TrainConfig) -> ModelConfig:
         ("decay_frac", 0 < cfg.decay_frac <= 1, "in (0, 1]"), ("eps", cfg.eps > 0, "> 0"),
         ("temperature", cfg.temperature > 0, "> 0"),  # FSDP would keep FP8 copies whole:
         ("parallel", cfg.parallel != "fsdp" or not cfg.model.get("fp8"),
-         "other than fsdp with --fp8=True")) if not ok]
+         "torch, ddp or zero1 with --fp8=True")) if not ok]
     if problems:
         raise UsageError("; ".join(problems))
     try:
