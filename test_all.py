@@ -3539,9 +3539,17 @@ def fp8_rounded(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return (t.detach().float() * scale).clamp(-fmax, fmax).to(dtype).float() / scale
 
 
+def assert_fp8_sums_close(got: torch.Tensor, want: torch.Tensor, msg: str = "") -> None:
+    """got, summed from FP8 products, against want's float32 sums: equal on a CPU; a GPU's FP8
+    tensor cores keep fewer bits in their sums (H200: 68 off in values up to ~1e6)."""
+    if got.device.type == "cpu":
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4, msg=msg)
+    assert (got - want).norm() < 1e-3 * want.norm(), msg
+
+
 def test_fp8_linear_is_the_matmul_of_its_rounded_operands():
-    """Forward x w^T with e4m3 operands, backward with the gradient in e5m2: exactly the float32
-    matmuls of the rounded tensors (up to summation order), near the exact ones, any scale."""
+    """Forward x w^T with e4m3 operands, backward with the gradient in e5m2: the float32 matmuls
+    of the rounded tensors (up to how the sums round), near the exact ones, any scale."""
     if DEV == "cuda" and torch.cuda.get_device_capability() < (8, 9):
         pytest.skip("FP8 matmuls need compute capability 8.9+")
     torch.manual_seed(0)
@@ -3572,7 +3580,7 @@ def test_fp8_linear_is_the_matmul_of_its_rounded_operands():
     got = {"y": y.detach().flatten(0, 1), "dx": x.grad.flatten(0, 1), "dw": w.grad}
     exact = {"y": x2 @ w.detach().T, "dx": g2 @ w.detach(), "dw": g2.T @ x2}
     for name in want:
-        torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-4, msg=name)
+        assert_fp8_sums_close(got[name], want[name], name)
         error = ((got[name] - exact[name]).norm() / exact[name].norm()).item()
         assert 0.005 < error < (0.06 if name == "y" else 0.1), (name, error)  # 3 or 2 bits
     # Scaled per tensor: a power of two changes no rounded digit; zeros stay zeros, not NaN
@@ -3586,9 +3594,9 @@ def test_fp8_linear_is_the_matmul_of_its_rounded_operands():
                                        (y.detach() * 1e3).to(dtype), rtol=1e-2, atol=0)
     a8, b8 = (kernels.to_fp8(t, e4)[0] for t in (x2, w.detach()))
     one, half = torch.ones((), device=DEV), torch.full((), 0.5, device=DEV)
-    torch.testing.assert_close(kernels.fp8_mm(a8, b8.t(), one, half, torch.float32),  # CPU: ours
-                               torch._scaled_mm(a8.cpu(), b8.cpu().t(), one.cpu(), half.cpu(),
-                                                out_dtype=torch.float32).to(DEV))
+    assert_fp8_sums_close(kernels.fp8_mm(a8, b8.t(), one, half, torch.float32),  # CPU: ours
+                          torch._scaled_mm(a8.cpu(), b8.cpu().t(), one.cpu(), half.cpu(),
+                                           out_dtype=torch.float32).to(DEV))
     with pytest.raises(ValueError, match="multiples of 16"):
         kernels.fp8_linear(x[..., :24], w[:, :24])
     if DEV == "cpu":  # a GPU's rules for the operands' layouts hold on the CPU too
@@ -3627,18 +3635,22 @@ def test_fp8_model_trains_in_fp8_and_evaluates_in_its_own_dtype(tmp_path):
     plain.eval(), fp8.eval()
     torch.testing.assert_close(train.LossModel(fp8)(x, y)[0], train.LossModel(plain)(x, y)[0],
                                rtol=0, atol=0)
-    cfg = train.parse_config(
-        ["--fp8=True", "--dataset=pydoc", "--max_text_mb=0.05", "--vocab_size=300",
-         "--max_iters=30", "--warmup_iters=3", "--batch_size=4", "--eval_interval=30",
-         "--eval_iters=4", "--num_samples=0", "--lr=3e-3",
-         f"--cache_dir={tmp_path / 'cache'}", f"--out_dir={tmp_path / 'out'}", f"--device={DEV}",
-         "--compile=False", "--d_model=32", "--num_layers=1", "--num_heads=2", "--d_ff=48",
-         "--context_length=16"], train.TrainConfig())
+    val_loss = {}
+    for fp8 in (False, True):
+        cfg = train.parse_config(
+            [f"--fp8={fp8}", "--dataset=pydoc", "--max_text_mb=0.05", "--vocab_size=300",
+             "--max_iters=30", "--warmup_iters=3", "--batch_size=4", "--eval_interval=30",
+             "--eval_iters=4", "--num_samples=0", "--lr=3e-3", f"--cache_dir={tmp_path / 'c'}",
+             f"--out_dir={tmp_path / str(fp8)}", f"--device={DEV}", "--compile=False",
+             "--d_model=32", "--num_layers=1", "--num_heads=2", "--d_ff=48",
+             "--context_length=16"], train.TrainConfig())
+        result = train.train(cfg)
+        val_loss[fp8] = result["val_loss"]
     with pytest.raises(UsageError, match="--parallel must be torch, ddp or zero1 with --fp8=True"):
         train.check_config(dataclasses.replace(cfg, parallel="fsdp"))
-    result = train.train(cfg)
     assert result["model"].config.fp8 and result["model"].layers[0].ffn.w1.fp8
-    assert result["val_loss"] < math.log(300) - 0.2  # evaluated in float32, it learned
+    # it learned, as much as without FP8 (H200, bf16: 5.513 against 5.511; CPU 5.379, 5.376)
+    assert val_loss[True] < math.log(300) - 0.1 and abs(val_loss[True] - val_loss[False]) < 0.02
 
 
 from model import attention_mask, scaled_dot_product_attention  # noqa: E402
@@ -5054,17 +5066,21 @@ _FUSED_VARIANTS = {"gpt2": dict(positions="learned", norm="layernorm", bias=True
                    "plain": dict(positions="none", norm="none", ffn="relu", num_kv_heads=1)}
 
 
-@pytest.mark.parametrize("variant", _FUSED_VARIANTS)
-def test_fused_decode_step_equals_the_unfused_one(variant):
+@pytest.mark.parametrize("variant, programs", [("gpt2", 9), ("llama_gqa", 4), ("plain", 4)])
+def test_fused_decode_step_equals_the_unfused_one(variant, programs, monkeypatch):
     """kernels.py's one-kernel step (in Triton's interpreter: a launch per phase) against
-    forward_cached: the same logits and greedy tokens, the cache filled alike."""
+    forward_cached: the same logits and greedy tokens, the cache filled alike. 4 heads on 9
+    programs: rows split unevenly, 5 programs idle while the heads attend."""
+    if not kernels.INTERPRET:
+        pytest.skip("CPU tensors need Triton's interpreter (off on a GPU machine: the test below)")
+    monkeypatch.setattr(kernels, "decode_programs", lambda device: programs)
     model = _tiny_lm(d_model=64, **_FUSED_VARIANTS[variant])
     prompt = torch.randint(0, 257, (1, 6), generator=torch.Generator().manual_seed(0))
     tokens, logits, caches = [], [], []
     for fused in (False, True):
         decoder = infer.Decoder(model, 1, 12, greedy=True, fused=fused)
-        assert decoder.mode == ("fused kernel" if fused else "eager")
         tokens.append(_chained(decoder, model, prompt, 3))
+        assert decoder.mode == ("fused kernel" if fused else "eager")  # after: no fallback
         logits.append(decoder.logits if decoder.graph else decoder.decode().clone())
         caches.append(decoder.cache.layers[1]["v"][0, :9].clone())
     assert torch.equal(tokens[0], tokens[1])
