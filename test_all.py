@@ -55,7 +55,7 @@ def _one_thread():
 # tokenizer.py
 # =================================================================================================
 
-from tokenizer import (LONG_PRETOKEN, UsageError, run_cli, tour,  # noqa: E402
+from tokenizer import (LONG_PRETOKEN, UsageError, run_cli, tour, typed,  # noqa: E402
                        train_bpe_reference)
 
 _DATA = Path(__file__).resolve().parent.parent / "shared" / "data"
@@ -578,6 +578,19 @@ def test_tokenizer_cli_errors_are_one_line(tmp_path, monkeypatch, capsys, argv, 
     assert capsys.readouterr().err == f"error: {message}\n"
     with pytest.raises(UsageError if code == 2 else Exception):
         run_cli(main, [*argv, "--debug"])  # --debug: the exception with its traceback
+
+
+def test_options_take_the_type_of_their_default():
+    """Literals, never exec; a list option takes one value (`infer.py bench --batch_sizes=1`, as
+    its docstring writes it, once failed with "expects a list"), commas or a list literal."""
+    assert typed("b", "1", []) == [1] and typed("b", "1,16", []) == typed("b", "[1, 16]", [])
+    assert typed("s", "a,b", []) == ["a", "b"] and typed("t", "4", (1, 2)) == (4,)
+    assert typed("lr", "1", 0.1) == 1.0 and typed("n", "1e4", 1) == 10_000
+    assert typed("c", "false", True) is False and typed("x", "2", None) == 2
+    for value, default, message in [("True", [], "a list, got True"), ("x", 1, "integer"),
+                                    ("1.5", 1, "integer, got 1.5"), ("__import__('os')", 1, "")]:
+        with pytest.raises(UsageError, match=message):
+            typed("k", value, default)
 
 
 def _fail(*args, **kwargs):

@@ -711,14 +711,14 @@ def typed(key: str, value, default):
     if isinstance(value, str) and not isinstance(default, str):
         try:
             value = ast.literal_eval(value)
-        except (ValueError, SyntaxError):  # a word stays text: the type check below rejects it
-            if isinstance(default, (list, tuple)):
-                value = value.split(",")  # --special_tokens=a,b
+        except (ValueError, SyntaxError):  # a word: a,b for a list, else rejected below
+            value = value.split(",") if isinstance(default, (list, tuple)) else value
     if default is None or (default == "auto" and isinstance(value, bool)):
         return value
+    if isinstance(default, (list, tuple)) and type(value) in (int, float, list, tuple):
+        return type(default)(value if type(value) in (list, tuple) else [value])  # 1 is [1]
     if (isinstance(default, float) and type(value) is int or type(default) is int and
-            isinstance(value, float) and value.is_integer() or
-            isinstance(default, (list, tuple)) and isinstance(value, (list, tuple))):
+            isinstance(value, float) and value.is_integer()):
         return type(default)(value)
     if type(value) is not type(default):
         kind = {int: "an integer", float: "a number", bool: "True or False", str: "a string",
