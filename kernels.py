@@ -938,10 +938,10 @@ def fused_linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor,
 # weights; gradients span more octaves, so e5m2 (2 bits, max 57,344). Each tensor is scaled so its
 # largest |value| lands on the format's max (one scale per tensor, recomputed every call), and
 # torch._scaled_mm multiplies in FP8, accumulates in fp32 and divides the scales back out. Backward
-# needs transposed layouts, which cost copies. GPT-2 small's compiled step on an H200 (16 x 1,024
-# tokens, 100 steps, one run each): 33.88 ms in bf16, 33.18 with the head in FP8, 32.12 with the
-# FFN's matmuls too, but 44.04 (std 6.12, not looked into) with the attention's four 768-wide
-# ones as well. So fp8=True leaves attention in bf16.
+# needs transposed layouts and the amax and casts cost passes over each tensor, so on GPT-2 small
+# (H200, 16 x 1,024 tokens) the gain is within the noise: 32.12 ms against 33.88 in one scratch
+# run, 35.30 against 34.25 (std 2.86) in `bench --fp8=True`; 44.04 with attention's four 768-wide
+# matmuls in FP8 too (not looked into), so fp8=True leaves attention in bf16. A lesson, an option.
 def to_fp8(t: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """(t scaled and cast to an FP8 dtype, the float32 scale that undoes the scaling)."""
     fmax = torch.finfo(dtype).max
