@@ -1604,14 +1604,16 @@ def bench_attention(cfg: AttentionConfig) -> list[dict]:
 # Decoding at batch 1 as one persistent kernel (infer.py's fused step) -----------------------------
 # A batch-1 decode step reads every weight once for 2 FLOPs each: it is pure bandwidth, and its
 # enemy is fixed cost. Compiled, it is ~400 kernels, each ramping up, draining and waiting for its
-# inputs (infer.py bench --profile). Here one program per SM walks all the layers. Phases that
-# need each other's outputs (q/k/v, then attention, then its projection, ...) are separated by a
-# grid barrier: a global counter each program increments and then polls. The trick is what happens
-# while polling: every program has already issued the loads of its rows of the next phase's
-# weights, which depend on nothing, so the memory system streams weights while the barrier
-# settles. Activations live in a small float32 scratch vector S: the residual x, then q|k|v, the
-# attention output and the FFN hidden. The interpreter runs programs one after another, where a
-# barrier would wait forever: there (SYNC=False) the host launches the kernel once per phase.
+# inputs (infer.py bench --profile). Here one program per SM walks all the layers, streaming its
+# share of the weights as a sequence of equal (R, d_model) tiles, laid out contiguously in the
+# order it reads them and loaded four tiles ahead, through everything else it does. Three grid
+# barriers a layer (a counter each program increments, then polls) order the phases that need each
+# other's outputs: q|k|v; attention and its output projection; the FFN. The projection after
+# attention and the FFN's second matrix are split over their *inputs*: a program multiplies the
+# attention output of its own rows (computing that head's attention itself) or the hidden units
+# it has just computed, and adds its partial residual atomically. The residual x has a buffer per
+# phase, zeroed before the step. The interpreter runs programs one after another, where a barrier
+# would wait forever: there (SYNC=False) the host launches the kernel once per phase.
 @triton.jit
 def _wait(BAR, target):
     seen = tl.atomic_add(BAR, 0, sem="acquire")  # acquire: later loads see what others stored
@@ -1620,111 +1622,115 @@ def _wait(BAR, target):
 
 
 @triton.jit
-def _enter(BAR, phase, PHASE, NPROG, SYNC: tl.constexpr):
-    """Wait until every program finished the phases before `phase`; is it this launch's (1 or
-    0; SYNC: one launch runs them all)? Phases limit their stores by it rather than branch on
-    it: a load used only inside a branch may be sunk into it, after the wait: no prefetch."""
-    if SYNC:
-        _wait(BAR, phase * NPROG)
-    return (PHASE < 0) | (PHASE == phase)
-
-
-@triton.jit
 def _leave(BAR, SYNC: tl.constexpr):
-    if SYNC:  # release: this program's stores are visible before its arrival is
+    if SYNC:  # all threads' stores done; release: they are visible before the arrival is
+        tl.debug_barrier()
         tl.atomic_add(BAR, 1, sem="release")
 
 
 @triton.jit
-def _row_tile(W, layer, layers, pid, rows_per, N, K, R: tl.constexpr, KP: tl.constexpr):
-    """This program's block of rows of an (L, N, K) weight stack's layer (zeros unless layer <
-    layers), (R, KP)."""
-    r, cols = tl.arange(0, R), tl.arange(0, KP)
-    rows = pid * rows_per + r
-    ok = (r < rows_per) & (rows < N) & (tl.full([R], layer, tl.int32) < layers)
-    return tl.load(W + layer * N * K + rows[:, None] * K + cols[None, :],
-                   mask=ok[:, None] & (cols[None, :] < K), other=0.0)
+def _tile(stream, t):
+    """Tile t of this program's stream of words and its rows' biases (zeros past the end)."""
+    words, step, offsets, mask, biases, bstep, r, n = stream
+    return (tl.load(words + t * step + offsets, mask=mask & (offsets * 0 + t < n), other=0.0),
+            tl.load(biases + t * bstep + r, mask=r * 0 + t < n, other=0.0))
 
 
 @triton.jit
-def _matvec(w, v, B, layer, pid, rows_per, N, R: tl.constexpr, HAS_BIAS: tl.constexpr):
-    """w (R, K) @ v (K,) + bias in float32; and which rows of the output they are."""
-    r = tl.arange(0, R)
-    rows = pid * rows_per + r
-    ok = (r < rows_per) & (rows < N)
-    y = tl.sum(w.to(tl.float32) * v[None, :], axis=1)
-    if HAS_BIAS:
-        y += tl.load(B + layer * N + rows, mask=ok, other=0.0).to(tl.float32)
-    return y, rows, ok
+def _unpack(w, WDT: tl.constexpr):
+    """A tile of words, each two weights side by side, as its (even, odd) columns in float32.
+    Words, not 16-bit values, cross loop iterations: Triton keeps 16-bit values a register each,
+    and splitting loaded words into them waits for the loads still in flight."""
+    if WDT == 0:  # float32 pairs in int64 words
+        lo = (w & 0xFFFFFFFF).to(tl.int32).to(tl.float32, bitcast=True)
+        hi = (w >> 32).to(tl.int32).to(tl.float32, bitcast=True)
+    elif WDT == 1:  # bfloat16 is the upper half of a float32
+        lo = (w << 16).to(tl.float32, bitcast=True)
+        hi = (w & -65536).to(tl.float32, bitcast=True)
+    else:  # float16
+        lo = (w & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+        hi = (w >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    return lo, hi
 
 
 @triton.jit
-def _vector(S, offset, n, NP: tl.constexpr):
-    cols = tl.arange(0, NP)  # .cg: from L2, never a stale L1 line of another SM's store
-    return tl.load(S + offset + cols, mask=cols < n, other=0.0, cache_modifier=".cg")
+def _rowdot(w, ve, vo, WDT: tl.constexpr):
+    """Tile @ v for v's (even, odd) halves: (R,), one output per row."""
+    lo, hi = _unpack(w, WDT)
+    return tl.sum(lo * ve[None, :] + hi * vo[None, :], 1)
 
 
 @triton.jit
-def _normed(S, NW, NB, layer, D, eps, DP: tl.constexpr, NORM: tl.constexpr):
-    """The residual x (S[:D]) through a layer's norm: 1 LayerNorm, 2 RMSNorm, 0 none."""
+def _coldot(w, a, pe, po, WDT: tl.constexpr):
+    """(pe, po) += a @ tile: the partial output, split by inputs, in (even, odd) halves."""
+    lo, hi = _unpack(w, WDT)
+    return pe + tl.sum(lo * a[:, None], 0), po + tl.sum(hi * a[:, None], 0)
+
+
+@triton.jit
+def _halves(v, DP: tl.constexpr):
+    return tl.split(tl.reshape(v, [DP // 2, 2]))
+
+
+@triton.jit
+def _vec(VEC, layer, which, L, D, DP: tl.constexpr):
+    """Vector `which` of a layer's six: ln1 weight, bias; ln2 weight, bias; the two output biases
+    (zeros past the last layer)."""
     cols = tl.arange(0, DP)
-    ok = cols < D
-    x = _vector(S, 0, D, DP)
+    return tl.load(VEC + (layer * 6 + which) * D + cols, mask=cols < D * (layer < L), other=0.0)
+
+
+@triton.jit
+def _norm(x, w, b, D, eps, DP: tl.constexpr, NORM: tl.constexpr):
+    """x through a norm with weight w and bias b: 1 LayerNorm, 2 RMSNorm, 0 none."""
+    ok = tl.arange(0, DP) < D
     if NORM == 1:
         xc = tl.where(ok, x - tl.sum(x, 0) / D, 0.0)
-        y = xc * tl.rsqrt(tl.sum(xc * xc, 0) / D + eps)
-        y = (y * tl.load(NW + layer * D + cols, mask=ok, other=0.0).to(tl.float32)
-             + tl.load(NB + layer * D + cols, mask=ok, other=0.0).to(tl.float32))
+        y = xc * tl.rsqrt(tl.sum(xc * xc, 0) / D + eps) * w + b
     elif NORM == 2:
-        y = x * tl.rsqrt(tl.sum(x * x, 0) / D + eps)
-        y = y * tl.load(NW + layer * D + cols, mask=ok, other=0.0).to(tl.float32)
+        y = x * tl.rsqrt(tl.sum(x * x, 0) / D + eps) * w
     else:
         y = x
     return y
 
 
 @triton.jit
-def _add_to_x(S, y, rows, ok):
-    """x[rows] += y: each program owns its rows of the residual stream, so no atomics."""
-    tl.store(S + rows, tl.load(S + rows, mask=ok, other=0.0, cache_modifier=".cg") + y, mask=ok)
+def _rotated(S, at, pos, COS, SIN, HD: tl.constexpr, ROPE: tl.constexpr):
+    """A head's vector in S at `at`, RoPE-rotated at pos as model.py does (adjacent pairs)."""
+    d = tl.arange(0, HD)
+    x = tl.load(S + at + d, cache_modifier=".cg")  # .cg: from L2, never a stale L1 line
+    if ROPE:
+        cos = tl.load(COS + pos * (HD // 2) + d // 2)
+        sin = tl.load(SIN + pos * (HD // 2) + d // 2) * tl.where(d % 2 == 0, -1.0, 1.0)
+        x = x * cos + tl.load(S + at + (d ^ 1), cache_modifier=".cg") * sin
+    return x
 
 
 @triton.jit
-def _attend_one(S, KC, VC, COS, SIN, layer, h, pos, D, HKV, GROUP, SLOTS, scale, live,
-                HD: tl.constexpr, BS: tl.constexpr, ROPE: tl.constexpr):
-    """Head h's query over the cache slots 0..pos-1 of its key-value head and the new token's
-    key and value (which it writes at slot pos, once per group): an online softmax."""
-    d = tl.arange(0, HD)
-    kvh = h // GROUP
-    q_at, k_at = D + h * HD, 2 * D + kvh * HD
-    q, k = _vector(S, q_at, HD, HD), _vector(S, k_at, HD, HD)
-    v = _vector(S, k_at + HKV * HD, HD, HD)
-    if ROPE:  # rotate adjacent pairs (x[2i], x[2i+1]) by pos * theta^(-2i/d), as model.py does
-        cos = tl.load(COS + pos * (HD // 2) + d // 2)
-        sin = tl.load(SIN + pos * (HD // 2) + d // 2) * tl.where(d % 2 == 0, -1.0, 1.0)
-        q = q * cos + tl.load(S + q_at + (d ^ 1), cache_modifier=".cg") * sin
-        k = k * cos + tl.load(S + k_at + (d ^ 1), cache_modifier=".cg") * sin
-    dtype = KC.dtype.element_ty  # round as the unfused step does: the cache holds this dtype
-    q, k, v = q.to(dtype).to(tl.float32), k.to(dtype).to(tl.float32), v.to(dtype).to(tl.float32)
-    base, stride = layer * SLOTS * HKV * HD + kvh * HD, HKV * HD
-    write = d < HD * live * (h % GROUP == 0)
-    tl.store(KC + base + pos * stride + d, k.to(dtype), mask=write)
-    tl.store(VC + base + pos * stride + d, v.to(dtype), mask=write)
+def _attention(S, KC, VC, COS, SIN, layer, h, pos, D, HKV, GROUP, SLOTS, scale,
+               HD: tl.constexpr, BS: tl.constexpr, ROPE: tl.constexpr):
+    """Head h's query over its key-value head's cache slots before pos and the new token's key
+    and value (in S): an online softmax, rounded as the unfused step does (the cache's dtype)."""
+    d, kvh = tl.arange(0, HD), h // GROUP
+    dtype = KC.dtype.element_ty
+    q = _rotated(S, h * HD, pos, COS, SIN, HD, ROPE).to(dtype).to(tl.float32)
+    k = _rotated(S, D + kvh * HD, pos, COS, SIN, HD, ROPE).to(dtype).to(tl.float32)
+    v = tl.load(S + D + (HKV + kvh) * HD + d, cache_modifier=".cg").to(dtype).to(tl.float32)
     m = tl.sum(q * k, 0) * scale  # start from the new token: no empty-softmax case
     total, acc = tl.zeros_like(m) + 1.0, v
     for start in range(0, pos, BS):
         slots = start + tl.arange(0, BS)
+        at = layer * SLOTS * HKV * HD + slots[:, None] * HKV * HD + kvh * HD + d[None, :]
         ok = slots < pos
-        offsets = base + slots[:, None] * stride + d[None, :]
-        keys = tl.load(KC + offsets, mask=ok[:, None], other=0.0).to(tl.float32)
-        values = tl.load(VC + offsets, mask=ok[:, None], other=0.0).to(tl.float32)
+        keys = tl.load(KC + at, mask=ok[:, None], other=0.0).to(tl.float32)
+        values = tl.load(VC + at, mask=ok[:, None], other=0.0).to(tl.float32)
         s = tl.where(ok, tl.sum(keys * q[None, :], 1) * scale, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, 0))
         p, alpha = tl.exp(s - m_new), tl.exp(m - m_new)
         total = total * alpha + tl.sum(p, 0)
         acc = acc * alpha + tl.sum(p[:, None] * values, 0)
         m = m_new
-    tl.store(S + 2 * D + 2 * HKV * HD + h * HD + d, acc / total, mask=d < HD * live)
+    return acc / total
 
 
 @triton.jit
@@ -1740,80 +1746,159 @@ def _activate(a, ACT: tl.constexpr):
 
 
 @triton.jit
-def _decode_layers_kernel(TOKEN, POS, S, BAR, WTE, WPE, COS, SIN, KC, VC, LN1_W, LN1_B, W_QKV,
-                          B_QKV, W_O, B_O, LN2_W, LN2_B, W_1, B_1, W_3, W_2, B_2, L, D, QKV_N, F,
-                          H, HKV, SLOTS, eps, scale, PHASE, NPROG, R_QKV: tl.constexpr,
-                          R_O: tl.constexpr, R_F: tl.constexpr, DP: tl.constexpr,
-                          FP: tl.constexpr, HD: tl.constexpr, BS: tl.constexpr,
-                          NORM: tl.constexpr, ACT: tl.constexpr, BIAS: tl.constexpr,
-                          LEARNED_POS: tl.constexpr, ROPE: tl.constexpr, SYNC: tl.constexpr):
-    """Phase 0 embeds the token; layer l is phases 5l+1..5l+5: q|k|v, attention, its output
-    projection, the FFN's first matrix (and SwiGLU's gate), its second. Each phase's weights
-    are loaded before waiting for the phase before it: one phase ahead, no more, lest the
-    tiles held at once spill out of registers."""
-    pid = tl.program_id(0)
-    rows_qkv, rows_o, rows_f = tl.cdiv(QKV_N, NPROG), tl.cdiv(D, NPROG), tl.cdiv(F, NPROG)
-    pos = tl.minimum(tl.load(POS), SLOTS - 1)  # past the cache: wrong, but never out of bounds
-    w_qkv = _row_tile(W_QKV, 0, L, pid, rows_qkv, QKV_N, D, R_QKV, DP)
-    cols = tl.arange(0, DP)  # phase 0, program 0: x = the token's embedding (+ its position's)
-    x = tl.load(WTE + tl.load(TOKEN) * D + cols, mask=cols < D, other=0.0).to(tl.float32)
-    if LEARNED_POS:
-        x += tl.load(WPE + pos * D + cols, mask=cols < D, other=0.0).to(tl.float32)
-    tl.store(S + cols, x, mask=cols < D * _enter(BAR, 0, PHASE, NPROG, False) * (pid == 0))
-    _leave(BAR, SYNC)
-    for layer in range(L):
-        phase = 5 * layer
-        live = _enter(BAR, phase + 1, PHASE, NPROG, SYNC)  # q|k|v = ln1(x) @ W_qkv^T
-        y, rows, ok = _matvec(w_qkv, _normed(S, LN1_W, LN1_B, layer, D, eps, DP, NORM), B_QKV,
-                              layer, pid, rows_qkv, QKV_N, R_QKV, BIAS)
-        tl.store(S + D + rows, y, mask=ok & (rows < QKV_N * live))
-        _leave(BAR, SYNC)
-        w_o = _row_tile(W_O, layer, L, pid, rows_o, D, D, R_O, DP)
-        live = _enter(BAR, phase + 2, PHASE, NPROG, SYNC)
-        if pid < H:  # a head a program
-            _attend_one(S, KC, VC, COS, SIN, layer, pid, pos, D, HKV, H // HKV, SLOTS, scale,
-                        live, HD, BS, ROPE)
-        _leave(BAR, SYNC)
-        live = _enter(BAR, phase + 3, PHASE, NPROG, SYNC)  # x += attention @ W_o^T
-        y, rows, ok = _matvec(w_o, _vector(S, D + QKV_N, D, DP), B_O, layer, pid, rows_o, D, R_O,
-                              BIAS)
-        _add_to_x(S, y, rows, ok & (rows < D * live))
-        _leave(BAR, SYNC)
-        w_1 = _row_tile(W_1, layer, L, pid, rows_f, F, D, R_F, DP)
-        if ACT == 4:  # SwiGLU's second matrix; else no registers for it
-            w_3 = _row_tile(W_3, layer, L, pid, rows_f, F, D, R_F, DP)
-        else:
-            w_3 = w_1
-        live = _enter(BAR, phase + 4, PHASE, NPROG, SYNC)  # act(ln2(x) @ W_1^T) (* gate)
-        v = _normed(S, LN2_W, LN2_B, layer, D, eps, DP, NORM)
-        y, rows, ok = _matvec(w_1, v, B_1, layer, pid, rows_f, F, R_F, BIAS)
-        y = _activate(y, ACT)
-        if ACT == 4:
-            gate, _, _ = _matvec(w_3, v, B_1, layer, pid, rows_f, F, R_F, False)
-            y *= gate
-        tl.store(S + D + QKV_N + D + rows, y, mask=ok & (rows < F * live))
-        _leave(BAR, SYNC)
-        w_2 = _row_tile(W_2, layer, L, pid, rows_o, D, F, R_O, FP)
-        live = _enter(BAR, phase + 5, PHASE, NPROG, SYNC)  # x += hidden @ W_2^T
-        y, rows, ok = _matvec(w_2, _vector(S, D + QKV_N + D, F, FP), B_2, layer, pid, rows_o, D,
-                              R_O, BIAS)
-        _add_to_x(S, y, rows, ok & (rows < D * live))
-        _leave(BAR, SYNC)
-        w_qkv = _row_tile(W_QKV, layer + 1, L, pid, rows_qkv, QKV_N, D, R_QKV, DP)
+def _decode_tile(t, w, bt, state, pointers, sizes, pid, pos, NQ: tl.constexpr,
+                 NO: tl.constexpr, NF: tl.constexpr, R: tl.constexpr, DP: tl.constexpr,
+                 HD: tl.constexpr, BS: tl.constexpr, NORM: tl.constexpr, ACT: tl.constexpr,
+                 ROPE: tl.constexpr, SYNC: tl.constexpr, WDT: tl.constexpr):
+    """Tile t of the stream, w (its biases bt), and what its place in the layer asks: a layer is
+    NQ tiles of q|k|v rows, NO of the output projection's input rows, NF groups of the FFN's
+    (W_1 rows, [W_3 rows,] W_2 columns). Carried from tile to tile: the residual x, the normed
+    vector (ve, vo), the partial output (pe, po), hidden units, the next norms and biases. A
+    phase's stores are masked by whether it is this launch's (interpreter: a launch a phase)."""
+    x, ve, vo, pe, po, hid, gate, g1w, g1b, g2w, g2b, bo, b2 = state
+    S, X, BAR, VEC, COS, SIN, KC, VC = pointers
+    L, D, QKV_N, F, H, HKV, SLOTS, eps, scale, PHASE, NPROG = sizes
+    n = L * (NQ + NO + NF * (3 if ACT == 4 else 2))
+    G: tl.constexpr = 3 if ACT == 4 else 2
+    T: tl.constexpr = NQ + NO + NF * G
+    r, cols, hd = tl.arange(0, R), tl.arange(0, DP), tl.arange(0, HD)
+    if t < n:
+        layer = t // T
+        j, s = t - layer * T, 3 * layer
+        if j == 0:  # phase 1: q|k|v = ln1(x) @ W_qkv^T, this program's rows
+            if layer > 0:
+                if SYNC:
+                    _wait(BAR, s * NPROG)
+                x = tl.load(X + 2 * layer * D + cols, mask=cols < D, other=0.0,
+                            cache_modifier=".cg")
+            ve, vo = _halves(_norm(x, g1w, g1b, D, eps, DP, NORM), DP)
+            if NORM != 0:  # loaded now, used later: this layer's ln2, the next layer's ln1
+                g2w, g2b = _vec(VEC, layer, 2, L, D, DP), _vec(VEC, layer, 3, L, D, DP)
+                g1w, g1b = _vec(VEC, layer + 1, 0, L, D, DP), _vec(VEC, layer + 1, 1, L, D, DP)
+            bo, b2 = _vec(VEC, layer, 4, L, D, DP), _vec(VEC, layer, 5, L, D, DP)
+        if j < NQ:
+            rows = (pid * NQ + j) * R + r
+            live = (PHASE < 0) | (PHASE == s)
+            tl.store(S + rows, _rowdot(w, ve, vo, WDT) + bt, mask=rows < QKV_N * live)
+            if j == NQ - 1:
+                _leave(BAR, SYNC)
+        elif j < NQ + NO:  # phase 2: attention, then x' = x + attention @ W_o^T by its inputs
+            i = j - NQ
+            live = (PHASE < 0) | (PHASE == s + 1)
+            if i == 0:
+                if SYNC:
+                    _wait(BAR, (s + 1) * NPROG)
+                if pid < HKV:  # the new token's key and value into the cache, once a kv head
+                    at = (layer * SLOTS + pos) * HKV * HD + pid * HD + hd
+                    k = _rotated(S, D + pid * HD, pos, COS, SIN, HD, ROPE)
+                    v = tl.load(S + D + (HKV + pid) * HD + hd, cache_modifier=".cg")
+                    tl.store(KC + at, k.to(KC.dtype.element_ty), mask=hd < HD * live)
+                    tl.store(VC + at, v.to(VC.dtype.element_ty), mask=hd < HD * live)
+                pe, po = tl.zeros([DP // 2], tl.float32), tl.zeros([DP // 2], tl.float32)
+            row0 = (pid * NO + i) * R  # R | HD: the tile's rows lie in one head
+            head = tl.minimum(row0 // HD, H - 1)
+            a = _attention(S, KC, VC, COS, SIN, layer, head, pos, D, HKV, H // HKV, SLOTS, scale,
+                           HD, BS, ROPE)
+            mine = tl.sum(tl.where(row0 + r[:, None] - head * HD == hd[None, :], a[None, :],
+                                   0.0), 1)
+            pe, po = _coldot(w, tl.where(row0 + r < D, mine, 0.0), pe, po, WDT)
+            if i == NO - 1:
+                part = tl.reshape(tl.join(pe, po), [DP])
+                if pid == 0:  # the residual and the bias, added once
+                    part += x + bo
+                tl.atomic_add(X + (2 * layer + 1) * D + cols, part, mask=cols < D * live,
+                              sem="relaxed")
+                _leave(BAR, SYNC)
+        else:  # phase 3: hidden = act(ln2(x') @ W_1^T) (* gate); x'' = x' + hidden @ W_2^T
+            k = j - NQ - NO
+            c, i = k % G, k // G
+            live = (PHASE < 0) | (PHASE == s + 2)
+            if k == 0:
+                if SYNC:
+                    _wait(BAR, (s + 2) * NPROG)
+                x = tl.load(X + (2 * layer + 1) * D + cols, mask=cols < D, other=0.0,
+                            cache_modifier=".cg")
+                ve, vo = _halves(_norm(x, g2w, g2b, D, eps, DP, NORM), DP)
+                pe, po = tl.zeros([DP // 2], tl.float32), tl.zeros([DP // 2], tl.float32)
+            if c == 0:
+                hid = _rowdot(w, ve, vo, WDT) + bt
+            elif c == G - 1:
+                a = _activate(hid, ACT)
+                if G == 3:
+                    a = a * gate
+                pe, po = _coldot(w, tl.where((pid * NF + i) * R + r < F, a, 0.0), pe, po, WDT)
+                if i == NF - 1:
+                    part = tl.reshape(tl.join(pe, po), [DP])
+                    if pid == 0:
+                        part += x + b2
+                    tl.atomic_add(X + (2 * layer + 2) * D + cols, part, mask=cols < D * live,
+                                  sem="relaxed")
+                    _leave(BAR, SYNC)
+            else:
+                gate = _rowdot(w, ve, vo, WDT)
+    return x, ve, vo, pe, po, hid, gate, g1w, g1b, g2w, g2b, bo, b2
 
 
 @triton.jit
-def _decode_head_kernel(S, NW, NB, W, LOGITS, V, D, eps, ROWS: tl.constexpr, DP: tl.constexpr,
+def _decode_layers_kernel(TOKEN, POS, S, X, BAR, WORDS, BT, VEC, WTE, WPE, COS, SIN, KC, VC, L, D,
+                          QKV_N, F, H, HKV, SLOTS, eps, scale, PHASE, NPROG, NQ: tl.constexpr,
+                          NO: tl.constexpr, NF: tl.constexpr, R: tl.constexpr,
+                          DP: tl.constexpr, HD: tl.constexpr, BS: tl.constexpr,
+                          NORM: tl.constexpr, ACT: tl.constexpr, LEARNED_POS: tl.constexpr,
+                          ROPE: tl.constexpr, SYNC: tl.constexpr, WDT: tl.constexpr):
+    """All layers: this program's stream of L * T tiles, four in flight. The loop is unrolled by
+    four so that each tile's registers are reloaded in place: rotating them (w0 = w1, ...) would
+    copy registers whose loads are still in flight, and copying waits for them."""
+    pid = tl.program_id(0)
+    T: tl.constexpr = NQ + NO + NF * (3 if ACT == 4 else 2)
+    r, cols, words = tl.arange(0, R), tl.arange(0, DP), tl.arange(0, DP // 2)
+    offsets = r[:, None] * (D // 2) + words[None, :]
+    mask = (r[:, None] < R) & (words < D // 2)[None, :]
+    n = L * T
+    stream = (WORDS + pid * R * (D // 2), NPROG * R * (D // 2), offsets, mask, BT + pid * R,
+              NPROG * R, r, n)
+    w0, b0 = _tile(stream, 0)
+    w1, b1 = _tile(stream, 1)
+    w2, b2 = _tile(stream, 2)
+    w3, b3 = _tile(stream, 3)
+    pos = tl.minimum(tl.load(POS), SLOTS - 1)  # past the cache: wrong, but never out of bounds
+    x = tl.load(WTE + tl.load(TOKEN) * D + cols, mask=cols < D, other=0.0).to(tl.float32)
+    if LEARNED_POS:  # every program embeds the token itself: no phase for it
+        x += tl.load(WPE + pos * D + cols, mask=cols < D, other=0.0).to(tl.float32)
+    zero, half = tl.zeros([R], tl.float32), tl.zeros([DP // 2], tl.float32)
+    state = (x, half, half, half, half, zero, zero, _vec(VEC, 0, 0, L, D, DP),
+             _vec(VEC, 0, 1, L, D, DP), x, x, x, x)
+    pointers = (S, X, BAR, VEC, COS, SIN, KC, VC)
+    sizes = (L, D, QKV_N, F, H, HKV, SLOTS, eps, scale, PHASE, NPROG)
+    for t in range(0, n, 4):
+        state = _decode_tile(t, w0, b0, state, pointers, sizes, pid, pos, NQ, NO, NF, R,
+                             DP, HD, BS, NORM, ACT, ROPE, SYNC, WDT)
+        w0, b0 = _tile(stream, t + 4)
+        state = _decode_tile(t + 1, w1, b1, state, pointers, sizes, pid, pos, NQ, NO, NF, R,
+                             DP, HD, BS, NORM, ACT, ROPE, SYNC, WDT)
+        w1, b1 = _tile(stream, t + 5)
+        state = _decode_tile(t + 2, w2, b2, state, pointers, sizes, pid, pos, NQ, NO, NF, R,
+                             DP, HD, BS, NORM, ACT, ROPE, SYNC, WDT)
+        w2, b2 = _tile(stream, t + 6)
+        state = _decode_tile(t + 3, w3, b3, state, pointers, sizes, pid, pos, NQ, NO, NF, R,
+                             DP, HD, BS, NORM, ACT, ROPE, SYNC, WDT)
+        w3, b3 = _tile(stream, t + 7)
+
+
+@triton.jit
+def _decode_head_kernel(X, NW, NB, W, LOGITS, V, D, eps, ROWS: tl.constexpr, DP: tl.constexpr,
                         NORM: tl.constexpr):
     """logits = final_norm(x) @ W^T: a plain wide matrix-vector product, many programs."""
     rows, cols = tl.program_id(0) * ROWS + tl.arange(0, ROWS), tl.arange(0, DP)
     w = tl.load(W + rows[:, None] * D + cols[None, :],
                 mask=(rows[:, None] < V) & (cols[None, :] < D), other=0.0)
-    v = _normed(S, NW, NB, 0, D, eps, DP, NORM)
+    x = tl.load(X + cols, mask=cols < D, other=0.0)
+    v = _norm(x, tl.load(NW + cols, mask=cols < D, other=0.0).to(tl.float32),
+              tl.load(NB + cols, mask=cols < D, other=0.0).to(tl.float32), D, eps, DP, NORM)
     tl.store(LOGITS + rows, tl.sum(w.to(tl.float32) * v[None, :], axis=1), mask=rows < V)
 
 
-MAX_TILE_BYTES = 65536  # of one weight tile a program holds in registers: 32K bf16 weights
+MAX_TILE_BYTES = 16384  # of one weight tile: four in flight and one in use fit in registers
 
 
 def decode_programs(device: torch.device) -> int:
@@ -1822,14 +1907,23 @@ def decode_programs(device: torch.device) -> int:
         "cuda" else 4
 
 
+def decode_tile_rows(model: TransformerLM) -> int:
+    """Rows R of a stream tile: (R, d_model) weights in at most MAX_TILE_BYTES, R <= 8 (so that
+    R divides the head dim, 16 or more) and a power of 2; 0 if not even one row fits."""
+    width = triton.next_power_of_2(model.config.d_model)
+    rows = MAX_TILE_BYTES // (width * model.token_embeddings.weight.element_size())
+    return min(8, triton.next_power_of_2(rows + 1) // 2) if rows else 0
+
+
 def fused_decode_unsupported(model: TransformerLM, num_programs: int) -> str:
     """Why FusedDecode cannot run this model ("" if it can)."""
-    c, size = model.config, model.token_embeddings.weight.element_size()
-    D, H, kv = c.d_model, c.num_heads, c.num_kv_heads or c.num_heads
-    tiles = {"q|k|v": (D + 2 * kv * (D // H), D), "FFN": (c.d_ff, D), "FFN out": (D, c.d_ff)}
+    c = model.config
+    D, H, kv, R = c.d_model, c.num_heads, c.num_kv_heads or c.num_heads, decode_tile_rows(model)
     if c.mixer != "attention" or c.kv_latent_dim or c.num_experts:
         return ("the fused decode step does not support linear attention, Hyena, MLA or MoE: "
                 "plain softmax attention and a dense FFN only")
+    padded = sum(num_programs * -(-n // (num_programs * max(R, 1))) * max(R, 1)
+                 for n in (D + 2 * kv * (D // H), D, *[c.d_ff] * (3 if c.ffn == "swiglu" else 2)))
     for problem, why in [
         (any(type(m) is not Linear for b in model.layers for m in (
             b.attn.q_proj, b.attn.k_proj, b.attn.v_proj, b.attn.output_proj, *(
@@ -1840,11 +1934,14 @@ def fused_decode_unsupported(model: TransformerLM, num_programs: int) -> str:
         (c.ffn not in ("gelu_tanh", "gelu", "relu", "swiglu"), f"the {c.ffn} FFN"),
         (D // H not in (16, 32, 64, 128, 256) or D % H, f"head dim {D / H:g} (a power of 2 "
          "from 16 to 256)"),
-        (c.num_layers * max(n * k for n, k in tiles.values()) >= 2**31, "int32 offsets"),
-        (H > num_programs, f"{H} heads on {num_programs} programs (a head a program)"),
-        (any(triton.next_power_of_2(-(-n // num_programs)) * triton.next_power_of_2(k) * size
-             > MAX_TILE_BYTES for n, k in tiles.values()), f"d_model {D} in {size}-byte weights: "
-         f"a program's weight rows would not fit in registers ({MAX_TILE_BYTES:,} bytes)")]:
+        (model.token_embeddings.weight.dtype not in (torch.float32, torch.bfloat16,
+                                                    torch.float16),
+         f"{model.token_embeddings.weight.dtype} weights (float32, bfloat16 or float16)"),
+        (c.num_layers * padded * D >= 2**31, "int32 offsets"),
+        (kv > num_programs, f"{kv} key-value heads on {num_programs} programs (a program "
+         "writes each one's cache)"),
+        (not R or D > 2048, f"d_model {D} in {model.token_embeddings.weight.element_size()}-byte "
+         "weights: a program's tiles and vectors would not fit in registers")]:
         if problem:
             return f"the fused decode step does not support {why}"
     return ""
@@ -1852,57 +1949,84 @@ def fused_decode_unsupported(model: TransformerLM, num_programs: int) -> str:
 
 class FusedDecode:
     """A batch-1 decode step in two launches: the persistent kernel over all layers, then the
-    head. Holds (L, N, K) stacks of the weights (a copy: q|k|v fused, FFN matrices) and
-    re-homes the cache's keys and values into (L, slots, H_kv, d) stacks, which the cache keeps
-    using; slots before a step's position must hold this sequence's tokens (prefill's)."""
+    head. Holds the weights as the programs' tile streams (a copy) and re-homes the cache's keys
+    and values into (L, slots, H_kv, d) stacks, which the cache keeps using; slots before a
+    step's position must hold this sequence's tokens (prefill's)."""
     def __init__(self, model: TransformerLM, cache_layers: list[dict],
                  num_programs: int | None = None, num_warps: int = 8) -> None:
         c, device = model.config, model.token_embeddings.weight.device
-        self.num_programs = num_programs or decode_programs(device)
-        if why := fused_decode_unsupported(model, self.num_programs):
+        P = self.num_programs = num_programs or decode_programs(device)
+        if why := fused_decode_unsupported(model, P):
             raise ValueError(why)
-        layers, D, F, self.c = model.layers, c.d_model, c.d_ff, c
-        H, HKV = c.num_heads, c.num_kv_heads or c.num_heads
-        dtype = model.token_embeddings.weight.dtype
-        empty = torch.zeros(1, device=device, dtype=dtype)
+        L, D, F, H, self.c = c.num_layers, c.d_model, c.d_ff, c.num_heads, c
+        HKV, R = c.num_kv_heads or H, decode_tile_rows(model)
+        dtype, layers = model.token_embeddings.weight.dtype, model.layers
 
-        def stack(get) -> Tensor:  # one tensor over the layers, or a placeholder
-            parts = [get(layer) for layer in layers]
-            return empty if parts[0] is None else torch.stack(parts).to(dtype).contiguous()
-        self.weights = dict(
-            LN1_W=stack(lambda b: getattr(b.ln1, "weight", None)),
-            LN1_B=stack(lambda b: getattr(b.ln1, "bias", None)),
-            W_QKV=stack(lambda b: torch.cat([b.attn.q_proj.weight, b.attn.k_proj.weight,
-                                             b.attn.v_proj.weight])),
-            B_QKV=stack(lambda b: None if b.attn.q_proj.bias is None else torch.cat(
-                [b.attn.q_proj.bias, b.attn.k_proj.bias, b.attn.v_proj.bias])),
-            W_O=stack(lambda b: b.attn.output_proj.weight),
-            B_O=stack(lambda b: b.attn.output_proj.bias),
-            LN2_W=stack(lambda b: getattr(b.ln2, "weight", None)),
-            LN2_B=stack(lambda b: getattr(b.ln2, "bias", None)),
-            W_1=stack(lambda b: b.ffn.w1.weight), B_1=stack(lambda b: b.ffn.w1.bias),
-            W_3=stack(lambda b: getattr(b.ffn, "w3", None) and b.ffn.w3.weight),
-            W_2=stack(lambda b: b.ffn.w2.weight), B_2=stack(lambda b: b.ffn.w2.bias))
+        def tiles(get, biases: bool = False) -> Tensor:
+            """A matrix a layer (N, D), or N biases -> (L, tiles, P, R[, D]): program p owns
+            rows p * per * R .. (p + 1) * per * R - 1, zeros past N."""
+            m = torch.stack([get(b).detach() for b in layers])
+            m = m.float()[..., None] if biases else m.to(dtype)
+            N, per = m.shape[1], -(-m.shape[1] // (P * R))
+            padded = m.new_zeros(L, P * per * R, m.shape[2])
+            padded[:, :N] = m
+            out = padded.view(L, P, per, R, -1).transpose(1, 2)
+            return out[..., 0] if biases else out
+
+        gated = c.ffn == "swiglu"
+        stream = [tiles(lambda b: torch.cat([b.attn.q_proj.weight, b.attn.k_proj.weight,
+                                            b.attn.v_proj.weight])),
+                  tiles(lambda b: b.attn.output_proj.weight.T),
+                  torch.stack([tiles(lambda b: b.ffn.w1.weight)] + (
+                      [tiles(lambda b: b.ffn.w3.weight)] if gated else []) + [
+                      tiles(lambda b: b.ffn.w2.weight.T)], 2).flatten(1, 2)]
+        self.tiles = torch.cat(stream, 1).contiguous()  # (L, T, P, R, D)
+        self.words = self.tiles.view(torch.int64 if dtype == torch.float32 else torch.int32)
+        qkv_n = D + 2 * HKV * (D // H)
+
+        def qkv_bias(b) -> Tensor:
+            a = b.attn
+            return (torch.zeros(qkv_n, device=device) if a.q_proj.bias is None
+                    else torch.cat([a.q_proj.bias, a.k_proj.bias, a.v_proj.bias]))
+        b_qkv = tiles(qkv_bias, biases=True)
+        b_1 = tiles(lambda b: torch.zeros(F, device=device) if b.ffn.w1.bias is None
+                    else b.ffn.w1.bias, biases=True)
+        b_o = torch.zeros(L, stream[1].shape[1], P, R, device=device)  # in the residual's
+        self.biases = torch.cat([b_qkv, b_o, torch.stack(
+            [b_1] + [torch.zeros_like(b_1)] * (2 if gated else 1), 2).flatten(1, 2)],
+            1).contiguous()  # (L, T, P, R) float32, a tile's rows' biases
+
+        def vector(get, default: float) -> Tensor:
+            return torch.stack([torch.full((D,), default, device=device) if get(b) is None
+                                else get(b).detach().float() for b in layers])
+        self.vectors = torch.stack([
+            vector(lambda b: getattr(b.ln1, "weight", None), 1.0),
+            vector(lambda b: getattr(b.ln1, "bias", None), 0.0),
+            vector(lambda b: getattr(b.ln2, "weight", None), 1.0),
+            vector(lambda b: getattr(b.ln2, "bias", None), 0.0),
+            vector(lambda b: b.attn.output_proj.bias, 0.0),
+            vector(lambda b: b.ffn.w2.bias, 0.0)], 1).contiguous()  # (L, 6, D)
         self.kv = [torch.stack([layer[name][0] for layer in cache_layers]) for name in "kv"]
         for i, layer in enumerate(cache_layers):  # the cache now writes into the stacks
             layer["k"], layer["v"] = self.kv[0][i][None], self.kv[1][i][None]
-        qkv_n = D + 2 * HKV * (D // H)
-        self.scratch = torch.zeros(2 * D + qkv_n + F, device=device)  # x, q|k|v, attn, hidden
-        self.barrier = torch.zeros(1, dtype=torch.int32, device=device)
+        self.scratch = torch.zeros(qkv_n, device=device)  # this layer's q|k|v
+        self.state = torch.zeros(4 + (2 * L + 1) * D, dtype=torch.int32, device=device)
+        self.residual = self.state[4:].view(torch.float32).view(2 * L + 1, D)  # x by phase
         self.logits = torch.empty(1, c.vocab_size, device=device)
+        empty = torch.zeros(1, device=device, dtype=dtype)
         rope = model.rope if c.positions == "rope" else None
         self.args = (model.token_embeddings.weight, getattr(
             model, "position_embeddings", SimpleNamespace(weight=empty)).weight,
             empty if rope is None else rope.cos, empty if rope is None else rope.sin, *self.kv)
-        self.sizes = (c.num_layers, D, qkv_n, F, H, HKV, self.kv[0].shape[1], c.norm_eps,
+        self.sizes = (L, D, qkv_n, F, H, HKV, self.kv[0].shape[1], c.norm_eps,
                       1 / math.sqrt(D // H))
-        rows = [triton.next_power_of_2(-(-n // self.num_programs)) for n in (qkv_n, D, F)]
         self.meta = dict(
-            R_QKV=rows[0], R_O=rows[1], R_F=rows[2], DP=triton.next_power_of_2(D),
-            FP=triton.next_power_of_2(F), HD=D // H, BS=32 if INTERPRET else 128,
-            NORM={"layernorm": 1, "rmsnorm": 2}.get(c.norm, 0),
+            NQ=stream[0].shape[1], NO=stream[1].shape[1], NF=stream[2].shape[1] // (
+                3 if gated else 2), R=R, DP=triton.next_power_of_2(D), HD=D // H,
+            BS=4 if INTERPRET else 128, NORM={"layernorm": 1, "rmsnorm": 2}.get(c.norm, 0),
             ACT={"gelu_tanh": 1, "gelu": 2, "relu": 3, "swiglu": 4}[c.ffn],
-            BIAS=c.bias, LEARNED_POS=c.positions == "learned", ROPE=rope is not None,
+            LEARNED_POS=c.positions == "learned", ROPE=rope is not None,
+            WDT={torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}[dtype],
             num_warps=num_warps)
         self.head = (model.ln_final, model.lm_head.weight)
         self.sync = not INTERPRET  # the interpreter: a launch per phase, no barrier
@@ -1910,16 +2034,16 @@ class FusedDecode:
     def __call__(self, token: Tensor, position: Tensor) -> Tensor:
         """Logits (1, V) in float32 after token (1,) at position (1,): no host sync."""
         norm, weight = self.head
-        grid = (self.num_programs,)
-        self.barrier.zero_()
-        for phase in ([-1] if self.sync else range(5 * self.c.num_layers + 1)):
-            _decode_layers_kernel[grid](token, position, self.scratch, self.barrier, *self.args,
-                                        *self.weights.values(), *self.sizes, phase,
-                                        self.num_programs, SYNC=self.sync, **self.meta)
+        self.state.zero_()  # the barrier's counter and the residual's buffers
+        for phase in ([-1] if self.sync else range(3 * self.c.num_layers)):
+            _decode_layers_kernel[(self.num_programs,)](
+                token, position, self.scratch, self.residual, self.state, self.words,
+                self.biases, self.vectors, *self.args, *self.sizes, phase, self.num_programs,
+                SYNC=self.sync, **self.meta)
         rows = 32
         _decode_head_kernel[(triton.cdiv(self.c.vocab_size, rows),)](
-            self.scratch, getattr(norm, "weight", weight), getattr(norm, "bias", weight), weight,
-            self.logits, self.c.vocab_size, self.c.d_model, self.c.norm_eps, ROWS=rows,
+            self.residual[-1], getattr(norm, "weight", weight), getattr(norm, "bias", weight),
+            weight, self.logits, self.c.vocab_size, self.c.d_model, self.c.norm_eps, ROWS=rows,
             DP=self.meta["DP"], NORM=self.meta["NORM"], num_warps=8)
         return self.logits
 

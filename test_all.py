@@ -5082,8 +5082,9 @@ _FUSED_VARIANTS = {"gpt2": dict(positions="learned", norm="layernorm", bias=True
 @pytest.mark.parametrize("variant, programs", [("gpt2", 9), ("llama_gqa", 4), ("plain", 4)])
 def test_fused_decode_step_equals_the_unfused_one(variant, programs, monkeypatch):
     """kernels.py's one-kernel step (in Triton's interpreter: a launch per phase) against
-    forward_cached: the same logits and greedy tokens, the cache filled alike. 4 heads on 9
-    programs: rows split unevenly, 5 programs idle while the heads attend."""
+    forward_cached: the same logits and greedy tokens, the cache filled alike. 9 programs: rows
+    split unevenly, some programs' tiles all padding; attention over 4-slot blocks of the cache
+    (its interpreter setting), so 6 to 8 cached tokens take two."""
     if not kernels.INTERPRET:
         pytest.skip("CPU tensors need Triton's interpreter (off on a GPU machine: the test below)")
     monkeypatch.setattr(kernels, "decode_programs", lambda device: programs)
@@ -5101,17 +5102,41 @@ def test_fused_decode_step_equals_the_unfused_one(variant, programs, monkeypatch
     torch.testing.assert_close(caches[1], caches[0], atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("dtype, atol", [(torch.bfloat16, 0.03), (torch.float16, 0.005)])
+def test_fused_decode_unpacks_16_bit_weights(dtype, atol, monkeypatch):
+    """The GPU's path: 16-bit weights stream as int32 words of two, unpacked in the kernel (the
+    test above streams float32 pairs in int64 words). The same greedy tokens as the unfused step,
+    logits within 16-bit rounding."""
+    if not kernels.INTERPRET:
+        pytest.skip("CPU tensors need Triton's interpreter (the GPU test below runs bfloat16)")
+    monkeypatch.setattr(kernels, "decode_programs", lambda device: 9)
+    model = infer.cast_weights(_tiny_lm(d_model=64, **_FUSED_VARIANTS["gpt2"]), dtype)
+    prompt = torch.randint(0, 257, (1, 6), generator=torch.Generator().manual_seed(0))
+    tokens, logits = [], []
+    for fused in (False, True):
+        decoder = infer.Decoder(model, 1, 12, greedy=True, fused=fused)
+        tokens.append(_chained(decoder, model, prompt, 3))
+        assert decoder.mode == ("fused kernel" if fused else "eager")
+        assert not fused or decoder.step.words.dtype == torch.int32
+        logits.append(decoder.decode().float())
+    assert torch.equal(tokens[0], tokens[1])
+    torch.testing.assert_close(logits[1], logits[0], atol=atol, rtol=0)
+
+
 def test_fused_decode_names_what_it_cannot_run():
     for overrides, why in [(dict(sliding_window=4), "sliding window"),
                            (dict(mixer="linear_attention"), "linear attention"),
                            (dict(norm_position="post"), "post-norm"), ({}, "head dim 8"),
                            (dict(d_model=4096, num_heads=32), "registers")]:
         assert why in kernels.fused_decode_unsupported(_tiny_lm(**overrides), 132)
-    assert "8 heads on 4 programs" in kernels.fused_decode_unsupported(
+    assert "8 key-value heads on 4 programs" in kernels.fused_decode_unsupported(
         _tiny_lm(d_model=128, num_heads=8), 4)
     gpt2_medium = _tiny_lm(d_model=1024, num_heads=16, d_ff=4096, num_layers=1)
-    assert "4-byte weights" in kernels.fused_decode_unsupported(gpt2_medium, 132)  # float32
-    assert kernels.fused_decode_unsupported(gpt2_medium.to(torch.bfloat16), 132) == ""
+    for dtype, rows in ((torch.float32, 4), (torch.bfloat16, 8)):  # tiles of 16 KB
+        assert kernels.fused_decode_unsupported(gpt2_medium.to(dtype), 132) == ""
+        assert kernels.decode_tile_rows(gpt2_medium.to(dtype)) == rows
+    assert "torch.float64 weights" in kernels.fused_decode_unsupported(
+        _tiny_lm(d_model=64).to(torch.float64), 4)
     quantized = infer.quantize_model(_tiny_lm(d_model=64), 8)
     assert "quantized" in kernels.fused_decode_unsupported(quantized, 4)
     decoder = infer.Decoder(_tiny_lm(sliding_window=4), 1, 8, fused=True)  # asked: says why
