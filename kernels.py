@@ -1720,7 +1720,7 @@ def _attention(S, KC, VC, COS, SIN, layer, h, pos, D, HKV, GROUP, SLOTS, scale,
     total, acc = tl.zeros_like(m) + 1.0, v
     for start in range(0, pos, BS):
         slots = start + tl.arange(0, BS)
-        at = layer * SLOTS * HKV * HD + slots[:, None] * HKV * HD + kvh * HD + d[None, :]
+        at = (layer.to(tl.int64) * SLOTS + slots[:, None]) * HKV * HD + kvh * HD + d[None, :]
         ok = slots < pos
         keys = tl.load(KC + at, mask=ok[:, None], other=0.0).to(tl.float32)
         values = tl.load(VC + at, mask=ok[:, None], other=0.0).to(tl.float32)
@@ -1861,7 +1861,7 @@ def _decode_layers_kernel(TOKEN, POS, S, X, BAR, WORDS, BT, VEC, WTE, WPE, COS, 
     w1, b1 = _tile(stream, 1)
     w2, b2 = _tile(stream, 2)
     w3, b3 = _tile(stream, 3)
-    pos = tl.minimum(tl.load(POS), SLOTS - 1)  # past the cache: wrong, but never out of bounds
+    pos = tl.minimum(tl.load(POS), SLOTS - 1)  # past the cache: wrong, but never outside it
     x = tl.load(WTE + tl.load(TOKEN) * D + cols, mask=cols < D, other=0.0).to(tl.float32)
     if LEARNED_POS:  # every program embeds the token itself: no phase for it
         x += tl.load(WPE + pos * D + cols, mask=cols < D, other=0.0).to(tl.float32)

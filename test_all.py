@@ -5074,6 +5074,17 @@ def test_compiled_greedy_graph_chains_like_eager_on_gpu(batch):
     assert torch.equal(out[0], out[1])
 
 
+def _fused_lm(**overrides) -> TransformerLM:
+    """_tiny_lm with its biases and norm weights moved off their 0 and 1 inits: a kernel that
+    drops a bias, or reads another layer's norm weights, must change the logits."""
+    model, generator = _tiny_lm(**overrides), torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 1:  # each its own noise: layers' norms differ too
+                p.add_(torch.randn(p.shape, generator=generator), alpha=0.2)
+    return model
+
+
 _FUSED_VARIANTS = {"gpt2": dict(positions="learned", norm="layernorm", bias=True, ffn="gelu_tanh"),
                    "llama_gqa": dict(num_kv_heads=2, d_ff=80),  # RoPE, RMSNorm, SwiGLU
                    "plain": dict(positions="none", norm="none", ffn="relu", num_kv_heads=1)}
@@ -5088,7 +5099,7 @@ def test_fused_decode_step_equals_the_unfused_one(variant, programs, monkeypatch
     if not kernels.INTERPRET:
         pytest.skip("CPU tensors need Triton's interpreter (off on a GPU machine: the test below)")
     monkeypatch.setattr(kernels, "decode_programs", lambda device: programs)
-    model = _tiny_lm(d_model=64, **_FUSED_VARIANTS[variant])
+    model = _fused_lm(d_model=64, **_FUSED_VARIANTS[variant])
     prompt = torch.randint(0, 257, (1, 6), generator=torch.Generator().manual_seed(0))
     tokens, logits, caches = [], [], []
     for fused in (False, True):
@@ -5110,7 +5121,7 @@ def test_fused_decode_unpacks_16_bit_weights(dtype, atol, monkeypatch):
     if not kernels.INTERPRET:
         pytest.skip("CPU tensors need Triton's interpreter (the GPU test below runs bfloat16)")
     monkeypatch.setattr(kernels, "decode_programs", lambda device: 9)
-    model = infer.cast_weights(_tiny_lm(d_model=64, **_FUSED_VARIANTS["gpt2"]), dtype)
+    model = infer.cast_weights(_fused_lm(d_model=64, **_FUSED_VARIANTS["gpt2"]), dtype)
     prompt = torch.randint(0, 257, (1, 6), generator=torch.Generator().manual_seed(0))
     tokens, logits = [], []
     for fused in (False, True):
@@ -5150,13 +5161,13 @@ def test_fused_decode_names_what_it_cannot_run():
 def test_fused_decode_on_gpu_equals_the_unfused_step(variant):
     """At a GPU shape in bf16, as a CUDA graph with the grid barrier (the interpreter cannot run
     it): the same greedy tokens as the unfused step for 20 steps."""
-    model = _tiny_lm(d_model=512, num_heads=8, num_layers=4, vocab_size=1000,
-                     context_length=128, **_FUSED_VARIANTS[variant])
+    model = _fused_lm(d_model=512, num_heads=8, num_layers=4, vocab_size=1000,
+                      context_length=256, **_FUSED_VARIANTS[variant])
     model = infer.cast_weights(model.cuda(), torch.bfloat16)
-    prompt = torch.randint(0, 1000, (1, 40), device="cuda")
+    prompt = torch.randint(0, 1000, (1, 120), device="cuda")  # past 128: two cache blocks
     out = []
     for fused in (False, True):
-        decoder = infer.Decoder(model, 1, 64, greedy=True, fused=fused)
+        decoder = infer.Decoder(model, 1, 160, greedy=True, fused=fused)
         out.append(_chained(decoder, model, prompt, 20))
         assert decoder.mode == ("fused kernel" if fused else "eager") + " + CUDA graph"
     assert torch.equal(out[0], out[1])
