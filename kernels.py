@@ -1758,9 +1758,9 @@ def _decode_tile(t, w, bt, state, pointers, sizes, pid, pos, NQ: tl.constexpr,
     x, ve, vo, pe, po, hid, gate, g1w, g1b, g2w, g2b, bo, b2 = state
     S, X, BAR, VEC, COS, SIN, KC, VC = pointers
     L, D, QKV_N, F, H, HKV, SLOTS, eps, scale, PHASE, NPROG = sizes
-    n = L * (NQ + NO + NF * (3 if ACT == 4 else 2))
     G: tl.constexpr = 3 if ACT == 4 else 2
     T: tl.constexpr = NQ + NO + NF * G
+    n = L * T
     r, cols, hd = tl.arange(0, R), tl.arange(0, DP), tl.arange(0, HD)
     if t < n:
         layer = t // T
@@ -1984,13 +1984,11 @@ class FusedDecode:
         self.words = self.tiles.view(torch.int64 if dtype == torch.float32 else torch.int32)
         qkv_n = D + 2 * HKV * (D // H)
 
-        def qkv_bias(b) -> Tensor:
-            a = b.attn
-            return (torch.zeros(qkv_n, device=device) if a.q_proj.bias is None
-                    else torch.cat([a.q_proj.bias, a.k_proj.bias, a.v_proj.bias]))
-        b_qkv = tiles(qkv_bias, biases=True)
-        b_1 = tiles(lambda b: torch.zeros(F, device=device) if b.ffn.w1.bias is None
-                    else b.ffn.w1.bias, biases=True)
+        def bias(m: Linear) -> Tensor:
+            return torch.zeros(m.weight.shape[0], device=device) if m.bias is None else m.bias
+        b_qkv = tiles(lambda b: torch.cat([bias(b.attn.q_proj), bias(b.attn.k_proj),
+                                           bias(b.attn.v_proj)]), biases=True)
+        b_1 = tiles(lambda b: bias(b.ffn.w1), biases=True)
         b_o = torch.zeros(L, stream[1].shape[1], P, R, device=device)  # in the residual's
         self.biases = torch.cat([b_qkv, b_o, torch.stack(
             [b_1] + [torch.zeros_like(b_1)] * (2 if gated else 1), 2).flatten(1, 2)],
