@@ -62,6 +62,7 @@ if not torch.cuda.is_available():  # before the first @triton.jit: run the kerne
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # Triton reads it at each @triton.jit
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
+from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: E402
 
 from model import (PRESETS, Linear, ModelConfig, RMSNorm, SwiGLU, TransformerLM,  # noqa: E402
                    attention_mask, autocast_dtype, count_params, gelu_tanh, mfu_flops_per_token,
@@ -1603,92 +1604,61 @@ def bench_attention(cfg: AttentionConfig) -> list[dict]:
 
 # Decoding at batch 1 as one persistent kernel (infer.py's fused step) -----------------------------
 # A batch-1 decode step reads every weight once for 2 FLOPs each: it is pure bandwidth, and its
-# enemy is fixed cost. Compiled, it is ~400 kernels, each ramping up, draining and waiting for its
+# enemy is latency. Compiled, it is ~400 kernels, each ramping up, draining and waiting for its
 # inputs (infer.py bench --profile). Here one program per SM walks all the layers, streaming its
-# share of the weights as a sequence of equal (R, d_model) tiles, laid out contiguously in the
-# order it reads them and loaded four tiles ahead, through everything else it does. Three grid
-# barriers a layer (a counter each program increments, then polls) order the phases that need each
-# other's outputs: q|k|v; attention and its output projection; the FFN. The projection after
+# share of the weights as a sequence of equal (R, d_model) tiles. The tiles come through a tensor
+# descriptor: on a Hopper GPU its tensor memory accelerator (TMA) copies them into a ring of
+# shared-memory buffers that Triton's software pipeliner keeps STAGES - 1 tiles ahead. Those copies
+# are asynchronous: they go on while the program waits at a barrier, and the loads it issues
+# itself (the residual after a barrier, the KV cache) do not queue behind them. Three grid
+# barriers a layer (a counter each program increments, then polls) order the phases that need
+# each other's outputs: q|k|v; attention and its output projection; the FFN. The projection after
 # attention and the FFN's second matrix are split over their *inputs*: a program multiplies the
 # attention output of its own rows (computing that head's attention itself) or the hidden units
 # it has just computed, and adds its partial residual atomically. The residual x has a buffer per
 # phase, zeroed before the step. The interpreter runs programs one after another, where a barrier
 # would wait forever: there (SYNC=False) the host launches the kernel once per phase.
 @triton.jit
-def _wait(BAR, target):
-    seen = tl.atomic_add(BAR, 0, sem="acquire")  # acquire: later loads see what others stored
-    while seen < target:
-        seen = tl.atomic_add(BAR, 0, sem="acquire")
+def _grid_barrier(BAR, target):
+    """Add this program's arrival to the counter at BAR and wait until it reaches target. As
+    CUDA's grid sync does it: the program's threads meet (their stores issued), thread 0 adds with
+    release semantics (which carry the stores of the threads it met) and polls with acquire, then
+    the threads meet again, so that all of them load after what the others stored. Inline PTX:
+    Triton's own barrier (tl.debug_barrier) inside the loop would turn its pipeliner off."""
+    tl.inline_asm_elementwise(
+        """{ .reg .pred p; .reg .u32 tid, seen;
+        bar.sync 0;
+        mov.u32 tid, %tid.x;
+        setp.ne.u32 p, tid, 0;
+        @p bra DONE;
+        red.release.gpu.global.add.u32 [$1], 1;
+        POLL: ld.acquire.gpu.global.u32 seen, [$1];
+        setp.lt.u32 p, seen, $2;
+        @p bra POLL;
+        DONE: bar.sync 0;
+        mov.u32 $0, 0; }""", "=r,l,r", [BAR, target], dtype=tl.int32, is_pure=False, pack=1)
 
 
 @triton.jit
-def _leave(BAR, SYNC: tl.constexpr):
-    if SYNC:  # all threads' stores done; release: they are visible before the arrival is
-        tl.debug_barrier()
-        tl.atomic_add(BAR, 1, sem="release")
+def _total(v):
+    return tl.sum(tl.sum(v, 1), 0)
 
 
 @triton.jit
-def _tile(stream, t):
-    """Tile t of this program's stream of words and its rows' biases (zeros past the end)."""
-    words, step, offsets, mask, biases, bstep, r, n = stream
-    return (tl.load(words + t * step + offsets, mask=mask & (offsets * 0 + t < n), other=0.0),
-            tl.load(biases + t * bstep + r, mask=r * 0 + t < n, other=0.0))
-
-
-@triton.jit
-def _unpack(w, WDT: tl.constexpr):
-    """A tile of words, each two weights side by side, as its (even, odd) columns in float32.
-    Words, not 16-bit values, cross loop iterations: Triton keeps 16-bit values a register each,
-    and splitting loaded words into them waits for the loads still in flight."""
-    if WDT == 0:  # float32 pairs in int64 words
-        lo = (w & 0xFFFFFFFF).to(tl.int32).to(tl.float32, bitcast=True)
-        hi = (w >> 32).to(tl.int32).to(tl.float32, bitcast=True)
-    elif WDT == 1:  # bfloat16 is the upper half of a float32
-        lo = (w << 16).to(tl.float32, bitcast=True)
-        hi = (w & -65536).to(tl.float32, bitcast=True)
-    else:  # float16
-        lo = (w & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-        hi = (w >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-    return lo, hi
-
-
-@triton.jit
-def _rowdot(w, ve, vo, WDT: tl.constexpr):
-    """Tile @ v for v's (even, odd) halves: (R,), one output per row."""
-    lo, hi = _unpack(w, WDT)
-    return tl.sum(lo * ve[None, :] + hi * vo[None, :], 1)
-
-
-@triton.jit
-def _coldot(w, a, pe, po, WDT: tl.constexpr):
-    """(pe, po) += a @ tile: the partial output, split by inputs, in (even, odd) halves."""
-    lo, hi = _unpack(w, WDT)
-    return pe + tl.sum(lo * a[:, None], 0), po + tl.sum(hi * a[:, None], 0)
-
-
-@triton.jit
-def _halves(v, DP: tl.constexpr):
-    return tl.split(tl.reshape(v, [DP // 2, 2]))
-
-
-@triton.jit
-def _vec(VEC, layer, which, L, D, DP: tl.constexpr):
+def _vec(VEC, layer, which, L, D, cols):
     """Vector `which` of a layer's six: ln1 weight, bias; ln2 weight, bias; the two output biases
     (zeros past the last layer)."""
-    cols = tl.arange(0, DP)
     return tl.load(VEC + (layer * 6 + which) * D + cols, mask=cols < D * (layer < L), other=0.0)
 
 
 @triton.jit
-def _norm(x, w, b, D, eps, DP: tl.constexpr, NORM: tl.constexpr):
+def _norm(x, w, b, D, eps, cols, NORM: tl.constexpr):
     """x through a norm with weight w and bias b: 1 LayerNorm, 2 RMSNorm, 0 none."""
-    ok = tl.arange(0, DP) < D
     if NORM == 1:
-        xc = tl.where(ok, x - tl.sum(x, 0) / D, 0.0)
-        y = xc * tl.rsqrt(tl.sum(xc * xc, 0) / D + eps) * w + b
+        xc = tl.where(cols < D, x - _total(x) / D, 0.0)
+        y = xc * tl.rsqrt(_total(xc * xc) / D + eps) * w + b
     elif NORM == 2:
-        y = x * tl.rsqrt(tl.sum(x * x, 0) / D + eps) * w
+        y = x * tl.rsqrt(_total(x * x) / D + eps) * w
     else:
         y = x
     return y
@@ -1746,159 +1716,146 @@ def _activate(a, ACT: tl.constexpr):
 
 
 @triton.jit
-def _decode_tile(t, w, bt, state, pointers, sizes, pid, pos, NQ: tl.constexpr,
-                 NO: tl.constexpr, NF: tl.constexpr, R: tl.constexpr, DP: tl.constexpr,
-                 HD: tl.constexpr, BS: tl.constexpr, NORM: tl.constexpr, ACT: tl.constexpr,
-                 ROPE: tl.constexpr, SYNC: tl.constexpr, WDT: tl.constexpr):
-    """Tile t of the stream, w (its biases bt), and what its place in the layer asks: a layer is
-    NQ tiles of q|k|v rows, NO of the output projection's input rows, NF groups of the FFN's
-    (W_1 rows, [W_3 rows,] W_2 columns). Carried from tile to tile: the residual x, the normed
-    vector (ve, vo), the partial output (pe, po), hidden units, the next norms and biases. A
-    phase's stores are masked by whether it is this launch's (interpreter: a launch a phase)."""
-    x, ve, vo, pe, po, hid, gate, g1w, g1b, g2w, g2b, bo, b2 = state
-    S, X, BAR, VEC, COS, SIN, KC, VC = pointers
-    L, D, QKV_N, F, H, HKV, SLOTS, eps, scale, PHASE, NPROG = sizes
+def _rowdot(w, v):
+    """Tile (R, NCP, C) @ v (NCP, C): one output per row."""
+    return tl.sum(tl.sum(w * v[None, :, :], 2), 1)
+
+
+@triton.jit
+def _coldot(w, a, part):
+    """part + a * tile: the partial output of the tile's rows (inputs a), still (R, NCP, C). It is
+    summed over its rows once, at the phase's end: the sum spans warps, which meet to make it."""
+    return part + w * a[:, None, None]
+
+
+@triton.jit
+def _pick(rows, i):
+    """Row i of a small (N, R) tensor in registers."""
+    return tl.sum(tl.where(tl.arange(0, rows.shape[0])[:, None] == i, rows, 0.0), 0)
+
+
+@triton.jit
+def _decode_layers_kernel(TOKEN, POS, S, X, BAR, W, B, VEC, WTE, WPE, COS, SIN, KC, VC, L, D,
+                          QKV_N, F, H, HKV, SLOTS, eps, scale, PHASE, NPROG, NQ: tl.constexpr,
+                          NO: tl.constexpr, NF: tl.constexpr, R: tl.constexpr, NB: tl.constexpr,
+                          NCP: tl.constexpr, C: tl.constexpr, HD: tl.constexpr,
+                          BS: tl.constexpr, NORM: tl.constexpr, ACT: tl.constexpr,
+                          LEARNED_POS: tl.constexpr, ROPE: tl.constexpr, SYNC: tl.constexpr,
+                          STAGES: tl.constexpr):
+    """All layers: this program's stream of L * T tiles, tile t's weights from descriptor W at
+    row (t * NPROG + pid) * R. A layer is NQ tiles of q|k|v rows, NO of the output projection's
+    input rows, NF groups of the FFN's (W_1 rows, [W_3 rows,] W_2 columns). B holds, a layer and
+    a program, the biases of its q|k|v tiles' rows, then of its W_1 tiles' (NB x R, padded).
+    A d_model vector is held as (NCP, C), the shape of a tile's row. A phase's stores are masked
+    by whether it is this launch's (interpreter: a launch a phase)."""
+    pid = tl.program_id(0)
     G: tl.constexpr = 3 if ACT == 4 else 2
     T: tl.constexpr = NQ + NO + NF * G
-    n = L * T
-    r, cols, hd = tl.arange(0, R), tl.arange(0, DP), tl.arange(0, HD)
-    if t < n:
+    r, hd = tl.arange(0, R), tl.arange(0, HD)
+    cols = tl.arange(0, NCP)[:, None] * C + tl.arange(0, C)[None, :]
+    pos = tl.minimum(tl.load(POS), SLOTS - 1)  # past the cache: wrong, but never outside it
+    x = tl.load(WTE + tl.load(TOKEN) * D + cols, mask=cols < D, other=0.0).to(tl.float32)
+    if LEARNED_POS:  # every program embeds the token itself: no phase for it
+        x += tl.load(WPE + pos * D + cols, mask=cols < D, other=0.0).to(tl.float32)
+    v, part = tl.zeros_like(x), tl.zeros([R, NCP, C], tl.float32)  # normed input; output
+    hid, gate = tl.zeros([R], tl.float32), tl.zeros([R], tl.float32)
+    tile_biases = tl.arange(0, NB)[:, None] * R + r[None, :]
+    biases = tl.zeros([NB, R], tl.float32)
+    g1w, g1b = _vec(VEC, 0, 0, L, D, cols), _vec(VEC, 0, 1, L, D, cols)
+    g2w, g2b, bo, b2 = v, v, v, v  # set at each layer's start
+    for t in tl.range(0, L * T, num_stages=STAGES):
+        w = W.load([(t * NPROG + pid) * R, 0, 0]).to(tl.float32)
         layer = t // T
         j, s = t - layer * T, 3 * layer
         if j == 0:  # phase 1: q|k|v = ln1(x) @ W_qkv^T, this program's rows
+            ln1w, ln1b = g1w, g1b  # loaded a layer ahead; the loads below overlap x's
+            biases = tl.load(B + (layer * NPROG + pid) * NB * R + tile_biases)
+            if NORM != 0:  # loaded now, used later: this layer's ln2, the next layer's ln1
+                g2w, g2b = _vec(VEC, layer, 2, L, D, cols), _vec(VEC, layer, 3, L, D, cols)
+                g1w = _vec(VEC, layer + 1, 0, L, D, cols)
+                g1b = _vec(VEC, layer + 1, 1, L, D, cols)
+            bo, b2 = _vec(VEC, layer, 4, L, D, cols), _vec(VEC, layer, 5, L, D, cols)
             if layer > 0:
-                if SYNC:
-                    _wait(BAR, s * NPROG)
                 x = tl.load(X + 2 * layer * D + cols, mask=cols < D, other=0.0,
                             cache_modifier=".cg")
-            ve, vo = _halves(_norm(x, g1w, g1b, D, eps, DP, NORM), DP)
-            if NORM != 0:  # loaded now, used later: this layer's ln2, the next layer's ln1
-                g2w, g2b = _vec(VEC, layer, 2, L, D, DP), _vec(VEC, layer, 3, L, D, DP)
-                g1w, g1b = _vec(VEC, layer + 1, 0, L, D, DP), _vec(VEC, layer + 1, 1, L, D, DP)
-            bo, b2 = _vec(VEC, layer, 4, L, D, DP), _vec(VEC, layer, 5, L, D, DP)
+            v = _norm(x, ln1w, ln1b, D, eps, cols, NORM)
         if j < NQ:
             rows = (pid * NQ + j) * R + r
             live = (PHASE < 0) | (PHASE == s)
-            tl.store(S + rows, _rowdot(w, ve, vo, WDT) + bt, mask=rows < QKV_N * live)
-            if j == NQ - 1:
-                _leave(BAR, SYNC)
+            tl.store(S + rows, _rowdot(w, v) + _pick(biases, j), mask=rows < QKV_N * live)
+            if SYNC:
+                if j == NQ - 1:
+                    _grid_barrier(BAR, (s + 1) * NPROG)
         elif j < NQ + NO:  # phase 2: attention, then x' = x + attention @ W_o^T by its inputs
             i = j - NQ
             live = (PHASE < 0) | (PHASE == s + 1)
             if i == 0:
-                if SYNC:
-                    _wait(BAR, (s + 1) * NPROG)
                 if pid < HKV:  # the new token's key and value into the cache, once a kv head
                     at = (layer * SLOTS + pos) * HKV * HD + pid * HD + hd
-                    k = _rotated(S, D + pid * HD, pos, COS, SIN, HD, ROPE)
-                    v = tl.load(S + D + (HKV + pid) * HD + hd, cache_modifier=".cg")
-                    tl.store(KC + at, k.to(KC.dtype.element_ty), mask=hd < HD * live)
-                    tl.store(VC + at, v.to(VC.dtype.element_ty), mask=hd < HD * live)
-                pe, po = tl.zeros([DP // 2], tl.float32), tl.zeros([DP // 2], tl.float32)
+                    key = _rotated(S, D + pid * HD, pos, COS, SIN, HD, ROPE)
+                    kv_v = tl.load(S + D + (HKV + pid) * HD + hd, cache_modifier=".cg")
+                    tl.store(KC + at, key.to(KC.dtype.element_ty), mask=hd < HD * live)
+                    tl.store(VC + at, kv_v.to(VC.dtype.element_ty), mask=hd < HD * live)
+                part = tl.zeros([R, NCP, C], tl.float32)
             row0 = (pid * NO + i) * R  # R | HD: the tile's rows lie in one head
             head = tl.minimum(row0 // HD, H - 1)
-            a = _attention(S, KC, VC, COS, SIN, layer, head, pos, D, HKV, H // HKV, SLOTS, scale,
-                           HD, BS, ROPE)
-            mine = tl.sum(tl.where(row0 + r[:, None] - head * HD == hd[None, :], a[None, :],
+            att = _attention(S, KC, VC, COS, SIN, layer, head, pos, D, HKV, H // HKV, SLOTS,
+                             scale, HD, BS, ROPE)
+            mine = tl.sum(tl.where(row0 + r[:, None] - head * HD == hd[None, :], att[None, :],
                                    0.0), 1)
-            pe, po = _coldot(w, tl.where(row0 + r < D, mine, 0.0), pe, po, WDT)
+            part = _coldot(w, tl.where(row0 + r < D, mine, 0.0), part)
             if i == NO - 1:
-                part = tl.reshape(tl.join(pe, po), [DP])
+                out = tl.sum(part, 0)
                 if pid == 0:  # the residual and the bias, added once
-                    part += x + bo
-                tl.atomic_add(X + (2 * layer + 1) * D + cols, part, mask=cols < D * live,
+                    out += x + bo
+                tl.atomic_add(X + (2 * layer + 1) * D + cols, out, mask=cols < D * live,
                               sem="relaxed")
-                _leave(BAR, SYNC)
+                if SYNC:
+                    _grid_barrier(BAR, (s + 2) * NPROG)
         else:  # phase 3: hidden = act(ln2(x') @ W_1^T) (* gate); x'' = x' + hidden @ W_2^T
             k = j - NQ - NO
             c, i = k % G, k // G
             live = (PHASE < 0) | (PHASE == s + 2)
             if k == 0:
-                if SYNC:
-                    _wait(BAR, (s + 2) * NPROG)
                 x = tl.load(X + (2 * layer + 1) * D + cols, mask=cols < D, other=0.0,
                             cache_modifier=".cg")
-                ve, vo = _halves(_norm(x, g2w, g2b, D, eps, DP, NORM), DP)
-                pe, po = tl.zeros([DP // 2], tl.float32), tl.zeros([DP // 2], tl.float32)
+                v = _norm(x, g2w, g2b, D, eps, cols, NORM)
+                part = tl.zeros([R, NCP, C], tl.float32)
             if c == 0:
-                hid = _rowdot(w, ve, vo, WDT) + bt
+                hid = _rowdot(w, v) + _pick(biases, NQ + i)
             elif c == G - 1:
-                a = _activate(hid, ACT)
+                act = _activate(hid, ACT)
                 if G == 3:
-                    a = a * gate
-                pe, po = _coldot(w, tl.where((pid * NF + i) * R + r < F, a, 0.0), pe, po, WDT)
+                    act = act * gate
+                part = _coldot(w, tl.where((pid * NF + i) * R + r < F, act, 0.0), part)
                 if i == NF - 1:
-                    part = tl.reshape(tl.join(pe, po), [DP])
+                    out = tl.sum(part, 0)
                     if pid == 0:
-                        part += x + b2
-                    tl.atomic_add(X + (2 * layer + 2) * D + cols, part, mask=cols < D * live,
+                        out += x + b2
+                    tl.atomic_add(X + (2 * layer + 2) * D + cols, out, mask=cols < D * live,
                                   sem="relaxed")
-                    _leave(BAR, SYNC)
+                    if SYNC:
+                        if layer < L - 1:  # after the last, the head's launch waits for this
+                            _grid_barrier(BAR, (s + 3) * NPROG)
             else:
-                gate = _rowdot(w, ve, vo, WDT)
-    return x, ve, vo, pe, po, hid, gate, g1w, g1b, g2w, g2b, bo, b2
+                gate = _rowdot(w, v)
 
 
 @triton.jit
-def _decode_layers_kernel(TOKEN, POS, S, X, BAR, WORDS, BT, VEC, WTE, WPE, COS, SIN, KC, VC, L, D,
-                          QKV_N, F, H, HKV, SLOTS, eps, scale, PHASE, NPROG, NQ: tl.constexpr,
-                          NO: tl.constexpr, NF: tl.constexpr, R: tl.constexpr,
-                          DP: tl.constexpr, HD: tl.constexpr, BS: tl.constexpr,
-                          NORM: tl.constexpr, ACT: tl.constexpr, LEARNED_POS: tl.constexpr,
-                          ROPE: tl.constexpr, SYNC: tl.constexpr, WDT: tl.constexpr):
-    """All layers: this program's stream of L * T tiles, four in flight. The loop is unrolled by
-    four so that each tile's registers are reloaded in place: rotating them (w0 = w1, ...) would
-    copy registers whose loads are still in flight, and copying waits for them."""
-    pid = tl.program_id(0)
-    T: tl.constexpr = NQ + NO + NF * (3 if ACT == 4 else 2)
-    r, cols, words = tl.arange(0, R), tl.arange(0, DP), tl.arange(0, DP // 2)
-    offsets = r[:, None] * (D // 2) + words[None, :]
-    mask = (r[:, None] < R) & (words < D // 2)[None, :]
-    n = L * T
-    stream = (WORDS + pid * R * (D // 2), NPROG * R * (D // 2), offsets, mask, BT + pid * R,
-              NPROG * R, r, n)
-    w0, b0 = _tile(stream, 0)
-    w1, b1 = _tile(stream, 1)
-    w2, b2 = _tile(stream, 2)
-    w3, b3 = _tile(stream, 3)
-    pos = tl.minimum(tl.load(POS), SLOTS - 1)  # past the cache: wrong, but never outside it
-    x = tl.load(WTE + tl.load(TOKEN) * D + cols, mask=cols < D, other=0.0).to(tl.float32)
-    if LEARNED_POS:  # every program embeds the token itself: no phase for it
-        x += tl.load(WPE + pos * D + cols, mask=cols < D, other=0.0).to(tl.float32)
-    zero, half = tl.zeros([R], tl.float32), tl.zeros([DP // 2], tl.float32)
-    state = (x, half, half, half, half, zero, zero, _vec(VEC, 0, 0, L, D, DP),
-             _vec(VEC, 0, 1, L, D, DP), x, x, x, x)
-    pointers = (S, X, BAR, VEC, COS, SIN, KC, VC)
-    sizes = (L, D, QKV_N, F, H, HKV, SLOTS, eps, scale, PHASE, NPROG)
-    for t in range(0, n, 4):
-        state = _decode_tile(t, w0, b0, state, pointers, sizes, pid, pos, NQ, NO, NF, R,
-                             DP, HD, BS, NORM, ACT, ROPE, SYNC, WDT)
-        w0, b0 = _tile(stream, t + 4)
-        state = _decode_tile(t + 1, w1, b1, state, pointers, sizes, pid, pos, NQ, NO, NF, R,
-                             DP, HD, BS, NORM, ACT, ROPE, SYNC, WDT)
-        w1, b1 = _tile(stream, t + 5)
-        state = _decode_tile(t + 2, w2, b2, state, pointers, sizes, pid, pos, NQ, NO, NF, R,
-                             DP, HD, BS, NORM, ACT, ROPE, SYNC, WDT)
-        w2, b2 = _tile(stream, t + 6)
-        state = _decode_tile(t + 3, w3, b3, state, pointers, sizes, pid, pos, NQ, NO, NF, R,
-                             DP, HD, BS, NORM, ACT, ROPE, SYNC, WDT)
-        w3, b3 = _tile(stream, t + 7)
-
-
-@triton.jit
-def _decode_head_kernel(X, NW, NB, W, LOGITS, V, D, eps, ROWS: tl.constexpr, DP: tl.constexpr,
-                        NORM: tl.constexpr):
+def _decode_head_kernel(X, NW, NB, W, LOGITS, V, D, eps, ROWS: tl.constexpr, NCP: tl.constexpr,
+                        C: tl.constexpr, NORM: tl.constexpr):
     """logits = final_norm(x) @ W^T: a plain wide matrix-vector product, many programs."""
-    rows, cols = tl.program_id(0) * ROWS + tl.arange(0, ROWS), tl.arange(0, DP)
-    w = tl.load(W + rows[:, None] * D + cols[None, :],
-                mask=(rows[:, None] < V) & (cols[None, :] < D), other=0.0)
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    cols = tl.arange(0, NCP)[:, None] * C + tl.arange(0, C)[None, :]
+    w = tl.load(W + rows[:, None, None] * D + cols[None, :, :],
+                mask=(rows[:, None, None] < V) & (cols < D)[None, :, :], other=0.0)
     x = tl.load(X + cols, mask=cols < D, other=0.0)
     v = _norm(x, tl.load(NW + cols, mask=cols < D, other=0.0).to(tl.float32),
-              tl.load(NB + cols, mask=cols < D, other=0.0).to(tl.float32), D, eps, DP, NORM)
-    tl.store(LOGITS + rows, tl.sum(w.to(tl.float32) * v[None, :], axis=1), mask=rows < V)
+              tl.load(NB + cols, mask=cols < D, other=0.0).to(tl.float32), D, eps, cols, NORM)
+    tl.store(LOGITS + rows, _rowdot(w.to(tl.float32), v), mask=rows < V)
 
 
-MAX_TILE_BYTES = 16384  # of one weight tile: four in flight and one in use fit in registers
+MAX_TILE_BYTES = 16384  # of one weight tile; 7 in flight (112 KB of shared memory) keep HBM busy
 
 
 def decode_programs(device: torch.device) -> int:
@@ -1908,21 +1865,30 @@ def decode_programs(device: torch.device) -> int:
 
 
 def decode_tile_rows(model: TransformerLM) -> int:
-    """Rows R of a stream tile: (R, d_model) weights in at most MAX_TILE_BYTES, R <= 8 (so that
-    R divides the head dim, 16 or more) and a power of 2; 0 if not even one row fits."""
+    """Rows R of a stream tile: (R, d_model) weights in MAX_TILE_BYTES, a power of 2 from 4 (a
+    TMA copy moves at least 16 bytes: R float32 biases) to 8 (so that R divides the head dim)."""
     width = triton.next_power_of_2(model.config.d_model)
     rows = MAX_TILE_BYTES // (width * model.token_embeddings.weight.element_size())
-    return min(8, triton.next_power_of_2(rows + 1) // 2) if rows else 0
+    return max(4, min(8, triton.next_power_of_2(rows + 1) // 2))
+
+
+def decode_row_shape(d_model: int) -> tuple[int, int]:
+    """A d_model row as (NC, C) chunks of C <= 256 (a TMA box's limit), C the largest power of 2
+    dividing d_model; the tile's box pads NC to a power of 2, and the copy fills the rest with
+    zeros without reading memory (d_model 768: 3 chunks of 256 in a box of 4)."""
+    C = min(256, d_model & -d_model)
+    return d_model // C, C
 
 
 def fused_decode_unsupported(model: TransformerLM, num_programs: int) -> str:
     """Why FusedDecode cannot run this model ("" if it can)."""
     c = model.config
     D, H, kv, R = c.d_model, c.num_heads, c.num_kv_heads or c.num_heads, decode_tile_rows(model)
+    weight = model.token_embeddings.weight
     if c.mixer != "attention" or c.kv_latent_dim or c.num_experts:
         return ("the fused decode step does not support linear attention, Hyena, MLA or MoE: "
                 "plain softmax attention and a dense FFN only")
-    padded = sum(num_programs * -(-n // (num_programs * max(R, 1))) * max(R, 1)
+    padded = sum(num_programs * -(-n // (num_programs * R)) * R
                  for n in (D + 2 * kv * (D // H), D, *[c.d_ff] * (3 if c.ffn == "swiglu" else 2)))
     for problem, why in [
         (any(type(m) is not Linear for b in model.layers for m in (
@@ -1934,14 +1900,14 @@ def fused_decode_unsupported(model: TransformerLM, num_programs: int) -> str:
         (c.ffn not in ("gelu_tanh", "gelu", "relu", "swiglu"), f"the {c.ffn} FFN"),
         (D // H not in (16, 32, 64, 128, 256) or D % H, f"head dim {D / H:g} (a power of 2 "
          "from 16 to 256)"),
-        (model.token_embeddings.weight.dtype not in (torch.float32, torch.bfloat16,
-                                                    torch.float16),
-         f"{model.token_embeddings.weight.dtype} weights (float32, bfloat16 or float16)"),
+        (weight.dtype not in (torch.float32, torch.bfloat16, torch.float16),
+         f"{weight.dtype} weights (float32, bfloat16 or float16)"),
         (c.num_layers * padded * D >= 2**31, "int32 offsets"),
         (kv > num_programs, f"{kv} key-value heads on {num_programs} programs (a program "
          "writes each one's cache)"),
-        (not R or D > 2048, f"d_model {D} in {model.token_embeddings.weight.element_size()}-byte "
-         "weights: a program's tiles and vectors would not fit in registers")]:
+        (D > 2048, f"d_model {D}: a program's tiles and vectors would not fit in registers"),
+        (weight.is_cuda and torch.cuda.get_device_capability(weight.device) < (9, 0),
+         "GPUs before Hopper (the weights stream through its TMA)")]:
         if problem:
             return f"the fused decode step does not support {why}"
     return ""
@@ -1981,7 +1947,8 @@ class FusedDecode:
                       [tiles(lambda b: b.ffn.w3.weight)] if gated else []) + [
                       tiles(lambda b: b.ffn.w2.weight.T)], 2).flatten(1, 2)]
         self.tiles = torch.cat(stream, 1).contiguous()  # (L, T, P, R, D)
-        self.words = self.tiles.view(torch.int64 if dtype == torch.float32 else torch.int32)
+        (NC, C), width = decode_row_shape(D), triton.next_power_of_2(D)
+        self.weights = TensorDescriptor.from_tensor(self.tiles.view(-1, NC, C), [R, width // C, C])
         qkv_n = D + 2 * HKV * (D // H)
 
         def bias(m: Linear) -> Tensor:
@@ -1989,10 +1956,9 @@ class FusedDecode:
         b_qkv = tiles(lambda b: torch.cat([bias(b.attn.q_proj), bias(b.attn.k_proj),
                                            bias(b.attn.v_proj)]), biases=True)
         b_1 = tiles(lambda b: bias(b.ffn.w1), biases=True)
-        b_o = torch.zeros(L, stream[1].shape[1], P, R, device=device)  # in the residual's
-        self.biases = torch.cat([b_qkv, b_o, torch.stack(
-            [b_1] + [torch.zeros_like(b_1)] * (2 if gated else 1), 2).flatten(1, 2)],
-            1).contiguous()  # (L, T, P, R) float32, a tile's rows' biases
+        NQ, NF = b_qkv.shape[1], b_1.shape[1]  # (the others' biases go into the residual)
+        self.biases = torch.zeros(L, P, triton.next_power_of_2(NQ + NF), R, device=device)
+        self.biases[:, :, :NQ + NF] = torch.cat([b_qkv, b_1], 1).transpose(1, 2)
 
         def vector(get, default: float) -> Tensor:
             return torch.stack([torch.full((D,), default, device=device) if get(b) is None
@@ -2020,11 +1986,11 @@ class FusedDecode:
                       1 / math.sqrt(D // H))
         self.meta = dict(
             NQ=stream[0].shape[1], NO=stream[1].shape[1], NF=stream[2].shape[1] // (
-                3 if gated else 2), R=R, DP=triton.next_power_of_2(D), HD=D // H,
+                3 if gated else 2), R=R, NB=self.biases.shape[2], NCP=width // C, C=C, HD=D // H,
             BS=4 if INTERPRET else 128, NORM={"layernorm": 1, "rmsnorm": 2}.get(c.norm, 0),
             ACT={"gelu_tanh": 1, "gelu": 2, "relu": 3, "swiglu": 4}[c.ffn],
             LEARNED_POS=c.positions == "learned", ROPE=rope is not None,
-            WDT={torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}[dtype],
+            STAGES=min(8, 1 + 7 * MAX_TILE_BYTES // (R * width * self.tiles.element_size())),
             num_warps=num_warps)
         self.head = (model.ln_final, model.lm_head.weight)
         self.sync = not INTERPRET  # the interpreter: a launch per phase, no barrier
@@ -2035,14 +2001,14 @@ class FusedDecode:
         self.state.zero_()  # the barrier's counter and the residual's buffers
         for phase in ([-1] if self.sync else range(3 * self.c.num_layers)):
             _decode_layers_kernel[(self.num_programs,)](
-                token, position, self.scratch, self.residual, self.state, self.words,
+                token, position, self.scratch, self.residual, self.state, self.weights,
                 self.biases, self.vectors, *self.args, *self.sizes, phase, self.num_programs,
                 SYNC=self.sync, **self.meta)
         rows = 32
         _decode_head_kernel[(triton.cdiv(self.c.vocab_size, rows),)](
             self.residual[-1], getattr(norm, "weight", weight), getattr(norm, "bias", weight),
             weight, self.logits, self.c.vocab_size, self.c.d_model, self.c.norm_eps, ROWS=rows,
-            DP=self.meta["DP"], NORM=self.meta["NORM"], num_warps=8)
+            NCP=self.meta["NCP"], C=self.meta["C"], NORM=self.meta["NORM"], num_warps=8)
         return self.logits
 
 

@@ -5114,21 +5114,21 @@ def test_fused_decode_step_equals_the_unfused_one(variant, programs, monkeypatch
 
 
 @pytest.mark.parametrize("dtype, atol", [(torch.bfloat16, 0.03), (torch.float16, 0.005)])
-def test_fused_decode_unpacks_16_bit_weights(dtype, atol, monkeypatch):
-    """The GPU's path: 16-bit weights stream as int32 words of two, unpacked in the kernel (the
-    test above streams float32 pairs in int64 words). The same greedy tokens as the unfused step,
-    logits within 16-bit rounding."""
+def test_fused_decode_streams_16_bit_weights(dtype, atol, monkeypatch):
+    """16-bit weights through the tile descriptor (the test above streams float32), d_model 96
+    as 3 chunks of 32 in a box of 4 (the copy's zeros fill the fourth). The same greedy tokens
+    as the unfused step, logits within 16-bit rounding."""
     if not kernels.INTERPRET:
         pytest.skip("CPU tensors need Triton's interpreter (the GPU test below runs bfloat16)")
     monkeypatch.setattr(kernels, "decode_programs", lambda device: 9)
-    model = infer.cast_weights(_fused_lm(d_model=64, **_FUSED_VARIANTS["gpt2"]), dtype)
+    model = infer.cast_weights(_fused_lm(d_model=96, num_heads=6, **_FUSED_VARIANTS["gpt2"]), dtype)
     prompt = torch.randint(0, 257, (1, 6), generator=torch.Generator().manual_seed(0))
     tokens, logits = [], []
     for fused in (False, True):
         decoder = infer.Decoder(model, 1, 12, greedy=True, fused=fused)
         tokens.append(_chained(decoder, model, prompt, 3))
         assert decoder.mode == ("fused kernel" if fused else "eager")
-        assert not fused or decoder.step.words.dtype == torch.int32
+        assert not fused or decoder.step.meta["NCP"] == 4
         logits.append(decoder.decode().float())
     assert torch.equal(tokens[0], tokens[1])
     torch.testing.assert_close(logits[1], logits[0], atol=atol, rtol=0)
@@ -5159,18 +5159,29 @@ def test_fused_decode_names_what_it_cannot_run():
 @_CUDA
 @pytest.mark.parametrize("variant", ["gpt2", "llama_gqa"])
 def test_fused_decode_on_gpu_equals_the_unfused_step(variant):
-    """At a GPU shape in bf16, as a CUDA graph with the grid barrier (the interpreter cannot run
-    it): the same greedy tokens as the unfused step for 20 steps."""
+    """At a GPU shape, as a CUDA graph with the grid barrier (the interpreter cannot run it),
+    past 128 cached tokens (two attention blocks). float32: the same greedy tokens as the unfused
+    step for 20 steps. bfloat16: the same logits within its rounding, fed the same tokens (greedy
+    tokens part where two bfloat16 logits tie exactly, as they do here within 20 steps)."""
     model = _fused_lm(d_model=512, num_heads=8, num_layers=4, vocab_size=1000,
-                      context_length=256, **_FUSED_VARIANTS[variant])
-    model = infer.cast_weights(model.cuda(), torch.bfloat16)
-    prompt = torch.randint(0, 1000, (1, 120), device="cuda")  # past 128: two cache blocks
+                      context_length=256, **_FUSED_VARIANTS[variant]).cuda()
+    prompt = torch.randint(0, 1000, (1, 120), generator=torch.Generator().manual_seed(0)).cuda()
     out = []
     for fused in (False, True):
         decoder = infer.Decoder(model, 1, 160, greedy=True, fused=fused)
         out.append(_chained(decoder, model, prompt, 20))
         assert decoder.mode == ("fused kernel" if fused else "eager") + " + CUDA graph"
     assert torch.equal(out[0], out[1])
+    model = infer.cast_weights(model, torch.bfloat16)
+    decoders = [infer.Decoder(model, 1, 160, greedy=True, fused=fused) for fused in (False, True)]
+    with torch.no_grad():
+        for decoder in decoders:
+            infer.prefill(model, decoder.cache, prompt)
+        for i, token in enumerate(out[0][0, :-1]):
+            position = torch.tensor([120 + i], device="cuda")
+            want, got = (decoder.decode(token.view(1), position).float() for decoder in decoders)
+            torch.testing.assert_close(got, want, atol=0.05, rtol=0)
+    assert decoders[1].mode == "fused kernel + CUDA graph"
 
 
 # =================================================================================================
