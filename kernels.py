@@ -1768,17 +1768,16 @@ def _decode_layers_kernel(TOKEN, POS, S, X, BAR, W, B, VEC, WTE, WPE, COS, SIN, 
         layer = t // T
         j, s = t - layer * T, 3 * layer
         if j == 0:  # phase 1: q|k|v = ln1(x) @ W_qkv^T, this program's rows
-            ln1w, ln1b = g1w, g1b  # loaded a layer ahead; the loads below overlap x's
+            if layer > 0:
+                x = tl.load(X + 2 * layer * D + cols, mask=cols < D, other=0.0,
+                            cache_modifier=".cg")
+            v = _norm(x, g1w, g1b, D, eps, cols, NORM)
             biases = tl.load(B + (layer * NPROG + pid) * NB * R + tile_biases)
             if NORM != 0:  # loaded now, used later: this layer's ln2, the next layer's ln1
                 g2w, g2b = _vec(VEC, layer, 2, L, D, cols), _vec(VEC, layer, 3, L, D, cols)
                 g1w = _vec(VEC, layer + 1, 0, L, D, cols)
                 g1b = _vec(VEC, layer + 1, 1, L, D, cols)
             bo, b2 = _vec(VEC, layer, 4, L, D, cols), _vec(VEC, layer, 5, L, D, cols)
-            if layer > 0:
-                x = tl.load(X + 2 * layer * D + cols, mask=cols < D, other=0.0,
-                            cache_modifier=".cg")
-            v = _norm(x, ln1w, ln1b, D, eps, cols, NORM)
         if j < NQ:
             rows = (pid * NQ + j) * R + r
             live = (PHASE < 0) | (PHASE == s)
