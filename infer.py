@@ -302,9 +302,9 @@ def compiled_decode_step() -> Callable:
 
 # Even compiled, a batch-1 step is ~400 kernels, and each one's ramp-up, drain and wait for its
 # inputs costs more than its bytes (bench --profile). kernels.py's FusedDecode runs the layers as
-# one persistent kernel (a program per SM streaming its weight tiles four ahead, three grid
-# barriers a layer) and the head as a second: fused=None uses it on CUDA at batch 1 when the
-# model is one it supports (GPT-2's and Llama's blocks), else says why.
+# one persistent kernel (a program per SM streaming its weight tiles seven ahead through TMA,
+# three grid barriers a layer) and the head as a second: fused=None uses it on a Hopper GPU at
+# batch 1 when the model is one it supports (GPT-2's and Llama's blocks), else says why.
 class Decoder:
     """A StaticCache and its decode step of tokens_per_step tokens per row (speculative decoding
     verifies several): eager, compiled, or (batch 1) the fused kernel; on CUDA captured as a CUDA
