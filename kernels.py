@@ -1865,7 +1865,7 @@ def decode_programs(device: torch.device) -> int:
 
 def decode_tile_rows(model: TransformerLM) -> int:
     """Rows R of a stream tile: (R, d_model) weights in MAX_TILE_BYTES (d_model padded to a power
-    of 2, as in shared memory), a power of 2 up to 8 (so that R divides the head dim), at least 1."""
+    of 2, as in shared memory), a power of 2 from 1 to 8 (so that R divides the head dim)."""
     width = triton.next_power_of_2(model.config.d_model)
     rows = MAX_TILE_BYTES // (width * model.token_embeddings.weight.element_size())
     return max(1, min(8, triton.next_power_of_2(rows + 1) // 2))
