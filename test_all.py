@@ -588,7 +588,8 @@ def test_options_take_the_type_of_their_default():
     assert typed("lr", "1", 0.1) == 1.0 and typed("n", "1e4", 1) == 10_000
     assert typed("c", "false", True) is False and typed("x", "2", None) == 2
     for value, default, message in [("True", [], "a list, got True"), ("x", 1, "integer"),
-                                    ("1.5", 1, "integer, got 1.5"), ("__import__('os')", 1, "")]:
+                                    ("1.5", 1, "integer, got 1.5"),
+                                    ("__import__('os')", 1, 'integer, got "__import__')]:
         with pytest.raises(UsageError, match=message):
             typed("k", value, default)
 
