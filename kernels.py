@@ -1790,7 +1790,7 @@ def _decode_layers_kernel(TOKEN, POS, S, X, BAR, W, B, VEC, WTE, WPE, COS, SIN, 
             live = (PHASE < 0) | (PHASE == s + 1)
             if i == 0:
                 if pid < HKV:  # the new token's key and value into the cache, once a kv head
-                    at = (layer * SLOTS + pos) * HKV * HD + pid * HD + hd
+                    at = (layer.to(tl.int64) * SLOTS + pos) * HKV * HD + pid * HD + hd
                     key = _rotated(S, D + pid * HD, pos, COS, SIN, HD, ROPE)
                     kv_v = tl.load(S + D + (HKV + pid) * HD + hd, cache_modifier=".cg")
                     tl.store(KC + at, key.to(KC.dtype.element_ty), mask=hd < HD * live)
@@ -1882,13 +1882,11 @@ def decode_row_shape(d_model: int) -> tuple[int, int]:
 def fused_decode_unsupported(model: TransformerLM, num_programs: int) -> str:
     """Why FusedDecode cannot run this model ("" if it can)."""
     c = model.config
-    D, H, kv, R = c.d_model, c.num_heads, c.num_kv_heads or c.num_heads, decode_tile_rows(model)
-    weight = model.token_embeddings.weight
+    D, H, kv, weight = c.d_model, c.num_heads, c.num_kv_heads or c.num_heads, \
+        model.token_embeddings.weight
     if c.mixer != "attention" or c.kv_latent_dim or c.num_experts:
         return ("the fused decode step does not support linear attention, Hyena, MLA or MoE: "
                 "plain softmax attention and a dense FFN only")
-    padded = sum(num_programs * -(-n // (num_programs * R)) * R
-                 for n in (D + 2 * kv * (D // H), D, *[c.d_ff] * (3 if c.ffn == "swiglu" else 2)))
     for problem, why in [
         (any(type(m) is not Linear for b in model.layers for m in (
             b.attn.q_proj, b.attn.k_proj, b.attn.v_proj, b.attn.output_proj, *(
@@ -1901,7 +1899,6 @@ def fused_decode_unsupported(model: TransformerLM, num_programs: int) -> str:
          "from 16 to 256)"),
         (weight.dtype not in (torch.float32, torch.bfloat16, torch.float16),
          f"{weight.dtype} weights (float32, bfloat16 or float16)"),
-        (c.num_layers * padded * D >= 2**31, "int32 offsets"),
         (kv > num_programs, f"{kv} key-value heads on {num_programs} programs (a program "
          "writes each one's cache)"),
         (D > 2048, f"d_model {D}: a program's tiles and vectors would not fit in registers"),
@@ -1989,7 +1986,7 @@ class FusedDecode:
             BS=4 if INTERPRET else 128, NORM={"layernorm": 1, "rmsnorm": 2}.get(c.norm, 0),
             ACT={"gelu_tanh": 1, "gelu": 2, "relu": 3, "swiglu": 4}[c.ffn],
             LEARNED_POS=c.positions == "learned", ROPE=rope is not None,
-            STAGES=min(8, 1 + 7 * MAX_TILE_BYTES // (R * width * self.tiles.element_size())),
+            STAGES=8,  # 7 tiles in flight (MAX_TILE_BYTES each)
             num_warps=num_warps)
         self.head = (model.ln_final, model.lm_head.weight)
         self.sync = not INTERPRET  # the interpreter: a launch per phase, no barrier
