@@ -456,7 +456,16 @@ MATMUL_CONFIGS = (  # one small tile under the interpreter; one config also skip
                    num_warps=w) for m, n, s, w in ((128, 256, 3, 8), (128, 128, 4, 4))])
 
 
-@triton.autotune(configs=MATMUL_CONFIGS, key=["M", "N", "K"])
+def fit_shared_memory(configs: list, named_args: dict, **_) -> list:
+    """A float32 tile takes twice a 16-bit one's shared memory: halve BLOCK_K, so that the
+    stages in flight still fit in an SM's 227 KB (128 x 256 x 64 in 3 stages would need 288)."""
+    scale = max(1, named_args["a_ptr"].element_size() // 2)
+    return [triton.Config({**c.kwargs, "BLOCK_K": c.kwargs["BLOCK_K"] // scale},
+                          num_stages=c.num_stages, num_warps=c.num_warps) for c in configs]
+
+
+@triton.autotune(configs=MATMUL_CONFIGS, key=["M", "N", "K"],
+                 prune_configs_by={"early_config_prune": fit_shared_memory})
 @triton.jit
 def matmul_kernel(a_ptr, b_ptr, c_ptr, M, N, K, stride_am, stride_ak, stride_bk, stride_bn,
                   stride_cm, stride_cn, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -836,15 +845,20 @@ def _cross_entropy_kernel(LOGITS, TARGETS, LOSS, INV_COUNT, V, row_stride, ignor
     row = tl.program_id(0)
     ptr = LOGITS + row.to(tl.int64) * row_stride
     target = tl.load(TARGETS + row)
-    # log-sum-exp in one streaming pass (the online softmax): rescale the sum when the max grows
-    row_max, sum_exp = tl.full((), -float("inf"), tl.float32), tl.zeros((), tl.float32)
+    # log-sum-exp in one streaming pass (the online softmax), each lane with its own running max
+    # m and sum s: the row is reduced once at the end, not once per block (that reduction spans
+    # warps, and made the kernel wait). When x passes m, s is rescaled by e^(m - x) and gains
+    # e^0 = 1; otherwise it gains e^(x - m): one exp, of -|x - m|, either way.
+    m = tl.full((BLOCK_V,), -1e30, tl.float32)  # finite: no inf - inf (masked lanes are -inf)
+    s = tl.zeros((BLOCK_V,), tl.float32)
     for start in range(0, V, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)
         x = tl.load(ptr + cols, mask=cols < V, other=-float("inf")).to(tl.float32)
-        new_max = tl.maximum(row_max, tl.max(x, axis=0))
-        sum_exp = sum_exp * tl.exp(row_max - new_max) + tl.sum(tl.exp(x - new_max), axis=0)
-        row_max = new_max
-    lse = row_max + tl.log(sum_exp)
+        e = tl.exp(-tl.abs(x - m))
+        s = tl.where(x > m, s * e + 1.0, s + e)
+        m = tl.maximum(m, x)
+    row_max = tl.max(m, axis=0)
+    lse = row_max + tl.log(tl.sum(s * tl.exp(m - row_max), axis=0))
     keep = (target != ignore_index) & (target >= 0) & (target < V)
     target_logit = tl.load(ptr + target, mask=keep, other=0.0).to(tl.float32)
     tl.store(LOSS + row, tl.where(keep, lse - target_logit, 0.0))
@@ -874,19 +888,19 @@ def _linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, ignor
     inv_count = 1.0 / (targets != ignore_index).sum().clamp(min=1).float()  # no host sync
     losses = torch.empty(len(hidden), dtype=torch.float32, device=hidden.device)
     grad_hidden, grad_weight = hidden.new_empty(0), hidden.new_empty(0)
-    if grads:
+    if grads:  # (the weight's padded like w: a slice of V = 50,257 rows made cuBLAS slow)
         grad_hidden = torch.empty_like(hidden)
-        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        grad_weight = torch.zeros(w.shape, dtype=torch.float32, device=weight.device)
     for start in range(0, len(hidden), chunk_size):
         h = h_all[start:start + chunk_size]  # (C, D)
         logits = h @ w.T  # (C, V + pad): its first V columns become d loss / d logits in place
         _cross_entropy_kernel[(len(h),)](logits, targets[start:], losses[start:], inv_count, V,
-                                         logits.stride(0), ignore_index, num_warps=8,
-                                         BLOCK_V=min(4096, triton.next_power_of_2(V)))
+                                         logits.stride(0), ignore_index, num_warps=16,
+                                         BLOCK_V=min(2048, triton.next_power_of_2(V)))
         if grads:
             grad_hidden[start:start + chunk_size] = logits @ w  # (C, D)
-            grad_weight += logits[:, :V].T @ h  # (V, D), accumulated in float32 across chunks
-    return losses.sum() * inv_count, grad_hidden, grad_weight
+            grad_weight += logits.T @ h  # (V + pad, D), accumulated in float32 across chunks
+    return losses.sum() * inv_count, grad_hidden, grad_weight[:V]
 
 
 def _linear_cross_entropy_setup(ctx, inputs: tuple, output: tuple) -> None:
@@ -917,8 +931,9 @@ def fused_linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor,
                                ignore_index: int = -100, chunk_size: int = 8192) -> Tensor:
     """Mean cross-entropy of hidden (N, D) @ weight (V, D).T against targets (N,) over the
     targets that are not ignore_index (all ignored: 0, with zero gradients). GPT-2 small's head,
-    16K tokens, bf16 on an H200 (`python kernels.py fused`): 7.16 ms forward + backward and 1.70
-    GiB, where the logits and F.cross_entropy take 15.37 ms and 9.21 GiB."""
+    16K tokens, bf16 on an H200 (`python kernels.py fused`, before the fourteenth session's
+    faster loss kernel): 7.16 ms forward + backward and 1.70 GiB, where the logits and
+    F.cross_entropy take 15.37 ms and 9.21 GiB."""
     check_input("fused_linear_cross_entropy", hidden, weight)
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
         raise ValueError(f"need hidden (N, D) and weight (V, D), got {tuple(hidden.shape)} and "

@@ -2740,8 +2740,8 @@ def test_loss_model_pads_the_head_to_a_multiple_of_64_without_changing_loss_or_g
     expected = F.cross_entropy(model(x).view(-1, 97), y.view(-1))
     expected.backward()
     torch.testing.assert_close(loss, expected)
-    for name, p in model.named_parameters():
-        torch.testing.assert_close(got[name], p.grad, rtol=1e-5, atol=1e-7)
+    for name, p in model.named_parameters():  # (atol: float32 sums in another order, ~1e-7 off)
+        torch.testing.assert_close(got[name], p.grad, rtol=1e-5, atol=1e-6)
     assert model.lm_head.weight.shape == (97, config.d_model)
 
 
@@ -4255,11 +4255,13 @@ def test_fsdp_equals_one_process_and_gathers_the_full_state_dict(_dp_ranks):
     # 16 sharded layers in forward order; in block 0, w1 (layer 5) is followed by w3 (7), then w2
     assert len(_dp_ranks[0]["fsdp_next"]) == 15
     assert _dp_ranks[0]["fsdp_next"][5] == 7 and _dp_ranks[0]["fsdp_next"][7] == 6
-    # bf16 compute, fp32 master weights: the update differs from fp32's by rounding only
+    # bf16 compute, fp32 master weights: the update differs from fp32's by rounding only. Adam's
+    # first steps are near sign(g), so small gradients that bf16 rounds across 0 move a lot: 1-11%
+    # of the update's norm (11% on an AMD CPU, whose bf16 matmuls round differently); wrong: ~100%
     for name, value in expected.items():
         if not torch.equal(value, start[name]):
             change, change_bf16 = value - start[name], bf16[name] - start[name]
-            assert (change_bf16 - change).norm() < 0.1 * change.norm(), name
+            assert (change_bf16 - change).norm() < 0.2 * change.norm(), name
     torch.manual_seed(0)
     linear = M.Linear(3, 5)
     odd = _dp_train(linear, torch.optim.SGD(linear.parameters(), lr=0.1), *_fsdp_odd_batch())
