@@ -1776,9 +1776,17 @@ def _decode_layers_kernel(TOKEN, POS, S, X, BAR, W, B, VEC, WTE, WPE, COS, SIN, 
     hid, gate = tl.zeros([R], tl.float32), tl.zeros([R], tl.float32)
     tile_biases = tl.arange(0, NB)[:, None] * R + r[None, :]
     biases = tl.zeros([NB, R], tl.float32)
-    g1w, g1b = _vec(VEC, 0, 0, L, D, cols), _vec(VEC, 0, 1, L, D, cols)
+    start, end = 0, L * T
+    if not SYNC:  # the interpreter's launch for one phase: from its layer's start (where the
+        start = PHASE // 3 * T  # layer's vectors are loaded) to the phase's last tile
+        end = start + NQ
+        if PHASE % 3 == 1:
+            end = start + NQ + NO
+        elif PHASE % 3 == 2:
+            end = start + T
+    g1w, g1b = _vec(VEC, start // T, 0, L, D, cols), _vec(VEC, start // T, 1, L, D, cols)
     g2w, g2b, bo, b2 = v, v, v, v  # set at each layer's start
-    for t in tl.range(0, L * T, num_stages=STAGES):
+    for t in tl.range(start, end, num_stages=STAGES):
         w = W.load([(t * NPROG + pid) * R, 0, 0]).to(tl.float32)
         layer = t // T
         j, s = t - layer * T, 3 * layer
