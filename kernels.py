@@ -458,7 +458,7 @@ MATMUL_CONFIGS = (  # one small tile under the interpreter; one config also skip
 
 def fit_shared_memory(configs: list, named_args: dict, **_) -> list:
     """A float32 tile takes twice a 16-bit one's shared memory: halve BLOCK_K, so that the
-    stages in flight still fit in an SM's 227 KB (128 x 256 x 64 in 3 stages would need 288)."""
+    stages in flight still fit in an SM's 227 KiB (128 x 256 x 64 in 3 stages would need 288)."""
     scale = max(1, named_args["a_ptr"].element_size() // 2)
     return [triton.Config({**c.kwargs, "BLOCK_K": c.kwargs["BLOCK_K"] // scale},
                           num_stages=c.num_stages, num_warps=c.num_warps) for c in configs]

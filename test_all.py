@@ -4257,7 +4257,7 @@ def test_fsdp_equals_one_process_and_gathers_the_full_state_dict(_dp_ranks):
     assert _dp_ranks[0]["fsdp_next"][5] == 7 and _dp_ranks[0]["fsdp_next"][7] == 6
     # bf16 compute, fp32 master weights: the update differs from fp32's by rounding only. Adam's
     # first steps are near sign(g), so small gradients that bf16 rounds across 0 move a lot: 1-11%
-    # of the update's norm (11% on an AMD CPU, whose bf16 matmuls round differently); wrong: ~100%
+    # of the update's norm on an AMD EPYC (earlier CI machines stayed under 10%); wrong: ~100%
     for name, value in expected.items():
         if not torch.equal(value, start[name]):
             change, change_bf16 = value - start[name], bf16[name] - start[name]
