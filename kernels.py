@@ -888,7 +888,7 @@ def _linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, ignor
     inv_count = 1.0 / (targets != ignore_index).sum().clamp(min=1).float()  # no host sync
     losses = torch.empty(len(hidden), dtype=torch.float32, device=hidden.device)
     grad_hidden, grad_weight = hidden.new_empty(0), hidden.new_empty(0)
-    if grads:  # (the weight's padded like w: a slice of V = 50,257 rows made cuBLAS slow)
+    if grads:  # the weight's gradient keeps w's padded rows: a slice of 50,257 ran slowly
         grad_hidden = torch.empty_like(hidden)
         grad_weight = torch.zeros(w.shape, dtype=torch.float32, device=weight.device)
     for start in range(0, len(hidden), chunk_size):
