@@ -242,8 +242,26 @@ def checkpoint_blocks(model: TransformerLM) -> TransformerLM:
     return model
 
 
+# Kernel names as they reach the profiler: cuBLAS's nvjet/CUTLASS matmuls, cuDNN's and our
+# attention; the rest (norms, activations, the loss, the optimizer, Inductor's fusions) wait on
+# memory.
+KERNEL_KINDS = (("attention", ("flash", "fmha", "sdpa", "cudnn", "dkdv", "_dq_", "bwd_preprocess")),
+                ("matmul", ("gemm", "nvjet", "cutlass", "xmma", "matmul", "splitk")))
+
+
+def time_by_kind(kernels: Iterable[tuple[str, float]]) -> dict[str, float]:
+    """(kernel name, time) pairs -> total time by kind: the tensor cores' matmuls and attention,
+    and the memory-bound rest."""
+    total = dict.fromkeys([kind for kind, _ in KERNEL_KINDS] + ["memory-bound"], 0.0)
+    for name, t in kernels:
+        total[next((kind for kind, keys in KERNEL_KINDS if any(k in name.lower() for k in keys)),
+                   "memory-bound")] += t
+    return total
+
+
 def profile(cfg: ProfileConfig) -> dict:
-    """The profiler's top kernels, NVTX ranges, a memory snapshot and checkpointing's peak."""
+    """The profiler's top kernels, NVTX ranges, where the GPU's time goes, a memory snapshot and
+    checkpointing's peak."""
     device = resolve_device(cfg.device)
     cuda = device.type == "cuda"
     cfg.preset = cfg.preset or ("nanogpt" if cuda else "tiny")
@@ -277,8 +295,22 @@ def profile(cfg: ProfileConfig) -> dict:
     print(f"top operators and kernels of {cfg.steps} steps, by {sort_by}:\n{table}")
     result = {"table": table, "peak_gb": {}}
     if not cuda:
-        print("memory snapshot and peak memory: need CUDA (torch.cuda.memory), skipped")
+        print("GPU time by kind, memory snapshot and peak memory: need CUDA, skipped")
         return result
+    # Where a step's time goes: the GPU's kernels by kind (not the ranges named above, which the
+    # profiler shows on the GPU too), against unprofiled steps' time; the rest: the GPU idle.
+    step_ms = result["step_ms"] = statistics.median(time_each(step, 5, device)) * 1e3
+    kinds = result["ms_by_kind"] = time_by_kind(
+        (e.name, e.time_range.elapsed_us() / 1e3 / cfg.steps) for e in prof.events()
+        if e.device_type == torch.autograd.DeviceType.CUDA and not e.is_user_annotation)
+    c = run.model.config
+    flops = mfu_flops_per_token(c, c.context_length) * run.batch_size * c.context_length
+    tflops = flops / max(kinds["matmul"] + kinds["attention"], 1e-6) / 1e9
+    print(f"a step: {step_ms:.2f} ms (median of 5), of which GPU kernels "
+          f"{sum(kinds.values()):.2f} ms:\n" + "".join(
+              f"  {kind:>20} {ms:7.2f} ms {ms / step_ms:6.1%}\n" for kind, ms in kinds.items()) +
+          f"  matmuls and attention run at {tflops:.0f} TFLOP/s of the step's "
+          f"{flops / 1e12:.2f} TFLOP (the PaLM count, as in MFU)")
     torch.cuda.memory._record_memory_history(stacks="python", max_entries=1_000_000)
     step()
     with atomic_output(cfg.out) as tmp:

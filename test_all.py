@@ -2392,6 +2392,12 @@ def test_tokenizer_dir_alone_encodes_the_text_with_that_tokenizer(_cache, tmp_pa
     assert sorted(_cache.rglob("*")) == before
 
 
+def test_compile_graphs_needs_one_process_on_a_cuda_gpu(tmp_path):
+    with pytest.raises(ValueError, match="--compile=graphs .*needs one process on a CUDA GPU"):
+        train.train(_cfg(tmp_path, tmp_path / "out", compile="graphs"))  # on the CPU
+    assert not (tmp_path / "out").exists()  # checked before anything is written
+
+
 def test_tokenizer_without_endoftext_fails_before_training(tmp_path):
     tok_dir = tmp_path / "tok"
     Tokenizer({i: bytes([i]) for i in range(256)}, []).save_dir(str(tok_dir))
@@ -2892,6 +2898,24 @@ def test_time_each_times_each_call_on_cpu():
 
 
 # kernels.py: profile and the command line ---------------------------------------------------------
+def test_time_by_kind_sorts_real_kernel_names():
+    names = {  # from the profiler on the H200: a compiled nanogpt step, ours and PyTorch's
+        "nvjet_sm90_tst_256x128_64x4_1x2_h_bz_coopA_NNT": "matmul",
+        "void cublasLt::splitKreduce_kernel<32, 16, int, float, __nv_bfloat16>": "matmul",
+        "cudnn_generated_fort_native_sdpa_sm90_flash_bprop_wgmma_f16_knob_26": "attention",
+        "void cudnn::fusion::compute_dot_do_o_specialized<true, 64>(void const*)": "attention",
+        "_flash_bwd_dkdv_kernel": "attention", "_flash_bwd_dq_kernel": "attention",
+        "_bwd_preprocess_kernel": "attention",
+        "void at::native::(anonymous namespace)::multi_tensor_apply_kernel<at::": "memory-bound",
+        "triton_red_fused__to_copy__unsafe_view_logsumexp_masked_fill_11": "memory-bound",
+        "_cross_entropy_kernel": "memory-bound", "_rmsnorm_bwd_kernel": "memory-bound",
+        "Memset (Device)": "memory-bound"}
+    for i, (name, kind) in enumerate(names.items()):
+        total = kernels.time_by_kind([(name, 2.0 ** i), ("_swiglu_fwd_kernel", 0.5)])
+        assert total[kind] == 2.0 ** i + (kind == "memory-bound") * 0.5
+        assert sum(total.values()) == 2.0 ** i + 0.5
+
+
 def test_profile_on_cpu_prints_the_table_and_skips_the_snapshot(tmp_path, capsys):
     out = tmp_path / "snap.pickle"
     kernels.main(["profile", "--steps=1", "--warmup_steps=1", f"--out={out}", *TINY])
@@ -3042,6 +3066,17 @@ def test_batched_muon_step_equals_the_per_matrix_step(nesterov):
 
 # On one GPU (the H200) ----------------------------------------------------------------------------
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_training_in_cuda_graphs_equals_compiled_training(_cache, tmp_path):
+    for mode in (True, "graphs"):  # --compile=graphs replays the same compiled kernels
+        train.train(_cfg(_cache, tmp_path / str(mode), device="cuda", compile=mode, max_iters=8,
+                         eval_interval=4))
+    for key in ("loss", "val_loss"):
+        compiled, graphs = (_rows(tmp_path / str(mode) / "metrics.jsonl", key)
+                            for mode in (True, "graphs"))
+        assert len(compiled) >= 2 and graphs == pytest.approx(compiled, rel=1e-2)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_bench_profile_and_compiled_muon_on_gpu(tmp_path, capsys):
     gpu = [a for a in TINY if a != "--device=cpu"] + ["--steps=2", "--warmup_steps=1"]
     rows = kernels.bench(train.parse_config(["--preset=tiny", "--compile=False", *gpu],
@@ -3053,6 +3088,9 @@ def test_bench_profile_and_compiled_muon_on_gpu(tmp_path, capsys):
         ["--preset=tiny", "--compile=False", f"--out={out}", "--batch_size=8", "--steps=1",
          "--warmup_steps=1"], kernels.ProfileConfig()))  # 4 layers of 128 wide, 8 x 128 tokens
     assert out.stat().st_size > 0 and "CUDA" in result["table"]
+    kinds = result["ms_by_kind"]  # the kernels' time, not also the ranges around them
+    assert kinds["matmul"] > 0 and kinds["memory-bound"] > 0
+    assert sum(kinds.values()) < result["step_ms"]
     assert 0 < result["peak_gb"]["checkpointed"] < result["peak_gb"]["plain"]
     steps = []  # Muon's compiled update (bf16 on the GPU) against the foreach one
     for fused in (False, True):

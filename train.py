@@ -106,7 +106,9 @@ class TrainConfig:
     # runtime
     device: str = "auto"  # "auto" = CUDA, then MPS, then CPU
     dtype: str = "auto"  # "auto" = bf16 autocast on GPUs that have it, else "float32"
-    compile: str = "auto"  # "auto" = torch.compile on CUDA only; or True / False
+    compile: str = "auto"  # "auto" = torch.compile on CUDA only; or True / False; "graphs":
+    # compiled, forward and backward replayed as CUDA graphs (mode="reduce-overhead"), one launch
+    # each instead of hundreds, so the GPU waits less for Python (one process on a CUDA GPU)
     seed: int = 1337  # model init, batches and samples
     parallel: str = "torch"  # under torchrun: torch's DDP, or ddp.py's "ddp", "zero1", "fsdp"
 
@@ -740,6 +742,9 @@ def setup(cfg: TrainConfig, rank: int, world_size: int, device: torch.device,
     resume, then the data (hours, for a big corpus), the model and the optimizer."""
     log = print if rank == 0 else (lambda *a, **k: None)
     dtype, compile_model = resolve_dtype(cfg.dtype, device), use_compile(cfg.compile, device)
+    if cfg.compile == "graphs" and (device.type != "cuda" or world_size > 1):
+        raise ValueError(f"--compile=graphs (CUDA graphs) needs one process on a CUDA GPU, not "
+                         f"{world_size} on {device.type}")
     torch.set_float32_matmul_precision("high")  # TF32 for float32 matmuls on Ampere and later
     out_dir = prepare_out_dir(cfg, rank == 0)
     state = read_checkpoint(out_dir / "ckpt.pt") if cfg.resume else None
@@ -769,7 +774,8 @@ def setup(cfg: TrainConfig, rank: int, world_size: int, device: torch.device,
         generator.set_state(state["data_generator"])
         log(f"resuming {out_dir / 'ckpt.pt'} at iteration {start_iter}")
     # Compile inside DDP (as nanoGPT does): DDP's gradient hooks stay outside the compiled graph.
-    step_model = torch.compile(LossModel(model)) if compile_model else LossModel(model)
+    step_model = torch.compile(LossModel(model), mode="reduce-overhead" if cfg.compile == "graphs"
+                               else None) if compile_model else LossModel(model)
     if world_size > 1 and cfg.parallel != "torch":  # ddp.py's: a later stage, loaded on demand
         import ddp
         step_model, optimizer = ddp.parallelize(cfg.parallel, step_model, optimizer)
@@ -781,7 +787,8 @@ def setup(cfg: TrainConfig, rank: int, world_size: int, device: torch.device,
     model.train()
     log(f"model: {count_params(model_config)['total'] / 1e6:.2f}M parameters | "
         f"{train_tokens.size:,} train / {val_tokens.size:,} val tokens | device {device}, "
-        f"{str(dtype).removeprefix('torch.')}, compile={compile_model}, {world_size} process(es)")
+        f"{str(dtype).removeprefix('torch.')}, compile="
+        f"{'graphs' if cfg.compile == 'graphs' else compile_model}, {world_size} process(es)")
     log(f"unigram baseline: {run.baseline:.3f} nats/token (a model that ignores context)")
     return run
 
@@ -1284,7 +1291,8 @@ def check_config(cfg: TrainConfig) -> ModelConfig:
     choices = {"optimizer": ("adamw", "muon", "soap"), "schedule": ("cosine", "wsd"),
                "dataset": ("tinystories", "pycode", "pydoc"),
                "dtype": ("auto", "float32", "bfloat16"), "preset": tuple(PRESETS),
-               "compile": ("auto", True, False), "parallel": ("torch", "ddp", "zero1", "fsdp")}
+               "compile": ("auto", True, False, "graphs"),
+               "parallel": ("torch", "ddp", "zero1", "fsdp")}
     at_least = {"max_iters": 1, "batch_size": 1, "grad_accum_steps": 1, "log_interval": 1,
                 "eval_iters": 1, "vocab_size": 257, "warmup_iters": 0, "eval_interval": 0,
                 "checkpoint_interval": 0, "num_samples": 0, "sample_tokens": 0, "top_k": 0,
@@ -1416,7 +1424,7 @@ def autocast_for(device: torch.device, dtype: torch.dtype) -> contextlib.Abstrac
 
 def use_compile(setting: str | bool, device: torch.device) -> bool:
     # Compilation pays back in minutes on a GPU; on a CPU it costs more than a short run saves.
-    return setting if isinstance(setting, bool) else device.type == "cuda"
+    return setting if isinstance(setting, bool) else setting == "graphs" or device.type == "cuda"
 
 
 @functools.cache
