@@ -69,8 +69,8 @@ from model import (PRESETS, Linear, ModelConfig, RMSNorm, SwiGLU, TransformerLM,
                    scaled_dot_product_attention, silu, softmax)
 from tokenizer import UsageError, atomic_output, parse_command, run_cli  # noqa: E402
 from train import (LossModel, TrainConfig, autocast_for, build_optimizer,  # noqa: E402
-                   clip_and_step, option_defaults, peak_flops, resolve_device, resolve_dtype,
-                   train_step, with_overrides)
+                   clip_and_step, loss_model, option_defaults, peak_flops, resolve_device,
+                   resolve_dtype, train_step, with_overrides)
 
 if __name__ == "__main__":  # model.py's `import kernels` then finds this module instead of running
     sys.modules["kernels"] = sys.modules[__name__]  # it again (its custom ops register only once)
@@ -135,9 +135,8 @@ def prepare(cfg: BenchConfig, name: str, context_length: int, compiled: bool | s
         batch = tuple(torch.randint(config.vocab_size, (batch_size, config.context_length))
                       for _ in range(2))
     run = SimpleNamespace(model=model, batch_size=batch_size, batch=batch,
-                          step_model=torch.compile(LossModel(model), mode=(
-                              "reduce-overhead" if compiled == "graphs" else None)) if compiled
-                          else LossModel(model), autocast=autocast_for(device, dtype),
+                          step_model=loss_model(model, compiled),
+                          autocast=autocast_for(device, dtype),
                           optimizer=build_optimizer(model, dataclasses.replace(
                               cfg, compile=bool(compiled)), device))
 

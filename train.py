@@ -107,8 +107,7 @@ class TrainConfig:
     device: str = "auto"  # "auto" = CUDA, then MPS, then CPU
     dtype: str = "auto"  # "auto" = bf16 autocast on GPUs that have it, else "float32"
     compile: str = "auto"  # "auto" = torch.compile on CUDA only; or True / False; "graphs":
-    # compiled, forward and backward replayed as CUDA graphs (mode="reduce-overhead"), one launch
-    # each instead of hundreds, so the GPU waits less for Python (one process on a CUDA GPU)
+    # compiled and replayed as CUDA graphs, so the GPU waits less for Python (one CUDA process)
     seed: int = 1337  # model init, batches and samples
     parallel: str = "torch"  # under torchrun: torch's DDP, or ddp.py's "ddp", "zero1", "fsdp"
 
@@ -586,6 +585,13 @@ class LossModel(nn.Module):
         return loss, self.model.aux_loss
 
 
+def loss_model(model: TransformerLM, compiled: bool | str) -> nn.Module:
+    """LossModel(model), compiled if asked; "graphs": its forward and backward replayed as CUDA
+    graphs (mode="reduce-overhead"), one launch each instead of hundreds."""
+    return torch.compile(LossModel(model), mode="reduce-overhead" if compiled == "graphs" else
+                         None) if compiled else LossModel(model)
+
+
 def clip_and_step(step_model: nn.Module, optimizer: torch.optim.Optimizer, params: list[Tensor],
                   grad_clip: float) -> Tensor:
     """Clip the gradients to a global norm of grad_clip (0: no clipping), then step; return the
@@ -741,8 +747,9 @@ def setup(cfg: TrainConfig, rank: int, world_size: int, device: torch.device,
     """Everything the loop needs, checked cheapest first: the output folder, the checkpoint to
     resume, then the data (hours, for a big corpus), the model and the optimizer."""
     log = print if rank == 0 else (lambda *a, **k: None)
-    dtype, compile_model = resolve_dtype(cfg.dtype, device), use_compile(cfg.compile, device)
-    if cfg.compile == "graphs" and (device.type != "cuda" or world_size > 1):
+    dtype = resolve_dtype(cfg.dtype, device)
+    compile_model = "graphs" if cfg.compile == "graphs" else use_compile(cfg.compile, device)
+    if compile_model == "graphs" and (device.type != "cuda" or world_size > 1):
         raise ValueError(f"--compile=graphs (CUDA graphs) needs one process on a CUDA GPU, not "
                          f"{world_size} on {device.type}")
     torch.set_float32_matmul_precision("high")  # TF32 for float32 matmuls on Ampere and later
@@ -774,8 +781,7 @@ def setup(cfg: TrainConfig, rank: int, world_size: int, device: torch.device,
         generator.set_state(state["data_generator"])
         log(f"resuming {out_dir / 'ckpt.pt'} at iteration {start_iter}")
     # Compile inside DDP (as nanoGPT does): DDP's gradient hooks stay outside the compiled graph.
-    step_model = torch.compile(LossModel(model), mode="reduce-overhead" if cfg.compile == "graphs"
-                               else None) if compile_model else LossModel(model)
+    step_model = loss_model(model, compile_model)
     if world_size > 1 and cfg.parallel != "torch":  # ddp.py's: a later stage, loaded on demand
         import ddp
         step_model, optimizer = ddp.parallelize(cfg.parallel, step_model, optimizer)
@@ -787,8 +793,7 @@ def setup(cfg: TrainConfig, rank: int, world_size: int, device: torch.device,
     model.train()
     log(f"model: {count_params(model_config)['total'] / 1e6:.2f}M parameters | "
         f"{train_tokens.size:,} train / {val_tokens.size:,} val tokens | device {device}, "
-        f"{str(dtype).removeprefix('torch.')}, compile="
-        f"{'graphs' if cfg.compile == 'graphs' else compile_model}, {world_size} process(es)")
+        f"{str(dtype).removeprefix('torch.')}, compile={compile_model}, {world_size} process(es)")
     log(f"unigram baseline: {run.baseline:.3f} nats/token (a model that ignores context)")
     return run
 
@@ -1424,7 +1429,7 @@ def autocast_for(device: torch.device, dtype: torch.dtype) -> contextlib.Abstrac
 
 def use_compile(setting: str | bool, device: torch.device) -> bool:
     # Compilation pays back in minutes on a GPU; on a CPU it costs more than a short run saves.
-    return setting if isinstance(setting, bool) else setting == "graphs" or device.type == "cuda"
+    return setting if isinstance(setting, bool) else device.type == "cuda"
 
 
 @functools.cache
