@@ -66,7 +66,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: E402
 
 from model import (PRESETS, Linear, ModelConfig, RMSNorm, SwiGLU, TransformerLM,  # noqa: E402
                    attention_mask, autocast_dtype, count_params, gelu_tanh, mfu_flops_per_token,
-                   scaled_dot_product_attention, silu, softmax)
+                   scaled_dot_product_attention, silu, softmax, stacked_linear)
 from tokenizer import UsageError, atomic_output, parse_command, run_cli  # noqa: E402
 from train import (LossModel, TrainConfig, autocast_for, build_optimizer,  # noqa: E402
                    clip_and_step, loss_model, option_defaults, peak_flops, resolve_device,
@@ -800,68 +800,74 @@ class TritonRMSNorm(RMSNorm):
 
 # Training fusions: the SwiGLU gate ----------------------------------------------------------------
 # silu(a) * b is three eager kernels (sigmoid, multiply, multiply) whose intermediates autograd
-# keeps. Fused: forward reads a, b and writes h; backward recomputes the sigmoid from a, b.
+# keeps. Fused: forward reads a, b and writes h; backward recomputes the sigmoid from a, b. a and b
+# arrive side by side, as the one matmul of model.stacked_linear makes them, and their gradients
+# leave that way: the backward's input gradient is then one matmul too, with no copies between.
 @triton.jit
-def _swiglu_fwd_kernel(A, B, H, n, BLOCK: tl.constexpr):
-    offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offsets < n
-    a = tl.load(A + offsets, mask=mask, other=0.0).to(tl.float32)
-    b = tl.load(B + offsets, mask=mask, other=0.0).to(tl.float32)
-    tl.store(H + offsets, (a * tl.sigmoid(a) * b).to(H.dtype.element_ty), mask=mask)
+def _swiglu_fwd_kernel(AB, H, F, BLOCK: tl.constexpr):  # a program: BLOCK columns of a row
+    row, cols = tl.program_id(0).to(tl.int64), tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask, a_at = cols < F, AB + row * 2 * F + cols  # b sits F further on
+    a = tl.load(a_at, mask=mask, other=0.0).to(tl.float32)
+    b = tl.load(a_at + F, mask=mask, other=0.0).to(tl.float32)
+    tl.store(H + row * F + cols, (a * tl.sigmoid(a) * b).to(H.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _swiglu_bwd_kernel(A, B, DH, DA, DB, n, BLOCK: tl.constexpr):
-    offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offsets < n
-    a = tl.load(A + offsets, mask=mask, other=0.0).to(tl.float32)
-    b = tl.load(B + offsets, mask=mask, other=0.0).to(tl.float32)
-    dh = tl.load(DH + offsets, mask=mask, other=0.0).to(tl.float32)
+def _swiglu_bwd_kernel(AB, DH, DAB, F, BLOCK: tl.constexpr):
+    row, cols = tl.program_id(0).to(tl.int64), tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask, at = cols < F, row * 2 * F + cols
+    a = tl.load(AB + at, mask=mask, other=0.0).to(tl.float32)
+    b = tl.load(AB + at + F, mask=mask, other=0.0).to(tl.float32)
+    dh = tl.load(DH + row * F + cols, mask=mask, other=0.0).to(tl.float32)
     sig = tl.sigmoid(a)  # d silu(a) / da = sig * (1 + a * (1 - sig))
-    tl.store(DA + offsets, (dh * b * sig * (1 + a * (1 - sig))).to(DA.dtype.element_ty), mask=mask)
-    tl.store(DB + offsets, (dh * a * sig).to(DB.dtype.element_ty), mask=mask)
+    tl.store(DAB + at, (dh * b * sig * (1 + a * (1 - sig))).to(DAB.dtype.element_ty), mask=mask)
+    tl.store(DAB + at + F, (dh * a * sig).to(DAB.dtype.element_ty), mask=mask)
 
 
-def _swiglu_outputs(a: Tensor, *_) -> Tensor:
-    return torch.empty(a.shape, dtype=a.dtype, device=a.device)
+def _swiglu_outputs(ab: Tensor) -> Tensor:
+    return ab.new_empty(*ab.shape[:-1], ab.shape[-1] // 2)
+
+
+def _swiglu_grid(ab: Tensor) -> tuple[int, int]:
+    return ab.numel() // max(ab.shape[-1], 1), triton.cdiv(ab.shape[-1] // 2, 1024)
 
 
 @_op("cs336::swiglu_fwd")
-def _swiglu_fwd(a: Tensor, b: Tensor) -> Tensor:
-    h = _swiglu_outputs(a)
-    wrap_triton(_swiglu_fwd_kernel)[(triton.cdiv(a.numel(), 1024),)](
-        a.contiguous(), b.contiguous(), h, a.numel(), BLOCK=1024)
+def _swiglu_fwd(ab: Tensor) -> Tensor:
+    h = _swiglu_outputs(ab)
+    wrap_triton(_swiglu_fwd_kernel)[_swiglu_grid(ab)](ab.contiguous(), h, h.shape[-1], BLOCK=1024)
     return h
 
 
 @_op("cs336::swiglu_bwd")
-def _swiglu_bwd(dh: Tensor, a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
-    da, db = _swiglu_outputs(a), _swiglu_outputs(a)
-    wrap_triton(_swiglu_bwd_kernel)[(triton.cdiv(a.numel(), 1024),)](
-        a.contiguous(), b.contiguous(), dh.contiguous(), da, db, a.numel(), BLOCK=1024)
-    return da, db
+def _swiglu_bwd(dh: Tensor, ab: Tensor) -> Tensor:
+    dab = ab.new_empty(ab.shape)
+    wrap_triton(_swiglu_bwd_kernel)[_swiglu_grid(ab)](
+        ab.contiguous(), dh.contiguous(), dab, dh.shape[-1], BLOCK=1024)
+    return dab
 
 
 _swiglu_fwd.register_fake(_swiglu_outputs)
-_swiglu_bwd.register_fake(lambda dh, a, b: (_swiglu_outputs(a), _swiglu_outputs(a)))
-_swiglu_fwd.register_autograd(  # saves a, b: backward recomputes the sigmoid from them
+_swiglu_bwd.register_fake(lambda dh, ab: ab.new_empty(ab.shape))
+_swiglu_fwd.register_autograd(  # saves a | b: backward recomputes the sigmoid from them
     lambda ctx, dh: _swiglu_bwd(dh, *ctx.saved_tensors),
     setup_context=lambda ctx, inputs, output: ctx.save_for_backward(*inputs))
 
 
-def swiglu_gate(a: Tensor, b: Tensor) -> Tensor:
-    """silu(a) * b, elementwise, computed in float32 and returned in the inputs' dtype."""
-    check_input("swiglu", a, b)
-    if a.shape != b.shape or a.dtype != b.dtype:
-        raise ValueError(f"swiglu needs a and b of one shape and dtype, got {tuple(a.shape)} "
-                         f"{a.dtype} and {tuple(b.shape)} {b.dtype}")
-    return _swiglu_fwd(a, b)
+def swiglu_gate(ab: Tensor) -> Tensor:
+    """silu(a) * b for ab = a | b, side by side in its last dim (..., 2F) -> (..., F); computed
+    in float32 and returned in ab's dtype."""
+    check_input("swiglu", ab)
+    if ab.dim() == 0 or ab.shape[-1] % 2:
+        raise ValueError(f"swiglu needs a | b side by side, a last dim of even size: got "
+                         f"{tuple(ab.shape)}")
+    return _swiglu_fwd(ab)
 
 
 class TritonSwiGLU(SwiGLU):
     """model.py's SwiGLU (the same w1, w2, w3) with the fused gate between its matmuls."""
     def forward(self, x: Tensor) -> Tensor:
-        return self.w2(swiglu_gate(self.w1(x), self.w3(x)))
+        return self.w2(swiglu_gate(stacked_linear(x, self.w1, self.w3)))
 
 
 # Training fusions: linear + cross-entropy without the logits --------------------------------------
@@ -1084,7 +1090,8 @@ def bench_fused(device: torch.device | str | None = None, rows: int = 16384) -> 
     cases = [("rmsnorm", rmsnorm_triton, norm, (x, weight), 2, 5),
              ("add+rmsnorm", fused_add_rmsnorm, lambda x, r, w: (norm(x + r, w), x + r),
               (x, dy, weight), 4, 8),
-             ("swiglu gate", swiglu_gate, lambda a, b: silu(a) * b, (x, dy), 3, 8)]
+             ("swiglu gate", swiglu_gate, lambda ab: silu(ab[:, :4096]) * ab[:, 4096:],
+              (torch.cat([x, dy], dim=1),), 3, 8)]
     result = {"copy_gb_s": copy}
     print("  GPU time: the profiler's sum of the kernels; with host: do_bench's, Python and "
           "launches included")

@@ -169,6 +169,15 @@ class Linear(nn.Module):
         return y if self.bias is None else y + self.bias.to(y.dtype)  # autocast: y's dtype
 
 
+def stacked_linear(x: torch.Tensor, *layers: nn.Module) -> torch.Tensor:
+    """cat([m(x) for m in layers], -1); in training one matmul on the stacked weights (copied each
+    call: not for decoding), faster than narrow ones, its backward summing x's gradients itself."""
+    if torch.is_grad_enabled() and all(type(m) is Linear and isinstance(m.weight, nn.Parameter)
+                                       and m.bias is None and not m.fp8 for m in layers):
+        return x @ torch.cat([m.weight for m in layers]).T
+    return torch.cat([m(x) for m in layers], dim=-1)
+
+
 class Embedding(nn.Module):
     """A lookup table: row i of weight is the vector of token i."""
     def __init__(self, num_embeddings: int, embedding_dim: int, std: float = 1.0) -> None:
@@ -240,15 +249,15 @@ class SwiGLU(nn.Module):
         self.w3 = Linear(d_model, d_ff)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(silu(self.w1(x)) * self.w3(x))
+        a, b = stacked_linear(x, self.w1, self.w3).chunk(2, dim=-1)
+        return self.w2(silu(a) * b)
 
 
 class FeedForward(nn.Module):
     """The original non-gated FFN, w2(act(w1 x)), with ReLU (Vaswani) or GELU (GPT-2)."""
     def __init__(self, d_model: int, d_ff: int, activation: str, bias: bool = False) -> None:
         super().__init__()
-        self.w1 = Linear(d_model, d_ff, bias)
-        self.w2 = Linear(d_ff, d_model, bias)
+        self.w1, self.w2 = Linear(d_model, d_ff, bias), Linear(d_ff, d_model, bias)
         self.activation = {"relu": torch.relu, "gelu": gelu, "gelu_tanh": gelu_tanh}[activation]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -332,9 +341,7 @@ def attention_mask(seq_len: int, kv_len: int, start: int, window: int | None,
     q_slot = torch.arange(start, start + seq_len, device=device)[:, None]
     k_slot = torch.arange(kv_len, device=device)[None, :]
     allowed = k_slot <= q_slot
-    if window is not None:
-        allowed = allowed & (k_slot > q_slot - window)
-    return allowed
+    return allowed if window is None else allowed & (k_slot > q_slot - window)
 
 
 # Fast attention: one dispatch to torch's fused kernels or kernels.py's FlashAttention-2 -----------
@@ -344,8 +351,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int = 0,
     key-value head h // (H / H_kv) (GQA). impl="manual": the reference above; "sdpa": torch's fused
     kernels (with no cache or window, is_causal=True and no mask, so torch can pick FlashAttention);
     "triton": kernels.py's FlashAttention-2 when the queries are the last keys, with no window."""
-    num_heads, num_kv_heads = q.shape[-3], k.shape[-3]
-    seq_len, kv_len = q.shape[-2], k.shape[-2]
+    (num_heads, seq_len), (num_kv_heads, kv_len) = q.shape[-3:-1], k.shape[-3:-1]
     if impl == "triton" and window is None and start + seq_len == kv_len:  # GQA in the kernel
         return triton_kernels("attn_impl='triton'").flash_attention(q, k, v, True)
     if num_kv_heads != num_heads:
@@ -466,9 +472,8 @@ class KVCache:
 
     def reset(self) -> None:
         self.seq_len = 0
-        for layer in self.layers:
-            for tensor in layer.values():
-                tensor.zero_()  # the linear-attention state is a running sum
+        for tensor in (tensor for layer in self.layers for tensor in layer.values()):
+            tensor.zero_()  # the linear-attention state is a running sum
 
 
 class TransformerLM(nn.Module):
@@ -562,8 +567,7 @@ class TransformerLM(nn.Module):
                              f"{self.config.context_length}], got {max_seq_len}")
         weight = self.lm_head.weight
         device = torch.device(device) if device is not None else weight.device
-        if dtype is None:  # the dtype keys and values are computed in, so no cast per step
-            dtype = autocast_dtype(device.type, weight.dtype)
+        dtype = dtype or autocast_dtype(device.type, weight.dtype)  # k, v's: no cast per step
         layers = [layer.attn.make_cache(batch_size, max_seq_len, device, dtype)
                   for layer in self.layers]
         return KVCache(layers, batch_size, max_seq_len)
@@ -642,10 +646,9 @@ def _ffn_params(config: ModelConfig, active: bool = False) -> int:
     k experts it is routed to (not all E), the shared expert and the router."""
     ffn = (3 if config.ffn == "swiglu" else 2) * config.d_model * config.d_ff
     ffn += config.bias * (config.d_ff + config.d_model)  # only the two-matrix FFNs have biases
-    if not config.num_experts:
-        return ffn
     experts = config.experts_top_k if active else config.num_experts
-    return (experts + config.shared_expert) * ffn + config.d_model * config.num_experts
+    return ((experts + config.shared_expert) * ffn + config.d_model * config.num_experts
+            if config.num_experts else ffn)
 
 
 def _mixer_params(config: ModelConfig) -> int:
@@ -722,8 +725,7 @@ def memory_estimate(config: ModelConfig, batch_size: int, seq_len: int, param_by
     output and projection, the FFN's hidden tensors; then the final norm, logits and softmax."""
     params, d, tokens = count_params(config)["total"], config.d_model, batch_size * seq_len
     ffn_hidden = 4 * config.d_ff if config.ffn == "swiglu" else 2 * config.d_ff
-    if config.num_experts:
-        ffn_hidden *= config.experts_top_k + config.shared_expert
+    ffn_hidden *= (config.experts_top_k + config.shared_expert) if config.num_experts else 1
     per_token = 2 * d + 5 * d + ffn_hidden + d  # ln1+ln2 inputs, QKV/attn out/proj, FFN, W2 out
     attention_matrix = 2 * config.num_heads * seq_len * batch_size * seq_len
     per_layer = tokens * per_token + (attention_matrix if stores_attention_matrix else 0)
@@ -837,8 +839,7 @@ class LinearAttention(MultiHeadSelfAttention):
         return self.output_proj(out.to(x.dtype).transpose(-3, -2).flatten(-2))
 
     def make_cache(self, batch_size: int, max_seq_len: int, device, dtype) -> dict:
-        """The whole past fits in a fixed-size state, whatever max_seq_len is."""
-        shape = (batch_size, self.num_heads, self.head_dim)
+        shape = (batch_size, self.num_heads, self.head_dim)  # the whole past in a fixed size
         return {"state": torch.zeros(*shape, self.head_dim, device=device),
                 "normalizer": torch.zeros(shape, device=device)}
 
@@ -947,9 +948,8 @@ class MixtureOfExperts(nn.Module):
             out.index_add_(0, token_idx, expert(tokens[token_idx]) * gates[token_idx, slot, None])
         if self.shared_expert is not None:
             out = out + self.shared_expert(tokens)
-        num_experts = len(self.experts)
-        assigned = F.one_hot(top_experts, num_experts).float().sum((0, 1)) / top_experts.numel()
-        self.aux_loss = self.aux_loss_coef * num_experts * (assigned * probs.mean(0)).sum()
+        assigned = F.one_hot(top_experts, probs.shape[-1]).float().sum((0, 1)) / top_experts.numel()
+        self.aux_loss = self.aux_loss_coef * probs.shape[-1] * (assigned * probs.mean(0)).sum()
         return out.view_as(x)
 
 

@@ -758,6 +758,28 @@ def test_norms_match_torch_and_keep_dtype():
     torch.testing.assert_close(ln(x), F.layer_norm(x, (32,), ln.weight, ln.bias, eps=1e-5))
 
 
+def test_stacked_linear_is_the_layers_side_by_side():
+    """Training: one matmul on the stacked weights, each layer's output and gradients. Without
+    gradients, or with a bias, the layers run one by one (their hooks fire: FSDP gathers there)."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 8, requires_grad=True)
+    for bias in (False, True):
+        layers = [M.Linear(8, n, bias) for n in (8, 4, 4)]
+        calls = []
+        for layer in layers:
+            layer.register_forward_hook(lambda *_: calls.append(1))
+        weights = [x] + [p for layer in layers for p in layer.parameters()]
+        got, want = M.stacked_linear(x, *layers), torch.cat([m(x) for m in layers], dim=-1)
+        assert len(calls) == (6 if bias else 3)  # the stacked matmul called no layer
+        torch.testing.assert_close(got, want)
+        for g, w in zip(torch.autograd.grad(got.square().sum(), weights),
+                        torch.autograd.grad(want.square().sum(), weights), strict=True):
+            torch.testing.assert_close(g, w)
+        with torch.no_grad():
+            torch.testing.assert_close(M.stacked_linear(x, *layers), want)
+        assert len(calls) == (9 if bias else 6)
+
+
 def test_activations_and_ffns_match_torch():
     torch.manual_seed(0)
     x = torch.randn(3, 5, 16)
@@ -3374,11 +3396,16 @@ def test_rmsnorm_weight_gradient_sums_over_many_programs():
     assert_same(kernels.rmsnorm_triton, reference_rmsnorm, x, weight, tol=1e-5)
 
 
+def swiglu_reference(ab: torch.Tensor) -> torch.Tensor:
+    a, b = ab.chunk(2, dim=-1)
+    return M.silu(a) * b
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_swiglu_gate_matches_silu_times_b(dtype):
     torch.manual_seed(0)
-    a, b = (torch.randn(3, 333, device=DEV).to(dtype) * 4 for _ in range(2))  # 999: ragged block
-    assert_same(kernels.swiglu_gate, lambda a, b: M.silu(a) * b, a, b, tol=TOL[dtype])
+    ab = torch.randn(3, 2 * 1111, device=DEV).to(dtype) * 4  # F = 1111: a ragged block of 1024
+    assert_same(kernels.swiglu_gate, swiglu_reference, ab, tol=TOL[dtype])
 
 
 def test_triton_modules_are_drop_in():
@@ -3482,8 +3509,8 @@ def test_fused_kernels_reject_bad_input(monkeypatch):
         kernels.rmsnorm_triton(x, torch.ones(7, device=DEV))
     with pytest.raises(ValueError, match="float64"):
         kernels.rmsnorm_triton(x.double(), torch.ones(8, device=DEV))
-    with pytest.raises(ValueError, match="one shape and dtype"):
-        kernels.swiglu_gate(x, x[:, :4])
+    with pytest.raises(ValueError, match="last dim of even size"):
+        kernels.swiglu_gate(x[:, :7])
     with pytest.raises(ValueError, match=r"hidden \(N, D\) and weight \(V, D\)"):
         kernels.fused_linear_cross_entropy(x, x[:, :7],
                                            torch.zeros(4, dtype=torch.long, device=DEV))
@@ -3494,7 +3521,7 @@ def test_fused_kernels_reject_bad_input(monkeypatch):
             kernels.fused_linear_cross_entropy(x, x, torch.tensor([0, 1, -100, 4]))
     monkeypatch.setattr(kernels, "INTERPRET", False)  # a CPU tensor, on a GPU machine or not
     with pytest.raises(ValueError, match="need CUDA tensors"):
-        kernels.swiglu_gate(x.cpu(), x.cpu())
+        kernels.swiglu_gate(x.cpu())
     with pytest.raises(ValueError, match="kernels must be one of"):
         ModelConfig(kernels="cuda")
 
@@ -3553,7 +3580,7 @@ def test_fused_kernels_on_gpu_at_real_shapes(fused_in_kernels, dtype):
     assert_same(kernels.rmsnorm_triton, reference_rmsnorm, x, weight, tol=tol)
     assert_same(kernels.fused_add_rmsnorm, lambda x, r, w: (reference_rmsnorm(x + r, w), x + r),
                 x, r, weight, tol=tol)
-    assert_same(kernels.swiglu_gate, lambda a, b: M.silu(a) * b, x, r, tol=tol)
+    assert_same(kernels.swiglu_gate, swiglu_reference, torch.cat([x, r], dim=-1), tol=tol)
     hidden, head = torch.randn(2048, 768, device="cuda"), 0.05 * torch.randn(50304, 768).cuda()
     targets = torch.randint(50304, (2048,), device="cuda")
     targets[::5] = -100
@@ -3954,7 +3981,7 @@ CASES = {  # name: (function of tensors, its inputs)
                 lambda: (torch.randn(2, 5, 24) * 3, 1 + 0.1 * torch.randn(24))),
     "add+rmsnorm": (kernels.fused_add_rmsnorm,
                     lambda: (torch.randn(2, 5, 24), torch.randn(2, 5, 24), torch.randn(24))),
-    "swiglu": (kernels.swiglu_gate, lambda: (torch.randn(3, 40), torch.randn(3, 40))),
+    "swiglu": (kernels.swiglu_gate, lambda: (torch.randn(3, 80),)),
     "linear+CE": (lambda h, w, t: kernels.fused_linear_cross_entropy(h, w, t, chunk_size=7),
                   lambda: (torch.randn(20, 16), torch.randn(30, 16) * 0.5,
                            torch.tensor([3, -100] * 10))),
@@ -4034,13 +4061,13 @@ def op_cases() -> list[tuple]:
     x, r, w, q, kv = (t.to(DEV) for t in (x, r, w, q, kv))  # the kernels run where the GPU is
     _, _, rstd = kernels._rmsnorm_fwd(x, w, None, 1e-5, None)
     O, L = kernels._flash_fwd(q, kv, kv, True)
-    a, b = torch.randn(2, 8), torch.randn(2, 8)
+    ab = torch.randn(2, 16)
     return [(kernels._rmsnorm_fwd, (x, w, None, 1e-5, None)),
             (kernels._rmsnorm_fwd, (x, w, r, 1e-5, None)),
             (kernels._rmsnorm_fwd, (x, w, r, 1e-5, torch.float16)),
             (kernels._rmsnorm_bwd, (r, x, w, rstd, None)),
             (kernels._rmsnorm_bwd, (r, x, w, rstd, torch.randn(3, 8))),
-            (kernels._swiglu_fwd, (a, b)), (kernels._swiglu_bwd, (torch.randn(2, 8), a, b)),
+            (kernels._swiglu_fwd, (ab,)), (kernels._swiglu_bwd, (torch.randn(2, 8), ab)),
             *((kernels._linear_cross_entropy, (torch.randn(6, 8), torch.randn(10, 8),
                                                torch.tensor([1, 2, -100, 4, 5, 9]), -100, 4,
                                                torch.float32, grads)) for grads in (True, False)),
