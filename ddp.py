@@ -672,7 +672,7 @@ class TensorParallelBlock(nn.Module):
         return _Conjugate.apply(x, None, _all_reduce)
 
     def forward(self, x: Tensor, rope: tuple | None = None, cache: dict | None = None,
-                start: int = 0) -> Tensor:
+                start: int = 0, defer: bool = False) -> Tensor:  # returns x summed: no defer
         if cache is not None:
             raise ValueError("TensorParallelBlock is for training: no KV cache")
         block = self.block

@@ -127,6 +127,13 @@ def cache_buffers(attn: nn.Module, batch_size: int, slots: int, device: torch.de
                               "sees the whole sequence): generation recomputes the forward")
 
 
+def caches_keys(attn: nn.Module) -> bool:
+    """Softmax attention (kernels.py's subclass too), whose cache holds keys per token; not linear
+    attention (a subclass with a running state instead) or Hyena."""
+    return (isinstance(attn, (MultiHeadSelfAttention, MultiHeadLatentAttention))
+            and not isinstance(attn, LinearAttention))
+
+
 def causal_mask(key_positions: Tensor, positions: Tensor, window: int | None) -> Tensor:
     """(B, 1, T, S): may the query at positions[b, t] see the key at key_positions[b, s]?"""
     keys, queries = key_positions[:, None, :], positions[:, :, None]  # (B, 1, S), (B, T, 1)
@@ -196,7 +203,7 @@ def fuse_qkv(model: TransformerLM) -> list[tuple | None]:
     fused = []
     for layer in model.layers:
         attn, parts = layer.attn, [getattr(layer.attn, f"{n}_proj", None) for n in "qkv"]
-        ok = type(attn) is MultiHeadSelfAttention and all(type(p) is Linear for p in parts)
+        ok = caches_keys(attn) and all(type(p) is Linear for p in parts)
         fused.append((torch.cat([p.weight for p in parts]), None if parts[0].bias is None else
                       torch.cat([p.bias for p in parts])) if ok else None)
     return fused
@@ -619,8 +626,7 @@ class PagedCache:
     of a prompt share its blocks, and a shared block is copied before one writes to it."""
     def __init__(self, model: TransformerLM, num_blocks: int, block_size: int, max_seqs: int,
                  max_blocks_per_seq: int) -> None:
-        if any(type(layer.attn) not in (MultiHeadSelfAttention, MultiHeadLatentAttention)
-               for layer in model.layers):
+        if not all(caches_keys(layer.attn) for layer in model.layers):
             raise NotImplementedError("a paged cache needs softmax attention (keys per token)")
         self.block_size, self.window = block_size, model.config.sliding_window
         self.layers = StaticCache(model, num_blocks, block_size).layers  # (blocks, P, ...)
@@ -773,8 +779,7 @@ def speculative_generate(target: TransformerLM, draft: TransformerLM, prompt: li
     A rejected suffix needs no undo: a slot holding a later position stays masked until it is
     rewritten (so softmax attention only: a linear-attention state cannot forget)."""
     check_sampling(temperature, top_k, top_p)
-    if any(type(layer.attn) not in (MultiHeadSelfAttention, MultiHeadLatentAttention)
-           for model in (target, draft) for layer in model.layers):
+    if not all(caches_keys(layer.attn) for model in (target, draft) for layer in model.layers):
         raise ValueError("speculative decoding rolls caches back: it needs softmax attention")
     if target.config.vocab_size != draft.config.vocab_size:
         raise ValueError(f"the draft's vocabulary ({draft.config.vocab_size}) is not the "

@@ -10,10 +10,11 @@ CS336 lectures 5-6 and assignment 2, part 1, in teaching order:
   2. The GPU, in code (`lesson`): the roofline on this GPU's measured bandwidth and matmul peak;
      GeLU five ways (eager, fused, compiled, Triton, its PTX); a fused softmax; a tiled matmul
      with grouped tile order; floating-point formats and autocast.
-  3. Kernels that move fewer bytes: fused RMSNorm (and add + RMSNorm), the SwiGLU gate, linear +
-     cross-entropy without the whole logits (`fused` times them), and FlashAttention-2, tiled in
-     PyTorch to read, then in Triton (`attention` times it). model.py uses them when asked:
-     `--kernels=triton` (norms, gate, loss) and `--attn_impl=triton` (attention). And training
+  3. Kernels that move fewer bytes: fused RMSNorm (and add + RMSNorm), the SwiGLU gate, RoPE and
+     the head split after one q | k | v matmul, linear + cross-entropy without the whole logits
+     (`fused` times them), and FlashAttention-2, tiled in PyTorch to read, then in Triton
+     (`attention` times it). model.py uses them when asked: `--kernels=triton` (norms with the
+     residual adds, gate, RoPE, loss) and `--attn_impl=triton` (attention). And training
      matmuls in FP8 with per-tensor scales (`--fp8=True`: the FFN's and the head's).
   4. For infer.py: a batch-1 decode step as one persistent kernel over all the layers.
 On a CPU the Triton kernels run in Triton's interpreter (TRITON_INTERPRET=1): right, but slow.
@@ -28,7 +29,7 @@ Commands (CPU: add --device=cpu --preset=tiny to bench and profile, seconds; one
     python kernels.py bench --preset=nanogpt --mode=step --fp8=True  # FP8 matmuls (Ada, Hopper)
     nsys profile -o step python kernels.py profile    # nanogpt, NVTX ranges on a timeline
     python kernels.py lesson                          # the roofline, GeLU, softmax, matmul, floats
-    python kernels.py fused                           # RMSNorm, add+RMSNorm, SwiGLU, linear+CE
+    python kernels.py fused                           # RMSNorm, add+norm, SwiGLU, RoPE, linear+CE
     python kernels.py attention                       # ours vs SDPA flash/cuDNN; --quick=False: all
 bench and profile take any TrainConfig or ModelConfig field as --key=value (--optimizer=muon);
 --preset, --mode, --context_length, --compile, --dtype take comma lists; --preset=course: the
@@ -64,8 +65,9 @@ import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: E402
 
-from model import (PRESETS, Linear, ModelConfig, RMSNorm, SwiGLU, TransformerLM,  # noqa: E402
-                   attention_mask, autocast_dtype, count_params, gelu_tanh, mfu_flops_per_token,
+from model import (PRESETS, Linear, ModelConfig, MultiHeadSelfAttention, RMSNorm,  # noqa: E402
+                   RotaryEmbedding, SwiGLU, TransformerLM, apply_rotary, attention_mask,
+                   autocast_dtype, count_params, gelu_tanh, mfu_flops_per_token,
                    scaled_dot_product_attention, silu, softmax, stacked_linear)
 from tokenizer import UsageError, atomic_output, parse_command, run_cli  # noqa: E402
 from train import (LossModel, TrainConfig, autocast_for, build_optimizer,  # noqa: E402
@@ -870,6 +872,111 @@ class TritonSwiGLU(SwiGLU):
         return self.w2(swiglu_gate(stacked_linear(x, self.w1, self.w3)))
 
 
+# Training fusions: q | k | v as one matmul, then RoPE and the head split in one kernel -----------
+# model.py projects q, k and v with three matmuls and rotates q and k (two fused kernels forward,
+# two backward, and an add of the three input gradients). Here the projection is one matmul
+# (model.stacked_linear) and one kernel rotates q and k, copies v and splits the heads; backward
+# rotates the gradients back straight into d(q | k | v), so the input gradient is one matmul too.
+# The kernel writes whole tensors, never views: a compiled graph may clone a view that a kernel
+# writes without the strides the kernel was given (on the H200, an illegal address).
+@triton.jit
+def _rope_qkv_kernel(QKV, Q, K, V, COS, SIN, T, H, HKV, cos_stride, HD: tl.constexpr,
+                     HD_PAD: tl.constexpr, BACKWARD: tl.constexpr, BLOCK_T: tl.constexpr):
+    """A program: BLOCK_T tokens of head j of the H + 2 HKV side by side in q | k | v. Forward:
+    q, k or v = R(t) (q | k | v)[j] (v: R = 1); backward: d(q | k | v)[j] = R(t)^T dq, dk or dv."""
+    pid, j = tl.program_id(0), tl.program_id(1)
+    t = (pid % tl.cdiv(T, BLOCK_T)) * BLOCK_T + tl.arange(0, BLOCK_T)
+    row = ((pid // tl.cdiv(T, BLOCK_T)).to(tl.int64) * T + t)[:, None]  # b T + t
+    cols = tl.arange(0, HD_PAD)[None, :]
+    ok = (t < T)[:, None] & (cols < HD)
+    packed = QKV + row * ((H + 2 * HKV) * HD) + j * HD
+    if j < H:
+        one = Q + row * (H * HD) + j * HD
+    elif j < H + HKV:
+        one = K + row * (HKV * HD) + (j - H) * HD
+    else:
+        one = V + row * (HKV * HD) + (j - H - HKV) * HD
+    src, dst = (one, packed) if BACKWARD else (packed, one)
+    x = tl.load(src + cols, mask=ok, other=0.0).to(tl.float32)
+    if j < H + HKV:  # q, k: rotate each pair (x_2i, x_2i+1) by t theta_i, as model.apply_rotary
+        half = tl.arange(0, HD_PAD // 2)[None, :]
+        at, ok_half = t[:, None] * cos_stride + half, (t < T)[:, None] & (half < HD // 2)
+        cos = tl.load(COS + at, mask=ok_half, other=0.0).to(tl.float32)
+        sin = tl.load(SIN + at, mask=ok_half, other=0.0).to(tl.float32)
+        if BACKWARD:
+            sin = -sin  # R^T is the rotation by minus the angle
+        even, odd = tl.split(tl.reshape(x, (BLOCK_T, HD_PAD // 2, 2)))
+        x = tl.reshape(tl.join(even * cos - odd * sin, even * sin + odd * cos), (BLOCK_T, HD_PAD))
+    tl.store(dst + cols, x.to(dst.dtype.element_ty), mask=ok)
+
+
+def _rope_qkv_launch(qkv: Tensor, q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor,
+                     backward: bool) -> None:
+    (B, T, H, d), H_kv = q.shape, k.shape[2]
+    wrap_triton(_rope_qkv_kernel)[(B * triton.cdiv(T, 32), H + 2 * H_kv)](
+        qkv, q, k, v, cos, sin, T, H, H_kv, cos.stride(0), HD=int(d),
+        HD_PAD=triton.next_power_of_2(int(d)), BACKWARD=backward, BLOCK_T=32)
+
+
+def _rope_qkv_outputs(qkv: Tensor, H: int, H_kv: int) -> tuple[Tensor, Tensor, Tensor]:
+    (B, T, width), heads = qkv.shape, H + 2 * H_kv
+    return tuple(qkv.new_empty(B, T, n, width // heads) for n in (H, H_kv, H_kv))
+
+
+@_op("cs336::rope_qkv_fwd")
+def _rope_qkv_fwd(qkv: Tensor, cos: Tensor, sin: Tensor, H: int,
+                  H_kv: int) -> tuple[Tensor, Tensor, Tensor]:
+    """q, k (rotated) and v, each (B, T, heads, d)."""
+    q, k, v = _rope_qkv_outputs(qkv, H, H_kv)
+    _rope_qkv_launch(qkv.contiguous(), q, k, v, cos, sin, backward=False)
+    return q, k, v
+
+
+@_op("cs336::rope_qkv_bwd")
+def _rope_qkv_bwd(dq: Tensor, dk: Tensor, dv: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    (B, T, H, d), H_kv = dq.shape, dk.shape[2]
+    dqkv = dq.new_empty(B, T, (H + 2 * H_kv) * d)
+    _rope_qkv_launch(dqkv, dq.contiguous(), dk.contiguous(), dv.contiguous(), cos, sin, True)
+    return dqkv
+
+
+_rope_qkv_fwd.register_fake(lambda qkv, cos, sin, H, H_kv: _rope_qkv_outputs(qkv, H, H_kv))
+_rope_qkv_bwd.register_fake(lambda dq, dk, dv, cos, sin: dq.new_empty(
+    *dq.shape[:2], (dq.shape[2] + 2 * dk.shape[2]) * dq.shape[3]))
+_rope_qkv_fwd.register_autograd(  # saves only the tables: the rotation is linear
+    lambda ctx, dq, dk, dv: (_rope_qkv_bwd(dq, dk, dv, *ctx.saved_tensors), None, None, None, None),
+    setup_context=lambda ctx, inputs, output: ctx.save_for_backward(*inputs[1:3]))
+
+
+def rope_qkv(qkv: Tensor, cos: Tensor, sin: Tensor, num_heads: int,
+             num_kv_heads: int) -> tuple[Tensor, Tensor, Tensor]:
+    """q | k | v side by side (B, T, (H + 2 H_kv) d) -> q, k rotated by RoPE's tables cos, sin
+    (T, d/2) and v, each (B, heads, T, d) as attention takes them (views of (B, T, heads, d))."""
+    check_input("rope_qkv", qkv, cos, sin)
+    heads = num_heads + 2 * num_kv_heads
+    if qkv.dim() != 3 or num_heads < 1 or num_kv_heads < 1 or qkv.shape[-1] % (2 * heads):
+        raise ValueError(f"rope_qkv: q | k | v must be (B, T, (num_heads + 2 num_kv_heads) d) "
+                         f"with d even: got {tuple(qkv.shape)} for {num_heads} + 2 x "
+                         f"{num_kv_heads} heads")
+    table = (qkv.shape[1], qkv.shape[-1] // heads // 2)
+    if cos.shape != table or sin.shape != table:
+        raise ValueError(f"rope_qkv: the tables must be (T, d/2) = {table}: got cos "
+                         f"{tuple(cos.shape)}, sin {tuple(sin.shape)}")
+    q, k, v = _rope_qkv_fwd(qkv, cos.contiguous(), sin.contiguous(), num_heads, num_kv_heads)
+    return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+
+
+class TritonSelfAttention(MultiHeadSelfAttention):
+    """model.py's attention (the same q_proj, k_proj, v_proj) whose projection is one matmul and
+    rope_qkv while training with positions shared by the batch; else model.py's own steps."""
+    def project(self, x: Tensor, rope: tuple | None) -> tuple[Tensor, ...]:
+        if not (torch.is_grad_enabled() and self.use_rope and rope is not None
+                and rope[0].dim() == 2 and x.dim() == 3):
+            return super().project(x, rope)
+        qkv = stacked_linear(x, self.q_proj, self.k_proj, self.v_proj)
+        return rope_qkv(qkv, *rope, self.num_heads, self.num_kv_heads)
+
+
 # Training fusions: linear + cross-entropy without the logits --------------------------------------
 # The LM head's logits are a small model's largest activation (GPT-2 small, 16 x 1024 tokens: 16K x
 # 50304, 1.6 GB in bf16, plus float32 copies for the loss). Here tokens go through in chunks: one
@@ -1092,6 +1199,14 @@ def bench_fused(device: torch.device | str | None = None, rows: int = 16384) -> 
               (x, dy, weight), 4, 8),
              ("swiglu gate", swiglu_gate, lambda ab: silu(ab[:, :4096]) * ab[:, 4096:],
               (torch.cat([x, dy], dim=1),), 3, 8)]
+    cos, sin = RotaryEmbedding(10000.0, 128, 1024).to(device).cos_sin(None, 1024)
+
+    def rope(qkv: Tensor) -> tuple[Tensor, ...]:  # model.py's steps: split, rotate q and k
+        q, k, v = (t.unflatten(-1, (-1, 128)).transpose(1, 2) for t in qkv.split(  # 16 + 2 x 8
+            [2048, 1024, 1024], -1))                                               # heads of 128
+        return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
+    cases.append(("rope q|k|v", lambda qkv: rope_qkv(qkv, cos, sin, 16, 8), rope,
+                  (x.view(-1, 1024, 4096),), 2, 4))
     result = {"copy_gb_s": copy}
     print("  GPU time: the profiler's sum of the kernels; with host: do_bench's, Python and "
           "launches included")

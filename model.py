@@ -21,6 +21,7 @@ Ainslie et al. 2023 (GQA); Beltagy et al. 2020 (sliding windows); DeepSeek-AI 20
 """
 
 import math
+import re
 from dataclasses import asdict, dataclass
 
 import torch
@@ -60,7 +61,7 @@ class ModelConfig:
     tie_weights: bool = False  # share token_embeddings.weight with lm_head.weight
     bias: bool = False  # biases in the attention and FFN linears (GPT-2 has them)
     attn_impl: str = "sdpa"  # "manual" (hand-written) | "sdpa" (torch, flash) | "triton" (kernels)
-    kernels: str = "torch"  # "torch" | "triton" (kernels.py: fused RMSNorm, add+norm, SwiGLU, CE)
+    kernels: str = "torch"  # "torch" | "triton" (kernels.py: RMSNorm, add+norm, RoPE, SwiGLU, CE)
     fp8: bool = False  # train the FFN's and the head's matmuls in FP8 (kernels.py; Ada, Hopper)
 
     def __post_init__(self) -> None:
@@ -420,7 +421,8 @@ class MultiHeadSelfAttention(nn.Module):
 # The block: a sequence mixer and a feed-forward net, each in a residual branch --------------------
 class TransformerBlock(nn.Module):
     """Pre-norm: x + mixer(ln1(x)), then + ffn(ln2(x)) (the residual stream is never normalised,
-    which keeps deep stacks trainable). Post-norm (original Transformer): ln1(x + mixer(x)), ..."""
+    which keeps deep stacks trainable). Post-norm (original Transformer): ln1(x + mixer(x)), ...
+    kernels="triton", defer: returns (x, ffn branch) unsummed, for the next fused norm to add."""
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.pre_norm = config.norm_position == "pre"
@@ -430,10 +432,11 @@ class TransformerBlock(nn.Module):
         self.ffn = MixtureOfExperts(config) if config.num_experts else make_ffn(config)
 
     def forward(self, x: torch.Tensor, rope: tuple | None = None, cache: dict | None = None,
-                start: int = 0) -> torch.Tensor:
-        if self.pre_norm and hasattr(self.ln2, "add_and_norm"):  # kernels="triton": one pass
-            normed, x = self.ln2.add_and_norm(x, self.attn(self.ln1(x), rope, cache, start))
-            return x + self.ffn(normed)
+                start: int = 0, defer: bool = False) -> torch.Tensor | tuple:
+        if self.pre_norm and hasattr(self.ln2, "add_and_norm"):  # kernels="triton"
+            normed, x = self.ln1.add_and_norm(*x) if isinstance(x, tuple) else (self.ln1(x), x)
+            normed, x = self.ln2.add_and_norm(x, self.attn(normed, rope, cache, start))
+            return (x, self.ffn(normed)) if defer else x + self.ffn(normed)
         if self.pre_norm:
             x = x + self.attn(self.ln1(x), rope, cache, start)
             return x + self.ffn(self.ln2(x))
@@ -452,8 +455,10 @@ def make_mixer(config: ModelConfig) -> nn.Module:
     if config.kv_latent_dim is not None:
         return MultiHeadLatentAttention(config.d_model, config.num_heads, config.kv_latent_dim,
                                         config.rope_dim, config.attn_impl)
-    return MultiHeadSelfAttention(config.d_model, config.num_heads, config.num_kv_heads,
-                                  use_rope, config.sliding_window, config.attn_impl, config.bias)
+    attention = (triton_kernels().TritonSelfAttention if config.kernels == "triton"
+                 else MultiHeadSelfAttention)  # the same weights; q | k | v as one matmul
+    return attention(config.d_model, config.num_heads, config.num_kv_heads, use_rope,
+                     config.sliding_window, config.attn_impl, config.bias)
 
 
 # The language model: embeddings, the blocks, the final norm and the head --------------------------
@@ -521,13 +526,15 @@ class TransformerLM(nn.Module):
         rope = None if self.rope is None else self.rope.cos_sin(positions, seq_len)  # cos, sin
         if rope is not None and rope[0].dim() > 2:  # per-row positions (B, T): add the head axis
             rope = tuple(table.unsqueeze(-3) for table in rope)
+        defer = hasattr(self.ln_final, "add_and_norm")  # fused norms: adds inside them (blocks)
         for i, layer in enumerate(self.layers):
-            x = layer(x, rope, None if kv_cache is None else kv_cache.layers[i], start)
+            x = layer(x, rope, None if kv_cache is None else kv_cache.layers[i], start, defer)
         moe_losses = [layer.ffn.aux_loss for layer in self.layers] if config.num_experts else []
-        self.aux_loss = sum(moe_losses, torch.zeros((), device=x.device))
+        self.aux_loss = sum(moe_losses, torch.zeros((), device=token_ids.device))
         if kv_cache is not None:
             kv_cache.seq_len = start + seq_len
-        return self.ln_final(x) if return_hidden else self.lm_head(self.ln_final(x))
+        x = self.ln_final.add_and_norm(*x)[0] if isinstance(x, tuple) else self.ln_final(x)
+        return x if return_hidden else self.lm_head(x)
 
     def _check_inputs(self, token_ids: torch.Tensor, positions: torch.Tensor | None,
                       kv_cache: KVCache | None, start: int) -> None:
@@ -545,8 +552,7 @@ class TransformerLM(nn.Module):
             raise ValueError(f"kv_cache holds {kv_cache.max_seq_len} tokens; {start} are cached "
                              f"and {seq_len} more do not fit")
         if positions is not None and positions.shape[-1] != seq_len:
-            raise ValueError(f"positions must end in the sequence length {seq_len}, "
-                             f"got shape {tuple(positions.shape)}")
+            raise ValueError(f"positions must end in seq_len={seq_len}: {tuple(positions.shape)}")
         if torch.compiler.is_compiling() or token_ids.device.type != "cpu":
             return
         if token_ids.numel() and (token_ids.min() < 0 or token_ids.max() >= config.vocab_size):
@@ -575,11 +581,7 @@ class TransformerLM(nn.Module):
     def load_state_dict(self, state_dict: dict, strict: bool = True, assign: bool = False):
         """torch's loader, plus: strips the `_orig_mod.` (torch.compile) and `module.` (DDP)
         prefixes, and names every missing, unexpected or mis-shaped key in one clear error."""
-        cleaned = {}
-        for key, value in state_dict.items():
-            while key.startswith(("_orig_mod.", "module.")):  # DDP around compile, or reverse
-                key = key.split(".", 1)[1]
-            cleaned[key] = value
+        cleaned = {re.sub(r"^((_orig_mod|module)\.)+", "", k): v for k, v in state_dict.items()}
         expected = self.state_dict()
         problems = {"missing keys": sorted(expected.keys() - cleaned.keys()) if strict else [],
                     "unexpected keys": sorted(cleaned.keys() - expected.keys()) if strict else [],
@@ -673,8 +675,7 @@ def count_params(config: ModelConfig) -> dict[str, int]:
     norm = {"rmsnorm": d, "layernorm": 2 * d, "none": 0}[config.norm]
     counts = {"token_embeddings": config.vocab_size * d,
               "position_embeddings": (config.positions == "learned") * config.context_length * d,
-              "attention": layers * _mixer_params(config),
-              "ffn": layers * _ffn_params(config),
+              "attention": layers * _mixer_params(config), "ffn": layers * _ffn_params(config),
               "norms": 2 * layers * norm + (norm if config.norm_position == "pre" else 0),
               "lm_head": 0 if config.tie_weights else config.vocab_size * d}
     counts["total"] = sum(counts.values())
@@ -946,8 +947,7 @@ class MixtureOfExperts(nn.Module):
         for e, expert in enumerate(self.experts):
             token_idx, slot = torch.where(top_experts == e)  # tokens routed to expert e
             out.index_add_(0, token_idx, expert(tokens[token_idx]) * gates[token_idx, slot, None])
-        if self.shared_expert is not None:
-            out = out + self.shared_expert(tokens)
+        out = out if self.shared_expert is None else out + self.shared_expert(tokens)
         assigned = F.one_hot(top_experts, probs.shape[-1]).float().sum((0, 1)) / top_experts.numel()
         self.aux_loss = self.aux_loss_coef * probs.shape[-1] * (assigned * probs.mean(0)).sum()
         return out.view_as(x)

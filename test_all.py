@@ -2947,9 +2947,10 @@ def test_profile_on_cpu_prints_the_table_and_skips_the_snapshot(tmp_path, capsys
     assert "need CUDA" in printed and not out.exists()
 
 
-def test_checkpointed_blocks_give_the_same_loss_and_gradients():
+@pytest.mark.parametrize("kernels_impl", ["torch", "triton"])  # triton: blocks pass (x, branch)
+def test_checkpointed_blocks_give_the_same_loss_and_gradients(kernels_impl):
     config = ModelConfig.preset("tiny", vocab_size=50, context_length=8, d_model=16,
-                                num_layers=2, num_heads=2, d_ff=32)
+                                num_layers=2, num_heads=2, d_ff=32, kernels=kernels_impl)
     torch.manual_seed(0)
     plain, checkpointed = TransformerLM(config), TransformerLM(config)
     checkpointed.load_state_dict(plain.state_dict())
@@ -3408,11 +3409,52 @@ def test_swiglu_gate_matches_silu_times_b(dtype):
     assert_same(kernels.swiglu_gate, swiglu_reference, ab, tol=TOL[dtype])
 
 
+def rope_qkv_reference(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, H: int,
+                       H_kv: int) -> tuple[torch.Tensor, ...]:
+    """model.py's steps: split q | k | v, split the heads, rotate q and k."""
+    d = qkv.shape[-1] // (H + 2 * H_kv)
+    q, k, v = (M._split_heads(t, n) for t, n in zip(qkv.split([H * d, H_kv * d, H_kv * d], -1),
+                                                     (H, H_kv, H_kv)))
+    return M.apply_rotary(q, cos, sin), M.apply_rotary(k, cos, sin), v
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("B, T, H, H_kv, d", [(2, 37, 4, 2, 16), (1, 5, 3, 1, 48),
+                                              (2, 64, 2, 2, 8)])
+def test_rope_qkv_matches_split_and_apply_rotary(B, T, H, H_kv, d, dtype):
+    """Forward and the gradient into q | k | v: T ragged against the 32-token block, grouped
+    query heads, a head dim that is not a power of two (48: the kernel pads to 64)."""
+    torch.manual_seed(0)
+    cos, sin = (t.to(DEV) for t in M.RotaryEmbedding(10000.0, d, 64).cos_sin(None, T))
+    qkv = torch.randn(B, T, (H + 2 * H_kv) * d, device=DEV).to(dtype)
+    assert_same(lambda x: kernels.rope_qkv(x, cos, sin, H, H_kv),
+                lambda x: rope_qkv_reference(x, cos, sin, H, H_kv), qkv, tol=TOL[dtype])
+    q, k, v = kernels.rope_qkv(qkv, cos, sin, H, H_kv)
+    assert q.shape == (B, H, T, d) and k.shape == v.shape == (B, H_kv, T, d)
+    assert q.transpose(1, 2).is_contiguous()  # (B, T, H, d) underneath: attention merges heads
+
+
+def test_rope_qkv_rejects_bad_input():
+    cos, sin = M.RotaryEmbedding(10000.0, 16, 64).cos_sin(None, 5)
+    qkv = torch.randn(2, 5, 4 * 16, device=DEV)
+    cos, sin = cos.to(DEV), sin.to(DEV)
+    with pytest.raises(ValueError, match=r"must be \(B, T, \(num_heads \+ 2 num_kv_heads\) d\)"):
+        kernels.rope_qkv(qkv[..., :-2], cos, sin, 2, 1)  # 62 columns: not 4 heads of an even d
+    with pytest.raises(ValueError, match=r"must be \(B, T"):
+        kernels.rope_qkv(qkv[0], cos, sin, 2, 1)
+    with pytest.raises(ValueError, match=r"the tables must be \(T, d/2\) = \(5, 8\)"):
+        kernels.rope_qkv(qkv, cos[:4], sin[:4], 2, 1)
+    with pytest.raises(ValueError, match="float64"):
+        kernels.rope_qkv(qkv.double(), cos, sin, 2, 1)
+
+
 def test_triton_modules_are_drop_in():
     """Same parameter names as model.py's modules, so state dicts load across."""
     torch.manual_seed(0)
-    for fused, plain in ((kernels.TritonRMSNorm(24), M.RMSNorm(24)), (kernels.TritonSwiGLU(24, 40),
-                                                                  M.SwiGLU(24, 40))):
+    for fused, plain in ((kernels.TritonRMSNorm(24), M.RMSNorm(24)),
+                         (kernels.TritonSwiGLU(24, 40), M.SwiGLU(24, 40)),
+                         (kernels.TritonSelfAttention(24, 4, 2),
+                          M.MultiHeadSelfAttention(24, 4, 2))):
         plain.load_state_dict({k: torch.randn_like(v) for k, v in plain.state_dict().items()})
         fused.load_state_dict(plain.state_dict())
         fused, plain, x = fused.to(DEV), plain.to(DEV), torch.randn(2, 5, 24, device=DEV)
@@ -3531,15 +3573,18 @@ def tiny_config(**overrides) -> ModelConfig:
                                  num_heads=2, d_ff=48), **overrides})
 
 
-@pytest.mark.parametrize("overrides", [{}, {"norm_position": "post"}, {"tie_weights": True}])
+@pytest.mark.parametrize("overrides", [{}, {"norm_position": "post"}, {"tie_weights": True},
+                                       {"num_kv_heads": 1, "num_layers": 3}])
 def test_triton_kernels_model_equals_torch_model(fused_in_kernels, overrides):
-    """Same weights (the state dict loads across), same logits, loss and gradients."""
+    """Same weights (the state dict loads across), same logits, loss and gradients: with q | k | v
+    as one matmul and rope_qkv, and each residual add inside the next norm."""
     torch.manual_seed(0)
     plain = TransformerLM(tiny_config(**overrides)).to(DEV)
     fused = TransformerLM(tiny_config(kernels="triton", **overrides)).to(DEV)
     fused.load_state_dict(plain.state_dict())
     assert isinstance(fused.layers[0].ln1, kernels.TritonRMSNorm)
     assert isinstance(fused.layers[0].ffn, kernels.TritonSwiGLU)
+    assert isinstance(fused.layers[0].attn, kernels.TritonSelfAttention)
     x, y = torch.randint(64, (2, 16), device=DEV), torch.randint(64, (2, 16), device=DEV)
     torch.testing.assert_close(fused(x), plain(x), rtol=1e-5, atol=1e-5)
     losses = []
@@ -3581,6 +3626,10 @@ def test_fused_kernels_on_gpu_at_real_shapes(fused_in_kernels, dtype):
     assert_same(kernels.fused_add_rmsnorm, lambda x, r, w: (reference_rmsnorm(x + r, w), x + r),
                 x, r, weight, tol=tol)
     assert_same(kernels.swiglu_gate, swiglu_reference, torch.cat([x, r], dim=-1), tol=tol)
+    cos, sin = (t.cuda() for t in M.RotaryEmbedding(10000.0, 64, 1024).cos_sin(None, 1000))
+    qkv = torch.randn(8, 1000, (12 + 2 * 4) * 64, device="cuda", dtype=dtype)  # GPT-2 small, GQA
+    assert_same(lambda t: kernels.rope_qkv(t, cos, sin, 12, 4),
+                lambda t: rope_qkv_reference(t, cos, sin, 12, 4), qkv, tol=tol)
     hidden, head = torch.randn(2048, 768, device="cuda"), 0.05 * torch.randn(50304, 768).cuda()
     targets = torch.randint(50304, (2048,), device="cuda")
     targets[::5] = -100
@@ -4049,7 +4098,8 @@ def test_triton_model_has_no_graph_breaks_and_compiles_to_eager():
         results.append([loss.detach(), *(p.grad.clone() for p in lm.parameters())])
     ops = {str(node.target) for node in graphs[0].graph.nodes}
     assert len(graphs) == 1 and {f"cs336.{name}.default" for name in (
-        "rmsnorm_fwd", "swiglu_fwd", "flash_attention_fwd", "linear_cross_entropy")} <= ops, ops
+        "rmsnorm_fwd", "swiglu_fwd", "rope_qkv_fwd", "flash_attention_fwd",
+        "linear_cross_entropy")} <= ops, ops
     for got, want in zip(*results, strict=True):  # inductor sums in another order than eager
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
@@ -4061,7 +4111,9 @@ def op_cases() -> list[tuple]:
     x, r, w, q, kv = (t.to(DEV) for t in (x, r, w, q, kv))  # the kernels run where the GPU is
     _, _, rstd = kernels._rmsnorm_fwd(x, w, None, 1e-5, None)
     O, L = kernels._flash_fwd(q, kv, kv, True)
-    ab = torch.randn(2, 16)
+    ab, qkv = torch.randn(2, 16), torch.randn(2, 5, 64)  # q | k | v: 2 + 2 x 1 heads of 16
+    dq, dkv = torch.randn(2, 5, 2, 16), torch.randn(2, 5, 1, 16)
+    cos, sin = M.RotaryEmbedding(10000.0, 16, 8).cos_sin(None, 5)
     return [(kernels._rmsnorm_fwd, (x, w, None, 1e-5, None)),
             (kernels._rmsnorm_fwd, (x, w, r, 1e-5, None)),
             (kernels._rmsnorm_fwd, (x, w, r, 1e-5, torch.float16)),
@@ -4072,15 +4124,18 @@ def op_cases() -> list[tuple]:
                                                torch.tensor([1, 2, -100, 4, 5, 9]), -100, 4,
                                                torch.float32, grads)) for grads in (True, False)),
             (kernels._flash_fwd, (q, kv, kv, True)),
-            (kernels._flash_bwd, (torch.randn_like(O), q, kv, kv, O, L, True))]
+            (kernels._flash_bwd, (torch.randn_like(O), q, kv, kv, O, L, True)),
+            (kernels._rope_qkv_fwd, (qkv, cos, sin, 2, 1)),
+            (kernels._rope_qkv_bwd, (dq, dkv, torch.randn_like(dkv), cos, sin))]
 
 
-@pytest.mark.parametrize("index", range(11))
+@pytest.mark.parametrize("index", range(13))
 def test_custom_ops_pass_opcheck(index):
     """torch.library.opcheck: the schema, the fake against the real op, the autograd
     registration, and tracing with dynamic shapes (what compile relies on)."""
     op, args = op_cases()[index]
-    differentiable = op in (kernels._rmsnorm_fwd, kernels._swiglu_fwd, kernels._flash_fwd) or (
+    differentiable = op in (kernels._rmsnorm_fwd, kernels._swiglu_fwd, kernels._flash_fwd,
+                            kernels._rope_qkv_fwd) or (
         op is kernels._linear_cross_entropy and args[-1])  # grads=False: only for no gradient
     args = [a.to(DEV).requires_grad_(a.is_floating_point() and differentiable)
             if isinstance(a, torch.Tensor) else a for a in args]
@@ -4119,11 +4174,11 @@ _DP_OPTIMIZERS = {"sgd": lambda params: torch.optim.SGD(params, lr=0.1, momentum
 _DP_STEPS = 3
 
 
-def _dp_model(seed: int) -> TransformerLM:
+def _dp_model(seed: int, **overrides) -> TransformerLM:
     """Tied embedding and head, and a frozen (and perturbed, so seeds differ) norm gain."""
     torch.manual_seed(seed)
     model = TransformerLM(ModelConfig(vocab_size=32, context_length=8, d_model=16, num_layers=2,
-                                      num_heads=2, d_ff=32, tie_weights=True))
+                                      num_heads=2, d_ff=32, tie_weights=True, **overrides))
     frozen = model.layers[0].ln1.weight
     with torch.no_grad():
         frozen.add_(0.1 * torch.randn_like(frozen))
@@ -4236,6 +4291,9 @@ def _tp_and_pp(x: torch.Tensor, y: torch.Tensor) -> dict:
         if sequence_parallel:
             ddp.sync_norm_grads(model)
         seen["tp", sequence_parallel] = logits.detach(), _tp_grads(model)
+    # kernels.py's modules split too: the blocks add in place (no deferred adds), q | k | v
+    # projected by the column-parallel layers one by one, then rope_qkv on this rank's heads
+    seen["tp_triton"] = ddp.tensor_parallel(_dp_model(0, kernels="triton"))(x).detach()
     try:
         ddp.tensor_parallel(TransformerLM(ModelConfig(vocab_size=32, d_model=16, num_heads=1)))
     except ValueError as e:
@@ -4354,6 +4412,7 @@ def test_tensor_parallel_forward_and_backward_equal_the_unsplit_model(_dp_ranks,
             torch.testing.assert_close(tp_grads[name], grad, rtol=1e-5, atol=1e-6, msg=name)
     # sequence parallelism moves the same numbers differently: TP's logits, bit for bit
     assert torch.equal(_dp_ranks[0]["tp", True][0], _dp_ranks[0]["tp", False][0])
+    torch.testing.assert_close(_dp_ranks[0]["tp_triton"], logits, rtol=1e-5, atol=1e-5)
     assert _dp_ranks[0]["tp_error"] == "1 key-value heads do not divide into 2 ranks"
 
 
@@ -4771,6 +4830,18 @@ def test_paged_continuous_batching_equals_one_by_one(variant):
             out = infer.serve(model, _BYTES, requests, sampling, max_seqs=3, block_size=4,
                               continuous=continuous)
         assert [[s.ids for s in r] for r in out] == [[w, w] for w in want]
+
+
+def test_a_model_built_with_our_kernels_decodes_with_every_cache():
+    """kernels="triton" gives attention kernels.py's subclass: still softmax attention with keys
+    per token, so the paged cache, speculation and the stacked q | k | v take it."""
+    fused = _tiny_lm(kernels="triton")
+    assert type(fused.layers[0].attn) is kernels.TritonSelfAttention
+    assert all(infer.caches_keys(layer.attn) for layer in fused.layers)
+    assert infer.caches_keys(_tiny_lm(kv_latent_dim=16).layers[0].attn)
+    assert not infer.caches_keys(_tiny_lm(mixer="linear_attention").layers[0].attn)
+    assert infer.fuse_qkv(fused)[0] is not None
+    infer.PagedCache(fused, num_blocks=4, block_size=4, max_seqs=1, max_blocks_per_seq=2)
 
 
 def test_paged_cache_shares_prefix_blocks_and_copies_on_write():
