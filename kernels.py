@@ -884,9 +884,9 @@ def _rope_qkv_kernel(QKV, Q, K, V, COS, SIN, T, H, HKV, cos_stride, HD: tl.const
                      HD_PAD: tl.constexpr, BACKWARD: tl.constexpr, BLOCK_T: tl.constexpr):
     """A program: BLOCK_T tokens of head j of the H + 2 HKV side by side in q | k | v. Forward:
     q, k or v = R(t) (q | k | v)[j] (v: R = 1); backward: d(q | k | v)[j] = R(t)^T dq, dk or dv."""
-    pid, j = tl.program_id(0), tl.program_id(1)
-    t = (pid % tl.cdiv(T, BLOCK_T)) * BLOCK_T + tl.arange(0, BLOCK_T)
-    row = ((pid // tl.cdiv(T, BLOCK_T)).to(tl.int64) * T + t)[:, None]  # b T + t
+    pid, j, n_blocks = tl.program_id(0), tl.program_id(1), tl.cdiv(T, BLOCK_T)
+    t = (pid % n_blocks) * BLOCK_T + tl.arange(0, BLOCK_T)
+    row = ((pid // n_blocks).to(tl.int64) * T + t)[:, None]  # b T + t
     cols = tl.arange(0, HD_PAD)[None, :]
     ok = (t < T)[:, None] & (cols < HD)
     packed = QKV + row * ((H + 2 * HKV) * HD) + j * HD
@@ -923,6 +923,10 @@ def _rope_qkv_outputs(qkv: Tensor, H: int, H_kv: int) -> tuple[Tensor, Tensor, T
     return tuple(qkv.new_empty(B, T, n, width // heads) for n in (H, H_kv, H_kv))
 
 
+def _rope_qkv_input_grad(dq: Tensor, dk: Tensor) -> Tensor:  # d(q | k | v), unfilled
+    return dq.new_empty(*dq.shape[:2], (dq.shape[2] + 2 * dk.shape[2]) * dq.shape[3])
+
+
 @_op("cs336::rope_qkv_fwd")
 def _rope_qkv_fwd(qkv: Tensor, cos: Tensor, sin: Tensor, H: int,
                   H_kv: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -934,15 +938,13 @@ def _rope_qkv_fwd(qkv: Tensor, cos: Tensor, sin: Tensor, H: int,
 
 @_op("cs336::rope_qkv_bwd")
 def _rope_qkv_bwd(dq: Tensor, dk: Tensor, dv: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    (B, T, H, d), H_kv = dq.shape, dk.shape[2]
-    dqkv = dq.new_empty(B, T, (H + 2 * H_kv) * d)
+    dqkv = _rope_qkv_input_grad(dq, dk)
     _rope_qkv_launch(dqkv, dq.contiguous(), dk.contiguous(), dv.contiguous(), cos, sin, True)
     return dqkv
 
 
 _rope_qkv_fwd.register_fake(lambda qkv, cos, sin, H, H_kv: _rope_qkv_outputs(qkv, H, H_kv))
-_rope_qkv_bwd.register_fake(lambda dq, dk, dv, cos, sin: dq.new_empty(
-    *dq.shape[:2], (dq.shape[2] + 2 * dk.shape[2]) * dq.shape[3]))
+_rope_qkv_bwd.register_fake(lambda dq, dk, dv, cos, sin: _rope_qkv_input_grad(dq, dk))
 _rope_qkv_fwd.register_autograd(  # saves only the tables: the rotation is linear
     lambda ctx, dq, dk, dv: (_rope_qkv_bwd(dq, dk, dv, *ctx.saved_tensors), None, None, None, None),
     setup_context=lambda ctx, inputs, output: ctx.save_for_backward(*inputs[1:3]))
@@ -1201,9 +1203,9 @@ def bench_fused(device: torch.device | str | None = None, rows: int = 16384) -> 
               (torch.cat([x, dy], dim=1),), 3, 8)]
     cos, sin = RotaryEmbedding(10000.0, 128, 1024).to(device).cos_sin(None, 1024)
 
-    def rope(qkv: Tensor) -> tuple[Tensor, ...]:  # model.py's steps: split, rotate q and k
-        q, k, v = (t.unflatten(-1, (-1, 128)).transpose(1, 2) for t in qkv.split(  # 16 + 2 x 8
-            [2048, 1024, 1024], -1))                                               # heads of 128
+    def rope(qkv: Tensor) -> tuple[Tensor, ...]:  # model.py's steps, 16 + 2 x 8 heads of 128
+        q, k, v = qkv.split([2048, 1024, 1024], -1)
+        q, k, v = (t.unflatten(-1, (-1, 128)).transpose(1, 2) for t in (q, k, v))  # split heads
         return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
     cases.append(("rope q|k|v", lambda qkv: rope_qkv(qkv, cos, sin, 16, 8), rope,
                   (x.view(-1, 1024, 4096),), 2, 4))
