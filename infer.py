@@ -698,7 +698,9 @@ def serve(model: TransformerLM, tokenizer, requests: list[Request], sampling: Sa
     device, P, context = model_device(model), block_size, model.config.context_length
     if (longest := max(len(r.prompt) + r.max_new_tokens for r in requests)) > context:
         raise ValueError(f"a request needs {longest} positions; the context holds {context}")
-    cache = PagedCache(model, max_seqs * -(-longest // P) + 1, P, max_seqs, -(-longest // P))
+    # block 0 is never handed out; admission reserves a partial last prompt block twice (shared,
+    # then each sample's copy), so a lone request may take one block more than its positions
+    cache = PagedCache(model, max_seqs * -(-longest // P) + 2, P, max_seqs, -(-longest // P))
     results = [[Generation(i, r.max_new_tokens) for _ in range(r.n)]
                for i, r in enumerate(requests)]
     waiting, free_rows = list(range(len(requests)))[::-1], list(range(max_seqs))[::-1]

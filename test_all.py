@@ -4841,7 +4841,31 @@ def test_a_model_built_with_our_kernels_decodes_with_every_cache():
     assert infer.caches_keys(_tiny_lm(kv_latent_dim=16).layers[0].attn)
     assert not infer.caches_keys(_tiny_lm(mixer="linear_attention").layers[0].attn)
     assert infer.fuse_qkv(fused)[0] is not None
-    infer.PagedCache(fused, num_blocks=4, block_size=4, max_seqs=1, max_blocks_per_seq=2)
+    prompt = _BYTES.encode("hello")
+    want = _greedy_by_recompute(fused, prompt, 6)
+    cached = infer.generate_batch(fused, _BYTES, [prompt], max_new_tokens=6, temperature=0,
+                                  eos_id=-1)[0][0].token_ids
+    with torch.no_grad():
+        paged = infer.serve(fused, _BYTES, [infer.Request(prompt, 6)],
+                            infer.Sampling(6, temperature=0, eos_id=-1), max_seqs=1,
+                            block_size=4)[0][0].ids
+    speculated = infer.speculative_generate(fused, fused, prompt, 6, k=3, temperature=0)[0]
+    assert cached == paged == speculated == want
+
+
+def test_serve_admits_a_request_that_fills_every_row():
+    """A prompt ending inside a block, as many samples as rows: admission reserves that block
+    for the prompt and a copy for each sample, and the pool must hold that (it once waited
+    forever)."""
+    model = _tiny_lm()
+    for prompt, n in (("hello", 1), ("a", 2)):
+        want = infer.generate_batch(model, _BYTES, [prompt], max_new_tokens=6, temperature=0,
+                                    eos_id=-1)[0][0].token_ids
+        with torch.no_grad():
+            out = infer.serve(model, _BYTES, [infer.Request(_BYTES.encode(prompt), 6, n=n)],
+                              infer.Sampling(6, temperature=0, eos_id=-1), max_seqs=n,
+                              block_size=4)
+        assert [s.ids for s in out[0]] == [want] * n
 
 
 def test_paged_cache_shares_prefix_blocks_and_copies_on_write():
